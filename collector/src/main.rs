@@ -1,1 +1,35 @@
-fn main() {}
+//! `anyprof`: profile unmodified native programs the way Go's pprof profiles Go programs.
+//!
+//! This file is the command line: it parses arguments, runs the subcommand and turns errors
+//! into one message with its causes and an exit code.
+
+use std::process::ExitCode;
+
+use clap::Parser;
+
+mod record;
+
+/// Profile any native program: CPU (and soon heap) profiles in pprof format.
+#[derive(Parser)]
+#[command(name = "anyprof", version, about, long_about = None)]
+enum Cli {
+    /// Run a program with the profiler loaded and write its profiles when it exits.
+    Record(record::RecordArgs),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli {
+        Cli::Record(args) => record::run(args),
+    };
+    match result {
+        Ok(code) => code,
+        Err(err) => {
+            eprintln!("anyprof: error: {err}");
+            for cause in err.chain().skip(1) {
+                eprintln!("  caused by: {cause}");
+            }
+            ExitCode::from(2)
+        }
+    }
+}

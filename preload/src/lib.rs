@@ -1,1 +1,32 @@
-//! placeholder
+//! `libanyprof.so`: the library that `LD_PRELOAD` puts into an unmodified program.
+//!
+//! On load it reads its settings from `ANYPROF_*` environment variables, connects to the
+//! collector named by `ANYPROF_SOCKET`, and starts CPU sampling: every thread gets its own
+//! `CLOCK_THREAD_CPUTIME_ID` timer that sends it `SIGPROF` (threads created later are caught by
+//! interposing `pthread_create`). The signal handler unwinds the interrupted stack with
+//! framehop over the `.eh_frame` already mapped in memory and writes the raw return addresses
+//! into a fixed ring. A background thread drains the ring, watches the module map for
+//! dlopen/dlclose and streams everything to the collector. Nothing is symbolized here.
+//!
+//! The library lives in programs we did not write, so the rules are strict:
+//! - Code reachable from a signal handler lives in [`signal`] and obeys the contract in its
+//!   module doc (no allocation, no locks, no formatting, no panics).
+//! - Nothing is written to the program's stdout or stderr; diagnostics go to the collector
+//!   (or `ANYPROF_LOG_FILE`).
+//! - When anything is full or gone, data is dropped and counted, never waited for.
+//! - Without `ANYPROF_SOCKET` the library stays idle: no timer, no thread, no signal handler.
+//!
+//! The exported C ABI — every symbol this library interposes — is listed in [`exports`].
+
+#![allow(clippy::missing_safety_doc)]
+
+mod config;
+mod counters;
+mod drain;
+pub mod exports;
+mod lifecycle;
+mod log;
+mod modules;
+pub mod signal;
+mod threads;
+mod timer;

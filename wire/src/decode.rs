@@ -110,6 +110,8 @@ pub enum Message {
     Log(Level, Vec<u8>),
     /// See [`Kind::Goodbye`]: final counters.
     Goodbye(Vec<u64>),
+    /// See [`Kind::ThreadName`]: tid and name.
+    ThreadName(u32, Vec<u8>),
 }
 
 struct Reader<'a> {
@@ -237,6 +239,10 @@ pub fn decode(buf: &[u8]) -> Result<Message, DecodeError> {
         }
         Kind::Counters => Message::Counters(r.counters()?),
         Kind::Goodbye => Message::Goodbye(r.counters()?),
+        Kind::ThreadName => {
+            let tid = r.u32()?;
+            Message::ThreadName(tid, r.bytes(crate::MAX_THREAD_NAME)?)
+        }
         Kind::Log => {
             let level = match r.u8()? {
                 1 => Level::Warn,
@@ -304,6 +310,12 @@ mod tests {
         assert_eq!(s.len(), 2);
         assert_eq!(s[0].frames, [1, 2, 3]);
         assert_eq!(s[1].tid, 12);
+
+        let n = encode_thread_name(&mut buf, 9, b"worker-1").unwrap();
+        assert_eq!(
+            decode(&buf[..n]).unwrap(),
+            Message::ThreadName(9, b"worker-1".to_vec())
+        );
 
         let n = encode_counters(&mut buf, Kind::Goodbye, &[1, 2, 3]).unwrap();
         assert_eq!(

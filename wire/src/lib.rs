@@ -53,6 +53,8 @@ pub enum Kind {
     Log = 6,
     /// The process is exiting; the counters that follow are final.
     Goodbye = 7,
+    /// A thread's name (from `/proc/self/task/TID/comm`), sent when first seen or changed.
+    ThreadName = 8,
 }
 
 impl Kind {
@@ -66,6 +68,7 @@ impl Kind {
             5 => Kind::Counters,
             6 => Kind::Log,
             7 => Kind::Goodbye,
+            8 => Kind::ThreadName,
             _ => return None,
         })
     }
@@ -311,6 +314,17 @@ pub fn encode_log(buf: &mut [u8], level: Level, text: &[u8]) -> Option<usize> {
     let mut w = Writer::message(buf, Kind::Log);
     w.u8(level as u8);
     w.bytes(text, MAX_LOG);
+    w.finish()
+}
+
+/// Longest thread name sent (Linux allows 15 bytes).
+pub const MAX_THREAD_NAME: usize = 64;
+
+/// Encodes a thread's name.
+pub fn encode_thread_name(buf: &mut [u8], tid: u32, name: &[u8]) -> Option<usize> {
+    let mut w = Writer::message(buf, Kind::ThreadName);
+    w.u32(tid);
+    w.bytes(name, MAX_THREAD_NAME);
     w.finish()
 }
 

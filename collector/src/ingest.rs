@@ -1,0 +1,192 @@
+//! Sessions: everything one connected process has told us, built from its message stream.
+//!
+//! A connection is read by its own thread ([`read_connection`]); each decoded message is
+//! folded into the process's [`Session`]. A message that does not decode ends that
+//! connection with an error recorded on the session; nothing else is affected.
+
+use std::collections::{BTreeMap, HashMap};
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use anyprof_wire::{self as wire, Counter, Hello, Level, Message, Module};
+
+/// Aggregated samples of one stack on one thread.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct StackTotals {
+    /// Samples.
+    pub count: u64,
+    /// Thread CPU time they stand for, ns.
+    pub cpu_ns: u64,
+}
+
+/// Key of aggregated CPU samples: thread, raw frames (leaf first), `FLAG_*` bits.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct StackKey {
+    /// Thread id.
+    pub tid: u32,
+    /// Raw frames as the preload sent them: the interrupted PC, then return addresses.
+    pub frames: Vec<u64>,
+    /// `anyprof_wire::FLAG_*`.
+    pub flags: u8,
+}
+
+/// What one process has sent.
+#[derive(Debug, Default)]
+pub struct Session {
+    /// The handshake; `None` until it arrives.
+    pub hello: Option<Hello>,
+    /// Loaded modules by id (unloaded ones are kept: old samples may point into them).
+    pub modules: BTreeMap<u32, Module>,
+    /// CPU samples aggregated by stack.
+    pub cpu: HashMap<StackKey, StackTotals>,
+    /// Thread names by tid.
+    pub thread_names: HashMap<u32, String>,
+    /// Latest counters, indexed by [`Counter`].
+    pub counters: Vec<u64>,
+    /// True once the process said goodbye (its counters are final).
+    pub said_goodbye: bool,
+    /// First and last sample times (CLOCK_MONOTONIC ns of the process).
+    pub sample_span: Option<(u64, u64)>,
+    /// When the connection was accepted and when it ended.
+    pub connected_at: Option<Instant>,
+    /// When the connection ended.
+    pub closed_at: Option<Instant>,
+    /// Why the stream was cut, if it was.
+    pub error: Option<String>,
+}
+
+impl Session {
+    /// A counter's latest value (0 if never reported).
+    pub fn counter(&self, c: Counter) -> u64 {
+        self.counters.get(c as usize).copied().unwrap_or(0)
+    }
+
+    /// Samples lost in the process, for whatever reason.
+    pub fn lost_samples(&self) -> u64 {
+        self.counter(Counter::DroppedRingFull)
+            + self.counter(Counter::DroppedSend)
+            + self.counter(Counter::DroppedBusy)
+    }
+
+    /// The pid from the handshake.
+    pub fn pid(&self) -> Option<u32> {
+        self.hello.as_ref().map(|h| h.pid)
+    }
+
+    /// The program name: the executable's file name, else argv[0]'s.
+    pub fn command_name(&self) -> String {
+        let Some(h) = &self.hello else {
+            return "unknown".into();
+        };
+        let exe = String::from_utf8_lossy(&h.exe);
+        let from_exe = exe.rsplit('/').next().unwrap_or("").to_string();
+        if !from_exe.is_empty() {
+            return from_exe;
+        }
+        let argv0 = h.cmdline.split(|&b| b == 0).next().unwrap_or(b"");
+        String::from_utf8_lossy(argv0)
+            .rsplit('/')
+            .next()
+            .unwrap_or("unknown")
+            .to_string()
+    }
+
+    /// Folds one message into the session. `log` receives the process's own diagnostics.
+    pub fn apply(&mut self, msg: Message, log: &mut dyn FnMut(Level, &str)) {
+        match msg {
+            Message::Hello(h) => self.hello = Some(h),
+            Message::ModuleLoaded(m) => {
+                self.modules.insert(m.id, m);
+            }
+            Message::ModuleUnloaded(_) => {}
+            Message::CpuSamples(samples) => {
+                for s in samples {
+                    self.sample_span = Some(match self.sample_span {
+                        Some((a, b)) => (a.min(s.time_ns), b.max(s.time_ns)),
+                        None => (s.time_ns, s.time_ns),
+                    });
+                    let t = self
+                        .cpu
+                        .entry(StackKey {
+                            tid: s.tid,
+                            frames: s.frames,
+                            flags: s.flags,
+                        })
+                        .or_default();
+                    t.count += 1;
+                    t.cpu_ns += s.cpu_ns;
+                }
+            }
+            Message::Counters(c) => self.counters = c,
+            Message::Goodbye(c) => {
+                self.counters = c;
+                self.said_goodbye = true;
+            }
+            Message::Log(level, text) => log(level, &String::from_utf8_lossy(&text)),
+            Message::ThreadName(tid, name) => {
+                self.thread_names
+                    .insert(tid, String::from_utf8_lossy(&name).into_owned());
+            }
+        }
+    }
+}
+
+/// A session shared between its reader thread and the code that builds profiles.
+pub type SharedSession = Arc<Mutex<Session>>;
+
+/// Reads messages from `fd` (a connected `SOCK_SEQPACKET` socket) until it closes, folding
+/// them into `session`. `log` receives the process's diagnostics.
+pub fn read_connection(
+    fd: OwnedFd,
+    session: SharedSession,
+    mut log: impl FnMut(Option<u32>, Level, &str),
+) {
+    let mut buf = vec![0u8; wire::MAX_MESSAGE + 1];
+    if let Ok(mut s) = session.lock() {
+        s.connected_at = Some(Instant::now());
+    }
+    loop {
+        // SAFETY: `buf` is valid for `buf.len()` bytes; MSG_TRUNC makes recv report the
+        // datagram's real length so oversized messages are detected.
+        let n = unsafe {
+            libc::recv(
+                fd.as_raw_fd(),
+                buf.as_mut_ptr() as *mut libc::c_void,
+                buf.len(),
+                libc::MSG_TRUNC,
+            )
+        };
+        if n < 0 {
+            if std::io::Error::last_os_error().kind() == std::io::ErrorKind::Interrupted {
+                continue;
+            }
+            break;
+        }
+        let n = n as usize;
+        if n == 0 {
+            break;
+        }
+        let Ok(mut s) = session.lock() else { break };
+        if n > wire::MAX_MESSAGE {
+            s.error = Some(format!(
+                "message of {n} bytes exceeds the {} byte limit",
+                wire::MAX_MESSAGE
+            ));
+            break;
+        }
+        match wire::decode(buf.get(..n).unwrap_or(&[])) {
+            Ok(msg) => {
+                let pid = s.pid();
+                s.apply(msg, &mut |level, text| log(pid, level, text));
+            }
+            Err(e) => {
+                s.error = Some(e.to_string());
+                break;
+            }
+        }
+    }
+    if let Ok(mut s) = session.lock() {
+        s.closed_at = Some(Instant::now());
+    }
+}

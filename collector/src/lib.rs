@@ -1,0 +1,18 @@
+//! anyprof's collector: it receives raw stacks and module maps from processes running with
+//! `libanyprof.so` preloaded, symbolizes them and writes pprof profiles.
+//!
+//! Layers, each in its own module: [`collect`] accepts connections and runs a reader per
+//! process, [`ingest`] folds the wire messages into a [`ingest::Session`], [`symbolize`]
+//! turns addresses into frames through `anyprof-symbolizer`, [`profile`] builds pprof
+//! profiles from sessions, [`pprof`] encodes them, [`output`] writes files and [`summary`]
+//! prints the top list. The binary (`anyprof`, `src/main.rs`) is a thin CLI over this
+//! library; the library is public so that the end-to-end tests decode what the binary wrote
+//! with the same types.
+pub mod collect;
+pub mod ingest;
+pub mod output;
+pub mod pprof;
+pub mod preflight;
+pub mod profile;
+pub mod summary;
+pub mod symbolize;

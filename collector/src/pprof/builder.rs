@@ -1,0 +1,208 @@
+//! Builds a [`Profile`] the way Go's `runtime/pprof` does: one string table with `""` first,
+//! mappings, locations and functions with ids from 1, each deduplicated.
+
+use std::collections::HashMap;
+
+use super::proto::{Function, Label, Line, Location, Mapping, Profile, Sample, ValueType};
+
+/// One source line of a location: function (interned by the builder) and line number.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct FrameLine {
+    /// Demangled name.
+    pub name: String,
+    /// Name as the object spells it (mangled).
+    pub system_name: String,
+    /// Source file, or "".
+    pub file: String,
+    /// Line number, 0 if unknown.
+    pub line: i64,
+}
+
+/// A sample label.
+pub enum LabelValue<'a> {
+    /// A string label.
+    Str(&'a str),
+    /// A numeric label with its unit.
+    Num(i64, &'a str),
+}
+
+/// Accumulates a profile.
+#[derive(Default)]
+pub struct ProfileBuilder {
+    profile: Profile,
+    strings: HashMap<String, i64>,
+    functions: HashMap<(String, String, String), u64>,
+    locations: HashMap<(u64, u64, Vec<FrameLine>), u64>,
+}
+
+impl ProfileBuilder {
+    /// A profile whose samples carry values of `sample_types` (type, unit) in that order.
+    pub fn new(
+        sample_types: &[(&str, &str)],
+        period_type: (&str, &str),
+        period: i64,
+    ) -> ProfileBuilder {
+        let mut b = ProfileBuilder::default();
+        b.string("");
+        b.profile.sample_type = sample_types
+            .iter()
+            .map(|(t, u)| b.value_type(t, u))
+            .collect();
+        b.profile.period_type = Some(b.value_type(period_type.0, period_type.1));
+        b.profile.period = period;
+        b
+    }
+
+    fn value_type(&mut self, ty: &str, unit: &str) -> ValueType {
+        ValueType {
+            r#type: self.string(ty),
+            unit: self.string(unit),
+        }
+    }
+
+    /// Interns a string.
+    pub fn string(&mut self, s: &str) -> i64 {
+        if let Some(&i) = self.strings.get(s) {
+            return i;
+        }
+        let i = self.profile.string_table.len() as i64;
+        self.profile.string_table.push(s.to_string());
+        self.strings.insert(s.to_string(), i);
+        i
+    }
+
+    /// Sets collection time and duration.
+    pub fn set_time(&mut self, time_nanos: i64, duration_nanos: i64) {
+        self.profile.time_nanos = time_nanos;
+        self.profile.duration_nanos = duration_nanos;
+    }
+
+    /// Names the default sample type (pprof otherwise shows the last one).
+    pub fn set_default_sample_type(&mut self, ty: &str) {
+        self.profile.default_sample_type = self.string(ty);
+    }
+
+    /// Adds a free-form comment.
+    pub fn comment(&mut self, text: &str) {
+        let i = self.string(text);
+        self.profile.comment.push(i);
+    }
+
+    /// Adds a mapping and returns its id.
+    #[allow(clippy::too_many_arguments)]
+    pub fn mapping(
+        &mut self,
+        start: u64,
+        limit: u64,
+        offset: u64,
+        filename: &str,
+        build_id: &str,
+        symbolized: bool,
+        has_inline_frames: bool,
+    ) -> u64 {
+        let id = self.profile.mapping.len() as u64 + 1;
+        let filename = self.string(filename);
+        let build_id = self.string(build_id);
+        self.profile.mapping.push(Mapping {
+            id,
+            memory_start: start,
+            memory_limit: limit,
+            file_offset: offset,
+            filename,
+            build_id,
+            has_functions: symbolized,
+            has_filenames: symbolized,
+            has_line_numbers: symbolized,
+            has_inline_frames: symbolized && has_inline_frames,
+        });
+        id
+    }
+
+    fn function(&mut self, f: &FrameLine) -> u64 {
+        let key = (f.name.clone(), f.system_name.clone(), f.file.clone());
+        if let Some(&id) = self.functions.get(&key) {
+            return id;
+        }
+        let id = self.profile.function.len() as u64 + 1;
+        let (name, system_name, filename) = (
+            self.string(&f.name),
+            self.string(&f.system_name),
+            self.string(&f.file),
+        );
+        self.profile.function.push(Function {
+            id,
+            name,
+            system_name,
+            filename,
+            start_line: 0,
+        });
+        self.functions.insert(key, id);
+        id
+    }
+
+    /// Adds (or finds) a location: `address` in mapping `mapping_id` (0 = none), with its
+    /// lines innermost first. Returns its id.
+    pub fn location(&mut self, mapping_id: u64, address: u64, lines: &[FrameLine]) -> u64 {
+        let key = (mapping_id, address, lines.to_vec());
+        if let Some(&id) = self.locations.get(&key) {
+            return id;
+        }
+        let id = self.profile.location.len() as u64 + 1;
+        let line = lines
+            .iter()
+            .map(|l| Line {
+                function_id: self.function(l),
+                line: l.line,
+                column: 0,
+            })
+            .collect();
+        self.profile.location.push(Location {
+            id,
+            mapping_id,
+            address,
+            line,
+            is_folded: false,
+        });
+        self.locations.insert(key, id);
+        id
+    }
+
+    /// Adds a sample: locations leaf first, one value per sample type.
+    pub fn sample(
+        &mut self,
+        location_ids: Vec<u64>,
+        values: Vec<i64>,
+        labels: &[(&str, LabelValue<'_>)],
+    ) {
+        let label = labels
+            .iter()
+            .map(|(key, value)| {
+                let key = self.string(key);
+                match value {
+                    LabelValue::Str(s) => Label {
+                        key,
+                        str: self.string(s),
+                        num: 0,
+                        num_unit: 0,
+                    },
+                    LabelValue::Num(n, unit) => Label {
+                        key,
+                        str: 0,
+                        num: *n,
+                        num_unit: self.string(unit),
+                    },
+                }
+            })
+            .collect();
+        self.profile.sample.push(Sample {
+            location_id: location_ids,
+            value: values,
+            label,
+        });
+    }
+
+    /// The finished profile.
+    pub fn finish(self) -> Profile {
+        self.profile
+    }
+}

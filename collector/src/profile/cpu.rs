@@ -1,0 +1,155 @@
+//! The CPU profile, as Go's `runtime/pprof` writes it: sample types `samples/count` and
+//! `cpu/nanoseconds`, period type `cpu/nanoseconds`, period `1e9/hz`.
+//!
+//! Unlike Go, the `cpu` value of a sample is the thread CPU time measured since that thread's
+//! previous sample, not `count × period`: per-thread CPU timers are serviced from the
+//! scheduler tick, so the real interval can differ from the requested one, and the measured
+//! time keeps the totals honest. Samples carry a `thread` (name) and a `tid` label.
+//! Samples the process lost are shown as a `[lost samples]` frame, stacks whose unwinding
+//! stopped early end in a `[truncated stack]` root frame.
+
+use std::collections::{BTreeMap, HashMap};
+
+use anyprof_symbolizer::Symbolizer;
+use anyprof_wire::{Counter, FLAG_TRUNCATED};
+
+use crate::ingest::Session;
+use crate::pprof::builder::{FrameLine, LabelValue, ProfileBuilder};
+use crate::pprof::Profile;
+use crate::symbolize::{lookup_address, resolve_all};
+
+/// Name of the synthetic frame for samples the process dropped.
+pub const LOST_SAMPLES: &str = "[lost samples]";
+/// Name of the synthetic root frame of stacks that were not unwound to the end.
+pub const TRUNCATED_STACK: &str = "[truncated stack]";
+
+fn synthetic(name: &str) -> FrameLine {
+    FrameLine {
+        name: name.into(),
+        system_name: name.into(),
+        file: String::new(),
+        line: 0,
+    }
+}
+
+/// Builds the CPU profile of `session`; `duration_ns` is the wall time it covers.
+pub fn build(session: &Session, symbolizer: &mut Symbolizer, duration_ns: u64) -> Profile {
+    let hz = session.hello.as_ref().map(|h| h.cpu_hz).unwrap_or(0).max(1);
+    let period = 1_000_000_000 / i64::from(hz);
+    let mut b = ProfileBuilder::new(
+        &[("samples", "count"), ("cpu", "nanoseconds")],
+        ("cpu", "nanoseconds"),
+        period,
+    );
+    let start = session
+        .hello
+        .as_ref()
+        .map(|h| h.start_realtime_ns)
+        .unwrap_or(0);
+    b.set_time(start as i64, duration_ns as i64);
+
+    // Look up every distinct address once.
+    let addresses = session.cpu.keys().flat_map(|k| {
+        k.frames
+            .iter()
+            .enumerate()
+            .map(|(i, &raw)| lookup_address(i, raw, true))
+    });
+    let (resolved, outcomes) =
+        resolve_all(symbolizer, &session.modules, addresses.collect::<Vec<_>>());
+
+    // Mappings: the main executable first (pprof treats mapping[0] as the main binary).
+    let exe = session
+        .hello
+        .as_ref()
+        .map(|h| h.exe.clone())
+        .unwrap_or_default();
+    let mut order: Vec<_> = session.modules.values().collect();
+    order.sort_by_key(|m| (m.path != exe, m.start));
+    let mut mapping_ids: HashMap<u32, u64> = HashMap::new();
+    for m in order {
+        let o = outcomes.get(&m.id).copied().unwrap_or_default();
+        let symbolized = o.looked_up > 0 && o.resolved == o.looked_up;
+        let id = b.mapping(
+            m.start,
+            m.end,
+            m.file_offset,
+            &String::from_utf8_lossy(&m.path),
+            &hex(&m.build_id),
+            symbolized,
+            o.inlined,
+        );
+        mapping_ids.insert(m.id, id);
+    }
+
+    let truncated_loc = b.location(0, 0, &[synthetic(TRUNCATED_STACK)]);
+    let mut totals: BTreeMap<u32, u64> = BTreeMap::new();
+    for (key, t) in &session.cpu {
+        let mut locs = Vec::with_capacity(key.frames.len() + 1);
+        for (i, &raw) in key.frames.iter().enumerate() {
+            let addr = lookup_address(i, raw, true);
+            let r = resolved.get(&addr).cloned().unwrap_or_default();
+            let mapping = r
+                .module
+                .and_then(|id| mapping_ids.get(&id))
+                .copied()
+                .unwrap_or(0);
+            locs.push(b.location(mapping, addr, &r.lines));
+        }
+        if key.flags & FLAG_TRUNCATED != 0 {
+            locs.push(truncated_loc);
+        }
+        let name = session
+            .thread_names
+            .get(&key.tid)
+            .cloned()
+            .unwrap_or_else(|| format!("tid {}", key.tid));
+        b.sample(
+            locs,
+            vec![t.count as i64, t.cpu_ns as i64],
+            &[
+                ("thread", LabelValue::Str(&name)),
+                ("tid", LabelValue::Num(i64::from(key.tid), "tid")),
+            ],
+        );
+        *totals.entry(key.tid).or_default() += t.count;
+    }
+
+    let lost = session.lost_samples();
+    if lost > 0 {
+        let loc = b.location(0, 0, &[synthetic(LOST_SAMPLES)]);
+        b.sample(vec![loc], vec![lost as i64, lost as i64 * period], &[]);
+    }
+
+    let samples: u64 = totals.values().sum();
+    let cpu_ns: u64 = session.cpu.values().map(|t| t.cpu_ns).sum();
+    let effective = if cpu_ns > 0 {
+        samples as f64 / (cpu_ns as f64 / 1e9)
+    } else {
+        0.0
+    };
+    b.comment(&format!(
+        "anyprof: {samples} samples on {} threads at {hz} Hz requested, {effective:.0} Hz effective \
+         (weights are measured thread CPU time)",
+        totals.len()
+    ));
+    b.comment(&format!(
+        "anyprof: lost samples: {} (ring full {}, send failed {}, busy {}); truncated stacks: {}",
+        lost,
+        session.counter(Counter::DroppedRingFull),
+        session.counter(Counter::DroppedSend),
+        session.counter(Counter::DroppedBusy),
+        session.counter(Counter::Truncated),
+    ));
+    if !session.said_goodbye {
+        b.comment(
+            "anyprof: the process did not report its final counters (killed, or it called _exit)",
+        );
+    }
+    b.finish()
+}
+
+/// Lowercase hex, as Go writes build ids.
+pub fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}

@@ -1,0 +1,144 @@
+//! Turns a session's raw addresses into source-level frames, module by module, through the
+//! symbolizer library.
+//!
+//! The one place where the "return address minus one" rule is applied is
+//! [`lookup_address`]: the leaf of a CPU sample is the exact interrupted instruction, every
+//! caller frame is a return address whose call instruction ends one byte earlier.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::Path;
+
+use anyprof_symbolizer::{ObjectRef, Symbolized, Symbolizer};
+use anyprof_wire::Module;
+
+use crate::pprof::builder::FrameLine;
+
+/// The address to look up and record for frame `index` of a stack (0 = leaf) whose raw
+/// value is `raw`. `leaf_is_exact` is true for stacks taken by a signal (CPU samples), whose
+/// leaf is the interrupted PC rather than a return address.
+pub fn lookup_address(index: usize, raw: u64, leaf_is_exact: bool) -> u64 {
+    if index == 0 && leaf_is_exact {
+        raw
+    } else {
+        raw.saturating_sub(1)
+    }
+}
+
+/// What an address resolved to.
+#[derive(Clone, Debug, Default)]
+pub struct Resolved {
+    /// Module id containing the address, if any.
+    pub module: Option<u32>,
+    /// Frames innermost first; empty if unknown.
+    pub lines: Vec<FrameLine>,
+}
+
+/// Per-module outcome, for the pprof mapping's `has_*` flags.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct ModuleOutcome {
+    /// Addresses looked up in the module.
+    pub looked_up: usize,
+    /// Addresses that got at least a function name.
+    pub resolved: usize,
+    /// Whether any address resolved to more than one frame (inlining).
+    pub inlined: bool,
+}
+
+/// Finds the module whose executable range contains `addr`.
+pub fn module_of(modules: &BTreeMap<u32, Module>, addr: u64) -> Option<&Module> {
+    modules
+        .values()
+        .filter(|m| m.start <= addr && addr < m.end)
+        .max_by_key(|m| m.id)
+}
+
+/// Symbolizes `addresses` (already adjusted by [`lookup_address`]).
+pub fn resolve_all(
+    symbolizer: &mut Symbolizer,
+    modules: &BTreeMap<u32, Module>,
+    addresses: impl IntoIterator<Item = u64>,
+) -> (HashMap<u64, Resolved>, HashMap<u32, ModuleOutcome>) {
+    let mut by_module: HashMap<Option<u32>, Vec<u64>> = HashMap::new();
+    for a in addresses {
+        by_module
+            .entry(module_of(modules, a).map(|m| m.id))
+            .or_default()
+            .push(a);
+    }
+    let mut out = HashMap::new();
+    let mut outcomes = HashMap::new();
+    for (module_id, mut addrs) in by_module {
+        addrs.sort_unstable();
+        addrs.dedup();
+        let Some(module) = module_id.and_then(|id| modules.get(&id)) else {
+            for a in addrs {
+                out.insert(a, Resolved::default());
+            }
+            continue;
+        };
+        let path_text = String::from_utf8_lossy(&module.path).into_owned();
+        let svmas: Vec<u64> = addrs
+            .iter()
+            .map(|a| a.wrapping_sub(module.load_bias))
+            .collect();
+        let results = symbolizer.symbolize(
+            &ObjectRef {
+                path: Path::new(&path_text),
+                build_id: &module.build_id,
+            },
+            &svmas,
+        );
+        let outcome: &mut ModuleOutcome = outcomes.entry(module.id).or_default();
+        for (a, r) in addrs.iter().zip(results) {
+            outcome.looked_up += 1;
+            let lines = match r {
+                Symbolized::Frames(frames) => frames
+                    .into_iter()
+                    .map(|f| {
+                        let system = f
+                            .raw_function
+                            .clone()
+                            .or_else(|| f.function.clone())
+                            .unwrap_or_default();
+                        FrameLine {
+                            name: f
+                                .function
+                                .or(f.raw_function)
+                                .unwrap_or_else(|| format!("{a:#x}")),
+                            system_name: system,
+                            file: f.file.unwrap_or_default(),
+                            line: f.line.map(i64::from).unwrap_or(0),
+                        }
+                    })
+                    .collect::<Vec<_>>(),
+                Symbolized::Miss(_) => Vec::new(),
+            };
+            if !lines.is_empty() {
+                outcome.resolved += 1;
+            }
+            if lines.len() > 1 {
+                outcome.inlined = true;
+            }
+            out.insert(
+                *a,
+                Resolved {
+                    module: Some(module.id),
+                    lines,
+                },
+            );
+        }
+    }
+    (out, outcomes)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn leaf_of_signal_stack_is_exact_callers_step_back_into_the_call() {
+        assert_eq!(lookup_address(0, 0x1000, true), 0x1000);
+        assert_eq!(lookup_address(1, 0x1000, true), 0xfff);
+        assert_eq!(lookup_address(0, 0x1000, false), 0xfff);
+    }
+}

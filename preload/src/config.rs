@@ -1,0 +1,103 @@
+//! Settings, read once from `ANYPROF_*` environment variables when the library starts.
+//!
+//! A bad value never stops the program: the default is used and one clear message explains
+//! what was wrong (sent to the collector, which prints it).
+
+use std::ffi::OsString;
+use std::path::PathBuf;
+
+/// Default CPU sampling rate, as Go's `runtime/pprof`.
+pub const DEFAULT_CPU_HZ: u32 = 100;
+/// Highest rate accepted. Per-thread CPU timers are serviced from the scheduler tick, so the
+/// kernel caps the effective rate at CONFIG_HZ (often 250) anyway.
+pub const MAX_CPU_HZ: u32 = 1000;
+
+/// The library's settings.
+#[derive(Debug)]
+pub struct Config {
+    /// `ANYPROF_SOCKET`: the collector's Unix socket. Unset = stay idle.
+    pub socket: Option<PathBuf>,
+    /// `ANYPROF_CPU_HZ`: samples per second of thread CPU time; 0 = no CPU sampling.
+    pub cpu_hz: u32,
+    /// `ANYPROF_LOG_FILE`: where the library's own messages also go.
+    pub log_file: Option<PathBuf>,
+    /// Messages about bad values, for the user.
+    pub problems: Vec<String>,
+}
+
+impl Config {
+    /// Reads the settings from the environment.
+    pub fn from_env() -> Config {
+        Self::from_lookup(|name| std::env::var_os(name))
+    }
+
+    /// Reads the settings through `get` (separate for tests).
+    pub fn from_lookup(get: impl Fn(&str) -> Option<OsString>) -> Config {
+        let mut problems = Vec::new();
+        let socket = get("ANYPROF_SOCKET")
+            .filter(|s| !s.is_empty())
+            .map(PathBuf::from);
+        let log_file = get("ANYPROF_LOG_FILE")
+            .filter(|s| !s.is_empty())
+            .map(PathBuf::from);
+        let cpu_hz = match get("ANYPROF_CPU_HZ") {
+            None => DEFAULT_CPU_HZ,
+            Some(raw) => match raw.to_str().map(str::trim).map(str::parse::<u32>) {
+                Some(Ok(hz)) if hz <= MAX_CPU_HZ => hz,
+                Some(Ok(hz)) => {
+                    problems.push(format!(
+                        "ANYPROF_CPU_HZ={hz} is above the maximum of {MAX_CPU_HZ}; using {MAX_CPU_HZ}"
+                    ));
+                    MAX_CPU_HZ
+                }
+                _ => {
+                    problems.push(format!(
+                        "ANYPROF_CPU_HZ={} is not a whole number of samples per second \
+                         (0 turns CPU sampling off); using {DEFAULT_CPU_HZ}",
+                        raw.to_string_lossy()
+                    ));
+                    DEFAULT_CPU_HZ
+                }
+            },
+        };
+        Config {
+            socket,
+            cpu_hz,
+            log_file,
+            problems,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn with(vars: &[(&str, &str)]) -> Config {
+        Config::from_lookup(|n| {
+            vars.iter()
+                .find(|(k, _)| *k == n)
+                .map(|(_, v)| OsString::from(v))
+        })
+    }
+
+    #[test]
+    fn defaults_without_environment() {
+        let c = with(&[]);
+        assert_eq!(
+            (c.socket, c.cpu_hz, c.problems.len()),
+            (None, DEFAULT_CPU_HZ, 0)
+        );
+    }
+
+    #[test]
+    fn bad_values_fall_back_with_one_message_each() {
+        let c = with(&[("ANYPROF_CPU_HZ", "fast")]);
+        assert_eq!(c.cpu_hz, DEFAULT_CPU_HZ);
+        assert_eq!(c.problems.len(), 1);
+        assert!(c.problems[0].contains("ANYPROF_CPU_HZ=fast"));
+        let c = with(&[("ANYPROF_CPU_HZ", "5000")]);
+        assert_eq!(c.cpu_hz, MAX_CPU_HZ);
+        assert_eq!(with(&[("ANYPROF_CPU_HZ", "0")]).cpu_hz, 0);
+    }
+}

@@ -1,0 +1,322 @@
+//! The only part of the preload that does I/O: the connection to the collector and the
+//! background thread that feeds it.
+//!
+//! Every 20 ms the thread notices module-map changes, empties the sample [`ring`] into
+//! [`SampleBatch`]es and sends them; once a second it sends the counters. Sends are
+//! `MSG_DONTWAIT | MSG_NOSIGNAL` on a non-blocking `SOCK_SEQPACKET` socket: a full socket
+//! drops the batch (counted), a collector that went away closes the connection quietly, and
+//! SIGPIPE is never raised. The socket is `O_CLOEXEC` and moved above the descriptors a
+//! program normally uses, so it never collides with the program's own.
+
+use std::os::unix::ffi::OsStrExt;
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use anyprof_wire::{self as wire, Counter, Kind, SampleBatch, MAX_MESSAGE};
+
+use crate::modules::ModuleMap;
+use crate::signal::{ring, thread_state};
+use crate::{counters, log};
+
+/// The connected socket (-1 = none).
+static SOCKET: AtomicI32 = AtomicI32::new(-1);
+/// Held by whoever is draining the ring (the ring has a single reader).
+static DRAINING: AtomicBool = AtomicBool::new(false);
+/// Tells the background thread to stop.
+static STOP: AtomicBool = AtomicBool::new(false);
+/// The module map, owned by whoever drains.
+pub static MODULES: Mutex<ModuleMap> = Mutex::new(ModuleMap::new());
+
+const TICK: Duration = Duration::from_millis(20);
+const COUNTERS_EVERY: Duration = Duration::from_secs(1);
+/// Lowest descriptor number our socket is moved to.
+const HIGH_FD: libc::c_int = 800;
+
+/// Connects to the collector's socket. Returns the errno on failure.
+pub fn connect(path: &Path) -> Result<(), i32> {
+    // SAFETY: plain socket(2) call.
+    let fd = unsafe {
+        libc::socket(
+            libc::AF_UNIX,
+            libc::SOCK_SEQPACKET | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
+            0,
+        )
+    };
+    if fd < 0 {
+        return Err(crate::signal::sys::errno());
+    }
+    // SAFETY: a zeroed sockaddr_un is valid; we fill family and path.
+    let mut addr: libc::sockaddr_un = unsafe { core::mem::zeroed() };
+    addr.sun_family = libc::AF_UNIX as libc::sa_family_t;
+    let bytes = path.as_os_str().as_bytes();
+    if bytes.len() >= addr.sun_path.len() {
+        close(fd);
+        return Err(libc::ENAMETOOLONG);
+    }
+    for (dst, &src) in addr.sun_path.iter_mut().zip(bytes) {
+        *dst = src as libc::c_char;
+    }
+    let len = core::mem::size_of::<libc::sa_family_t>() + bytes.len() + 1;
+    // SAFETY: `addr` is a valid sockaddr_un of at least `len` bytes.
+    let rc = unsafe {
+        libc::connect(
+            fd,
+            &addr as *const _ as *const libc::sockaddr,
+            len as libc::socklen_t,
+        )
+    };
+    if rc != 0 {
+        let err = crate::signal::sys::errno();
+        close(fd);
+        return Err(err);
+    }
+    // SAFETY: F_DUPFD_CLOEXEC on a descriptor we own.
+    let high = unsafe { libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, HIGH_FD) };
+    let fd = if high >= 0 {
+        close(fd);
+        high
+    } else {
+        fd
+    };
+    SOCKET.store(fd, Ordering::Release);
+    Ok(())
+}
+
+fn close(fd: libc::c_int) {
+    // SAFETY: closing a descriptor we own.
+    unsafe { libc::close(fd) };
+}
+
+/// Closes our socket (in a forked child: the connection belongs to the parent).
+pub fn forget_connection() {
+    let fd = SOCKET.swap(-1, Ordering::AcqRel);
+    if fd >= 0 {
+        close(fd);
+    }
+}
+
+/// Sends one message. `patient` allows waiting up to 50 ms for room (only at exit).
+/// Returns false if it was not sent.
+pub fn send(msg: &[u8], patient: bool) -> bool {
+    let fd = SOCKET.load(Ordering::Acquire);
+    if fd < 0 {
+        return false;
+    }
+    let deadline = Instant::now() + Duration::from_millis(50);
+    loop {
+        // SAFETY: `msg` is a valid buffer; flags forbid blocking and SIGPIPE.
+        let rc = unsafe {
+            libc::send(
+                fd,
+                msg.as_ptr() as *const libc::c_void,
+                msg.len(),
+                libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
+            )
+        };
+        if rc >= 0 {
+            return true;
+        }
+        match crate::signal::sys::errno() {
+            libc::EINTR => continue,
+            libc::EAGAIN if patient && Instant::now() < deadline => {
+                let mut pfd = libc::pollfd {
+                    fd,
+                    events: libc::POLLOUT,
+                    revents: 0,
+                };
+                // SAFETY: one valid pollfd.
+                unsafe { libc::poll(&mut pfd, 1, 10) };
+            }
+            libc::EAGAIN | libc::ENOBUFS => return false,
+            _ => {
+                // The collector is gone: stop talking, keep the program running.
+                forget_connection();
+                return false;
+            }
+        }
+    }
+}
+
+/// True while connected.
+pub fn connected() -> bool {
+    SOCKET.load(Ordering::Acquire) >= 0
+}
+
+/// Starts the background thread.
+pub fn spawn() -> std::io::Result<()> {
+    let was = thread_state::set_internal(true);
+    let result = std::thread::Builder::new()
+        .name("anyprof".into())
+        .spawn(run)
+        .map(|_| ());
+    thread_state::set_internal(was);
+    result
+}
+
+fn run() {
+    thread_state::set_internal(true);
+    let mut last_counters = Instant::now();
+    while !STOP.load(Ordering::Acquire) && connected() {
+        std::thread::sleep(TICK);
+        let counters_due = last_counters.elapsed() >= COUNTERS_EVERY;
+        if counters_due {
+            last_counters = Instant::now();
+        }
+        flush(
+            if counters_due {
+                Some(Kind::Counters)
+            } else {
+                None
+            },
+            false,
+        );
+    }
+}
+
+/// One drain cycle: module changes, samples, log messages, then counters of kind
+/// `counters` if given. At exit (`last`), waits briefly for the background thread's cycle
+/// to end and for socket room, and stops the thread.
+pub fn flush(counters_kind: Option<Kind>, last: bool) {
+    if last {
+        STOP.store(true, Ordering::Release);
+    }
+    if !acquire_drain(last) {
+        return;
+    }
+    let mut buf = vec![0u8; MAX_MESSAGE];
+    send_module_changes(&mut buf, last);
+    send_samples(&mut buf, last);
+    for (level, text) in log::take() {
+        if let Some(n) = wire::encode_log(&mut buf, level, text.as_bytes()) {
+            send(buf.get(..n).unwrap_or(&[]), last);
+        }
+    }
+    if let Some(kind) = counters_kind {
+        if let Some(n) = wire::encode_counters(&mut buf, kind, &counters::snapshot()) {
+            send(buf.get(..n).unwrap_or(&[]), last);
+        }
+    }
+    DRAINING.store(false, Ordering::Release);
+}
+
+fn acquire_drain(patient: bool) -> bool {
+    let deadline = Instant::now() + Duration::from_millis(200);
+    loop {
+        if DRAINING
+            .compare_exchange(false, true, Ordering::Acquire, Ordering::Relaxed)
+            .is_ok()
+        {
+            return true;
+        }
+        if !patient || Instant::now() >= deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
+
+fn send_module_changes(buf: &mut [u8], patient: bool) {
+    let Ok(mut map) = MODULES.try_lock() else {
+        return;
+    };
+    let changes = map.refresh();
+    for id in changes.removed {
+        if let Some(n) = wire::encode_module_unloaded(buf, id) {
+            if !send(buf.get(..n).unwrap_or(&[]), patient) {
+                counters::bump(Counter::DroppedModules);
+            }
+        }
+    }
+    for i in changes.added {
+        let Some(m) = map.modules.get(i) else {
+            continue;
+        };
+        if let Some(n) = wire::encode_module_loaded(buf, &m.info()) {
+            if !send(buf.get(..n).unwrap_or(&[]), patient) {
+                counters::bump(Counter::DroppedModules);
+            }
+        }
+    }
+}
+
+/// Names of the threads seen in samples, and when each was last read.
+static THREAD_NAMES: Mutex<Vec<(u32, Vec<u8>, Instant)>> = Mutex::new(Vec::new());
+/// How often a known thread's name is re-read (programs rename threads after start).
+const RENAME_CHECK: Duration = Duration::from_secs(1);
+/// Threads remembered at most; the oldest are forgotten first.
+const MAX_NAMED_THREADS: usize = 4096;
+
+/// Sends the name of each thread in `tids` that is new or was last read over a second ago
+/// and changed since.
+fn send_thread_names(buf: &mut [u8], tids: &[u32], patient: bool) {
+    let Ok(mut known) = THREAD_NAMES.try_lock() else {
+        return;
+    };
+    for &tid in tids {
+        let entry = known.iter().position(|(t, _, _)| *t == tid);
+        if let Some(i) = entry {
+            if known
+                .get(i)
+                .is_some_and(|(_, _, at)| at.elapsed() < RENAME_CHECK)
+            {
+                continue;
+            }
+        }
+        let Ok(mut name) = std::fs::read(format!("/proc/self/task/{tid}/comm")) else {
+            continue;
+        };
+        if name.last() == Some(&b'\n') {
+            name.pop();
+        }
+        let changed = match entry.and_then(|i| known.get_mut(i)) {
+            Some(e) => {
+                e.2 = Instant::now();
+                let changed = e.1 != name;
+                e.1.clone_from(&name);
+                changed
+            }
+            None => {
+                if known.len() >= MAX_NAMED_THREADS {
+                    known.remove(0);
+                }
+                known.push((tid, name.clone(), Instant::now()));
+                true
+            }
+        };
+        if changed {
+            if let Some(n) = wire::encode_thread_name(buf, tid, &name) {
+                send(buf.get(..n).unwrap_or(&[]), patient);
+            }
+        }
+    }
+}
+
+fn send_samples(buf: &mut [u8], patient: bool) {
+    let mut pending: Vec<ring::Record> = Vec::new();
+    ring::drain(|r| pending.push(*r));
+    let mut tids: Vec<u32> = pending.iter().map(|r| r.tid).collect();
+    tids.sort_unstable();
+    tids.dedup();
+    send_thread_names(buf, &tids, patient);
+    let mut rest = pending.as_slice();
+    while !rest.is_empty() {
+        let mut batch = SampleBatch::new(buf);
+        let mut taken = 0;
+        for r in rest {
+            if !batch.push(r.tid, r.flags, r.time_ns, r.cpu_ns, r.frames()) {
+                break;
+            }
+            taken += 1;
+        }
+        if taken == 0 {
+            break;
+        }
+        let (count, len) = (batch.count(), batch.len());
+        if !send(buf.get(..len).unwrap_or(&[]), patient) {
+            counters::add(Counter::DroppedSend, u64::from(count));
+        }
+        rest = rest.get(taken..).unwrap_or(&[]);
+    }
+}

@@ -1,0 +1,70 @@
+//! Every symbol `libanyprof.so` exports to interpose on the program, in one place.
+//!
+//! Hooks are `#[cfg_attr(not(test), no_mangle)]` so that unit tests of this crate do not
+//! interpose on their own test harness.
+
+use core::ffi::c_void;
+use core::sync::atomic::{AtomicUsize, Ordering};
+
+use crate::signal::thread_state;
+use crate::threads::{self, StartRoutine};
+
+type PthreadCreate = unsafe extern "C" fn(
+    *mut libc::pthread_t,
+    *const libc::pthread_attr_t,
+    extern "C" fn(*mut c_void) -> *mut c_void,
+    *mut c_void,
+) -> libc::c_int;
+
+static REAL_PTHREAD_CREATE: AtomicUsize = AtomicUsize::new(0);
+
+/// Resolves the next `pthread_create` in link order (glibc's, normally).
+pub fn resolve() -> usize {
+    let cached = REAL_PTHREAD_CREATE.load(Ordering::Acquire);
+    if cached != 0 {
+        return cached;
+    }
+    // SAFETY: dlsym with RTLD_NEXT and a NUL-terminated name.
+    let f = unsafe { libc::dlsym(libc::RTLD_NEXT, c"pthread_create".as_ptr()) } as usize;
+    REAL_PTHREAD_CREATE.store(f, Ordering::Release);
+    f
+}
+
+/// `pthread_create`: starts the thread through a trampoline that gives it a CPU timer.
+///
+/// # Safety
+/// Same contract as `pthread_create(3)`.
+#[cfg_attr(not(test), no_mangle)]
+pub unsafe extern "C" fn pthread_create(
+    thread: *mut libc::pthread_t,
+    attr: *const libc::pthread_attr_t,
+    start: extern "C" fn(*mut c_void) -> *mut c_void,
+    arg: *mut c_void,
+) -> libc::c_int {
+    let real = resolve();
+    if real == 0 {
+        return libc::EAGAIN;
+    }
+    // SAFETY: `real` is the address dlsym returned for pthread_create.
+    let real: PthreadCreate = unsafe { core::mem::transmute(real) };
+    // Our own threads, and every thread while sampling is off, start untouched.
+    if thread_state::is_internal() || threads::CPU_HZ.load(Ordering::Relaxed) == 0 {
+        // SAFETY: forwarding the caller's arguments unchanged.
+        return unsafe { real(thread, attr, start, arg) };
+    }
+    let boxed = Box::into_raw(Box::new(StartRoutine { start, arg }));
+    // SAFETY: forwarding the caller's arguments, with our trampoline owning `boxed`.
+    let rc = unsafe {
+        real(
+            thread,
+            attr,
+            threads::start_routine_trampoline,
+            boxed as *mut c_void,
+        )
+    };
+    if rc != 0 {
+        // SAFETY: the thread was not created, so the trampoline never took ownership.
+        drop(unsafe { Box::from_raw(boxed) });
+    }
+    rc
+}

@@ -1,0 +1,161 @@
+//! Start, fork and exit of the library inside the host process.
+//!
+//! - **Load** ([`on_load`], from `.init_array`): read settings; without `ANYPROF_SOCKET`
+//!   stay idle. Otherwise connect, say hello (pid, command line, settings), publish the module
+//!   map, install the signal handler, give the existing threads timers and start the
+//!   background thread.
+//! - **fork**: the child gets no timers from the kernel and must not speak on its parent's
+//!   connection or re-send its parent's samples, so it closes the connection and stays
+//!   unprofiled. (A program that then calls exec is profiled afresh: the library loads again
+//!   in the new image.)
+//! - **Exit** ([`on_unload`], from `.fini_array`): stop sampling, send what is left and the
+//!   final counters.
+
+use std::ffi::CStr;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use anyprof_wire::{self as wire, Kind, Level, TimerKind, MAX_MESSAGE};
+
+use crate::config::Config;
+use crate::signal::{handler, ring, sys, thread_state, unwind};
+use crate::{counters, drain, exports, log, threads};
+
+static STARTED: AtomicBool = AtomicBool::new(false);
+static ACTIVE: AtomicBool = AtomicBool::new(false);
+
+#[used]
+#[link_section = ".init_array"]
+static ON_LOAD: extern "C" fn(libc::c_int, *const *const libc::c_char, *const *const libc::c_char) =
+    on_load;
+
+#[used]
+#[link_section = ".fini_array"]
+static ON_UNLOAD: extern "C" fn() = on_unload;
+
+extern "C" fn on_load(
+    argc: libc::c_int,
+    argv: *const *const libc::c_char,
+    _envp: *const *const libc::c_char,
+) {
+    if STARTED.swap(true, Ordering::AcqRel) {
+        return;
+    }
+    let was = thread_state::set_internal(true);
+    start(argc, argv);
+    thread_state::set_internal(was);
+}
+
+fn start(argc: libc::c_int, argv: *const *const libc::c_char) {
+    exports::resolve();
+    let config = Config::from_env();
+    log::set_file(config.log_file.clone());
+    let Some(socket) = config.socket.as_ref() else {
+        return;
+    };
+    if let Err(errno) = drain::connect(socket) {
+        log::warn_errno(
+            &format!(
+                "cannot reach the anyprof collector at {}; not profiling",
+                socket.display()
+            ),
+            errno,
+        );
+        return;
+    }
+    for problem in &config.problems {
+        log::message(Level::Warn, problem.clone());
+    }
+    send_hello(&config, argc, argv);
+    ACTIVE.store(true, Ordering::Release);
+
+    threads::init();
+    unwind::init_caches();
+    drain::flush(None, false); // publishes the module map before the first sample
+    if config.cpu_hz > 0 {
+        match handler::install() {
+            Ok(()) => {
+                threads::CPU_HZ.store(config.cpu_hz, Ordering::Release);
+                handler::SAMPLING.store(true, Ordering::Release);
+                threads::adopt_current_thread();
+                threads::adopt_other_threads();
+            }
+            Err(errno) => log::warn_errno(
+                "cannot install the SIGPROF handler; CPU profiling is off",
+                errno,
+            ),
+        }
+    }
+    // SAFETY: registering a plain function as the child handler.
+    unsafe { libc::pthread_atfork(None, None, Some(in_forked_child)) };
+    if let Err(e) = drain::spawn() {
+        log::message(
+            Level::Warn,
+            format!("cannot start the anyprof thread ({e}); samples are sent at exit only"),
+        );
+    }
+    drain::flush(None, false);
+}
+
+fn send_hello(config: &Config, argc: libc::c_int, argv: *const *const libc::c_char) {
+    let mut cmdline = Vec::new();
+    if !argv.is_null() {
+        for i in 0..argc.max(0) as usize {
+            // SAFETY: the loader passes argv with argc valid entries to .init_array functions.
+            let arg = unsafe { *argv.add(i) };
+            if arg.is_null() {
+                break;
+            }
+            if i > 0 {
+                cmdline.push(0);
+            }
+            // SAFETY: each argv entry is a NUL-terminated string.
+            cmdline.extend_from_slice(unsafe { CStr::from_ptr(arg) }.to_bytes());
+        }
+    }
+    let exe = std::fs::read_link("/proc/self/exe")
+        .map(|p| p.into_os_string().into_encoded_bytes())
+        .unwrap_or_default();
+    let realtime = sys::clock_ns(libc::CLOCK_REALTIME);
+    let timer = if config.cpu_hz > 0 {
+        TimerKind::ThreadCpuTimer
+    } else {
+        TimerKind::Off
+    };
+    let mut buf = vec![0u8; MAX_MESSAGE];
+    // SAFETY: getpid/getppid cannot fail.
+    let (pid, ppid) = unsafe { (libc::getpid() as u32, libc::getppid() as u32) };
+    if let Some(n) = wire::encode_hello(
+        &mut buf,
+        pid,
+        ppid,
+        config.cpu_hz,
+        timer,
+        realtime,
+        sys::monotonic_ns(),
+        &exe,
+        &cmdline,
+    ) {
+        drain::send(buf.get(..n).unwrap_or(&[]), true);
+    }
+}
+
+extern "C" fn in_forked_child() {
+    // Only async-signal-safe work here: the child of a multithreaded parent may find any
+    // lock held by a thread that no longer exists.
+    handler::SAMPLING.store(false, Ordering::Release);
+    threads::CPU_HZ.store(0, Ordering::Release);
+    ACTIVE.store(false, Ordering::Release);
+    drain::forget_connection();
+    ring::clear();
+    counters::reset();
+    thread_state::clear_tid();
+}
+
+extern "C" fn on_unload() {
+    if !ACTIVE.swap(false, Ordering::AcqRel) {
+        return;
+    }
+    thread_state::set_internal(true);
+    handler::SAMPLING.store(false, Ordering::Release);
+    drain::flush(Some(Kind::Goodbye), true);
+}

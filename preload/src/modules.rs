@@ -1,0 +1,416 @@
+//! The module map: which objects are loaded where, for the unwinder (in process) and for the
+//! collector (which symbolizes).
+//!
+//! Objects are enumerated with `dl_iterate_phdr`. For each one we take, straight from memory
+//! the loader already mapped: the executable `PT_LOAD` range, the `PT_GNU_EH_FRAME` header and
+//! the `.eh_frame` it points to (framehop's unwind data), and the GNU build id from `PT_NOTE`.
+//! No file is opened.
+//!
+//! dlopen/dlclose are noticed by polling the loader's `dlpi_adds`/`dlpi_subs` counters from
+//! the background thread ([`ModuleMap::refresh`]); `dlopen` itself is not wrapped, because
+//! glibc uses the caller's address to pick `$ORIGIN` and the namespace. On a change a new
+//! unwinder is built and published ([`crate::signal::unwind::publish`]).
+
+use std::ffi::CStr;
+
+use framehop::x86_64::UnwinderX86_64;
+use framehop::{ExplicitModuleSectionInfo, Module, Unwinder as _};
+
+use anyprof_wire::ModuleInfo;
+
+use crate::signal::unwind::{self, Unwinder};
+
+const PAGE: u64 = 4096;
+
+/// One loaded object.
+#[derive(Clone, Debug)]
+pub struct LoadedModule {
+    /// Id sent to the collector.
+    pub id: u32,
+    /// Runtime address minus ELF address (`dlpi_addr`).
+    pub load_bias: u64,
+    /// Path, absolute where it could be made so; `[vdso]` for the vDSO.
+    pub path: Vec<u8>,
+    /// GNU build id (may be empty).
+    pub build_id: Vec<u8>,
+    /// Page-aligned executable mapping `[start, end)` and its file offset, as in
+    /// `/proc/self/maps`.
+    pub map_start: u64,
+    pub map_end: u64,
+    pub map_offset: u64,
+    /// Exact executable range (union of executable segments).
+    exec: (u64, u64),
+    /// `.eh_frame_hdr` and `.eh_frame` in memory, if present.
+    eh_frame_hdr: Option<&'static [u8]>,
+    eh_frame: Option<&'static [u8]>,
+}
+
+impl LoadedModule {
+    /// The wire form of this module.
+    pub fn info(&self) -> ModuleInfo<'_> {
+        ModuleInfo {
+            id: self.id,
+            start: self.map_start,
+            end: self.map_end,
+            file_offset: self.map_offset,
+            load_bias: self.load_bias,
+            path: &self.path,
+            build_id: &self.build_id,
+        }
+    }
+
+    fn key(&self) -> (u64, &[u8]) {
+        (self.load_bias, &self.path)
+    }
+
+    fn framehop_module(&self) -> Option<Module<&'static [u8]>> {
+        let (hdr, eh) = (self.eh_frame_hdr?, self.eh_frame?);
+        let bias = self.load_bias;
+        let svma = |s: &'static [u8]| {
+            let start = (s.as_ptr() as u64).wrapping_sub(bias);
+            start..start + s.len() as u64
+        };
+        let (exec_start, exec_end) = self.exec;
+        // SAFETY: the executable range is mapped readable (x86_64 has no execute-only pages
+        // under Linux's default policy) for as long as the object stays loaded.
+        let text: &'static [u8] = unsafe {
+            core::slice::from_raw_parts(exec_start as *const u8, (exec_end - exec_start) as usize)
+        };
+        let info = ExplicitModuleSectionInfo {
+            base_svma: 0,
+            text_svma: Some(exec_start.wrapping_sub(bias)..exec_end.wrapping_sub(bias)),
+            text: Some(text),
+            eh_frame_svma: Some(svma(eh)),
+            eh_frame: Some(eh),
+            eh_frame_hdr_svma: Some(svma(hdr)),
+            eh_frame_hdr: Some(hdr),
+            ..Default::default()
+        };
+        let name = String::from_utf8_lossy(&self.path).into_owned();
+        Some(Module::new(name, exec_start..exec_end, bias, info))
+    }
+}
+
+/// What changed in one refresh.
+#[derive(Default)]
+pub struct Changes {
+    /// Newly loaded modules (indices into [`ModuleMap::modules`]).
+    pub added: Vec<usize>,
+    /// Ids of unloaded modules.
+    pub removed: Vec<u32>,
+}
+
+/// The current set of loaded modules and the bookkeeping to notice changes.
+pub struct ModuleMap {
+    /// Loaded modules.
+    pub modules: Vec<LoadedModule>,
+    next_id: u32,
+    generation: Option<(u64, u64)>,
+    retired: Vec<*mut Unwinder>,
+    exe_path: Vec<u8>,
+}
+
+// SAFETY: the raw pointers in `retired` are owned unwinders only ever touched by the thread
+// holding the ModuleMap (it lives behind a Mutex).
+unsafe impl Send for ModuleMap {}
+
+impl ModuleMap {
+    /// An empty map; `exe_path` names the main executable (the loader calls it "").
+    pub const fn new() -> ModuleMap {
+        ModuleMap {
+            modules: Vec::new(),
+            next_id: 1,
+            generation: None,
+            retired: Vec::new(),
+            exe_path: Vec::new(),
+        }
+    }
+
+    /// Re-enumerates loaded objects if the loader's counters moved (or on the first call),
+    /// publishes a new unwinder on change, and frees retired unwinders when safe.
+    pub fn refresh(&mut self) -> Changes {
+        let mut changes = Changes::default();
+        unwind::retire_when_quiet(&mut self.retired);
+        let generation = loader_generation();
+        if self.generation == Some(generation) {
+            return changes;
+        }
+        self.generation = Some(generation);
+        if self.exe_path.is_empty() {
+            self.exe_path = std::fs::read_link("/proc/self/exe")
+                .map(|p| p.into_os_string().into_encoded_bytes())
+                .unwrap_or_else(|_| b"[main]".to_vec());
+        }
+        let found = enumerate(&self.exe_path);
+        let old = std::mem::take(&mut self.modules);
+        for mut m in found {
+            if let Some(prev) = old.iter().find(|o| o.key() == m.key()) {
+                m.id = prev.id;
+            } else {
+                m.id = self.next_id;
+                self.next_id += 1;
+                changes.added.push(self.modules.len());
+            }
+            self.modules.push(m);
+        }
+        for o in &old {
+            if !self.modules.iter().any(|m| m.id == o.id) {
+                changes.removed.push(o.id);
+            }
+        }
+        if !changes.added.is_empty() || !changes.removed.is_empty() {
+            let mut unwinder: Box<Unwinder> = Box::new(UnwinderX86_64::new());
+            for m in &self.modules {
+                if let Some(fm) = m.framehop_module() {
+                    unwinder.add_module(fm);
+                }
+            }
+            let previous = unwind::publish(unwinder);
+            if !previous.is_null() {
+                self.retired.push(previous);
+            }
+            unwind::retire_when_quiet(&mut self.retired);
+        }
+        changes
+    }
+}
+
+/// The loader's (adds, subs) counters.
+fn loader_generation() -> (u64, u64) {
+    unsafe extern "C" fn first(
+        info: *mut libc::dl_phdr_info,
+        _size: usize,
+        data: *mut libc::c_void,
+    ) -> libc::c_int {
+        // SAFETY: the loader passes a valid info; `data` is the &mut (u64, u64) below.
+        unsafe {
+            let out = &mut *(data as *mut (u64, u64));
+            *out = ((*info).dlpi_adds, (*info).dlpi_subs);
+        }
+        1
+    }
+    let mut out = (0u64, 0u64);
+    // SAFETY: the callback only writes through `data`, which points at `out`.
+    unsafe { libc::dl_iterate_phdr(Some(first), &mut out as *mut _ as *mut libc::c_void) };
+    out
+}
+
+fn enumerate(exe_path: &[u8]) -> Vec<LoadedModule> {
+    struct Ctx<'a> {
+        out: Vec<LoadedModule>,
+        exe_path: &'a [u8],
+    }
+    unsafe extern "C" fn each(
+        info: *mut libc::dl_phdr_info,
+        _size: usize,
+        data: *mut libc::c_void,
+    ) -> libc::c_int {
+        // SAFETY: the loader passes a valid info for the duration of the call; `data` is
+        // the Ctx below.
+        let (info, ctx) = unsafe { (&*info, &mut *(data as *mut Ctx<'_>)) };
+        // SAFETY: dlpi_phdr points at dlpi_phnum program headers of a loaded object.
+        let phdrs =
+            unsafe { core::slice::from_raw_parts(info.dlpi_phdr, info.dlpi_phnum as usize) };
+        let name = if info.dlpi_name.is_null() {
+            &[][..]
+        } else {
+            // SAFETY: dlpi_name is a NUL-terminated string owned by the loader.
+            unsafe { CStr::from_ptr(info.dlpi_name) }.to_bytes()
+        };
+        if let Some(m) = describe(info.dlpi_addr, name, phdrs, ctx.exe_path) {
+            ctx.out.push(m);
+        }
+        0
+    }
+    let mut ctx = Ctx {
+        out: Vec::new(),
+        exe_path,
+    };
+    // SAFETY: the callback only touches `ctx` through `data`.
+    unsafe { libc::dl_iterate_phdr(Some(each), &mut ctx as *mut Ctx<'_> as *mut libc::c_void) };
+    ctx.out
+}
+
+fn describe(
+    bias: u64,
+    name: &[u8],
+    phdrs: &[libc::Elf64_Phdr],
+    exe_path: &[u8],
+) -> Option<LoadedModule> {
+    let mut exec: Option<(u64, u64)> = None;
+    let mut first_exec: Option<&libc::Elf64_Phdr> = None;
+    let mut eh_frame_hdr = None;
+    let mut build_id = Vec::new();
+    for ph in phdrs {
+        match ph.p_type {
+            libc::PT_LOAD if ph.p_flags & libc::PF_X != 0 && ph.p_memsz > 0 => {
+                let (s, e) = (
+                    bias.wrapping_add(ph.p_vaddr),
+                    bias.wrapping_add(ph.p_vaddr + ph.p_memsz),
+                );
+                exec = Some(match exec {
+                    Some((a, b)) => (a.min(s), b.max(e)),
+                    None => (s, e),
+                });
+                first_exec.get_or_insert(ph);
+            }
+            libc::PT_GNU_EH_FRAME if ph.p_memsz >= 4 => {
+                // SAFETY: the segment is mapped by the loader for the object's lifetime.
+                eh_frame_hdr = Some(unsafe {
+                    core::slice::from_raw_parts(
+                        bias.wrapping_add(ph.p_vaddr) as *const u8,
+                        ph.p_memsz as usize,
+                    )
+                });
+            }
+            libc::PT_NOTE if build_id.is_empty() => {
+                // SAFETY: as above.
+                let notes = unsafe {
+                    core::slice::from_raw_parts(
+                        bias.wrapping_add(ph.p_vaddr) as *const u8,
+                        ph.p_memsz as usize,
+                    )
+                };
+                build_id = find_build_id(notes).map(<[u8]>::to_vec).unwrap_or_default();
+            }
+            _ => {}
+        }
+    }
+    let exec = exec?;
+    let first_exec = first_exec?;
+    let eh_frame = eh_frame_hdr.and_then(|hdr| locate_eh_frame(hdr, bias, phdrs));
+    let path = if name.is_empty() {
+        exe_path.to_vec()
+    } else if name.starts_with(b"linux-vdso") || name.starts_with(b"linux-gate") {
+        b"[vdso]".to_vec()
+    } else if name.starts_with(b"/") {
+        name.to_vec()
+    } else {
+        use std::os::unix::ffi::OsStrExt;
+        std::fs::canonicalize(std::ffi::OsStr::from_bytes(name))
+            .map(|p| p.into_os_string().into_encoded_bytes())
+            .unwrap_or_else(|_| name.to_vec())
+    };
+    let seg_start = bias.wrapping_add(first_exec.p_vaddr);
+    Some(LoadedModule {
+        id: 0,
+        load_bias: bias,
+        path,
+        build_id,
+        map_start: seg_start & !(PAGE - 1),
+        map_end: (exec.1 + PAGE - 1) & !(PAGE - 1),
+        map_offset: first_exec.p_offset & !(PAGE - 1),
+        exec,
+        eh_frame_hdr,
+        eh_frame,
+    })
+}
+
+/// Finds the `.eh_frame` that a `.eh_frame_hdr` points to; its length runs to the end of the
+/// loaded segment that contains it (the section's own size is not in memory).
+fn locate_eh_frame(
+    hdr: &'static [u8],
+    bias: u64,
+    phdrs: &[libc::Elf64_Phdr],
+) -> Option<&'static [u8]> {
+    let (&version, &enc) = (hdr.first()?, hdr.get(1)?);
+    if version != 1 {
+        return None;
+    }
+    let field_addr = hdr.as_ptr() as u64 + 4;
+    let value = decode_pointer(enc, hdr.get(4..)?, field_addr, hdr.as_ptr() as u64)?;
+    let seg = phdrs.iter().find(|ph| {
+        let start = bias.wrapping_add(ph.p_vaddr);
+        ph.p_type == libc::PT_LOAD && value >= start && value < start + ph.p_memsz
+    })?;
+    let end = bias.wrapping_add(seg.p_vaddr + seg.p_memsz);
+    // SAFETY: [value, end) lies inside a PT_LOAD segment mapped for the object's lifetime.
+    Some(unsafe { core::slice::from_raw_parts(value as *const u8, (end - value) as usize) })
+}
+
+/// Decodes a DWARF EH pointer with encoding `enc` from `bytes`.
+fn decode_pointer(enc: u8, bytes: &[u8], field_addr: u64, datarel_base: u64) -> Option<u64> {
+    fn le<const N: usize>(b: &[u8]) -> Option<[u8; N]> {
+        b.get(..N)?.try_into().ok()
+    }
+    let raw: u64 = match enc & 0x0f {
+        0x00 | 0x04 => u64::from_le_bytes(le(bytes)?),
+        0x0c => i64::from_le_bytes(le(bytes)?) as u64,
+        0x03 => u64::from(u32::from_le_bytes(le(bytes)?)),
+        0x0b => i32::from_le_bytes(le(bytes)?) as i64 as u64,
+        0x02 => u64::from(u16::from_le_bytes(le(bytes)?)),
+        0x0a => i16::from_le_bytes(le(bytes)?) as i64 as u64,
+        _ => return None,
+    };
+    match enc & 0x70 {
+        0x00 => Some(raw),
+        0x10 => Some(field_addr.wrapping_add(raw)),
+        0x30 => Some(datarel_base.wrapping_add(raw)),
+        _ => None,
+    }
+}
+
+/// Finds the NT_GNU_BUILD_ID descriptor in a PT_NOTE segment.
+fn find_build_id(mut notes: &[u8]) -> Option<&[u8]> {
+    fn word(b: &[u8], at: usize) -> Option<usize> {
+        Some(u32::from_le_bytes(b.get(at..at + 4)?.try_into().ok()?) as usize)
+    }
+    let align4 = |n: usize| (n + 3) & !3;
+    while notes.len() >= 12 {
+        let (namesz, descsz, kind) = (word(notes, 0)?, word(notes, 4)?, word(notes, 8)?);
+        let name = notes.get(12..12 + namesz)?;
+        let desc_at = 12 + align4(namesz);
+        let desc = notes.get(desc_at..desc_at + descsz)?;
+        if kind == 3 && name == b"GNU\0" {
+            return Some(desc);
+        }
+        notes = notes.get(desc_at + align4(descsz)..)?;
+    }
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn finds_this_test_binarys_modules_with_unwind_data() {
+        let found = enumerate(b"/proc/self/exe");
+        assert!(found.len() >= 2, "expected the executable and libc");
+        let libc = found
+            .iter()
+            .find(|m| m.path.windows(7).any(|w| w == b"libc.so"))
+            .expect("libc");
+        assert!(libc.eh_frame.is_some() && libc.eh_frame_hdr.is_some());
+        assert_eq!(libc.build_id.len(), 20);
+        assert!(libc.map_start <= libc.exec.0 && libc.exec.1 <= libc.map_end);
+    }
+
+    #[test]
+    fn decodes_eh_pointer_encodings() {
+        assert_eq!(
+            decode_pointer(0x1b, &(-16i32).to_le_bytes(), 1000, 0),
+            Some(984)
+        );
+        assert_eq!(decode_pointer(0x03, &7u32.to_le_bytes(), 1000, 0), Some(7));
+        assert_eq!(
+            decode_pointer(0x3b, &8i32.to_le_bytes(), 1000, 500),
+            Some(508)
+        );
+        assert_eq!(decode_pointer(0x1b, &[1, 2], 1000, 0), None);
+        assert_eq!(decode_pointer(0x0f, &[0; 8], 1000, 0), None);
+    }
+
+    #[test]
+    fn parses_build_id_note_and_survives_garbage() {
+        let mut note = Vec::new();
+        note.extend_from_slice(&4u32.to_le_bytes());
+        note.extend_from_slice(&3u32.to_le_bytes());
+        note.extend_from_slice(&3u32.to_le_bytes());
+        note.extend_from_slice(b"GNU\0");
+        note.extend_from_slice(&[0xaa, 0xbb, 0xcc, 0]);
+        assert_eq!(find_build_id(&note), Some(&[0xaa, 0xbb, 0xcc][..]));
+        assert_eq!(find_build_id(&note[..13]), None);
+        assert_eq!(find_build_id(&[0xff; 40]), None);
+    }
+}

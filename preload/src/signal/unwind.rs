@@ -1,0 +1,185 @@
+//! Stack unwinding from the signal handler: framehop over the `.eh_frame` data already mapped
+//! in memory, with caches made up front and a module list published by pointer swap.
+//!
+//! # Publication
+//! [`crate::modules`] builds a complete [`Unwinder`] outside the handler whenever the set of
+//! loaded objects changes and calls [`publish`]. The handler bumps [`IN_FLIGHT`] before it
+//! loads the pointer and drops it when done, so an unwinder that was swapped out can be freed
+//! as soon as `IN_FLIGHT` has been seen at zero after the swap ([`retire_when_quiet`]).
+//!
+//! # Caches
+//! framehop needs a `&mut` cache per unwind and allocates when one is created, so a pool of
+//! [`CACHE_COUNT`] caches is created at start and claimed with an atomic swap. If every cache
+//! is in use (more handlers in flight than caches) the sample keeps only its leaf.
+//!
+//! # Stack reads
+//! Every read goes through [`StackReader`], which only dereferences 8-byte-aligned addresses
+//! inside the interrupted thread's stack, recorded at thread start. A thread with unknown
+//! bounds gets a leaf-only sample flagged `FLAG_NO_STACK_BOUNDS`.
+
+use core::sync::atomic::{AtomicPtr, AtomicUsize, Ordering};
+
+use framehop::x86_64::{CacheX86_64, UnwindRegsX86_64, UnwinderX86_64};
+use framehop::{FrameAddress, MustNotAllocateDuringUnwind, Unwinder as _};
+
+use anyprof_wire::{FLAG_NO_STACK_BOUNDS, FLAG_TRUNCATED, MAX_FRAMES};
+
+/// The unwinder type: module data borrowed from memory mapped for the life of the module.
+pub type Unwinder = UnwinderX86_64<&'static [u8], MustNotAllocateDuringUnwind>;
+type Cache = CacheX86_64<MustNotAllocateDuringUnwind>;
+
+/// Number of unwinder caches (each about 16 KiB).
+pub const CACHE_COUNT: usize = 16;
+
+static CURRENT: AtomicPtr<Unwinder> = AtomicPtr::new(core::ptr::null_mut());
+static CACHES: [AtomicPtr<Cache>; CACHE_COUNT] =
+    [const { AtomicPtr::new(core::ptr::null_mut()) }; CACHE_COUNT];
+/// Handlers currently between loading [`CURRENT`] and finishing with it.
+pub static IN_FLIGHT: AtomicUsize = AtomicUsize::new(0);
+
+/// Creates the cache pool. Call once, outside any handler, before sampling starts.
+pub fn init_caches() {
+    for slot in CACHES.iter() {
+        if slot.load(Ordering::Acquire).is_null() {
+            let cache = Box::into_raw(Box::new(Cache::new_in()));
+            if slot
+                .compare_exchange(
+                    core::ptr::null_mut(),
+                    cache,
+                    Ordering::AcqRel,
+                    Ordering::Acquire,
+                )
+                .is_err()
+            {
+                // SAFETY: we just created `cache` and nobody else saw it.
+                drop(unsafe { Box::from_raw(cache) });
+            }
+        }
+    }
+}
+
+/// Installs `unwinder` as the current one and returns the previous one (null if none), which
+/// the caller must keep alive until [`retire_when_quiet`] says it may go.
+pub fn publish(unwinder: Box<Unwinder>) -> *mut Unwinder {
+    CURRENT.swap(Box::into_raw(unwinder), Ordering::SeqCst)
+}
+
+/// Frees the retired unwinders in `retired` if no handler is in flight right now; returns
+/// true if it did (or there was nothing to free). Called by the background thread only.
+pub fn retire_when_quiet(retired: &mut Vec<*mut Unwinder>) -> bool {
+    if retired.is_empty() {
+        return true;
+    }
+    if IN_FLIGHT.load(Ordering::SeqCst) != 0 {
+        return false;
+    }
+    for p in retired.drain(..) {
+        if !p.is_null() {
+            // SAFETY: `p` came from `publish` (Box::into_raw), was swapped out of CURRENT
+            // before IN_FLIGHT was seen at zero, so no handler can still hold it.
+            drop(unsafe { Box::from_raw(p) });
+        }
+    }
+    true
+}
+
+/// Reads the interrupted thread's stack, refusing anything outside its bounds.
+struct StackReader {
+    lo: u64,
+    hi: u64,
+}
+
+impl StackReader {
+    #[inline]
+    fn read(&self, addr: u64) -> Result<u64, ()> {
+        if !addr.is_multiple_of(8) || addr < self.lo || addr >= self.hi.saturating_sub(7) {
+            return Err(());
+        }
+        // SAFETY: `addr` is aligned and inside [lo, hi - 8], the mapped stack of the thread
+        // this handler runs on (recorded at thread start), which cannot be unmapped while
+        // the thread is interrupted in it.
+        Ok(unsafe { core::ptr::read_volatile(addr as *const u64) })
+    }
+}
+
+/// Unwinds from the interrupted registers into `out`, leaf first; returns the number of
+/// frames and the `FLAG_*` bits.
+pub fn unwind(
+    ip: u64,
+    sp: u64,
+    bp: u64,
+    bounds: Option<(u64, u64)>,
+    out: &mut [u64; MAX_FRAMES],
+) -> (usize, u8) {
+    out[0] = ip;
+    let Some((lo, hi)) = bounds else {
+        return (1, FLAG_NO_STACK_BOUNDS | FLAG_TRUNCATED);
+    };
+    // A stack pointer outside the recorded stack means sigaltstack, a coroutine stack or a
+    // corrupted register: reading "the stack" there would be a guess, so keep the leaf only.
+    if sp < lo || sp >= hi {
+        return (1, FLAG_TRUNCATED);
+    }
+    let unwinder = CURRENT.load(Ordering::SeqCst);
+    if unwinder.is_null() {
+        return (1, FLAG_TRUNCATED);
+    }
+    let Some((slot, cache)) = claim_cache() else {
+        return (1, FLAG_TRUNCATED);
+    };
+    // SAFETY: `unwinder` was published by `publish` and is not freed while IN_FLIGHT (which
+    // the handler incremented before calling us) is non-zero; `cache` is exclusively ours
+    // until `release_cache`.
+    let (n, flags) = unsafe { walk(&*unwinder, &mut *cache, ip, sp, bp, lo, hi, out) };
+    release_cache(slot, cache);
+    (n, flags)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn walk(
+    unwinder: &Unwinder,
+    cache: &mut Cache,
+    ip: u64,
+    sp: u64,
+    bp: u64,
+    lo: u64,
+    hi: u64,
+    out: &mut [u64; MAX_FRAMES],
+) -> (usize, u8) {
+    let reader = StackReader { lo, hi };
+    let mut read_stack = |addr: u64| reader.read(addr);
+    let regs = UnwindRegsX86_64::new(ip, sp, bp);
+    let mut frames = unwinder.iter_frames(ip, regs, cache, &mut read_stack);
+    let mut n = 0;
+    loop {
+        match frames.next() {
+            Ok(Some(frame)) => {
+                let addr = match frame {
+                    FrameAddress::InstructionPointer(a) => a,
+                    FrameAddress::ReturnAddress(a) => a.get(),
+                };
+                match out.get_mut(n) {
+                    Some(slot) => *slot = addr,
+                    None => return (n, FLAG_TRUNCATED),
+                }
+                n += 1;
+            }
+            Ok(None) => return (n.max(1), 0),
+            Err(_) => return (n.max(1), FLAG_TRUNCATED),
+        }
+    }
+}
+
+fn claim_cache() -> Option<(&'static AtomicPtr<Cache>, *mut Cache)> {
+    for slot in CACHES.iter() {
+        let p = slot.swap(core::ptr::null_mut(), Ordering::Acquire);
+        if !p.is_null() {
+            return Some((slot, p));
+        }
+    }
+    None
+}
+
+fn release_cache(slot: &'static AtomicPtr<Cache>, cache: *mut Cache) {
+    slot.store(cache, Ordering::Release);
+}
