@@ -1,0 +1,45 @@
+# anyprof — the commands a newcomer runs. `make help` lists them.
+
+CARGO  ?= cargo
+CC     ?= cc
+TARGET := target/release
+PROF   ?= prof
+
+.PHONY: help build demo test lint fmt bench clean
+
+help:
+	@echo "make demo   build anyprof and profile the bundled example (examples/demo.c)"
+	@echo "make test   build everything and run all tests (unit + end-to-end)"
+	@echo "make lint   cargo fmt --check and clippy with warnings denied"
+	@echo "make bench  overhead and symbolization benchmarks (ratios, medians of repeated runs)"
+
+build:
+	$(CARGO) build --release --workspace
+
+$(TARGET)/demo: examples/demo.c
+	@mkdir -p $(TARGET)
+	$(CC) -O2 -g -pthread examples/demo.c -o $@
+
+# Profile the example and show where its CPU time went.
+demo: build $(TARGET)/demo
+	$(TARGET)/anyprof record -o $(PROF)/demo -- $(TARGET)/demo 2
+	@if command -v go >/dev/null; then go tool pprof -top -nodecount=12 $(PROF)/demo/cpu.pb.gz; \
+	 else echo "(install golang-go to explore $(PROF)/demo/cpu.pb.gz with go tool pprof)"; fi
+
+# The end-to-end tests run the release binaries, so build them first.
+test: build
+	$(CARGO) test --release --workspace
+
+lint:
+	$(CARGO) fmt --all -- --check
+	$(CARGO) clippy --release --workspace --all-targets -- -D warnings
+
+fmt:
+	$(CARGO) fmt --all
+
+bench: build
+	bash bench/run.sh
+
+clean:
+	$(CARGO) clean
+	rm -rf $(PROF)
