@@ -1,0 +1,153 @@
+//! One object opened for symbolization, and the lookup of one address in it.
+//!
+//! Opening maps the file, checks it is ELF and, when the caller knows the build id, that it is
+//! the same build; then looks for a separate debug file and loads the DWARF of the debug file
+//! if it has some, else the object's own. Symbol tables are read on the first address DWARF cannot
+//! name.
+//!
+//! A lookup asks, in order: DWARF (for the inline chain, files and lines), then the symbol
+//! tables of the debug file, of the object (`.symtab`) and of its dynamic symbols (`.dynsym`),
+//! for the name of the physical function.
+
+use std::cell::OnceCell;
+use std::path::{Path, PathBuf};
+
+use crate::debug_file;
+use crate::demangle::demangle;
+use crate::dwarf::Dwarf;
+use crate::elf::{self, ElfFacts};
+use crate::mmap::{FileIdentity, MapError, MappedFile};
+use crate::symtab::{SymbolTable, Table};
+use crate::{Frame, Miss, Symbolized};
+
+/// An object file ready for lookups.
+pub(crate) struct LoadedObject {
+    /// Facts of the object itself (not of its debug file).
+    facts: ElfFacts,
+    main: Image,
+    debug: Option<Image>,
+    dwarf: Option<Dwarf>,
+}
+
+impl LoadedObject {
+    /// Opens the object at `path`. `build_id` is the id the caller expects, or empty.
+    pub(crate) fn open(
+        path: &Path,
+        build_id: &[u8],
+        debug_dirs: &[PathBuf],
+    ) -> Result<LoadedObject, Miss> {
+        let map = MappedFile::open(path).map_err(|err| match err {
+            MapError::NotAFile => Miss::NoFile,
+            MapError::Io(err) => Miss::FileUnreadable(err.to_string()),
+        })?;
+        let facts = ElfFacts::read(&elf::parse(map.bytes())?);
+        // The caller read its build id from the loaded image: a file on disk with another id,
+        // or with none, is not the file that ran.
+        if !build_id.is_empty() && facts.build_id.as_deref() != Some(build_id) {
+            return Err(Miss::BuildIdMismatch);
+        }
+
+        // Looked for even when the object has DWARF of its own: that may be partial (only the
+        // CRT or a static library built with -g), and a separate debug file is complete.
+        let debug = debug_file::find(path, map.identity(), &facts, debug_dirs);
+        let dwarf_source = match &debug {
+            Some(debug) if debug.facts.has_dwarf => Some((debug.path.as_path(), &debug.facts)),
+            _ if facts.has_dwarf => Some((path, &facts)),
+            _ => None,
+        };
+        let dwarf = dwarf_source.and_then(|(dwarf_path, dwarf_facts)| {
+            let supplementary = dwarf_facts
+                .altlink
+                .as_ref()
+                .and_then(|link| debug_file::find_supplementary(dwarf_path, link, debug_dirs));
+            Dwarf::load(dwarf_path, supplementary.as_deref())
+        });
+
+        Ok(LoadedObject {
+            facts,
+            main: Image::new(map),
+            debug: debug.map(|debug| Image::new(debug.map)),
+            dwarf,
+        })
+    }
+
+    /// The identity of the object file as it was when it was opened.
+    pub(crate) fn identity(&self) -> FileIdentity {
+        self.main.map.identity()
+    }
+
+    /// Symbolizes one file virtual address.
+    pub(crate) fn symbolize(&self, address: u64) -> Symbolized {
+        if !self.facts.is_loaded(address) {
+            return Symbolized::Miss(Miss::OutsideObject);
+        }
+        let mut frames = self
+            .dwarf
+            .as_ref()
+            .map(|dwarf| dwarf.frames(address))
+            .unwrap_or_default();
+        match frames.last_mut() {
+            Some(physical) if physical.raw_function.is_none() => {
+                if let Some(raw) = self.symbol_name(address) {
+                    physical.function = Some(demangle(&raw));
+                    physical.raw_function = Some(raw);
+                }
+            }
+            Some(_) => {}
+            None => {
+                if let Some(raw) = self.symbol_name(address) {
+                    frames.push(Frame {
+                        function: Some(demangle(&raw)),
+                        raw_function: Some(raw),
+                        file: None,
+                        line: None,
+                        column: None,
+                    });
+                }
+            }
+        }
+        if frames.is_empty() {
+            Symbolized::Miss(Miss::NoSymbol)
+        } else {
+            Symbolized::Frames(frames)
+        }
+    }
+
+    /// The raw name of the function symbol covering `address`, from the first table that has
+    /// one.
+    fn symbol_name(&self, address: u64) -> Option<String> {
+        self.debug
+            .iter()
+            .chain(std::iter::once(&self.main))
+            .find_map(|image| image.symbol(address))
+            .map(|name| String::from_utf8_lossy(name).into_owned())
+    }
+}
+
+/// A mapped ELF file and its symbol tables, read on first use.
+struct Image {
+    map: MappedFile,
+    /// `.symtab` then `.dynsym`.
+    tables: OnceCell<[SymbolTable; 2]>,
+}
+
+impl Image {
+    fn new(map: MappedFile) -> Image {
+        Image {
+            map,
+            tables: OnceCell::new(),
+        }
+    }
+
+    fn symbol(&self, address: u64) -> Option<&[u8]> {
+        let data = self.map.bytes();
+        let tables = self.tables.get_or_init(|| match elf::parse(data) {
+            Ok(file) => [
+                SymbolTable::read(data, &file, Table::Static),
+                SymbolTable::read(data, &file, Table::Dynamic),
+            ],
+            Err(_) => Default::default(),
+        });
+        tables.iter().find_map(|table| table.lookup(data, address))
+    }
+}
