@@ -125,7 +125,7 @@ impl Collector {
                 .unwrap_or_default();
             sessions.push(snapshot);
         }
-        sessions
+        merge_by_pid(sessions)
     }
 }
 
@@ -205,4 +205,19 @@ fn accept_loop(
             reader: reader.ok(),
         });
     }
+}
+
+/// Joins the sessions of one process image that reconnected (same pid and start time) into
+/// one, in connection order. An exec'd image (same pid, later start) stays separate, and so
+/// do sessions without a handshake.
+pub fn merge_by_pid(sessions: Vec<Session>) -> Vec<Session> {
+    let mut out: Vec<Session> = Vec::new();
+    for s in sessions {
+        let key = s.image_key();
+        match key.and_then(|k| out.iter_mut().find(|o| o.image_key() == Some(k))) {
+            Some(first) => first.merge(s),
+            None => out.push(s),
+        }
+    }
+    out
 }

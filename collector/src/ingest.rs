@@ -69,6 +69,11 @@ impl Session {
             + self.counter(Counter::DroppedBusy)
     }
 
+    /// Identifies one process image: pid and the time the library started in it.
+    pub fn image_key(&self) -> Option<(u32, u64)> {
+        self.hello.as_ref().map(|h| (h.pid, h.start_monotonic_ns))
+    }
+
     /// The pid from the handshake.
     pub fn pid(&self) -> Option<u32> {
         self.hello.as_ref().map(|h| h.pid)
@@ -90,6 +95,35 @@ impl Session {
             .next()
             .unwrap_or("unknown")
             .to_string()
+    }
+
+    /// Adds what a later connection of the same process sent (after it reconnected).
+    pub fn merge(&mut self, later: Session) {
+        if self.hello.is_none() {
+            self.hello = later.hello;
+        }
+        self.modules.extend(later.modules);
+        for (k, t) in later.cpu {
+            let e = self.cpu.entry(k).or_default();
+            e.count += t.count;
+            e.cpu_ns += t.cpu_ns;
+        }
+        self.thread_names.extend(later.thread_names);
+        // Counters are cumulative for the life of the process: the later report wins.
+        if !later.counters.is_empty() {
+            self.counters = later.counters;
+        }
+        self.said_goodbye |= later.said_goodbye;
+        self.sample_span = match (self.sample_span, later.sample_span) {
+            (Some((a, b)), Some((c, d))) => Some((a.min(c), b.max(d))),
+            (x, y) => x.or(y),
+        };
+        self.connected_at = self
+            .connected_at
+            .min(later.connected_at)
+            .or(self.connected_at.or(later.connected_at));
+        self.closed_at = self.closed_at.max(later.closed_at);
+        self.error = self.error.take().or(later.error);
     }
 
     /// Folds one message into the session. `log` receives the process's own diagnostics.

@@ -90,7 +90,13 @@ pub fn run(args: RecordArgs) -> Result<ExitCode> {
         (None, Some(sig)) => 128 + sig,
         _ => 1,
     };
-    let main = sessions.iter().find(|s| s.pid() == Some(pid));
+    // The program is the last image that ran under the pid we started (`env X=1 prog`
+    // execs `prog`); earlier images of that pid are written like any other process.
+    let main = sessions
+        .iter()
+        .filter(|s| s.pid() == Some(pid))
+        .max_by_key(|s| s.image_key());
+    let main_key = main.and_then(|s| s.image_key());
     if main.is_none() {
         eprintln!(
             "anyprof: no profile for {}: it never loaded libanyprof.so (statically linked, setuid, \
@@ -99,14 +105,14 @@ pub fn run(args: RecordArgs) -> Result<ExitCode> {
         );
     }
     if args.cpu_hz > 0 {
-        write_cpu_profiles(&sessions, pid, &out_dir, elapsed, args.quiet)?;
+        write_cpu_profiles(&sessions, main_key, &out_dir, elapsed, args.quiet)?;
     }
     Ok(ExitCode::from(code.clamp(0, 255) as u8))
 }
 
 fn write_cpu_profiles(
     sessions: &[Session],
-    main_pid: u32,
+    main: Option<(u32, u64)>,
     dir: &Path,
     elapsed: Duration,
     quiet: bool,
@@ -120,14 +126,15 @@ fn write_cpu_profiles(
             _ => elapsed,
         };
         let profile = profile::cpu::build(s, &mut symbolizer, duration.as_nanos() as u64);
-        let name = if pid == main_pid {
+        let is_main = s.image_key() == main;
+        let name = if is_main {
             "cpu.pb.gz".to_string()
         } else {
             format!("cpu.{pid}.{}.pb.gz", sanitize(&s.command_name()))
         };
         let path = dir.join(name);
         anyprof::output::write_atomic(&path, &anyprof::pprof::encode_gzipped(&profile))?;
-        if pid == main_pid {
+        if is_main {
             if !quiet {
                 print_summary(s, &profile, &path, elapsed);
             }

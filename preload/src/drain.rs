@@ -22,6 +22,34 @@ use crate::{counters, log};
 
 /// The connected socket (-1 = none).
 static SOCKET: AtomicI32 = AtomicI32::new(-1);
+/// Device and inode of our socket: programs that close every descriptor (daemons do) may
+/// close ours and reuse the number; before each use we check it is still the same socket.
+static SOCKET_IDENTITY: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+fn identity(fd: libc::c_int) -> Option<u64> {
+    // SAFETY: a zeroed stat is a valid out-buffer for fstat.
+    let mut st: libc::stat = unsafe { core::mem::zeroed() };
+    // SAFETY: fstat on any descriptor number is harmless; `st` is valid.
+    if unsafe { libc::fstat(fd, &mut st) } != 0 || st.st_mode & libc::S_IFMT != libc::S_IFSOCK {
+        return None;
+    }
+    Some(st.st_ino ^ st.st_dev.rotate_left(40))
+}
+
+/// Our socket, if the descriptor still refers to it; otherwise forgets it without closing
+/// (the number now belongs to the program).
+fn our_socket() -> Option<libc::c_int> {
+    let fd = SOCKET.load(Ordering::Acquire);
+    if fd < 0 {
+        return None;
+    }
+    if identity(fd) == Some(SOCKET_IDENTITY.load(Ordering::Acquire)) {
+        Some(fd)
+    } else {
+        SOCKET.store(-1, Ordering::Release);
+        None
+    }
+}
 /// Held by whoever is draining the ring (the ring has a single reader).
 static DRAINING: AtomicBool = AtomicBool::new(false);
 /// Tells the background thread to stop.
@@ -80,6 +108,7 @@ pub fn connect(path: &Path) -> Result<(), i32> {
     } else {
         fd
     };
+    SOCKET_IDENTITY.store(identity(fd).unwrap_or(0), Ordering::Release);
     SOCKET.store(fd, Ordering::Release);
     Ok(())
 }
@@ -91,8 +120,8 @@ fn close(fd: libc::c_int) {
 
 /// Closes our socket (in a forked child: the connection belongs to the parent).
 pub fn forget_connection() {
-    let fd = SOCKET.swap(-1, Ordering::AcqRel);
-    if fd >= 0 {
+    if let Some(fd) = our_socket() {
+        SOCKET.store(-1, Ordering::Release);
         close(fd);
     }
 }
@@ -100,10 +129,9 @@ pub fn forget_connection() {
 /// Sends one message. `patient` allows waiting up to 50 ms for room (only at exit).
 /// Returns false if it was not sent.
 pub fn send(msg: &[u8], patient: bool) -> bool {
-    let fd = SOCKET.load(Ordering::Acquire);
-    if fd < 0 {
+    let Some(fd) = our_socket() else {
         return false;
-    }
+    };
     let deadline = Instant::now() + Duration::from_millis(50);
     loop {
         // SAFETY: `msg` is a valid buffer; flags forbid blocking and SIGPIPE.
@@ -139,39 +167,79 @@ pub fn send(msg: &[u8], patient: bool) -> bool {
     }
 }
 
-/// True while connected.
-pub fn connected() -> bool {
-    SOCKET.load(Ordering::Acquire) >= 0
-}
+/// The background thread, while it runs.
+static THREAD: Mutex<Option<std::thread::JoinHandle<()>>> = Mutex::new(None);
 
 /// Starts the background thread.
 pub fn spawn() -> std::io::Result<()> {
     let was = thread_state::set_internal(true);
+    STOP.store(false, Ordering::Release);
     let result = std::thread::Builder::new()
         .name("anyprof".into())
-        .spawn(run)
-        .map(|_| ());
+        .spawn(run);
     thread_state::set_internal(was);
-    result
+    let handle = result?;
+    if let Ok(mut t) = THREAD.lock() {
+        *t = Some(handle);
+    }
+    Ok(())
+}
+
+/// Stops the background thread and waits for it; returns whether one was running. Used
+/// around calls that require a single-threaded process (`unshare(CLONE_NEWUSER)`).
+pub fn pause() -> bool {
+    let handle = THREAD.lock().ok().and_then(|mut t| t.take());
+    let Some(handle) = handle else { return false };
+    STOP.store(true, Ordering::Release);
+    handle.thread().unpark();
+    let _ = handle.join();
+    true
 }
 
 fn run() {
     thread_state::set_internal(true);
     let mut last_counters = Instant::now();
-    while !STOP.load(Ordering::Acquire) && connected() {
-        std::thread::sleep(TICK);
+    let mut last_reconnect = Instant::now()
+        .checked_sub(RECONNECT_EVERY)
+        .unwrap_or_else(Instant::now);
+    while !STOP.load(Ordering::Acquire) {
+        std::thread::park_timeout(TICK);
+        if STOP.load(Ordering::Acquire) {
+            break;
+        }
+        if our_socket().is_none() {
+            // The program closed our descriptor (daemons close everything at start), or the
+            // collector restarted: try again now and then, never in a tight loop.
+            if last_reconnect.elapsed() >= RECONNECT_EVERY {
+                last_reconnect = Instant::now();
+                if let Some(reconnect) = RECONNECT.lock().ok().and_then(|r| *r) {
+                    reconnect();
+                }
+            }
+            ring::drain(|_| counters::bump(Counter::DroppedSend));
+            continue;
+        }
         let counters_due = last_counters.elapsed() >= COUNTERS_EVERY;
         if counters_due {
             last_counters = Instant::now();
         }
-        flush(
-            if counters_due {
-                Some(Kind::Counters)
-            } else {
-                None
-            },
-            false,
-        );
+        flush(counters_due.then_some(Kind::Counters), false);
+    }
+}
+
+/// How often a lost connection is retried.
+const RECONNECT_EVERY: Duration = Duration::from_secs(1);
+/// Re-establishes the connection and re-sends the hello (set by [`crate::lifecycle`]).
+pub static RECONNECT: Mutex<Option<fn()>> = Mutex::new(None);
+
+/// Makes the next drain cycle report every module and thread name again (on a new
+/// connection the collector knows nothing).
+pub fn report_everything_again() {
+    if let Ok(mut map) = MODULES.lock() {
+        map.forget_reported();
+    }
+    if let Ok(mut names) = THREAD_NAMES.lock() {
+        names.clear();
     }
 }
 

@@ -68,3 +68,59 @@ pub unsafe extern "C" fn pthread_create(
     }
     rc
 }
+
+type SetnsFn = unsafe extern "C" fn(libc::c_int, libc::c_int) -> libc::c_int;
+
+/// Runs a namespace call that the kernel refuses in a multithreaded process
+/// (`unshare(CLONE_NEWUSER)`, `setns` into a user namespace) with our background thread
+/// stopped, so the program behaves as it would without us; restarts the thread after.
+fn single_threaded(call: impl FnOnce() -> libc::c_int) -> libc::c_int {
+    let paused = crate::drain::pause();
+    let rc = call();
+    let errno = crate::signal::sys::errno();
+    if paused {
+        let _ = crate::drain::spawn();
+    }
+    crate::signal::sys::set_errno(errno);
+    rc
+}
+
+fn next_symbol(name: &core::ffi::CStr) -> usize {
+    // SAFETY: dlsym with RTLD_NEXT and a NUL-terminated name.
+    unsafe { libc::dlsym(libc::RTLD_NEXT, name.as_ptr()) as usize }
+}
+
+/// `unshare(2)`.
+///
+/// # Safety
+/// Same contract as `unshare(2)`.
+#[cfg_attr(not(test), no_mangle)]
+pub unsafe extern "C" fn unshare(flags: libc::c_int) -> libc::c_int {
+    let real = next_symbol(c"unshare");
+    if real == 0 {
+        crate::signal::sys::set_errno(libc::ENOSYS);
+        return -1;
+    }
+    // SAFETY: `real` is libc's unshare, which has this signature.
+    let real: unsafe extern "C" fn(libc::c_int) -> libc::c_int =
+        unsafe { core::mem::transmute(real) };
+    // SAFETY: forwarding the caller's argument.
+    single_threaded(|| unsafe { real(flags) })
+}
+
+/// `setns(2)`.
+///
+/// # Safety
+/// Same contract as `setns(2)`.
+#[cfg_attr(not(test), no_mangle)]
+pub unsafe extern "C" fn setns(fd: libc::c_int, nstype: libc::c_int) -> libc::c_int {
+    let real = next_symbol(c"setns");
+    if real == 0 {
+        crate::signal::sys::set_errno(libc::ENOSYS);
+        return -1;
+    }
+    // SAFETY: `real` is libc's setns, which has this signature.
+    let real: SetnsFn = unsafe { core::mem::transmute(real) };
+    // SAFETY: forwarding the caller's arguments.
+    single_threaded(|| unsafe { real(fd, nstype) })
+}

@@ -12,7 +12,9 @@
 //!   final counters.
 
 use std::ffi::CStr;
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Mutex;
 
 use anyprof_wire::{self as wire, Kind, Level, TimerKind, MAX_MESSAGE};
 
@@ -21,6 +23,9 @@ use crate::signal::{handler, ring, sys, thread_state, unwind};
 use crate::{counters, drain, exports, log, threads};
 
 static STARTED: AtomicBool = AtomicBool::new(false);
+/// The encoded hello and the socket path, kept to reconnect.
+static HELLO: Mutex<Vec<u8>> = Mutex::new(Vec::new());
+static SOCKET_PATH: Mutex<Option<PathBuf>> = Mutex::new(None);
 static ACTIVE: AtomicBool = AtomicBool::new(false);
 
 #[used]
@@ -66,6 +71,12 @@ fn start(argc: libc::c_int, argv: *const *const libc::c_char) {
         log::message(Level::Warn, problem.clone());
     }
     send_hello(&config, argc, argv);
+    if let Ok(mut p) = SOCKET_PATH.lock() {
+        *p = Some(socket.clone());
+    }
+    if let Ok(mut r) = drain::RECONNECT.lock() {
+        *r = Some(reconnect);
+    }
     ACTIVE.store(true, Ordering::Release);
 
     threads::init();
@@ -135,8 +146,26 @@ fn send_hello(config: &Config, argc: libc::c_int, argv: *const *const libc::c_ch
         &exe,
         &cmdline,
     ) {
-        drain::send(buf.get(..n).unwrap_or(&[]), true);
+        buf.truncate(n);
+        drain::send(&buf, true);
+        if let Ok(mut h) = HELLO.lock() {
+            *h = buf;
+        }
     }
+}
+
+/// Connects again after the connection was lost, and starts the conversation over: hello,
+/// then (on the next drain cycle) every module and thread name.
+fn reconnect() {
+    let Some(path) = SOCKET_PATH.lock().ok().and_then(|p| p.clone()) else {
+        return;
+    };
+    if drain::connect(&path).is_err() {
+        return;
+    }
+    let hello = HELLO.lock().map(|h| h.clone()).unwrap_or_default();
+    drain::send(&hello, true);
+    drain::report_everything_again();
 }
 
 extern "C" fn in_forked_child() {

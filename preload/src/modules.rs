@@ -106,6 +106,8 @@ pub struct ModuleMap {
     pub modules: Vec<LoadedModule>,
     next_id: u32,
     generation: Option<(u64, u64)>,
+    /// Ids the collector has been told about.
+    reported: Vec<u32>,
     retired: Vec<*mut Unwinder>,
     exe_path: Vec<u8>,
 }
@@ -121,6 +123,7 @@ impl ModuleMap {
             modules: Vec::new(),
             next_id: 1,
             generation: None,
+            reported: Vec::new(),
             retired: Vec::new(),
             exe_path: Vec::new(),
         }
@@ -143,22 +146,35 @@ impl ModuleMap {
         }
         let found = enumerate(&self.exe_path);
         let old = std::mem::take(&mut self.modules);
+        let mut structure_changed = false;
         for mut m in found {
             if let Some(prev) = old.iter().find(|o| o.key() == m.key()) {
                 m.id = prev.id;
             } else {
                 m.id = self.next_id;
                 self.next_id += 1;
-                changes.added.push(self.modules.len());
+                structure_changed = true;
             }
             self.modules.push(m);
         }
-        for o in &old {
-            if !self.modules.iter().any(|m| m.id == o.id) {
-                changes.removed.push(o.id);
+        structure_changed |= old
+            .iter()
+            .any(|o| !self.modules.iter().any(|m| m.id == o.id));
+        for (i, m) in self.modules.iter().enumerate() {
+            if !self.reported.contains(&m.id) {
+                changes.added.push(i);
+                self.reported.push(m.id);
             }
         }
-        if !changes.added.is_empty() || !changes.removed.is_empty() {
+        let modules = &self.modules;
+        self.reported.retain(|id| {
+            let present = modules.iter().any(|m| m.id == *id);
+            if !present {
+                changes.removed.push(*id);
+            }
+            present
+        });
+        if structure_changed {
             let mut unwinder: Box<Unwinder> = Box::new(UnwinderX86_64::new());
             for m in &self.modules {
                 if let Some(fm) = m.framehop_module() {
@@ -172,6 +188,15 @@ impl ModuleMap {
             unwind::retire_when_quiet(&mut self.retired);
         }
         changes
+    }
+}
+
+impl ModuleMap {
+    /// Makes the next [`ModuleMap::refresh`] report every module as added (for a new
+    /// connection). Ids stay the same, so samples and modules keep matching.
+    pub fn forget_reported(&mut self) {
+        self.generation = None;
+        self.reported.clear();
     }
 }
 
