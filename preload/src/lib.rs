@@ -30,3 +30,4 @@ mod modules;
 pub mod signal;
 mod threads;
 mod timer;
+mod tls;
