@@ -9,7 +9,7 @@ use std::os::fd::{AsRawFd, OwnedFd};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
-use anyprof_wire::{self as wire, Counter, Hello, Level, Message, Module};
+use anyprof_wire::{self as wire, BucketCounts, Counter, Hello, Level, MemStats, Message, Module};
 
 /// Aggregated samples of one stack on one thread.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -31,6 +31,17 @@ pub struct StackKey {
     pub flags: u8,
 }
 
+/// One heap bucket as last reported.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct HeapBucketState {
+    /// Usable size of its allocations.
+    pub size: u64,
+    /// Allocation stack: return addresses, leaf first.
+    pub frames: Vec<u64>,
+    /// Cumulative sampled counts.
+    pub counts: BucketCounts,
+}
+
 /// What one process has sent.
 #[derive(Debug, Default)]
 pub struct Session {
@@ -42,6 +53,11 @@ pub struct Session {
     pub cpu: HashMap<StackKey, StackTotals>,
     /// Thread names by tid.
     pub thread_names: HashMap<u32, String>,
+    /// Heap buckets by id: usable size, allocation stack (return addresses, leaf first)
+    /// and cumulative sampled counts.
+    pub heap: HashMap<u32, HeapBucketState>,
+    /// The latest exact allocator counters.
+    pub mem_stats: Option<MemStats>,
     /// Latest counters, indexed by [`Counter`].
     pub counters: Vec<u64>,
     /// True once the process said goodbye (its counters are final).
@@ -109,6 +125,17 @@ impl Session {
             e.cpu_ns += t.cpu_ns;
         }
         self.thread_names.extend(later.thread_names);
+        for (id, b) in later.heap {
+            let e = self.heap.entry(id).or_default();
+            e.size = b.size;
+            e.counts = b.counts;
+            if !b.frames.is_empty() {
+                e.frames = b.frames;
+            }
+        }
+        if later.mem_stats.is_some() {
+            self.mem_stats = later.mem_stats;
+        }
         // Counters are cumulative for the life of the process: the later report wins.
         if !later.counters.is_empty() {
             self.counters = later.counters;
@@ -158,6 +185,17 @@ impl Session {
                 self.said_goodbye = true;
             }
             Message::Log(level, text) => log(level, &String::from_utf8_lossy(&text)),
+            Message::HeapBuckets(buckets) => {
+                for b in buckets {
+                    let e = self.heap.entry(b.id).or_default();
+                    e.size = b.size;
+                    e.counts = b.counts;
+                    if !b.frames.is_empty() {
+                        e.frames = b.frames;
+                    }
+                }
+            }
+            Message::MemStats(m) => self.mem_stats = Some(m),
             Message::ThreadName(tid, name) => {
                 self.thread_names
                     .insert(tid, String::from_utf8_lossy(&name).into_owned());

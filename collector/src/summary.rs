@@ -34,6 +34,11 @@ pub fn top(profile: &Profile, index: usize) -> Vec<TopEntry> {
         .map(|f| (f.id, (name_of(f.name), name_of(f.filename))))
         .collect();
     let locations: HashMap<u64, _> = profile.location.iter().map(|l| (l.id, l)).collect();
+    let mappings: HashMap<u64, String> = profile
+        .mapping
+        .iter()
+        .map(|m| (m.id, name_of(m.filename)))
+        .collect();
     let mut table: HashMap<String, TopEntry> = HashMap::new();
     for s in &profile.sample {
         let v = s.value.get(index).copied().unwrap_or(0);
@@ -43,7 +48,14 @@ pub fn top(profile: &Profile, index: usize) -> Vec<TopEntry> {
                 continue;
             };
             let lines: Vec<_> = if loc.line.is_empty() {
-                vec![(format!("{:#x}", loc.address), String::new())]
+                // Like pprof: an address without symbols is shown as its object.
+                let object = mappings
+                    .get(&loc.mapping_id)
+                    .map(|f| short(f))
+                    .filter(|f| !f.is_empty());
+                let name =
+                    object.map_or_else(|| format!("{:#x}", loc.address), |o| format!("[{o}]"));
+                vec![(name, String::new())]
             } else {
                 loc.line
                     .iter()

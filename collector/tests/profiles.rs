@@ -15,6 +15,7 @@ fn hello(hz: u32) -> Hello {
         ppid: 1,
         cpu_hz: hz,
         timer: TimerKind::ThreadCpuTimer,
+        mem_rate: 524288,
         start_realtime_ns: 1_700_000_000_000_000_000,
         start_monotonic_ns: 5,
         exe: b"/nonexistent/prog".to_vec(),

@@ -6,6 +6,8 @@
 use std::ffi::OsString;
 use std::path::PathBuf;
 
+use anyprof_wire::DEFAULT_MEM_RATE;
+
 /// Default CPU sampling rate, as Go's `runtime/pprof`.
 pub const DEFAULT_CPU_HZ: u32 = 100;
 /// Highest rate accepted. Per-thread CPU timers are serviced from the scheduler tick, so the
@@ -19,6 +21,8 @@ pub struct Config {
     pub socket: Option<PathBuf>,
     /// `ANYPROF_CPU_HZ`: samples per second of thread CPU time; 0 = no CPU sampling.
     pub cpu_hz: u32,
+    /// `ANYPROF_MEM_RATE`: mean bytes between heap samples; 0 = off, 1 = every allocation.
+    pub mem_rate: u64,
     /// `ANYPROF_LOG_FILE`: where the library's own messages also go.
     pub log_file: Option<PathBuf>,
     /// Messages about bad values, for the user.
@@ -60,9 +64,24 @@ impl Config {
                 }
             },
         };
+        let mem_rate = match get("ANYPROF_MEM_RATE") {
+            None => DEFAULT_MEM_RATE,
+            Some(raw) => match raw.to_str().and_then(anyprof_wire::parse_byte_size) {
+                Some(rate) => rate,
+                None => {
+                    problems.push(format!(
+                        "ANYPROF_MEM_RATE={} is not a byte count like 524288 or 512KiB \
+                         (1 samples every allocation, 0 turns heap profiling off); using 512KiB",
+                        raw.to_string_lossy()
+                    ));
+                    DEFAULT_MEM_RATE
+                }
+            },
+        };
         Config {
             socket,
             cpu_hz,
+            mem_rate,
             log_file,
             problems,
         }
@@ -99,5 +118,9 @@ mod tests {
         let c = with(&[("ANYPROF_CPU_HZ", "5000")]);
         assert_eq!(c.cpu_hz, MAX_CPU_HZ);
         assert_eq!(with(&[("ANYPROF_CPU_HZ", "0")]).cpu_hz, 0);
+        let c = with(&[("ANYPROF_MEM_RATE", "lots")]);
+        assert_eq!((c.mem_rate, c.problems.len()), (DEFAULT_MEM_RATE, 1));
+        assert_eq!(with(&[("ANYPROF_MEM_RATE", "1MiB")]).mem_rate, 1 << 20);
+        assert_eq!(with(&[("ANYPROF_MEM_RATE", "0")]).mem_rate, 0);
     }
 }

@@ -135,17 +135,18 @@ fn send_hello(config: &Config, argc: libc::c_int, argv: *const *const libc::c_ch
     let mut buf = vec![0u8; MAX_MESSAGE];
     // SAFETY: getpid/getppid cannot fail.
     let (pid, ppid) = unsafe { (libc::getpid() as u32, libc::getppid() as u32) };
-    if let Some(n) = wire::encode_hello(
-        &mut buf,
+    let info = wire::HelloInfo {
         pid,
         ppid,
-        config.cpu_hz,
+        cpu_hz: config.cpu_hz,
         timer,
-        realtime,
-        sys::monotonic_ns(),
-        &exe,
-        &cmdline,
-    ) {
+        mem_rate: config.mem_rate,
+        start_realtime_ns: realtime,
+        start_monotonic_ns: sys::monotonic_ns(),
+        exe: &exe,
+        cmdline: &cmdline,
+    };
+    if let Some(n) = wire::encode_hello(&mut buf, &info) {
         buf.truncate(n);
         drain::send(&buf, true);
         if let Ok(mut h) = HELLO.lock() {

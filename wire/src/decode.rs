@@ -5,7 +5,9 @@
 use alloc::vec::Vec;
 use core::fmt;
 
-use crate::{Kind, Level, TimerKind, HEADER_LEN, MAGIC, MAX_FRAMES, PROTOCOL_VERSION};
+use crate::{
+    BucketCounts, Kind, Level, TimerKind, HEADER_LEN, MAGIC, MAX_FRAMES, PROTOCOL_VERSION,
+};
 
 /// Why a message could not be decoded.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -49,6 +51,8 @@ pub struct Hello {
     pub cpu_hz: u32,
     /// Timer mechanism in use.
     pub timer: TimerKind,
+    /// Mean bytes between heap samples (0 = off, 1 = every allocation).
+    pub mem_rate: u64,
     /// Wall-clock time at load, ns since the Unix epoch.
     pub start_realtime_ns: u64,
     /// CLOCK_MONOTONIC at load, ns; sample times are on this clock.
@@ -112,6 +116,41 @@ pub enum Message {
     Goodbye(Vec<u64>),
     /// See [`Kind::ThreadName`]: tid and name.
     ThreadName(u32, Vec<u8>),
+    /// See [`Kind::HeapBuckets`].
+    HeapBuckets(Vec<HeapBucket>),
+    /// See [`Kind::MemStats`].
+    MemStats(MemStats),
+}
+
+/// One heap bucket report.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HeapBucket {
+    /// Bucket id, unique within the process.
+    pub id: u32,
+    /// Usable size of the bucket's allocations.
+    pub size: u64,
+    /// Cumulative sampled counts.
+    pub counts: BucketCounts,
+    /// Return addresses, leaf first; empty on reports after the first.
+    pub frames: Vec<u64>,
+}
+
+/// Exact allocator counters.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct MemStats {
+    /// Indexed by [`crate::MemStat`].
+    pub fields: Vec<u64>,
+    /// Allocations per size class (see [`crate::size_class`]).
+    pub class_mallocs: Vec<u64>,
+    /// Frees per size class.
+    pub class_frees: Vec<u64>,
+}
+
+impl MemStats {
+    /// A field's value (0 if not sent).
+    pub fn get(&self, f: crate::MemStat) -> u64 {
+        self.fields.get(f as usize).copied().unwrap_or(0)
+    }
 }
 
 struct Reader<'a> {
@@ -151,6 +190,17 @@ impl<'a> Reader<'a> {
         }
         Ok(self.take(n)?.to_vec())
     }
+    fn frames(&mut self, n: usize) -> Result<Vec<u64>, DecodeError> {
+        let raw = self.take(n * 8)?;
+        Ok(raw
+            .chunks_exact(8)
+            .map(|c| {
+                let mut b = [0u8; 8];
+                b.copy_from_slice(c);
+                u64::from_le_bytes(b)
+            })
+            .collect())
+    }
     fn counters(&mut self) -> Result<Vec<u64>, DecodeError> {
         let n = self.u16()? as usize;
         if n * 8 > self.buf.len() {
@@ -185,6 +235,7 @@ pub fn decode(buf: &[u8]) -> Result<Message, DecodeError> {
                 1 => TimerKind::ThreadCpuTimer,
                 _ => return Err(DecodeError::BadValue("timer")),
             },
+            mem_rate: r.u64()?,
             start_realtime_ns: r.u64()?,
             start_monotonic_ns: r.u64()?,
             exe: r.bytes(crate::MAX_PATH)?,
@@ -218,15 +269,7 @@ pub fn decode(buf: &[u8]) -> Result<Message, DecodeError> {
                 }
                 let time_ns = r.u64()?;
                 let cpu_ns = r.u64()?;
-                let raw = r.take(n * 8)?;
-                let frames = raw
-                    .chunks_exact(8)
-                    .map(|c| {
-                        let mut b = [0u8; 8];
-                        b.copy_from_slice(c);
-                        u64::from_le_bytes(b)
-                    })
-                    .collect();
+                let frames = r.frames(n)?;
                 samples.push(Sample {
                     tid,
                     flags,
@@ -239,6 +282,48 @@ pub fn decode(buf: &[u8]) -> Result<Message, DecodeError> {
         }
         Kind::Counters => Message::Counters(r.counters()?),
         Kind::Goodbye => Message::Goodbye(r.counters()?),
+        Kind::HeapBuckets => {
+            let mut buckets = Vec::new();
+            while !r.buf.is_empty() {
+                let id = r.u32()?;
+                let n = r.u16()? as usize;
+                let _reserved = r.u16()?;
+                if n > MAX_FRAMES {
+                    return Err(DecodeError::BadValue("frame count"));
+                }
+                let size = r.u64()?;
+                let counts = BucketCounts {
+                    alloc_objects: r.u64()?,
+                    alloc_bytes: r.u64()?,
+                    free_objects: r.u64()?,
+                    free_bytes: r.u64()?,
+                };
+                let frames = r.frames(n)?;
+                buckets.push(HeapBucket {
+                    id,
+                    size,
+                    counts,
+                    frames,
+                });
+            }
+            Message::HeapBuckets(buckets)
+        }
+        Kind::MemStats => {
+            let fields = r.counters()?;
+            let n = r.u16()? as usize;
+            if n * 16 > r.buf.len() {
+                return Err(DecodeError::Truncated);
+            }
+            let mut stats = MemStats {
+                fields,
+                ..MemStats::default()
+            };
+            for _ in 0..n {
+                stats.class_mallocs.push(r.u64()?);
+                stats.class_frees.push(r.u64()?);
+            }
+            Message::MemStats(stats)
+        }
         Kind::ThreadName => {
             let tid = r.u32()?;
             Message::ThreadName(tid, r.bytes(crate::MAX_THREAD_NAME)?)
@@ -259,21 +344,76 @@ mod tests {
     use super::*;
     use crate::*;
 
+    fn hello_info(cmdline: &[u8]) -> HelloInfo<'_> {
+        HelloInfo {
+            pid: 7,
+            ppid: 1,
+            cpu_hz: 100,
+            timer: TimerKind::ThreadCpuTimer,
+            mem_rate: 524288,
+            start_realtime_ns: 5,
+            start_monotonic_ns: 6,
+            exe: b"/bin/x",
+            cmdline,
+        }
+    }
+
+    #[test]
+    fn heap_buckets_and_mem_stats_round_trip() {
+        let mut buf = [0u8; MAX_MESSAGE];
+        let mut batch = HeapBatch::new(&mut buf);
+        let counts = BucketCounts {
+            alloc_objects: 1,
+            alloc_bytes: 2,
+            free_objects: 3,
+            free_bytes: 4,
+        };
+        assert!(batch.push(5, 64, &counts, &[10, 20]));
+        assert!(batch.push(6, 128, &counts, &[]));
+        let n = batch.len();
+        let Message::HeapBuckets(b) = decode(&buf[..n]).unwrap() else {
+            panic!()
+        };
+        assert_eq!(b.len(), 2);
+        assert_eq!(
+            (b[0].id, b[0].size, b[0].counts, b[0].frames.as_slice()),
+            (5, 64, counts, &[10u64, 20][..])
+        );
+        assert!(b[1].frames.is_empty());
+
+        let n = encode_mem_stats(&mut buf, &[1, 2, 3], &[4, 5], &[6, 7]).unwrap();
+        let Message::MemStats(m) = decode(&buf[..n]).unwrap() else {
+            panic!()
+        };
+        assert_eq!(
+            (m.fields, m.class_mallocs, m.class_frees),
+            ([1, 2, 3].to_vec(), [4, 5].to_vec(), [6, 7].to_vec())
+        );
+    }
+
+    #[test]
+    fn size_classes_are_powers_of_two() {
+        assert_eq!(
+            [
+                size_class(0),
+                size_class(1),
+                size_class(2),
+                size_class(3),
+                size_class(4),
+                size_class(5)
+            ],
+            [0, 0, 1, 2, 2, 3]
+        );
+        assert_eq!(size_class(4096), 12);
+        assert_eq!(size_class(4097), 13);
+        assert_eq!(size_class(u64::MAX), SIZE_CLASSES - 1);
+        assert_eq!(size_class_limit(12), 4096);
+    }
+
     #[test]
     fn round_trips_every_kind() {
         let mut buf = [0u8; MAX_MESSAGE];
-        let n = encode_hello(
-            &mut buf,
-            7,
-            1,
-            100,
-            TimerKind::ThreadCpuTimer,
-            5,
-            6,
-            b"/bin/x",
-            b"x\0-y",
-        )
-        .unwrap();
+        let n = encode_hello(&mut buf, &hello_info(b"x\0-y")).unwrap();
         let Message::Hello(h) = decode(&buf[..n]).unwrap() else {
             panic!()
         };
@@ -336,18 +476,7 @@ mod tests {
     #[test]
     fn every_truncation_is_an_error_not_a_panic() {
         let mut buf = [0u8; 512];
-        let n = encode_hello(
-            &mut buf,
-            7,
-            1,
-            100,
-            TimerKind::ThreadCpuTimer,
-            5,
-            6,
-            b"/bin/x",
-            b"x",
-        )
-        .unwrap();
+        let n = encode_hello(&mut buf, &hello_info(b"x")).unwrap();
         for cut in 0..n {
             assert!(decode(&buf[..cut]).is_err(), "cut at {cut}");
         }

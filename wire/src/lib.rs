@@ -22,7 +22,7 @@ extern crate alloc;
 #[cfg(feature = "decode")]
 mod decode;
 #[cfg(feature = "decode")]
-pub use decode::{decode, DecodeError, Hello, Message, Module, Sample};
+pub use decode::{decode, DecodeError, HeapBucket, Hello, MemStats, Message, Module, Sample};
 
 /// `"APRF"` read as a little-endian u32.
 pub const MAGIC: u32 = u32::from_le_bytes(*b"APRF");
@@ -55,6 +55,10 @@ pub enum Kind {
     Goodbye = 7,
     /// A thread's name (from `/proc/self/task/TID/comm`), sent when first seen or changed.
     ThreadName = 8,
+    /// Heap-profile buckets (stack and size) whose counts changed; see [`HeapBatch`].
+    HeapBuckets = 9,
+    /// Exact allocator counters (the native `runtime.MemStats`); see [`MemStat`].
+    MemStats = 10,
 }
 
 impl Kind {
@@ -69,6 +73,8 @@ impl Kind {
             6 => Kind::Log,
             7 => Kind::Goodbye,
             8 => Kind::ThreadName,
+            9 => Kind::HeapBuckets,
+            10 => Kind::MemStats,
             _ => return None,
         })
     }
@@ -223,29 +229,41 @@ pub const MAX_BUILD_ID: usize = 64;
 /// Longest log line sent.
 pub const MAX_LOG: usize = 1024;
 
-/// Encodes a hello. `cmdline` is the arguments separated by NUL bytes, as in
-/// `/proc/self/cmdline`.
-#[allow(clippy::too_many_arguments)]
-pub fn encode_hello(
-    buf: &mut [u8],
-    pid: u32,
-    ppid: u32,
-    cpu_hz: u32,
-    timer: TimerKind,
-    start_realtime_ns: u64,
-    start_monotonic_ns: u64,
-    exe: &[u8],
-    cmdline: &[u8],
-) -> Option<usize> {
+/// What the hello says about the process and the settings in force.
+#[derive(Clone, Copy, Debug)]
+pub struct HelloInfo<'a> {
+    /// Process id.
+    pub pid: u32,
+    /// Parent process id.
+    pub ppid: u32,
+    /// CPU samples per second of thread CPU time requested (0 = off).
+    pub cpu_hz: u32,
+    /// How CPU samples are triggered.
+    pub timer: TimerKind,
+    /// Mean bytes between heap samples (0 = heap profiling off, 1 = every allocation).
+    pub mem_rate: u64,
+    /// Wall-clock time at load, ns since the Unix epoch.
+    pub start_realtime_ns: u64,
+    /// CLOCK_MONOTONIC at load, ns.
+    pub start_monotonic_ns: u64,
+    /// Path of the executable.
+    pub exe: &'a [u8],
+    /// The arguments separated by NUL bytes, as in `/proc/self/cmdline`.
+    pub cmdline: &'a [u8],
+}
+
+/// Encodes a hello.
+pub fn encode_hello(buf: &mut [u8], h: &HelloInfo<'_>) -> Option<usize> {
     let mut w = Writer::message(buf, Kind::Hello);
-    w.u32(pid);
-    w.u32(ppid);
-    w.u32(cpu_hz);
-    w.u8(timer as u8);
-    w.u64(start_realtime_ns);
-    w.u64(start_monotonic_ns);
-    w.bytes(exe, MAX_PATH);
-    w.bytes(cmdline, MAX_CMDLINE);
+    w.u32(h.pid);
+    w.u32(h.ppid);
+    w.u32(h.cpu_hz);
+    w.u8(h.timer as u8);
+    w.u64(h.mem_rate);
+    w.u64(h.start_realtime_ns);
+    w.u64(h.start_monotonic_ns);
+    w.bytes(h.exe, MAX_PATH);
+    w.bytes(h.cmdline, MAX_CMDLINE);
     w.finish()
 }
 
@@ -384,5 +402,190 @@ impl<'a> SampleBatch<'a> {
     /// True when no sample has been pushed.
     pub fn is_empty(&self) -> bool {
         self.count == 0
+    }
+}
+
+/// Size of a heap bucket record without its frames.
+pub const BUCKET_HEADER_LEN: usize = 4 + 2 + 2 + 8 + 4 * 8;
+
+/// Packs heap buckets into one [`Kind::HeapBuckets`] message.
+///
+/// A bucket is one (allocation stack, usable size) pair with the counts of its *sampled*
+/// allocations, cumulative for the life of the process, as Go's `runtime.MemProfileRecord`:
+/// allocated objects and bytes, freed objects and bytes. The collector unbiases them.
+/// Record layout: id u32, frame count u16, reserved u16, size u64, alloc objects u64, alloc
+/// bytes u64, free objects u64, free bytes u64, then the frames (return addresses, leaf
+/// first). Frames are sent with a bucket's first report only; later reports have none.
+pub struct HeapBatch<'a> {
+    w: Writer<'a>,
+    count: u32,
+}
+
+/// The counts of one heap bucket.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct BucketCounts {
+    /// Sampled allocations.
+    pub alloc_objects: u64,
+    /// Their bytes.
+    pub alloc_bytes: u64,
+    /// Sampled allocations freed since.
+    pub free_objects: u64,
+    /// Their bytes.
+    pub free_bytes: u64,
+}
+
+impl<'a> HeapBatch<'a> {
+    /// Starts an empty batch in `buf`.
+    pub fn new(buf: &'a mut [u8]) -> HeapBatch<'a> {
+        HeapBatch {
+            w: Writer::message(buf, Kind::HeapBuckets),
+            count: 0,
+        }
+    }
+
+    /// Appends a bucket; returns false (and leaves the batch unchanged) if it does not fit.
+    pub fn push(&mut self, id: u32, size: u64, counts: &BucketCounts, frames: &[u64]) -> bool {
+        let frames = frames.get(..frames.len().min(MAX_FRAMES)).unwrap_or(frames);
+        if self.w.remaining() < BUCKET_HEADER_LEN + frames.len() * 8 {
+            return false;
+        }
+        self.w.u32(id);
+        self.w.u16(frames.len() as u16);
+        self.w.u16(0);
+        self.w.u64(size);
+        self.w.u64(counts.alloc_objects);
+        self.w.u64(counts.alloc_bytes);
+        self.w.u64(counts.free_objects);
+        self.w.u64(counts.free_bytes);
+        for &f in frames {
+            self.w.u64(f);
+        }
+        self.count += 1;
+        true
+    }
+
+    /// Buckets in the batch.
+    pub fn count(&self) -> u32 {
+        self.count
+    }
+
+    /// Length of the encoded message.
+    pub fn len(&self) -> usize {
+        self.w.len()
+    }
+
+    /// True when no bucket has been pushed.
+    pub fn is_empty(&self) -> bool {
+        self.count == 0
+    }
+}
+
+/// Fields of a [`Kind::MemStats`] message, by index. Appended to, never reordered.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u16)]
+pub enum MemStat {
+    /// Allocations (malloc, calloc, realloc's new block, memalign family).
+    Mallocs = 0,
+    /// Frees (free, realloc's old block).
+    Frees = 1,
+    /// Usable bytes of all allocations, ever.
+    AllocBytes = 2,
+    /// Usable bytes of all frees, ever.
+    FreeBytes = 3,
+    /// Highest live bytes seen by the background thread (checked every 20 ms).
+    PeakLiveBytes = 4,
+    /// Resident set size now, from `/proc/self/statm`.
+    RssBytes = 5,
+    /// Peak resident set size, from `getrusage` (`ru_maxrss`).
+    MaxRssBytes = 6,
+    /// Sampled allocations whose pointer could not be remembered (table full): their frees
+    /// go unseen, so in-use figures are overstated by them.
+    LiveTableFull = 7,
+    /// Sampled allocations not recorded because the bucket table was full.
+    BucketsFull = 8,
+    /// Bytes the profiler itself holds for heap profiling (tables, stacks).
+    ProfilerBytes = 9,
+}
+
+/// Number of [`MemStat`] fields this version sends.
+pub const MEM_STAT_COUNT: usize = 10;
+
+/// Size classes of the histogram: class `c` holds usable sizes in `(2^(c-1), 2^c]`, class 0
+/// holds size 0 and 1... up to class 47 for everything above 64 TiB.
+pub const SIZE_CLASSES: usize = 48;
+
+/// The size class of a usable size (see [`SIZE_CLASSES`]).
+#[inline]
+pub fn size_class(size: u64) -> usize {
+    if size <= 1 {
+        0
+    } else {
+        ((64 - (size - 1).leading_zeros()) as usize).min(SIZE_CLASSES - 1)
+    }
+}
+
+/// Upper bound of size class `c`.
+pub fn size_class_limit(c: usize) -> u64 {
+    1u64.checked_shl(c as u32).unwrap_or(u64::MAX)
+}
+
+/// Encodes exact allocator counters and the size-class histogram.
+pub fn encode_mem_stats(
+    buf: &mut [u8],
+    fields: &[u64],
+    mallocs: &[u64],
+    frees: &[u64],
+) -> Option<usize> {
+    let mut w = Writer::message(buf, Kind::MemStats);
+    w.u16(fields.len().min(256) as u16);
+    for &f in fields.iter().take(256) {
+        w.u64(f);
+    }
+    let classes = mallocs.len().min(frees.len()).min(256);
+    w.u16(classes as u16);
+    for (m, f) in mallocs.iter().zip(frees).take(classes) {
+        w.u64(*m);
+        w.u64(*f);
+    }
+    w.finish()
+}
+
+/// Default mean bytes between heap samples, as Go's `runtime.MemProfileRate`.
+pub const DEFAULT_MEM_RATE: u64 = 512 * 1024;
+
+/// Parses a byte count as users write it: `524288`, `512KiB`, `512k`, `1MiB`, `2M`, `1GiB`.
+/// Suffixes are binary (K = KiB = 1024) and case-insensitive; `B` alone is allowed.
+/// `None` for anything else, including overflow.
+pub fn parse_byte_size(text: &str) -> Option<u64> {
+    let t = text.trim();
+    let digits = t.bytes().take_while(u8::is_ascii_digit).count();
+    let (num, suffix) = t.split_at(digits);
+    let n: u64 = num.parse().ok()?;
+    let unit: u64 = match suffix.trim().to_ascii_lowercase().as_bytes() {
+        b"" | b"b" => 1,
+        b"k" | b"kb" | b"kib" => 1 << 10,
+        b"m" | b"mb" | b"mib" => 1 << 20,
+        b"g" | b"gb" | b"gib" => 1 << 30,
+        _ => return None,
+    };
+    n.checked_mul(unit)
+}
+
+#[cfg(test)]
+mod byte_size_tests {
+    use super::parse_byte_size;
+
+    #[test]
+    fn parses_plain_and_suffixed_sizes() {
+        assert_eq!(parse_byte_size("524288"), Some(524288));
+        assert_eq!(parse_byte_size("512KiB"), Some(524288));
+        assert_eq!(parse_byte_size("512k"), Some(524288));
+        assert_eq!(parse_byte_size("1 MiB"), Some(1 << 20));
+        assert_eq!(parse_byte_size("1"), Some(1));
+        assert_eq!(parse_byte_size("0"), Some(0));
+        assert_eq!(parse_byte_size("2G"), Some(2 << 30));
+        for bad in ["", "k", "12 parsecs", "-1", "1.5M", "99999999999999999999"] {
+            assert_eq!(parse_byte_size(bad), None, "{bad}");
+        }
     }
 }
