@@ -76,6 +76,13 @@ impl Collector {
     /// Waits up to `grace` for the connection of `main_pid` (and then briefly for others) to
     /// end, stops accepting, and returns every session.
     pub fn finish(mut self, main_pid: u32, grace: Duration) -> Vec<Session> {
+        // The program has exited: accept whatever is still queued on the socket (a short
+        // program can connect, say everything and exit before we ever polled), then stop
+        // accepting and wait for the readers.
+        self.stop.store(true, Ordering::SeqCst);
+        if let Some(a) = self.acceptor.take() {
+            let _ = a.join();
+        }
         let deadline = Instant::now() + grace;
         let open = |only_main: bool| {
             self.connections.lock().map_or(0, |c| {
@@ -95,10 +102,6 @@ impl Collector {
         let others_deadline = Instant::now() + Duration::from_millis(500);
         while open(false) > 0 && Instant::now() < others_deadline {
             std::thread::sleep(Duration::from_millis(5));
-        }
-        self.stop.store(true, Ordering::SeqCst);
-        if let Some(a) = self.acceptor.take() {
-            let _ = a.join();
         }
         let conns = self
             .connections
@@ -158,15 +161,19 @@ fn accept_loop(
     connections: Arc<Mutex<Vec<Connection>>>,
     verbose: bool,
 ) {
-    while !stop.load(Ordering::SeqCst) {
+    loop {
+        let stopping = stop.load(Ordering::SeqCst);
         let mut pfd = libc::pollfd {
             fd: listener.as_raw_fd(),
             events: libc::POLLIN,
             revents: 0,
         };
         // SAFETY: one valid pollfd.
-        let ready = unsafe { libc::poll(&mut pfd, 1, 20) };
+        let ready = unsafe { libc::poll(&mut pfd, 1, if stopping { 0 } else { 20 }) };
         if ready <= 0 {
+            if stopping {
+                return; // nothing left in the queue
+            }
             continue;
         }
         // SAFETY: accept4 on our listening socket; null address pointers are allowed.

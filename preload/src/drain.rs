@@ -241,6 +241,7 @@ pub fn report_everything_again() {
     if let Ok(mut names) = THREAD_NAMES.lock() {
         names.clear();
     }
+    heap_report::forget_sent();
 }
 
 /// One drain cycle: module changes, samples, log messages, then counters of kind
@@ -256,12 +257,15 @@ pub fn flush(counters_kind: Option<Kind>, last: bool) {
     let mut buf = vec![0u8; MAX_MESSAGE];
     send_module_changes(&mut buf, last);
     send_samples(&mut buf, last);
+    heap_report::send_changed_buckets(&mut buf, last);
     for (level, text) in log::take() {
         if let Some(n) = wire::encode_log(&mut buf, level, text.as_bytes()) {
             send(buf.get(..n).unwrap_or(&[]), last);
         }
     }
+    heap_report::track_peak();
     if let Some(kind) = counters_kind {
+        heap_report::send_mem_stats(&mut buf, last);
         if let Some(n) = wire::encode_counters(&mut buf, kind, &counters::snapshot()) {
             send(buf.get(..n).unwrap_or(&[]), last);
         }
@@ -386,5 +390,124 @@ fn send_samples(buf: &mut [u8], patient: bool) {
             counters::add(Counter::DroppedSend, u64::from(count));
         }
         rest = rest.get(taken..).unwrap_or(&[]);
+    }
+}
+
+/// Sending heap buckets and allocator counters.
+mod heap_report {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    use std::sync::Mutex;
+
+    use anyprof_wire::{self as wire, BucketCounts, HeapBatch, MemStat, MEM_STAT_COUNT};
+
+    use super::send;
+    use crate::alloc::{buckets, counters, hooks, live};
+
+    /// Counts last sent, by bucket position; `None` = frames not sent yet.
+    static SENT: Mutex<Vec<Option<BucketCounts>>> = Mutex::new(Vec::new());
+    static PEAK_LIVE: AtomicU64 = AtomicU64::new(0);
+
+    /// Sends every bucket whose counts changed since it was last sent (with its frames the
+    /// first time).
+    pub fn send_changed_buckets(buf: &mut [u8], patient: bool) {
+        let Ok(mut sent) = SENT.try_lock() else {
+            return;
+        };
+        let mut pending = Vec::new();
+        for n in 0..buckets::created() {
+            let Some((id, size, counts, frames)) = buckets::get(n) else {
+                break;
+            };
+            let previous = sent.get(n).copied().flatten();
+            if previous != Some(counts) {
+                let frames = if previous.is_none() { frames } else { &[][..] };
+                pending.push((n, id, size, counts, frames));
+            }
+        }
+        let mut rest = pending.as_slice();
+        while !rest.is_empty() {
+            let mut batch = HeapBatch::new(buf);
+            let taken = rest
+                .iter()
+                .take_while(|(_, id, size, c, f)| batch.push(*id, *size, c, f))
+                .count();
+            let len = batch.len();
+            if taken == 0 || !send(buf.get(..len).unwrap_or(&[]), patient) {
+                return; // unsent buckets stay "changed" and go out on a later cycle
+            }
+            for &(n, _, _, counts, _) in rest.iter().take(taken) {
+                if sent.len() <= n {
+                    sent.resize(n + 1, None);
+                }
+                if let Some(slot) = sent.get_mut(n) {
+                    *slot = Some(counts);
+                }
+            }
+            rest = rest.get(taken..).unwrap_or(&[]);
+        }
+    }
+
+    /// Forgets what was sent (a new connection knows nothing).
+    pub fn forget_sent() {
+        if let Ok(mut sent) = SENT.lock() {
+            sent.clear();
+        }
+    }
+
+    /// Records the highest live-bytes figure seen (checked every drain cycle).
+    pub fn track_peak() {
+        PEAK_LIVE.fetch_max(counters::live_bytes(), Ordering::Relaxed);
+    }
+
+    /// Sends the exact counters, the size histogram, RSS and the profiler's own footprint.
+    pub fn send_mem_stats(buf: &mut [u8], patient: bool) {
+        let t = counters::totals();
+        let mut fields = [0u64; MEM_STAT_COUNT];
+        let mut set = |f: MemStat, v: u64| {
+            if let Some(x) = fields.get_mut(f as usize) {
+                *x = v;
+            }
+        };
+        set(MemStat::Mallocs, t.mallocs);
+        set(MemStat::Frees, t.frees);
+        set(MemStat::AllocBytes, t.alloc_bytes);
+        set(MemStat::FreeBytes, t.free_bytes);
+        set(
+            MemStat::PeakLiveBytes,
+            PEAK_LIVE.load(Ordering::Relaxed).max(t.live_bytes()),
+        );
+        set(MemStat::RssBytes, rss_bytes());
+        set(MemStat::MaxRssBytes, max_rss_bytes());
+        set(MemStat::LiveTableFull, hooks::lost(MemStat::LiveTableFull));
+        set(MemStat::BucketsFull, hooks::lost(MemStat::BucketsFull));
+        set(
+            MemStat::ProfilerBytes,
+            (buckets::FOOTPRINT + live::FOOTPRINT) as u64,
+        );
+        if let Some(n) = wire::encode_mem_stats(buf, &fields, &t.class_mallocs, &t.class_frees) {
+            send(buf.get(..n).unwrap_or(&[]), patient);
+        }
+    }
+
+    fn rss_bytes() -> u64 {
+        let statm = std::fs::read_to_string("/proc/self/statm").unwrap_or_default();
+        let pages: u64 = statm
+            .split_whitespace()
+            .nth(1)
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0);
+        // SAFETY: sysconf has no preconditions.
+        let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) }.max(0) as u64;
+        pages * page
+    }
+
+    fn max_rss_bytes() -> u64 {
+        // SAFETY: a zeroed rusage is a valid out-buffer.
+        let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+        // SAFETY: valid pointer.
+        if unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut ru) } != 0 {
+            return 0;
+        }
+        ru.ru_maxrss.max(0) as u64 * 1024
     }
 }

@@ -48,7 +48,9 @@ pub unsafe extern "C" fn pthread_create(
     // SAFETY: `real` is the address dlsym returned for pthread_create.
     let real: PthreadCreate = unsafe { core::mem::transmute(real) };
     // Our own threads, and every thread while sampling is off, start untouched.
-    if thread_state::is_internal() || threads::CPU_HZ.load(Ordering::Relaxed) == 0 {
+    let profiling = threads::CPU_HZ.load(Ordering::Relaxed) != 0
+        || crate::alloc::sampler::RATE.load(Ordering::Relaxed) != 0;
+    if thread_state::is_internal() || !profiling {
         // SAFETY: forwarding the caller's arguments unchanged.
         return unsafe { real(thread, attr, start, arg) };
     }
@@ -123,4 +125,73 @@ pub unsafe extern "C" fn setns(fd: libc::c_int, nstype: libc::c_int) -> libc::c_
     let real: SetnsFn = unsafe { core::mem::transmute(real) };
     // SAFETY: forwarding the caller's arguments.
     single_threaded(|| unsafe { real(fd, nstype) })
+}
+
+// The malloc family. Each symbol forwards to `crate::alloc::hooks`; see `crate::alloc` for
+// the rules that code follows.
+
+/// `malloc(3)`.
+#[cfg_attr(not(test), no_mangle)]
+pub extern "C" fn malloc(size: usize) -> *mut c_void {
+    crate::alloc::hooks::malloc(size)
+}
+
+/// `free(3)`.
+#[cfg_attr(not(test), no_mangle)]
+pub extern "C" fn free(p: *mut c_void) {
+    crate::alloc::hooks::free(p)
+}
+
+/// `calloc(3)`.
+#[cfg_attr(not(test), no_mangle)]
+pub extern "C" fn calloc(n: usize, size: usize) -> *mut c_void {
+    crate::alloc::hooks::calloc(n, size)
+}
+
+/// `realloc(3)`.
+#[cfg_attr(not(test), no_mangle)]
+pub extern "C" fn realloc(p: *mut c_void, size: usize) -> *mut c_void {
+    crate::alloc::hooks::realloc(p, size)
+}
+
+/// `reallocarray(3)`.
+#[cfg_attr(not(test), no_mangle)]
+pub extern "C" fn reallocarray(p: *mut c_void, n: usize, size: usize) -> *mut c_void {
+    crate::alloc::hooks::reallocarray(p, n, size)
+}
+
+/// `posix_memalign(3)`.
+#[cfg_attr(not(test), no_mangle)]
+pub extern "C" fn posix_memalign(out: *mut *mut c_void, align: usize, size: usize) -> libc::c_int {
+    crate::alloc::hooks::posix_memalign(out, align, size)
+}
+
+/// `aligned_alloc(3)`.
+#[cfg_attr(not(test), no_mangle)]
+pub extern "C" fn aligned_alloc(align: usize, size: usize) -> *mut c_void {
+    crate::alloc::hooks::aligned_alloc(align, size)
+}
+
+/// `memalign(3)`.
+#[cfg_attr(not(test), no_mangle)]
+pub extern "C" fn memalign(align: usize, size: usize) -> *mut c_void {
+    crate::alloc::hooks::memalign(align, size)
+}
+
+/// `valloc(3)`.
+#[cfg_attr(not(test), no_mangle)]
+pub extern "C" fn valloc(size: usize) -> *mut c_void {
+    crate::alloc::hooks::valloc(size)
+}
+
+/// `pvalloc(3)`.
+#[cfg_attr(not(test), no_mangle)]
+pub extern "C" fn pvalloc(size: usize) -> *mut c_void {
+    crate::alloc::hooks::pvalloc(size)
+}
+
+/// `malloc_usable_size(3)`.
+#[cfg_attr(not(test), no_mangle)]
+pub extern "C" fn malloc_usable_size(p: *mut c_void) -> usize {
+    crate::alloc::hooks::malloc_usable_size(p)
 }

@@ -20,6 +20,7 @@
 
 #![allow(clippy::missing_safety_doc)]
 
+mod alloc;
 mod config;
 mod counters;
 mod drain;

@@ -20,7 +20,7 @@ use anyprof_wire::{self as wire, Kind, Level, TimerKind, MAX_MESSAGE};
 
 use crate::config::Config;
 use crate::signal::{handler, ring, sys, thread_state, unwind};
-use crate::{counters, drain, exports, log, threads};
+use crate::{alloc, counters, drain, exports, log, threads};
 
 static STARTED: AtomicBool = AtomicBool::new(false);
 /// The encoded hello and the socket path, kept to reconnect.
@@ -37,6 +37,20 @@ static ON_LOAD: extern "C" fn(libc::c_int, *const *const libc::c_char, *const *c
 #[link_section = ".fini_array"]
 static ON_UNLOAD: extern "C" fn() = on_unload;
 
+/// Tells the unwinder where our own code is, so hook stacks start at the program's frame.
+fn find_own_code() {
+    let me = unwind::unwind_here as *const () as u64;
+    if let Ok(map) = drain::MODULES.lock() {
+        if let Some(m) = map.modules.iter().find(|m| {
+            let (s, e) = m.exec_range();
+            s <= me && me < e
+        }) {
+            let (s, e) = m.exec_range();
+            unwind::set_self_range(s, e);
+        }
+    }
+}
+
 extern "C" fn on_load(
     argc: libc::c_int,
     argv: *const *const libc::c_char,
@@ -52,6 +66,7 @@ extern "C" fn on_load(
 
 fn start(argc: libc::c_int, argv: *const *const libc::c_char) {
     exports::resolve();
+    alloc::real::resolve();
     let config = Config::from_env();
     log::set_file(config.log_file.clone());
     let Some(socket) = config.socket.as_ref() else {
@@ -80,8 +95,18 @@ fn start(argc: libc::c_int, argv: *const *const libc::c_char) {
     ACTIVE.store(true, Ordering::Release);
 
     threads::init();
+    threads::record_stack_bounds();
     unwind::init_caches();
     drain::flush(None, false); // publishes the module map before the first sample
+    find_own_code();
+    alloc::counters::init();
+    alloc::real::check_glibc_layout();
+    alloc::hooks::ACCOUNTING.store(true, Ordering::Release);
+    if config.mem_rate > 0 {
+        alloc::sampler::RATE.store(config.mem_rate, Ordering::Release);
+        // This thread's countdown may have been parked while sampling was off.
+        alloc::sampler::reset(crate::tls::current());
+    }
     if config.cpu_hz > 0 {
         match handler::install() {
             Ok(()) => {
@@ -174,6 +199,9 @@ extern "C" fn in_forked_child() {
     // lock held by a thread that no longer exists.
     handler::SAMPLING.store(false, Ordering::Release);
     threads::CPU_HZ.store(0, Ordering::Release);
+    alloc::sampler::RATE.store(0, Ordering::Release);
+    alloc::hooks::ACCOUNTING.store(false, Ordering::Release);
+    alloc::counters::detach_current_thread();
     ACTIVE.store(false, Ordering::Release);
     drain::forget_connection();
     ring::clear();

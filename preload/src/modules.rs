@@ -59,6 +59,11 @@ impl LoadedModule {
         }
     }
 
+    /// The exact executable range `[start, end)`.
+    pub fn exec_range(&self) -> (u64, u64) {
+        self.exec
+    }
+
     fn key(&self) -> (u64, &[u8]) {
         (self.load_bias, &self.path)
     }

@@ -38,7 +38,7 @@ unsafe extern "C" fn stop_timer_at_exit(value: *mut c_void) {
 
 /// Records the calling thread's stack bounds, via `pthread_getattr_np` (not
 /// async-signal-safe: only ever called at thread start).
-fn record_stack_bounds() {
+pub fn record_stack_bounds() {
     // SAFETY: a zeroed pthread_attr_t is filled by pthread_getattr_np before use.
     let mut attr: libc::pthread_attr_t = unsafe { core::mem::zeroed() };
     // SAFETY: `attr` is valid; pthread_self() is the calling thread.
@@ -59,11 +59,11 @@ fn record_stack_bounds() {
 
 /// Sets up sampling for the calling thread: stack bounds, CPU clock, timer.
 pub fn adopt_current_thread() {
+    record_stack_bounds();
     let hz = CPU_HZ.load(Ordering::Relaxed);
     if hz == 0 || !handler::SAMPLING.load(Ordering::Relaxed) {
         return;
     }
-    record_stack_bounds();
     thread_state::start_cpu_clock();
     let tid = thread_state::tid();
     match timer::start(tid, hz) {

@@ -27,8 +27,8 @@ pub struct ThreadBlock {
     pub bytes_until_sample: Cell<i64>,
     /// State of the thread's random number generator (0 = not seeded).
     pub rng: Cell<u64>,
-    /// Index + 1 of the thread's exact-counter slot (0 = none yet).
-    pub stats_slot: Cell<u32>,
+    /// Address of the thread's exact-counter slot (0 = none: take the slow path).
+    pub stats: Cell<usize>,
     /// Kernel thread id (0 = not yet known).
     pub tid: Cell<u32>,
     /// Non-zero while the thread runs anyprof's own code (re-entrancy guard).

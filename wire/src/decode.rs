@@ -407,6 +407,7 @@ mod tests {
         assert_eq!(size_class(4096), 12);
         assert_eq!(size_class(4097), 13);
         assert_eq!(size_class(u64::MAX), SIZE_CLASSES - 1);
+        assert_eq!(size_class(1 << 63), 63);
         assert_eq!(size_class_limit(12), 4096);
     }
 

@@ -510,9 +510,9 @@ pub enum MemStat {
 /// Number of [`MemStat`] fields this version sends.
 pub const MEM_STAT_COUNT: usize = 10;
 
-/// Size classes of the histogram: class `c` holds usable sizes in `(2^(c-1), 2^c]`, class 0
-/// holds size 0 and 1... up to class 47 for everything above 64 TiB.
-pub const SIZE_CLASSES: usize = 48;
+/// Size classes of the histogram: class `c` holds usable sizes in `(2^(c-1), 2^c]`; class 0
+/// holds sizes 0 and 1, class 64 everything above 2^63.
+pub const SIZE_CLASSES: usize = 65;
 
 /// The size class of a usable size (see [`SIZE_CLASSES`]).
 #[inline]
@@ -520,7 +520,7 @@ pub fn size_class(size: u64) -> usize {
     if size <= 1 {
         0
     } else {
-        ((64 - (size - 1).leading_zeros()) as usize).min(SIZE_CLASSES - 1)
+        (64 - (size - 1).leading_zeros()) as usize
     }
 }
 
@@ -561,12 +561,18 @@ pub fn parse_byte_size(text: &str) -> Option<u64> {
     let digits = t.bytes().take_while(u8::is_ascii_digit).count();
     let (num, suffix) = t.split_at(digits);
     let n: u64 = num.parse().ok()?;
-    let unit: u64 = match suffix.trim().to_ascii_lowercase().as_bytes() {
-        b"" | b"b" => 1,
-        b"k" | b"kb" | b"kib" => 1 << 10,
-        b"m" | b"mb" | b"mib" => 1 << 20,
-        b"g" | b"gb" | b"gib" => 1 << 30,
-        _ => return None,
+    let suffix = suffix.trim();
+    let is = |names: &[&str]| names.iter().any(|n| n.eq_ignore_ascii_case(suffix));
+    let unit: u64 = if is(&["", "b"]) {
+        1
+    } else if is(&["k", "kb", "kib"]) {
+        1 << 10
+    } else if is(&["m", "mb", "mib"]) {
+        1 << 20
+    } else if is(&["g", "gb", "gib"]) {
+        1 << 30
+    } else {
+        return None;
     };
     n.checked_mul(unit)
 }

@@ -183,3 +183,52 @@ fn claim_cache() -> Option<(&'static AtomicPtr<Cache>, *mut Cache)> {
 fn release_cache(slot: &'static AtomicPtr<Cache>, cache: *mut Cache) {
     slot.store(cache, Ordering::Release);
 }
+
+/// Our own library's executable range, whose frames are cut from stacks captured in hooks.
+static SELF_RANGE: [core::sync::atomic::AtomicU64; 2] = [
+    core::sync::atomic::AtomicU64::new(0),
+    core::sync::atomic::AtomicU64::new(0),
+];
+
+/// Records the executable range of libanyprof.so itself.
+pub fn set_self_range(start: u64, end: u64) {
+    SELF_RANGE[0].store(start, Ordering::Relaxed);
+    SELF_RANGE[1].store(end, Ordering::Release);
+}
+
+/// Unwinds the calling thread's own stack (from inside a hook, not a signal) into `out`:
+/// return addresses only, leaf first, with anyprof's own frames removed. Returns the number
+/// of frames and the `FLAG_*` bits.
+#[inline(never)]
+pub fn unwind_here(out: &mut [u64; MAX_FRAMES]) -> (usize, u8) {
+    let (ip, sp, bp): (u64, u64, u64);
+    // SAFETY: reads three registers; no memory is touched. All three are read in one asm
+    // block so that rsp and rbp belong to the instruction address read with them.
+    unsafe {
+        core::arch::asm!(
+            "lea {ip}, [rip]",
+            "mov {sp}, rsp",
+            "mov {bp}, rbp",
+            ip = out(reg) ip,
+            sp = out(reg) sp,
+            bp = out(reg) bp,
+            options(nostack, nomem, preserves_flags),
+        );
+    }
+    IN_FLIGHT.fetch_add(1, Ordering::SeqCst);
+    let (n, flags) = unwind(ip, sp, bp, super::thread_state::stack_bounds(), out);
+    IN_FLIGHT.fetch_sub(1, Ordering::SeqCst);
+    let (lo, hi) = (
+        SELF_RANGE[0].load(Ordering::Acquire),
+        SELF_RANGE[1].load(Ordering::Acquire),
+    );
+    let ours = out
+        .iter()
+        .take(n)
+        .take_while(|&&a| a >= lo && a < hi)
+        .count();
+    if ours > 0 {
+        out.copy_within(ours..n, 0);
+    }
+    (n - ours, flags)
+}

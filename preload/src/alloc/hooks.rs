@@ -1,0 +1,242 @@
+//! Bodies of the interposed malloc family (the symbols themselves are in
+//! [`crate::exports`]). Each forwards to the next allocator, then accounts for the result:
+//! exact counters always, a heap sample when the thread's byte countdown runs out.
+
+use core::ffi::c_void;
+
+use anyprof_wire::{MemStat, MAX_FRAMES};
+
+use super::{buckets, counters, live, real, sampler};
+use crate::signal::{sys, unwind};
+use crate::tls::{self, ThreadBlock};
+
+/// Samples not recorded, by cause (read by the background thread).
+pub static LOST: [core::sync::atomic::AtomicU64; 2] = [
+    core::sync::atomic::AtomicU64::new(0),
+    core::sync::atomic::AtomicU64::new(0),
+];
+const LOST_LIVE_TABLE: usize = 0;
+const LOST_BUCKETS: usize = 1;
+
+/// How many samples were lost because the live table (`MemStat::LiveTableFull`) or the
+/// bucket table (`MemStat::BucketsFull`) was full.
+pub fn lost(which: MemStat) -> u64 {
+    let i = if which == MemStat::LiveTableFull {
+        LOST_LIVE_TABLE
+    } else {
+        LOST_BUCKETS
+    };
+    LOST.get(i)
+        .map_or(0, |c| c.load(core::sync::atomic::Ordering::Relaxed))
+}
+
+fn count_lost(i: usize) {
+    if let Some(c) = LOST.get(i) {
+        c.fetch_add(1, core::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+/// True while heap accounting is on (a collector is connected); when off, the hooks only
+/// forward. A read-mostly global: reading it costs no cache-line transfer.
+pub static ACCOUNTING: core::sync::atomic::AtomicBool = core::sync::atomic::AtomicBool::new(false);
+
+#[inline(always)]
+fn accounting() -> bool {
+    ACCOUNTING.load(core::sync::atomic::Ordering::Relaxed)
+}
+
+/// Accounts for a new block `p` (non-null). Fast path: a thread with a counter slot (which
+/// implies accounting is on) reads the block size, bumps its own counters and its countdown.
+#[inline(always)]
+fn on_alloc(p: *mut c_void) {
+    let b = tls::current();
+    if !counters::has_slot(b) && !accounting() {
+        return;
+    }
+    let usable = real::usable_size_of_live(p) as u64;
+    counters::on_alloc(b, usable);
+    let left = b.bytes_until_sample.get().wrapping_sub(usable as i64);
+    b.bytes_until_sample.set(left);
+    if left <= 0 {
+        maybe_sample(b, p, usable);
+    }
+}
+
+#[cold]
+#[inline(never)]
+fn maybe_sample(b: &ThreadBlock, p: *mut c_void, usable: u64) {
+    // Our own allocations are not the program's: leave the countdown for the next one.
+    if b.internal.get() != 0 || !sampler::on_countdown_expired(b) {
+        return;
+    }
+    let errno = sys::errno();
+    b.internal.set(1);
+    let mut frames = [0u64; MAX_FRAMES];
+    let (n, _flags) = unwind::unwind_here(&mut frames);
+    match buckets::intern(frames.get(..n).unwrap_or(&[]), usable) {
+        Some(bucket) => {
+            buckets::add_alloc(bucket, usable);
+            if !live::insert(p, bucket, usable) {
+                count_lost(LOST_LIVE_TABLE);
+            }
+        }
+        None => count_lost(LOST_BUCKETS),
+    }
+    b.internal.set(0);
+    sys::set_errno(errno);
+}
+
+/// Accounts for block `p` (non-null) about to be freed; must run before the real free.
+#[inline(always)]
+fn on_free(p: *mut c_void) {
+    let b = tls::current();
+    if !counters::has_slot(b) && !accounting() {
+        return;
+    }
+    counters::on_free(b, real::usable_size_of_live(p) as u64);
+    if live::may_contain(p) {
+        forget_sampled(p);
+    }
+}
+
+#[cold]
+#[inline(never)]
+fn forget_sampled(p: *mut c_void) {
+    if let Some((bucket, size)) = live::remove(p) {
+        buckets::add_free(bucket, size);
+    }
+}
+
+/// `malloc`.
+#[inline(always)]
+pub fn malloc(size: usize) -> *mut c_void {
+    let p = real::malloc(size);
+    if !p.is_null() {
+        on_alloc(p);
+    }
+    p
+}
+
+/// `free`.
+#[inline(always)]
+pub fn free(p: *mut c_void) {
+    if p.is_null() {
+        return;
+    }
+    on_free(p);
+    real::free(p);
+}
+
+/// `calloc`.
+#[inline(always)]
+pub fn calloc(n: usize, size: usize) -> *mut c_void {
+    let p = real::calloc(n, size);
+    if !p.is_null() {
+        on_alloc(p);
+    }
+    p
+}
+
+/// `realloc`: the old block counts as freed and the new one as allocated, as in Go's
+/// MemStats; a failed realloc changes nothing.
+pub fn realloc(old: *mut c_void, size: usize) -> *mut c_void {
+    if old.is_null() {
+        return malloc(size);
+    }
+    if !accounting() {
+        return real::realloc(old, size);
+    }
+    let b = tls::current();
+    let old_usable = real::usable_size(old) as u64;
+    let sampled = if live::may_contain(old) {
+        live::remove(old)
+    } else {
+        None
+    };
+    let p = real::realloc(old, size);
+    if p.is_null() && size != 0 {
+        // Failed: the old block is still live, and still sampled.
+        if let Some((bucket, sz)) = sampled {
+            let errno = sys::errno();
+            if !live::insert(old, bucket, sz) {
+                count_lost(LOST_LIVE_TABLE);
+            }
+            sys::set_errno(errno);
+        }
+        return p;
+    }
+    counters::on_free(b, old_usable);
+    if let Some((bucket, sz)) = sampled {
+        buckets::add_free(bucket, sz);
+    }
+    if !p.is_null() {
+        on_alloc(p);
+    }
+    p
+}
+
+/// `reallocarray`: `realloc` with an overflow check (glibc's own would call its internal
+/// realloc, out of our sight).
+pub fn reallocarray(old: *mut c_void, n: usize, size: usize) -> *mut c_void {
+    match n.checked_mul(size) {
+        Some(total) => realloc(old, total),
+        None => {
+            sys::set_errno(libc::ENOMEM);
+            core::ptr::null_mut()
+        }
+    }
+}
+
+/// `memalign`.
+pub fn memalign(align: usize, size: usize) -> *mut c_void {
+    let p = real::memalign(align, size);
+    if !p.is_null() {
+        on_alloc(p);
+    }
+    p
+}
+
+/// `aligned_alloc`.
+pub fn aligned_alloc(align: usize, size: usize) -> *mut c_void {
+    let p = real::aligned_alloc(align, size);
+    if !p.is_null() {
+        on_alloc(p);
+    }
+    p
+}
+
+/// `posix_memalign`.
+pub fn posix_memalign(out: *mut *mut c_void, align: usize, size: usize) -> libc::c_int {
+    let rc = real::posix_memalign(out, align, size);
+    if rc == 0 && !out.is_null() {
+        // SAFETY: on success posix_memalign stored the block through the caller's pointer.
+        let p = unsafe { *out };
+        if !p.is_null() {
+            on_alloc(p);
+        }
+    }
+    rc
+}
+
+/// `valloc`.
+pub fn valloc(size: usize) -> *mut c_void {
+    let p = real::valloc(size);
+    if !p.is_null() {
+        on_alloc(p);
+    }
+    p
+}
+
+/// `pvalloc`.
+pub fn pvalloc(size: usize) -> *mut c_void {
+    let p = real::pvalloc(size);
+    if !p.is_null() {
+        on_alloc(p);
+    }
+    p
+}
+
+/// `malloc_usable_size`.
+pub fn malloc_usable_size(p: *mut c_void) -> usize {
+    real::usable_size(p)
+}

@@ -1,0 +1,122 @@
+//! Which live pointers were sampled, so that their `free` (or `realloc`) is seen.
+//!
+//! `free` is called as often as `malloc`, and almost never on a sampled pointer, so its fast
+//! path must be one memory read: a counting filter of one-byte counters indexed by a hash of
+//! the pointer. A zero counter proves the pointer was not sampled. Only a non-zero counter
+//! leads to the table, a lock-free open-addressing map from pointer to (bucket, size).
+//!
+//! The filter counts rather than flags: glibc hands the same addresses out again and again,
+//! and a plain bit that is never cleared would send every later free of a once-sampled
+//! address down the slow path. A counter that reaches 255 stays there (a permanent false
+//! positive costs a table probe, never a wrong answer).
+//!
+//! Order matters: a sampled pointer is inserted before `malloc` returns it, and removed
+//! before the real `free` runs, so an address cannot be reused while it is in the table.
+
+use core::sync::atomic::{AtomicU64, AtomicU8, Ordering};
+
+/// Table entries (16 bytes each, in `.bss`: resident only where touched).
+const CAPACITY: usize = 1 << 20;
+/// Filter counters.
+const FILTER: usize = 1 << 20;
+const MAX_PROBES: usize = 128;
+
+const EMPTY: u64 = 0;
+const TOMBSTONE: u64 = 1;
+const SIZE_BITS: u32 = 40;
+
+struct Entry {
+    key: AtomicU64,
+    value: AtomicU64,
+}
+
+static TABLE: [Entry; CAPACITY] = [const {
+    Entry {
+        key: AtomicU64::new(EMPTY),
+        value: AtomicU64::new(0),
+    }
+}; CAPACITY];
+static COUNTERS: [AtomicU8; FILTER] = [const { AtomicU8::new(0) }; FILTER];
+
+#[inline(always)]
+fn mix(p: u64) -> u64 {
+    (p >> 4).wrapping_mul(0x9e37_79b9_7f4a_7c15)
+}
+
+#[inline(always)]
+fn counter(p: u64) -> &'static AtomicU8 {
+    let i = (mix(p) >> 44) as usize % FILTER;
+    // `i < FILTER` by construction; the fallback is never taken.
+    COUNTERS.get(i).unwrap_or(&COUNTERS[0])
+}
+
+/// True if `p` may have been sampled (false means certainly not): the free fast path.
+#[inline(always)]
+pub fn may_contain(p: *mut core::ffi::c_void) -> bool {
+    counter(p as u64).load(Ordering::Relaxed) != 0
+}
+
+/// Remembers sampled pointer `p` of `size` bytes in bucket `bucket`. False if the table
+/// has no room near its slot (the caller counts the loss).
+pub fn insert(p: *mut core::ffi::c_void, bucket: u32, size: u64) -> bool {
+    let key = p as u64;
+    if key <= TOMBSTONE {
+        return false;
+    }
+    let start = (mix(key) as usize) % CAPACITY;
+    for probe in 0..MAX_PROBES {
+        let Some(e) = TABLE.get((start + probe) % CAPACITY) else {
+            return false;
+        };
+        let cur = e.key.load(Ordering::Relaxed);
+        if (cur == EMPTY || cur == TOMBSTONE)
+            && e.key
+                .compare_exchange(cur, key, Ordering::AcqRel, Ordering::Relaxed)
+                .is_ok()
+        {
+            e.value.store(
+                (u64::from(bucket) << SIZE_BITS) | size.min((1 << SIZE_BITS) - 1),
+                Ordering::Release,
+            );
+            let c = counter(key);
+            let _ = c.fetch_update(Ordering::AcqRel, Ordering::Relaxed, |v| v.checked_add(1));
+            return true;
+        }
+    }
+    false
+}
+
+/// Forgets `p` if it was sampled; returns its bucket and size.
+pub fn remove(p: *mut core::ffi::c_void) -> Option<(u32, u64)> {
+    let key = p as u64;
+    let start = (mix(key) as usize) % CAPACITY;
+    for probe in 0..MAX_PROBES {
+        let e = TABLE.get((start + probe) % CAPACITY)?;
+        let cur = e.key.load(Ordering::Acquire);
+        if cur == EMPTY {
+            return None;
+        }
+        if cur == key {
+            let value = e.value.load(Ordering::Acquire);
+            if e.key
+                .compare_exchange(key, TOMBSTONE, Ordering::AcqRel, Ordering::Relaxed)
+                .is_err()
+            {
+                return None;
+            }
+            let c = counter(key);
+            let _ = c.fetch_update(Ordering::AcqRel, Ordering::Relaxed, |v| {
+                if v == u8::MAX {
+                    None
+                } else {
+                    v.checked_sub(1)
+                }
+            });
+            return Some(((value >> SIZE_BITS) as u32, value & ((1 << SIZE_BITS) - 1)));
+        }
+    }
+    None
+}
+
+/// Bytes the table and filter occupy at most.
+pub const FOOTPRINT: usize = CAPACITY * 16 + FILTER;
