@@ -1,0 +1,115 @@
+#!/usr/bin/env bash
+# anyprof benchmarks: `make bench` builds the workspace, then runs this.
+#
+#   1. Whole-program CPU-profiling overhead at 100 Hz, as ratios to an unprofiled run, next to
+#      gperftools and perf when they are installed (bench/overhead.py does the runs and the
+#      statistics; bench/programs/cpu_work.c is the program).
+#   2. Symbolization throughput, cold and warm (symbolizer/examples/throughput.rs).
+#
+# Environment:
+#   BENCH_ROUNDS=7         rounds of the overhead benchmark (medians are over rounds)
+#   BENCH_HZ=100           sampling rate given to every profiler
+#   BENCH_SECONDS=2        CPU seconds of work per run (the 4-thread variant splits them)
+#   BENCH_PERF_DWARF=1     also run `perf record --call-graph dwarf` (0 to leave it out)
+#   BENCH_GPERFTOOLS_LIB   path of libprofiler.so (default: found with ldconfig)
+#   BENCH_SYMBOLIZE_FILES  files for the symbolization benchmark (default: the anyprof binary
+#                          and libc)
+#
+# Exits non-zero when anyprof fails to run or to write a profile, or when the symbolizer
+# benchmark fails; a missing peer profiler is reported as "skipped: reason".
+set -euo pipefail
+
+cd "$(dirname "$0")/.."
+ANYPROF=$PWD/target/release/anyprof
+LIB=$PWD/target/release/libanyprof.so
+ROUNDS=${BENCH_ROUNDS:-7}
+HZ=${BENCH_HZ:-100}
+SECONDS_OF_WORK=${BENCH_SECONDS:-2}
+CC=${CC:-cc}
+
+if [[ ! -x $ANYPROF || ! -f $LIB ]]; then
+    echo "error: $ANYPROF or $LIB is missing; run \`cargo build --release --workspace\` (make bench does)" >&2
+    exit 1
+fi
+
+scratch=$(mktemp -d "${TMPDIR:-/tmp}/anyprof-bench.XXXXXX")
+trap 'rm -rf "$scratch"' EXIT
+
+# The work program: -O2 -g, and no frame pointers (explicitly, whatever the compiler's default).
+"$CC" -O2 -g -fomit-frame-pointer -pthread bench/programs/cpu_work.c -o "$scratch/cpu_work"
+
+# --- the machine -------------------------------------------------------------------------------
+config_hz() {
+    local config=/boot/config-$(uname -r)
+    if [[ -r $config ]]; then
+        grep -m1 '^CONFIG_HZ=' "$config" | cut -d= -f2
+    elif [[ -r /proc/config.gz ]]; then
+        zcat /proc/config.gz 2>/dev/null | grep -m1 '^CONFIG_HZ=' | cut -d= -f2
+    fi
+}
+hz_kernel=$(config_hz || true)
+cpu_model=$(grep -m1 '^model name' /proc/cpuinfo 2>/dev/null | cut -d: -f2- | sed 's/^ *//' || true)
+governor=$(cat /sys/devices/system/cpu/cpu0/cpufreq/scaling_governor 2>/dev/null || echo "not exposed")
+revision=$(git rev-parse --short HEAD 2>/dev/null || echo unknown)
+if [[ -n $(git status --porcelain 2>/dev/null | head -1) ]]; then revision+=" + uncommitted changes"; fi
+
+echo "anyprof benchmarks — $(date -u '+%Y-%m-%d %H:%M UTC'), revision $revision"
+echo "machine: $(nproc) CPUs (${cpu_model:-unknown model}), kernel $(uname -r)," \
+    "CONFIG_HZ=${hz_kernel:-unknown (no readable kernel config)}, cpufreq governor: $governor"
+echo "load average at start: $(cut -d' ' -f1-3 /proc/loadavg) (other work on the machine widens the spread)"
+
+# --- peers -------------------------------------------------------------------------------------
+notes=()
+gperftools=${BENCH_GPERFTOOLS_LIB:-}
+if [[ -z $gperftools ]]; then
+    gperftools=$(ldconfig -p 2>/dev/null | awk '/libprofiler\.so\.0 .*x86-64/ {print $NF; exit}' || true)
+    for candidate in /usr/lib/x86_64-linux-gnu/libprofiler.so.0 /usr/lib64/libprofiler.so.0 /usr/lib/libprofiler.so.0; do
+        [[ -z $gperftools && -f $candidate ]] && gperftools=$candidate
+    done
+fi
+if [[ -z $gperftools || ! -f $gperftools ]]; then
+    notes+=("gperftools  skipped: libprofiler.so.0 not found (Debian: apt-get install libgoogle-perftools4)")
+    gperftools=""
+fi
+
+perf_args=()
+if ! command -v perf >/dev/null; then
+    notes+=("perf        skipped: no perf command (Debian: apt-get install linux-perf)")
+elif ! perf_error=$(perf record -F "$HZ" -g -o "$scratch/probe.data" -q -- true 2>&1 >/dev/null); then
+    reason=$(printf '%s\n' "$perf_error" | grep -m1 -v '^ *$' || true)
+    notes+=("perf        skipped: \`perf record\` refuses (${reason:-no message}; kernel.perf_event_paranoid=$(cat /proc/sys/kernel/perf_event_paranoid 2>/dev/null || echo '?'))")
+else
+    perf_args+=(--perf)
+    event=$(perf report -i "$scratch/probe.data" --header-only 2>/dev/null | grep -m1 -o 'name = [^,]*' | cut -d' ' -f3 || true)
+    [[ -n $event ]] && notes+=("perf        samples on the ${event} event")
+    if [[ ${BENCH_PERF_DWARF:-1} != 0 ]]; then perf_args+=(--perf-dwarf); fi
+fi
+
+# --- 1. overhead -------------------------------------------------------------------------------
+echo
+echo "== 1. CPU-profiling overhead at $HZ Hz (whole program, ratios to no profiler) =="
+note_args=()
+for line in "${notes[@]+"${notes[@]}"}"; do note_args+=(--note "$line"); done
+python3 bench/overhead.py \
+    --program "$scratch/cpu_work" \
+    --anyprof "$ANYPROF" \
+    --gperftools "$gperftools" \
+    --rounds "$ROUNDS" --hz "$HZ" --seconds "$SECONDS_OF_WORK" \
+    "${perf_args[@]+"${perf_args[@]}"}" \
+    "${note_args[@]+"${note_args[@]}"}"
+
+# --- 2. symbolization --------------------------------------------------------------------------
+echo
+echo "== 2. Symbolization throughput (anyprof_symbolizer, file virtual addresses in function symbols) =="
+read -r -a files <<<"${BENCH_SYMBOLIZE_FILES:-$ANYPROF /lib/x86_64-linux-gnu/libc.so.6}"
+for file in "${files[@]}"; do
+    if [[ ! -f $file ]]; then
+        echo "$file  skipped: no such file"
+        continue
+    fi
+    echo
+    cargo run --release -q -p anyprof-symbolizer --example throughput -- "$file"
+done
+
+echo
+echo "load average at end: $(cut -d' ' -f1-3 /proc/loadavg)"
