@@ -34,7 +34,7 @@ pub struct Collector {
 impl Collector {
     /// Creates a private socket directory and starts accepting. `verbose` prints the
     /// processes' informational messages too (warnings are always printed).
-    pub fn start(verbose: bool) -> Result<Collector> {
+    pub fn start(verbose: bool, trace_mem: bool) -> Result<Collector> {
         let base = std::env::var_os("XDG_RUNTIME_DIR")
             .map(PathBuf::from)
             .filter(|p| p.is_dir())
@@ -57,7 +57,7 @@ impl Collector {
             let (stop, connections) = (stop.clone(), connections.clone());
             std::thread::Builder::new()
                 .name("accept".into())
-                .spawn(move || accept_loop(listener, stop, connections, verbose))?
+                .spawn(move || accept_loop(listener, stop, connections, verbose, trace_mem))?
         };
         Ok(Collector {
             dir,
@@ -66,6 +66,11 @@ impl Collector {
             acceptor: Some(acceptor),
             connections,
         })
+    }
+
+    /// A handle on the live sessions, for snapshots while the program runs.
+    pub fn sessions(&self) -> SessionList {
+        SessionList(self.connections.clone())
     }
 
     /// The socket path to hand to processes (`ANYPROF_SOCKET`).
@@ -160,6 +165,7 @@ fn accept_loop(
     stop: Arc<AtomicBool>,
     connections: Arc<Mutex<Vec<Connection>>>,
     verbose: bool,
+    trace_mem: bool,
 ) {
     loop {
         let stopping = stop.load(Ordering::SeqCst);
@@ -201,7 +207,7 @@ fn accept_loop(
         let reader = std::thread::Builder::new()
             .name("conn".into())
             .spawn(move || {
-                read_connection(fd, s, |pid, level, text| {
+                read_connection(fd, s, trace_mem, |pid, level, text| {
                     if level == Level::Warn || verbose {
                         eprintln!("anyprof[{}]: {text}", pid.unwrap_or(0));
                     }
@@ -227,4 +233,22 @@ pub fn merge_by_pid(sessions: Vec<Session>) -> Vec<Session> {
         }
     }
     out
+}
+
+/// The sessions of a running collector (see [`Collector::sessions`]).
+pub struct SessionList(Arc<Mutex<Vec<Connection>>>);
+
+/// Copies of the current sessions, merged per process image.
+pub fn snapshot(list: &SessionList) -> Vec<Session> {
+    let sessions: Vec<SharedSession> = list
+        .0
+        .lock()
+        .map(|c| c.iter().map(|c| c.session.clone()).collect())
+        .unwrap_or_default();
+    merge_by_pid(
+        sessions
+            .iter()
+            .filter_map(|s| s.lock().ok().map(|s| s.clone()))
+            .collect(),
+    )
 }

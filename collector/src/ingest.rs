@@ -43,7 +43,7 @@ pub struct HeapBucketState {
 }
 
 /// What one process has sent.
-#[derive(Debug, Default)]
+#[derive(Clone, Debug, Default)]
 pub struct Session {
     /// The handshake; `None` until it arrives.
     pub hello: Option<Hello>,
@@ -212,6 +212,7 @@ pub type SharedSession = Arc<Mutex<Session>>;
 pub fn read_connection(
     fd: OwnedFd,
     session: SharedSession,
+    trace_mem: bool,
     mut log: impl FnMut(Option<u32>, Level, &str),
 ) {
     let mut buf = vec![0u8; wire::MAX_MESSAGE + 1];
@@ -250,6 +251,11 @@ pub fn read_connection(
         match wire::decode(buf.get(..n).unwrap_or(&[])) {
             Ok(msg) => {
                 let pid = s.pid();
+                if let (true, Message::MemStats(new)) = (trace_mem, &msg) {
+                    let since = s.connected_at.map_or(0.0, |t| t.elapsed().as_secs_f64());
+                    let line = crate::summary::mem_trace_line(s.mem_stats.as_ref(), new, since);
+                    eprintln!("anyprof[{}]: {line}", pid.unwrap_or(0));
+                }
                 s.apply(msg, &mut |level, text| log(pid, level, text));
             }
             Err(e) => {

@@ -42,3 +42,10 @@ pub fn timestamp() -> String {
         )
     }
 }
+
+/// Now, in nanoseconds since the Unix epoch.
+pub fn unix_nanos() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as i64)
+}

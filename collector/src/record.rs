@@ -12,7 +12,7 @@ use std::ffi::OsString;
 use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode};
-use std::sync::atomic::{AtomicI32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
@@ -33,6 +33,21 @@ pub struct RecordArgs {
     #[arg(long = "cpu-hz", value_name = "N", env = "ANYPROF_CPU_HZ", default_value_t = 100,
           value_parser = clap::value_parser!(u32).range(0..=1000))]
     pub cpu_hz: u32,
+    /// Mean bytes allocated between heap samples, like Go's MemProfileRate: 1 records every
+    /// allocation, 0 turns heap profiling off. Accepts suffixes: 512KiB, 4MiB
+    #[arg(long = "mem-rate", value_name = "BYTES", env = "ANYPROF_MEM_RATE", default_value = "512KiB",
+          value_parser = parse_mem_rate)]
+    pub mem_rate: u64,
+    /// Also write the heap profile every SECS seconds, as DIR/heap-PID-N.pb.gz
+    #[arg(long = "heap-every", value_name = "SECS")]
+    pub heap_every: Option<u64>,
+    /// Write heap profiles (DIR/heap-PID-N.pb.gz) when anyprof receives this signal
+    /// (e.g. USR1: `kill -USR1 <anyprof pid>`); it is then not forwarded to the program
+    #[arg(long = "heap-signal", value_name = "SIGNAL", value_parser = parse_signal)]
+    pub heap_signal: Option<i32>,
+    /// Print the program's allocator counters once a second (like GODEBUG=gctrace=1)
+    #[arg(long = "memstats")]
+    pub memstats: bool,
     /// Print nothing but warnings (no summary), so the program's output passes through alone
     #[arg(short, long)]
     pub quiet: bool,
@@ -50,6 +65,36 @@ pub struct RecordArgs {
 }
 
 static CHILD_PID: AtomicI32 = AtomicI32::new(0);
+/// The signal that asks for a heap snapshot (0 = none) and whether one arrived.
+static SNAPSHOT_SIGNAL: AtomicI32 = AtomicI32::new(0);
+static SNAPSHOT_WANTED: AtomicBool = AtomicBool::new(false);
+
+fn parse_mem_rate(text: &str) -> Result<u64, String> {
+    anyprof_wire::parse_byte_size(text)
+        .ok_or_else(|| format!("`{text}` is not a byte count like 524288, 512KiB or 4MiB"))
+}
+
+fn parse_signal(text: &str) -> Result<i32, String> {
+    let name = text.trim().to_ascii_uppercase();
+    let name = name.strip_prefix("SIG").unwrap_or(&name);
+    let sig = match name {
+        "USR1" => libc::SIGUSR1,
+        "USR2" => libc::SIGUSR2,
+        "HUP" => libc::SIGHUP,
+        "QUIT" => libc::SIGQUIT,
+        "PWR" => libc::SIGPWR,
+        "WINCH" => libc::SIGWINCH,
+        n => match n.parse::<i32>() {
+            Ok(v) if (1..=64).contains(&v) && v != libc::SIGKILL && v != libc::SIGSTOP => v,
+            _ => {
+                return Err(format!(
+                    "`{text}` is not a signal anyprof can catch (try USR1)"
+                ))
+            }
+        },
+    };
+    Ok(sig)
+}
 
 /// Runs `anyprof record`.
 pub fn run(args: RecordArgs) -> Result<ExitCode> {
@@ -63,7 +108,7 @@ pub fn run(args: RecordArgs) -> Result<ExitCode> {
     std::fs::create_dir_all(&out_dir)
         .with_context(|| format!("cannot create the output directory {}", out_dir.display()))?;
 
-    let collector = Collector::start(!args.quiet)?;
+    let collector = Collector::start(!args.quiet, args.memstats)?;
     let mut preload = OsString::from(lib.as_os_str());
     if let Some(existing) = std::env::var_os("LD_PRELOAD").filter(|v| !v.is_empty()) {
         preload.push(":");
@@ -75,12 +120,21 @@ pub fn run(args: RecordArgs) -> Result<ExitCode> {
         .env("LD_PRELOAD", &preload)
         .env("ANYPROF_SOCKET", collector.socket_path())
         .env("ANYPROF_CPU_HZ", args.cpu_hz.to_string())
+        .env("ANYPROF_MEM_RATE", args.mem_rate.to_string())
         .spawn()
         .with_context(|| format!("cannot run {}", program.to_string_lossy()))?;
     let pid = child.id();
     CHILD_PID.store(pid as i32, Ordering::SeqCst);
-    forward_signals();
+    SNAPSHOT_SIGNAL.store(args.heap_signal.unwrap_or(0), Ordering::SeqCst);
+    forward_signals(args.heap_signal);
+    let snapshots = (args.mem_rate > 0
+        && (args.heap_every.is_some() || args.heap_signal.is_some()))
+    .then(|| start_snapshots(&collector, pid, out_dir.clone(), args.heap_every));
     let status = child.wait().context("waiting for the program")?;
+    if let Some((stop, handle)) = snapshots {
+        stop.store(true, Ordering::SeqCst);
+        let _ = handle.join();
+    }
     let elapsed = started.elapsed();
     CHILD_PID.store(0, Ordering::SeqCst);
 
@@ -104,57 +158,84 @@ pub fn run(args: RecordArgs) -> Result<ExitCode> {
             program.to_string_lossy()
         );
     }
-    if args.cpu_hz > 0 {
-        write_cpu_profiles(&sessions, main_key, &out_dir, elapsed, args.quiet)?;
-    }
+    write_profiles(&sessions, main_key, &out_dir, elapsed, &args)?;
     Ok(ExitCode::from(code.clamp(0, 255) as u8))
 }
 
-fn write_cpu_profiles(
+/// Writes each process's profiles: the program's as `cpu.pb.gz`, `heap.pb.gz`,
+/// `allocs.pb.gz`; every other process's with `.PID.COMMAND` before `.pb.gz`.
+fn write_profiles(
     sessions: &[Session],
     main: Option<(u32, u64)>,
     dir: &Path,
     elapsed: Duration,
-    quiet: bool,
+    args: &RecordArgs,
 ) -> Result<()> {
     let mut symbolizer = anyprof_symbolizer::Symbolizer::new();
-    let mut others = Vec::new();
+    let mut others = 0;
     for s in sessions {
         let Some(pid) = s.pid() else { continue };
-        let duration = match (s.connected_at, s.closed_at) {
-            (Some(a), Some(b)) => b.duration_since(a),
-            _ => elapsed,
-        };
-        let profile = profile::cpu::build(s, &mut symbolizer, duration.as_nanos() as u64);
         let is_main = s.image_key() == main;
-        let name = if is_main {
-            "cpu.pb.gz".to_string()
+        let suffix = if is_main {
+            String::new()
         } else {
-            format!("cpu.{pid}.{}.pb.gz", sanitize(&s.command_name()))
+            format!(".{pid}.{}", sanitize(&s.command_name()))
         };
-        let path = dir.join(name);
-        anyprof::output::write_atomic(&path, &anyprof::pprof::encode_gzipped(&profile))?;
-        if is_main {
-            if !quiet {
-                print_summary(s, &profile, &path, elapsed);
-            }
-        } else {
-            others.push(path);
+        let write = |kind: &str, profile: &anyprof::pprof::Profile| -> Result<PathBuf> {
+            let path = dir.join(format!("{kind}{suffix}.pb.gz"));
+            anyprof::output::write_atomic(&path, &anyprof::pprof::encode_gzipped(profile))?;
+            Ok(path)
+        };
+        let mut written = Vec::new();
+        let mut cpu_profile = None;
+        if args.cpu_hz > 0 {
+            let duration = match (s.connected_at, s.closed_at) {
+                (Some(a), Some(b)) => b.duration_since(a),
+                _ => elapsed,
+            };
+            let p = profile::cpu::build(s, &mut symbolizer, duration.as_nanos() as u64);
+            written.push(write("cpu", &p)?);
+            cpu_profile = Some(p);
+        }
+        let mut allocs_profile = None;
+        if args.mem_rate > 0 {
+            let now = anyprof::output::unix_nanos();
+            let heap = profile::heap::build(s, &mut symbolizer, profile::heap::View::Heap, now);
+            written.push(write("heap", &heap)?);
+            let allocs = profile::heap::build(s, &mut symbolizer, profile::heap::View::Allocs, now);
+            written.push(write("allocs", &allocs)?);
+            allocs_profile = Some(allocs);
+        }
+        if !is_main {
+            others += 1;
+        } else if !args.quiet {
+            print_summary(
+                s,
+                cpu_profile.as_ref(),
+                allocs_profile.as_ref(),
+                &written,
+                elapsed,
+            );
         }
     }
-    if !quiet && !others.is_empty() {
+    if !args.quiet && others > 0 {
         eprintln!(
-            "anyprof: also profiled {} other process(es) of the program, in {}",
-            others.len(),
+            "anyprof: also profiled {others} other process(es) of the program, in {}",
             dir.display()
         );
     }
     Ok(())
 }
 
-fn print_summary(s: &Session, profile: &anyprof::pprof::Profile, path: &Path, elapsed: Duration) {
+fn print_summary(
+    s: &Session,
+    cpu: Option<&anyprof::pprof::Profile>,
+    allocs: Option<&anyprof::pprof::Profile>,
+    written: &[PathBuf],
+    elapsed: Duration,
+) {
     let samples: u64 = s.cpu.values().map(|t| t.count).sum();
-    let cpu: u64 = s.cpu.values().map(|t| t.cpu_ns).sum();
+    let cpu_ns: u64 = s.cpu.values().map(|t| t.cpu_ns).sum();
     let threads = s
         .cpu
         .keys()
@@ -166,14 +247,68 @@ fn print_summary(s: &Session, profile: &anyprof::pprof::Profile, path: &Path, el
         s.command_name(),
         s.pid().unwrap_or(0),
         elapsed.as_secs_f64(),
-        cpu as f64 / 1e9,
+        cpu_ns as f64 / 1e9,
         s.lost_samples()
     );
-    eprint!("{}", summary::format_cpu_top(profile, 10));
-    eprintln!(
-        "anyprof: wrote {0}  (view it with: go tool pprof -top {0})",
-        path.display()
-    );
+    if let Some(p) = cpu {
+        eprint!("{}", summary::format_cpu_top(p, 10));
+    }
+    if let Some(p) = allocs {
+        eprint!("{}", summary::format_heap_top(p, s.mem_stats.as_ref(), 5));
+    }
+    for path in written {
+        eprintln!(
+            "anyprof: wrote {0}  (view it with: go tool pprof -top {0})",
+            path.display()
+        );
+    }
+}
+
+/// Starts the thread that writes heap snapshots every `every` seconds and when the snapshot
+/// signal arrives. Returns its stop flag and handle.
+fn start_snapshots(
+    collector: &Collector,
+    pid: u32,
+    dir: PathBuf,
+    every: Option<u64>,
+) -> (std::sync::Arc<AtomicBool>, std::thread::JoinHandle<()>) {
+    let stop = std::sync::Arc::new(AtomicBool::new(false));
+    let sessions = collector.sessions();
+    let flag = stop.clone();
+    let handle = std::thread::spawn(move || {
+        let mut symbolizer = anyprof_symbolizer::Symbolizer::new();
+        let mut next = every.map(|s| Instant::now() + Duration::from_secs(s.max(1)));
+        let mut n = 0;
+        while !flag.load(Ordering::SeqCst) {
+            std::thread::sleep(Duration::from_millis(50));
+            let due = next.is_some_and(|t| Instant::now() >= t);
+            if !(due || SNAPSHOT_WANTED.swap(false, Ordering::SeqCst)) {
+                continue;
+            }
+            if let (true, Some(s)) = (due, every) {
+                next = Some(Instant::now() + Duration::from_secs(s.max(1)));
+            }
+            n += 1;
+            for session in anyprof::collect::snapshot(&sessions)
+                .iter()
+                .filter(|s| s.pid() == Some(pid))
+            {
+                let heap = profile::heap::build(
+                    session,
+                    &mut symbolizer,
+                    profile::heap::View::Heap,
+                    anyprof::output::unix_nanos(),
+                );
+                let path = dir.join(format!("heap-{pid}-{n}.pb.gz"));
+                if let Err(e) =
+                    anyprof::output::write_atomic(&path, &anyprof::pprof::encode_gzipped(&heap))
+                {
+                    eprintln!("anyprof: error: {e:#}");
+                }
+            }
+        }
+    });
+    (stop, handle)
 }
 
 fn sanitize(name: &str) -> String {
@@ -223,8 +358,12 @@ fn find_library(explicit: Option<&Path>) -> Result<PathBuf> {
 /// Forwards SIGINT, SIGTERM, SIGHUP, SIGQUIT, SIGUSR1 and SIGUSR2 sent to us by another
 /// process to the program; the same signals from the terminal are not forwarded (the program
 /// got them already) but no longer kill us.
-fn forward_signals() {
+fn forward_signals(snapshot_signal: Option<i32>) {
     extern "C" fn on_signal(sig: libc::c_int, info: *mut libc::siginfo_t, _ctx: *mut libc::c_void) {
+        if sig == SNAPSHOT_SIGNAL.load(Ordering::SeqCst) {
+            SNAPSHOT_WANTED.store(true, Ordering::SeqCst);
+            return;
+        }
         let code = if info.is_null() {
             0
         } else {
@@ -238,14 +377,14 @@ fn forward_signals() {
             unsafe { libc::kill(child, sig) };
         }
     }
-    for sig in [
+    for sig in snapshot_signal.into_iter().chain([
         libc::SIGINT,
         libc::SIGTERM,
         libc::SIGHUP,
         libc::SIGQUIT,
         libc::SIGUSR1,
         libc::SIGUSR2,
-    ] {
+    ]) {
         // SAFETY: a zeroed sigaction is valid; we set handler and flags.
         let mut action: libc::sigaction = unsafe { std::mem::zeroed() };
         action.sa_sigaction = on_signal as *const () as usize;

@@ -132,3 +132,99 @@ pub fn format_cpu_top(profile: &Profile, n: usize) -> String {
     }
     out
 }
+
+/// Bytes in binary units, as people read them.
+pub fn human_bytes(n: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = n as f64;
+    let mut unit = 0;
+    while v >= 1024.0 && unit + 1 < UNITS.len() {
+        v /= 1024.0;
+        unit += 1;
+    }
+    if unit == 0 {
+        format!("{n} B")
+    } else {
+        format!("{v:.1} {}", UNITS[unit])
+    }
+}
+
+/// The heap part of the exit summary: the exact counters, the top allocation sites by bytes
+/// allocated, and the sites of what was still live at exit (leak candidates).
+pub fn format_heap_top(
+    allocs: &Profile,
+    stats: Option<&anyprof_wire::MemStats>,
+    n: usize,
+) -> String {
+    use anyprof_wire::MemStat;
+    let mut out = String::new();
+    if let Some(m) = stats {
+        let live = m
+            .get(MemStat::AllocBytes)
+            .saturating_sub(m.get(MemStat::FreeBytes));
+        let _ = writeln!(
+            out,
+            "anyprof: heap: {} allocations ({}), {} frees; live at exit {} in {} objects; peak live {}; max RSS {}",
+            m.get(MemStat::Mallocs),
+            human_bytes(m.get(MemStat::AllocBytes)),
+            m.get(MemStat::Frees),
+            human_bytes(live),
+            m.get(MemStat::Mallocs).saturating_sub(m.get(MemStat::Frees)),
+            human_bytes(m.get(MemStat::PeakLiveBytes)),
+            human_bytes(m.get(MemStat::MaxRssBytes)),
+        );
+    }
+    for (index, title) in [
+        (1, "allocated (alloc_space)"),
+        (3, "still live at exit (inuse_space): leak candidates"),
+    ] {
+        let entries: Vec<_> = top(allocs, index)
+            .into_iter()
+            .filter(|e| e.flat > 0)
+            .take(n)
+            .collect();
+        if entries.is_empty() {
+            continue;
+        }
+        let _ = writeln!(out, "  top allocation sites by bytes {title}:");
+        for e in entries {
+            let _ = writeln!(
+                out,
+                "  {:>10}  {} {}",
+                human_bytes(e.flat as u64),
+                e.name,
+                e.place
+            );
+        }
+    }
+    out
+}
+
+/// One `--memstats` line: the native analogue of a `GODEBUG=gctrace=1` line. Format (subject
+/// to change): `mem @T s: live B in N objects, +A allocs/-F frees (+X/-Y) since last,
+/// total Z allocated, peak P, rss R`.
+pub fn mem_trace_line(
+    previous: Option<&anyprof_wire::MemStats>,
+    now: &anyprof_wire::MemStats,
+    since_start: f64,
+) -> String {
+    use anyprof_wire::MemStat;
+    let get = |m: Option<&anyprof_wire::MemStats>, f: MemStat| m.map_or(0, |m| m.get(f));
+    let live = now
+        .get(MemStat::AllocBytes)
+        .saturating_sub(now.get(MemStat::FreeBytes));
+    let objects = now
+        .get(MemStat::Mallocs)
+        .saturating_sub(now.get(MemStat::Frees));
+    format!(
+        "mem @{since_start:.1}s: live {} in {objects} objects, +{} allocs/-{} frees (+{}/-{}) since last, total {} allocated, peak {}, rss {}",
+        human_bytes(live),
+        now.get(MemStat::Mallocs).saturating_sub(get(previous, MemStat::Mallocs)),
+        now.get(MemStat::Frees).saturating_sub(get(previous, MemStat::Frees)),
+        human_bytes(now.get(MemStat::AllocBytes).saturating_sub(get(previous, MemStat::AllocBytes))),
+        human_bytes(now.get(MemStat::FreeBytes).saturating_sub(get(previous, MemStat::FreeBytes))),
+        human_bytes(now.get(MemStat::AllocBytes)),
+        human_bytes(now.get(MemStat::PeakLiveBytes)),
+        human_bytes(now.get(MemStat::RssBytes)),
+    )
+}

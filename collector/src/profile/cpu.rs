@@ -8,7 +8,7 @@
 //! Samples the process lost are shown as a `[lost samples]` frame, stacks whose unwinding
 //! stopped early end in a `[truncated stack]` root frame.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 
 use anyprof_symbolizer::Symbolizer;
 use anyprof_wire::{Counter, FLAG_TRUNCATED};
@@ -16,7 +16,9 @@ use anyprof_wire::{Counter, FLAG_TRUNCATED};
 use crate::ingest::Session;
 use crate::pprof::builder::{FrameLine, LabelValue, ProfileBuilder};
 use crate::pprof::Profile;
-use crate::symbolize::{lookup_address, resolve_all};
+use crate::symbolize::lookup_address;
+
+use super::Locator;
 
 /// Name of the synthetic frame for samples the process dropped.
 pub const LOST_SAMPLES: &str = "[lost samples]";
@@ -48,53 +50,20 @@ pub fn build(session: &Session, symbolizer: &mut Symbolizer, duration_ns: u64) -
         .unwrap_or(0);
     b.set_time(start as i64, duration_ns as i64);
 
-    // Look up every distinct address once.
-    let addresses = session.cpu.keys().flat_map(|k| {
-        k.frames
-            .iter()
-            .enumerate()
-            .map(|(i, &raw)| lookup_address(i, raw, true))
-    });
-    let (resolved, outcomes) =
-        resolve_all(symbolizer, &session.modules, addresses.collect::<Vec<_>>());
-
-    // Mappings: the main executable first (pprof treats mapping[0] as the main binary).
-    let exe = session
-        .hello
-        .as_ref()
-        .map(|h| h.exe.clone())
-        .unwrap_or_default();
-    let mut order: Vec<_> = session.modules.values().collect();
-    order.sort_by_key(|m| (m.path != exe, m.start));
-    let mut mapping_ids: HashMap<u32, u64> = HashMap::new();
-    for m in order {
-        let o = outcomes.get(&m.id).copied().unwrap_or_default();
-        let symbolized = o.looked_up > 0 && o.resolved == o.looked_up;
-        let id = b.mapping(
-            m.start,
-            m.end,
-            m.file_offset,
-            &String::from_utf8_lossy(&m.path),
-            &hex(&m.build_id),
-            symbolized,
-            o.inlined,
-        );
-        mapping_ids.insert(m.id, id);
-    }
+    let mut locate = Locator::new(
+        &mut b,
+        session,
+        symbolizer,
+        session.cpu.keys().map(|k| k.frames.as_slice()),
+        true,
+    );
 
     let truncated_loc = b.location(0, 0, &[synthetic(TRUNCATED_STACK)]);
     let mut totals: BTreeMap<u32, u64> = BTreeMap::new();
     for (key, t) in &session.cpu {
         let mut locs = Vec::with_capacity(key.frames.len() + 1);
         for (i, &raw) in key.frames.iter().enumerate() {
-            let addr = lookup_address(i, raw, true);
-            let r = resolved.get(&addr).cloned().unwrap_or_default();
-            let mapping = r
-                .module
-                .and_then(|id| mapping_ids.get(&id))
-                .copied()
-                .unwrap_or(0);
-            locs.push(b.location(mapping, addr, &r.lines));
+            locs.push(locate.location(&mut b, lookup_address(i, raw, true)));
         }
         if key.flags & FLAG_TRUNCATED != 0 {
             locs.push(truncated_loc);
@@ -147,9 +116,4 @@ pub fn build(session: &Session, symbolizer: &mut Symbolizer, duration_ns: u64) -
         );
     }
     b.finish()
-}
-
-/// Lowercase hex, as Go writes build ids.
-pub fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }

@@ -1,3 +1,84 @@
-//! Profile builders: from a [`crate::ingest::Session`] to pprof, one module per profile kind.
+//! Profile builders: from a [`crate::ingest::Session`] to pprof, one module per profile kind,
+//! plus the [`Locator`] they share to turn raw addresses into mappings and locations.
 
 pub mod cpu;
+pub mod heap;
+
+use std::collections::HashMap;
+
+use anyprof_symbolizer::Symbolizer;
+
+use crate::ingest::Session;
+use crate::pprof::builder::ProfileBuilder;
+use crate::symbolize::{lookup_address, resolve_all, Resolved};
+
+/// Symbolizes every address of a profile's stacks at once and hands out pprof locations.
+pub struct Locator {
+    resolved: HashMap<u64, Resolved>,
+    mapping_ids: HashMap<u32, u64>,
+}
+
+impl Locator {
+    /// Symbolizes the addresses of `stacks` (raw frames, leaf first; `leaf_is_exact` for
+    /// stacks taken by a signal) and adds one pprof mapping per module, the main executable
+    /// first (pprof takes mapping[0] as the main binary).
+    pub fn new<'a>(
+        b: &mut ProfileBuilder,
+        session: &Session,
+        symbolizer: &mut Symbolizer,
+        stacks: impl Iterator<Item = &'a [u64]>,
+        leaf_is_exact: bool,
+    ) -> Locator {
+        let addresses: Vec<u64> = stacks
+            .flat_map(|frames| {
+                frames
+                    .iter()
+                    .enumerate()
+                    .map(move |(i, &raw)| lookup_address(i, raw, leaf_is_exact))
+            })
+            .collect();
+        let (resolved, outcomes) = resolve_all(symbolizer, &session.modules, addresses);
+        let exe = session
+            .hello
+            .as_ref()
+            .map(|h| h.exe.clone())
+            .unwrap_or_default();
+        let mut order: Vec<_> = session.modules.values().collect();
+        order.sort_by_key(|m| (m.path != exe, m.start));
+        let mut mapping_ids = HashMap::new();
+        for m in order {
+            let o = outcomes.get(&m.id).copied().unwrap_or_default();
+            let symbolized = o.looked_up > 0 && o.resolved == o.looked_up;
+            let id = b.mapping(
+                m.start,
+                m.end,
+                m.file_offset,
+                &String::from_utf8_lossy(&m.path),
+                &hex(&m.build_id),
+                symbolized,
+                o.inlined,
+            );
+            mapping_ids.insert(m.id, id);
+        }
+        Locator {
+            resolved,
+            mapping_ids,
+        }
+    }
+
+    /// The location id of `address` (already adjusted by `lookup_address`).
+    pub fn location(&mut self, b: &mut ProfileBuilder, address: u64) -> u64 {
+        let r = self.resolved.get(&address).cloned().unwrap_or_default();
+        let mapping = r
+            .module
+            .and_then(|id| self.mapping_ids.get(&id))
+            .copied()
+            .unwrap_or(0);
+        b.location(mapping, address, &r.lines)
+    }
+}
+
+/// Lowercase hex, as Go writes build ids.
+pub fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}

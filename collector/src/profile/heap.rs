@@ -1,0 +1,166 @@
+//! The heap and allocs profiles, as Go's `runtime/pprof` writes them (`writeHeapProto`).
+//!
+//! Both carry the same four values per bucket — `alloc_objects/count`, `alloc_space/bytes`,
+//! `inuse_objects/count`, `inuse_space/bytes` — with period type `space/bytes` and period =
+//! the sampling rate. They differ only in the default sample type: unset for `heap` (pprof
+//! then shows the last, `inuse_space`), `alloc_space` for `allocs`.
+//!
+//! Values are unbiased here, exactly as Go's `scaleHeapSample` does: a bucket of average
+//! size `S` sampled at rate `R` is scaled by `1 / (1 - exp(-S/R))`, counts and bytes alike,
+//! truncated to integers; at `R <= 1` nothing is scaled (every allocation was recorded).
+//! Each sample has Go's numeric `bytes` label (the bucket's object size, no unit).
+
+use anyprof_symbolizer::Symbolizer;
+use anyprof_wire::{MemStat, MemStats};
+
+use crate::ingest::Session;
+use crate::pprof::builder::{LabelValue, ProfileBuilder};
+use crate::pprof::Profile;
+use crate::symbolize::lookup_address;
+
+/// Which of the two views to write.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum View {
+    /// `heap`: in-use by default.
+    Heap,
+    /// `allocs`: allocated by default.
+    Allocs,
+}
+
+/// Go's `scaleHeapSample`: unbias `count` objects of `size` total bytes sampled at `rate`.
+pub fn scale(count: u64, size: u64, rate: u64) -> (i64, i64) {
+    if count == 0 || size == 0 {
+        return (0, 0);
+    }
+    if rate <= 1 {
+        return (count as i64, size as i64);
+    }
+    let avg = size as f64 / count as f64;
+    let factor = 1.0 / (1.0 - (-avg / rate as f64).exp());
+    (
+        (count as f64 * factor) as i64,
+        (size as f64 * factor) as i64,
+    )
+}
+
+/// Builds the `view` profile of `session`. `time_nanos` is the snapshot time.
+pub fn build(
+    session: &Session,
+    symbolizer: &mut Symbolizer,
+    view: View,
+    time_nanos: i64,
+) -> Profile {
+    let rate = session.hello.as_ref().map(|h| h.mem_rate).unwrap_or(0);
+    let mut b = ProfileBuilder::new(
+        &[
+            ("alloc_objects", "count"),
+            ("alloc_space", "bytes"),
+            ("inuse_objects", "count"),
+            ("inuse_space", "bytes"),
+        ],
+        ("space", "bytes"),
+        rate as i64,
+    );
+    if view == View::Allocs {
+        b.set_default_sample_type("alloc_space");
+    }
+    b.set_time(time_nanos, 0);
+
+    let stacks = session.heap.values().map(|bucket| bucket.frames.as_slice());
+    let mut locate = super::Locator::new(&mut b, session, symbolizer, stacks, false);
+    let mut buckets: Vec<_> = session.heap.iter().collect();
+    buckets.sort_by_key(|(id, _)| **id);
+    for (_, bucket) in buckets {
+        let c = &bucket.counts;
+        let (alloc_objects, alloc_space) = scale(c.alloc_objects, c.alloc_bytes, rate);
+        let (inuse_objects, inuse_space) = scale(
+            c.alloc_objects.saturating_sub(c.free_objects),
+            c.alloc_bytes.saturating_sub(c.free_bytes),
+            rate,
+        );
+        if alloc_objects == 0 && inuse_objects == 0 {
+            continue;
+        }
+        let locs = bucket
+            .frames
+            .iter()
+            .enumerate()
+            .map(|(i, &raw)| locate.location(&mut b, lookup_address(i, raw, false)))
+            .collect();
+        let per_object = c.alloc_bytes.checked_div(c.alloc_objects).unwrap_or(0) as i64;
+        let labels: Vec<(&str, LabelValue<'_>)> = if per_object > 0 {
+            vec![("bytes", LabelValue::Num(per_object, ""))]
+        } else {
+            Vec::new()
+        };
+        b.sample(
+            locs,
+            vec![alloc_objects, alloc_space, inuse_objects, inuse_space],
+            &labels,
+        );
+    }
+    if let Some(stats) = &session.mem_stats {
+        for line in mem_stats_lines(stats, rate) {
+            b.comment(&line);
+        }
+    }
+    b.finish()
+}
+
+/// The exact counters as `# Name = value` lines, the native counterpart of the MemStats
+/// block Go appends to `heap?debug=1`.
+pub fn mem_stats_lines(m: &MemStats, rate: u64) -> Vec<String> {
+    let live = m
+        .get(MemStat::AllocBytes)
+        .saturating_sub(m.get(MemStat::FreeBytes));
+    let objects = m
+        .get(MemStat::Mallocs)
+        .saturating_sub(m.get(MemStat::Frees));
+    let mut out = vec![
+        format!("# MemProfileRate = {rate}"),
+        format!("# TotalAlloc = {}", m.get(MemStat::AllocBytes)),
+        format!("# HeapAlloc = {live}"),
+        format!("# HeapObjects = {objects}"),
+        format!("# Mallocs = {}", m.get(MemStat::Mallocs)),
+        format!("# Frees = {}", m.get(MemStat::Frees)),
+        format!("# PeakHeapAlloc = {}", m.get(MemStat::PeakLiveBytes)),
+        format!("# RSS = {}", m.get(MemStat::RssBytes)),
+        format!("# MaxRSS = {}", m.get(MemStat::MaxRssBytes)),
+        format!("# ProfilerSys = {}", m.get(MemStat::ProfilerBytes)),
+        format!(
+            "# LostSamples = {}",
+            m.get(MemStat::LiveTableFull) + m.get(MemStat::BucketsFull)
+        ),
+    ];
+    let by_size: Vec<String> = m
+        .class_mallocs
+        .iter()
+        .zip(&m.class_frees)
+        .enumerate()
+        .filter(|(_, (a, _))| **a > 0)
+        .map(|(c, (a, f))| format!("{}: {a} {f}", anyprof_wire::size_class_limit(c)))
+        .collect();
+    out.push(format!(
+        "# BySize (size: mallocs frees) = [{}]",
+        by_size.join(", ")
+    ));
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::scale;
+
+    #[test]
+    fn scaling_matches_gos_formula() {
+        // One 512 KiB object sampled at 512 KiB: P(sampled) = 1 - 1/e.
+        let (n, b) = scale(1, 524288, 524288);
+        assert_eq!(n, (1.0 / (1.0 - (-1.0f64).exp())) as i64);
+        assert_eq!(b, (524288.0 / (1.0 - (-1.0f64).exp())) as i64);
+        assert_eq!(scale(10, 1000, 1), (10, 1000));
+        assert_eq!(scale(0, 0, 524288), (0, 0));
+        // Tiny objects are scaled up by about rate/size.
+        let (n, _) = scale(1, 16, 524288);
+        assert!((32768..=32769).contains(&n), "{n}");
+    }
+}
