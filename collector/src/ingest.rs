@@ -31,6 +31,9 @@ pub struct StackKey {
     pub flags: u8,
 }
 
+/// Most threads kept per thread dump.
+const MAX_DUMPED_THREADS: usize = 100_000;
+
 /// One heap bucket as last reported.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct HeapBucketState {
@@ -58,6 +61,11 @@ pub struct Session {
     pub heap: HashMap<u32, HeapBucketState>,
     /// The latest exact allocator counters.
     pub mem_stats: Option<MemStats>,
+    /// Thread dumps by request id: each thread's stack (tid, frames leaf first, the first
+    /// frame being the interrupted PC).
+    pub thread_dumps: HashMap<u32, Vec<(u32, Vec<u64>)>>,
+    /// Where threads were created: (count, stack of return addresses).
+    pub thread_creates: Vec<(u64, Vec<u64>)>,
     /// Latest counters, indexed by [`Counter`].
     pub counters: Vec<u64>,
     /// True once the process said goodbye (its counters are final).
@@ -136,6 +144,10 @@ impl Session {
         if later.mem_stats.is_some() {
             self.mem_stats = later.mem_stats;
         }
+        self.thread_dumps.extend(later.thread_dumps);
+        if !later.thread_creates.is_empty() {
+            self.thread_creates = later.thread_creates;
+        }
         // Counters are cumulative for the life of the process: the later report wins.
         if !later.counters.is_empty() {
             self.counters = later.counters;
@@ -163,6 +175,13 @@ impl Session {
             Message::ModuleUnloaded(_) => {}
             Message::CpuSamples(samples) => {
                 for s in samples {
+                    if s.flags & wire::FLAG_THREAD_DUMP != 0 {
+                        let dump = self.thread_dumps.entry(s.cpu_ns as u32).or_default();
+                        if dump.len() < MAX_DUMPED_THREADS {
+                            dump.push((s.tid, s.frames));
+                        }
+                        continue;
+                    }
                     self.sample_span = Some(match self.sample_span {
                         Some((a, b)) => (a.min(s.time_ns), b.max(s.time_ns)),
                         None => (s.time_ns, s.time_ns),
@@ -196,6 +215,8 @@ impl Session {
                 }
             }
             Message::MemStats(m) => self.mem_stats = Some(m),
+            Message::ThreadCreates(stacks) => self.thread_creates = stacks,
+            Message::Control(_) => {} // only the collector sends commands
             Message::ThreadName(tid, name) => {
                 self.thread_names
                     .insert(tid, String::from_utf8_lossy(&name).into_owned());

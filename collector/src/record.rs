@@ -119,6 +119,7 @@ pub fn run(args: RecordArgs) -> Result<ExitCode> {
         .args(program_args)
         .env("LD_PRELOAD", &preload)
         .env("ANYPROF_SOCKET", collector.socket_path())
+        .env("ANYPROF_MODE", "record")
         .env("ANYPROF_CPU_HZ", args.cpu_hz.to_string())
         .env("ANYPROF_MEM_RATE", args.mem_rate.to_string())
         .spawn()

@@ -14,10 +14,25 @@ pub const DEFAULT_CPU_HZ: u32 = 100;
 /// kernel caps the effective rate at CONFIG_HZ (often 250) anyway.
 pub const MAX_CPU_HZ: u32 = 1000;
 
+/// Who the library talks to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mode {
+    /// `anyprof record` started the program: sample CPU from the start, give up if the
+    /// collector cannot be reached.
+    Record,
+    /// A long-running process and the `anyprof serve` daemon: heap sampling always, CPU
+    /// sampling only while the daemon asks for a profile; (re)connect whenever the daemon
+    /// is (back) up.
+    Serve,
+}
+
 /// The library's settings.
 #[derive(Debug)]
 pub struct Config {
-    /// `ANYPROF_SOCKET`: the collector's Unix socket. Unset = stay idle.
+    /// `ANYPROF_MODE`: `record` (set by `anyprof record`) or `serve` (the default).
+    pub mode: Mode,
+    /// `ANYPROF_SOCKET`: the collector's Unix socket; in serve mode the daemon's default
+    /// paths are tried when it is unset ([`default_daemon_sockets`]).
     pub socket: Option<PathBuf>,
     /// `ANYPROF_CPU_HZ`: samples per second of thread CPU time; 0 = no CPU sampling.
     pub cpu_hz: u32,
@@ -38,6 +53,16 @@ impl Config {
     /// Reads the settings through `get` (separate for tests).
     pub fn from_lookup(get: impl Fn(&str) -> Option<OsString>) -> Config {
         let mut problems = Vec::new();
+        let mode = match get("ANYPROF_MODE").as_deref().and_then(|m| m.to_str()) {
+            None | Some("") | Some("serve") => Mode::Serve,
+            Some("record") => Mode::Record,
+            Some(other) => {
+                problems.push(format!(
+                    "ANYPROF_MODE={other} is not `record` or `serve`; using serve"
+                ));
+                Mode::Serve
+            }
+        };
         let socket = get("ANYPROF_SOCKET")
             .filter(|s| !s.is_empty())
             .map(PathBuf::from);
@@ -79,6 +104,7 @@ impl Config {
             },
         };
         Config {
+            mode,
             socket,
             cpu_hz,
             mem_rate,
@@ -86,6 +112,33 @@ impl Config {
             problems,
         }
     }
+}
+
+impl Config {
+    /// The sockets to try, in order.
+    pub fn sockets(&self) -> Vec<PathBuf> {
+        match (&self.socket, self.mode) {
+            (Some(s), _) => vec![s.clone()],
+            (None, Mode::Record) => Vec::new(),
+            (None, Mode::Serve) => default_daemon_sockets(),
+        }
+    }
+}
+
+/// Where `anyprof serve` listens by default, in the order a process tries them: the user's
+/// runtime directory, the system-wide `/run/anyprof.sock` (a root daemon), and
+/// `/tmp/anyprof-UID.sock` when there is no runtime directory. Kept in step with the
+/// daemon's own default.
+pub fn default_daemon_sockets() -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    if let Some(dir) = std::env::var_os("XDG_RUNTIME_DIR").filter(|d| !d.is_empty()) {
+        out.push(PathBuf::from(dir).join("anyprof.sock"));
+    }
+    out.push(PathBuf::from("/run/anyprof.sock"));
+    // SAFETY: getuid cannot fail.
+    let uid = unsafe { libc::getuid() };
+    out.push(PathBuf::from(format!("/tmp/anyprof-{uid}.sock")));
+    out
 }
 
 #[cfg(test)]

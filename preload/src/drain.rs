@@ -196,8 +196,12 @@ pub fn pause() -> bool {
     true
 }
 
+/// True in serve mode: a lost connection also stops CPU sampling (nobody is asking).
+pub static SERVE_MODE: AtomicBool = AtomicBool::new(false);
+
 fn run() {
     thread_state::set_internal(true);
+    crate::threads::DRAIN_TID.store(thread_state::tid(), Ordering::Release);
     let mut last_counters = Instant::now();
     let mut last_reconnect = Instant::now()
         .checked_sub(RECONNECT_EVERY)
@@ -208,6 +212,11 @@ fn run() {
             break;
         }
         if our_socket().is_none() {
+            if SERVE_MODE.load(Ordering::Relaxed)
+                && crate::threads::CPU_HZ.load(Ordering::Relaxed) != 0
+            {
+                crate::threads::stop_cpu_sampling();
+            }
             // The program closed our descriptor (daemons close everything at start), or the
             // collector restarted: try again now and then, never in a tight loop.
             if last_reconnect.elapsed() >= RECONNECT_EVERY {
@@ -219,12 +228,75 @@ fn run() {
             ring::drain(|_| counters::bump(Counter::DroppedSend));
             continue;
         }
+        poll_commands();
         let counters_due = last_counters.elapsed() >= COUNTERS_EVERY;
         if counters_due {
             last_counters = Instant::now();
         }
         flush(counters_due.then_some(Kind::Counters), false);
     }
+}
+
+/// Reads and carries out the collector's commands, without waiting for any.
+fn poll_commands() {
+    let Some(fd) = our_socket() else { return };
+    let mut buf = [0u8; 64];
+    loop {
+        // SAFETY: `buf` is valid for its length; MSG_DONTWAIT never blocks.
+        let n = unsafe {
+            libc::recv(
+                fd,
+                buf.as_mut_ptr() as *mut libc::c_void,
+                buf.len(),
+                libc::MSG_DONTWAIT,
+            )
+        };
+        if n == 0 {
+            forget_connection(); // the collector closed the connection
+            return;
+        }
+        if n < 0 {
+            return;
+        }
+        match wire::decode_command(buf.get(..n as usize).unwrap_or(&[])) {
+            Some(wire::Command::CpuStart(hz)) => {
+                crate::threads::start_cpu_sampling(hz.clamp(1, crate::config::MAX_CPU_HZ))
+            }
+            Some(wire::Command::CpuStop) => crate::threads::stop_cpu_sampling(),
+            Some(wire::Command::ThreadDump(id)) => dump_threads(id),
+            None => {}
+        }
+    }
+}
+
+/// Asks every thread of the program for its current stack: each gets a `SIGPROF` through
+/// `tgkill`, and the handler records its stack tagged with `id`. Threads that block the
+/// signal, or are stuck in the kernel with it masked, are simply missing from the dump.
+fn dump_threads(id: u32) {
+    if crate::signal::handler::install().is_err() {
+        return;
+    }
+    crate::signal::handler::DUMP_REQUEST.store(id.max(1), Ordering::Release);
+    // SAFETY: getpid cannot fail.
+    let pid = unsafe { libc::getpid() };
+    let me = crate::threads::DRAIN_TID.load(Ordering::Acquire);
+    for tid in crate::threads::task_ids() {
+        if tid != me {
+            // SAFETY: tgkill to a thread of our own process; a thread that exited meanwhile
+            // just makes it fail with ESRCH.
+            unsafe {
+                libc::syscall(
+                    libc::SYS_tgkill,
+                    pid,
+                    tid as libc::c_int,
+                    crate::signal::handler::SIGNAL,
+                )
+            };
+        }
+    }
+    // Give the threads a moment to take the signal; late ones are left out.
+    std::thread::sleep(Duration::from_millis(20));
+    crate::signal::handler::DUMP_REQUEST.store(0, Ordering::Release);
 }
 
 /// How often a lost connection is retried.
@@ -242,6 +314,7 @@ pub fn report_everything_again() {
         names.clear();
     }
     heap_report::forget_sent();
+    crate::threads::touch_creations();
 }
 
 /// One drain cycle: module changes, samples, log messages, then counters of kind
@@ -258,6 +331,7 @@ pub fn flush(counters_kind: Option<Kind>, last: bool) {
     send_module_changes(&mut buf, last);
     send_samples(&mut buf, last);
     heap_report::send_changed_buckets(&mut buf, last);
+    send_thread_creates(&mut buf, last);
     for (level, text) in log::take() {
         if let Some(n) = wire::encode_log(&mut buf, level, text.as_bytes()) {
             send(buf.get(..n).unwrap_or(&[]), last);
@@ -309,6 +383,23 @@ fn send_module_changes(buf: &mut [u8], patient: bool) {
             if !send(buf.get(..n).unwrap_or(&[]), patient) {
                 counters::bump(Counter::DroppedModules);
             }
+        }
+    }
+}
+
+/// Sends the thread-creation stacks if they changed since last sent.
+fn send_thread_creates(buf: &mut [u8], patient: bool) {
+    static SENT_GENERATION: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let generation = crate::threads::creations_generation();
+    if generation == SENT_GENERATION.load(Ordering::Relaxed) {
+        return;
+    }
+    let stacks = crate::threads::creations();
+    if let Some(n) =
+        wire::encode_thread_creates(buf, stacks.iter().map(|(f, c)| (*c, f.as_slice())))
+    {
+        if send(buf.get(..n).unwrap_or(&[]), patient) {
+            SENT_GENERATION.store(generation, Ordering::Relaxed);
         }
     }
 }

@@ -54,6 +54,9 @@ pub unsafe extern "C" fn pthread_create(
         // SAFETY: forwarding the caller's arguments unchanged.
         return unsafe { real(thread, attr, start, arg) };
     }
+    let was = thread_state::set_internal(true);
+    threads::note_creation();
+    thread_state::set_internal(was);
     let boxed = Box::into_raw(Box::new(StartRoutine { start, arg }));
     // SAFETY: forwarding the caller's arguments, with our trampoline owning `boxed`.
     let rc = unsafe {

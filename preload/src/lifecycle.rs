@@ -18,14 +18,14 @@ use std::sync::Mutex;
 
 use anyprof_wire::{self as wire, Kind, Level, TimerKind, MAX_MESSAGE};
 
-use crate::config::Config;
+use crate::config::{Config, Mode};
 use crate::signal::{handler, ring, sys, thread_state, unwind};
 use crate::{alloc, counters, drain, exports, log, threads};
 
 static STARTED: AtomicBool = AtomicBool::new(false);
 /// The encoded hello and the socket path, kept to reconnect.
 static HELLO: Mutex<Vec<u8>> = Mutex::new(Vec::new());
-static SOCKET_PATH: Mutex<Option<PathBuf>> = Mutex::new(None);
+static SOCKETS: Mutex<Vec<PathBuf>> = Mutex::new(Vec::new());
 static ACTIVE: AtomicBool = AtomicBool::new(false);
 
 #[used]
@@ -69,29 +69,35 @@ fn start(argc: libc::c_int, argv: *const *const libc::c_char) {
     alloc::real::resolve();
     let config = Config::from_env();
     log::set_file(config.log_file.clone());
-    let Some(socket) = config.socket.as_ref() else {
-        return;
-    };
-    if let Err(errno) = drain::connect(socket) {
-        log::warn_errno(
-            &format!(
+    let sockets = config.sockets();
+    if sockets.is_empty() {
+        return; // record mode without a socket: nowhere to send anything
+    }
+    let connected = connect_any(&sockets);
+    if !connected && config.mode == Mode::Record {
+        log::message(
+            Level::Warn,
+            format!(
                 "cannot reach the anyprof collector at {}; not profiling",
-                socket.display()
+                sockets[0].display()
             ),
-            errno,
         );
         return;
     }
     for problem in &config.problems {
         log::message(Level::Warn, problem.clone());
     }
-    send_hello(&config, argc, argv);
-    if let Ok(mut p) = SOCKET_PATH.lock() {
-        *p = Some(socket.clone());
+    if let Ok(mut p) = SOCKETS.lock() {
+        *p = sockets;
+    }
+    encode_hello(&config, argc, argv);
+    if connected {
+        send_hello();
     }
     if let Ok(mut r) = drain::RECONNECT.lock() {
         *r = Some(reconnect);
     }
+    drain::SERVE_MODE.store(config.mode == Mode::Serve, Ordering::Release);
     ACTIVE.store(true, Ordering::Release);
 
     threads::init();
@@ -107,19 +113,9 @@ fn start(argc: libc::c_int, argv: *const *const libc::c_char) {
         // This thread's countdown may have been parked while sampling was off.
         alloc::sampler::reset(crate::tls::current());
     }
-    if config.cpu_hz > 0 {
-        match handler::install() {
-            Ok(()) => {
-                threads::CPU_HZ.store(config.cpu_hz, Ordering::Release);
-                handler::SAMPLING.store(true, Ordering::Release);
-                threads::adopt_current_thread();
-                threads::adopt_other_threads();
-            }
-            Err(errno) => log::warn_errno(
-                "cannot install the SIGPROF handler; CPU profiling is off",
-                errno,
-            ),
-        }
+    // In serve mode CPU sampling waits for the daemon to ask (`Command::CpuStart`).
+    if config.mode == Mode::Record && config.cpu_hz > 0 {
+        threads::start_cpu_sampling(config.cpu_hz);
     }
     // SAFETY: registering a plain function as the child handler.
     unsafe { libc::pthread_atfork(None, None, Some(in_forked_child)) };
@@ -132,7 +128,17 @@ fn start(argc: libc::c_int, argv: *const *const libc::c_char) {
     drain::flush(None, false);
 }
 
-fn send_hello(config: &Config, argc: libc::c_int, argv: *const *const libc::c_char) {
+/// Tries each socket in turn; true once one connects.
+fn connect_any(sockets: &[PathBuf]) -> bool {
+    sockets.iter().any(|s| drain::connect(s).is_ok())
+}
+
+fn send_hello() {
+    let hello = HELLO.lock().map(|h| h.clone()).unwrap_or_default();
+    drain::send(&hello, true);
+}
+
+fn encode_hello(config: &Config, argc: libc::c_int, argv: *const *const libc::c_char) {
     let mut cmdline = Vec::new();
     if !argv.is_null() {
         for i in 0..argc.max(0) as usize {
@@ -152,7 +158,8 @@ fn send_hello(config: &Config, argc: libc::c_int, argv: *const *const libc::c_ch
         .map(|p| p.into_os_string().into_encoded_bytes())
         .unwrap_or_default();
     let realtime = sys::clock_ns(libc::CLOCK_REALTIME);
-    let timer = if config.cpu_hz > 0 {
+    let sampling_now = config.mode == Mode::Record && config.cpu_hz > 0;
+    let timer = if sampling_now {
         TimerKind::ThreadCpuTimer
     } else {
         TimerKind::Off
@@ -163,7 +170,7 @@ fn send_hello(config: &Config, argc: libc::c_int, argv: *const *const libc::c_ch
     let info = wire::HelloInfo {
         pid,
         ppid,
-        cpu_hz: config.cpu_hz,
+        cpu_hz: if sampling_now { config.cpu_hz } else { 0 },
         timer,
         mem_rate: config.mem_rate,
         start_realtime_ns: realtime,
@@ -173,7 +180,6 @@ fn send_hello(config: &Config, argc: libc::c_int, argv: *const *const libc::c_ch
     };
     if let Some(n) = wire::encode_hello(&mut buf, &info) {
         buf.truncate(n);
-        drain::send(&buf, true);
         if let Ok(mut h) = HELLO.lock() {
             *h = buf;
         }
@@ -183,14 +189,11 @@ fn send_hello(config: &Config, argc: libc::c_int, argv: *const *const libc::c_ch
 /// Connects again after the connection was lost, and starts the conversation over: hello,
 /// then (on the next drain cycle) every module and thread name.
 fn reconnect() {
-    let Some(path) = SOCKET_PATH.lock().ok().and_then(|p| p.clone()) else {
-        return;
-    };
-    if drain::connect(&path).is_err() {
+    let sockets = SOCKETS.lock().map(|p| p.clone()).unwrap_or_default();
+    if !connect_any(&sockets) {
         return;
     }
-    let hello = HELLO.lock().map(|h| h.clone()).unwrap_or_default();
-    drain::send(&hello, true);
+    send_hello();
     drain::report_everything_again();
 }
 

@@ -9,6 +9,7 @@
 
 use core::ffi::c_void;
 use core::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
+use std::sync::Mutex;
 
 use anyprof_wire::Counter;
 
@@ -30,10 +31,8 @@ pub fn init() {
     }
 }
 
-unsafe extern "C" fn stop_timer_at_exit(value: *mut c_void) {
-    if let Some(id) = timer::TimerId::from_tsd(value as usize) {
-        timer::stop(id);
-    }
+unsafe extern "C" fn stop_timer_at_exit(_: *mut c_void) {
+    stop_timer(thread_state::tid());
 }
 
 /// Records the calling thread's stack bounds, via `pthread_getattr_np` (not
@@ -57,67 +56,116 @@ pub fn record_stack_bounds() {
     }
 }
 
-/// Sets up sampling for the calling thread: stack bounds, CPU clock, timer.
+/// Every running timer, by thread: (tid, timer). Touched by thread start and exit, and by
+/// whoever starts or stops sampling; never from a signal handler.
+static TIMERS: Mutex<Vec<(u32, timer::TimerId)>> = Mutex::new(Vec::new());
+/// The background thread's tid: our own thread is never sampled.
+pub static DRAIN_TID: AtomicU32 = AtomicU32::new(0);
+/// Bumped each time sampling starts, so that a thread's first sample of a new period is
+/// weighted by the nominal period, not by all the CPU it used since its previous sample.
+pub static CPU_EPOCH: AtomicU32 = AtomicU32::new(1);
+
+/// Starts a timer for thread `tid` unless it has one.
+fn start_timer(tid: u32, hz: u32) -> bool {
+    let Ok(mut timers) = TIMERS.lock() else {
+        return false;
+    };
+    if timers.iter().any(|(t, _)| *t == tid) {
+        return true;
+    }
+    match timer::start(tid, hz) {
+        Ok(id) => {
+            timers.push((tid, id));
+            counters::bump(Counter::ThreadsTimed);
+            true
+        }
+        Err(errno) => {
+            counters::bump(Counter::TimerFailures);
+            drop(timers);
+            log::warn_errno(
+                "could not start a CPU timer for a thread; it will not be sampled",
+                errno,
+            );
+            false
+        }
+    }
+}
+
+/// Stops thread `tid`'s timer, if it has one.
+fn stop_timer(tid: u32) {
+    let Ok(mut timers) = TIMERS.lock() else {
+        return;
+    };
+    if let Some(i) = timers.iter().position(|(t, _)| *t == tid) {
+        let (_, id) = timers.swap_remove(i);
+        timer::stop(id);
+    }
+}
+
+/// Starts CPU sampling at `hz` on every thread of the program: installs the handler, then a
+/// timer per thread (threads created later get theirs as they start).
+pub fn start_cpu_sampling(hz: u32) {
+    if let Err(errno) = handler::install() {
+        log::warn_errno(
+            "cannot install the SIGPROF handler; CPU profiling is off",
+            errno,
+        );
+        return;
+    }
+    CPU_EPOCH.fetch_add(1, Ordering::AcqRel);
+    CPU_HZ.store(hz, Ordering::Release);
+    handler::SAMPLING.store(true, Ordering::Release);
+    let drain = DRAIN_TID.load(Ordering::Acquire);
+    for tid in task_ids() {
+        if tid != drain {
+            start_timer(tid, hz);
+        }
+    }
+}
+
+/// Stops CPU sampling: every timer is deleted, so an idle process pays nothing.
+pub fn stop_cpu_sampling() {
+    CPU_HZ.store(0, Ordering::Release);
+    handler::SAMPLING.store(false, Ordering::Release);
+    let Ok(mut timers) = TIMERS.lock() else {
+        return;
+    };
+    for (_, id) in timers.drain(..) {
+        timer::stop(id);
+    }
+}
+
+/// The ids of the process's threads, from `/proc/self/task`.
+pub fn task_ids() -> Vec<u32> {
+    let Ok(dir) = std::fs::read_dir("/proc/self/task") else {
+        return Vec::new();
+    };
+    dir.flatten()
+        .filter_map(|e| e.file_name().to_str().and_then(|s| s.parse().ok()))
+        .collect()
+}
+
+/// Sets up sampling for the calling (new) thread: stack bounds always, and a timer while CPU
+/// sampling is on.
 pub fn adopt_current_thread() {
     record_stack_bounds();
+    let key = TIMER_KEY.load(Ordering::Acquire);
+    if key != 0 {
+        // Any non-null value makes the exit destructor run; it finds the timer by tid.
+        // SAFETY: the key was created by `init`; the value is never dereferenced.
+        unsafe {
+            libc::pthread_setspecific(
+                (key - 1) as libc::pthread_key_t,
+                core::ptr::dangling::<c_void>(),
+            )
+        };
+    }
     let hz = CPU_HZ.load(Ordering::Relaxed);
     if hz == 0 || !handler::SAMPLING.load(Ordering::Relaxed) {
         return;
     }
     thread_state::start_cpu_clock();
-    let tid = thread_state::tid();
-    match timer::start(tid, hz) {
-        Ok(id) => {
-            counters::bump(Counter::ThreadsTimed);
-            let key = TIMER_KEY.load(Ordering::Acquire);
-            if key != 0 {
-                // SAFETY: the key was created by `init`; the value is an integer, not a pointer
-                // anyone dereferences.
-                unsafe {
-                    libc::pthread_setspecific(
-                        (key - 1) as libc::pthread_key_t,
-                        id.to_tsd() as *const c_void,
-                    )
-                };
-            }
-        }
-        Err(errno) => {
-            counters::bump(Counter::TimerFailures);
-            log::warn_errno(
-                "could not start a CPU timer for a thread; it will not be sampled",
-                errno,
-            );
-        }
-    }
-}
-
-/// Starts timers for threads that existed before the library started (other than the caller).
-/// Their stack bounds are unknown, so their samples keep only the leaf frame.
-pub fn adopt_other_threads() {
-    let hz = CPU_HZ.load(Ordering::Relaxed);
-    if hz == 0 {
-        return;
-    }
-    let me = thread_state::tid();
-    let Ok(dir) = std::fs::read_dir("/proc/self/task") else {
-        return;
-    };
-    for entry in dir.flatten() {
-        let Some(tid) = entry
-            .file_name()
-            .to_str()
-            .and_then(|s| s.parse::<u32>().ok())
-        else {
-            continue;
-        };
-        if tid == me {
-            continue;
-        }
-        match timer::start(tid, hz) {
-            Ok(_) => counters::bump(Counter::ThreadsTimed),
-            Err(_) => counters::bump(Counter::TimerFailures),
-        }
-    }
+    start_timer(thread_state::tid(), hz);
 }
 
 /// What the `pthread_create` interposer hands to the new thread.
@@ -137,4 +185,40 @@ pub extern "C" fn start_routine_trampoline(boxed: *mut c_void) -> *mut c_void {
     drop(routine);
     adopt_current_thread();
     start(arg)
+}
+
+/// Where threads were created: (creating stack, count). Go's `threadcreate` profile.
+static CREATIONS: Mutex<Vec<(Vec<u64>, u64)>> = Mutex::new(Vec::new());
+static CREATIONS_GENERATION: core::sync::atomic::AtomicU64 = core::sync::atomic::AtomicU64::new(0);
+
+/// Records the calling stack as a thread-creation site (called by the `pthread_create`
+/// interposer, in the creating thread).
+pub fn note_creation() {
+    let mut frames = [0u64; anyprof_wire::MAX_FRAMES];
+    let (n, _) = crate::signal::unwind::unwind_here(&mut frames);
+    let stack = frames.get(..n).unwrap_or(&[]);
+    // try_lock: in a forked child the lock may belong to a thread that no longer exists.
+    let Ok(mut all) = CREATIONS.try_lock() else {
+        return;
+    };
+    match all.iter_mut().find(|(f, _)| f.as_slice() == stack) {
+        Some((_, count)) => *count += 1,
+        None => all.push((stack.to_vec(), 1)),
+    }
+    CREATIONS_GENERATION.fetch_add(1, Ordering::Relaxed);
+}
+
+/// A copy of the creation stacks.
+pub fn creations() -> Vec<(Vec<u64>, u64)> {
+    CREATIONS.lock().map(|c| c.clone()).unwrap_or_default()
+}
+
+/// Changes whenever a creation is recorded.
+pub fn creations_generation() -> u64 {
+    CREATIONS_GENERATION.load(Ordering::Relaxed)
+}
+
+/// Makes the creation stacks count as changed (to resend them on a new connection).
+pub fn touch_creations() {
+    CREATIONS_GENERATION.fetch_add(1, Ordering::Relaxed);
 }

@@ -11,17 +11,6 @@ use crate::signal::handler::SIGNAL;
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct TimerId(i32);
 
-impl TimerId {
-    /// Packs the id into a pointer-sized TSD value (never null).
-    pub fn to_tsd(self) -> usize {
-        (self.0 as u32 as usize) + 1
-    }
-    /// Inverse of [`TimerId::to_tsd`].
-    pub fn from_tsd(v: usize) -> Option<TimerId> {
-        v.checked_sub(1).map(|id| TimerId(id as u32 as i32))
-    }
-}
-
 /// The CPU clock of thread `tid` (the kernel's `MAKE_THREAD_CPUCLOCK(tid, CPUCLOCK_SCHED)`).
 fn thread_cpu_clock(tid: u32) -> libc::clockid_t {
     ((!(tid as libc::clockid_t)) << 3) | 6

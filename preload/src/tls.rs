@@ -35,6 +35,8 @@ pub struct ThreadBlock {
     pub internal: Cell<u8>,
     /// Non-zero once the thread's exit has begun (its TSD destructors ran).
     pub exiting: Cell<u8>,
+    /// `threads::CPU_EPOCH` at this thread's previous CPU sample.
+    pub cpu_epoch: Cell<u32>,
 }
 
 /// Bytes reserved for the block in `.tbss`.

@@ -120,6 +120,10 @@ pub enum Message {
     HeapBuckets(Vec<HeapBucket>),
     /// See [`Kind::MemStats`].
     MemStats(MemStats),
+    /// See [`Kind::Control`].
+    Control(crate::Command),
+    /// See [`Kind::ThreadCreates`]: (count, creating stack) pairs.
+    ThreadCreates(Vec<(u64, Vec<u64>)>),
 }
 
 /// One heap bucket report.
@@ -324,6 +328,25 @@ pub fn decode(buf: &[u8]) -> Result<Message, DecodeError> {
             }
             Message::MemStats(stats)
         }
+        Kind::Control => {
+            Message::Control(crate::decode_command(buf).ok_or(DecodeError::BadValue("command"))?)
+        }
+        Kind::ThreadCreates => {
+            let n = r.u32()? as usize;
+            if n * 10 > r.buf.len() {
+                return Err(DecodeError::Truncated);
+            }
+            let mut stacks = Vec::with_capacity(n);
+            for _ in 0..n {
+                let count = r.u64()?;
+                let frames = r.u16()? as usize;
+                if frames > MAX_FRAMES {
+                    return Err(DecodeError::BadValue("frame count"));
+                }
+                stacks.push((count, r.frames(frames)?));
+            }
+            Message::ThreadCreates(stacks)
+        }
         Kind::ThreadName => {
             let tid = r.u32()?;
             Message::ThreadName(tid, r.bytes(crate::MAX_THREAD_NAME)?)
@@ -389,6 +412,27 @@ mod tests {
             (m.fields, m.class_mallocs, m.class_frees),
             ([1, 2, 3].to_vec(), [4, 5].to_vec(), [6, 7].to_vec())
         );
+    }
+
+    #[test]
+    fn commands_and_thread_creates_round_trip() {
+        let mut buf = [0u8; 256];
+        for cmd in [
+            Command::CpuStart(100),
+            Command::CpuStop,
+            Command::ThreadDump(7),
+        ] {
+            let n = encode_command(&mut buf, cmd).unwrap();
+            assert_eq!(decode_command(&buf[..n]), Some(cmd));
+            assert_eq!(decode(&buf[..n]).unwrap(), Message::Control(cmd));
+            assert_eq!(decode_command(&buf[..n - 1]), None);
+        }
+        let stacks = [(2u64, &[1u64, 2][..]), (1, &[3][..])];
+        let n = encode_thread_creates(&mut buf, stacks.iter().copied()).unwrap();
+        let Message::ThreadCreates(s) = decode(&buf[..n]).unwrap() else {
+            panic!()
+        };
+        assert_eq!(s, [(2, [1, 2].to_vec()), (1, [3].to_vec())]);
     }
 
     #[test]

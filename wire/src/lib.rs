@@ -59,6 +59,10 @@ pub enum Kind {
     HeapBuckets = 9,
     /// Exact allocator counters (the native `runtime.MemStats`); see [`MemStat`].
     MemStats = 10,
+    /// Collector to process: a [`Command`] (start or stop CPU sampling, dump threads).
+    Control = 11,
+    /// Where threads were created: stacks (return addresses) with counts, cumulative.
+    ThreadCreates = 12,
 }
 
 impl Kind {
@@ -75,6 +79,8 @@ impl Kind {
             8 => Kind::ThreadName,
             9 => Kind::HeapBuckets,
             10 => Kind::MemStats,
+            11 => Kind::Control,
+            12 => Kind::ThreadCreates,
             _ => return None,
         })
     }
@@ -94,6 +100,9 @@ pub enum TimerKind {
 pub const FLAG_TRUNCATED: u8 = 1;
 /// Sample flag: the thread's stack bounds were unknown, so only the leaf was recorded.
 pub const FLAG_NO_STACK_BOUNDS: u8 = 2;
+/// Sample flag: not a CPU sample but a thread's stack taken for a thread dump (its `cpu_ns`
+/// field carries the dump's request id).
+pub const FLAG_THREAD_DUMP: u8 = 4;
 
 /// The preload's counters, by index into the array carried by [`Kind::Counters`] messages.
 /// New counters are appended; a decoder ignores indices it does not know.
@@ -594,4 +603,77 @@ mod byte_size_tests {
             assert_eq!(parse_byte_size(bad), None, "{bad}");
         }
     }
+}
+
+/// What the collector asks a process to do ([`Kind::Control`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Command {
+    /// Start CPU sampling at this many samples per second of thread CPU time.
+    CpuStart(u32),
+    /// Stop CPU sampling (delete every timer).
+    CpuStop,
+    /// Record every thread's current stack, tagged with this request id.
+    ThreadDump(u32),
+}
+
+/// Encodes a command.
+pub fn encode_command(buf: &mut [u8], cmd: Command) -> Option<usize> {
+    let mut w = Writer::message(buf, Kind::Control);
+    let (op, arg) = match cmd {
+        Command::CpuStart(hz) => (1u8, hz),
+        Command::CpuStop => (2, 0),
+        Command::ThreadDump(id) => (3, id),
+    };
+    w.u8(op);
+    w.u32(arg);
+    w.finish()
+}
+
+/// Decodes a command; the preload uses this, so it needs no allocation.
+pub fn decode_command(buf: &[u8]) -> Option<Command> {
+    let header = buf.get(..HEADER_LEN)?;
+    if header.get(..4)? != MAGIC.to_le_bytes()
+        || header.get(4..6)? != PROTOCOL_VERSION.to_le_bytes()
+        || header.get(6..8)? != (Kind::Control as u16).to_le_bytes()
+    {
+        return None;
+    }
+    let op = *buf.get(HEADER_LEN)?;
+    let arg = u32::from_le_bytes(buf.get(HEADER_LEN + 1..HEADER_LEN + 5)?.try_into().ok()?);
+    match op {
+        1 => Some(Command::CpuStart(arg)),
+        2 => Some(Command::CpuStop),
+        3 => Some(Command::ThreadDump(arg)),
+        _ => None,
+    }
+}
+
+/// Encodes thread-creation stacks: a u32 count, then per stack: count u64, frame count u16,
+/// frames (return addresses, leaf first).
+pub fn encode_thread_creates<'s>(
+    buf: &mut [u8],
+    stacks: impl Iterator<Item = (u64, &'s [u64])>,
+) -> Option<usize> {
+    let mut w = Writer::message(buf, Kind::ThreadCreates);
+    let mut n = 0u32;
+    // Count first so the decoder can bound its work; stacks that do not fit are left out.
+    let count_at = w.len();
+    w.u32(0);
+    for (count, frames) in stacks {
+        let frames = frames.get(..frames.len().min(MAX_FRAMES)).unwrap_or(frames);
+        if w.remaining() < 10 + frames.len() * 8 {
+            break;
+        }
+        w.u64(count);
+        w.u16(frames.len() as u16);
+        for &f in frames {
+            w.u64(f);
+        }
+        n += 1;
+    }
+    let len = w.finish()?;
+    if let Some(slot) = buf.get_mut(count_at..count_at + 4) {
+        slot.copy_from_slice(&n.to_le_bytes());
+    }
+    Some(len)
 }

@@ -25,8 +25,15 @@ static PREVIOUS_SIGINFO: AtomicBool = AtomicBool::new(false);
 /// The signal our timers send.
 pub const SIGNAL: libc::c_int = libc::SIGPROF;
 
-/// Installs the handler. Returns the OS error on failure.
+static INSTALLED: AtomicBool = AtomicBool::new(false);
+/// Request id of the thread dump in progress (0 = none).
+pub static DUMP_REQUEST: core::sync::atomic::AtomicU32 = core::sync::atomic::AtomicU32::new(0);
+
+/// Installs the handler (once; later calls do nothing). Returns the OS error on failure.
 pub fn install() -> Result<(), i32> {
+    if INSTALLED.swap(true, Ordering::AcqRel) {
+        return Ok(());
+    }
     // SAFETY: a zeroed sigaction is a valid "no handler, empty mask" value.
     let mut action: libc::sigaction = unsafe { core::mem::zeroed() };
     action.sa_sigaction = on_signal as *const () as usize;
@@ -37,6 +44,7 @@ pub fn install() -> Result<(), i32> {
     let mut old: libc::sigaction = unsafe { core::mem::zeroed() };
     // SAFETY: both pointers are valid sigaction structs.
     if unsafe { libc::sigaction(SIGNAL, &action, &mut old) } != 0 {
+        INSTALLED.store(false, Ordering::Release);
         return Err(sys::errno());
     }
     if old.sa_sigaction != libc::SIG_DFL && old.sa_sigaction != libc::SIG_IGN {
@@ -49,11 +57,18 @@ pub fn install() -> Result<(), i32> {
 extern "C" fn on_signal(sig: libc::c_int, info: *mut libc::siginfo_t, context: *mut libc::c_void) {
     let saved_errno = sys::errno();
     // SAFETY: the kernel passes a valid siginfo for SA_SIGINFO handlers (checked for null).
-    let from_timer = !info.is_null() && unsafe { (*info).si_code } == libc::SI_TIMER;
-    if from_timer {
+    let code = if info.is_null() {
+        0
+    } else {
+        unsafe { (*info).si_code }
+    };
+    if code == libc::SI_TIMER {
         if SAMPLING.load(Ordering::Relaxed) && !context.is_null() {
-            take_sample(context);
+            take_sample(context, 0, None);
         }
+    } else if code == libc::SI_TKILL && is_dump_request(info) && !context.is_null() {
+        let id = DUMP_REQUEST.load(Ordering::Acquire);
+        take_sample(context, anyprof_wire::FLAG_THREAD_DUMP, Some(u64::from(id)));
     } else {
         chain(sig, info, context);
     }
@@ -78,9 +93,29 @@ fn chain(sig: libc::c_int, info: *mut libc::siginfo_t, context: *mut libc::c_voi
     }
 }
 
-fn take_sample(context: *mut libc::c_void) {
+/// True for a `tgkill` from our own process while a thread dump is in progress.
+fn is_dump_request(info: *mut libc::siginfo_t) -> bool {
+    if DUMP_REQUEST.load(Ordering::Acquire) == 0 {
+        return false;
+    }
+    // SAFETY: for SI_TKILL the kernel fills si_pid; `info` was checked for null by the caller.
+    let sender = unsafe { (*info).si_pid() };
+    // SAFETY: getpid cannot fail and is async-signal-safe.
+    sender == unsafe { libc::getpid() }
+}
+
+/// Records the interrupted stack: a CPU sample (weight = measured thread CPU time), or with
+/// `dump_id` a thread-dump entry (the id travels in the weight field).
+fn take_sample(context: *mut libc::c_void, extra_flags: u8, dump_id: Option<u64>) {
     unwind::IN_FLIGHT.fetch_add(1, Ordering::SeqCst);
-    let cpu_ns = thread_state::take_cpu_delta(sys::thread_cpu_ns());
+    let cpu_ns = match dump_id {
+        Some(id) => id,
+        None => {
+            let hz = u64::from(crate::threads::CPU_HZ.load(Ordering::Relaxed).max(1));
+            let epoch = crate::threads::CPU_EPOCH.load(Ordering::Relaxed);
+            thread_state::take_cpu_delta(sys::thread_cpu_ns(), epoch, 1_000_000_000 / hz)
+        }
+    };
     match ring::claim() {
         Some(mut claim) => {
             // SAFETY: for SA_SIGINFO handlers the third argument is the interrupted ucontext.
@@ -93,7 +128,7 @@ fn take_sample(context: *mut libc::c_void) {
             let (len, flags) =
                 unwind::unwind(ip, sp, bp, thread_state::stack_bounds(), &mut record.frames);
             record.len = len as u16;
-            record.flags = flags;
+            record.flags = flags | extra_flags;
             record.tid = thread_state::tid();
             record.time_ns = sys::monotonic_ns();
             record.cpu_ns = cpu_ns;

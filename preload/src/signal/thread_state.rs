@@ -44,19 +44,26 @@ pub fn clear_tid() {
     tls::current().tid.set(0);
 }
 
-/// Returns the thread CPU time elapsed since the previous call (or since
-/// [`start_cpu_clock`]), and remembers `now`.
+/// Returns the thread CPU time elapsed since this thread's previous sample in the current
+/// sampling period (`epoch`), and remembers `now`. The first sample of a period — a thread
+/// given its timer from outside, or sampling switched on again — stands for `nominal_ns`.
 #[inline]
-pub fn take_cpu_delta(now: u64) -> u64 {
+pub fn take_cpu_delta(now: u64, epoch: u32, nominal_ns: u64) -> u64 {
     let b = tls::current();
     let last = b.last_cpu_ns.get();
     b.last_cpu_ns.set(now);
+    if b.cpu_epoch.replace(epoch) != epoch || last == 0 {
+        return nominal_ns;
+    }
     now.saturating_sub(last)
 }
 
 /// Starts the per-thread CPU accounting from the thread's current CPU time.
 pub fn start_cpu_clock() {
-    tls::current().last_cpu_ns.set(super::sys::thread_cpu_ns());
+    let b = tls::current();
+    b.last_cpu_ns.set(super::sys::thread_cpu_ns());
+    b.cpu_epoch
+        .set(crate::threads::CPU_EPOCH.load(core::sync::atomic::Ordering::Acquire));
 }
 
 /// True while the current thread is inside anyprof's own code.
