@@ -56,10 +56,10 @@ pub fn install() -> Result<(), i32> {
 
 extern "C" fn on_signal(sig: libc::c_int, info: *mut libc::siginfo_t, context: *mut libc::c_void) {
     let saved_errno = sys::errno();
-    // SAFETY: the kernel passes a valid siginfo for SA_SIGINFO handlers (checked for null).
     let code = if info.is_null() {
         0
     } else {
+        // SAFETY: the kernel passes a valid siginfo for SA_SIGINFO handlers.
         unsafe { (*info).si_code }
     };
     if code == libc::SI_TIMER {
