@@ -58,7 +58,7 @@ pub fn build(session: &Session, symbolizer: &mut Symbolizer, duration_ns: u64) -
         true,
     );
 
-    let truncated_loc = b.location(0, 0, &[synthetic(TRUNCATED_STACK)]);
+    let mut truncated_loc = None;
     let mut totals: BTreeMap<u32, u64> = BTreeMap::new();
     for (key, t) in &session.cpu {
         let mut locs = Vec::with_capacity(key.frames.len() + 1);
@@ -66,7 +66,8 @@ pub fn build(session: &Session, symbolizer: &mut Symbolizer, duration_ns: u64) -
             locs.push(locate.location(&mut b, lookup_address(i, raw, true)));
         }
         if key.flags & FLAG_TRUNCATED != 0 {
-            locs.push(truncated_loc);
+            let loc = *truncated_loc.get_or_insert_with(|| b.location(0, 0, &[synthetic(TRUNCATED_STACK)]));
+            locs.push(loc);
         }
         let name = session
             .thread_names
