@@ -20,11 +20,27 @@ const MAX_CONNECTIONS: usize = 4096;
 struct Connection {
     session: SharedSession,
     reader: Option<JoinHandle<()>>,
+    /// A second descriptor of the connection, for sending commands to the process.
+    control: Option<OwnedFd>,
+}
+
+/// How a collector treats its connections.
+#[derive(Clone, Debug, Default)]
+pub struct Options {
+    /// Print the processes' informational messages too (warnings always print).
+    pub verbose: bool,
+    /// Print a `--memstats` line for each allocator-counter report.
+    pub trace_mem: bool,
+    /// Peer uids accepted (checked with SO_PEERCRED); `None` accepts anyone who can reach
+    /// the socket (record's socket sits in a private directory).
+    pub allowed_uids: Option<Vec<u32>>,
+    /// Forget connections that ended (a daemon runs for months; record keeps them all).
+    pub reap: bool,
 }
 
 /// A running collector for one `record` run.
 pub struct Collector {
-    dir: PathBuf,
+    dir: Option<PathBuf>,
     socket: PathBuf,
     stop: Arc<AtomicBool>,
     acceptor: Option<JoinHandle<()>>,
@@ -34,7 +50,7 @@ pub struct Collector {
 impl Collector {
     /// Creates a private socket directory and starts accepting. `verbose` prints the
     /// processes' informational messages too (warnings are always printed).
-    pub fn start(verbose: bool, trace_mem: bool) -> Result<Collector> {
+    pub fn start(options: Options) -> Result<Collector> {
         let base = std::env::var_os("XDG_RUNTIME_DIR")
             .map(PathBuf::from)
             .filter(|p| p.is_dir())
@@ -49,6 +65,28 @@ impl Collector {
             .create(&dir)
             .with_context(|| format!("cannot create the socket directory {}", dir.display()))?;
         let socket = dir.join("sock");
+        Self::spawn(Some(dir), socket, options)
+    }
+
+    /// Listens at `socket` (a daemon's well-known path). A stale socket file left by a
+    /// daemon that died is replaced; a live one is an error.
+    pub fn listen_at(socket: PathBuf, options: Options) -> Result<Collector> {
+        if socket.exists() {
+            if std::os::unix::net::UnixStream::connect(&socket).is_ok()
+                || connect_seqpacket(&socket)
+            {
+                anyhow::bail!(
+                    "another anyprof serve is already listening on {} (stop it, or pass --socket)",
+                    socket.display()
+                );
+            }
+            std::fs::remove_file(&socket)
+                .with_context(|| format!("cannot remove the stale socket {}", socket.display()))?;
+        }
+        Self::spawn(None, socket, options)
+    }
+
+    fn spawn(dir: Option<PathBuf>, socket: PathBuf, options: Options) -> Result<Collector> {
         let listener =
             listen(&socket).with_context(|| format!("cannot listen on {}", socket.display()))?;
         let stop = Arc::new(AtomicBool::new(false));
@@ -57,7 +95,7 @@ impl Collector {
             let (stop, connections) = (stop.clone(), connections.clone());
             std::thread::Builder::new()
                 .name("accept".into())
-                .spawn(move || accept_loop(listener, stop, connections, verbose, trace_mem))?
+                .spawn(move || accept_loop(listener, stop, connections, options))?
         };
         Ok(Collector {
             dir,
@@ -141,7 +179,9 @@ impl Drop for Collector {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::SeqCst);
         let _ = std::fs::remove_file(&self.socket);
-        let _ = std::fs::remove_dir(&self.dir);
+        if let Some(dir) = &self.dir {
+            let _ = std::fs::remove_dir(dir);
+        }
     }
 }
 
@@ -164,11 +204,15 @@ fn accept_loop(
     listener: OwnedFd,
     stop: Arc<AtomicBool>,
     connections: Arc<Mutex<Vec<Connection>>>,
-    verbose: bool,
-    trace_mem: bool,
+    options: Options,
 ) {
+    let mut last_reap = Instant::now();
     loop {
         let stopping = stop.load(Ordering::SeqCst);
+        if options.reap && last_reap.elapsed() >= Duration::from_secs(1) {
+            last_reap = Instant::now();
+            reap(&connections);
+        }
         let mut pfd = libc::pollfd {
             fd: listener.as_raw_fd(),
             events: libc::POLLIN,
@@ -196,6 +240,20 @@ fn accept_loop(
         }
         // SAFETY: accept4 returned a new descriptor that nothing else owns.
         let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+        if let Some(allowed) = &options.allowed_uids {
+            match peer_uid(&fd) {
+                Some(uid) if allowed.contains(&uid) => {}
+                uid => {
+                    if options.verbose {
+                        eprintln!(
+                            "anyprof: refused a connection from uid {uid:?} (allowed: {allowed:?})"
+                        );
+                    }
+                    continue; // dropping `fd` closes it
+                }
+            }
+        }
+        let control = fd.try_clone().ok();
         let Ok(mut conns) = connections.lock() else {
             return;
         };
@@ -204,6 +262,7 @@ fn accept_loop(
         }
         let session: SharedSession = Arc::new(Mutex::new(Session::default()));
         let s = session.clone();
+        let (verbose, trace_mem) = (options.verbose, options.trace_mem);
         let reader = std::thread::Builder::new()
             .name("conn".into())
             .spawn(move || {
@@ -216,6 +275,7 @@ fn accept_loop(
         conns.push(Connection {
             session,
             reader: reader.ok(),
+            control,
         });
     }
 }
@@ -251,4 +311,147 @@ pub fn snapshot(list: &SessionList) -> Vec<Session> {
             .filter_map(|s| s.lock().ok().map(|s| s.clone()))
             .collect(),
     )
+}
+
+/// Drops connections that ended and whose reader has finished: no thread or descriptor
+/// outlives the process it served.
+fn reap(connections: &Mutex<Vec<Connection>>) {
+    let Ok(mut conns) = connections.lock() else {
+        return;
+    };
+    let mut i = 0;
+    while i < conns.len() {
+        let done = conns.get(i).is_some_and(|c| {
+            c.reader.as_ref().is_none_or(JoinHandle::is_finished)
+                && c.session
+                    .lock()
+                    .map(|s| s.closed_at.is_some())
+                    .unwrap_or(true)
+        });
+        if done {
+            let c = conns.swap_remove(i);
+            if let Some(r) = c.reader {
+                let _ = r.join();
+            }
+        } else {
+            i += 1;
+        }
+    }
+}
+
+fn peer_uid(fd: &OwnedFd) -> Option<u32> {
+    nix::sys::socket::getsockopt(fd, nix::sys::socket::sockopt::PeerCredentials)
+        .ok()
+        .map(|c| c.uid())
+}
+
+fn connect_seqpacket(path: &Path) -> bool {
+    use nix::sys::socket::{connect, socket, AddressFamily, SockFlag, SockType, UnixAddr};
+    let Ok(fd) = socket(
+        AddressFamily::Unix,
+        SockType::SeqPacket,
+        SockFlag::SOCK_CLOEXEC,
+        None,
+    ) else {
+        return false;
+    };
+    let Ok(addr) = UnixAddr::new(path) else {
+        return false;
+    };
+    connect(fd.as_raw_fd(), &addr).is_ok()
+}
+
+/// A live process as the daemon lists it.
+#[derive(Clone, Debug)]
+pub struct ProcessInfo {
+    /// Process id.
+    pub pid: u32,
+    /// Its command line, arguments separated by spaces.
+    pub cmdline: String,
+    /// The executable.
+    pub exe: String,
+}
+
+impl Collector {
+    /// Processes connected now, by pid.
+    pub fn processes(&self) -> Vec<ProcessInfo> {
+        let Ok(conns) = self.connections.lock() else {
+            return Vec::new();
+        };
+        let mut out: Vec<ProcessInfo> = conns
+            .iter()
+            .filter_map(|c| {
+                let s = c.session.lock().ok()?;
+                if s.closed_at.is_some() {
+                    return None;
+                }
+                let h = s.hello.as_ref()?;
+                Some(ProcessInfo {
+                    pid: h.pid,
+                    cmdline: h
+                        .cmdline
+                        .split(|&b| b == 0)
+                        .map(String::from_utf8_lossy)
+                        .collect::<Vec<_>>()
+                        .join(" "),
+                    exe: String::from_utf8_lossy(&h.exe).into_owned(),
+                })
+            })
+            .collect();
+        out.sort_by_key(|p| p.pid);
+        out.dedup_by_key(|p| p.pid);
+        out
+    }
+
+    /// The session of the live connection of `pid` (the newest, if it reconnected).
+    pub fn session_of(&self, pid: u32) -> Option<SharedSession> {
+        let conns = self.connections.lock().ok()?;
+        conns
+            .iter()
+            .rev()
+            .find(|c| {
+                c.session
+                    .lock()
+                    .is_ok_and(|s| s.closed_at.is_none() && s.pid() == Some(pid))
+            })
+            .map(|c| c.session.clone())
+    }
+
+    /// Sends `cmd` to the live connection of `pid`.
+    pub fn command(&self, pid: u32, cmd: anyprof_wire::Command) -> Result<()> {
+        let conns = self
+            .connections
+            .lock()
+            .map_err(|_| anyhow::anyhow!("collector state poisoned"))?;
+        let conn = conns
+            .iter()
+            .rev()
+            .find(|c| {
+                c.session
+                    .lock()
+                    .is_ok_and(|s| s.closed_at.is_none() && s.pid() == Some(pid))
+            })
+            .ok_or_else(|| anyhow::anyhow!("process {pid} is not connected"))?;
+        let fd = conn
+            .control
+            .as_ref()
+            .ok_or_else(|| anyhow::anyhow!("no control channel to {pid}"))?;
+        let mut buf = [0u8; 64];
+        let n = anyprof_wire::encode_command(&mut buf, cmd)
+            .ok_or_else(|| anyhow::anyhow!("command too large"))?;
+        // SAFETY: `buf` holds `n` valid bytes; MSG_NOSIGNAL keeps a dead peer from raising SIGPIPE.
+        let rc = unsafe {
+            libc::send(
+                fd.as_raw_fd(),
+                buf.as_ptr() as *const libc::c_void,
+                n,
+                libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
+            )
+        };
+        if rc < 0 {
+            return Err(std::io::Error::last_os_error())
+                .with_context(|| format!("sending a command to process {pid}"));
+        }
+        Ok(())
+    }
 }

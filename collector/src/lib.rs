@@ -14,5 +14,6 @@ pub mod output;
 pub mod pprof;
 pub mod preflight;
 pub mod profile;
+pub mod serve;
 pub mod summary;
 pub mod symbolize;

@@ -15,12 +15,16 @@ mod record;
 enum Cli {
     /// Run a program with the profiler loaded and write its profiles when it exits.
     Record(record::RecordArgs),
+    /// Run the host daemon: preloaded processes connect to it, and it serves
+    /// net/http/pprof endpoints for each of them.
+    Serve(anyprof::serve::ServeArgs),
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli {
         Cli::Record(args) => record::run(args),
+        Cli::Serve(args) => anyprof::serve::run(args),
     };
     match result {
         Ok(code) => code,

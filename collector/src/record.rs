@@ -108,7 +108,11 @@ pub fn run(args: RecordArgs) -> Result<ExitCode> {
     std::fs::create_dir_all(&out_dir)
         .with_context(|| format!("cannot create the output directory {}", out_dir.display()))?;
 
-    let collector = Collector::start(!args.quiet, args.memstats)?;
+    let collector = Collector::start(anyprof::collect::Options {
+        verbose: !args.quiet,
+        trace_mem: args.memstats,
+        ..Default::default()
+    })?;
     let mut preload = OsString::from(lib.as_os_str());
     if let Some(existing) = std::env::var_os("LD_PRELOAD").filter(|v| !v.is_empty()) {
         preload.push(":");

@@ -32,7 +32,11 @@ pub fn init() {
 }
 
 unsafe extern "C" fn stop_timer_at_exit(_: *mut c_void) {
-    stop_timer(thread_state::tid());
+    let tid = thread_state::tid();
+    stop_timer(tid);
+    if let Ok(mut all) = STACKS.lock() {
+        all.retain(|(t, _, _)| *t != tid);
+    }
 }
 
 /// Records the calling thread's stack bounds, via `pthread_getattr_np` (not
@@ -52,8 +56,28 @@ pub fn record_stack_bounds() {
     unsafe { libc::pthread_attr_destroy(&mut attr) };
     if ok && !addr.is_null() {
         let lo = addr as u64;
-        thread_state::set_stack_bounds(lo, lo.saturating_add(size as u64));
+        let hi = lo.saturating_add(size as u64);
+        thread_state::set_stack_bounds(lo, hi);
+        let tid = thread_state::tid();
+        // try_lock: never wait here (this runs at thread start, possibly in a forked child).
+        if let Ok(mut all) = STACKS.try_lock() {
+            all.retain(|(t, _, _)| *t != tid);
+            all.push((tid, lo, hi));
+        }
     }
+}
+
+/// Every thread's stack bounds, by tid, for unwinding a thread from outside it.
+static STACKS: Mutex<Vec<(u32, u64, u64)>> = Mutex::new(Vec::new());
+
+/// The stack bounds of thread `tid`, if recorded.
+pub fn stack_of(tid: u32) -> Option<(u64, u64)> {
+    STACKS
+        .lock()
+        .ok()?
+        .iter()
+        .find(|(t, _, _)| *t == tid)
+        .map(|&(_, lo, hi)| (lo, hi))
 }
 
 /// Every running timer, by thread: (tid, timer). Touched by thread start and exit, and by

@@ -66,7 +66,8 @@ pub fn build(session: &Session, symbolizer: &mut Symbolizer, duration_ns: u64) -
             locs.push(locate.location(&mut b, lookup_address(i, raw, true)));
         }
         if key.flags & FLAG_TRUNCATED != 0 {
-            let loc = *truncated_loc.get_or_insert_with(|| b.location(0, 0, &[synthetic(TRUNCATED_STACK)]));
+            let loc = *truncated_loc
+                .get_or_insert_with(|| b.location(0, 0, &[synthetic(TRUNCATED_STACK)]));
             locs.push(loc);
         }
         let name = session

@@ -147,6 +147,61 @@ pub fn mem_stats_lines(m: &MemStats, rate: u64) -> Vec<String> {
     out
 }
 
+/// `heap?debug=1` (and `allocs?debug=1`): Go's legacy text heap profile — raw sampled counts
+/// per bucket, header rate `heap/2*rate` as Go writes it — followed by the exact counters.
+pub fn legacy_text(session: &Session, symbolizer: &mut Symbolizer) -> String {
+    use std::fmt::Write;
+    let rate = session.hello.as_ref().map(|h| h.mem_rate).unwrap_or(0);
+    let mut buckets: Vec<_> = session.heap.values().collect();
+    buckets.sort_by_key(|b| {
+        std::cmp::Reverse(b.counts.alloc_bytes.saturating_sub(b.counts.free_bytes))
+    });
+    let (mut ti, mut tib, mut ta, mut tab) = (0u64, 0u64, 0u64, 0u64);
+    for b in &buckets {
+        let c = &b.counts;
+        ti += c.alloc_objects.saturating_sub(c.free_objects);
+        tib += c.alloc_bytes.saturating_sub(c.free_bytes);
+        ta += c.alloc_objects;
+        tab += c.alloc_bytes;
+    }
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "heap profile: {ti}: {tib} [{ta}: {tab}] @ heap/{}",
+        2 * rate
+    );
+    for b in buckets {
+        let c = &b.counts;
+        let addrs: Vec<String> = b
+            .frames
+            .iter()
+            .enumerate()
+            .map(|(i, &r)| format!("{:#x}", lookup_address(i, r, false)))
+            .collect();
+        let _ = writeln!(
+            out,
+            "{}: {} [{}: {}] @ {}",
+            c.alloc_objects.saturating_sub(c.free_objects),
+            c.alloc_bytes.saturating_sub(c.free_bytes),
+            c.alloc_objects,
+            c.alloc_bytes,
+            addrs.join(" ")
+        );
+        for line in super::threads::stack_lines(session, symbolizer, &b.frames, false) {
+            let (func, place) = line.split_once("\n\t").unwrap_or((&line, ""));
+            let _ = writeln!(out, "#\t{func}\t{place}");
+        }
+        out.push('\n');
+    }
+    if let Some(stats) = &session.mem_stats {
+        out.push_str("\n# anyprof MemStats (exact, every allocation of the process)\n");
+        for line in mem_stats_lines(stats, rate) {
+            let _ = writeln!(out, "{line}");
+        }
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::scale;

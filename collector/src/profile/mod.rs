@@ -3,6 +3,7 @@
 
 pub mod cpu;
 pub mod heap;
+pub mod threads;
 
 use std::collections::HashMap;
 

@@ -1,0 +1,506 @@
+//! The HTTP side of `anyprof serve`: net/http/pprof's endpoints, per process.
+//!
+//! A process is chosen with `?pid=N` or a `/pid/N` prefix (`/pid/N/debug/pprof/heap`); with
+//! one process connected the pid may be left out. Content types, `Content-Disposition` and
+//! error responses (`X-Go-Pprof: 1`, text body) are Go's, so `go tool pprof` treats this server
+//! like a Go program's.
+
+use std::collections::HashSet;
+use std::io::Read;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyprof_symbolizer::Symbolizer;
+use anyprof_wire::Command;
+use tiny_http::{Header, Request, Response};
+
+use crate::collect::Collector;
+use crate::ingest::Session;
+use crate::profile;
+
+/// Requests' shared state.
+pub struct State {
+    collector: Arc<Collector>,
+    symbolizer: Mutex<Symbolizer>,
+    cpu_busy: Mutex<HashSet<u32>>,
+    next_dump: AtomicU32,
+    max_seconds: u64,
+}
+
+impl State {
+    /// State for a daemon whose CPU profiles may last at most `max_seconds`.
+    pub fn new(collector: Arc<Collector>, max_seconds: u64) -> State {
+        State {
+            collector,
+            symbolizer: Mutex::new(Symbolizer::new()),
+            cpu_busy: Mutex::new(HashSet::new()),
+            next_dump: AtomicU32::new(1),
+            max_seconds,
+        }
+    }
+}
+
+/// Largest request body read (the `symbol` POST).
+const MAX_BODY: u64 = 64 * 1024;
+/// CPU sampling rate of `profile` requests, as Go's `StartCPUProfile`.
+const PROFILE_HZ: u32 = 100;
+
+/// An HTTP error with the reason shown to the client.
+struct HttpError(u16, String);
+
+fn err(code: u16, msg: impl Into<String>) -> HttpError {
+    HttpError(code, msg.into())
+}
+
+type Reply = Result<Response<std::io::Cursor<Vec<u8>>>, HttpError>;
+
+fn header(name: &str, value: &str) -> Header {
+    Header::from_bytes(name.as_bytes(), value.as_bytes()).unwrap_or_else(|_| {
+        Header::from_bytes(&b"X-Invalid"[..], &b"1"[..]).unwrap_or_else(|_| unreachable!())
+    })
+}
+
+fn binary(name: &str, bytes: Vec<u8>) -> Reply {
+    Ok(Response::from_data(bytes)
+        .with_header(header("Content-Type", "application/octet-stream"))
+        .with_header(header(
+            "Content-Disposition",
+            &format!("attachment; filename=\"{name}\""),
+        )))
+}
+
+fn text(body: String) -> Reply {
+    Ok(Response::from_data(body.into_bytes())
+        .with_header(header("Content-Type", "text/plain; charset=utf-8"))
+        .with_header(header("X-Content-Type-Options", "nosniff")))
+}
+
+fn html(body: String) -> Reply {
+    Ok(Response::from_data(body.into_bytes())
+        .with_header(header("Content-Type", "text/html; charset=utf-8")))
+}
+
+/// Answers one request; errors become Go-style error responses.
+pub fn handle(state: &State, mut request: Request) {
+    let url = request.url().to_string();
+    let method = request.method().clone();
+    let mut body = Vec::new();
+    if method == tiny_http::Method::Post {
+        let _ = request.as_reader().take(MAX_BODY).read_to_end(&mut body);
+    }
+    let reply = route(state, &method, &url, &body).unwrap_or_else(|HttpError(code, msg)| {
+        Response::from_data(format!("{msg}\n").into_bytes())
+            .with_status_code(code)
+            .with_header(header("Content-Type", "text/plain; charset=utf-8"))
+            .with_header(header("X-Go-Pprof", "1"))
+            .with_header(header("X-Content-Type-Options", "nosniff"))
+    });
+    let _ = request.respond(reply);
+}
+
+/// Parsed request target: path below `/debug/pprof/`, query parameters, chosen pid.
+struct Target {
+    name: String,
+    query: Vec<(String, String)>,
+    pid: Option<u32>,
+}
+
+impl Target {
+    fn param(&self, key: &str) -> Option<&str> {
+        self.query
+            .iter()
+            .rev()
+            .find(|(k, _)| k == key)
+            .map(|(_, v)| v.as_str())
+    }
+
+    fn debug(&self) -> Result<u32, HttpError> {
+        match self.param("debug") {
+            None | Some("") => Ok(0),
+            Some(v) => v
+                .parse()
+                .map_err(|_| err(400, format!("debug={v}: not a number"))),
+        }
+    }
+}
+
+fn parse_target(url: &str) -> Result<Option<Target>, HttpError> {
+    let (path, query) = url.split_once('?').unwrap_or((url, ""));
+    let query: Vec<(String, String)> = query
+        .split('&')
+        .filter(|p| !p.is_empty())
+        .map(|p| {
+            let (k, v) = p.split_once('=').unwrap_or((p, ""));
+            (k.to_string(), v.to_string())
+        })
+        .collect();
+    let mut pid = None;
+    let mut rest = path;
+    if let Some(after) = path.strip_prefix("/pid/") {
+        let (num, tail) = after.split_once('/').unwrap_or((after, ""));
+        pid = Some(
+            num.parse::<u32>()
+                .map_err(|_| err(400, format!("/pid/{num}: not a process id")))?,
+        );
+        rest = if tail.is_empty() {
+            "/"
+        } else {
+            &path[path.len() - tail.len() - 1..]
+        };
+    }
+    if let Some((_, v)) = query.iter().rev().find(|(k, _)| k == "pid") {
+        pid = Some(
+            v.parse::<u32>()
+                .map_err(|_| err(400, format!("pid={v}: not a process id")))?,
+        );
+    }
+    let Some(name) = rest.strip_prefix("/debug/pprof") else {
+        return Ok(None);
+    };
+    Ok(Some(Target {
+        name: name.trim_start_matches('/').to_string(),
+        query,
+        pid,
+    }))
+}
+
+fn route(state: &State, method: &tiny_http::Method, url: &str, body: &[u8]) -> Reply {
+    let Some(t) = parse_target(url)? else {
+        if url == "/" {
+            return index(state, None);
+        }
+        return Err(err(404, "not found: anyprof serves /debug/pprof/"));
+    };
+    match t.name.as_str() {
+        "" => index(state, t.pid),
+        "cmdline" => cmdline(state, &t),
+        "symbol" => symbol(state, &t, method, body),
+        "profile" => cpu_profile(state, &t),
+        "heap" => heap(state, &t, profile::heap::View::Heap),
+        "allocs" => heap(state, &t, profile::heap::View::Allocs),
+        "threads" | "goroutine" => threads(state, &t),
+        "threadcreate" => threadcreate(state, &t),
+        "block" | "mutex" | "trace" => {
+            Err(err(404, format!("profile {} is not supported yet", t.name)))
+        }
+        other => Err(err(404, format!("unknown profile {other}"))),
+    }
+}
+
+/// The process a request is about: the one it names, or the only one connected.
+fn choose_pid(state: &State, t: &Target) -> Result<u32, HttpError> {
+    let processes = state.collector.processes();
+    match t.pid {
+        Some(pid) if processes.iter().any(|p| p.pid == pid) => Ok(pid),
+        Some(pid) => Err(err(
+            404,
+            format!("unknown pid {pid}: no such process is connected to anyprof serve"),
+        )),
+        None => match processes.as_slice() {
+            [only] => Ok(only.pid),
+            [] => Err(err(404, "no process is connected to anyprof serve")),
+            _ => Err(err(
+                400,
+                format!(
+                    "{} processes are connected: choose one with ?pid=N (see /debug/pprof/)",
+                    processes.len()
+                ),
+            )),
+        },
+    }
+}
+
+fn snapshot(state: &State, pid: u32) -> Result<Session, HttpError> {
+    let shared = state
+        .collector
+        .session_of(pid)
+        .ok_or_else(|| err(404, format!("process {pid} disconnected")))?;
+    let s = shared
+        .lock()
+        .map_err(|_| err(500, "session state poisoned"))?
+        .clone();
+    Ok(s)
+}
+
+fn symbolizer(state: &State) -> Result<std::sync::MutexGuard<'_, Symbolizer>, HttpError> {
+    state
+        .symbolizer
+        .lock()
+        .map_err(|_| err(500, "symbolizer poisoned"))
+}
+
+fn index(state: &State, pid: Option<u32>) -> Reply {
+    let processes = state.collector.processes();
+    let mut out = String::from(
+        "<html><head><title>/debug/pprof/</title></head><body>\n<p>anyprof serve: profiles of \
+         connected processes. Pick a process, then a profile.</p>\n<table>\n",
+    );
+    for p in &processes {
+        if pid.is_some_and(|want| want != p.pid) {
+            continue;
+        }
+        let q = format!("pid={}", p.pid);
+        out.push_str(&format!(
+            "<tr><td>{}</td><td>{}</td><td>",
+            p.pid,
+            escape(&p.cmdline)
+        ));
+        for (name, extra) in [
+            ("profile", "&seconds=30"),
+            ("heap", ""),
+            ("allocs", ""),
+            ("threads", "&debug=2"),
+            ("threadcreate", ""),
+            ("cmdline", ""),
+        ] {
+            out.push_str(&format!(
+                "<a href=\"/debug/pprof/{name}?{q}{extra}\">{name}</a> "
+            ));
+        }
+        out.push_str("</td></tr>\n");
+    }
+    out.push_str(
+        "</table>\n<p>profile: CPU profile (?seconds=N, default 30). heap: live memory; \
+                  allocs: all past allocations (same data, other default). threads: every \
+                  thread's current stack (debug=2 for text). threadcreate: where threads were \
+                  created. cmdline: the command line.</p>\n</body></html>\n",
+    );
+    html(out)
+}
+
+fn escape(s: &str) -> String {
+    s.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+}
+
+fn cmdline(state: &State, t: &Target) -> Reply {
+    let s = snapshot(state, choose_pid(state, t)?)?;
+    let cmdline = s.hello.map(|h| h.cmdline).unwrap_or_default();
+    text(String::from_utf8_lossy(&cmdline).into_owned())
+}
+
+/// `symbol`: GET answers `num_symbols: 1`; POST takes `0xADDR+0xADDR...` (runtime addresses
+/// of the chosen process) and answers one `0xADDR name` line per address it knows.
+fn symbol(state: &State, t: &Target, method: &tiny_http::Method, body: &[u8]) -> Reply {
+    if *method != tiny_http::Method::Post {
+        return text("num_symbols: 1\n".into());
+    }
+    let session = snapshot(state, choose_pid(state, t)?)?;
+    let input = String::from_utf8_lossy(body);
+    let addrs: Vec<u64> = input
+        .split('+')
+        .filter_map(|a| u64::from_str_radix(a.trim().trim_start_matches("0x"), 16).ok())
+        .take(10_000)
+        .collect();
+    let (resolved, _) = crate::symbolize::resolve_all(
+        &mut *symbolizer(state)?,
+        &session.modules,
+        addrs.iter().copied(),
+    );
+    let mut out = String::new();
+    for a in addrs {
+        if let Some(line) = resolved.get(&a).and_then(|r| r.lines.last()) {
+            out.push_str(&format!("{a:#x} {}\n", line.name));
+        }
+    }
+    text(out)
+}
+
+fn cpu_profile(state: &State, t: &Target) -> Reply {
+    let seconds: u64 = match t.param("seconds") {
+        None | Some("") => 30,
+        Some(v) => v
+            .parse()
+            .map_err(|_| err(400, format!("seconds={v}: not a whole number of seconds")))?,
+    };
+    if seconds == 0 || seconds > state.max_seconds {
+        return Err(err(
+            400,
+            format!(
+                "seconds={seconds}: must be between 1 and {} (anyprof serve --max-seconds)",
+                state.max_seconds
+            ),
+        ));
+    }
+    let pid = choose_pid(state, t)?;
+    {
+        let mut busy = state
+            .cpu_busy
+            .lock()
+            .map_err(|_| err(500, "state poisoned"))?;
+        if !busy.insert(pid) {
+            return Err(err(
+                500,
+                format!(
+                    "Could not enable CPU profiling: cpu profiling already in use for pid {pid}"
+                ),
+            ));
+        }
+    }
+    let result = run_cpu_profile(state, pid, seconds);
+    if let Ok(mut busy) = state.cpu_busy.lock() {
+        busy.remove(&pid);
+    }
+    result
+}
+
+fn run_cpu_profile(state: &State, pid: u32, seconds: u64) -> Reply {
+    let shared = state
+        .collector
+        .session_of(pid)
+        .ok_or_else(|| err(404, format!("process {pid} disconnected")))?;
+    let counters_before = {
+        let mut s = shared.lock().map_err(|_| err(500, "session poisoned"))?;
+        s.cpu.clear();
+        s.counters.clone()
+    };
+    state
+        .collector
+        .command(pid, Command::CpuStart(PROFILE_HZ))
+        .map_err(|e| err(500, format!("Could not enable CPU profiling: {e:#}")))?;
+    let started = Instant::now();
+    let deadline = started + Duration::from_secs(seconds);
+    while Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+        if shared.lock().map(|s| s.closed_at.is_some()).unwrap_or(true) {
+            break; // the process went away: return what it sent
+        }
+    }
+    let _ = state.collector.command(pid, Command::CpuStop);
+    std::thread::sleep(Duration::from_millis(150)); // its last samples are in flight
+    let mut session = {
+        let mut s = shared.lock().map_err(|_| err(500, "session poisoned"))?;
+        let copy = s.clone();
+        s.cpu.clear();
+        copy
+    };
+    for (now, before) in session.counters.iter_mut().zip(&counters_before) {
+        *now = now.saturating_sub(*before);
+    }
+    if let Some(h) = session.hello.as_mut() {
+        h.cpu_hz = PROFILE_HZ;
+        h.start_realtime_ns =
+            crate::output::unix_nanos() as u64 - started.elapsed().as_nanos() as u64;
+    }
+    let p = profile::cpu::build(
+        &session,
+        &mut *symbolizer(state)?,
+        started.elapsed().as_nanos() as u64,
+    );
+    binary("profile", crate::pprof::encode_gzipped(&p))
+}
+
+fn heap(state: &State, t: &Target, view: profile::heap::View) -> Reply {
+    let debug = t.debug()?; // ?gc=1 is accepted and ignored: there is no collector to run
+    let session = snapshot(state, choose_pid(state, t)?)?;
+    if session.hello.as_ref().is_some_and(|h| h.mem_rate == 0) {
+        return Err(err(
+            404,
+            "heap profiling is disabled in this process (ANYPROF_MEM_RATE=0)",
+        ));
+    }
+    if debug > 0 {
+        return text(profile::heap::legacy_text(
+            &session,
+            &mut *symbolizer(state)?,
+        ));
+    }
+    let p = profile::heap::build(
+        &session,
+        &mut *symbolizer(state)?,
+        view,
+        crate::output::unix_nanos(),
+    );
+    let name = if view == profile::heap::View::Heap {
+        "heap"
+    } else {
+        "allocs"
+    };
+    binary(name, crate::pprof::encode_gzipped(&p))
+}
+
+fn threads(state: &State, t: &Target) -> Reply {
+    let debug = t.debug()?;
+    let pid = choose_pid(state, t)?;
+    let id = state.next_dump.fetch_add(1, Ordering::Relaxed);
+    state
+        .collector
+        .command(pid, Command::ThreadDump(id))
+        .map_err(|e| err(500, format!("{e:#}")))?;
+    // The process answers within a few drain cycles; wait until the dump stops growing.
+    let shared = state
+        .collector
+        .session_of(pid)
+        .ok_or_else(|| err(404, format!("process {pid} disconnected")))?;
+    let deadline = Instant::now() + Duration::from_secs(2);
+    let mut last = usize::MAX;
+    loop {
+        std::thread::sleep(Duration::from_millis(60));
+        let n = shared
+            .lock()
+            .map(|s| s.thread_dumps.get(&id).map_or(0, Vec::len))
+            .unwrap_or(0);
+        if (n > 0 && n == last) || Instant::now() >= deadline {
+            break;
+        }
+        last = n;
+    }
+    let mut session = {
+        let mut s = shared.lock().map_err(|_| err(500, "session poisoned"))?;
+        let copy = s.clone();
+        s.thread_dumps.remove(&id);
+        copy
+    };
+    session.thread_dumps.retain(|k, _| *k == id);
+    let mut sym = symbolizer(state)?;
+    match debug {
+        0 => binary(
+            "threads",
+            crate::pprof::encode_gzipped(&profile::threads::dump_profile(
+                &session,
+                &mut sym,
+                id,
+                crate::output::unix_nanos(),
+            )),
+        ),
+        _ => text(profile::threads::dump_text(&session, &mut sym, id)),
+    }
+}
+
+fn threadcreate(state: &State, t: &Target) -> Reply {
+    let session = snapshot(state, choose_pid(state, t)?)?;
+    let p = profile::threads::create_profile(
+        &session,
+        &mut *symbolizer(state)?,
+        crate::output::unix_nanos(),
+    );
+    binary("threadcreate", crate::pprof::encode_gzipped(&p))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_target;
+
+    #[test]
+    fn targets_name_the_profile_and_the_process() {
+        let t = parse_target("/debug/pprof/heap?gc=1&pid=42")
+            .ok()
+            .flatten()
+            .unwrap();
+        assert_eq!((t.name.as_str(), t.pid), ("heap", Some(42)));
+        let t = parse_target("/pid/7/debug/pprof/profile?seconds=2")
+            .ok()
+            .flatten()
+            .unwrap();
+        assert_eq!(
+            (t.name.as_str(), t.pid, t.param("seconds")),
+            ("profile", Some(7), Some("2"))
+        );
+        let t = parse_target("/debug/pprof/").ok().flatten().unwrap();
+        assert_eq!((t.name.as_str(), t.pid), ("", None));
+        assert!(parse_target("/pid/x/debug/pprof/heap").is_err());
+        assert!(parse_target("/metrics").ok().flatten().is_none());
+    }
+}

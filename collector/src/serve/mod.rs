@@ -1,0 +1,116 @@
+//! `anyprof serve`: the host daemon. Preloaded processes connect to its Unix socket; it serves
+//! net/http/pprof-compatible endpoints for each of them over HTTP, so that
+//! `go tool pprof http://127.0.0.1:6060/debug/pprof/profile?seconds=10&pid=1234` works against
+//! a C++ or Rust service exactly as against a Go service.
+//!
+//! Processes come and go: each connects (and reconnects after a daemon restart) by itself;
+//! ended connections are reaped, with their reader threads and descriptors. CPU sampling
+//! runs in a process only while a `profile` request for it is in progress.
+
+pub mod http;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::{Context, Result};
+use clap::Args;
+
+use crate::collect::{Collector, Options};
+
+/// Arguments of `anyprof serve`.
+#[derive(Args, Debug, Clone)]
+pub struct ServeArgs {
+    /// Unix socket that preloaded processes connect to [default: /run/anyprof.sock as root,
+    /// else $XDG_RUNTIME_DIR/anyprof.sock, else /tmp/anyprof-UID.sock]
+    #[arg(long, value_name = "PATH", env = "ANYPROF_SOCKET")]
+    pub socket: Option<PathBuf>,
+    /// HTTP address for the pprof endpoints. Loopback by default: profiles reveal code and
+    /// data layout, so listening on other interfaces is for you to choose explicitly
+    #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:6060")]
+    pub http: SocketAddr,
+    /// Also accept processes of this uid (repeatable); by default only the daemon's own uid
+    /// and root may connect
+    #[arg(long = "allow-uid", value_name = "UID")]
+    pub allow_uid: Vec<u32>,
+    /// Longest CPU profile a request may ask for, in seconds
+    #[arg(long, value_name = "SECS", default_value_t = 300)]
+    pub max_seconds: u64,
+    /// Requests served at once; more wait for a free worker
+    #[arg(long, value_name = "N", default_value_t = 32)]
+    pub workers: usize,
+    /// Print the processes' informational messages and every refused connection
+    #[arg(short, long)]
+    pub verbose: bool,
+}
+
+/// The daemon's default socket path (the preload tries the same places).
+pub fn default_socket() -> PathBuf {
+    // SAFETY: geteuid cannot fail.
+    let euid = unsafe { libc::geteuid() };
+    if euid == 0 {
+        return PathBuf::from("/run/anyprof.sock");
+    }
+    match std::env::var_os("XDG_RUNTIME_DIR").filter(|d| !d.is_empty()) {
+        Some(dir) => PathBuf::from(dir).join("anyprof.sock"),
+        None => PathBuf::from(format!("/tmp/anyprof-{euid}.sock")),
+    }
+}
+
+/// Runs the daemon until it is killed (SIGINT and SIGTERM end it cleanly).
+pub fn run(args: ServeArgs) -> Result<std::process::ExitCode> {
+    let socket = args.socket.clone().unwrap_or_else(default_socket);
+    // SAFETY: geteuid cannot fail.
+    let euid = unsafe { libc::geteuid() };
+    let mut allowed = vec![euid, 0];
+    allowed.extend(&args.allow_uid);
+    let collector = Arc::new(Collector::listen_at(
+        socket.clone(),
+        Options {
+            verbose: args.verbose,
+            trace_mem: false,
+            allowed_uids: Some(allowed),
+            reap: true,
+        },
+    )?);
+    let server = tiny_http::Server::http(args.http)
+        .map_err(|e| anyhow::anyhow!("{e}"))
+        .with_context(|| format!("cannot listen for HTTP on {}", args.http))?;
+    eprintln!(
+        "anyprof serve: processes connect to {}; pprof endpoints at http://{}/debug/pprof/",
+        socket.display(),
+        args.http
+    );
+    let server = Arc::new(server);
+    let state = Arc::new(http::State::new(collector.clone(), args.max_seconds));
+    let workers: Vec<_> = (0..args.workers.max(1))
+        .map(|i| {
+            let (server, state) = (server.clone(), state.clone());
+            std::thread::Builder::new()
+                .name(format!("http-{i}"))
+                .spawn(move || {
+                    while let Ok(request) = server.recv() {
+                        http::handle(&state, request);
+                    }
+                })
+        })
+        .collect::<std::io::Result<_>>()?;
+    wait_for_termination();
+    server.unblock();
+    for w in workers {
+        let _ = w.join();
+    }
+    drop(collector); // removes the socket file
+    Ok(std::process::ExitCode::SUCCESS)
+}
+
+/// Blocks until SIGINT or SIGTERM.
+fn wait_for_termination() {
+    use nix::sys::signal::{SigSet, Signal};
+    let mut set = SigSet::empty();
+    set.add(Signal::SIGINT);
+    set.add(Signal::SIGTERM);
+    // Block them in this thread (threads spawned later inherit the mask), then wait.
+    let _ = set.thread_block();
+    let _ = set.wait();
+}
