@@ -1,12 +1,19 @@
 //! `libanyprof.so`: the library that `LD_PRELOAD` puts into an unmodified program.
 //!
-//! On load it reads its settings from `ANYPROF_*` environment variables, connects to the
-//! collector named by `ANYPROF_SOCKET`, and starts CPU sampling: every thread gets its own
-//! `CLOCK_THREAD_CPUTIME_ID` timer that sends it `SIGPROF` (threads created later are caught by
-//! interposing `pthread_create`). The signal handler unwinds the interrupted stack with
-//! framehop over the `.eh_frame` already mapped in memory and writes the raw return addresses
-//! into a fixed ring. A background thread drains the ring, watches the module map for
-//! dlopen/dlclose and streams everything to the collector. Nothing is symbolized here.
+//! On load it reads its settings from `ANYPROF_*` environment variables and connects to the
+//! collector: `anyprof record` (named by `ANYPROF_SOCKET`, `ANYPROF_MODE=record`), or the
+//! `anyprof serve` daemon at its default sockets, retried every second.
+//!
+//! - CPU ([`signal`], [`threads`], [`timer`]): every thread gets its own
+//!   `CLOCK_THREAD_CPUTIME_ID` timer that sends it `SIGPROF` (threads created later are caught
+//!   by interposing `pthread_create`) — from the start under `record`, only while the daemon
+//!   asks under `serve`. The handler unwinds the interrupted stack with framehop over the
+//!   `.eh_frame` already mapped in memory and writes raw return addresses into a fixed ring.
+//! - Heap ([`alloc`]): the malloc family is interposed; exact counters per thread, and
+//!   rate-based samples aggregated into (stack, size) buckets.
+//! - A background thread ([`drain`]) drains the ring, watches the module map for
+//!   dlopen/dlclose, carries out the collector's commands and streams everything to it.
+//!   Nothing is symbolized here.
 //!
 //! The library lives in programs we did not write, so the rules are strict:
 //! - Code reachable from a signal handler lives in [`signal`] and obeys the contract in its
@@ -14,7 +21,7 @@
 //! - Nothing is written to the program's stdout or stderr; diagnostics go to the collector
 //!   (or `ANYPROF_LOG_FILE`).
 //! - When anything is full or gone, data is dropped and counted, never waited for.
-//! - Without `ANYPROF_SOCKET` the library stays idle: no timer, no thread, no signal handler.
+//! - Until a collector asks, no CPU timer runs; without one, nothing leaves the process.
 //!
 //! The exported C ABI — every symbol this library interposes — is listed in [`exports`].
 
