@@ -198,3 +198,83 @@ pub extern "C" fn pvalloc(size: usize) -> *mut c_void {
 pub extern "C" fn malloc_usable_size(p: *mut c_void) -> usize {
     crate::alloc::hooks::malloc_usable_size(p)
 }
+
+// Signal dispositions for SIGPROF. Once our handler is installed, a program that installs
+// its own SIGPROF handler (its own profiler, setitimer users) would silently replace ours and
+// receive our timer ticks; instead the program's handler is recorded and ours chains every
+// SIGPROF that is not one of our timers to it. Every other signal passes straight through.
+
+type SigactionFn =
+    unsafe extern "C" fn(libc::c_int, *const libc::sigaction, *mut libc::sigaction) -> libc::c_int;
+type SignalFn = unsafe extern "C" fn(libc::c_int, libc::sighandler_t) -> libc::sighandler_t;
+
+/// The real `sigaction`.
+///
+/// # Safety
+/// Same contract as `sigaction(2)`.
+pub unsafe fn real_sigaction(
+    sig: libc::c_int,
+    act: *const libc::sigaction,
+    old: *mut libc::sigaction,
+) -> libc::c_int {
+    let real = next_symbol(c"sigaction");
+    if real == 0 {
+        crate::signal::sys::set_errno(libc::ENOSYS);
+        return -1;
+    }
+    // SAFETY: `real` is libc's sigaction, which has this signature.
+    let real: SigactionFn = unsafe { core::mem::transmute(real) };
+    // SAFETY: forwarding the caller's arguments.
+    unsafe { real(sig, act, old) }
+}
+
+/// `sigaction(2)`.
+///
+/// # Safety
+/// Same contract as `sigaction(2)`.
+#[cfg_attr(not(test), no_mangle)]
+pub unsafe extern "C" fn sigaction(
+    sig: libc::c_int,
+    act: *const libc::sigaction,
+    old: *mut libc::sigaction,
+) -> libc::c_int {
+    if sig == crate::signal::handler::SIGNAL && crate::signal::handler::installed() {
+        if !old.is_null() {
+            // SAFETY: the caller passes a writable sigaction.
+            unsafe { *old = crate::signal::handler::program_action() };
+        }
+        if !act.is_null() {
+            // SAFETY: the caller passes a readable sigaction.
+            let act = unsafe { &*act };
+            crate::signal::handler::set_program_action(act.sa_sigaction, act.sa_flags);
+        }
+        return 0;
+    }
+    // SAFETY: forwarding the caller's arguments.
+    unsafe { real_sigaction(sig, act, old) }
+}
+
+/// `signal(3)` (glibc's calls its internal sigaction, out of our sight, so it is
+/// interposed too).
+///
+/// # Safety
+/// Same contract as `signal(3)`.
+#[cfg_attr(not(test), no_mangle)]
+pub unsafe extern "C" fn signal(
+    sig: libc::c_int,
+    handler: libc::sighandler_t,
+) -> libc::sighandler_t {
+    if sig == crate::signal::handler::SIGNAL && crate::signal::handler::installed() {
+        let previous = crate::signal::handler::program_action().sa_sigaction;
+        crate::signal::handler::set_program_action(handler, libc::SA_RESTART);
+        return previous;
+    }
+    let real = next_symbol(c"signal");
+    if real == 0 {
+        return libc::SIG_ERR;
+    }
+    // SAFETY: `real` is libc's signal, which has this signature.
+    let real: SignalFn = unsafe { core::mem::transmute(real) };
+    // SAFETY: forwarding the caller's arguments.
+    unsafe { real(sig, handler) }
+}

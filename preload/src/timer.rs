@@ -25,6 +25,9 @@ pub fn start(tid: u32, hz: u32) -> Result<TimerId, i32> {
     sev.sigev_notify = libc::SIGEV_THREAD_ID;
     sev.sigev_signo = SIGNAL;
     sev.sigev_notify_thread_id = tid as libc::c_int;
+    sev.sigev_value = libc::sigval {
+        sival_ptr: crate::signal::handler::TIMER_COOKIE as *mut libc::c_void,
+    };
     let mut id: libc::c_int = 0;
     // SAFETY: `sev` and `id` are valid for the duration of the call.
     let rc = unsafe {

@@ -17,10 +17,37 @@ use crate::counters;
 /// True while samples should be taken. Cleared at exit and in forked children.
 pub static SAMPLING: AtomicBool = AtomicBool::new(false);
 
-/// The `sa_sigaction` that was installed for `SIGPROF` before ours (0 = none/default/ignore).
+/// The program's own `SIGPROF` handler (installed before ours, or later through our
+/// `sigaction`/`signal` interposers, which record it here instead of replacing ours).
+/// `SIG_DFL` (0) or `SIG_IGN` (1) means no handler to call.
 static PREVIOUS_ACTION: AtomicUsize = AtomicUsize::new(0);
-/// Whether the previous handler wanted `SA_SIGINFO` arguments.
-static PREVIOUS_SIGINFO: AtomicBool = AtomicBool::new(false);
+/// The program handler's `sa_flags` (`SA_SIGINFO` decides how it is called).
+static PREVIOUS_FLAGS: core::sync::atomic::AtomicI32 = core::sync::atomic::AtomicI32::new(0);
+
+/// Marks our timers' signals (`sigev_value`), so that a program's own `timer_create` with
+/// `SIGPROF` is told apart from ours and goes to the program's handler.
+pub const TIMER_COOKIE: usize = 0x616e_7970_726f_6600; // "anyprof\0"
+
+/// True once our handler is installed: from then on the program's `SIGPROF` handler is
+/// recorded for chaining instead of installed.
+pub fn installed() -> bool {
+    INSTALLED.load(Ordering::Acquire)
+}
+
+/// The program's `SIGPROF` action as the program believes it is installed.
+pub fn program_action() -> libc::sigaction {
+    // SAFETY: a zeroed sigaction is a valid "default action, empty mask" value.
+    let mut a: libc::sigaction = unsafe { core::mem::zeroed() };
+    a.sa_sigaction = PREVIOUS_ACTION.load(Ordering::Acquire);
+    a.sa_flags = PREVIOUS_FLAGS.load(Ordering::Acquire);
+    a
+}
+
+/// Records the program's new `SIGPROF` action (ours stays installed and chains to it).
+pub fn set_program_action(handler: usize, flags: libc::c_int) {
+    PREVIOUS_FLAGS.store(flags, Ordering::Release);
+    PREVIOUS_ACTION.store(handler, Ordering::Release);
+}
 
 /// The signal our timers send.
 pub const SIGNAL: libc::c_int = libc::SIGPROF;
@@ -42,15 +69,13 @@ pub fn install() -> Result<(), i32> {
     unsafe { libc::sigemptyset(&mut action.sa_mask) };
     // SAFETY: as above.
     let mut old: libc::sigaction = unsafe { core::mem::zeroed() };
-    // SAFETY: both pointers are valid sigaction structs.
-    if unsafe { libc::sigaction(SIGNAL, &action, &mut old) } != 0 {
+    // SAFETY: both pointers are valid sigaction structs; the real sigaction, not our
+    // interposer, which would only record the action.
+    if unsafe { crate::exports::real_sigaction(SIGNAL, &action, &mut old) } != 0 {
         INSTALLED.store(false, Ordering::Release);
         return Err(sys::errno());
     }
-    if old.sa_sigaction != libc::SIG_DFL && old.sa_sigaction != libc::SIG_IGN {
-        PREVIOUS_SIGINFO.store(old.sa_flags & libc::SA_SIGINFO != 0, Ordering::Relaxed);
-        PREVIOUS_ACTION.store(old.sa_sigaction, Ordering::Release);
-    }
+    set_program_action(old.sa_sigaction, old.sa_flags);
     Ok(())
 }
 
@@ -62,7 +87,7 @@ extern "C" fn on_signal(sig: libc::c_int, info: *mut libc::siginfo_t, context: *
         // SAFETY: the kernel passes a valid siginfo for SA_SIGINFO handlers.
         unsafe { (*info).si_code }
     };
-    if code == libc::SI_TIMER {
+    if code == libc::SI_TIMER && is_our_timer(info) {
         if SAMPLING.load(Ordering::Relaxed) && !context.is_null() {
             take_sample(context, 0, None);
         }
@@ -78,10 +103,10 @@ extern "C" fn on_signal(sig: libc::c_int, info: *mut libc::siginfo_t, context: *
 /// Passes a signal that is not ours to the handler that was installed before us.
 fn chain(sig: libc::c_int, info: *mut libc::siginfo_t, context: *mut libc::c_void) {
     let previous = PREVIOUS_ACTION.load(Ordering::Acquire);
-    if previous == 0 {
+    if previous == libc::SIG_DFL || previous == libc::SIG_IGN {
         return;
     }
-    if PREVIOUS_SIGINFO.load(Ordering::Relaxed) {
+    if PREVIOUS_FLAGS.load(Ordering::Relaxed) & libc::SA_SIGINFO != 0 {
         // SAFETY: `previous` was read from a sigaction with SA_SIGINFO, so it has this type.
         let f: extern "C" fn(libc::c_int, *mut libc::siginfo_t, *mut libc::c_void) =
             unsafe { core::mem::transmute(previous) };
@@ -91,6 +116,13 @@ fn chain(sig: libc::c_int, info: *mut libc::siginfo_t, context: *mut libc::c_voi
         let f: extern "C" fn(libc::c_int) = unsafe { core::mem::transmute(previous) };
         f(sig);
     }
+}
+
+/// True for a signal of one of our timers (its value carries [`TIMER_COOKIE`]).
+fn is_our_timer(info: *mut libc::siginfo_t) -> bool {
+    // SAFETY: for SI_TIMER the kernel fills si_value; `info` is non-null here (code came from it).
+    let value = unsafe { (*info).si_value() };
+    value.sival_ptr as usize == TIMER_COOKIE
 }
 
 /// True for a `tgkill` from our own process while a thread dump is in progress.
