@@ -12,6 +12,7 @@
 //! unwinder is built and published ([`crate::signal::unwind::publish`]).
 
 use std::ffi::CStr;
+use std::sync::Arc;
 
 use framehop::x86_64::UnwinderX86_64;
 use framehop::{ExplicitModuleSectionInfo, Module, Unwinder as _};
@@ -43,6 +44,18 @@ pub struct LoadedModule {
     /// `.eh_frame_hdr` and `.eh_frame` in memory, if present.
     eh_frame_hdr: Option<&'static [u8]>,
     eh_frame: Option<&'static [u8]>,
+    /// For objects loaded after start (which `dlclose` may unmap while a signal handler is
+    /// unwinding through their tables): our own copy of the unwind tables.
+    unwind_copy: Option<Arc<UnwindCopy>>,
+}
+
+/// A private copy of an object's `.eh_frame_hdr` and `.eh_frame`, so that unwinding never
+/// reads memory that `dlclose` may unmap at any moment. Freed only after every unwinder that
+/// refers to it has been retired.
+#[derive(Debug)]
+pub struct UnwindCopy {
+    hdr: Box<[u8]>,
+    eh: Box<[u8]>,
 }
 
 impl LoadedModule {
@@ -68,27 +81,61 @@ impl LoadedModule {
         (self.load_bias, &self.path)
     }
 
+    /// Copies the unwind tables out of the object (call while the loader lock is held, so
+    /// the object cannot go away meanwhile).
+    fn copy_unwind_tables(&mut self) {
+        if let (Some(hdr), Some(eh)) = (self.eh_frame_hdr, self.eh_frame) {
+            let eh = eh.get(..eh_frame_len(eh)).unwrap_or(eh);
+            self.unwind_copy = Some(Arc::new(UnwindCopy {
+                hdr: hdr.into(),
+                eh: eh.into(),
+            }));
+            self.eh_frame = Some(eh);
+        }
+    }
+
     fn framehop_module(&self) -> Option<Module<&'static [u8]>> {
         let (hdr, eh) = (self.eh_frame_hdr?, self.eh_frame?);
         let bias = self.load_bias;
+        // Addresses as stated in the object, from where the tables sit in the object's mapping.
         let svma = |s: &'static [u8]| {
             let start = (s.as_ptr() as u64).wrapping_sub(bias);
             start..start + s.len() as u64
         };
         let (exec_start, exec_end) = self.exec;
-        // SAFETY: the executable range is mapped readable (x86_64 has no execute-only pages
-        // under Linux's default policy) for as long as the object stays loaded.
-        let text: &'static [u8] = unsafe {
-            core::slice::from_raw_parts(exec_start as *const u8, (exec_end - exec_start) as usize)
-        };
+        let (hdr_data, eh_data, text): (&'static [u8], &'static [u8], Option<&'static [u8]>) =
+            match &self.unwind_copy {
+                // SAFETY: the copy outlives every unwinder built from it (ModuleMap keeps it in
+                // `retired_copies` until those unwinders are freed); without the object's code
+                // mapping, framehop does without prologue analysis.
+                Some(c) => unsafe {
+                    (
+                        core::slice::from_raw_parts(c.hdr.as_ptr(), c.hdr.len()),
+                        core::slice::from_raw_parts(c.eh.as_ptr(), c.eh.len()),
+                        None,
+                    )
+                },
+                // SAFETY: objects loaded at start are never unloaded; their executable range is
+                // mapped readable (x86_64 has no execute-only pages under Linux's default policy).
+                None => (
+                    hdr,
+                    eh,
+                    Some(unsafe {
+                        core::slice::from_raw_parts(
+                            exec_start as *const u8,
+                            (exec_end - exec_start) as usize,
+                        )
+                    }),
+                ),
+            };
         let info = ExplicitModuleSectionInfo {
             base_svma: 0,
             text_svma: Some(exec_start.wrapping_sub(bias)..exec_end.wrapping_sub(bias)),
-            text: Some(text),
+            text,
             eh_frame_svma: Some(svma(eh)),
-            eh_frame: Some(eh),
+            eh_frame: Some(eh_data),
             eh_frame_hdr_svma: Some(svma(hdr)),
-            eh_frame_hdr: Some(hdr),
+            eh_frame_hdr: Some(hdr_data),
             ..Default::default()
         };
         let name = String::from_utf8_lossy(&self.path).into_owned();
@@ -114,6 +161,10 @@ pub struct ModuleMap {
     /// Ids the collector has been told about.
     reported: Vec<u32>,
     retired: Vec<*mut Unwinder>,
+    /// Unwind-table copies of unloaded objects, kept until the unwinders using them go.
+    retired_copies: Vec<Arc<UnwindCopy>>,
+    /// True after the first enumeration: objects found later were dlopen'ed and get copies.
+    started: bool,
     exe_path: Vec<u8>,
 }
 
@@ -130,6 +181,8 @@ impl ModuleMap {
             generation: None,
             reported: Vec::new(),
             retired: Vec::new(),
+            retired_copies: Vec::new(),
+            started: false,
             exe_path: Vec::new(),
         }
     }
@@ -138,7 +191,9 @@ impl ModuleMap {
     /// publishes a new unwinder on change, and frees retired unwinders when safe.
     pub fn refresh(&mut self) -> Changes {
         let mut changes = Changes::default();
-        unwind::retire_when_quiet(&mut self.retired);
+        if unwind::retire_when_quiet(&mut self.retired) {
+            self.retired_copies.clear();
+        }
         let generation = loader_generation();
         if self.generation == Some(generation) {
             return changes;
@@ -149,12 +204,21 @@ impl ModuleMap {
                 .map(|p| p.into_os_string().into_encoded_bytes())
                 .unwrap_or_else(|_| b"[main]".to_vec());
         }
-        let found = enumerate(&self.exe_path);
+        let known: Vec<(u64, Vec<u8>)> = self
+            .modules
+            .iter()
+            .map(|m| (m.load_bias, m.path.clone()))
+            .collect();
+        let found = enumerate(&self.exe_path, self.started.then_some(known.as_slice()));
+        self.started = true;
         let old = std::mem::take(&mut self.modules);
         let mut structure_changed = false;
         for mut m in found {
             if let Some(prev) = old.iter().find(|o| o.key() == m.key()) {
                 m.id = prev.id;
+                if m.unwind_copy.is_none() {
+                    m.unwind_copy.clone_from(&prev.unwind_copy);
+                }
             } else {
                 m.id = self.next_id;
                 self.next_id += 1;
@@ -190,7 +254,16 @@ impl ModuleMap {
             if !previous.is_null() {
                 self.retired.push(previous);
             }
-            unwind::retire_when_quiet(&mut self.retired);
+            for o in &old {
+                if let (Some(copy), false) =
+                    (&o.unwind_copy, self.modules.iter().any(|m| m.id == o.id))
+                {
+                    self.retired_copies.push(copy.clone());
+                }
+            }
+            if unwind::retire_when_quiet(&mut self.retired) {
+                self.retired_copies.clear();
+            }
         }
         changes
     }
@@ -225,10 +298,13 @@ fn loader_generation() -> (u64, u64) {
     out
 }
 
-fn enumerate(exe_path: &[u8]) -> Vec<LoadedModule> {
+/// Lists the loaded objects. With `known` (every refresh after the first), objects not in
+/// it were loaded since and get their unwind tables copied, inside the loader's callback.
+fn enumerate(exe_path: &[u8], known: Option<&[(u64, Vec<u8>)]>) -> Vec<LoadedModule> {
     struct Ctx<'a> {
         out: Vec<LoadedModule>,
         exe_path: &'a [u8],
+        known: Option<&'a [(u64, Vec<u8>)]>,
     }
     unsafe extern "C" fn each(
         info: *mut libc::dl_phdr_info,
@@ -247,7 +323,15 @@ fn enumerate(exe_path: &[u8]) -> Vec<LoadedModule> {
             // SAFETY: dlpi_name is a NUL-terminated string owned by the loader.
             unsafe { CStr::from_ptr(info.dlpi_name) }.to_bytes()
         };
-        if let Some(m) = describe(info.dlpi_addr, name, phdrs, ctx.exe_path) {
+        if let Some(mut m) = describe(info.dlpi_addr, name, phdrs, ctx.exe_path) {
+            if let Some(known) = ctx.known {
+                if !known
+                    .iter()
+                    .any(|(bias, path)| *bias == m.load_bias && *path == m.path)
+                {
+                    m.copy_unwind_tables();
+                }
+            }
             ctx.out.push(m);
         }
         0
@@ -255,6 +339,7 @@ fn enumerate(exe_path: &[u8]) -> Vec<LoadedModule> {
     let mut ctx = Ctx {
         out: Vec::new(),
         exe_path,
+        known,
     };
     // SAFETY: the callback only touches `ctx` through `data`.
     unsafe { libc::dl_iterate_phdr(Some(each), &mut ctx as *mut Ctx<'_> as *mut libc::c_void) };
@@ -333,6 +418,7 @@ fn describe(
         exec,
         eh_frame_hdr,
         eh_frame,
+        unwind_copy: None,
     })
 }
 
@@ -356,6 +442,30 @@ fn locate_eh_frame(
     let end = bias.wrapping_add(seg.p_vaddr + seg.p_memsz);
     // SAFETY: [value, end) lies inside a PT_LOAD segment mapped for the object's lifetime.
     Some(unsafe { core::slice::from_raw_parts(value as *const u8, (end - value) as usize) })
+}
+
+/// The length of `.eh_frame` proper within `eh` (which runs to the end of its segment):
+/// entries are length-prefixed and the section ends with a zero-length terminator.
+fn eh_frame_len(eh: &[u8]) -> usize {
+    let mut at = 0usize;
+    while let Some(word) = eh.get(at..at + 4) {
+        let len = u32::from_le_bytes([word[0], word[1], word[2], word[3]]) as usize;
+        if len == 0 {
+            return at + 4;
+        }
+        let entry = if len == 0xffff_ffff {
+            let Some(ext) = eh.get(at + 4..at + 12) else {
+                return eh.len();
+            };
+            let mut b = [0u8; 8];
+            b.copy_from_slice(ext);
+            12usize.saturating_add(u64::from_le_bytes(b) as usize)
+        } else {
+            4 + len
+        };
+        at = at.saturating_add(entry);
+    }
+    eh.len().min(at)
 }
 
 /// Decodes a DWARF EH pointer with encoding `enc` from `bytes`.
@@ -405,7 +515,7 @@ mod tests {
 
     #[test]
     fn finds_this_test_binarys_modules_with_unwind_data() {
-        let found = enumerate(b"/proc/self/exe");
+        let found = enumerate(b"/proc/self/exe", None);
         assert!(found.len() >= 2, "expected the executable and libc");
         let libc = found
             .iter()
@@ -414,6 +524,23 @@ mod tests {
         assert!(libc.eh_frame.is_some() && libc.eh_frame_hdr.is_some());
         assert_eq!(libc.build_id.len(), 20);
         assert!(libc.map_start <= libc.exec.0 && libc.exec.1 <= libc.map_end);
+    }
+
+    #[test]
+    fn eh_frame_length_stops_at_the_terminator() {
+        let mut eh = Vec::new();
+        eh.extend_from_slice(&8u32.to_le_bytes());
+        eh.extend_from_slice(&[1; 8]);
+        eh.extend_from_slice(&4u32.to_le_bytes());
+        eh.extend_from_slice(&[2; 4]);
+        eh.extend_from_slice(&0u32.to_le_bytes());
+        eh.extend_from_slice(&[0xee; 32]); // what follows in the segment
+        assert_eq!(eh_frame_len(&eh), 24);
+        assert_eq!(
+            eh_frame_len(&eh[..10]),
+            10,
+            "a cut table is taken whole, never overrun"
+        );
     }
 
     #[test]
