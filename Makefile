@@ -5,11 +5,12 @@ CC     ?= cc
 TARGET := target/release
 PROF   ?= prof
 
-.PHONY: help build demo test lint fmt bench clean
+.PHONY: help build demo test test-matrix lint fmt bench fuzz clean
 
 help:
 	@echo "make demo   build anyprof and profile the bundled example (examples/demo.c)"
 	@echo "make test   build everything and run all tests (unit + end-to-end)"
+	@echo "make test-matrix  only the real-program matrix (python3, perl, sqlite3, gcc, git, xz, bash, sort)"
 	@echo "make lint   cargo fmt --check and clippy with warnings denied"
 	@echo "make bench  overhead and symbolization benchmarks (ratios, medians of repeated runs)"
 
@@ -29,6 +30,10 @@ demo: build $(TARGET)/demo
 # The end-to-end tests run the release binaries, so build them first.
 test: build
 	$(CARGO) test --release --workspace
+
+# Real programs nobody here wrote, with and without the profiler at its harshest settings.
+test-matrix: build
+	$(CARGO) test --release -p anyprof-tests --test matrix -- --nocapture
 
 lint:
 	$(CARGO) fmt --all -- --check

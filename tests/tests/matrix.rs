@@ -1,0 +1,211 @@
+//! The real-program matrix: programs nobody here wrote, run with fixed inputs with and
+//! without the profiler at its harshest settings (CPU at the highest rate it accepts, every
+//! allocation recorded). Their output and exit code must not change, and each run must
+//! still produce a non-empty, symbolized profile. `make test-matrix` runs just this file.
+
+use std::path::{Path, PathBuf};
+
+use anyprof_tests::{clean_command, record_with, run, scratch_dir, ProfileView, RunOutput};
+
+/// CPU rate asked for: the maximum `--cpu-hz` accepts (the kernel tick caps what arrives).
+const HARSHEST_HZ: u32 = 1000;
+
+struct Case {
+    name: &'static str,
+    program: PathBuf,
+    args: Vec<String>,
+}
+
+fn which(program: &str) -> Option<PathBuf> {
+    let path = std::env::var_os("PATH")?;
+    std::env::split_paths(&path)
+        .map(|d| d.join(program))
+        .find(|p| p.is_file())
+}
+
+/// The real python interpreter (`python3` may be a version-manager shim script).
+fn python() -> Option<PathBuf> {
+    let out = run(clean_command("python3").args(["-c", "import sys; print(sys.executable)"]));
+    let path = PathBuf::from(out.stdout_text().trim());
+    path.is_file().then_some(path)
+}
+
+fn require(name: &str, found: Option<PathBuf>) -> PathBuf {
+    found.unwrap_or_else(|| {
+        panic!("{name} is not installed; the matrix needs it (CI installs it: see .ci/run)")
+    })
+}
+
+/// Writes the fixed inputs the cases read.
+fn inputs(dir: &Path) {
+    let mut lines = String::new();
+    let mut x: u64 = 12345;
+    for i in 0..200_000 {
+        x = x
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        lines.push_str(&format!("{:016x} line {i}\n", x));
+    }
+    std::fs::write(dir.join("lines.txt"), &lines).expect("write lines.txt");
+    let mut other = lines.replace("line 1", "LINE 1");
+    other.push_str("tail\n");
+    std::fs::write(dir.join("other.txt"), other).expect("write other.txt");
+    std::fs::write(
+        dir.join("work.py"),
+        "import hashlib, json\n\
+         data = [{'k': i, 'v': str(i) * 3} for i in range(150000)]\n\
+         s = json.dumps(data)\n\
+         print(len(s), hashlib.sha256(s.encode()).hexdigest())\n\
+         print(sum(len(str(d)) for d in json.loads(s)))\n\
+         import sys; print('to stderr', file=sys.stderr); sys.exit(4)\n",
+    )
+    .expect("write work.py");
+    std::fs::write(
+        dir.join("work.pl"),
+        "my %h; open(my $f, '<', 'lines.txt') or die; while (<$f>) { my ($k) = /^(\\w{4})/; $h{$k}++; }\n\
+         my @top = (sort { $h{$b} <=> $h{$a} || $a cmp $b } keys %h)[0..4];\n\
+         print join(',', map { \"$_=$h{$_}\" } @top), \"\\n\"; print STDERR \"done\\n\"; exit 5;\n",
+    )
+    .expect("write work.pl");
+    std::fs::write(
+        dir.join("work.sql"),
+        "create table t(a integer, b text);\n\
+         with recursive c(x) as (select 1 union all select x+1 from c where x < 200000)\n\
+         insert into t select x, hex(x*x) from c;\n\
+         create index ti on t(b);\n\
+         select count(*), sum(a % 97), max(b) from t where b like '%A%';\n\
+         select b from t order by b desc limit 3;\n",
+    )
+    .expect("write work.sql");
+    std::fs::write(
+        dir.join("work.sh"),
+        "s=0; for i in $(seq 1 40000); do s=$(( (s * 31 + i) % 1000003 )); done; echo $s\n\
+         x=$(echo hello | tr a-z A-Z); echo $x; echo err >&2; exit 6\n",
+    )
+    .expect("write work.sh");
+    std::fs::write(
+        dir.join("prog.c"),
+        std::fs::read_to_string(anyprof_tests::workspace_root().join("examples/demo.c"))
+            .expect("examples/demo.c"),
+    )
+    .expect("write prog.c");
+}
+
+fn cases(dir: &Path) -> Vec<Case> {
+    let s = |v: &[&str]| v.iter().map(|a| a.to_string()).collect::<Vec<_>>();
+    let obj = dir.join("prog.o").to_string_lossy().into_owned();
+    vec![
+        Case {
+            name: "python3",
+            program: require("python3", python()),
+            args: s(&["work.py"]),
+        },
+        Case {
+            name: "perl",
+            program: require("perl", which("perl")),
+            args: s(&["work.pl"]),
+        },
+        Case {
+            name: "sqlite3",
+            program: require("sqlite3", which("sqlite3")),
+            args: s(&[":memory:", ".read work.sql"]),
+        },
+        Case {
+            name: "gcc",
+            program: require("gcc", which("gcc")),
+            args: vec!["-O2".into(), "-c".into(), "prog.c".into(), "-o".into(), obj],
+        },
+        Case {
+            name: "git",
+            program: require("git", which("git")),
+            args: s(&["diff", "--no-index", "--stat", "lines.txt", "other.txt"]),
+        },
+        Case {
+            name: "xz",
+            program: require("xz", which("xz")),
+            args: s(&["-T1", "-6", "-c", "lines.txt"]),
+        },
+        Case {
+            name: "bash",
+            program: require("bash", which("bash")),
+            args: s(&["work.sh"]),
+        },
+        Case {
+            name: "sort",
+            program: require("sort", which("sort")),
+            args: s(&["-k2,2", "-k1,1r", "lines.txt"]),
+        },
+    ]
+}
+
+fn check_same(case: &Case, direct: &RunOutput, profiled: &RunOutput) {
+    assert_eq!(
+        (direct.code, direct.stderr_text()),
+        (profiled.code, profiled.stderr_text()),
+        "{}: exit code or stderr changed under the profiler",
+        case.name
+    );
+    assert!(
+        direct.stdout == profiled.stdout,
+        "{}: stdout changed under the profiler ({} vs {} bytes)",
+        case.name,
+        direct.stdout.len(),
+        profiled.stdout.len()
+    );
+}
+
+/// True if some sample of `view` has a frame with a real function name.
+fn symbolized(view: &ProfileView) -> bool {
+    view.profile.sample.iter().any(|s| {
+        view.frames(s)
+            .iter()
+            .any(|f| !f.system_name.is_empty() && !f.name.starts_with('['))
+    })
+}
+
+#[test]
+fn real_programs_behave_the_same_and_yield_symbolized_profiles() {
+    let dir = scratch_dir("matrix");
+    inputs(&dir);
+    let mut failures = Vec::new();
+    for case in cases(&dir) {
+        let direct = run(clean_command(&case.program)
+            .args(&case.args)
+            .current_dir(&dir));
+        let case_dir = dir.join(case.name);
+        std::fs::create_dir_all(&case_dir).expect("case dir");
+        let args: Vec<&str> = case.args.iter().map(String::as_str).collect();
+        let rec = record_with(&case_dir, HARSHEST_HZ, &case.program, &args, |cmd| {
+            cmd.current_dir(&dir).env("ANYPROF_MEM_RATE", "1");
+        });
+        check_same(&case, &direct, &rec.output);
+        let cpu = rec.cpu_profile();
+        let heap = anyprof::pprof::read_file(&rec.dir.join("heap.pb.gz"))
+            .map(ProfileView::new)
+            .unwrap_or_else(|e| panic!("{}: no heap profile: {e:#}", case.name));
+        let cpu_samples = cpu.total_samples();
+        let heap_samples = heap.profile.sample.len();
+        eprintln!(
+            "{:8} exit {} | cpu samples {cpu_samples} | heap buckets {heap_samples} | direct {:.2}s, profiled {:.2}s",
+            case.name,
+            direct.code,
+            direct.wall.as_secs_f64(),
+            rec.output.wall.as_secs_f64()
+        );
+        if heap_samples == 0 || !symbolized(&heap) {
+            failures.push(format!(
+                "{}: heap profile empty or unsymbolized\n{}",
+                case.name,
+                heap.describe()
+            ));
+        }
+        if cpu_samples > 0 && !symbolized(&cpu) {
+            failures.push(format!(
+                "{}: CPU profile unsymbolized\n{}",
+                case.name,
+                cpu.describe()
+            ));
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n\n"));
+}
