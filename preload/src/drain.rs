@@ -126,13 +126,31 @@ pub fn forget_connection() {
     }
 }
 
-/// Sends one message. `patient` allows waiting up to 50 ms for room (only at exit).
-/// Returns false if it was not sent.
+/// How long a process may wait, in all, for room on the socket at exit (a stopped or slow
+/// collector then costs the program at most this much, once).
+const EXIT_PATIENCE: Duration = Duration::from_millis(100);
+/// When patient sends must give up (set by the first one).
+static PATIENCE_DEADLINE: std::sync::Mutex<Option<Instant>> = std::sync::Mutex::new(None);
+
+/// The shared deadline of every patient send: set by the first one.
+fn patience_deadline() -> Instant {
+    let Ok(mut d) = PATIENCE_DEADLINE.lock() else {
+        return Instant::now();
+    };
+    *d.get_or_insert_with(|| Instant::now() + EXIT_PATIENCE)
+}
+
+/// Sends one message. `patient` (only at exit) allows waiting for room,
+/// all patient sends together at most [`EXIT_PATIENCE`]. Returns false if it was not sent.
 pub fn send(msg: &[u8], patient: bool) -> bool {
     let Some(fd) = our_socket() else {
         return false;
     };
-    let deadline = Instant::now() + Duration::from_millis(50);
+    let deadline = if patient {
+        patience_deadline()
+    } else {
+        Instant::now()
+    };
     loop {
         // SAFETY: `msg` is a valid buffer; flags forbid blocking and SIGPIPE.
         let rc = unsafe {

@@ -135,7 +135,7 @@ fn connect_any(sockets: &[PathBuf]) -> bool {
 
 fn send_hello() {
     let hello = HELLO.lock().map(|h| h.clone()).unwrap_or_default();
-    drain::send(&hello, true);
+    drain::send(&hello, false);
 }
 
 fn encode_hello(config: &Config, argc: libc::c_int, argv: *const *const libc::c_char) {
