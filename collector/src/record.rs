@@ -181,6 +181,11 @@ fn write_profiles(
     for s in sessions {
         let Some(pid) = s.pid() else { continue };
         let is_main = s.image_key() == main;
+        // A forked child that execs at once (a shell running a command) reports nothing of
+        // its own before the exec'd image takes over: no file for it.
+        if !is_main && s.cpu.is_empty() && s.heap.values().all(|b| b.counts.alloc_objects == 0) {
+            continue;
+        }
         let suffix = if is_main {
             String::new()
         } else {

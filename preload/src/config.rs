@@ -38,6 +38,9 @@ pub struct Config {
     pub cpu_hz: u32,
     /// `ANYPROF_MEM_RATE`: mean bytes between heap samples; 0 = off, 1 = every allocation.
     pub mem_rate: u64,
+    /// `ANYPROF_FORK`: `child` (default) profiles a forked child as a process of its own,
+    /// `off` leaves it unprofiled.
+    pub fork_children: bool,
     /// `ANYPROF_LOG_FILE`: where the library's own messages also go.
     pub log_file: Option<PathBuf>,
     /// Messages about bad values, for the user.
@@ -103,11 +106,22 @@ impl Config {
                 }
             },
         };
+        let fork_children = match get("ANYPROF_FORK").as_deref().and_then(|m| m.to_str()) {
+            None | Some("") | Some("child") => true,
+            Some("off") => false,
+            Some(other) => {
+                problems.push(format!(
+                    "ANYPROF_FORK={other} is not `child` or `off`; using child"
+                ));
+                true
+            }
+        };
         Config {
             mode,
             socket,
             cpu_hz,
             mem_rate,
+            fork_children,
             log_file,
             problems,
         }

@@ -108,6 +108,18 @@ pub fn connect(path: &Path) -> Result<(), i32> {
     } else {
         fd
     };
+    // A bigger send buffer rides out a slow collector for longer before anything is dropped.
+    let size: libc::c_int = 1 << 20;
+    // SAFETY: setsockopt with a valid int; failure just keeps the default size.
+    unsafe {
+        libc::setsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_SNDBUF,
+            &size as *const libc::c_int as *const libc::c_void,
+            core::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
     SOCKET_IDENTITY.store(identity(fd).unwrap_or(0), Ordering::Release);
     SOCKET.store(fd, Ordering::Release);
     Ok(())
@@ -203,6 +215,22 @@ pub fn spawn() -> std::io::Result<()> {
     Ok(())
 }
 
+/// In a forked child: the parent's background thread does not exist here; forget its
+/// handle without touching it.
+pub fn forget_thread_in_child() {
+    if let Ok(mut t) = THREAD.lock() {
+        std::mem::forget(t.take());
+    }
+    DRAINING.store(false, Ordering::Release);
+    STOP.store(false, Ordering::Release);
+}
+
+/// From now on, report heap buckets net of their counts at this moment (a forked child
+/// reports what it allocates itself).
+pub fn count_heap_from_now() {
+    heap_report::set_baseline_now();
+}
+
 /// Stops the background thread and waits for it; returns whether one was running. Used
 /// around calls that require a single-threaded process (`unshare(CLONE_NEWUSER)`).
 pub fn pause() -> bool {
@@ -239,6 +267,7 @@ fn run() {
             // collector restarted: try again now and then, never in a tight loop.
             if last_reconnect.elapsed() >= RECONNECT_EVERY {
                 last_reconnect = Instant::now();
+                let _section = crate::fork::section();
                 if let Some(reconnect) = RECONNECT.lock().ok().and_then(|r| *r) {
                     reconnect();
                 }
@@ -246,7 +275,9 @@ fn run() {
             ring::drain(|_| counters::bump(Counter::DroppedSend));
             continue;
         }
+        let section = crate::fork::section();
         poll_commands();
+        drop(section);
         let counters_due = last_counters.elapsed() >= COUNTERS_EVERY;
         if counters_due {
             last_counters = Instant::now();
@@ -389,12 +420,17 @@ pub fn flush(counters_kind: Option<Kind>, last: bool) {
     if last {
         STOP.store(true, Ordering::Release);
     }
+    let _section = crate::fork::section();
     if !acquire_drain(last) {
         return;
     }
     let mut buf = vec![0u8; MAX_MESSAGE];
     send_module_changes(&mut buf, last);
     send_samples(&mut buf, last);
+    if last {
+        // Small and what tests and CI budgets read first: send it before the bulky buckets.
+        heap_report::send_mem_stats(&mut buf, last);
+    }
     heap_report::send_changed_buckets(&mut buf, last);
     send_thread_creates(&mut buf, last);
     for (level, text) in log::take() {
@@ -561,6 +597,29 @@ mod heap_report {
 
     /// Counts last sent, by bucket position; `None` = frames not sent yet.
     static SENT: Mutex<Vec<Option<BucketCounts>>> = Mutex::new(Vec::new());
+    /// Counts at the moment this process was forked, by bucket position: what its parent
+    /// allocated, subtracted from every report.
+    static BASELINE: Mutex<Vec<BucketCounts>> = Mutex::new(Vec::new());
+
+    /// Takes the current counts as the baseline.
+    pub fn set_baseline_now() {
+        let now: Vec<BucketCounts> = (0..buckets::created())
+            .map(|n| buckets::get(n).map(|(_, _, c, _)| c).unwrap_or_default())
+            .collect();
+        if let Ok(mut b) = BASELINE.lock() {
+            *b = now;
+        }
+    }
+
+    fn net(counts: BucketCounts, base: Option<&BucketCounts>) -> BucketCounts {
+        let Some(b) = base else { return counts };
+        BucketCounts {
+            alloc_objects: counts.alloc_objects.saturating_sub(b.alloc_objects),
+            alloc_bytes: counts.alloc_bytes.saturating_sub(b.alloc_bytes),
+            free_objects: counts.free_objects.saturating_sub(b.free_objects),
+            free_bytes: counts.free_bytes.saturating_sub(b.free_bytes),
+        }
+    }
     static PEAK_LIVE: AtomicU64 = AtomicU64::new(0);
 
     /// Sends every bucket whose counts changed since it was last sent (with its frames the
@@ -569,11 +628,13 @@ mod heap_report {
         let Ok(mut sent) = SENT.try_lock() else {
             return;
         };
+        let baseline = BASELINE.lock().map(|b| b.clone()).unwrap_or_default();
         let mut pending = Vec::new();
         for n in 0..buckets::created() {
             let Some((id, size, counts, frames)) = buckets::get(n) else {
                 break;
             };
+            let counts = net(counts, baseline.get(n));
             let previous = sent.get(n).copied().flatten();
             if previous != Some(counts) {
                 let frames = if previous.is_none() { frames } else { &[][..] };

@@ -47,17 +47,36 @@ pub unsafe extern "C" fn pthread_create(
     }
     // SAFETY: `real` is the address dlsym returned for pthread_create.
     let real: PthreadCreate = unsafe { core::mem::transmute(real) };
-    // Our own threads, and every thread while sampling is off, start untouched.
+    // Our own threads start marked as ours from their first instruction, so that what the
+    // thread library allocates for them is not counted as the program's.
+    if thread_state::is_internal() {
+        let boxed = Box::into_raw(Box::new(StartRoutine { start, arg }));
+        // SAFETY: forwarding the caller's arguments, with our trampoline owning `boxed`.
+        let rc = unsafe {
+            real(
+                thread,
+                attr,
+                threads::internal_trampoline,
+                boxed as *mut c_void,
+            )
+        };
+        if rc != 0 {
+            // SAFETY: the thread was not created, so the trampoline never took ownership.
+            drop(unsafe { Box::from_raw(boxed) });
+        }
+        return rc;
+    }
+    // Every thread while sampling is off starts untouched.
     let profiling = threads::CPU_HZ.load(Ordering::Relaxed) != 0
         || crate::alloc::sampler::RATE.load(Ordering::Relaxed) != 0;
-    if thread_state::is_internal() || !profiling {
+    if !profiling {
         // SAFETY: forwarding the caller's arguments unchanged.
         return unsafe { real(thread, attr, start, arg) };
     }
     let was = thread_state::set_internal(true);
     threads::note_creation();
-    thread_state::set_internal(was);
     let boxed = Box::into_raw(Box::new(StartRoutine { start, arg }));
+    thread_state::set_internal(was);
     // SAFETY: forwarding the caller's arguments, with our trampoline owning `boxed`.
     let rc = unsafe {
         real(

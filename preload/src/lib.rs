@@ -32,6 +32,7 @@ mod config;
 mod counters;
 mod drain;
 pub mod exports;
+mod fork;
 mod lifecycle;
 mod log;
 mod modules;

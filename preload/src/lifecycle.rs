@@ -65,6 +65,7 @@ extern "C" fn on_load(
 }
 
 fn start(argc: libc::c_int, argv: *const *const libc::c_char) {
+    let _section = crate::fork::section();
     exports::resolve();
     alloc::real::resolve();
     let config = Config::from_env();
@@ -117,8 +118,8 @@ fn start(argc: libc::c_int, argv: *const *const libc::c_char) {
     if config.mode == Mode::Record && config.cpu_hz > 0 {
         threads::start_cpu_sampling(config.cpu_hz);
     }
-    // SAFETY: registering a plain function as the child handler.
-    unsafe { libc::pthread_atfork(None, None, Some(in_forked_child)) };
+    FORK_CHILDREN.store(config.fork_children, Ordering::Release);
+    crate::fork::install();
     if let Err(e) = drain::spawn() {
         log::message(
             Level::Warn,
@@ -197,19 +198,74 @@ fn reconnect() {
     drain::report_everything_again();
 }
 
-extern "C" fn in_forked_child() {
-    // Only async-signal-safe work here: the child of a multithreaded parent may find any
-    // lock held by a thread that no longer exists.
+/// Profile forked children (`ANYPROF_FORK`, default on).
+static FORK_CHILDREN: AtomicBool = AtomicBool::new(true);
+
+/// Called in a forked child, once every one of our locks is known to be free (see
+/// [`crate::fork`]): start over as a process of our own, or step aside.
+pub fn after_fork_in_child() {
+    let was = thread_state::set_internal(true);
+    let sampling_hz = if handler::SAMPLING.load(Ordering::Acquire) {
+        threads::CPU_HZ.load(Ordering::Acquire)
+    } else {
+        0
+    };
     handler::SAMPLING.store(false, Ordering::Release);
     threads::CPU_HZ.store(0, Ordering::Release);
-    alloc::sampler::RATE.store(0, Ordering::Release);
-    alloc::hooks::ACCOUNTING.store(false, Ordering::Release);
-    alloc::counters::detach_current_thread();
-    ACTIVE.store(false, Ordering::Release);
     drain::forget_connection();
+    drain::forget_thread_in_child();
     ring::clear();
     counters::reset();
     thread_state::clear_tid();
+    threads::forget_other_threads_in_child();
+    if !ACTIVE.load(Ordering::Acquire) || !FORK_CHILDREN.load(Ordering::Acquire) {
+        // Step aside: no accounting, no sampling, no connection.
+        alloc::sampler::RATE.store(0, Ordering::Release);
+        alloc::hooks::ACCOUNTING.store(false, Ordering::Release);
+        alloc::counters::detach_current_thread();
+        ACTIVE.store(false, Ordering::Release);
+        thread_state::set_internal(was);
+        return;
+    }
+    renew_hello();
+    drain::report_everything_again();
+    drain::count_heap_from_now();
+    let sockets = SOCKETS.lock().map(|p| p.clone()).unwrap_or_default();
+    if connect_any(&sockets) {
+        send_hello();
+    }
+    if drain::spawn().is_err() {
+        log::message(
+            Level::Warn,
+            "cannot start the anyprof thread in a forked child".into(),
+        );
+    }
+    if sampling_hz > 0 {
+        threads::start_cpu_sampling(sampling_hz);
+    }
+    thread_state::set_internal(was);
+}
+
+/// Rewrites the stored hello for this (forked) process: its own pid, parent and start time.
+fn renew_hello() {
+    let Ok(mut hello) = HELLO.lock() else { return };
+    // SAFETY: getpid/getppid cannot fail.
+    let (pid, ppid) = unsafe { (libc::getpid() as u32, libc::getppid() as u32) };
+    let fields = [
+        (wire::HELLO_PID_AT, u64::from(pid), 4),
+        (wire::HELLO_PPID_AT, u64::from(ppid), 4),
+        (
+            wire::HELLO_REALTIME_AT,
+            sys::clock_ns(libc::CLOCK_REALTIME),
+            8,
+        ),
+        (wire::HELLO_MONOTONIC_AT, sys::monotonic_ns(), 8),
+    ];
+    for (at, value, width) in fields {
+        if let Some(dst) = hello.get_mut(at..at + width) {
+            dst.copy_from_slice(&value.to_le_bytes()[..width]);
+        }
+    }
 }
 
 extern "C" fn on_unload() {

@@ -25,6 +25,7 @@ pub fn set_file(path: Option<PathBuf>) {
 
 /// Queues a message for the collector (and the log file).
 pub fn message(level: Level, text: String) {
+    let _section = crate::fork::section();
     append_to_file(&text);
     if let Ok(mut q) = QUEUE.lock() {
         if q.len() < MAX_QUEUED {

@@ -32,6 +32,7 @@ pub fn init() {
 }
 
 unsafe extern "C" fn stop_timer_at_exit(_: *mut c_void) {
+    let _section = crate::fork::section();
     let tid = thread_state::tid();
     stop_timer(tid);
     if let Ok(mut all) = STACKS.lock() {
@@ -42,6 +43,14 @@ unsafe extern "C" fn stop_timer_at_exit(_: *mut c_void) {
 /// Records the calling thread's stack bounds, via `pthread_getattr_np` (not
 /// async-signal-safe: only ever called at thread start).
 pub fn record_stack_bounds() {
+    // pthread_getattr_np allocates while holding the thread's lock: what it allocates is ours,
+    // and must not lead back here through a heap sample.
+    let was = thread_state::set_internal(true);
+    record_stack_bounds_inner();
+    thread_state::set_internal(was);
+}
+
+fn record_stack_bounds_inner() {
     // SAFETY: a zeroed pthread_attr_t is filled by pthread_getattr_np before use.
     let mut attr: libc::pthread_attr_t = unsafe { core::mem::zeroed() };
     // SAFETY: `attr` is valid; pthread_self() is the calling thread.
@@ -69,6 +78,19 @@ pub fn record_stack_bounds() {
 
 /// Every thread's stack bounds, by tid, for unwinding a thread from outside it.
 static STACKS: Mutex<Vec<(u32, u64, u64)>> = Mutex::new(Vec::new());
+
+/// In a forked child only the forking thread lives on, under a new tid: forget the
+/// parent's timers (the kernel does not copy them) and threads, and record this one again.
+pub fn forget_other_threads_in_child() {
+    if let Ok(mut t) = TIMERS.lock() {
+        t.clear();
+    }
+    if let Ok(mut s) = STACKS.lock() {
+        s.clear();
+    }
+    DRAIN_TID.store(0, Ordering::Release);
+    record_stack_bounds();
+}
 
 /// The stack bounds of thread `tid`, if recorded.
 pub fn stack_of(tid: u32) -> Option<(u64, u64)> {
@@ -129,6 +151,7 @@ fn stop_timer(tid: u32) {
 /// Starts CPU sampling at `hz` on every thread of the program: installs the handler, then a
 /// timer per thread (threads created later get theirs as they start).
 pub fn start_cpu_sampling(hz: u32) {
+    let _section = crate::fork::section();
     if let Err(errno) = handler::install() {
         log::warn_errno(
             "cannot install the SIGPROF handler; CPU profiling is off",
@@ -149,6 +172,7 @@ pub fn start_cpu_sampling(hz: u32) {
 
 /// Stops CPU sampling: every timer is deleted, so an idle process pays nothing.
 pub fn stop_cpu_sampling() {
+    let _section = crate::fork::section();
     CPU_HZ.store(0, Ordering::Release);
     handler::SAMPLING.store(false, Ordering::Release);
     let Ok(mut timers) = TIMERS.lock() else {
@@ -172,6 +196,7 @@ pub fn task_ids() -> Vec<u32> {
 /// Sets up sampling for the calling (new) thread: stack bounds always, and a timer while CPU
 /// sampling is on.
 pub fn adopt_current_thread() {
+    let _section = crate::fork::section();
     record_stack_bounds();
     let key = TIMER_KEY.load(Ordering::Acquire);
     if key != 0 {
@@ -206,7 +231,10 @@ pub extern "C" fn start_routine_trampoline(boxed: *mut c_void) -> *mut c_void {
     // SAFETY: `boxed` is the Box<StartRoutine> leaked by the interposer for this thread only.
     let routine = unsafe { Box::from_raw(boxed as *mut StartRoutine) };
     let (start, arg) = (routine.start, routine.arg);
+    // Our allocation, freed as ours (it was allocated inside the interposer's internal section).
+    let was = thread_state::set_internal(true);
     drop(routine);
+    thread_state::set_internal(was);
     adopt_current_thread();
     start(arg)
 }
@@ -218,6 +246,7 @@ static CREATIONS_GENERATION: core::sync::atomic::AtomicU64 = core::sync::atomic:
 /// Records the calling stack as a thread-creation site (called by the `pthread_create`
 /// interposer, in the creating thread).
 pub fn note_creation() {
+    let _section = crate::fork::section();
     let mut frames = [0u64; anyprof_wire::MAX_FRAMES];
     let (n, _) = crate::signal::unwind::unwind_here(&mut frames);
     let stack = frames.get(..n).unwrap_or(&[]);
@@ -245,4 +274,14 @@ pub fn creations_generation() -> u64 {
 /// Makes the creation stacks count as changed (to resend them on a new connection).
 pub fn touch_creations() {
     CREATIONS_GENERATION.fetch_add(1, Ordering::Relaxed);
+}
+
+/// Entry point of anyprof's own threads: marked internal before anything runs in them.
+pub extern "C" fn internal_trampoline(boxed: *mut c_void) -> *mut c_void {
+    thread_state::set_internal(true);
+    // SAFETY: `boxed` is the Box<StartRoutine> leaked by the interposer for this thread only.
+    let routine = unsafe { Box::from_raw(boxed as *mut StartRoutine) };
+    let (start, arg) = (routine.start, routine.arg);
+    drop(routine);
+    start(arg)
 }

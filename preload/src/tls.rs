@@ -37,6 +37,8 @@ pub struct ThreadBlock {
     pub exiting: Cell<u8>,
     /// `threads::CPU_EPOCH` at this thread's previous CPU sample.
     pub cpu_epoch: Cell<u32>,
+    /// Non-zero while the thread is inside a section of the fork gate (`fork::section`).
+    pub in_fork_section: Cell<u8>,
 }
 
 /// Bytes reserved for the block in `.tbss`.

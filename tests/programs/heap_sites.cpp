@@ -9,18 +9,21 @@
  * (an empty asm statement that takes it as input), so each site keeps a frame of its
  * own. The sites are `extern "C"`, so their names in a profile are plain.
  *
- *   site_small        8M x malloc(64), each freed at once          (>= 512 MiB allocated)
+ *   site_small        16M x malloc(64), each freed at once         (>= 512 MiB allocated)
  *   site_large        600 x malloc(1 MiB), each freed at once      (>= 512 MiB allocated)
  *   site_live         600 x malloc(1 MiB), never freed             (>= 512 MiB live at exit)
  *   site_grow         72 cycles of realloc doubling a buffer from 4 KiB to 4 MiB, then
  *                     freed; the last cycle's buffer is kept       (>= 512 MiB allocated)
  *   site_zeroed       600 x calloc(256, 4096), each freed          (>= 512 MiB allocated)
- *   site_aligned      8192 x posix_memalign(4096, 64 KiB), freed   (>= 512 MiB allocated)
+ *   site_aligned      16384 x posix_memalign(4096, 64 KiB), freed  (>= 512 MiB allocated)
  *   site_aligned_mix  4096 x aligned_alloc(64, 4096) + 4096 x memalign(256, 12288), freed
  *   site_cxx_array    4096 x new Obj[1024] (24 KiB); all but the last 1024 deleted.
  *                     libstdc++'s operator new calls malloc, so these samples have
  *                     `operator new` frames below the site; the tests skip them.
- *   site_leak         8192 x malloc(64 KiB), pointers dropped      (>= 512 MiB live at exit)
+ *   site_leak         16384 x malloc(64 KiB), pointers dropped     (>= 512 MiB live at exit)
+ *
+ * The sites of small objects allocate about 1 GiB, so that their estimates at the default
+ * rate (about 2000 samples, 2 % standard deviation) stay far inside the tests' 10 % bound.
  *
  * Every successful realloc counts as one allocation of its new block (and a free of the
  * old one), as anyprof (and Go's MemStats) count it. Sizes are usable sizes
@@ -258,17 +261,17 @@ int main(int argc, char **argv) {
     Tally cxx_array = {"cxx_array", 0, 0, 0, 0, 0, false};
     Tally leak = {"leak", 0, 0, 0, 0, 0, false};
 
-    site_small(&small, scaled(8000000, d));
+    site_small(&small, scaled(16000000, d));
     site_large(&large, scaled(600, d));
     site_live(&live, scaled(600, d));
     void *kept = site_grow(&grow, scaled(72, d));
     use(kept);
     site_zeroed(&zeroed, scaled(600, d));
-    site_aligned(&aligned, scaled(8192, d));
+    site_aligned(&aligned, scaled(16384, d));
     site_aligned_mix(&aligned_mix, scaled(4096, d));
     unsigned long arrays = scaled(4096, d);
     site_cxx_array(&cxx_array, arrays, scaled(1024, d) < arrays ? scaled(1024, d) : arrays);
-    site_leak(&leak, scaled(8192, d));
+    site_leak(&leak, scaled(16384, d));
 
     const Tally *all[] = {&small, &large, &live, &grow, &zeroed,
                           &aligned, &aligned_mix, &cxx_array, &leak};

@@ -261,6 +261,15 @@ pub struct HelloInfo<'a> {
     pub cmdline: &'a [u8],
 }
 
+/// Byte offset of the pid in an encoded hello (a forked child patches its copy).
+pub const HELLO_PID_AT: usize = HEADER_LEN;
+/// Byte offset of the parent pid in an encoded hello.
+pub const HELLO_PPID_AT: usize = HEADER_LEN + 4;
+/// Byte offset of the wall-clock start time in an encoded hello.
+pub const HELLO_REALTIME_AT: usize = HEADER_LEN + 4 + 4 + 4 + 1 + 8;
+/// Byte offset of the CLOCK_MONOTONIC start time in an encoded hello.
+pub const HELLO_MONOTONIC_AT: usize = HELLO_REALTIME_AT + 8;
+
 /// Encodes a hello.
 pub fn encode_hello(buf: &mut [u8], h: &HelloInfo<'_>) -> Option<usize> {
     let mut w = Writer::message(buf, Kind::Hello);

@@ -137,7 +137,7 @@ pub fn mem_stats_lines(m: &MemStats, rate: u64) -> Vec<String> {
         .iter()
         .zip(&m.class_frees)
         .enumerate()
-        .filter(|(_, (a, _))| **a > 0)
+        .filter(|(_, (a, f))| **a > 0 || **f > 0)
         .map(|(c, (a, f))| format!("{}: {a} {f}", anyprof_wire::size_class_limit(c)))
         .collect();
     out.push(format!(

@@ -1,5 +1,6 @@
 //! Exact allocator counters — the native `runtime.MemStats` — without shared writes on the
-//! fast path.
+//! fast path. Per allocation and free: bytes and the size-class histogram; the numbers of
+//! allocations and frees are the histogram's sums.
 //!
 //! Every thread owns one slot of a static array and is its only writer, so it updates its
 //! counters with plain loads and stores (no `lock`-prefixed instruction, no cache line
@@ -21,8 +22,6 @@ pub const SLOTS: usize = 1024;
 #[repr(C, align(64))]
 struct Slot {
     owned: AtomicU32,
-    mallocs: AtomicU64,
-    frees: AtomicU64,
     alloc_bytes: AtomicU64,
     free_bytes: AtomicU64,
     class_mallocs: [AtomicU64; SIZE_CLASSES],
@@ -33,8 +32,6 @@ impl Slot {
     #[allow(clippy::declare_interior_mutable_const)] // only used to initialise the static array
     const EMPTY: Slot = Slot {
         owned: AtomicU32::new(0),
-        mallocs: AtomicU64::new(0),
-        frees: AtomicU64::new(0),
         alloc_bytes: AtomicU64::new(0),
         free_bytes: AtomicU64::new(0),
         class_mallocs: [const { AtomicU64::new(0) }; SIZE_CLASSES],
@@ -77,7 +74,6 @@ pub fn has_slot(b: &ThreadBlock) -> bool {
 pub fn on_alloc(b: &ThreadBlock, usable: u64) {
     match slot_of(b) {
         Some(s) => {
-            owner_add(&s.mallocs, 1);
             owner_add(&s.alloc_bytes, usable);
             if let Some(c) = s.class_mallocs.get(size_class(usable)) {
                 owner_add(c, 1);
@@ -92,7 +88,6 @@ pub fn on_alloc(b: &ThreadBlock, usable: u64) {
 pub fn on_free(b: &ThreadBlock, usable: u64) {
     match slot_of(b) {
         Some(s) => {
-            owner_add(&s.frees, 1);
             owner_add(&s.free_bytes, usable);
             if let Some(c) = s.class_frees.get(size_class(usable)) {
                 owner_add(c, 1);
@@ -110,19 +105,17 @@ fn slow_add(b: &ThreadBlock, usable: u64, alloc: bool) {
         None
     };
     let s = slot.unwrap_or(&TABLE[0]);
-    let (n, bytes, classes) = if alloc {
-        (&s.mallocs, &s.alloc_bytes, &s.class_mallocs)
+    let (bytes, classes) = if alloc {
+        (&s.alloc_bytes, &s.class_mallocs)
     } else {
-        (&s.frees, &s.free_bytes, &s.class_frees)
+        (&s.free_bytes, &s.class_frees)
     };
     if slot.is_some() {
-        owner_add(n, 1);
         owner_add(bytes, usable);
         if let Some(c) = classes.get(size_class(usable)) {
             owner_add(c, 1);
         }
     } else {
-        n.fetch_add(1, Ordering::Relaxed);
         bytes.fetch_add(usable, Ordering::Relaxed);
         if let Some(c) = classes.get(size_class(usable)) {
             c.fetch_add(1, Ordering::Relaxed);
@@ -219,8 +212,6 @@ pub fn totals() -> Totals {
         class_frees: [0; SIZE_CLASSES],
     };
     for s in used_slots() {
-        t.mallocs += s.mallocs.load(Ordering::Relaxed);
-        t.frees += s.frees.load(Ordering::Relaxed);
         t.alloc_bytes += s.alloc_bytes.load(Ordering::Relaxed);
         t.free_bytes += s.free_bytes.load(Ordering::Relaxed);
         for (o, c) in t.class_mallocs.iter_mut().zip(s.class_mallocs.iter()) {
@@ -230,6 +221,9 @@ pub fn totals() -> Totals {
             *o += c.load(Ordering::Relaxed);
         }
     }
+    // Counts are the histograms' sums, so a snapshot's Mallocs and BySize always agree.
+    t.mallocs = t.class_mallocs.iter().sum();
+    t.frees = t.class_frees.iter().sum();
     t
 }
 

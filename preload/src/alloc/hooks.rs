@@ -50,7 +50,9 @@ fn accounting() -> bool {
 #[inline(always)]
 fn on_alloc(p: *mut c_void) {
     let b = tls::current();
-    if !counters::has_slot(b) && !accounting() {
+    // Our own allocations (the background thread, our bookkeeping) are not the program's:
+    // not counted, not sampled. They are freed by our own code too, so the counts balance.
+    if b.internal.get() != 0 || (!counters::has_slot(b) && !accounting()) {
         return;
     }
     let usable = real::usable_size_of_live(p) as u64;
@@ -65,12 +67,16 @@ fn on_alloc(p: *mut c_void) {
 #[cold]
 #[inline(never)]
 fn maybe_sample(b: &ThreadBlock, p: *mut c_void, usable: u64) {
-    // Our own allocations are not the program's: leave the countdown for the next one.
-    if b.internal.get() != 0 || !sampler::on_countdown_expired(b) {
+    if !sampler::on_countdown_expired(b) {
         return;
     }
     let errno = sys::errno();
     b.internal.set(1);
+    if crate::signal::thread_state::stack_bounds().is_none() {
+        // A thread we did not see start (made before us, or by libc internally): learn its
+        // stack now, outside any signal handler, so its stacks can be unwound.
+        crate::threads::record_stack_bounds();
+    }
     let mut frames = [0u64; MAX_FRAMES];
     let (n, _flags) = unwind::unwind_here(&mut frames);
     match buckets::intern(frames.get(..n).unwrap_or(&[]), usable) {
@@ -90,7 +96,7 @@ fn maybe_sample(b: &ThreadBlock, p: *mut c_void, usable: u64) {
 #[inline(always)]
 fn on_free(p: *mut c_void) {
     let b = tls::current();
-    if !counters::has_slot(b) && !accounting() {
+    if b.internal.get() != 0 || (!counters::has_slot(b) && !accounting()) {
         return;
     }
     counters::on_free(b, real::usable_size_of_live(p) as u64);
@@ -143,10 +149,10 @@ pub fn realloc(old: *mut c_void, size: usize) -> *mut c_void {
     if old.is_null() {
         return malloc(size);
     }
-    if !accounting() {
+    let b = tls::current();
+    if b.internal.get() != 0 || !accounting() {
         return real::realloc(old, size);
     }
-    let b = tls::current();
     let old_usable = real::usable_size(old) as u64;
     let sampled = if live::may_contain(old) {
         live::remove(old)

@@ -227,8 +227,11 @@ pub fn unwind_here(out: &mut [u64; MAX_FRAMES]) -> (usize, u8) {
         .take(n)
         .take_while(|&&a| a >= lo && a < hi)
         .count();
-    if ours > 0 {
-        out.copy_within(ours..n, 0);
+    // Only our frames (a stack we could not unwind past ourselves): keep them all, as Go
+    // keeps a whole stack rather than an empty one.
+    if ours == 0 || ours >= n {
+        return (n, flags);
     }
+    out.copy_within(ours..n, 0);
     (n - ours, flags)
 }

@@ -1,0 +1,92 @@
+//! fork: the child of a profiled process is profiled as a process of its own (default), or
+//! left alone (`ANYPROF_FORK=off`).
+//!
+//! The difficulty is our own locks: if another thread of the parent held one at the moment
+//! of `fork`, the child's copy stays locked forever. So every piece of our code that takes
+//! one of our mutexes runs inside a [`section`] of the fork gate, and the `pthread_atfork`
+//! prepare handler closes the gate (waits until no section is open, and lets none start)
+//! until the parent and child handlers open it again. The child then finds every one of our
+//! locks free and every structure consistent.
+//!
+//! In the child: the parent's connection is closed, the parent's timers (which the kernel
+//! does not copy anyway) are forgotten, and — unless disabled — the child connects anew with
+//! its own hello, gets its own background thread and, if the parent was being CPU-sampled,
+//! its own timer. Its heap profile counts only what it allocates itself (the buckets'
+//! counts at fork are its baseline).
+
+use std::cell::{Cell, UnsafeCell};
+use std::sync::{RwLock, RwLockReadGuard, RwLockWriteGuard};
+
+use crate::tls;
+
+static GATE: RwLock<()> = RwLock::new(());
+
+/// The write guard held between prepare and parent/child (fork runs them on one thread).
+struct Held(UnsafeCell<Option<RwLockWriteGuard<'static, ()>>>);
+// SAFETY: only touched by the forking thread, between its own prepare and parent/child
+// handlers; concurrent forks serialise on the gate itself before touching it.
+unsafe impl Sync for Held {}
+static HELD: Held = Held(UnsafeCell::new(None));
+
+/// An open section of the fork gate (or nothing, if this thread already holds one).
+pub struct Section {
+    _guard: Option<RwLockReadGuard<'static, ()>>,
+    outermost: bool,
+}
+
+impl Drop for Section {
+    fn drop(&mut self) {
+        if self.outermost {
+            tls::current().in_fork_section.set(0);
+        }
+    }
+}
+
+/// Opens a section: while it lives, no fork copies this process in the middle of it.
+/// Re-entrant on one thread (a nested call costs nothing and holds nothing).
+pub fn section() -> Section {
+    let flag: &Cell<u8> = &tls::current().in_fork_section;
+    if flag.get() != 0 {
+        return Section {
+            _guard: None,
+            outermost: false,
+        };
+    }
+    flag.set(1);
+    let guard = GATE.read().unwrap_or_else(|p| p.into_inner());
+    Section {
+        _guard: Some(guard),
+        outermost: true,
+    }
+}
+
+extern "C" fn prepare() {
+    // A thread inside a section never forks (our code does not fork), so this cannot wait
+    // for itself.
+    let guard = GATE.write().unwrap_or_else(|p| p.into_inner());
+    // SAFETY: see `Held`.
+    unsafe { *HELD.0.get() = Some(guard) };
+}
+
+fn open_gate() {
+    // SAFETY: see `Held`.
+    drop(unsafe { (*HELD.0.get()).take() });
+}
+
+extern "C" fn in_parent() {
+    open_gate();
+}
+
+extern "C" fn in_child() {
+    open_gate();
+    // Sections held by other threads of the parent do not exist in the child; this thread
+    // was not in one (it is forking).
+    tls::current().in_fork_section.set(0);
+    crate::lifecycle::after_fork_in_child();
+}
+
+/// Registers the handlers. Call once, from the constructor.
+pub fn install() {
+    // SAFETY: registering plain functions.
+    unsafe { libc::pthread_atfork(Some(prepare), Some(in_parent), Some(in_child)) };
+}

@@ -1,0 +1,404 @@
+//! Transparency with heap profiling on: the malloc hooks must not change what a program does,
+//! and a program that brings its own allocator must keep working.
+//!
+//! Each program runs directly, then under `anyprof record -q --cpu-hz 0 --mem-rate 1` (every
+//! allocation recorded: the hooks' slow path on every call) and under
+//! `anyprof record -q --cpu-hz 0` (the default rate), in the same clean environment. stdout,
+//! stderr and the exit code must be byte-identical, and the recorded runs must have written
+//! heap profiles with samples. CPU profiling is off: these runs are about the heap (the CPU
+//! side is `transparency.rs`).
+//!
+//! The programs are interpreters with their own allocators on top of malloc (Python, Perl),
+//! running allocation-heavy scripts, and `tests/programs/heap_threads.c`, four threads
+//! allocating, reallocating and freeing blocks of all sizes with every malloc-family call.
+//!
+//! The last tests preload tcmalloc after anyprof (`LD_PRELOAD=libanyprof.so:libtcmalloc.so.4`)
+//! when it is installed: the program must run as it does on tcmalloc alone, and its
+//! allocations must be profiled.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use anyprof_tests::{
+    binaries, clean_command, compile, cpu_lock, run, scratch_dir, ProfileView, RunOutput, Shared,
+};
+
+/// Where Debian/Ubuntu's libgoogle-perftools4 puts tcmalloc.
+const TCMALLOC: &str = "/usr/lib/x86_64-linux-gnu/libtcmalloc.so.4";
+
+/// The recorded variants: the flags after `--cpu-hz 0`, and a name for messages.
+const VARIANTS: [(&str, &[&str]); 2] = [
+    ("--mem-rate 1", &["--mem-rate", "1"]),
+    ("the default rate", &[]),
+];
+
+/// `anyprof record -q -o DIR --cpu-hz 0 FLAGS -- program ARGS` in a clean environment.
+fn record_command(dir: &Path, flags: &[&str], program: &Path, args: &[&str]) -> Command {
+    let bins = binaries();
+    std::fs::create_dir_all(dir).unwrap_or_else(|e| panic!("creating {}: {e}", dir.display()));
+    let mut cmd = clean_command(&bins.anyprof);
+    cmd.arg("record")
+        .arg("-q")
+        .arg("-o")
+        .arg(dir)
+        .args(["--cpu-hz", "0"])
+        .args(flags)
+        .arg("--")
+        .arg(program)
+        .args(args);
+    cmd
+}
+
+/// Decodes `dir/file`, or panics with what the run printed.
+fn read_view(dir: &Path, file: &str, output: &RunOutput) -> ProfileView {
+    let path = dir.join(file);
+    let profile = anyprof::pprof::read_file(&path).unwrap_or_else(|e| {
+        panic!(
+            "could not read {}: {e:#}\nexit code {}\nstdout:\n{}\nstderr:\n{}",
+            path.display(),
+            output.code,
+            output.stdout_text(),
+            output.stderr_text()
+        )
+    });
+    ProfileView::new(profile)
+}
+
+/// Sum of the value `type_name` over all samples.
+fn total(view: &ProfileView, type_name: &str) -> i64 {
+    let i = view.value_index(type_name);
+    view.profile.sample.iter().map(|s| s.value[i]).sum()
+}
+
+fn assert_same_run(name: &str, how: &str, direct: &RunOutput, other: &RunOutput) {
+    assert_eq!(
+        other.code,
+        direct.code,
+        "{name} exited with {} {how}, but with {} when run directly\nstderr {how}:\n{}",
+        other.code,
+        direct.code,
+        other.stderr_text()
+    );
+    assert!(
+        other.stdout == direct.stdout,
+        "{name}'s stdout differs {how}\ndirectly:\n{:?}\n{how}:\n{:?}",
+        direct.stdout_text(),
+        other.stdout_text()
+    );
+    assert!(
+        other.stderr == direct.stderr,
+        "{name}'s stderr differs {how}\ndirectly:\n{:?}\n{how}:\n{:?}",
+        direct.stderr_text(),
+        other.stderr_text()
+    );
+}
+
+/// Runs `program args` directly and under both recorded variants, with `env` applied to
+/// every run; checks the runs are indistinguishable, that the direct one exited with
+/// `expected_code`, and that every recorded run wrote heap and allocs profiles with samples.
+fn check_transparent(
+    name: &str,
+    program: &Path,
+    args: &[&str],
+    expected_code: i32,
+    env: &dyn Fn(&mut Command),
+) {
+    let scratch = scratch_dir(&format!("heap_transparency_{name}"));
+    // These runs measure nothing, but they burn CPU: keep them away from accuracy tests.
+    let _cpu = cpu_lock();
+
+    let mut direct_cmd = clean_command(program);
+    direct_cmd.args(args);
+    env(&mut direct_cmd);
+    let direct = run(&mut direct_cmd);
+    assert_eq!(
+        direct.code,
+        expected_code,
+        "{name} run directly exited with {}, expected {expected_code} (the test program itself \
+         is broken)\nstdout:\n{}\nstderr:\n{}",
+        direct.code,
+        direct.stdout_text(),
+        direct.stderr_text()
+    );
+
+    for (i, (how, flags)) in VARIANTS.iter().enumerate() {
+        let dir = scratch.join(format!("profile-{i}"));
+        let mut cmd = record_command(&dir, flags, program, args);
+        env(&mut cmd);
+        let recorded = run(&mut cmd);
+        let how = format!("under `anyprof record -q --cpu-hz 0` at {how}");
+        assert_same_run(name, &how, &direct, &recorded);
+        for file in ["heap.pb.gz", "allocs.pb.gz"] {
+            let view = read_view(&dir, file, &recorded);
+            assert!(
+                !view.profile.sample.is_empty() && total(&view, "alloc_space") > 0,
+                "{name} {how}: {file} has no allocations ({} samples)",
+                view.profile.sample.len()
+            );
+        }
+    }
+}
+
+/// The interpreter binary itself, not a wrapper: version managers (pyenv, asdf) put shell
+/// scripts named `python3` first on PATH; the interpreter reports its own path.
+fn interpreter(command: &str, print_own_path: &[&str]) -> PathBuf {
+    let out = Command::new(command)
+        .args(print_own_path)
+        .output()
+        .unwrap_or_else(|e| {
+            panic!("running `{command}`: {e}; install it (apt-get install -y {command})")
+        });
+    assert!(out.status.success(), "`{command}` failed: {out:?}");
+    let path = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
+    assert!(
+        path.is_file(),
+        "`{command}` says it is {path:?}, which is not a file"
+    );
+    path
+}
+
+/// Deterministic interpreters: no hash randomisation, no bytecode files written.
+fn interpreter_env(cmd: &mut Command) {
+    cmd.env("PYTHONHASHSEED", "0")
+        .env("PYTHONDONTWRITEBYTECODE", "1")
+        .env("PERL_HASH_SEED", "0")
+        .env("PERL_PERTURB_KEYS", "0");
+}
+
+/// Python builds and drops dicts, lists, strings and byte strings of all sizes (its small
+/// object allocator and malloc both), round-trips them through json, prints digests to
+/// stdout and a line to stderr, and exits with 3.
+#[test]
+fn python3_is_unchanged_by_heap_profiling() {
+    let python = interpreter("python3", &["-c", "import sys; print(sys.executable)"]);
+    let script = r#"
+import hashlib, json, sys
+table = {("key%d" % i): [i, str(i) * (i % 17), {"sq": i * i}] for i in range(150000)}
+blob = json.dumps(table, sort_keys=True)
+back = json.loads(blob)
+chunks = [bytes(range(256)) * (i % 300 + 1) for i in range(3000)]
+big = [bytearray(1 << 20) for _ in range(40)]
+del big
+words = sorted(set(blob[i:i + 7] for i in range(0, len(blob), 13)))
+print("entries:", len(back), "json bytes:", len(blob))
+print("sha256:", hashlib.sha256(blob.encode()).hexdigest())
+print("chunks:", sum(len(c) for c in chunks), "words:", len(words), words[:3])
+print("unicode: \u00e9\u00e8\u2713", [round(1 / k, 6) for k in range(1, 6)])
+print("warning: done on stderr", len(table) % 97, file=sys.stderr)
+sys.exit(3)
+"#;
+    check_transparent("python3", &python, &["-c", script], 3, &interpreter_env);
+}
+
+/// Perl builds a large hash of strings, sorts and joins it, grows and shrinks arrays and
+/// strings, prints to stdout and stderr, and exits with 3.
+#[test]
+fn perl_is_unchanged_by_heap_profiling() {
+    let perl = interpreter("perl", &["-e", "print $^X"]);
+    let script = r#"
+my %h; for my $i (1..150000) { $h{"key$i"} = ("x" x ($i % 50)) . $i; }
+my @keys = sort keys %h;
+my $joined = join(",", map { $h{$_} } @keys[0..999]);
+my @big = map { "y" x 100000 } 1..50; @big = ();
+my $s = ""; for my $i (1..20000) { $s .= chr(65 + $i % 26); } substr($s, 100, 5000) = "";
+my $sum = 0; $sum += length($h{$_}) for @keys;
+print "keys: ", scalar(@keys), " total length: $sum\n";
+print "joined: ", length($joined), " first: ", substr($joined, 0, 40), "\n";
+print "string: ", length($s), " ", substr($s, 0, 30), "\n";
+printf STDERR "stderr line: %d\n", $sum % 1000;
+exit 3;
+"#;
+    check_transparent("perl", &perl, &["-e", script], 3, &interpreter_env);
+}
+
+/// Four threads allocate, reallocate and free with every malloc-family call; exit status 5.
+#[test]
+fn multithreaded_c_is_unchanged_by_heap_profiling() {
+    let scratch = scratch_dir("heap_transparency_threads_build");
+    let exe = compile("heap_threads.c", &["-O2", "-g", "-pthread"], &scratch);
+    check_transparent("heap_threads", &exe, &[], 5, &|_| {});
+}
+
+// ---------------------------------------------------------------------------------------
+// tcmalloc preloaded after anyprof
+// ---------------------------------------------------------------------------------------
+
+/// `heap_sites` built once per test binary.
+static HEAP_SITES: Shared<PathBuf> = Shared::new();
+
+fn heap_sites() -> &'static Path {
+    HEAP_SITES.get(|| {
+        let scratch = scratch_dir("heap_transparency_sites_build");
+        compile("heap_sites.cpp", &["-O2", "-g"], &scratch)
+    })
+}
+
+/// The `site NAME objects=.. alloc_bytes=.. live_objects=.. live_bytes=..` lines as
+/// `site_NAME` → [objects, alloc_bytes, live_objects, live_bytes].
+fn tallies(text: &str) -> BTreeMap<String, [i64; 4]> {
+    text.lines()
+        .filter_map(|l| l.strip_prefix("site "))
+        .map(|rest| {
+            let mut words = rest.split_whitespace();
+            let name = words.next().unwrap_or("");
+            let fields: BTreeMap<&str, i64> = words
+                .filter_map(|w| w.split_once('='))
+                .filter_map(|(k, v)| Some((k, v.parse().ok()?)))
+                .collect();
+            let get = |k: &str| fields.get(k).copied().unwrap_or(-1);
+            (
+                format!("site_{name}"),
+                [
+                    get("objects"),
+                    get("alloc_bytes"),
+                    get("live_objects"),
+                    get("live_bytes"),
+                ],
+            )
+        })
+        .collect()
+}
+
+/// Per site (first frame that is not an `operator new`), the four heap values.
+fn values_by_site(view: &ProfileView) -> BTreeMap<String, [i64; 4]> {
+    let idx: Vec<usize> = [
+        "alloc_objects",
+        "alloc_space",
+        "inuse_objects",
+        "inuse_space",
+    ]
+    .iter()
+    .map(|t| view.value_index(t))
+    .collect();
+    let mut out: BTreeMap<String, [i64; 4]> = BTreeMap::new();
+    for sample in &view.profile.sample {
+        let frames = view.frames(sample);
+        let Some(site) = frames.iter().find(|f| !f.name.starts_with("operator new")) else {
+            continue;
+        };
+        let v = out.entry(site.name.to_string()).or_default();
+        for (slot, &i) in v.iter_mut().zip(&idx) {
+            *slot += sample.value[i];
+        }
+    }
+    out
+}
+
+/// `heap_sites 16` on tcmalloc alone, then recorded with tcmalloc after anyprof at rate 1
+/// and at the default rate; returns the direct run and the rate-1 heap profile. `None` (and
+/// a "skipped" line) when tcmalloc is not installed.
+struct TcmallocRuns {
+    direct: RunOutput,
+    exact: ProfileView,
+}
+
+static TCMALLOC_RUNS: Shared<Option<TcmallocRuns>> = Shared::new();
+
+fn tcmalloc_runs() -> Option<&'static TcmallocRuns> {
+    TCMALLOC_RUNS
+        .get(|| {
+            if !Path::new(TCMALLOC).is_file() {
+                return None;
+            }
+            let exe = heap_sites();
+            let scratch = scratch_dir("heap_tcmalloc");
+            let _cpu = cpu_lock();
+            let mut direct_cmd = clean_command(exe);
+            direct_cmd.arg("16").env("LD_PRELOAD", TCMALLOC);
+            let direct = run(&mut direct_cmd);
+            assert_eq!(
+                direct.code,
+                0,
+                "heap_sites on tcmalloc alone failed\nstdout:\n{}\nstderr:\n{}",
+                direct.stdout_text(),
+                direct.stderr_text()
+            );
+            let mut exact = None;
+            for (i, (how, flags)) in VARIANTS.iter().enumerate() {
+                let dir = scratch.join(format!("profile-{i}"));
+                // anyprof puts its library first and keeps what LD_PRELOAD already holds.
+                let mut cmd = record_command(&dir, flags, exe, &["16"]);
+                cmd.env("LD_PRELOAD", TCMALLOC);
+                let recorded = run(&mut cmd);
+                assert_same_run(
+                    "heap_sites",
+                    &format!("with LD_PRELOAD={TCMALLOC} under anyprof record at {how}"),
+                    &direct,
+                    &recorded,
+                );
+                let view = read_view(&dir, "heap.pb.gz", &recorded);
+                assert!(
+                    total(&view, "alloc_space") > 0,
+                    "on tcmalloc at {how}: the heap profile has no allocations"
+                );
+                if i == 0 {
+                    exact = Some(view);
+                }
+            }
+            Some(TcmallocRuns {
+                direct,
+                exact: exact.expect("the first variant is --mem-rate 1"),
+            })
+        })
+        .as_ref()
+}
+
+#[test]
+fn tcmalloc_preloaded_after_anyprof_keeps_working_and_is_profiled() {
+    let Some(runs) = tcmalloc_runs() else {
+        eprintln!("skipped: {TCMALLOC} is not installed (apt-get install libgoogle-perftools4)");
+        return;
+    };
+    // tcmalloc's usable size of a 1 MiB block is exactly 1 MiB (glibc's is 1 MiB + 4080):
+    // the program really ran on tcmalloc.
+    let truth = tallies(&runs.direct.stdout_text());
+    assert_eq!(
+        truth.get("site_large").map(|t| t[1] / t[0]),
+        Some(1 << 20),
+        "heap_sites did not run on tcmalloc:\n{}",
+        runs.direct.stdout_text()
+    );
+    // Every C allocation reaches tcmalloc through anyprof's hooks: exact at rate 1.
+    let got = values_by_site(&runs.exact);
+    let mut failures = Vec::new();
+    for (site, t) in truth.iter().filter(|(s, _)| *s != "site_cxx_array") {
+        let v = got.get(site).copied().unwrap_or_default();
+        if v != *t {
+            failures.push(format!(
+                "{site}: profile [alloc_objects, alloc_space, inuse_objects, inuse_space] = \
+                 {v:?}, program {t:?}"
+            ));
+        }
+    }
+    assert!(
+        failures.is_empty(),
+        "on tcmalloc at --mem-rate 1:\n{}",
+        failures.join("\n")
+    );
+}
+
+/// tcmalloc defines `operator new` itself, so C++ `new` does not go through malloc there;
+/// a heap profiler of native programs must still see it. Known gap: anyprof interposes the
+/// malloc family only (not `operator new`/`delete`), so this fails today; run it with
+/// `cargo test --release -p anyprof-tests --test heap_transparency -- --ignored`.
+#[test]
+#[ignore = "known gap: operator new/delete are not interposed (C++ new under tcmalloc/jemalloc is unseen)"]
+fn tcmalloc_cxx_new_is_profiled() {
+    let Some(runs) = tcmalloc_runs() else {
+        eprintln!("skipped: {TCMALLOC} is not installed (apt-get install libgoogle-perftools4)");
+        return;
+    };
+    let truth = tallies(&runs.direct.stdout_text())["site_cxx_array"];
+    let got = values_by_site(&runs.exact)
+        .get("site_cxx_array")
+        .copied()
+        .unwrap_or_default();
+    assert_eq!(
+        got, truth,
+        "site_cxx_array (new Obj[1024]) on tcmalloc at --mem-rate 1: profile [alloc_objects, \
+         alloc_space, inuse_objects, inuse_space] = {got:?}, program {truth:?}. tcmalloc \
+         exports its own operator new/delete, which do not call malloc, so an interposer \
+         that hooks only the malloc family sees none of these allocations"
+    );
+}
