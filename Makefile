@@ -12,7 +12,7 @@ help:
 	@echo "make test   build everything and run all tests (unit + end-to-end)"
 	@echo "make test-matrix  only the real-program matrix (python3, perl, sqlite3, gcc, git, xz, bash, sort)"
 	@echo "make lint   cargo fmt --check and clippy with warnings denied"
-	@echo "make bench  overhead and symbolization benchmarks (ratios, medians of repeated runs)"
+	@echo "make bench  CPU and heap overhead vs gperftools, heaptrack, perf; symbolization throughput"
 
 build:
 	$(CARGO) build --release --workspace

@@ -5,18 +5,30 @@
 #      gperftools and perf when they are installed (bench/overhead.py does the runs and the
 #      statistics; bench/programs/cpu_work.c is the program).
 #   2. Symbolization throughput, cold and warm (symbolizer/examples/throughput.rs).
+#   3. Heap-profiling overhead (bench/heap_overhead.py): a malloc/free microbenchmark
+#      (bench/programs/malloc_pairs.c) in ns per pair next to heaptrack and gperftools' heap
+#      profiler, and CPython running bench/programs/alloc_heavy.py, as wall-time ratios.
 #
 # Environment:
-#   BENCH_ROUNDS=7         rounds of the overhead benchmark (medians are over rounds)
+#   BENCH_SECTIONS=cpu,symbolize,heap   which sections to run (e.g. BENCH_SECTIONS=heap)
+#   BENCH_ROUNDS=7         rounds of the overhead benchmarks (medians are over rounds)
 #   BENCH_HZ=100           sampling rate given to every profiler
 #   BENCH_SECONDS=2        CPU seconds of work per run (the 4-thread variant splits them)
 #   BENCH_PERF_DWARF=1     also run `perf record --call-graph dwarf` (0 to leave it out)
 #   BENCH_GPERFTOOLS_LIB   path of libprofiler.so (default: found with ldconfig)
 #   BENCH_SYMBOLIZE_FILES  files for the symbolization benchmark (default: the anyprof binary
 #                          and libc)
+#   BENCH_HEAP_ROUNDS      rounds of section 3 (default: BENCH_ROUNDS)
+#   BENCH_HEAP_PAIRS=50000000  malloc/free pairs per thread of malloc_pairs (every-allocation
+#                          profilers run a 100th, gperftools' HEAPPROFILE a 1000th of them)
+#   BENCH_HEAP_PARTS=malloc,python      the parts of section 3
+#   BENCH_PYTHON           the Python interpreter of section 3 (default: the real executable
+#                          behind python3, resolved once so that a pyenv shim is not timed)
+#   BENCH_PYTHON_SECONDS=2 seconds of work of the Python run
+#   BENCH_TCMALLOC_LIB     path of libtcmalloc.so.4 (default: found with ldconfig)
 #
-# Exits non-zero when anyprof fails to run or to write a profile, or when the symbolizer
-# benchmark fails; a missing peer profiler is reported as "skipped: reason".
+# Exits non-zero when anyprof fails to run or to write a profile (section 3: heap.pb.gz), or
+# when the symbolizer benchmark fails; a missing peer profiler is reported as "skipped: reason".
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
@@ -26,6 +38,15 @@ ROUNDS=${BENCH_ROUNDS:-7}
 HZ=${BENCH_HZ:-100}
 SECONDS_OF_WORK=${BENCH_SECONDS:-2}
 CC=${CC:-cc}
+sections=${BENCH_SECTIONS:-cpu,symbolize,heap}
+SECTIONS=",$sections,"
+for section in ${sections//,/ }; do
+    case $section in
+        cpu | symbolize | heap) ;;
+        *) echo "error: BENCH_SECTIONS: unknown section '$section' (known: cpu, symbolize, heap)" >&2; exit 2 ;;
+    esac
+done
+want() { [[ $SECTIONS == *",$1,"* ]]; }
 
 if [[ ! -x $ANYPROF || ! -f $LIB ]]; then
     echo "error: $ANYPROF or $LIB is missing; run \`cargo build --release --workspace\` (make bench does)" >&2
@@ -35,8 +56,9 @@ fi
 scratch=$(mktemp -d "${TMPDIR:-/tmp}/anyprof-bench.XXXXXX")
 trap 'rm -rf "$scratch"' EXIT
 
-# The work program: -O2 -g, and no frame pointers (explicitly, whatever the compiler's default).
-"$CC" -O2 -g -fomit-frame-pointer -pthread bench/programs/cpu_work.c -o "$scratch/cpu_work"
+# The work programs: -O2 -g, and no frame pointers (explicitly, whatever the compiler's default).
+if want cpu; then "$CC" -O2 -g -fomit-frame-pointer -pthread bench/programs/cpu_work.c -o "$scratch/cpu_work"; fi
+if want heap; then "$CC" -O2 -g -fomit-frame-pointer -pthread bench/programs/malloc_pairs.c -o "$scratch/malloc_pairs"; fi
 
 # --- the machine -------------------------------------------------------------------------------
 config_hz() {
@@ -86,30 +108,73 @@ else
 fi
 
 # --- 1. overhead -------------------------------------------------------------------------------
-echo
-echo "== 1. CPU-profiling overhead at $HZ Hz (whole program, ratios to no profiler) =="
-note_args=()
-for line in "${notes[@]+"${notes[@]}"}"; do note_args+=(--note "$line"); done
-python3 bench/overhead.py \
-    --program "$scratch/cpu_work" \
-    --anyprof "$ANYPROF" \
-    --gperftools "$gperftools" \
-    --rounds "$ROUNDS" --hz "$HZ" --seconds "$SECONDS_OF_WORK" \
-    "${perf_args[@]+"${perf_args[@]}"}" \
-    "${note_args[@]+"${note_args[@]}"}"
+if want cpu; then
+    echo
+    echo "== 1. CPU-profiling overhead at $HZ Hz (whole program, ratios to no profiler) =="
+    note_args=()
+    for line in "${notes[@]+"${notes[@]}"}"; do note_args+=(--note "$line"); done
+    python3 bench/overhead.py \
+        --program "$scratch/cpu_work" \
+        --anyprof "$ANYPROF" \
+        --gperftools "$gperftools" \
+        --rounds "$ROUNDS" --hz "$HZ" --seconds "$SECONDS_OF_WORK" \
+        "${perf_args[@]+"${perf_args[@]}"}" \
+        "${note_args[@]+"${note_args[@]}"}"
+fi
 
 # --- 2. symbolization --------------------------------------------------------------------------
-echo
-echo "== 2. Symbolization throughput (anyprof_symbolizer, file virtual addresses in function symbols) =="
-read -r -a files <<<"${BENCH_SYMBOLIZE_FILES:-$ANYPROF /lib/x86_64-linux-gnu/libc.so.6}"
-for file in "${files[@]}"; do
-    if [[ ! -f $file ]]; then
-        echo "$file  skipped: no such file"
-        continue
-    fi
+if want symbolize; then
     echo
-    cargo run --release -q -p anyprof-symbolizer --example throughput -- "$file"
-done
+    echo "== 2. Symbolization throughput (anyprof_symbolizer, file virtual addresses in function symbols) =="
+    read -r -a files <<<"${BENCH_SYMBOLIZE_FILES:-$ANYPROF /lib/x86_64-linux-gnu/libc.so.6}"
+    for file in "${files[@]}"; do
+        if [[ ! -f $file ]]; then
+            echo "$file  skipped: no such file"
+            continue
+        fi
+        echo
+        cargo run --release -q -p anyprof-symbolizer --example throughput -- "$file"
+    done
+fi
+
+# --- 3. heap profiling -------------------------------------------------------------------------
+if want heap; then
+    echo
+    echo "== 3. Heap-profiling overhead (malloc microbenchmark in ns per pair; malloc-heavy CPython, ratios) =="
+    heap_notes=()
+    heaptrack_cmd=$(command -v heaptrack || true)
+    if [[ -z $heaptrack_cmd ]]; then
+        heap_notes+=("heaptrack     skipped: no heaptrack command (Debian: apt-get install heaptrack)")
+    fi
+    tcmalloc=${BENCH_TCMALLOC_LIB:-}
+    if [[ -z $tcmalloc ]]; then
+        tcmalloc=$(ldconfig -p 2>/dev/null | awk '/libtcmalloc\.so\.4 .*x86-64/ {print $NF; exit}' || true)
+        for candidate in /usr/lib/x86_64-linux-gnu/libtcmalloc.so.4 /usr/lib64/libtcmalloc.so.4 /usr/lib/libtcmalloc.so.4; do
+            [[ -z $tcmalloc && -f $candidate ]] && tcmalloc=$candidate
+        done
+    fi
+    if [[ -z $tcmalloc || ! -f $tcmalloc ]]; then
+        heap_notes+=("tcmalloc, gperf-heap  skipped: libtcmalloc.so.4 not found (Debian: apt-get install libgoogle-perftools4)")
+        tcmalloc=""
+    fi
+    # The real interpreter: python3 may be a pyenv shim (a bash script) whose own processes
+    # would be timed with every run.
+    python=${BENCH_PYTHON:-$(python3 -c 'import sys; print(sys.executable)')}
+    heap_note_args=()
+    for line in "${heap_notes[@]+"${heap_notes[@]}"}"; do heap_note_args+=(--note "$line"); done
+    python3 bench/heap_overhead.py \
+        --malloc-program "$scratch/malloc_pairs" \
+        --anyprof "$ANYPROF" \
+        --heaptrack "$heaptrack_cmd" \
+        --tcmalloc "$tcmalloc" \
+        --python "$python" \
+        --python-script bench/programs/alloc_heavy.py \
+        --python-seconds "${BENCH_PYTHON_SECONDS:-2}" \
+        --rounds "${BENCH_HEAP_ROUNDS:-$ROUNDS}" \
+        --pairs "${BENCH_HEAP_PAIRS:-50000000}" \
+        --parts "${BENCH_HEAP_PARTS:-malloc,python}" \
+        "${heap_note_args[@]+"${heap_note_args[@]}"}"
+fi
 
 echo
 echo "load average at end: $(cut -d' ' -f1-3 /proc/loadavg)"
