@@ -112,7 +112,7 @@ pub fn build(session: &Session, symbolizer: &mut Symbolizer, duration_ns: u64) -
         session.counter(Counter::DroppedBusy),
         session.counter(Counter::Truncated),
     ));
-    if !session.said_goodbye {
+    if !session.said_goodbye && session.closed_at.is_some() {
         b.comment(
             "anyprof: the process did not report its final counters (killed, or it called _exit)",
         );

@@ -64,6 +64,8 @@ pub fn run(args: ServeArgs) -> Result<std::process::ExitCode> {
     let euid = unsafe { libc::geteuid() };
     let mut allowed = vec![euid, 0];
     allowed.extend(&args.allow_uid);
+    allowed.sort_unstable();
+    allowed.dedup();
     let collector = Arc::new(Collector::listen_at(
         socket.clone(),
         Options {
@@ -96,7 +98,10 @@ pub fn run(args: ServeArgs) -> Result<std::process::ExitCode> {
         })
         .collect::<std::io::Result<_>>()?;
     wait_for_termination();
-    server.unblock();
+    // Each call wakes one worker blocked in recv(): one per worker.
+    for _ in 0..workers.len() {
+        server.unblock();
+    }
     for w in workers {
         let _ = w.join();
     }
