@@ -361,6 +361,15 @@ fn connect_seqpacket(path: &Path) -> bool {
     connect(fd.as_raw_fd(), &addr).is_ok()
 }
 
+/// The newest open connection of `pid` (a process that reconnected has older, closed ones).
+fn live_connection(conns: &[Connection], pid: u32) -> Option<&Connection> {
+    conns.iter().rev().find(|c| {
+        c.session
+            .lock()
+            .is_ok_and(|s| s.closed_at.is_none() && s.pid() == Some(pid))
+    })
+}
+
 /// A live process as the daemon lists it.
 #[derive(Clone, Debug)]
 pub struct ProcessInfo {
@@ -406,15 +415,7 @@ impl Collector {
     /// The session of the live connection of `pid` (the newest, if it reconnected).
     pub fn session_of(&self, pid: u32) -> Option<SharedSession> {
         let conns = self.connections.lock().ok()?;
-        conns
-            .iter()
-            .rev()
-            .find(|c| {
-                c.session
-                    .lock()
-                    .is_ok_and(|s| s.closed_at.is_none() && s.pid() == Some(pid))
-            })
-            .map(|c| c.session.clone())
+        live_connection(&conns, pid).map(|c| c.session.clone())
     }
 
     /// Sends `cmd` to the live connection of `pid`.
@@ -423,14 +424,7 @@ impl Collector {
             .connections
             .lock()
             .map_err(|_| anyhow::anyhow!("collector state poisoned"))?;
-        let conn = conns
-            .iter()
-            .rev()
-            .find(|c| {
-                c.session
-                    .lock()
-                    .is_ok_and(|s| s.closed_at.is_none() && s.pid() == Some(pid))
-            })
+        let conn = live_connection(&conns, pid)
             .ok_or_else(|| anyhow::anyhow!("process {pid} is not connected"))?;
         let fd = conn
             .control
