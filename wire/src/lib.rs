@@ -373,53 +373,68 @@ pub const SAMPLE_HEADER_LEN: usize = 4 + 1 + 1 + 2 + 8 + 8;
 /// u64, thread CPU time since the thread's previous sample (ns) u64, then the frames as u64,
 /// leaf first. Frame 0 is the interrupted instruction pointer; later frames are return
 /// addresses exactly as found on the stack (the collector applies the "minus one").
-pub struct SampleBatch<'a> {
-    w: Writer<'a>,
-    count: u32,
-}
+pub struct SampleBatch<'a>(Batch<'a>);
 
 impl<'a> SampleBatch<'a> {
     /// Starts an empty batch in `buf`.
     pub fn new(buf: &'a mut [u8]) -> SampleBatch<'a> {
-        SampleBatch {
-            w: Writer::message(buf, Kind::CpuSamples),
-            count: 0,
-        }
+        SampleBatch(Batch::new(buf, Kind::CpuSamples))
     }
 
     /// Appends a sample; returns false (and leaves the batch unchanged) if it does not fit.
     pub fn push(&mut self, tid: u32, flags: u8, time_ns: u64, cpu_ns: u64, frames: &[u64]) -> bool {
         let frames = frames.get(..frames.len().min(MAX_FRAMES)).unwrap_or(frames);
-        let need = SAMPLE_HEADER_LEN + frames.len() * 8;
-        if self.w.remaining() < need {
-            return false;
-        }
-        self.w.u32(tid);
-        self.w.u8(flags);
-        self.w.u8(0);
-        self.w.u16(frames.len() as u16);
-        self.w.u64(time_ns);
-        self.w.u64(cpu_ns);
-        for &f in frames {
-            self.w.u64(f);
-        }
-        self.count += 1;
-        true
+        self.0.push(SAMPLE_HEADER_LEN + frames.len() * 8, |w| {
+            w.u32(tid);
+            w.u8(flags);
+            w.u8(0);
+            w.u16(frames.len() as u16);
+            w.u64(time_ns);
+            w.u64(cpu_ns);
+            for &f in frames {
+                w.u64(f);
+            }
+        })
     }
 
     /// Samples in the batch.
     pub fn count(&self) -> u32 {
-        self.count
+        self.0.count
     }
 
     /// Length of the encoded message (header plus records).
     pub fn len(&self) -> usize {
-        self.w.len()
+        self.0.w.len()
     }
 
     /// True when no sample has been pushed.
     pub fn is_empty(&self) -> bool {
-        self.count == 0
+        self.0.count == 0
+    }
+}
+
+/// A message of variable-length records: the part [`SampleBatch`] and [`HeapBatch`] share.
+struct Batch<'a> {
+    w: Writer<'a>,
+    count: u32,
+}
+
+impl<'a> Batch<'a> {
+    fn new(buf: &'a mut [u8], kind: Kind) -> Batch<'a> {
+        Batch {
+            w: Writer::message(buf, kind),
+            count: 0,
+        }
+    }
+
+    /// Writes one record of `need` bytes with `write`, if it fits whole.
+    fn push(&mut self, need: usize, write: impl FnOnce(&mut Writer<'a>)) -> bool {
+        if self.w.remaining() < need {
+            return false;
+        }
+        write(&mut self.w);
+        self.count += 1;
+        true
     }
 }
 
@@ -434,10 +449,7 @@ pub const BUCKET_HEADER_LEN: usize = 4 + 2 + 2 + 8 + 4 * 8;
 /// Record layout: id u32, frame count u16, reserved u16, size u64, alloc objects u64, alloc
 /// bytes u64, free objects u64, free bytes u64, then the frames (return addresses, leaf
 /// first). Frames are sent with a bucket's first report only; later reports have none.
-pub struct HeapBatch<'a> {
-    w: Writer<'a>,
-    count: u32,
-}
+pub struct HeapBatch<'a>(Batch<'a>);
 
 /// The counts of one heap bucket.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -455,46 +467,40 @@ pub struct BucketCounts {
 impl<'a> HeapBatch<'a> {
     /// Starts an empty batch in `buf`.
     pub fn new(buf: &'a mut [u8]) -> HeapBatch<'a> {
-        HeapBatch {
-            w: Writer::message(buf, Kind::HeapBuckets),
-            count: 0,
-        }
+        HeapBatch(Batch::new(buf, Kind::HeapBuckets))
     }
 
     /// Appends a bucket; returns false (and leaves the batch unchanged) if it does not fit.
     pub fn push(&mut self, id: u32, size: u64, counts: &BucketCounts, frames: &[u64]) -> bool {
         let frames = frames.get(..frames.len().min(MAX_FRAMES)).unwrap_or(frames);
-        if self.w.remaining() < BUCKET_HEADER_LEN + frames.len() * 8 {
-            return false;
-        }
-        self.w.u32(id);
-        self.w.u16(frames.len() as u16);
-        self.w.u16(0);
-        self.w.u64(size);
-        self.w.u64(counts.alloc_objects);
-        self.w.u64(counts.alloc_bytes);
-        self.w.u64(counts.free_objects);
-        self.w.u64(counts.free_bytes);
-        for &f in frames {
-            self.w.u64(f);
-        }
-        self.count += 1;
-        true
+        self.0.push(BUCKET_HEADER_LEN + frames.len() * 8, |w| {
+            w.u32(id);
+            w.u16(frames.len() as u16);
+            w.u16(0);
+            w.u64(size);
+            w.u64(counts.alloc_objects);
+            w.u64(counts.alloc_bytes);
+            w.u64(counts.free_objects);
+            w.u64(counts.free_bytes);
+            for &f in frames {
+                w.u64(f);
+            }
+        })
     }
 
     /// Buckets in the batch.
     pub fn count(&self) -> u32 {
-        self.count
+        self.0.count
     }
 
     /// Length of the encoded message.
     pub fn len(&self) -> usize {
-        self.w.len()
+        self.0.w.len()
     }
 
     /// True when no bucket has been pushed.
     pub fn is_empty(&self) -> bool {
-        self.count == 0
+        self.0.count == 0
     }
 }
 
