@@ -265,7 +265,11 @@ pub unsafe extern "C" fn sigaction(
         if !act.is_null() {
             // SAFETY: the caller passes a readable sigaction.
             let act = unsafe { &*act };
-            crate::signal::handler::set_program_action(act.sa_sigaction, act.sa_flags);
+            crate::signal::handler::set_program_action(
+                act.sa_sigaction,
+                act.sa_flags,
+                &act.sa_mask,
+            );
         }
         return 0;
     }
@@ -285,7 +289,9 @@ pub unsafe extern "C" fn signal(
 ) -> libc::sighandler_t {
     if sig == crate::signal::handler::SIGNAL && crate::signal::handler::installed() {
         let previous = crate::signal::handler::program_action().sa_sigaction;
-        crate::signal::handler::set_program_action(handler, libc::SA_RESTART);
+        // SAFETY: a zeroed sigset_t is the empty set, as signal(3) installs.
+        let empty: libc::sigset_t = unsafe { core::mem::zeroed() };
+        crate::signal::handler::set_program_action(handler, libc::SA_RESTART, &empty);
         return previous;
     }
     let real = next_symbol(c"signal");

@@ -74,6 +74,9 @@ fn start(argc: libc::c_int, argv: *const *const libc::c_char) {
     if sockets.is_empty() {
         return; // record mode without a socket: nowhere to send anything
     }
+    for problem in &config.problems {
+        log::message(Level::Warn, problem.clone());
+    }
     let connected = connect_any(&sockets);
     if !connected && config.mode == Mode::Record {
         log::message(
@@ -84,9 +87,6 @@ fn start(argc: libc::c_int, argv: *const *const libc::c_char) {
             ),
         );
         return;
-    }
-    for problem in &config.problems {
-        log::message(Level::Warn, problem.clone());
     }
     if let Ok(mut p) = SOCKETS.lock() {
         *p = sockets;

@@ -41,13 +41,17 @@ pub fn start(tid: u32, hz: u32) -> Result<TimerId, i32> {
     if rc != 0 {
         return Err(crate::signal::sys::errno());
     }
-    let ts = libc::timespec {
-        tv_sec: (period_ns / 1_000_000_000) as libc::time_t,
-        tv_nsec: (period_ns % 1_000_000_000) as libc::c_long,
+    let as_timespec = |ns: u64| libc::timespec {
+        tv_sec: (ns / 1_000_000_000) as libc::time_t,
+        tv_nsec: (ns % 1_000_000_000) as libc::c_long,
     };
+    // The first expiry at a random point of the first period, as Go does: a thread that
+    // runs for less than a period is then sampled with the right probability instead of
+    // never.
+    let first_ns = 1 + random_below(tid, period_ns);
     let spec = libc::itimerspec {
-        it_interval: ts,
-        it_value: ts,
+        it_interval: as_timespec(period_ns),
+        it_value: as_timespec(first_ns),
     };
     // SAFETY: `spec` is valid; a null old-value pointer is allowed.
     let rc = unsafe {
@@ -71,4 +75,13 @@ pub fn start(tid: u32, hz: u32) -> Result<TimerId, i32> {
 pub fn stop(id: TimerId) {
     // SAFETY: timer_delete on an id we created; an already-deleted id just fails with EINVAL.
     unsafe { libc::syscall(libc::SYS_timer_delete, id.0) };
+}
+
+/// A number in `[0, n)` (0 for n = 0), good enough to spread timer phases.
+fn random_below(tid: u32, n: u64) -> u64 {
+    let mut x = crate::signal::sys::monotonic_ns() ^ (u64::from(tid) << 32) ^ 0x9e37_79b9_7f4a_7c15;
+    x ^= x >> 33;
+    x = x.wrapping_mul(0xff51_afd7_ed55_8ccd);
+    x ^= x >> 33;
+    x.checked_rem(n).unwrap_or(0)
 }

@@ -23,6 +23,20 @@ pub static SAMPLING: AtomicBool = AtomicBool::new(false);
 static PREVIOUS_ACTION: AtomicUsize = AtomicUsize::new(0);
 /// The program handler's `sa_flags` (`SA_SIGINFO` decides how it is called).
 static PREVIOUS_FLAGS: core::sync::atomic::AtomicI32 = core::sync::atomic::AtomicI32::new(0);
+/// The program handler's `sa_mask`, word by word (blocked while its handler runs).
+const MASK_WORDS: usize = core::mem::size_of::<libc::sigset_t>() / 8;
+static PREVIOUS_MASK: [core::sync::atomic::AtomicU64; MASK_WORDS] =
+    [const { core::sync::atomic::AtomicU64::new(0) }; MASK_WORDS];
+
+fn mask_to_words(mask: &libc::sigset_t) -> [u64; MASK_WORDS] {
+    // SAFETY: sigset_t is plain data of MASK_WORDS * 8 bytes.
+    unsafe { core::mem::transmute_copy(mask) }
+}
+
+fn words_to_mask(words: &[u64; MASK_WORDS]) -> libc::sigset_t {
+    // SAFETY: as above, in the other direction.
+    unsafe { core::mem::transmute_copy(words) }
+}
 
 /// Marks our timers' signals (`sigev_value`), so that a program's own `timer_create` with
 /// `SIGPROF` is told apart from ours and goes to the program's handler.
@@ -40,11 +54,23 @@ pub fn program_action() -> libc::sigaction {
     let mut a: libc::sigaction = unsafe { core::mem::zeroed() };
     a.sa_sigaction = PREVIOUS_ACTION.load(Ordering::Acquire);
     a.sa_flags = PREVIOUS_FLAGS.load(Ordering::Acquire);
+    a.sa_mask = words_to_mask(&program_mask_words());
     a
 }
 
+fn program_mask_words() -> [u64; MASK_WORDS] {
+    let mut words = [0u64; MASK_WORDS];
+    for (w, a) in words.iter_mut().zip(PREVIOUS_MASK.iter()) {
+        *w = a.load(Ordering::Acquire);
+    }
+    words
+}
+
 /// Records the program's new `SIGPROF` action (ours stays installed and chains to it).
-pub fn set_program_action(handler: usize, flags: libc::c_int) {
+pub fn set_program_action(handler: usize, flags: libc::c_int, mask: &libc::sigset_t) {
+    for (a, w) in PREVIOUS_MASK.iter().zip(mask_to_words(mask)) {
+        a.store(w, Ordering::Release);
+    }
     PREVIOUS_FLAGS.store(flags, Ordering::Release);
     PREVIOUS_ACTION.store(handler, Ordering::Release);
 }
@@ -75,7 +101,7 @@ pub fn install() -> Result<(), i32> {
         INSTALLED.store(false, Ordering::Release);
         return Err(sys::errno());
     }
-    set_program_action(old.sa_sigaction, old.sa_flags);
+    set_program_action(old.sa_sigaction, old.sa_flags, &old.sa_mask);
     Ok(())
 }
 
@@ -106,6 +132,23 @@ fn chain(sig: libc::c_int, info: *mut libc::siginfo_t, context: *mut libc::c_voi
     if previous == libc::SIG_DFL || previous == libc::SIG_IGN {
         return;
     }
+    // The program's handler runs with the mask it asked for, as if the kernel had called it.
+    let mask = words_to_mask(&program_mask_words());
+    // SAFETY: a zeroed sigset_t is a valid out-buffer.
+    let mut saved: libc::sigset_t = unsafe { core::mem::zeroed() };
+    // SAFETY: pthread_sigmask is async-signal-safe; both sets are valid.
+    unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &mask, &mut saved) };
+    call_program_handler(previous, sig, info, context);
+    // SAFETY: restores the mask saved above.
+    unsafe { libc::pthread_sigmask(libc::SIG_SETMASK, &saved, core::ptr::null_mut()) };
+}
+
+fn call_program_handler(
+    previous: usize,
+    sig: libc::c_int,
+    info: *mut libc::siginfo_t,
+    context: *mut libc::c_void,
+) {
     if PREVIOUS_FLAGS.load(Ordering::Relaxed) & libc::SA_SIGINFO != 0 {
         // SAFETY: `previous` was read from a sigaction with SA_SIGINFO, so it has this type.
         let f: extern "C" fn(libc::c_int, *mut libc::siginfo_t, *mut libc::c_void) =

@@ -83,6 +83,23 @@ pub fn retire_when_quiet(retired: &mut Vec<*mut Unwinder>) -> bool {
     true
 }
 
+/// Stack the unwinder may need on the thread that runs it (framehop evaluates CFI with
+/// fixed-size tables on the stack; measured use is around 12 KiB).
+const UNWIND_STACK_NEED: u64 = 32 * 1024;
+
+/// True unless the calling thread is known to have less than [`UNWIND_STACK_NEED`] bytes
+/// of stack left below this point: a thread made with a tiny stack, or deep in recursion,
+/// then gets a leaf-only sample instead of a stack overflow.
+#[inline]
+fn enough_stack_here() -> bool {
+    let marker = 0u8;
+    let here = core::ptr::addr_of!(marker) as u64;
+    match super::thread_state::stack_bounds() {
+        Some((lo, hi)) if here >= lo && here < hi => here - lo >= UNWIND_STACK_NEED,
+        _ => true,
+    }
+}
+
 /// Reads the interrupted thread's stack, refusing anything outside its bounds.
 struct StackReader {
     lo: u64,
@@ -118,6 +135,9 @@ pub fn unwind(
     // A stack pointer outside the recorded stack means sigaltstack, a coroutine stack or a
     // corrupted register: reading "the stack" there would be a guess, so keep the leaf only.
     if sp < lo || sp >= hi {
+        return (1, FLAG_TRUNCATED);
+    }
+    if !enough_stack_here() {
         return (1, FLAG_TRUNCATED);
     }
     let unwinder = CURRENT.load(Ordering::SeqCst);
