@@ -12,6 +12,7 @@ help:
 	@echo "make test   build everything and run all tests (unit + end-to-end)"
 	@echo "make test-matrix  only the real-program matrix (python3, perl, sqlite3, gcc, git, xz, bash, sort)"
 	@echo "make lint   cargo fmt --check and clippy with warnings denied"
+	@echo "make fuzz   a short run of every fuzz target (FUZZ_SECONDS each, default 30)"
 	@echo "make bench  CPU and heap overhead vs gperftools, heaptrack, perf; symbolization throughput"
 
 build:
@@ -44,6 +45,10 @@ fmt:
 
 bench: build
 	bash bench/run.sh
+
+# The fuzz targets in fuzz/ (their own workspace), from the committed corpora.
+fuzz:
+	bash .ci/fuzz
 
 clean:
 	$(CARGO) clean

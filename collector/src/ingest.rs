@@ -89,8 +89,8 @@ impl Session {
     /// Samples lost in the process, for whatever reason.
     pub fn lost_samples(&self) -> u64 {
         self.counter(Counter::DroppedRingFull)
-            + self.counter(Counter::DroppedSend)
-            + self.counter(Counter::DroppedBusy)
+            .saturating_add(self.counter(Counter::DroppedSend))
+            .saturating_add(self.counter(Counter::DroppedBusy))
     }
 
     /// Identifies one process image: pid and the time the library started in it.
@@ -129,8 +129,8 @@ impl Session {
         self.modules.extend(later.modules);
         for (k, t) in later.cpu {
             let e = self.cpu.entry(k).or_default();
-            e.count += t.count;
-            e.cpu_ns += t.cpu_ns;
+            e.count = e.count.saturating_add(t.count);
+            e.cpu_ns = e.cpu_ns.saturating_add(t.cpu_ns);
         }
         self.thread_names.extend(later.thread_names);
         for (id, b) in later.heap {
@@ -194,8 +194,8 @@ impl Session {
                             flags: s.flags,
                         })
                         .or_default();
-                    t.count += 1;
-                    t.cpu_ns += s.cpu_ns;
+                    t.count = t.count.saturating_add(1);
+                    t.cpu_ns = t.cpu_ns.saturating_add(s.cpu_ns);
                 }
             }
             Message::Counters(c) => self.counters = c,

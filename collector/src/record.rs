@@ -244,8 +244,8 @@ fn print_summary(
     written: &[PathBuf],
     elapsed: Duration,
 ) {
-    let samples: u64 = s.cpu.values().map(|t| t.count).sum();
-    let cpu_ns: u64 = s.cpu.values().map(|t| t.cpu_ns).sum();
+    let samples = s.cpu.values().fold(0u64, |a, t| a.saturating_add(t.count));
+    let cpu_ns = s.cpu.values().fold(0u64, |a, t| a.saturating_add(t.cpu_ns));
     let threads = s
         .cpu
         .keys()

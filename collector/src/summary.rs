@@ -78,10 +78,10 @@ pub fn top(profile: &Profile, index: usize) -> Vec<TopEntry> {
                     cum: 0,
                 });
                 if depth == 0 && j == 0 {
-                    e.flat += v;
+                    e.flat = e.flat.saturating_add(v);
                 }
                 if !seen.contains(&name) {
-                    e.cum += v;
+                    e.cum = e.cum.saturating_add(v);
                     seen.push(name);
                 }
             }
@@ -104,7 +104,11 @@ fn short(path: &str) -> &str {
 /// Formats the top `n` entries of a CPU profile (value index 1, nanoseconds).
 pub fn format_cpu_top(profile: &Profile, n: usize) -> String {
     let entries = top(profile, 1);
-    let total: i64 = profile.sample.iter().filter_map(|s| s.value.get(1)).sum();
+    let total = profile
+        .sample
+        .iter()
+        .filter_map(|s| s.value.get(1))
+        .fold(0i64, |a, &b| a.saturating_add(b));
     let mut out = String::new();
     let _ = writeln!(
         out,

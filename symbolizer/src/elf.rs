@@ -68,7 +68,8 @@ impl ElfFacts {
         // Sections without file contents are NOBITS placeholders left by `strip`/`objcopy`.
         let has_dwarf = file
             .section_by_name(".debug_info")
-            .is_some_and(|s| s.size() > 0 && s.file_range().is_some());
+            .is_some_and(|s| s.size() > 0 && s.file_range().is_some())
+            && !claims_impossible_decompression(file);
         let load_ranges = file
             .segments()
             .filter(|segment| segment.size() > 0)
@@ -91,4 +92,31 @@ impl ElfFacts {
     pub(crate) fn is_loaded(&self, address: u64) -> bool {
         self.load_ranges.is_empty() || self.load_ranges.iter().any(|r| r.contains(&address))
     }
+}
+
+/// Largest DWARF section we are willing to decompress.
+const MAX_DECOMPRESSED: u64 = 4 << 30;
+/// zlib and zstd cannot expand data more than about 1032:1; a header claiming more lies.
+const MAX_RATIO: u64 = 1100;
+
+/// True if a compressed debug section claims a decompressed size that no real file has:
+/// more than its compressed bytes could expand to, or more than [`MAX_DECOMPRESSED`]. The
+/// decompressor reserves the claimed size up front, so trusting such a header lets a hostile
+/// or corrupt file make the collector allocate gigabytes; its DWARF is skipped instead (the
+/// symbol tables still answer).
+fn claims_impossible_decompression(file: &object::File<'_>) -> bool {
+    use object::{Object, ObjectSection};
+    file.sections().any(|section| {
+        let debug = section
+            .name()
+            .is_ok_and(|n| n.starts_with(".debug") || n.starts_with(".zdebug"));
+        match section.compressed_file_range() {
+            Ok(range) if debug && range.format != object::CompressionFormat::None => {
+                range.uncompressed_size > MAX_DECOMPRESSED
+                    || range.uncompressed_size > range.compressed_size.saturating_mul(MAX_RATIO)
+            }
+            Ok(_) => false,
+            Err(_) => debug,
+        }
+    })
 }

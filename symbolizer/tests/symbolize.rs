@@ -685,3 +685,36 @@ fn miss_messages_say_what_to_do() {
     assert!(messages[1].contains("Permission denied"));
     assert!(messages[6].contains("-g"));
 }
+
+/// Regression test for a fuzzer finding: a compressed debug section whose header claims
+/// gigabytes made the collector reserve that much memory before failing. Such DWARF is now
+/// skipped, and the symbol table still names the function.
+#[test]
+fn compressed_debug_section_claiming_gigabytes_is_not_decompressed() {
+    use object::{Object, ObjectSection};
+    let dir = TempDir::new("lying-compression");
+    let prog = build_c(&dir, "compressed-dwarf", &["-gz=zlib"]);
+    let mut bytes = std::fs::read(&prog).unwrap();
+    let offset = {
+        let file = object::File::parse(bytes.as_slice()).unwrap();
+        let section = file.section_by_name(".debug_line").expect(".debug_line");
+        let (offset, _) = section.file_range().expect("in the file");
+        offset as usize
+    };
+    // Elf64_Chdr: ch_type u32, ch_reserved u32, ch_size u64 (the claimed size), ...
+    bytes[offset + 8..offset + 16].copy_from_slice(&(4u64 << 30).to_le_bytes());
+    let liar = dir.path().join("liar");
+    std::fs::write(&liar, &bytes).unwrap();
+    let leaf = symbol(&prog, "leaf");
+    let started = std::time::Instant::now();
+    let answer = &Symbolizer::new().symbolize(&object(&liar), &[leaf.address + 1])[0];
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(2),
+        "took {:?}",
+        started.elapsed()
+    );
+    assert_eq!(
+        frames(answer).last().unwrap().function.as_deref(),
+        Some("leaf")
+    );
+}

@@ -83,17 +83,25 @@ pub fn build(session: &Session, symbolizer: &mut Symbolizer, duration_ns: u64) -
                 ("tid", LabelValue::Num(i64::from(key.tid), "tid")),
             ],
         );
-        *totals.entry(key.tid).or_default() += t.count;
+        let total = totals.entry(key.tid).or_default();
+        *total = total.saturating_add(t.count);
     }
 
     let lost = session.lost_samples();
     if lost > 0 {
         let loc = b.location(0, 0, &[synthetic(LOST_SAMPLES)]);
-        b.sample(vec![loc], vec![lost as i64, lost as i64 * period], &[]);
+        b.sample(
+            vec![loc],
+            vec![lost as i64, (lost as i64).saturating_mul(period)],
+            &[],
+        );
     }
 
-    let samples: u64 = totals.values().sum();
-    let cpu_ns: u64 = session.cpu.values().map(|t| t.cpu_ns).sum();
+    let samples = totals.values().fold(0u64, |a, &b| a.saturating_add(b));
+    let cpu_ns = session
+        .cpu
+        .values()
+        .fold(0u64, |a, t| a.saturating_add(t.cpu_ns));
     let effective = if cpu_ns > 0 {
         samples as f64 / (cpu_ns as f64 / 1e9)
     } else {

@@ -159,16 +159,16 @@ pub fn legacy_text(session: &Session, symbolizer: &mut Symbolizer) -> String {
     let (mut ti, mut tib, mut ta, mut tab) = (0u64, 0u64, 0u64, 0u64);
     for b in &buckets {
         let c = &b.counts;
-        ti += c.alloc_objects.saturating_sub(c.free_objects);
-        tib += c.alloc_bytes.saturating_sub(c.free_bytes);
-        ta += c.alloc_objects;
-        tab += c.alloc_bytes;
+        ti = ti.saturating_add(c.alloc_objects.saturating_sub(c.free_objects));
+        tib = tib.saturating_add(c.alloc_bytes.saturating_sub(c.free_bytes));
+        ta = ta.saturating_add(c.alloc_objects);
+        tab = tab.saturating_add(c.alloc_bytes);
     }
     let mut out = String::new();
     let _ = writeln!(
         out,
         "heap profile: {ti}: {tib} [{ta}: {tab}] @ heap/{}",
-        2 * rate
+        rate.saturating_mul(2)
     );
     for b in buckets {
         let c = &b.counts;
