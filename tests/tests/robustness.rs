@@ -1176,3 +1176,177 @@ fn tiny_thread_stacks_survive_sampling() {
 fn cpu_work_in_a_sigaltstack_handler_survives_sampling() {
     check_tinystack("altstack");
 }
+
+/// posix_spawn and vfork+exec (no atfork handlers run in those children): same output and
+/// exit statuses, and the exec'd programs are profiled as processes of their own.
+#[test]
+fn posix_spawn_and_vfork_children_behave_the_same() {
+    let scratch = scratch_dir("robust_spawn");
+    let program = compile("robust_spawn.c", &["-O2", "-g"], &scratch);
+    let plain = direct(&program, &[]);
+    let (profiled, dir) = recorded(
+        &scratch,
+        "profile",
+        &["--cpu-hz", "1000", "--mem-rate", "1"],
+        &program,
+        &[],
+    );
+    assert_same_behaviour("robust_spawn under record", &plain, &profiled);
+    assert!(
+        files_in(&dir)
+            .iter()
+            .any(|f| f.contains(".echo.") || f.contains(".sh.") || f.contains(".dash.")),
+        "the spawned programs should have profiles of their own: {:?}",
+        files_in(&dir)
+    );
+}
+
+/// Writing profiles fails (here: the file-size limit, with SIGXFSZ ignored, stands in for a
+/// full disk): anyprof says which file it could not write, and the profile an earlier run left
+/// under that name is intact (profiles are written to a temporary file and renamed).
+#[test]
+fn a_failed_profile_write_is_reported_and_leaves_earlier_profiles_intact() {
+    let scratch = scratch_dir("robust_full_disk");
+    let dir = scratch.join("profile");
+    std::fs::create_dir_all(&dir).expect("profile dir");
+    let earlier = b"an earlier profile";
+    std::fs::write(dir.join("cpu.pb.gz"), earlier).expect("earlier profile");
+    let mut cmd = clean_command(binaries().anyprof);
+    cmd.args(["record", "-q", "-o"])
+        .arg(&dir)
+        .args(["--cpu-hz", "100", "--", "/bin/true"]);
+    // SAFETY: between fork and exec only async-signal-safe calls: setrlimit and signal.
+    unsafe {
+        cmd.pre_exec(|| {
+            let limit = libc::rlimit {
+                rlim_cur: 16,
+                rlim_max: 16,
+            };
+            libc::setrlimit(libc::RLIMIT_FSIZE, &limit);
+            libc::signal(libc::SIGXFSZ, libc::SIG_IGN);
+            Ok(())
+        });
+    }
+    let out = run_or_hang(&mut cmd, HANG_TIMEOUT);
+    assert_ne!(out.code, 0, "a failed write must not look like success");
+    assert!(
+        out.stderr_text().contains("cannot write") && out.stderr_text().contains("cpu.pb.gz"),
+        "the error should name the file it could not write: {}",
+        out.stderr_text()
+    );
+    assert_eq!(
+        std::fs::read(dir.join("cpu.pb.gz")).expect("earlier profile"),
+        earlier
+    );
+    assert!(
+        !files_in(&dir).iter().any(|f| f.ends_with(".tmp")),
+        "no half-written temporary file is left behind: {:?}",
+        files_in(&dir)
+    );
+}
+
+/// Hostile streams to the daemon — garbage, a wrong magic, a huge length, a truncated and an
+/// oversized message — end those connections only: the daemon keeps running and serves a
+/// well-behaved process that connects afterwards.
+#[test]
+fn hostile_streams_end_their_connection_and_nothing_else() {
+    use std::os::fd::AsRawFd;
+    let scratch = scratch_dir("robust_hostile_stream");
+    let (mut daemon, socket, port) = start_daemon(&scratch);
+    let mut hello = vec![0u8; 256];
+    let n = anyprof_wire::encode_hello(
+        &mut hello,
+        &anyprof_wire::HelloInfo {
+            pid: 999_999,
+            ppid: 1,
+            cpu_hz: 100,
+            timer: anyprof_wire::TimerKind::ThreadCpuTimer,
+            mem_rate: 524_288,
+            start_realtime_ns: 0,
+            start_monotonic_ns: 0,
+            exe: b"/nonexistent",
+            cmdline: b"hostile",
+        },
+    )
+    .expect("hello fits");
+    hello.truncate(n);
+    let mut huge_length = hello.clone();
+    huge_length.extend_from_slice(&[0xff; 8]);
+    let mut wrong_magic = hello.clone();
+    wrong_magic[0] ^= 0xff;
+    let streams: Vec<Vec<Vec<u8>>> = vec![
+        vec![b"GET / HTTP/1.1\r\n\r\n".to_vec()],
+        vec![wrong_magic],
+        vec![
+            hello.clone(),
+            vec![0x41, 0x50, 0x52, 0x46, 1, 0, 9, 0, 0xff, 0xff, 0xff, 0xff],
+        ],
+        vec![hello.clone(), hello[..5].to_vec()],
+        vec![hello.clone(), vec![7u8; 60_000]],
+        vec![huge_length],
+    ];
+    for stream in &streams {
+        let fd = nix_socket(&socket);
+        for msg in stream {
+            // SAFETY: `fd` is our connected socket; `msg` is a valid buffer.
+            unsafe {
+                libc::send(
+                    fd.as_raw_fd(),
+                    msg.as_ptr().cast(),
+                    msg.len(),
+                    libc::MSG_NOSIGNAL,
+                );
+            }
+        }
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(
+        daemon.wait_timeout(Duration::from_millis(1)).is_none(),
+        "the daemon died"
+    );
+    // A well-behaved process still gets served.
+    let program = compile("serve_worker.c", &["-O2", "-g", "-pthread"], &scratch);
+    let mut cmd = clean_command(&program);
+    cmd.args(["10", "10"])
+        .env("LD_PRELOAD", binaries().preload)
+        .env("ANYPROF_SOCKET", &socket)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    let good = Group::spawn(&mut cmd);
+    let pid = good.pid();
+    let listed = wait_for(Duration::from_secs(10), || {
+        http_get(port, "/debug/pprof/", Duration::from_secs(2))
+            .filter(|index| index.contains(&format!("<td>{pid}</td>")))
+    });
+    assert!(
+        listed.is_some(),
+        "a process connecting after the hostile streams was not served"
+    );
+    drop(good);
+}
+
+/// A connected SOCK_SEQPACKET socket to `path`.
+fn nix_socket(path: &Path) -> std::os::fd::OwnedFd {
+    use std::os::fd::FromRawFd;
+    use std::os::unix::ffi::OsStrExt;
+    // SAFETY: socket(2) with constant arguments.
+    let fd = unsafe { libc::socket(libc::AF_UNIX, libc::SOCK_SEQPACKET | libc::SOCK_CLOEXEC, 0) };
+    assert!(fd >= 0, "socket: {}", std::io::Error::last_os_error());
+    // SAFETY: a zeroed sockaddr_un is valid; we fill family and path.
+    let mut addr: libc::sockaddr_un = unsafe { std::mem::zeroed() };
+    addr.sun_family = libc::AF_UNIX as libc::sa_family_t;
+    for (d, s) in addr.sun_path.iter_mut().zip(path.as_os_str().as_bytes()) {
+        *d = *s as libc::c_char;
+    }
+    // SAFETY: `addr` is a valid sockaddr_un; `fd` is the socket created above.
+    let rc = unsafe {
+        libc::connect(
+            fd,
+            (&addr as *const libc::sockaddr_un).cast(),
+            std::mem::size_of::<libc::sockaddr_un>() as libc::socklen_t,
+        )
+    };
+    assert_eq!(rc, 0, "connect: {}", std::io::Error::last_os_error());
+    // SAFETY: `fd` is a new descriptor owned by nothing else.
+    unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) }
+}
