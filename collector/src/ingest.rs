@@ -33,6 +33,13 @@ pub struct StackKey {
 
 /// Most threads kept per thread dump.
 const MAX_DUMPED_THREADS: usize = 100_000;
+/// Most distinct stacks (CPU) or buckets (heap) one process may report. The preload's own
+/// bucket table holds 65 536; a million CPU stacks is far beyond any real profile.
+const MAX_DISTINCT_STACKS: usize = 1_000_000;
+/// Most modules one process may report.
+const MAX_MODULES: usize = 100_000;
+/// Most thread names or pending dumps one process may report.
+const MAX_THREADS: usize = 1_000_000;
 
 /// One heap bucket as last reported.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -165,6 +172,23 @@ impl Session {
         self.error = self.error.take().or(later.error);
     }
 
+    /// Why this session holds more than any real process sends (a hostile or broken stream),
+    /// if it does: the connection is then cut, so that one peer cannot take the collector's
+    /// memory.
+    pub fn over_limits(&self) -> Option<String> {
+        let checks = [
+            ("distinct CPU stacks", self.cpu.len(), MAX_DISTINCT_STACKS),
+            ("heap buckets", self.heap.len(), MAX_DISTINCT_STACKS),
+            ("modules", self.modules.len(), MAX_MODULES),
+            ("thread names", self.thread_names.len(), MAX_THREADS),
+            ("thread dumps", self.thread_dumps.len(), MAX_THREADS),
+        ];
+        checks
+            .iter()
+            .find(|(_, n, max)| n > max)
+            .map(|(what, n, max)| format!("{n} {what}, over the limit of {max}: connection closed"))
+    }
+
     /// Folds one message into the session. `log` receives the process's own diagnostics.
     pub fn apply(&mut self, msg: Message, log: &mut dyn FnMut(Level, &str)) {
         match msg {
@@ -278,6 +302,10 @@ pub fn read_connection(
                     eprintln!("anyprof[{}]: {line}", pid.unwrap_or(0));
                 }
                 s.apply(msg, &mut |level, text| log(pid, level, text));
+                if let Some(why) = s.over_limits() {
+                    s.error = Some(why);
+                    break;
+                }
             }
             Err(e) => {
                 s.error = Some(e.to_string());

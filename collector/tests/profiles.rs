@@ -221,3 +221,24 @@ fn reconnected_sessions_of_one_image_merge_and_exec_images_do_not() {
         .collect();
     assert_eq!(totals, [5, 1]);
 }
+
+#[test]
+fn a_session_with_more_stacks_than_any_process_has_is_over_its_limits() {
+    let mut s = session_with(&[]);
+    assert_eq!(s.over_limits(), None);
+    for i in 0..1_000_001u64 {
+        s.cpu.insert(
+            StackKey {
+                tid: 1,
+                frames: vec![i],
+                flags: 0,
+            },
+            StackTotals {
+                count: 1,
+                cpu_ns: 1,
+            },
+        );
+    }
+    let why = s.over_limits().expect("over the limit");
+    assert!(why.contains("distinct CPU stacks"), "{why}");
+}
