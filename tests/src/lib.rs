@@ -220,6 +220,26 @@ pub fn exit_code(status: ExitStatus) -> i32 {
     }
 }
 
+/// Starts reading a spawned child's piped stdout and stderr to the end, each on a thread of
+/// its own (so neither pipe can fill up and stall the child).
+pub fn capture_output(
+    child: &mut std::process::Child,
+) -> (
+    std::thread::JoinHandle<Vec<u8>>,
+    std::thread::JoinHandle<Vec<u8>>,
+) {
+    let stdout = child.stdout.take().expect("stdout is piped");
+    let stderr = child.stderr.take().expect("stderr is piped");
+    let read_all = |mut r: Box<dyn Read + Send>| {
+        std::thread::spawn(move || {
+            let mut buf = Vec::new();
+            let _ = r.read_to_end(&mut buf);
+            buf
+        })
+    };
+    (read_all(Box::new(stdout)), read_all(Box::new(stderr)))
+}
+
 /// Runs `cmd` with stdin closed and stdout/stderr captured; kills it and panics after
 /// [`RUN_TIMEOUT`].
 pub fn run(cmd: &mut Command) -> RunOutput {
@@ -231,18 +251,7 @@ pub fn run(cmd: &mut Command) -> RunOutput {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap_or_else(|e| panic!("starting {description}: {e}"));
-    let mut stdout = child.stdout.take().expect("stdout is piped");
-    let mut stderr = child.stderr.take().expect("stderr is piped");
-    let out_reader = std::thread::spawn(move || {
-        let mut buf = Vec::new();
-        let _ = stdout.read_to_end(&mut buf);
-        buf
-    });
-    let err_reader = std::thread::spawn(move || {
-        let mut buf = Vec::new();
-        let _ = stderr.read_to_end(&mut buf);
-        buf
-    });
+    let (out_reader, err_reader) = capture_output(&mut child);
     let status = loop {
         match child.try_wait() {
             Ok(Some(status)) => break status,
@@ -293,14 +302,15 @@ impl Recording {
                 self.output.stdout_text(),
                 self.output.stderr_text(),
                 self.dir.display(),
-                list_dir(&self.dir),
+                files_in(&self.dir),
             )
         });
         ProfileView::new(profile)
     }
 }
 
-fn list_dir(dir: &Path) -> Vec<String> {
+/// The file names in `dir`, sorted (empty if it cannot be read).
+pub fn files_in(dir: &Path) -> Vec<String> {
     std::fs::read_dir(dir)
         .map(|entries| {
             let mut names: Vec<String> = entries

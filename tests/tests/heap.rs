@@ -37,8 +37,8 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyprof_tests::{
-    binaries, clean_command, compile, cpu_lock, program_source, run, scratch_dir, ProfileView,
-    RunOutput, Shared, RUN_TIMEOUT,
+    binaries, clean_command, compile, cpu_lock, files_in, program_source, run, scratch_dir,
+    ProfileView, RunOutput, Shared, RUN_TIMEOUT,
 };
 
 /// anyprof's default `--mem-rate`, Go's default MemProfileRate.
@@ -165,19 +165,6 @@ impl Run {
         });
         ProfileView::new(profile)
     }
-}
-
-fn files_in(dir: &Path) -> Vec<String> {
-    let mut names: Vec<String> = std::fs::read_dir(dir)
-        .map(|entries| {
-            entries
-                .filter_map(Result::ok)
-                .map(|e| e.file_name().to_string_lossy().into_owned())
-                .collect()
-        })
-        .unwrap_or_default();
-    names.sort();
-    names
 }
 
 /// The `anyprof record -q -o <scratch>/profile --cpu-hz 0 FLAGS -- program ARGS` command, in

@@ -19,8 +19,8 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyprof_tests::{
-    binaries, clean_command, compile, cpu_lock, exit_code, record_with, scratch_dir, ProfileView,
-    RunOutput, Shared,
+    binaries, capture_output, clean_command, compile, cpu_lock, exit_code, files_in, record_with,
+    scratch_dir, ProfileView, RunOutput, Shared,
 };
 
 /// How long a run that could deadlock may take before the test calls it a hang (normal runs
@@ -153,18 +153,7 @@ fn run_or_hang(cmd: &mut Command, timeout: Duration) -> RunOutput {
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
     let mut group = Group::spawn(cmd);
-    let mut stdout = group.child.stdout.take().expect("stdout is piped");
-    let mut stderr = group.child.stderr.take().expect("stderr is piped");
-    let out_reader = std::thread::spawn(move || {
-        let mut buf = Vec::new();
-        let _ = stdout.read_to_end(&mut buf);
-        buf
-    });
-    let err_reader = std::thread::spawn(move || {
-        let mut buf = Vec::new();
-        let _ = stderr.read_to_end(&mut buf);
-        buf
-    });
+    let (out_reader, err_reader) = capture_output(&mut group.child);
     let Some(code) = group.wait_timeout(timeout) else {
         let stacks = backtraces(group.pgid);
         drop(group);
@@ -251,20 +240,6 @@ fn read_profile(path: &Path) -> ProfileView {
     let profile = anyprof::pprof::read_file(path)
         .unwrap_or_else(|e| panic!("could not read the profile {}: {e:#}", path.display()));
     ProfileView::new(profile)
-}
-
-/// The file names in `dir`, sorted.
-fn files_in(dir: &Path) -> Vec<String> {
-    let mut names: Vec<String> = std::fs::read_dir(dir)
-        .map(|entries| {
-            entries
-                .filter_map(Result::ok)
-                .map(|e| e.file_name().to_string_lossy().into_owned())
-                .collect()
-        })
-        .unwrap_or_default();
-    names.sort();
-    names
 }
 
 /// The per-process files `KIND.PID.COMMAND.pb.gz` in `dir` (not the program's own
