@@ -289,10 +289,18 @@ fn start_snapshots(
         let mut symbolizer = anyprof_symbolizer::Symbolizer::new();
         let mut next = every.map(|s| Instant::now() + Duration::from_secs(s.max(1)));
         let mut n = 0;
-        while !flag.load(Ordering::SeqCst) {
-            std::thread::sleep(Duration::from_millis(50));
-            let due = next.is_some_and(|t| Instant::now() >= t);
-            if !(due || SNAPSHOT_WANTED.swap(false, Ordering::SeqCst)) {
+        loop {
+            let stopping = flag.load(Ordering::SeqCst);
+            if !stopping {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            let due = !stopping && next.is_some_and(|t| Instant::now() >= t);
+            // A signal that came just before the program exited still gets its snapshot.
+            let wanted = SNAPSHOT_WANTED.swap(false, Ordering::SeqCst);
+            if stopping && !wanted {
+                break;
+            }
+            if !(due || wanted) {
                 continue;
             }
             if let (true, Some(s)) = (due, every) {
