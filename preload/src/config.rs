@@ -41,6 +41,9 @@ pub struct Config {
     /// `ANYPROF_FORK`: `child` (default) profiles a forked child as a process of its own,
     /// `off` leaves it unprofiled.
     pub fork_children: bool,
+    /// `ANYPROF_EXEC`: `profile` (default) keeps the library in `LD_PRELOAD` so programs this
+    /// one execs are profiled too; `off` takes it out of the environment at start.
+    pub exec_children: bool,
     /// `ANYPROF_LOG_FILE`: where the library's own messages also go.
     pub log_file: Option<PathBuf>,
     /// Messages about bad values, for the user.
@@ -116,12 +119,23 @@ impl Config {
                 true
             }
         };
+        let exec_children = match get("ANYPROF_EXEC").as_deref().and_then(|m| m.to_str()) {
+            None | Some("") | Some("profile") => true,
+            Some("off") => false,
+            Some(other) => {
+                problems.push(format!(
+                    "ANYPROF_EXEC={other} is not `profile` or `off`; using profile"
+                ));
+                true
+            }
+        };
         Config {
             mode,
             socket,
             cpu_hz,
             mem_rate,
             fork_children,
+            exec_children,
             log_file,
             problems,
         }

@@ -70,6 +70,9 @@ fn start(argc: libc::c_int, argv: *const *const libc::c_char) {
     alloc::real::resolve();
     let config = Config::from_env();
     log::set_file(config.log_file.clone());
+    if !config.exec_children {
+        leave_ld_preload();
+    }
     let sockets = config.sockets();
     if sockets.is_empty() {
         return; // record mode without a socket: nowhere to send anything
@@ -127,6 +130,40 @@ fn start(argc: libc::c_int, argv: *const *const libc::c_char) {
         );
     }
     drain::flush(None, false);
+}
+
+/// Takes this library out of `LD_PRELOAD` (other entries stay), so that programs this one
+/// execs run without it (`ANYPROF_EXEC=off`). Runs in the constructor, before `main`.
+fn leave_ld_preload() {
+    let Some(current) = std::env::var_os("LD_PRELOAD") else {
+        return;
+    };
+    // SAFETY: Dl_info is plain data; zero is a valid "nothing found" value.
+    let mut info: libc::Dl_info = unsafe { core::mem::zeroed() };
+    // SAFETY: dladdr with the address of one of our functions and a valid out-pointer.
+    if unsafe { libc::dladdr(leave_ld_preload as *const libc::c_void, &mut info) } == 0
+        || info.dli_fname.is_null()
+    {
+        return;
+    }
+    // SAFETY: dli_fname is a NUL-terminated path owned by the loader.
+    let ours = unsafe { CStr::from_ptr(info.dli_fname) }
+        .to_string_lossy()
+        .into_owned();
+    let ours = std::fs::canonicalize(&ours).unwrap_or_else(|_| PathBuf::from(ours));
+    let text = current.to_string_lossy().into_owned();
+    let kept: Vec<&str> = text
+        .split([':', ' '])
+        .filter(|entry| !entry.is_empty())
+        .filter(|entry| std::fs::canonicalize(entry).map_or(true, |p| p != ours))
+        .collect();
+    // The constructor runs before main, while the program has no other thread to race
+    // with on the environment.
+    if kept.is_empty() {
+        std::env::remove_var("LD_PRELOAD");
+    } else {
+        std::env::set_var("LD_PRELOAD", kept.join(":"));
+    }
 }
 
 /// Tries each socket in turn; true once one connects.

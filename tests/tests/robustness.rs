@@ -1325,3 +1325,37 @@ fn nix_socket(path: &Path) -> std::os::fd::OwnedFd {
     // SAFETY: `fd` is a new descriptor owned by nothing else.
     unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) }
 }
+
+/// exec: by default the exec'd image is profiled too (as the last image of the pid it is
+/// the program's `cpu.pb.gz`, the image before it gets a file of its own); with
+/// `ANYPROF_EXEC=off` the library leaves `LD_PRELOAD` at start and the exec'd shell runs
+/// without it. Output is the same either way.
+#[test]
+fn exec_is_profiled_or_not_as_configured() {
+    let scratch = scratch_dir("robust_exec");
+    let program = compile("robust_exec.c", &["-O2", "-g"], &scratch);
+    let plain = direct(&program, &[]);
+    let (profiled, dir) = recorded(&scratch, "default", &[], &program, &[]);
+    assert_same_behaviour("robust_exec under record", &plain, &profiled);
+    assert!(
+        files_in(&dir)
+            .iter()
+            .any(|f| f.starts_with("cpu.") && f.contains(".robust_exec.")),
+        "the image before exec should have its own profile: {:?}",
+        files_in(&dir)
+    );
+    let (mut cmd, off_dir) = record_command(&scratch, "exec-off", &[], &program, &[]);
+    cmd.env("ANYPROF_EXEC", "off");
+    let off = run_or_hang(&mut cmd, HANG_TIMEOUT);
+    assert_same_behaviour("robust_exec with ANYPROF_EXEC=off", &plain, &off);
+    assert_eq!(
+        files_in(&off_dir),
+        ["allocs.pb.gz", "cpu.pb.gz", "heap.pb.gz"],
+        "with ANYPROF_EXEC=off only the program itself is profiled"
+    );
+    let cpu = read_profile(&off_dir.join("cpu.pb.gz"));
+    assert!(
+        samples_of(&cpu, "work") > 0,
+        "the program's own CPU is still profiled"
+    );
+}
