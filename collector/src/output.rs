@@ -6,7 +6,8 @@ use std::path::Path;
 use anyhow::{Context, Result};
 
 /// Writes `bytes` to `path` through a temporary file and a rename, so that a crash or a full
-/// disk never leaves a half-written profile under the final name.
+/// disk never leaves a half-written profile under the final name. (No fsync: a profile is not
+/// worth making the program's run wait for the disk; the rename is atomic all the same.)
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     let mut tmp = path.as_os_str().to_owned();
     tmp.push(".tmp");
@@ -14,7 +15,6 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     let write = || -> std::io::Result<()> {
         let mut f = std::fs::File::create(&tmp)?;
         f.write_all(bytes)?;
-        f.sync_all()?;
         std::fs::rename(&tmp, path)
     };
     write()

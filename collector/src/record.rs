@@ -13,6 +13,7 @@ use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode};
 use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
@@ -135,9 +136,15 @@ pub fn run(args: RecordArgs) -> Result<ExitCode> {
     let snapshots = (args.mem_rate > 0
         && (args.heap_every.is_some() || args.heap_signal.is_some()))
     .then(|| start_snapshots(&collector, pid, out_dir.clone(), args.heap_every));
+    let symbolizer = Arc::new(Mutex::new(anyprof_symbolizer::Symbolizer::new()));
+    let (warm_stop, warm) = start_prewarming(&collector, symbolizer.clone());
     let status = child.wait().context("waiting for the program")?;
+    warm_stop.store(true, Ordering::SeqCst);
+    warm.thread().unpark();
+    let _ = warm.join();
     if let Some((stop, handle)) = snapshots {
         stop.store(true, Ordering::SeqCst);
+        handle.thread().unpark();
         let _ = handle.join();
     }
     let elapsed = started.elapsed();
@@ -163,7 +170,18 @@ pub fn run(args: RecordArgs) -> Result<ExitCode> {
             program.to_string_lossy()
         );
     }
-    write_profiles(&sessions, main_key, &out_dir, elapsed, &args)?;
+    let mut symbolizer = symbolizer.lock().map_or_else(
+        |_| anyprof_symbolizer::Symbolizer::new(),
+        |mut s| std::mem::take(&mut *s),
+    );
+    write_profiles(
+        &sessions,
+        main_key,
+        &out_dir,
+        elapsed,
+        &args,
+        &mut symbolizer,
+    )?;
     Ok(ExitCode::from(code.clamp(0, 255) as u8))
 }
 
@@ -175,8 +193,8 @@ fn write_profiles(
     dir: &Path,
     elapsed: Duration,
     args: &RecordArgs,
+    symbolizer: &mut anyprof_symbolizer::Symbolizer,
 ) -> Result<()> {
-    let mut symbolizer = anyprof_symbolizer::Symbolizer::new();
     let mut others = 0;
     for s in sessions {
         let Some(pid) = s.pid() else { continue };
@@ -203,16 +221,16 @@ fn write_profiles(
                 (Some(a), Some(b)) => b.duration_since(a),
                 _ => elapsed,
             };
-            let p = profile::cpu::build(s, &mut symbolizer, duration.as_nanos() as u64);
+            let p = profile::cpu::build(s, symbolizer, duration.as_nanos() as u64);
             written.push(write("cpu", &p)?);
             cpu_profile = Some(p);
         }
         let mut allocs_profile = None;
         if args.mem_rate > 0 {
             let now = anyprof::output::unix_nanos();
-            let heap = profile::heap::build(s, &mut symbolizer, profile::heap::View::Heap, now);
+            let heap = profile::heap::build(s, symbolizer, profile::heap::View::Heap, now);
             written.push(write("heap", &heap)?);
-            let allocs = profile::heap::build(s, &mut symbolizer, profile::heap::View::Allocs, now);
+            let allocs = profile::heap::build(s, symbolizer, profile::heap::View::Allocs, now);
             written.push(write("allocs", &allocs)?);
             allocs_profile = Some(allocs);
         }
@@ -274,6 +292,46 @@ fn print_summary(
     }
 }
 
+/// Opens each module's symbols (mapping the file, loading and inflating its DWARF) while the
+/// program still runs, on a thread of the collector, so that writing the profiles at exit
+/// does not have to: with full debug info installed (libc6-dbg) that is most of the work.
+fn start_prewarming(
+    collector: &Collector,
+    symbolizer: Arc<Mutex<anyprof_symbolizer::Symbolizer>>,
+) -> (Arc<AtomicBool>, std::thread::JoinHandle<()>) {
+    let stop = Arc::new(AtomicBool::new(false));
+    let sessions = collector.sessions();
+    let flag = stop.clone();
+    let handle = std::thread::spawn(move || {
+        let mut warmed: std::collections::HashSet<(Vec<u8>, Vec<u8>)> = Default::default();
+        while !flag.load(Ordering::SeqCst) {
+            std::thread::park_timeout(Duration::from_millis(100));
+            if flag.load(Ordering::SeqCst) {
+                break;
+            }
+            let modules: Vec<_> = anyprof::collect::snapshot(&sessions)
+                .into_iter()
+                .flat_map(|s| s.modules.into_values())
+                .filter(|m| warmed.insert((m.path.clone(), m.build_id.clone())))
+                .collect();
+            for m in modules {
+                if flag.load(Ordering::SeqCst) {
+                    break;
+                }
+                let path = PathBuf::from(String::from_utf8_lossy(&m.path).into_owned());
+                let object = anyprof_symbolizer::ObjectRef {
+                    path: &path,
+                    build_id: &m.build_id,
+                };
+                if let Ok(mut sym) = symbolizer.lock() {
+                    let _ = sym.symbolize(&object, &[m.start.wrapping_sub(m.load_bias)]);
+                }
+            }
+        }
+    });
+    (stop, handle)
+}
+
 /// Starts the thread that writes heap snapshots every `every` seconds and when the snapshot
 /// signal arrives. Returns its stop flag and handle.
 fn start_snapshots(
@@ -292,7 +350,7 @@ fn start_snapshots(
         loop {
             let stopping = flag.load(Ordering::SeqCst);
             if !stopping {
-                std::thread::sleep(Duration::from_millis(50));
+                std::thread::park_timeout(Duration::from_millis(50));
             }
             let due = !stopping && next.is_some_and(|t| Instant::now() >= t);
             // A signal that came just before the program exited still gets its snapshot.
