@@ -162,8 +162,8 @@ def configs(args):
     out.append(
         Config(
             "anyprof",
-            f"anyprof record -q -o DIR --cpu-hz {hz} -- PROG",
-            lambda prog, d: ([args.anyprof, "record", "-q", "-o", d, "--cpu-hz", hz, "--"] + prog, {}),
+            f"anyprof record -q -o DIR --cpu-hz {hz} --mem-rate 0 -- PROG (CPU only, like the peers)",
+            lambda prog, d: ([args.anyprof, "record", "-q", "-o", d, "--cpu-hz", hz, "--mem-rate", "0", "--"] + prog, {}),
             anyprof_count,
             required=True,
         )
