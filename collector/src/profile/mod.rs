@@ -49,7 +49,12 @@ impl Locator {
         let mut mapping_ids = HashMap::new();
         for m in order {
             let o = outcomes.get(&m.id).copied().unwrap_or_default();
-            let symbolized = o.looked_up > 0 && o.resolved == o.looked_up;
+            // We are the authority on this host's files: once a module's addresses were looked
+            // up, what we could not name stays unnamed. Claiming the symbols keeps pprof from
+            // asking /symbol (which the daemon would answer from the same files) or replacing
+            // our inline frames with its own lookups. (Go sets the flag only when every lookup
+            // succeeded; it has no second source to defer to either.)
+            let symbolized = o.looked_up > 0;
             let id = b.mapping(
                 m.start,
                 m.end,
