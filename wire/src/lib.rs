@@ -375,6 +375,13 @@ pub const SAMPLE_HEADER_LEN: usize = 4 + 1 + 1 + 2 + 8 + 8;
 /// addresses exactly as found on the stack (the collector applies the "minus one").
 pub struct SampleBatch<'a>(Batch<'a>);
 
+impl<'a> core::ops::Deref for SampleBatch<'a> {
+    type Target = Batch<'a>;
+    fn deref(&self) -> &Batch<'a> {
+        &self.0
+    }
+}
+
 impl<'a> SampleBatch<'a> {
     /// Starts an empty batch in `buf`.
     pub fn new(buf: &'a mut [u8]) -> SampleBatch<'a> {
@@ -396,25 +403,11 @@ impl<'a> SampleBatch<'a> {
             }
         })
     }
-
-    /// Samples in the batch.
-    pub fn count(&self) -> u32 {
-        self.0.count
-    }
-
-    /// Length of the encoded message (header plus records).
-    pub fn len(&self) -> usize {
-        self.0.w.len()
-    }
-
-    /// True when no sample has been pushed.
-    pub fn is_empty(&self) -> bool {
-        self.0.count == 0
-    }
 }
 
-/// A message of variable-length records: the part [`SampleBatch`] and [`HeapBatch`] share.
-struct Batch<'a> {
+/// A message of variable-length records: the part [`SampleBatch`] and [`HeapBatch`] share
+/// (they dereference to it for [`Batch::count`], [`Batch::len`] and [`Batch::is_empty`]).
+pub struct Batch<'a> {
     w: Writer<'a>,
     count: u32,
 }
@@ -425,6 +418,21 @@ impl<'a> Batch<'a> {
             w: Writer::message(buf, kind),
             count: 0,
         }
+    }
+
+    /// Records in the batch.
+    pub fn count(&self) -> u32 {
+        self.count
+    }
+
+    /// Length of the encoded message (header plus records).
+    pub fn len(&self) -> usize {
+        self.w.len()
+    }
+
+    /// True when no record has been pushed.
+    pub fn is_empty(&self) -> bool {
+        self.count == 0
     }
 
     /// Writes one record of `need` bytes with `write`, if it fits whole.
@@ -450,6 +458,13 @@ pub const BUCKET_HEADER_LEN: usize = 4 + 2 + 2 + 8 + 4 * 8;
 /// bytes u64, free objects u64, free bytes u64, then the frames (return addresses, leaf
 /// first). Frames are sent with a bucket's first report only; later reports have none.
 pub struct HeapBatch<'a>(Batch<'a>);
+
+impl<'a> core::ops::Deref for HeapBatch<'a> {
+    type Target = Batch<'a>;
+    fn deref(&self) -> &Batch<'a> {
+        &self.0
+    }
+}
 
 /// The counts of one heap bucket.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -486,21 +501,6 @@ impl<'a> HeapBatch<'a> {
                 w.u64(f);
             }
         })
-    }
-
-    /// Buckets in the batch.
-    pub fn count(&self) -> u32 {
-        self.0.count
-    }
-
-    /// Length of the encoded message.
-    pub fn len(&self) -> usize {
-        self.0.w.len()
-    }
-
-    /// True when no bucket has been pushed.
-    pub fn is_empty(&self) -> bool {
-        self.0.count == 0
     }
 }
 
