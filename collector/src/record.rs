@@ -8,6 +8,7 @@
 //! just outlives them and writes the profile up to that point. `anyprof` exits with the
 //! program's exit code (128 + signal number if it was killed).
 
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::ffi::OsString;
 use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
@@ -21,7 +22,9 @@ use clap::Args;
 
 use anyprof::collect::Collector;
 use anyprof::ingest::Session;
+use anyprof::symbolize::{lookup_address, module_of};
 use anyprof::{preflight, profile, summary};
+use anyprof_wire::Module;
 
 /// Arguments of `anyprof record`.
 #[derive(Args, Debug)]
@@ -139,9 +142,9 @@ pub fn run(args: RecordArgs) -> Result<ExitCode> {
     let symbolizer = Arc::new(Mutex::new(anyprof_symbolizer::Symbolizer::new()));
     let (warm_stop, warm) = start_prewarming(&collector, symbolizer.clone());
     let status = child.wait().context("waiting for the program")?;
+    // The warming thread finishes the module it is in while the last messages arrive.
     warm_stop.store(true, Ordering::SeqCst);
     warm.thread().unpark();
-    let _ = warm.join();
     if let Some((stop, handle)) = snapshots {
         stop.store(true, Ordering::SeqCst);
         handle.thread().unpark();
@@ -151,6 +154,7 @@ pub fn run(args: RecordArgs) -> Result<ExitCode> {
     CHILD_PID.store(0, Ordering::SeqCst);
 
     let sessions = collector.finish(pid, Duration::from_secs(2));
+    let _ = warm.join();
     let code = match (status.code(), status.signal()) {
         (Some(c), _) => c,
         (None, Some(sig)) => 128 + sig,
@@ -292,9 +296,25 @@ fn print_summary(
     }
 }
 
-/// Opens each module's symbols (mapping the file, loading and inflating its DWARF) while the
-/// program still runs, on a thread of the collector, so that writing the profiles at exit
-/// does not have to: with full debug info installed (libc6-dbg) that is most of the work.
+/// How long the warming thread waits before its first look at the sessions, and again after
+/// each look that found something new: a process reports its modules as soon as the library
+/// starts in it, and a short program may be gone within a few tens of milliseconds.
+const WARM_SOON: Duration = Duration::from_millis(2);
+/// The longest wait between looks, reached by doubling the wait while nothing new turns up.
+const WARM_AT_LEAST_EVERY: Duration = Duration::from_millis(100);
+
+/// Does the symbolizer's slow work while the program still runs, on a thread of the collector,
+/// so that writing the profiles at exit does not have to: with full debug info installed
+/// (libc6-dbg) that work is most of the time between the program's exit and its profiles.
+///
+/// Each look first symbolizes the addresses of the samples that arrived since the last one,
+/// which parses the DWARF units they fall in (the answers are dropped; looking an address up
+/// again in a parsed unit is cheap), then opens the modules that no sample points into yet
+/// (mapping the files, inflating and indexing their DWARF), in case one does by the end.
+///
+/// It works on one module at a time, on one thread, leaving the other CPUs to the program, and
+/// stops after the module it is in when the program exits: what is left is then done on all
+/// CPUs at once (see [`anyprof_symbolizer::Symbolizer::symbolize_many`]).
 fn start_prewarming(
     collector: &Collector,
     symbolizer: Arc<Mutex<anyprof_symbolizer::Symbolizer>>,
@@ -303,18 +323,43 @@ fn start_prewarming(
     let sessions = collector.sessions();
     let flag = stop.clone();
     let handle = std::thread::spawn(move || {
-        let mut warmed: std::collections::HashSet<(Vec<u8>, Vec<u8>)> = Default::default();
+        let mut opened: HashSet<(Vec<u8>, Vec<u8>)> = HashSet::new();
+        let mut looked_up: HashMap<(u32, u64), HashSet<u64>> = HashMap::new();
+        let mut wait = WARM_SOON;
         while !flag.load(Ordering::SeqCst) {
-            std::thread::park_timeout(Duration::from_millis(100));
-            if flag.load(Ordering::SeqCst) {
-                break;
+            std::thread::park_timeout(wait);
+            let snapshot = anyprof::collect::snapshot(&sessions);
+            // Each module with the file addresses to look up in it, those of samples first.
+            let mut work: Vec<(&Module, Vec<u64>)> = Vec::new();
+            for s in &snapshot {
+                let Some(image) = s.image_key() else { continue };
+                let seen = looked_up.entry(image).or_default();
+                let mut by_module: BTreeMap<u32, Vec<u64>> = BTreeMap::new();
+                for a in sample_addresses(s).filter(|&a| seen.insert(a)) {
+                    if let Some(m) = module_of(&s.modules, a) {
+                        by_module
+                            .entry(m.id)
+                            .or_default()
+                            .push(a.wrapping_sub(m.load_bias));
+                    }
+                }
+                for (id, svmas) in by_module {
+                    let m = &s.modules[&id];
+                    opened.insert((m.path.clone(), m.build_id.clone()));
+                    work.push((m, svmas));
+                }
             }
-            let modules: Vec<_> = anyprof::collect::snapshot(&sessions)
-                .into_iter()
-                .flat_map(|s| s.modules.into_values())
-                .filter(|m| warmed.insert((m.path.clone(), m.build_id.clone())))
-                .collect();
-            for m in modules {
+            for m in snapshot.iter().flat_map(|s| s.modules.values()) {
+                if opened.insert((m.path.clone(), m.build_id.clone())) {
+                    work.push((m, vec![m.start.wrapping_sub(m.load_bias)]));
+                }
+            }
+            wait = if work.is_empty() {
+                (wait * 2).min(WARM_AT_LEAST_EVERY)
+            } else {
+                WARM_SOON
+            };
+            for (m, svmas) in work {
                 if flag.load(Ordering::SeqCst) {
                     break;
                 }
@@ -324,12 +369,30 @@ fn start_prewarming(
                     build_id: &m.build_id,
                 };
                 if let Ok(mut sym) = symbolizer.lock() {
-                    let _ = sym.symbolize(&object, &[m.start.wrapping_sub(m.load_bias)]);
+                    sym.symbolize(&object, &svmas);
                 }
             }
         }
     });
     (stop, handle)
+}
+
+/// The addresses that the CPU and heap profiles of `session` will look up, each as
+/// [`lookup_address`] adjusts it.
+fn sample_addresses(session: &Session) -> impl Iterator<Item = u64> + '_ {
+    let cpu = session.cpu.keys().flat_map(|k| {
+        k.frames
+            .iter()
+            .enumerate()
+            .map(|(i, &raw)| lookup_address(i, raw, true))
+    });
+    let heap = session.heap.values().flat_map(|b| {
+        b.frames
+            .iter()
+            .enumerate()
+            .map(|(i, &raw)| lookup_address(i, raw, false))
+    });
+    cpu.chain(heap)
 }
 
 /// Starts the thread that writes heap snapshots every `every` seconds and when the snapshot

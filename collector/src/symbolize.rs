@@ -52,7 +52,8 @@ pub fn module_of(modules: &BTreeMap<u32, Module>, addr: u64) -> Option<&Module> 
         .max_by_key(|m| m.id)
 }
 
-/// Symbolizes `addresses` (already adjusted by [`lookup_address`]).
+/// Symbolizes `addresses` (already adjusted by [`lookup_address`]). The modules are looked up
+/// in one call to the symbolizer, which works on several of them at once.
 pub fn resolve_all(
     symbolizer: &mut Symbolizer,
     modules: &BTreeMap<u32, Module>,
@@ -66,7 +67,8 @@ pub fn resolve_all(
             .push(a);
     }
     let mut out = HashMap::new();
-    let mut outcomes = HashMap::new();
+    // Each module's addresses (sorted, distinct), where it was loaded, and its path.
+    let mut batches: Vec<(&Module, Vec<u64>, Vec<u64>, String)> = Vec::new();
     for (module_id, mut addrs) in by_module {
         addrs.sort_unstable();
         addrs.dedup();
@@ -76,18 +78,26 @@ pub fn resolve_all(
             }
             continue;
         };
-        let path_text = String::from_utf8_lossy(&module.path).into_owned();
         let svmas: Vec<u64> = addrs
             .iter()
             .map(|a| a.wrapping_sub(module.load_bias))
             .collect();
-        let results = symbolizer.symbolize(
-            &ObjectRef {
-                path: Path::new(&path_text),
+        let path_text = String::from_utf8_lossy(&module.path).into_owned();
+        batches.push((module, addrs, svmas, path_text));
+    }
+    let requests: Vec<(ObjectRef<'_>, &[u64])> = batches
+        .iter()
+        .map(|(module, _, svmas, path_text)| {
+            let object = ObjectRef {
+                path: Path::new(path_text),
                 build_id: &module.build_id,
-            },
-            &svmas,
-        );
+            };
+            (object, &svmas[..])
+        })
+        .collect();
+    let answers = symbolizer.symbolize_many(&requests);
+    let mut outcomes = HashMap::new();
+    for ((module, addrs, _, _), results) in batches.iter().zip(answers) {
         let outcome: &mut ModuleOutcome = outcomes.entry(module.id).or_default();
         for (a, r) in addrs.iter().zip(results) {
             outcome.looked_up += 1;

@@ -4,8 +4,10 @@
 //! per batch. A successfully opened object is dropped and opened again when the path now names
 //! another file (rebuilt, upgraded): the caller's staleness check decides. When the cache is
 //! full the entry used least recently is dropped, which unmaps its files.
+//!
+//! An entry in use is taken out of the cache and put back afterwards, so that the objects of
+//! one call can be opened and searched on several threads at once, each owning its own.
 
-use std::collections::hash_map::Entry;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
@@ -37,37 +39,41 @@ impl<T> Cache<T> {
         }
     }
 
-    /// The cached result for `path` and `build_id`, opened with `open` if there is none or if
-    /// `is_stale` says the cached object no longer matches the file.
-    pub(crate) fn get_or_open(
+    /// Takes the cached result for `path` and `build_id` out of the cache, to be used and
+    /// [put back](Cache::insert). `None` if there is none, or if `is_stale` says the cached
+    /// object no longer matches the file (the stale object is dropped). Taking entries out
+    /// lets several threads work on different objects without sharing the cache.
+    pub(crate) fn take(
         &mut self,
         path: &Path,
         build_id: &[u8],
         is_stale: impl FnOnce(&T) -> bool,
-        open: impl FnOnce() -> Result<T, Miss>,
-    ) -> &Result<T, Miss> {
+    ) -> Option<Result<T, Miss>> {
+        let value = self
+            .entries
+            .remove(&(path.to_path_buf(), build_id.to_vec()))?
+            .value;
+        match &value {
+            Ok(object) if is_stale(object) => None,
+            _ => Some(value),
+        }
+    }
+
+    /// Caches `value` for `path` and `build_id` as the entry used most recently, closing the
+    /// one used least recently if the cache is full.
+    pub(crate) fn insert(&mut self, path: &Path, build_id: &[u8], value: Result<T, Miss>) {
         self.clock += 1;
         let key = (path.to_path_buf(), build_id.to_vec());
-        if let Some(Slot {
-            value: Ok(value), ..
-        }) = self.entries.get(&key)
-        {
-            if is_stale(value) {
-                self.entries.remove(&key);
-            }
-        }
         if !self.entries.contains_key(&key) && self.entries.len() >= self.capacity {
             self.evict_least_recently_used();
         }
-        let slot = match self.entries.entry(key) {
-            Entry::Occupied(occupied) => occupied.into_mut(),
-            Entry::Vacant(vacant) => vacant.insert(Slot {
-                value: open(),
-                last_used: 0,
-            }),
-        };
-        slot.last_used = self.clock;
-        &slot.value
+        self.entries.insert(
+            key,
+            Slot {
+                value,
+                last_used: self.clock,
+            },
+        );
     }
 
     /// The number of entries.
@@ -92,11 +98,24 @@ impl<T> Cache<T> {
 mod tests {
     use super::*;
 
-    fn open_counting(count: &mut u32, value: u32) -> impl FnOnce() -> Result<u32, Miss> + '_ {
-        move || {
-            *count += 1;
-            Ok(value)
-        }
+    /// What `Symbolizer` does with one object: take it, open it if it was not there, put it
+    /// back. Returns the value and counts the opens.
+    fn use_object(
+        cache: &mut Cache<u32>,
+        path: &str,
+        build_id: &[u8],
+        stale: bool,
+        opened: &mut u32,
+        open: Result<u32, Miss>,
+    ) -> Result<u32, Miss> {
+        let value = cache
+            .take(Path::new(path), build_id, |_| stale)
+            .unwrap_or_else(|| {
+                *opened += 1;
+                open
+            });
+        cache.insert(Path::new(path), build_id, value.clone());
+        value
     }
 
     #[test]
@@ -104,19 +123,14 @@ mod tests {
         let mut cache = Cache::new(4);
         let mut opened = 0;
         for _ in 0..3 {
-            let got = cache.get_or_open(
-                Path::new("/a"),
-                b"",
-                |_| false,
-                open_counting(&mut opened, 1),
+            assert_eq!(
+                use_object(&mut cache, "/a", b"", false, &mut opened, Ok(1)),
+                Ok(1)
             );
-            assert_eq!(got, &Ok(1));
         }
-        cache.get_or_open(
-            Path::new("/a"),
-            b"\x01",
-            |_| false,
-            open_counting(&mut opened, 2),
+        assert_eq!(
+            use_object(&mut cache, "/a", b"\x01", false, &mut opened, Ok(2)),
+            Ok(2)
         );
         assert_eq!(opened, 2);
         assert_eq!(cache.len(), 2);
@@ -127,16 +141,15 @@ mod tests {
         let mut cache: Cache<u32> = Cache::new(4);
         let mut opened = 0;
         for _ in 0..3 {
-            let got = cache.get_or_open(
-                Path::new("/gone"),
+            let got = use_object(
+                &mut cache,
+                "/gone",
                 b"",
-                |_| false,
-                || {
-                    opened += 1;
-                    Err(Miss::NotElf)
-                },
+                true,
+                &mut opened,
+                Err(Miss::NotElf),
             );
-            assert_eq!(got, &Err(Miss::NotElf));
+            assert_eq!(got, Err(Miss::NotElf));
         }
         assert_eq!(opened, 1);
     }
@@ -145,19 +158,12 @@ mod tests {
     fn stale_entries_are_reopened() {
         let mut cache = Cache::new(4);
         let mut opened = 0;
-        cache.get_or_open(
-            Path::new("/a"),
-            b"",
-            |_| false,
-            open_counting(&mut opened, 1),
+        assert_eq!(
+            use_object(&mut cache, "/a", b"", false, &mut opened, Ok(1)),
+            Ok(1)
         );
-        let got = cache.get_or_open(
-            Path::new("/a"),
-            b"",
-            |_| true,
-            open_counting(&mut opened, 2),
-        );
-        assert_eq!(got, &Ok(2));
+        let got = use_object(&mut cache, "/a", b"", true, &mut opened, Ok(2));
+        assert_eq!(got, Ok(2));
         assert_eq!(opened, 2);
     }
 
@@ -165,45 +171,33 @@ mod tests {
     fn least_recently_used_is_evicted() {
         let mut cache = Cache::new(2);
         let mut opened = 0;
-        cache.get_or_open(
-            Path::new("/a"),
-            b"",
-            |_| false,
-            open_counting(&mut opened, 1),
+        assert_eq!(
+            use_object(&mut cache, "/a", b"", false, &mut opened, Ok(1)),
+            Ok(1)
         );
-        cache.get_or_open(
-            Path::new("/b"),
-            b"",
-            |_| false,
-            open_counting(&mut opened, 2),
+        assert_eq!(
+            use_object(&mut cache, "/b", b"", false, &mut opened, Ok(2)),
+            Ok(2)
         );
-        cache.get_or_open(
-            Path::new("/a"),
-            b"",
-            |_| false,
-            open_counting(&mut opened, 1),
+        assert_eq!(
+            use_object(&mut cache, "/a", b"", false, &mut opened, Ok(1)),
+            Ok(1)
         );
-        cache.get_or_open(
-            Path::new("/c"),
-            b"",
-            |_| false,
-            open_counting(&mut opened, 3),
+        assert_eq!(
+            use_object(&mut cache, "/c", b"", false, &mut opened, Ok(3)),
+            Ok(3)
         );
         assert_eq!(cache.len(), 2);
         assert_eq!(opened, 3);
         // `/a` survived, `/b` was evicted and is opened again.
-        cache.get_or_open(
-            Path::new("/a"),
-            b"",
-            |_| false,
-            open_counting(&mut opened, 1),
+        assert_eq!(
+            use_object(&mut cache, "/a", b"", false, &mut opened, Ok(1)),
+            Ok(1)
         );
         assert_eq!(opened, 3);
-        cache.get_or_open(
-            Path::new("/b"),
-            b"",
-            |_| false,
-            open_counting(&mut opened, 2),
+        assert_eq!(
+            use_object(&mut cache, "/b", b"", false, &mut opened, Ok(2)),
+            Ok(2)
         );
         assert_eq!(opened, 4);
     }

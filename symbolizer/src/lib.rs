@@ -41,7 +41,9 @@
 //! on the first address that falls in them, symbol tables on the first address DWARF cannot
 //! name. Each distinct address of a batch is looked up once, in address order. Opened objects,
 //! and failures to open them, are cached across calls (at most 128 objects, least recently
-//! used closed first); an object whose file was replaced on disk is opened again.
+//! used closed first); an object whose file was replaced on disk is opened again. Batches in
+//! several objects ([`Symbolizer::symbolize_many`]) are opened and answered on parallel
+//! threads.
 //!
 //! # Limitations
 //!

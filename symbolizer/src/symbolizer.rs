@@ -1,11 +1,14 @@
 //! The public entry point: batches of addresses in, one answer per address out.
 //!
 //! This module decides what is not worth opening (pseudo paths), takes objects from the cache,
-//! answers each distinct address once, and keeps a bug in a parser from taking the caller down
-//! when panics unwind.
+//! opens and searches different objects on parallel threads, answers each distinct address
+//! once, and keeps a bug in a parser from taking the caller down when panics unwind.
 
+use std::cmp::Reverse;
+use std::collections::HashMap;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::{Path, PathBuf};
+use std::sync::Mutex;
 
 use crate::cache::{self, Cache};
 use crate::loaded::LoadedObject;
@@ -65,53 +68,149 @@ impl Symbolizer {
     /// Never panics on any input: missing, truncated or malformed files give a [`Miss`] for
     /// each address.
     pub fn symbolize(&mut self, object: &ObjectRef<'_>, addresses: &[u64]) -> Vec<Symbolized> {
-        let miss_all = |miss: &Miss| vec![Symbolized::Miss(miss.clone()); addresses.len()];
-        if addresses.is_empty() {
-            return Vec::new();
+        self.symbolize_many(&[(*object, addresses)])
+            .pop()
+            .unwrap_or_default()
+    }
+
+    /// Symbolizes several batches at once, each as [`Symbolizer::symbolize`] would: one answer
+    /// list per batch, in the same order.
+    ///
+    /// Batches in different objects are opened and answered on parallel threads (as many as
+    /// the machine has CPUs), because opening an object with full debug info — inflating
+    /// compressed sections, indexing the units — and parsing the units its addresses fall in
+    /// takes tens of milliseconds, and a profile usually needs several such objects.
+    pub fn symbolize_many(&mut self, batches: &[(ObjectRef<'_>, &[u64])]) -> Vec<Vec<Symbolized>> {
+        let mut answers: Vec<Vec<Symbolized>> = vec![Vec::new(); batches.len()];
+        let mut jobs: Vec<Job<'_>> = Vec::new();
+        let mut job_of: HashMap<(&Path, &[u8]), usize> = HashMap::new();
+        for (i, (object, addresses)) in batches.iter().enumerate() {
+            if addresses.is_empty() {
+                continue;
+            }
+            if is_pseudo_path(object.path) {
+                answers[i] = vec![Symbolized::Miss(Miss::NoFile); addresses.len()];
+                continue;
+            }
+            let job = *job_of
+                .entry((object.path, object.build_id))
+                .or_insert_with(|| {
+                    jobs.push(Job {
+                        object: *object,
+                        loaded: self.cache.take(object.path, object.build_id, |loaded| {
+                            is_stale(object, loaded)
+                        }),
+                        batches: Vec::new(),
+                        addresses: 0,
+                    });
+                    jobs.len() - 1
+                });
+            jobs[job].batches.push(i);
+            jobs[job].addresses += addresses.len();
         }
-        if is_pseudo_path(object.path) {
-            return miss_all(&Miss::NoFile);
-        }
+        // The longest jobs first, so that no thread is left with one at the end: objects still
+        // to be opened, then those with the most addresses.
+        jobs.sort_by_key(|job| (job.loaded.is_some(), Reverse(job.addresses)));
+
         let debug_dirs = &self.debug_dirs;
-        let loaded = self.cache.get_or_open(
-            object.path,
-            object.build_id,
-            // Without a build id, a file replaced on disk is a new object. With one, the object
-            // we hold was checked to be the build the process loaded, whatever the path names
-            // now.
-            |loaded| {
-                object.build_id.is_empty()
-                    && FileIdentity::current(object.path)
-                        .is_some_and(|now| now != loaded.identity())
-            },
-            || {
+        let done = parallel_map(jobs, |job| {
+            let loaded = job.loaded.unwrap_or_else(|| {
                 catch_unwind(AssertUnwindSafe(|| {
-                    LoadedObject::open(object.path, object.build_id, debug_dirs)
+                    LoadedObject::open(job.object.path, job.object.build_id, debug_dirs)
                 }))
                 .unwrap_or_else(|_| Err(parser_panicked()))
-            },
-        );
-        let loaded = match loaded {
-            Ok(loaded) => loaded,
-            Err(miss) => return miss_all(miss),
-        };
-
-        // Each distinct address is looked up once, in address order, which keeps the DWARF
-        // units and symbol entries being read close together.
-        let mut order: Vec<usize> = (0..addresses.len()).collect();
-        order.sort_unstable_by_key(|&i| addresses[i]);
-        let mut answers = vec![Symbolized::Miss(Miss::NoSymbol); addresses.len()];
-        let mut previous: Option<usize> = None;
-        for i in order {
-            answers[i] = match previous {
-                Some(p) if addresses[p] == addresses[i] => answers[p].clone(),
-                _ => catch_unwind(AssertUnwindSafe(|| loaded.symbolize(addresses[i])))
-                    .unwrap_or_else(|_| Symbolized::Miss(parser_panicked())),
-            };
-            previous = Some(i);
+            });
+            let answered: Vec<(usize, Vec<Symbolized>)> = job
+                .batches
+                .iter()
+                .map(|&i| {
+                    let addresses = batches[i].1;
+                    let answer = match &loaded {
+                        Ok(loaded) => answer(loaded, addresses),
+                        Err(miss) => vec![Symbolized::Miss(miss.clone()); addresses.len()],
+                    };
+                    (i, answer)
+                })
+                .collect();
+            (job.object, loaded, answered)
+        });
+        for (object, loaded, answered) in done {
+            for (i, answer) in answered {
+                answers[i] = answer;
+            }
+            self.cache.insert(object.path, object.build_id, loaded);
         }
         answers
     }
+}
+
+/// One object of a [`Symbolizer::symbolize_many`] call and the batches that fall in it.
+struct Job<'a> {
+    object: ObjectRef<'a>,
+    /// The object as cached, or `None` if it is still to be opened.
+    loaded: Option<Result<LoadedObject, Miss>>,
+    /// Indices of the batches.
+    batches: Vec<usize>,
+    /// Addresses in all of them.
+    addresses: usize,
+}
+
+/// Whether a cached object no longer stands for `object`. Without a build id, a file replaced
+/// on disk is a new object. With one, the object we hold was checked to be the build the
+/// process loaded, whatever the path names now.
+fn is_stale(object: &ObjectRef<'_>, loaded: &LoadedObject) -> bool {
+    object.build_id.is_empty()
+        && FileIdentity::current(object.path).is_some_and(|now| now != loaded.identity())
+}
+
+/// Answers each distinct address once, in address order, which keeps the DWARF units and
+/// symbol entries being read close together.
+fn answer(loaded: &LoadedObject, addresses: &[u64]) -> Vec<Symbolized> {
+    let mut order: Vec<usize> = (0..addresses.len()).collect();
+    order.sort_unstable_by_key(|&i| addresses[i]);
+    let mut answers = vec![Symbolized::Miss(Miss::NoSymbol); addresses.len()];
+    let mut previous: Option<usize> = None;
+    for i in order {
+        answers[i] = match previous {
+            Some(p) if addresses[p] == addresses[i] => answers[p].clone(),
+            _ => catch_unwind(AssertUnwindSafe(|| loaded.symbolize(addresses[i])))
+                .unwrap_or_else(|_| Symbolized::Miss(parser_panicked())),
+        };
+        previous = Some(i);
+    }
+    answers
+}
+
+/// `work` applied to every item, on as many threads as there are CPUs (and items), the calling
+/// thread included; the results in no particular order. Each thread takes the next item when
+/// it is done with one, so a slow item does not hold up the others.
+fn parallel_map<T: Send, R: Send>(items: Vec<T>, work: impl Fn(T) -> R + Sync) -> Vec<R> {
+    let threads = match items.len() {
+        0 | 1 => 1,
+        n => std::thread::available_parallelism().map_or(1, |cpus| cpus.get().min(n)),
+    };
+    if threads == 1 {
+        return items.into_iter().map(work).collect();
+    }
+    let queue = Mutex::new(items.into_iter());
+    let results = Mutex::new(Vec::new());
+    let worker = || loop {
+        // A poisoned lock means another worker panicked; the scope passes that panic on.
+        let Some(item) = queue.lock().ok().and_then(|mut q| q.next()) else {
+            return;
+        };
+        let result = work(item);
+        if let Ok(mut results) = results.lock() {
+            results.push(result);
+        }
+    };
+    std::thread::scope(|scope| {
+        for _ in 1..threads {
+            scope.spawn(worker);
+        }
+        worker();
+    });
+    results.into_inner().unwrap_or_default()
 }
 
 /// The miss reported when a parser panicked on a file (only seen with `panic = "unwind"`).
@@ -157,5 +256,40 @@ mod tests {
         for name in ["/usr/lib/libc.so.6", "relative/prog", "prog"] {
             assert!(!is_pseudo_path(Path::new(name)), "{name}");
         }
+    }
+
+    /// Several objects at once answer as each does alone, batch by batch, whatever the cache
+    /// held before; two batches in one object share it.
+    #[test]
+    fn many_batches_answer_as_one_at_a_time() {
+        let exe = std::env::current_exe().unwrap();
+        let data = std::fs::read(&exe).unwrap();
+        let elf = object::File::parse(&*data).unwrap();
+        let text = object::Object::section_by_name(&elf, ".text").unwrap();
+        let start = object::ObjectSection::address(&text);
+        let size = object::ObjectSection::size(&text);
+        let spread: Vec<u64> = (0..64).map(|i| start + size * i / 64).collect();
+        let object = |path| ObjectRef {
+            path,
+            build_id: &[],
+        };
+        let batches = [
+            (object(&exe), &spread[..32]),
+            (object(Path::new("/nonexistent/lib.so")), &spread[..2]),
+            (object(Path::new("[vdso]")), &spread[..1]),
+            (object(&exe), &spread[32..]),
+            (object(&exe), &[][..]),
+        ];
+        let alone: Vec<Vec<Symbolized>> = batches
+            .iter()
+            .map(|(object, addresses)| Symbolizer::new().symbolize(object, addresses))
+            .collect();
+        let mut symbolizer = Symbolizer::new();
+        assert_eq!(symbolizer.symbolize_many(&batches), alone);
+        // Again, now from the cache.
+        assert_eq!(symbolizer.symbolize_many(&batches), alone);
+        assert!(matches!(alone[0][0], Symbolized::Frames(_)));
+        assert_eq!(alone[2], vec![Symbolized::Miss(Miss::NoFile)]);
+        assert!(alone[4].is_empty());
     }
 }
