@@ -124,12 +124,16 @@ macro_rules! trampoline {
         #[doc = concat!("`", $export, "`: see the module documentation.")]
         pub unsafe extern "C" fn $name() {
             core::arch::naked_asm!(
+                // Unwind info (the entry state holds throughout: the stack is untouched),
+                // so that a CPU sample taken here unwinds to the caller.
+                ".cfi_startproc",
                 "mov rax, qword ptr [rip + {table} + {offset}]",
                 "test rax, rax",
                 "jz 2f",
                 "jmp rax",
                 "2:",
                 "jmp {slow}",
+                ".cfi_endproc",
                 table = sym FORWARD,
                 offset = const $index * 8,
                 slow = sym $slow,
@@ -291,8 +295,14 @@ pub extern "C" fn anyprof_cxx_end_probe(was: u8) {
 
 /// Publishes the decision: every form of `new` (`delete`) forwards if `new_forwards`
 /// (`delete_forwards`), else accounts; forms with no next definition take the malloc route.
+///
+/// Accounting needs the block sizes, from `malloc_usable_size`; that only works if the next
+/// operator belongs to the same allocator as the next `malloc_usable_size` (tcmalloc's new
+/// and tcmalloc's usable size). An operator that neither calls `malloc` nor belongs to that
+/// allocator (a library's private pool) cannot be measured safely: it forwards, unseen.
 #[no_mangle]
 pub extern "C" fn anyprof_cxx_decided(new_forwards: bool, delete_forwards: bool) {
+    let sizer = object_of(real::usable_size_fn());
     for (form, (next, forward)) in NEXT.iter().zip(FORWARD.iter()).enumerate() {
         let f = anyprof_cxx_lookup(form as u32);
         next.store(f, Ordering::Release);
@@ -301,11 +311,26 @@ pub extern "C" fn anyprof_cxx_decided(new_forwards: bool, delete_forwards: bool)
         } else {
             delete_forwards
         };
-        if forwards {
+        if forwards || (f != 0 && (sizer == 0 || object_of(f) != sizer)) {
             forward.store(f, Ordering::Release);
         }
     }
     STATE.store(DECIDED, Ordering::Release);
+}
+
+/// The base address of the loaded object that contains code address `f` (0 if none).
+fn object_of(f: usize) -> usize {
+    if f == 0 {
+        return 0;
+    }
+    let mut info = core::mem::MaybeUninit::<libc::Dl_info>::zeroed();
+    // SAFETY: dladdr only reads the loader's tables and fills `info`; on failure it
+    // returns 0 and we read nothing.
+    if unsafe { libc::dladdr(f as *const c_void, info.as_mut_ptr()) } == 0 {
+        return 0;
+    }
+    // SAFETY: dladdr succeeded, so it initialised `info` (and it was zeroed before).
+    unsafe { info.assume_init() }.dli_fbase as usize
 }
 
 /// True once the mode is decided.
