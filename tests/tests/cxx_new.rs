@@ -7,10 +7,12 @@
 //!   account): [`forms_on_glibc_are_exact_at_rate_1`];
 //! - account mode (tcmalloc preloaded after anyprof: its `operator new` does not call
 //!   `malloc`, anyprof accounts for the block itself): [`forms_on_tcmalloc_are_exact_at_rate_1`];
-//! - the malloc route (no next `operator new` in sight: a C program that `dlopen()`s a C++
-//!   plugin `RTLD_LOCAL`, or before the mode is decided): [`cxx_plugin_in_c_host_is_exact`],
-//!   [`cxx_plugin_out_of_memory_is_unchanged`], [`nothrow_new_as_first_new_runs_the_new_handler`].
-//!   The last two fail today (known bugs, `#[ignore]`d; run them with `-- --ignored`).
+//! - a next `operator new` out of `dlsym(RTLD_NEXT)`'s sight (a C program that `dlopen()`s
+//!   a C++ plugin `RTLD_LOCAL`: anyprof finds the plugin's libstdc++ among the loaded
+//!   objects, and unwinds through it although it was loaded less than a drain cycle ago):
+//!   [`cxx_plugin_in_c_host_is_exact`], [`cxx_plugin_out_of_memory_is_unchanged`];
+//! - the malloc route (a nothrow `new` before the mode is decided):
+//!   [`nothrow_new_as_first_new_runs_the_new_handler`].
 //!
 //! The programs are `tests/programs/cxx_new_forms.cpp` (a site function per form of `new`,
 //! each freeing with its own forms of `delete`, then the out-of-memory cases: huge `new` caught
@@ -570,11 +572,9 @@ fn cxx_plugin_in_c_host_is_exact() {
     assert_sites_exact("the C++ plugin of a C host", &checked, &["site_plugin"]);
 }
 
-/// The malloc route out of memory: a huge `new` in the plugin must throw std::bad_alloc (and
-/// run the new-handler) as it does without anyprof.
+/// Out of memory in the plugin: a huge `new` must throw std::bad_alloc (and run the
+/// new-handler) as it does without anyprof.
 #[test]
-#[ignore = "known bug: on the malloc route with no next operator new in sight, a new that \
-            runs out of memory aborts the program instead of throwing std::bad_alloc"]
 fn cxx_plugin_out_of_memory_is_unchanged() {
     let (host, plugin) = plugin_host();
     let plugin = plugin.to_string_lossy();
@@ -602,8 +602,6 @@ fn cxx_plugin_out_of_memory_is_unchanged() {
 /// Before the mode is decided (it is, on the first throwing `new`), `new` takes the malloc
 /// route; a nothrow `new` that fails there must still run the new-handler, as libstdc++'s does.
 #[test]
-#[ignore = "known bug: a nothrow new on the malloc route returns null without running the \
-            new-handler"]
 fn nothrow_new_as_first_new_runs_the_new_handler() {
     let program = Program {
         name: "cxx_new_forms nothrow-first",

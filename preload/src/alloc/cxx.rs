@@ -263,14 +263,73 @@ pub extern "C" fn anyprof_cxx_claim_decision() -> bool {
         .is_ok()
 }
 
-/// The next definition of operator `form`, looked up now (during the decision only).
+/// The next definition of operator `form`, looked up now (while deciding, and on the rare
+/// out-of-memory path): the next one in the global scope, or else the first one in any
+/// loaded object (libstdc++ loaded `RTLD_LOCAL` by a plugin is out of `RTLD_NEXT`'s sight,
+/// but the plugin's own `new` calls reach us all the same). Our own allocations while
+/// looking (the loader's error strings) are not the program's.
 #[no_mangle]
 pub extern "C" fn anyprof_cxx_lookup(form: u32) -> usize {
     let Some(name) = NAMES.get(form as usize) else {
         return 0;
     };
+    let was = crate::signal::thread_state::set_internal(true);
     // SAFETY: dlsym with RTLD_NEXT and a NUL-terminated name.
-    unsafe { libc::dlsym(libc::RTLD_NEXT, name.as_ptr()) as usize }
+    let mut f = unsafe { libc::dlsym(libc::RTLD_NEXT, name.as_ptr()) as usize };
+    if f == 0 {
+        f = in_any_object(name);
+    }
+    crate::signal::thread_state::set_internal(was);
+    f
+}
+
+/// The first definition of `name` found in the scope of a loaded object other than ours.
+fn in_any_object(name: &core::ffi::CStr) -> usize {
+    struct Search<'a> {
+        name: &'a core::ffi::CStr,
+        ours: usize,
+        found: usize,
+    }
+    unsafe extern "C" fn each(
+        info: *mut libc::dl_phdr_info,
+        _size: usize,
+        data: *mut c_void,
+    ) -> libc::c_int {
+        // SAFETY: `data` is the `Search` passed to dl_iterate_phdr below, and `info` the
+        // loader's valid entry for one object, for the duration of this call.
+        let (search, info) = unsafe { (&mut *(data as *mut Search<'_>), &*info) };
+        if info.dlpi_name.is_null() {
+            return 0;
+        }
+        // SAFETY: dlpi_name is a NUL-terminated path (the main program's is "", which
+        // dlopen would read as the global scope: skipped, it is where we are first).
+        if unsafe { *info.dlpi_name } == 0 {
+            return 0;
+        }
+        // SAFETY: RTLD_NOLOAD only takes a reference on an object that is already loaded
+        // (this one: the loader is iterating over it), and it is dropped at once.
+        let handle = unsafe { libc::dlopen(info.dlpi_name, libc::RTLD_LAZY | libc::RTLD_NOLOAD) };
+        if handle.is_null() {
+            return 0;
+        }
+        // SAFETY: a handle from dlopen and a NUL-terminated name.
+        let f = unsafe { libc::dlsym(handle, search.name.as_ptr()) } as usize;
+        // SAFETY: the reference taken by dlopen above.
+        unsafe { libc::dlclose(handle) };
+        if f != 0 && object_of(f) != search.ours {
+            search.found = f;
+            return 1;
+        }
+        0
+    }
+    let mut search = Search {
+        name,
+        ours: object_of(anyprof_cxx_lookup as *const () as usize),
+        found: 0,
+    };
+    // SAFETY: the callback matches dl_iterate_phdr's contract and `search` outlives the call.
+    unsafe { libc::dl_iterate_phdr(Some(each), &mut search as *mut Search<'_> as *mut c_void) };
+    search.found
 }
 
 /// Starts a probe on the calling thread: the hooks stop accounting and note whether they
@@ -398,8 +457,9 @@ pub extern "C" fn anyprof_cxx_free(p: *mut c_void) {
     hooks::free(p);
 }
 
-/// The next definition of `form` whatever the mode (0 if none): used only to throw
-/// `std::bad_alloc` the standard way when the malloc route runs out of memory.
+/// The next definition of `form` whatever the mode (0 if none), for the malloc route when
+/// it runs out of memory: that definition runs the new-handler and throws `std::bad_alloc`
+/// (or returns null, for the nothrow forms) the standard way.
 #[no_mangle]
 pub extern "C" fn anyprof_cxx_thrower(form: u32) -> usize {
     let i = form as usize;

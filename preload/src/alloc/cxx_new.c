@@ -114,10 +114,23 @@ static void *new_aligned(uint32_t form, size_t size, size_t align) {
     return p;
 }
 
+/* The malloc route of a nothrow new, out of memory: the next nothrow new runs the
+ * new-handler as the program expects, and returns null if that does not help. */
+static void *nothrow_out_of_memory(uint32_t form, size_t size, size_t align, const void *tag) {
+    uintptr_t f = anyprof_cxx_thrower(form);
+    if (!f)
+        return NULL;
+    if (form == NEW_ALIGNED_NOTHROW || form == NEW_ARRAY_ALIGNED_NOTHROW)
+        return ((new_aligned_nothrow_fn)f)(size, align, tag);
+    return ((new_nothrow_fn)f)(size, tag);
+}
+
 static void *new_nothrow(uint32_t form, size_t size, const void *tag) {
     uintptr_t f = anyprof_cxx_next(form);
-    if (!f)
-        return anyprof_cxx_malloc(size, 0);
+    if (!f) {
+        void *p = anyprof_cxx_malloc(size, 0);
+        return p ? p : nothrow_out_of_memory(form, size, 0, tag);
+    }
     void *p = ((new_nothrow_fn)f)(size, tag);
     anyprof_cxx_allocated(p);
     return p;
@@ -125,8 +138,10 @@ static void *new_nothrow(uint32_t form, size_t size, const void *tag) {
 
 static void *new_aligned_nothrow(uint32_t form, size_t size, size_t align, const void *tag) {
     uintptr_t f = anyprof_cxx_next(form);
-    if (!f)
-        return anyprof_cxx_malloc(size, align);
+    if (!f) {
+        void *p = anyprof_cxx_malloc(size, align);
+        return p ? p : nothrow_out_of_memory(form, size, align, tag);
+    }
     void *p = ((new_aligned_nothrow_fn)f)(size, align, tag);
     anyprof_cxx_allocated(p);
     return p;

@@ -4,7 +4,7 @@
 
 use core::ffi::c_void;
 
-use anyprof_wire::{MemStat, MAX_FRAMES};
+use anyprof_wire::{MemStat, FLAG_TRUNCATED, MAX_FRAMES};
 
 use super::{buckets, counters, cxx, live, real, sampler};
 use crate::signal::{sys, unwind};
@@ -102,7 +102,11 @@ fn maybe_sample(b: &ThreadBlock, p: *mut c_void, usable: u64) {
         crate::threads::record_stack_bounds();
     }
     let mut frames = [0u64; MAX_FRAMES];
-    let (n, _flags) = unwind::unwind_here(&mut frames);
+    let (mut n, flags) = unwind::unwind_here(&mut frames);
+    if flags & FLAG_TRUNCATED != 0 && n < MAX_FRAMES && crate::drain::catch_up_with_loader() {
+        // The stack ran into an object the unwinder did not know yet (just dlopen'ed).
+        n = unwind::unwind_here(&mut frames).0;
+    }
     match buckets::intern(frames.get(..n).unwrap_or(&[]), usable) {
         Some(bucket) => {
             buckets::add_alloc(bucket, usable);
