@@ -164,6 +164,19 @@ pub extern "C" fn free(p: *mut c_void) {
     crate::alloc::hooks::free(p)
 }
 
+/// `free_sized` (C23): `free` that is told the size. Interposed so that a program built
+/// against a C library that has it does not free out of our sight; the size is not needed.
+#[cfg_attr(not(test), no_mangle)]
+pub extern "C" fn free_sized(p: *mut c_void, _size: usize) {
+    crate::alloc::hooks::free(p)
+}
+
+/// `free_aligned_sized` (C23): `free` of an aligned block that is told its alignment and size.
+#[cfg_attr(not(test), no_mangle)]
+pub extern "C" fn free_aligned_sized(p: *mut c_void, _align: usize, _size: usize) {
+    crate::alloc::hooks::free(p)
+}
+
 /// `calloc(3)`.
 #[cfg_attr(not(test), no_mangle)]
 pub extern "C" fn calloc(n: usize, size: usize) -> *mut c_void {

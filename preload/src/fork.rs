@@ -60,6 +60,28 @@ pub fn section() -> Section {
     }
 }
 
+/// Like [`section`], but gives up instead of waiting while a fork is in progress (for code
+/// that may run inside an allocation made by another library's fork handler).
+pub fn try_section() -> Option<Section> {
+    let flag: &Cell<u8> = &tls::current().in_fork_section;
+    if flag.get() != 0 {
+        return Some(Section {
+            _guard: None,
+            outermost: false,
+        });
+    }
+    let guard = match GATE.try_read() {
+        Ok(g) => g,
+        Err(std::sync::TryLockError::Poisoned(p)) => p.into_inner(),
+        Err(std::sync::TryLockError::WouldBlock) => return None,
+    };
+    flag.set(1);
+    Some(Section {
+        _guard: Some(guard),
+        outermost: true,
+    })
+}
+
 extern "C" fn prepare() {
     // A thread inside a section never forks (our code does not fork), so this cannot wait
     // for itself.

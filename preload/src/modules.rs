@@ -188,15 +188,22 @@ impl ModuleMap {
     }
 
     /// Re-enumerates loaded objects if the loader's counters moved (or on the first call),
-    /// publishes a new unwinder on change, and frees retired unwinders when safe.
+    /// publishes a new unwinder on change, frees retired unwinders when safe, and returns
+    /// what the collector has not been told yet.
     pub fn refresh(&mut self) -> Changes {
-        let mut changes = Changes::default();
+        self.update();
+        self.unreported()
+    }
+
+    /// The first half of [`ModuleMap::refresh`]: brings the module list and the unwinder up
+    /// to date, without reporting. True if the unwinder changed.
+    pub fn update(&mut self) -> bool {
         if unwind::retire_when_quiet(&mut self.retired) {
             self.retired_copies.clear();
         }
         let generation = loader_generation();
         if self.generation == Some(generation) {
-            return changes;
+            return false;
         }
         self.generation = Some(generation);
         if self.exe_path.is_empty() {
@@ -229,20 +236,6 @@ impl ModuleMap {
         structure_changed |= old
             .iter()
             .any(|o| !self.modules.iter().any(|m| m.id == o.id));
-        for (i, m) in self.modules.iter().enumerate() {
-            if !self.reported.contains(&m.id) {
-                changes.added.push(i);
-                self.reported.push(m.id);
-            }
-        }
-        let modules = &self.modules;
-        self.reported.retain(|id| {
-            let present = modules.iter().any(|m| m.id == *id);
-            if !present {
-                changes.removed.push(*id);
-            }
-            present
-        });
         if structure_changed {
             let mut unwinder: Box<Unwinder> = Box::new(UnwinderX86_64::new());
             for m in &self.modules {
@@ -265,6 +258,26 @@ impl ModuleMap {
                 self.retired_copies.clear();
             }
         }
+        structure_changed
+    }
+
+    /// Modules loaded and unloaded since the collector was last told, marked as told.
+    fn unreported(&mut self) -> Changes {
+        let mut changes = Changes::default();
+        for (i, m) in self.modules.iter().enumerate() {
+            if !self.reported.contains(&m.id) {
+                changes.added.push(i);
+                self.reported.push(m.id);
+            }
+        }
+        let modules = &self.modules;
+        self.reported.retain(|id| {
+            let present = modules.iter().any(|m| m.id == *id);
+            if !present {
+                changes.removed.push(*id);
+            }
+            present
+        });
         changes
     }
 }

@@ -379,11 +379,9 @@ fn tcmalloc_preloaded_after_anyprof_keeps_working_and_is_profiled() {
 }
 
 /// tcmalloc defines `operator new` itself, so C++ `new` does not go through malloc there;
-/// a heap profiler of native programs must still see it. Known gap: anyprof interposes the
-/// malloc family only (not `operator new`/`delete`), so this fails today; run it with
-/// `cargo test --release -p anyprof-tests --test heap_transparency -- --ignored`.
+/// a heap profiler of native programs must still see it (anyprof interposes `operator new`
+/// and `delete`, and accounts for them itself when they do not reach the malloc family).
 #[test]
-#[ignore = "known gap: operator new/delete are not interposed (C++ new under tcmalloc/jemalloc is unseen)"]
 fn tcmalloc_cxx_new_is_profiled() {
     let Some(runs) = tcmalloc_runs() else {
         eprintln!("skipped: {TCMALLOC} is not installed (apt-get install libgoogle-perftools4)");

@@ -4,9 +4,9 @@
 
 use core::ffi::c_void;
 
-use anyprof_wire::{MemStat, MAX_FRAMES};
+use anyprof_wire::{MemStat, FLAG_TRUNCATED, MAX_FRAMES};
 
-use super::{buckets, counters, live, real, sampler};
+use super::{buckets, counters, cxx, live, real, sampler};
 use crate::signal::{sys, unwind};
 use crate::tls::{self, ThreadBlock};
 
@@ -52,7 +52,10 @@ fn on_alloc(p: *mut c_void) {
     let b = tls::current();
     // Our own allocations (the background thread, our bookkeeping) are not the program's:
     // not counted, not sampled. They are freed by our own code too, so the counts balance.
-    if b.internal.get() != 0 || (!counters::has_slot(b) && !accounting()) {
+    if b.internal.get() != 0 {
+        return note_probe(b);
+    }
+    if !counters::has_slot(b) && !accounting() {
         return;
     }
     let usable = real::usable_size_of_live(p) as u64;
@@ -62,6 +65,27 @@ fn on_alloc(p: *mut c_void) {
     if left <= 0 {
         maybe_sample(b, p, usable);
     }
+}
+
+/// A hook ran with the re-entrancy flag set: if that is `operator new`'s probe
+/// ([`cxx`]), tell it that the next `new`/`delete` came through the malloc family.
+#[cold]
+#[inline(never)]
+fn note_probe(b: &ThreadBlock) {
+    if b.internal.get() == cxx::PROBING {
+        b.internal.set(cxx::HIT);
+    }
+}
+
+/// Accounts for block `p` from an allocator entry point other than the malloc family (the
+/// next `operator new`, in [`cxx`]'s accounting mode).
+pub fn account_alloc(p: *mut c_void) {
+    on_alloc(p);
+}
+
+/// Accounts for block `p` (non-null) about to be freed by an entry point other than `free`.
+pub fn account_free(p: *mut c_void) {
+    on_free(p);
 }
 
 #[cold]
@@ -78,7 +102,11 @@ fn maybe_sample(b: &ThreadBlock, p: *mut c_void, usable: u64) {
         crate::threads::record_stack_bounds();
     }
     let mut frames = [0u64; MAX_FRAMES];
-    let (n, _flags) = unwind::unwind_here(&mut frames);
+    let (mut n, flags) = unwind::unwind_here(&mut frames);
+    if flags & FLAG_TRUNCATED != 0 && n < MAX_FRAMES && crate::drain::catch_up_with_loader() {
+        // The stack ran into an object the unwinder did not know yet (just dlopen'ed).
+        n = unwind::unwind_here(&mut frames).0;
+    }
     match buckets::intern(frames.get(..n).unwrap_or(&[]), usable) {
         Some(bucket) => {
             buckets::add_alloc(bucket, usable);
@@ -96,7 +124,10 @@ fn maybe_sample(b: &ThreadBlock, p: *mut c_void, usable: u64) {
 #[inline(always)]
 fn on_free(p: *mut c_void) {
     let b = tls::current();
-    if b.internal.get() != 0 || (!counters::has_slot(b) && !accounting()) {
+    if b.internal.get() != 0 {
+        return note_probe(b);
+    }
+    if !counters::has_slot(b) && !accounting() {
         return;
     }
     counters::on_free(b, real::usable_size_of_live(p) as u64);

@@ -20,6 +20,7 @@
 
 pub mod buckets;
 pub mod counters;
+pub mod cxx;
 pub mod hooks;
 pub mod live;
 pub mod real;

@@ -279,6 +279,11 @@ pub fn usable_size_of_live(p: *mut c_void) -> usize {
     usable_size(p)
 }
 
+/// The address of the next allocator's `malloc_usable_size` (0 if it has none).
+pub fn usable_size_fn() -> usize {
+    get(&NEXT.usable_size)
+}
+
 /// `malloc_usable_size` of the next allocator (0 for null).
 #[inline(always)]
 pub fn usable_size(p: *mut c_void) -> usize {
