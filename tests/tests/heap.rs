@@ -1109,6 +1109,29 @@ fn heap_and_allocs_differ_only_in_the_default_sample_type() {
     );
 }
 
+/// heap_sites' output with the byte counts of `site_aligned_mix` blanked. glibc's
+/// `memalign` keeps 0 to `align` bytes of slack in a block, depending on where the block falls
+/// in the heap; any allocation made in the process before (the preload's own set-up makes a
+/// few, as every interposer's does) can move it. Everything else is compared as printed.
+fn without_aligned_slack(stdout: &str) -> String {
+    stdout
+        .lines()
+        .map(|line| {
+            if !line.starts_with("site aligned_mix ") {
+                return line.to_string();
+            }
+            line.split(' ')
+                .map(|field| match field.split_once('=') {
+                    Some((k @ ("alloc_bytes" | "live_bytes"), _)) => format!("{k}=?"),
+                    _ => field.to_string(),
+                })
+                .collect::<Vec<_>>()
+                .join(" ")
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
 #[test]
 fn mem_rate_sets_the_period_and_0_turns_heap_profiling_off() {
     for (flags, rate) in [
@@ -1142,7 +1165,11 @@ fn mem_rate_sets_the_period_and_0_turns_heap_profiling_off() {
     // 0: no heap or allocs profile, and the program runs as without the profiler.
     let off = record_sites("heap_rate_0", &["--mem-rate", "0"], &["16"]);
     let direct = run(clean_command(exe).arg("16"));
-    assert_eq!(off.output.stdout, direct.stdout, "stdout with --mem-rate 0");
+    assert_eq!(
+        without_aligned_slack(&off.output.stdout_text()),
+        without_aligned_slack(&direct.stdout_text()),
+        "stdout with --mem-rate 0"
+    );
     let files = files_in(&off.dir);
     assert!(
         !files

@@ -5,17 +5,25 @@
 //! hooks already see. An allocator that brings its own `operator new` allocates without ever
 //! calling `malloc`, so a profiler that hooks only the malloc family misses every C++ object.
 //!
-//! Which case a process is in is decided once, by behaviour rather than by library names: on
-//! the first throwing `new`, the next `operator new` is called once with a probe flag set on
-//! the thread, and if the malloc hooks saw the call, `new` *forwards*; `delete` is probed the
-//! same way. Then:
-//! - forwarding: the exported symbol is a three-instruction trampoline that jumps straight to
-//!   the next definition, through [`FORWARD`]; the malloc hooks do the accounting, as before;
-//! - accounting: the trampoline jumps to a slow path in `cxx_new.c`, which calls the next
-//!   definition and then accounts for the block here, like the malloc hooks do;
-//! - undecided (another thread is probing) or no next definition found (libstdc++ loaded
-//!   `RTLD_LOCAL` by a plugin is out of `dlsym(RTLD_NEXT)`'s sight): the block is taken from
-//!   the malloc family through our own hooks, which every such allocator accepts in `delete`.
+//! Which case a process is in is decided once, on the first call of any form: the next
+//! definitions are looked up, and a form *accounts* if its next definition belongs to the
+//! allocator itself (the object that also defines the next `malloc_usable_size`, which is how
+//! its blocks are measured), else it *forwards*. Then:
+//! - forwarding (libstdc++ and libc++, whose operators call `malloc`/`free`): the exported
+//!   symbol is a three-instruction trampoline that jumps straight to the next definition,
+//!   through [`FORWARD`]; the malloc hooks do the accounting, as before. So does an operator
+//!   that is a library's private pool: its blocks cannot be measured safely, and stay unseen;
+//! - accounting (tcmalloc, jemalloc): the trampoline jumps to a slow path in `cxx_new.c`,
+//!   which calls the next definition with the thread's re-entrancy flag set (should it call
+//!   `malloc` itself, the hooks do not count the block twice) and then accounts for the
+//!   block here, like the malloc hooks do;
+//! - undecided (another thread is deciding) or no next definition found: the block is taken
+//!   from the malloc family through our own hooks, which every such allocator accepts in
+//!   `delete`.
+//!
+//! Deciding allocates nothing when every form is found (no probe call, so the heap's layout
+//! is the program's own). A next definition out of `dlsym(RTLD_NEXT)`'s sight (libstdc++
+//! loaded `RTLD_LOCAL` by a plugin of a C program) is looked for in every loaded object.
 //!
 //! The slow paths are C because a `new` may throw (`std::bad_alloc`, or whatever a new-handler
 //! throws), and a C++ exception must pass through our frame to the program's handler; this
@@ -34,7 +42,6 @@ use crate::tls;
 
 /// Every interposed operator, in the order of [`NAMES`]: 8 forms of `new`, then 12 of
 /// `delete`. `cxx_new.c` uses the same numbers.
-const NEW_FORMS: usize = 8;
 const FORMS: usize = 20;
 
 /// Itanium ABI names of the operators (x86_64: `size_t` is `m`).
@@ -72,11 +79,6 @@ const UNDECIDED: u8 = 0;
 const DECIDING: u8 = 1;
 const DECIDED: u8 = 2;
 static STATE: AtomicU8 = AtomicU8::new(UNDECIDED);
-
-/// `internal` values of the probe (see [`crate::tls::ThreadBlock::internal`]): any non-zero
-/// value keeps the hooks from accounting, and a hook that sees `PROBING` turns it into `HIT`.
-pub const PROBING: u8 = 2;
-pub const HIT: u8 = 3;
 
 // The slow paths, in cxx_new.c. Only the trampolines' `jmp` uses them, which the dead-code
 // lint does not see.
@@ -250,19 +252,6 @@ trampoline!(
 
 // ---- Called by cxx_new.c. -------------------------------------------------------------
 
-/// Claims the decision for the calling thread: true if it must probe and then call
-/// [`anyprof_cxx_decided`]. False if another thread is deciding, it was decided, or the thread
-/// is inside our own code (whose allocations must not be probed).
-#[no_mangle]
-pub extern "C" fn anyprof_cxx_claim_decision() -> bool {
-    if tls::current().internal.get() != 0 {
-        return false;
-    }
-    STATE
-        .compare_exchange(UNDECIDED, DECIDING, Ordering::AcqRel, Ordering::Acquire)
-        .is_ok()
-}
-
 /// The next definition of operator `form`, looked up now (while deciding, and on the rare
 /// out-of-memory path): the next one in the global scope, or else the first one in any
 /// loaded object (libstdc++ loaded `RTLD_LOCAL` by a plugin is out of `RTLD_NEXT`'s sight,
@@ -332,45 +321,23 @@ fn in_any_object(name: &core::ffi::CStr) -> usize {
     search.found
 }
 
-/// Starts a probe on the calling thread: the hooks stop accounting and note whether they
-/// are called. Returns the thread's previous `internal` value, for [`anyprof_cxx_end_probe`].
+/// Decides the mode of every form (see the module documentation), once; a thread that finds
+/// another deciding goes on undecided (the malloc route). Not from inside our own code,
+/// whose allocations are not the program's.
 #[no_mangle]
-pub extern "C" fn anyprof_cxx_begin_probe() -> u8 {
-    tls::current().internal.replace(PROBING)
-}
-
-/// True if a malloc-family hook ran since the probe started (or since the last call); the
-/// probe goes on.
-#[no_mangle]
-pub extern "C" fn anyprof_cxx_probe_hit() -> bool {
-    tls::current().internal.replace(PROBING) == HIT
-}
-
-/// Ends a probe begun by [`anyprof_cxx_begin_probe`].
-#[no_mangle]
-pub extern "C" fn anyprof_cxx_end_probe(was: u8) {
-    tls::current().internal.set(was);
-}
-
-/// Publishes the decision: every form of `new` (`delete`) forwards if `new_forwards`
-/// (`delete_forwards`), else accounts; forms with no next definition take the malloc route.
-///
-/// Accounting needs the block sizes, from `malloc_usable_size`; that only works if the next
-/// operator belongs to the same allocator as the next `malloc_usable_size` (tcmalloc's new
-/// and tcmalloc's usable size). An operator that neither calls `malloc` nor belongs to that
-/// allocator (a library's private pool) cannot be measured safely: it forwards, unseen.
-#[no_mangle]
-pub extern "C" fn anyprof_cxx_decided(new_forwards: bool, delete_forwards: bool) {
-    let sizer = object_of(real::usable_size_fn());
+pub extern "C" fn anyprof_cxx_decide() {
+    if tls::current().internal.get() != 0
+        || STATE
+            .compare_exchange(UNDECIDED, DECIDING, Ordering::AcqRel, Ordering::Acquire)
+            .is_err()
+    {
+        return;
+    }
+    let allocator = object_of(real::usable_size_fn());
     for (form, (next, forward)) in NEXT.iter().zip(FORWARD.iter()).enumerate() {
         let f = anyprof_cxx_lookup(form as u32);
         next.store(f, Ordering::Release);
-        let forwards = if form < NEW_FORMS {
-            new_forwards
-        } else {
-            delete_forwards
-        };
-        if forwards || (f != 0 && (sizer == 0 || object_of(f) != sizer)) {
+        if f != 0 && (allocator == 0 || object_of(f) != allocator) {
             forward.store(f, Ordering::Release);
         }
     }
@@ -412,6 +379,20 @@ pub extern "C" fn anyprof_cxx_next(form: u32) -> usize {
         return 0;
     }
     NEXT.get(i).map_or(0, |f| f.load(Ordering::Relaxed))
+}
+
+/// Sets the calling thread's re-entrancy flag around a call of the next operator (accounting
+/// mode): whatever it allocates through the malloc family is not counted again. Returns the
+/// previous value, for [`anyprof_cxx_leave`] (also run if the call throws).
+#[no_mangle]
+pub extern "C" fn anyprof_cxx_enter() -> u8 {
+    tls::current().internal.replace(1)
+}
+
+/// Ends what [`anyprof_cxx_enter`] began.
+#[no_mangle]
+pub extern "C" fn anyprof_cxx_leave(was: u8) {
+    tls::current().internal.set(was);
 }
 
 /// Accounts for block `p` just returned by the next `operator new` (accounting mode).

@@ -3,7 +3,8 @@
  * in cxx.rs, which also explains the modes). They are C, not Rust, because a C++ exception
  * thrown by the next operator new must unwind through this frame to the program's handler:
  * the preload is built with panic=abort, and a Rust frame on that path would abort instead.
- * Compiled with -fexceptions so that the probe's cleanup runs during such an unwind.
+ * Compiled with -fexceptions so that the cleanup of the re-entrancy flag runs during such an
+ * unwind.
  *
  * Contract (as for all of alloc/): no locks, no allocation of our own, nothing that can
  * throw except the next operator new itself.
@@ -26,14 +27,12 @@ enum {
 };
 
 /* From cxx.rs. */
-bool anyprof_cxx_claim_decision(void);
-uintptr_t anyprof_cxx_lookup(uint32_t form);
-uint8_t anyprof_cxx_begin_probe(void);
-bool anyprof_cxx_probe_hit(void);
-void anyprof_cxx_end_probe(uint8_t was);
-void anyprof_cxx_decided(bool new_forwards, bool delete_forwards);
+void anyprof_cxx_decide(void);
 bool anyprof_cxx_is_decided(void);
+uintptr_t anyprof_cxx_lookup(uint32_t form);
 uintptr_t anyprof_cxx_next(uint32_t form);
+uint8_t anyprof_cxx_enter(void);
+void anyprof_cxx_leave(uint8_t was);
 void anyprof_cxx_allocated(void *p);
 bool anyprof_cxx_freeing(void *p);
 void *anyprof_cxx_malloc(size_t size, size_t align);
@@ -50,31 +49,22 @@ typedef void (*delete_nothrow_fn)(void *, const void *);
 typedef void (*delete_sized_aligned_fn)(void *, size_t, size_t);
 typedef void (*delete_aligned_nothrow_fn)(void *, size_t, const void *);
 
-static void end_probe(uint8_t *was) { anyprof_cxx_end_probe(*was); }
-
-/*
- * Decides the mode (once, on the first thread to get here from a throwing new): allocate and
- * free one small block through the next operator new/delete with the probe flag set, and see
- * whether the malloc hooks were called. Other threads meanwhile take the malloc route.
- */
-static void decide(void) {
-    if (!anyprof_cxx_claim_decision())
-        return;
-    new_fn next_new = (new_fn)anyprof_cxx_lookup(NEW);
-    delete_fn next_delete = (delete_fn)anyprof_cxx_lookup(DELETE);
-    bool new_forwards = false, delete_forwards = false;
-    if (next_new && next_delete) {
-        /* If the probe's new throws (out of memory), the cleanup ends the probe and the
-         * exception reaches the program as if from its own new; the mode stays undecided
-         * for good, which means the malloc route. */
-        __attribute__((cleanup(end_probe))) uint8_t was = anyprof_cxx_begin_probe();
-        void *p = next_new(64);
-        new_forwards = anyprof_cxx_probe_hit();
-        next_delete(p);
-        delete_forwards = anyprof_cxx_probe_hit();
-    }
-    anyprof_cxx_decided(new_forwards, delete_forwards);
+/* The next operator's route: decided, or (on a thread that finds another deciding) 0, the
+ * malloc route. */
+static uintptr_t route(uint32_t form) {
+    if (!anyprof_cxx_is_decided())
+        anyprof_cxx_decide();
+    return anyprof_cxx_next(form);
 }
+
+/* Calls of the next operator in accounting mode, with the re-entrancy flag set for their
+ * duration: the cleanup clears it again when the call returns and when it throws. */
+static void leave(uint8_t *was) { anyprof_cxx_leave(*was); }
+#define IN_SCOPE(expr)                                                                        \
+    ({                                                                                        \
+        __attribute__((cleanup(leave))) uint8_t was_ = anyprof_cxx_enter();                  \
+        expr;                                                                                 \
+    })
 
 /* The malloc route of a throwing new: out of memory, let the next operator new (which runs
  * the new-handler and throws std::bad_alloc) have its turn; without one, there is no way
@@ -89,27 +79,23 @@ static void *out_of_memory(uint32_t form, size_t size, size_t align) {
 }
 
 static void *new_throwing(uint32_t form, size_t size) {
-    if (!anyprof_cxx_is_decided())
-        decide();
-    uintptr_t f = anyprof_cxx_next(form);
+    uintptr_t f = route(form);
     if (!f) {
         void *p = anyprof_cxx_malloc(size, 0);
         return p ? p : out_of_memory(form, size, 0);
     }
-    void *p = ((new_fn)f)(size); /* may throw: nothing here to clean up */
+    void *p = IN_SCOPE(((new_fn)f)(size)); /* may throw */
     anyprof_cxx_allocated(p);
     return p;
 }
 
 static void *new_aligned(uint32_t form, size_t size, size_t align) {
-    if (!anyprof_cxx_is_decided())
-        decide();
-    uintptr_t f = anyprof_cxx_next(form);
+    uintptr_t f = route(form);
     if (!f) {
         void *p = anyprof_cxx_malloc(size, align);
         return p ? p : out_of_memory(form, size, align);
     }
-    void *p = ((new_aligned_fn)f)(size, align);
+    void *p = IN_SCOPE(((new_aligned_fn)f)(size, align));
     anyprof_cxx_allocated(p);
     return p;
 }
@@ -126,23 +112,23 @@ static void *nothrow_out_of_memory(uint32_t form, size_t size, size_t align, con
 }
 
 static void *new_nothrow(uint32_t form, size_t size, const void *tag) {
-    uintptr_t f = anyprof_cxx_next(form);
+    uintptr_t f = route(form);
     if (!f) {
         void *p = anyprof_cxx_malloc(size, 0);
         return p ? p : nothrow_out_of_memory(form, size, 0, tag);
     }
-    void *p = ((new_nothrow_fn)f)(size, tag);
+    void *p = IN_SCOPE(((new_nothrow_fn)f)(size, tag));
     anyprof_cxx_allocated(p);
     return p;
 }
 
 static void *new_aligned_nothrow(uint32_t form, size_t size, size_t align, const void *tag) {
-    uintptr_t f = anyprof_cxx_next(form);
+    uintptr_t f = route(form);
     if (!f) {
         void *p = anyprof_cxx_malloc(size, align);
         return p ? p : nothrow_out_of_memory(form, size, align, tag);
     }
-    void *p = ((new_aligned_nothrow_fn)f)(size, align, tag);
+    void *p = IN_SCOPE(((new_aligned_nothrow_fn)f)(size, align, tag));
     anyprof_cxx_allocated(p);
     return p;
 }
@@ -174,13 +160,13 @@ HIDDEN void *anyprof_slow_new_array_aligned_nothrow(size_t size, size_t align,
 #define DELETE_BODY(form, call)                                                               \
     if (!p)                                                                                   \
         return;                                                                               \
-    uintptr_t f = anyprof_cxx_next(form);                                                     \
+    uintptr_t f = route(form);                                                                \
     if (!f) {                                                                                 \
         anyprof_cxx_free(p);                                                                  \
         return;                                                                               \
     }                                                                                         \
     if (anyprof_cxx_freeing(p))                                                               \
-        call;
+        IN_SCOPE(call);
 
 HIDDEN void anyprof_slow_delete(void *p) { DELETE_BODY(DELETE, ((delete_fn)f)(p)) }
 HIDDEN void anyprof_slow_delete_array(void *p) { DELETE_BODY(DELETE_ARRAY, ((delete_fn)f)(p)) }

@@ -6,7 +6,7 @@ use core::ffi::c_void;
 
 use anyprof_wire::{MemStat, FLAG_TRUNCATED, MAX_FRAMES};
 
-use super::{buckets, counters, cxx, live, real, sampler};
+use super::{buckets, counters, live, real, sampler};
 use crate::signal::{sys, unwind};
 use crate::tls::{self, ThreadBlock};
 
@@ -52,10 +52,7 @@ fn on_alloc(p: *mut c_void) {
     let b = tls::current();
     // Our own allocations (the background thread, our bookkeeping) are not the program's:
     // not counted, not sampled. They are freed by our own code too, so the counts balance.
-    if b.internal.get() != 0 {
-        return note_probe(b);
-    }
-    if !counters::has_slot(b) && !accounting() {
+    if b.internal.get() != 0 || (!counters::has_slot(b) && !accounting()) {
         return;
     }
     let usable = real::usable_size_of_live(p) as u64;
@@ -67,18 +64,8 @@ fn on_alloc(p: *mut c_void) {
     }
 }
 
-/// A hook ran with the re-entrancy flag set: if that is `operator new`'s probe
-/// ([`cxx`]), tell it that the next `new`/`delete` came through the malloc family.
-#[cold]
-#[inline(never)]
-fn note_probe(b: &ThreadBlock) {
-    if b.internal.get() == cxx::PROBING {
-        b.internal.set(cxx::HIT);
-    }
-}
-
 /// Accounts for block `p` from an allocator entry point other than the malloc family (the
-/// next `operator new`, in [`cxx`]'s accounting mode).
+/// next `operator new`, in [`super::cxx`]'s accounting mode).
 pub fn account_alloc(p: *mut c_void) {
     on_alloc(p);
 }
@@ -124,10 +111,7 @@ fn maybe_sample(b: &ThreadBlock, p: *mut c_void, usable: u64) {
 #[inline(always)]
 fn on_free(p: *mut c_void) {
     let b = tls::current();
-    if b.internal.get() != 0 {
-        return note_probe(b);
-    }
-    if !counters::has_slot(b) && !accounting() {
+    if b.internal.get() != 0 || (!counters::has_slot(b) && !accounting()) {
         return;
     }
     counters::on_free(b, real::usable_size_of_live(p) as u64);
