@@ -403,7 +403,8 @@ def python_part(args, scratch):
         "  shutdown included); work = the script's own perf_counter() around its work; cpu = user + system\n"
         "  of the run and its descendants (the collector). Ratios are to the baseline median; spread = min–max\n"
         "  of single runs over the baseline median. outside work = median (wall − work) minus the baseline's:\n"
-        "  start-up plus shutdown cost (writing the profiles). mallocs = anyprof's exact count (median)."
+        "  start-up plus shutdown cost (writing the profiles). mallocs = anyprof's exact count (median);\n"
+        "  per malloc = the work time added divided by mallocs (one malloc with its free, in this program)."
     )
     sys.stdout.flush()
 
@@ -425,17 +426,26 @@ def python_part(args, scratch):
         base_wall, base_work, base_cpu = (statistics.median(r[k] for r in base) for k in range(3))
         print(f"\n{variant}")
         print(f"  {'config':<13} {'wall: median, ratio [spread]':<{width}}   {'work: median, ratio [spread]':<{width}}"
-              f"   {'cpu: median, ratio [spread]':<{width}}   {'outside work':>12} {'mallocs':>8}")
+              f"   {'cpu: median, ratio [spread]':<{width}}   {'outside work':>12} {'mallocs':>8}"
+              f" {'per malloc':>10}")
         base_outside = statistics.median(r[0] - r[1] for r in base)
         for c in cfgs:
             runs = runs_of[c.name]
             notes = [r[3] for r in runs if isinstance(r[3], tuple) and r[3][0] is not None]
-            mallocs = fmt_count(statistics.median(n[0] for n in notes)) if notes else "-"
+            count = statistics.median(n[0] for n in notes) if notes else None
+            mallocs = fmt_count(count) if count else "-"
+            # The work time anyprof added, spread over the allocations it saw: what one
+            # malloc (with its free) costs inside this program, cache effects included.
+            per_malloc = "-"
+            if count:
+                added = statistics.median(r[1] for r in runs) - base_work
+                per_malloc = f"{added / count * 1e9:+.1f} ns"
             outside = statistics.median(r[0] - r[1] for r in runs) - base_outside
             print(f"  {c.name:<13} {column([r[0] for r in runs], base_wall)}"
                   f"   {column([r[1] for r in runs], base_work)}"
                   f"   {column([r[2] for r in runs], base_cpu)}"
-                  f"   {'' if c.name == 'baseline' else f'{outside * 1000:+9.1f} ms':>12} {mallocs:>8}")
+                  f"   {'' if c.name == 'baseline' else f'{outside * 1000:+9.1f} ms':>12} {mallocs:>8}"
+                  f" {per_malloc:>10}")
         walls, cpus = [r[0] for r in base], [r[2] for r in base]
         noise = max(max(walls) / base_wall - 1, 1 - min(walls) / base_wall)
         cpu_noise = max(max(cpus) / base_cpu - 1, 1 - min(cpus) / base_cpu)
