@@ -11,7 +11,8 @@
 //!   a C++ plugin `RTLD_LOCAL`: anyprof finds the plugin's libstdc++ among the loaded
 //!   objects, and unwinds through it although it was loaded less than a drain cycle ago):
 //!   [`cxx_plugin_in_c_host_is_exact`], [`cxx_plugin_out_of_memory_is_unchanged`];
-//! - the malloc route (a nothrow `new` before the mode is decided):
+//! - the malloc route (the call that decides the mode goes through the malloc family; the
+//!   program makes a failing nothrow `new` its first `new`):
 //!   [`nothrow_new_as_first_new_runs_the_new_handler`].
 //!
 //! The programs are `tests/programs/cxx_new_forms.cpp` (a site function per form of `new`,
@@ -541,8 +542,8 @@ fn forms_on_tcmalloc_are_exact_at_rate_1() {
     assert_sites_exact("cxx_new_forms on tcmalloc", checked, &FORM_SITES);
 }
 
-/// The malloc route: a C host (no libstdc++) dlopen()s a C++ plugin RTLD_LOCAL, so the next
-/// `operator new` is out of dlsym(RTLD_NEXT)'s sight. The plugin's new/delete, and an
+/// A C host (no libstdc++) dlopen()s a C++ plugin RTLD_LOCAL, so the next `operator new` is
+/// out of dlsym(RTLD_NEXT)'s sight (anyprof finds it among the loaded objects). The plugin's new/delete, and an
 /// exception it throws and catches, work as without anyprof, and its site is exact at rate 1.
 #[test]
 fn cxx_plugin_in_c_host_is_exact() {
@@ -599,8 +600,8 @@ fn cxx_plugin_out_of_memory_is_unchanged() {
     );
 }
 
-/// Before the mode is decided (it is, on the first throwing `new`), `new` takes the malloc
-/// route; a nothrow `new` that fails there must still run the new-handler, as libstdc++'s does.
+/// The call that decides the mode takes the malloc route; when that is a nothrow `new` that
+/// fails, the new-handler must still run, as it does in libstdc++'s.
 #[test]
 fn nothrow_new_as_first_new_runs_the_new_handler() {
     let program = Program {
