@@ -404,7 +404,8 @@ def python_part(args, scratch):
         "  of the run and its descendants (the collector). Ratios are to the baseline median; spread = min–max\n"
         "  of single runs over the baseline median. outside work = median (wall − work) minus the baseline's:\n"
         "  start-up plus shutdown cost (writing the profiles). mallocs = anyprof's exact count (median);\n"
-        "  per malloc = the work time added divided by mallocs (one malloc with its free, in this program)."
+        "  per malloc = the work time added divided by mallocs (one malloc with its free, in this program;\n"
+        "  'in noise' when the work added is within the baseline's own min–max spread)."
     )
     sys.stdout.flush()
 
@@ -439,7 +440,12 @@ def python_part(args, scratch):
             per_malloc = "-"
             if count:
                 added = statistics.median(r[1] for r in runs) - base_work
-                per_malloc = f"{added / count * 1e9:+.1f} ns"
+                # Below the baseline's own spread the quotient is noise over few mallocs.
+                base_works = [r[1] for r in base]
+                if abs(added) <= max(base_works) - min(base_works):
+                    per_malloc = "in noise"
+                else:
+                    per_malloc = f"{added / count * 1e9:+.1f} ns"
             outside = statistics.median(r[0] - r[1] for r in runs) - base_outside
             print(f"  {c.name:<13} {column([r[0] for r in runs], base_wall)}"
                   f"   {column([r[1] for r in runs], base_work)}"
