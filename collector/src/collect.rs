@@ -43,6 +43,9 @@ pub struct Collector {
     dir: Option<PathBuf>,
     socket: PathBuf,
     stop: Arc<AtomicBool>,
+    /// An eventfd the acceptor polls beside the socket, so that a stop wakes it at once
+    /// (instead of at the end of its poll interval: up to 20 ms added to every `record`).
+    wake: Arc<OwnedFd>,
     acceptor: Option<JoinHandle<()>>,
     connections: Arc<Mutex<Vec<Connection>>>,
 }
@@ -90,17 +93,26 @@ impl Collector {
         let listener =
             listen(&socket).with_context(|| format!("cannot listen on {}", socket.display()))?;
         let stop = Arc::new(AtomicBool::new(false));
+        // SAFETY: eventfd with valid flags; a non-negative result is a new descriptor that
+        // nothing else owns.
+        let wake = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
+        if wake < 0 {
+            return Err(std::io::Error::last_os_error()).context("cannot create an eventfd");
+        }
+        // SAFETY: see above.
+        let wake = Arc::new(unsafe { OwnedFd::from_raw_fd(wake) });
         let connections: Arc<Mutex<Vec<Connection>>> = Arc::default();
         let acceptor = {
-            let (stop, connections) = (stop.clone(), connections.clone());
+            let (stop, wake, connections) = (stop.clone(), wake.clone(), connections.clone());
             std::thread::Builder::new()
                 .name("accept".into())
-                .spawn(move || accept_loop(listener, stop, connections, options))?
+                .spawn(move || accept_loop(listener, stop, &wake, connections, options))?
         };
         Ok(Collector {
             dir,
             socket,
             stop,
+            wake,
             acceptor: Some(acceptor),
             connections,
         })
@@ -123,6 +135,7 @@ impl Collector {
         // program can connect, say everything and exit before we ever polled), then stop
         // accepting and wait for the readers.
         self.stop.store(true, Ordering::SeqCst);
+        self.wake_acceptor();
         if let Some(a) = self.acceptor.take() {
             let _ = a.join();
         }
@@ -175,9 +188,19 @@ impl Collector {
     }
 }
 
+impl Collector {
+    fn wake_acceptor(&self) {
+        let one: u64 = 1;
+        // SAFETY: an 8-byte write from a valid u64 to our eventfd (it cannot block: the
+        // descriptor is non-blocking, and a full counter only means it is awake already).
+        unsafe { libc::write(self.wake.as_raw_fd(), (&one as *const u64).cast(), 8) };
+    }
+}
+
 impl Drop for Collector {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::SeqCst);
+        self.wake_acceptor();
         let _ = std::fs::remove_file(&self.socket);
         if let Some(dir) = &self.dir {
             let _ = std::fs::remove_dir(dir);
@@ -203,6 +226,7 @@ fn listen(path: &Path) -> Result<OwnedFd> {
 fn accept_loop(
     listener: OwnedFd,
     stop: Arc<AtomicBool>,
+    wake: &OwnedFd,
     connections: Arc<Mutex<Vec<Connection>>>,
     options: Options,
 ) {
@@ -213,14 +237,24 @@ fn accept_loop(
             last_reap = Instant::now();
             reap(&connections);
         }
-        let mut pfd = libc::pollfd {
-            fd: listener.as_raw_fd(),
-            events: libc::POLLIN,
-            revents: 0,
-        };
-        // SAFETY: one valid pollfd.
-        let ready = unsafe { libc::poll(&mut pfd, 1, if stopping { 0 } else { 20 }) };
-        if ready <= 0 {
+        let mut pfds = [
+            libc::pollfd {
+                fd: listener.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            },
+            libc::pollfd {
+                fd: wake.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            },
+        ];
+        // Once stopping, only the socket is polled, without waiting: whatever is still
+        // queued is accepted, then the loop ends.
+        let (count, timeout) = if stopping { (1, 0) } else { (2, 20) };
+        // SAFETY: `count` valid pollfds.
+        let ready = unsafe { libc::poll(pfds.as_mut_ptr(), count, timeout) };
+        if ready <= 0 || pfds[0].revents == 0 {
             if stopping {
                 return; // nothing left in the queue
             }
