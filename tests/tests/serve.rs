@@ -1212,7 +1212,15 @@ fn go_tool_pprof_fetches_cpu_and_heap_profiles() {
         heap.contains("Type: inuse_space"),
         "go tool pprof shows inuse_space for heap by default\n{heap}"
     );
-    // pprof saved both fetched profiles where PPROF_TMPDIR says.
+    // A delta profile (Go >= 1.16's `?seconds=N` on allocs) reads the same way.
+    let delta_url = format!("http://127.0.0.1:{port}/debug/pprof/allocs?seconds=1&pid={pid}");
+    let delta = go_pprof_top(&home, &delta_url);
+    assert_eq!(
+        top_rows(&delta).first().map(String::as_str),
+        Some(ALLOC_FN),
+        "go tool pprof -top {delta_url}: the top function should be {ALLOC_FN}\n{delta}"
+    );
+    // pprof saved every fetched profile where PPROF_TMPDIR says.
     let saved: Vec<String> = std::fs::read_dir(&home)
         .map(|d| {
             d.filter_map(Result::ok)
@@ -1223,9 +1231,95 @@ fn go_tool_pprof_fetches_cpu_and_heap_profiles() {
         .unwrap_or_default();
     assert_eq!(
         saved.len(),
-        2,
-        "go tool pprof should have saved 2 profiles in PPROF_TMPDIR, found {saved:?}"
+        3,
+        "go tool pprof should have saved 3 profiles in PPROF_TMPDIR, found {saved:?}"
     );
+    drop(daemon);
+}
+
+/// `?seconds=N` on heap and allocs: Go's delta profile, what changed over the next N seconds.
+/// The worker allocates 8 blocks of 64 KiB every 10 ms in `serve_alloc_site` (52 MB/s) and
+/// keeps a steady 8 MiB live. Over a 2 s delta, `serve_alloc_site` must show the bytes of
+/// about 1 600 blocks: at the default 512 KiB rate that is about 200 samples (7 % standard
+/// deviation), so the test allows 60-130 % of the nominal figure (4 sd above; below, also a
+/// worker slowed by a busy machine). The profile since start (1.5 s of running before the
+/// delta starts, then 2 s) would be at least 175 % of it: a delta that is really the whole
+/// history fails. Bad parameters get Go's errors.
+#[test]
+fn heap_and_allocs_take_seconds_for_delta_profiles() {
+    let (scratch, exe) = setup("serve_delta");
+    let sock_dir = TempDir::new("serve-delta", 0o700);
+    let socket = sock_dir.path().join("sock");
+    let _cpu = cpu_lock();
+    let daemon = Daemon::start(&scratch, "daemon", &socket, DaemonOptions::default());
+    let port = daemon.port;
+    let target = Worker::start(
+        &exe,
+        &socket,
+        WorkerSpec::default(),
+        &scratch.join("w.stderr"),
+    );
+    wait_for_index(port, &[target.pid], &[], CONNECT_TIMEOUT);
+    target.wait_running(Duration::from_millis(1500));
+    let pid = target.pid;
+
+    let started = Instant::now();
+    let reply = get(port, &format!("/debug/pprof/allocs?seconds=2&pid={pid}"));
+    let took = started.elapsed();
+    let what = "allocs?seconds=2";
+    let view = check_heap_profile(&reply, what, "allocs-delta");
+    assert!(
+        took >= Duration::from_secs(2) && took < Duration::from_secs(6),
+        "{what}: answered after {took:?}, expected a little over 2 s"
+    );
+    let duration = view.profile.duration_nanos as f64 / 1e9;
+    assert!(
+        (1.95..3.0).contains(&duration),
+        "{what}: duration_nanos says {duration} s, expected about 2"
+    );
+    assert_eq!(
+        view.string(view.profile.default_sample_type),
+        "alloc_space",
+        "{what}: default sample type"
+    );
+    // glibc's usable size of a 64 KiB block: 65 536 + 8 bytes of chunk rounding.
+    let nominal = 2.0 * 800.0 * 65_544.0;
+    let got = value_with(&view, "alloc_space", ALLOC_FN) as f64;
+    assert!(
+        (0.6 * nominal..=1.3 * nominal).contains(&got),
+        "{what}: alloc_space in {ALLOC_FN} is {got:.0} bytes, expected about {nominal:.0} \
+         (60-130 %)\n{}",
+        view.describe()
+    );
+
+    let reply = get(port, &format!("/debug/pprof/heap?seconds=1&pid={pid}"));
+    let view = check_heap_profile(&reply, "heap?seconds=1", "heap-delta");
+    assert_eq!(
+        view.profile.default_sample_type, 0,
+        "heap?seconds=1: no default sample type (pprof shows inuse_space)"
+    );
+
+    for (query, reason) in [
+        (
+            "allocs?seconds=0",
+            "invalid value for \"seconds\" - must be a positive integer",
+        ),
+        (
+            "heap?seconds=x",
+            "invalid value for \"seconds\" - must be a positive integer",
+        ),
+        (
+            "heap?seconds=1&debug=1",
+            "seconds and debug params are incompatible",
+        ),
+        (
+            "goroutine?seconds=1",
+            "\"seconds\" parameter is not supported for this profile type",
+        ),
+    ] {
+        let reply = get(port, &format!("/debug/pprof/{query}&pid={pid}"));
+        assert_go_error(&reply, 400, reason, query);
+    }
     drop(daemon);
 }
 

@@ -11,7 +11,7 @@
 //! Each sample has Go's numeric `bytes` label (the bucket's object size, no unit).
 
 use anyprof_symbolizer::Symbolizer;
-use anyprof_wire::{MemStat, MemStats};
+use anyprof_wire::{BucketCounts, MemStat, MemStats};
 
 use crate::ingest::Session;
 use crate::pprof::builder::{LabelValue, ProfileBuilder};
@@ -50,7 +50,62 @@ pub fn build(
     view: View,
     time_nanos: i64,
 ) -> Profile {
-    let rate = session.hello.as_ref().map(|h| h.mem_rate).unwrap_or(0);
+    let rate = rate_of(session);
+    let mut b = builder(rate, view);
+    b.set_time(time_nanos, 0);
+    add_samples(&mut b, session, symbolizer, |counts| {
+        Some(bucket_values(counts, rate))
+    });
+    if let Some(stats) = &session.mem_stats {
+        for line in mem_stats_lines(stats, rate) {
+            b.comment(&line);
+        }
+    }
+    b.finish()
+}
+
+/// Builds the delta profile of `view` between two snapshots of one process, as Go's
+/// net/http/pprof answers `?seconds=N`: every value (in-use ones too, which may be negative)
+/// is the later unbiased value minus the earlier one, per stack; stacks whose values did not
+/// change are left out. `time_nanos` is the later snapshot's time, `duration_nanos` the time
+/// between the two.
+pub fn build_delta(
+    before: &Session,
+    after: &Session,
+    symbolizer: &mut Symbolizer,
+    view: View,
+    time_nanos: i64,
+    duration_nanos: i64,
+) -> Profile {
+    let rate = rate_of(after);
+    let mut b = builder(rate, view);
+    b.set_time(time_nanos, duration_nanos);
+    add_samples(&mut b, after, symbolizer, |(id, counts)| {
+        let later = bucket_values((id, counts), rate);
+        let earlier = before
+            .heap
+            .get(&id)
+            .map_or([0; 4], |e| bucket_values((id, &e.counts), rate));
+        let delta = [
+            later[0] - earlier[0],
+            later[1] - earlier[1],
+            later[2] - earlier[2],
+            later[3] - earlier[3],
+        ];
+        (delta != [0; 4]).then_some(delta)
+    });
+    b.comment(&format!(
+        "# delta profile over {:.3} s: every value is its change over the interval",
+        duration_nanos as f64 / 1e9
+    ));
+    b.finish()
+}
+
+fn rate_of(session: &Session) -> u64 {
+    session.hello.as_ref().map(|h| h.mem_rate).unwrap_or(0)
+}
+
+fn builder(rate: u64, view: View) -> ProfileBuilder {
     let mut b = ProfileBuilder::new(
         &[
             ("alloc_objects", "count"),
@@ -64,28 +119,43 @@ pub fn build(
     if view == View::Allocs {
         b.set_default_sample_type("alloc_space");
     }
-    b.set_time(time_nanos, 0);
+    b
+}
 
+/// A bucket's unbiased `[alloc_objects, alloc_space, inuse_objects, inuse_space]`.
+fn bucket_values((_, c): (u32, &BucketCounts), rate: u64) -> [i64; 4] {
+    let (alloc_objects, alloc_space) = scale(c.alloc_objects, c.alloc_bytes, rate);
+    let (inuse_objects, inuse_space) = scale(
+        c.alloc_objects.saturating_sub(c.free_objects),
+        c.alloc_bytes.saturating_sub(c.free_bytes),
+        rate,
+    );
+    [alloc_objects, alloc_space, inuse_objects, inuse_space]
+}
+
+/// Adds one sample per bucket of `session` (in bucket order) whose `values` are not `None`
+/// and not all zero, with its stack and Go's `bytes` label.
+fn add_samples(
+    b: &mut ProfileBuilder,
+    session: &Session,
+    symbolizer: &mut Symbolizer,
+    mut values: impl FnMut((u32, &BucketCounts)) -> Option<[i64; 4]>,
+) {
     let stacks = session.heap.values().map(|bucket| bucket.frames.as_slice());
-    let mut locate = super::Locator::new(&mut b, session, symbolizer, stacks, false);
+    let mut locate = super::Locator::new(b, session, symbolizer, stacks, false);
     let mut buckets: Vec<_> = session.heap.iter().collect();
     buckets.sort_by_key(|(id, _)| **id);
-    for (_, bucket) in buckets {
+    for (&id, bucket) in buckets {
         let c = &bucket.counts;
-        let (alloc_objects, alloc_space) = scale(c.alloc_objects, c.alloc_bytes, rate);
-        let (inuse_objects, inuse_space) = scale(
-            c.alloc_objects.saturating_sub(c.free_objects),
-            c.alloc_bytes.saturating_sub(c.free_bytes),
-            rate,
-        );
-        if alloc_objects == 0 && inuse_objects == 0 {
+        let Some(v) = values((id, c)) else { continue };
+        if v[0] == 0 && v[2] == 0 {
             continue;
         }
         let locs = bucket
             .frames
             .iter()
             .enumerate()
-            .map(|(i, &raw)| locate.location(&mut b, lookup_address(i, raw, false)))
+            .map(|(i, &raw)| locate.location(b, lookup_address(i, raw, false)))
             .collect();
         let per_object = c.alloc_bytes.checked_div(c.alloc_objects).unwrap_or(0) as i64;
         let labels: Vec<(&str, LabelValue<'_>)> = if per_object > 0 {
@@ -93,18 +163,8 @@ pub fn build(
         } else {
             Vec::new()
         };
-        b.sample(
-            locs,
-            vec![alloc_objects, alloc_space, inuse_objects, inuse_space],
-            &labels,
-        );
+        b.sample(locs, v.to_vec(), &labels);
     }
-    if let Some(stats) = &session.mem_stats {
-        for line in mem_stats_lines(stats, rate) {
-            b.comment(&line);
-        }
-    }
-    b.finish()
 }
 
 /// The exact counters as `# Name = value` lines, the native counterpart of the MemStats

@@ -262,7 +262,8 @@ fn index(state: &State, pid: Option<u32>) -> Reply {
     }
     out.push_str(
         "</table>\n<p>profile: CPU profile (?seconds=N, default 30). heap: live memory; \
-                  allocs: all past allocations (same data, other default). threads: every \
+                  allocs: all past allocations (same data, other default); both with \
+                  ?seconds=N give what changed over the next N seconds. threads: every \
                   thread's current stack (debug=2 for text). threadcreate: where threads were \
                   created. cmdline: the command line.</p>\n</body></html>\n",
     );
@@ -394,12 +395,35 @@ fn run_cpu_profile(state: &State, pid: u32, seconds: u64) -> Reply {
 
 fn heap(state: &State, t: &Target, view: profile::heap::View) -> Reply {
     let debug = t.debug()?; // ?gc=1 is accepted and ignored: there is no collector to run
-    let session = snapshot(state, choose_pid(state, t)?)?;
+    let delta = delta_seconds(state, t, debug)?;
+    let pid = choose_pid(state, t)?;
+    let session = snapshot(state, pid)?;
     if session.hello.as_ref().is_some_and(|h| h.mem_rate == 0) {
         return Err(err(
             404,
             "heap profiling is disabled in this process (ANYPROF_MEM_RATE=0)",
         ));
+    }
+    let name = if view == profile::heap::View::Heap {
+        "heap"
+    } else {
+        "allocs"
+    };
+    if let Some(seconds) = delta {
+        // Go's delta profile: a snapshot now, another after `seconds`, the difference.
+        let started = crate::output::unix_nanos();
+        std::thread::sleep(Duration::from_secs(seconds));
+        let later = snapshot(state, pid)?;
+        let now = crate::output::unix_nanos();
+        let p = profile::heap::build_delta(
+            &session,
+            &later,
+            &mut *symbolizer(state)?,
+            view,
+            now,
+            now - started,
+        );
+        return binary(&format!("{name}-delta"), crate::pprof::encode_gzipped(&p));
     }
     if debug > 0 {
         return text(profile::heap::legacy_text(
@@ -413,15 +437,57 @@ fn heap(state: &State, t: &Target, view: profile::heap::View) -> Reply {
         view,
         crate::output::unix_nanos(),
     );
-    let name = if view == profile::heap::View::Heap {
-        "heap"
-    } else {
-        "allocs"
-    };
     binary(name, crate::pprof::encode_gzipped(&p))
 }
 
+/// `?seconds=N` on a named profile (Go >= 1.16): a delta profile over N seconds. None
+/// without the parameter; errors as net/http/pprof words them.
+fn delta_seconds(state: &State, t: &Target, debug: u32) -> Result<Option<u64>, HttpError> {
+    let Some(v) = t.param("seconds") else {
+        return Ok(None);
+    };
+    let seconds: u64 = match v.parse() {
+        Ok(n) if n > 0 => n,
+        _ => {
+            return Err(err(
+                400,
+                "invalid value for \"seconds\" - must be a positive integer",
+            ))
+        }
+    };
+    if debug != 0 {
+        return Err(err(400, "seconds and debug params are incompatible"));
+    }
+    if seconds > state.max_seconds {
+        return Err(err(
+            400,
+            format!(
+                "seconds={seconds}: must be between 1 and {} (anyprof serve --max-seconds)",
+                state.max_seconds
+            ),
+        ));
+    }
+    Ok(Some(seconds))
+}
+
+/// Go answers `?seconds=N` on goroutine and threadcreate with a delta profile too; anyprof
+/// does not yet, and says so rather than ignore the parameter.
+fn no_delta(t: &Target) -> Result<(), HttpError> {
+    match t.param("seconds") {
+        None => Ok(()),
+        Some(_) => Err(err(
+            400,
+            format!(
+                "\"seconds\" parameter is not supported for this profile type ({}) in anyprof \
+                 yet; heap and allocs take it",
+                t.name
+            ),
+        )),
+    }
+}
+
 fn threads(state: &State, t: &Target) -> Reply {
+    no_delta(t)?;
     let debug = t.debug()?;
     let pid = choose_pid(state, t)?;
     let id = state.next_dump.fetch_add(1, Ordering::Relaxed);
@@ -470,6 +536,7 @@ fn threads(state: &State, t: &Target) -> Reply {
 }
 
 fn threadcreate(state: &State, t: &Target) -> Reply {
+    no_delta(t)?;
     let session = snapshot(state, choose_pid(state, t)?)?;
     let p = profile::threads::create_profile(
         &session,
