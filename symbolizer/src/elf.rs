@@ -66,9 +66,13 @@ impl ElfFacts {
             });
         // `section_by_name` also finds the old `.zdebug_info` spelling of compressed DWARF.
         // Sections without file contents are NOBITS placeholders left by `strip`/`objcopy`.
+        // A relocatable object (`.o`) is never a loaded module: its DWARF would need
+        // relocating, which addr2line does with a line on stderr for every relocation it does
+        // not know (hostile or odd files only); its symbol table still names its functions.
         let has_dwarf = file
             .section_by_name(".debug_info")
             .is_some_and(|s| s.size() > 0 && s.file_range().is_some())
+            && file.kind() != object::ObjectKind::Relocatable
             && !claims_impossible_decompression(file);
         let load_ranges = file
             .segments()

@@ -220,6 +220,23 @@ fn strip_debug_falls_back_to_symtab() {
     );
 }
 
+/// A relocatable object (`cc -c`) is never a loaded module: its functions are named from the
+/// symbol table, and its DWARF (which would need relocating) is left alone.
+#[test]
+fn relocatable_object_is_named_from_its_symbol_table() {
+    let dir = TempDir::new("relocatable");
+    let obj = build_c(&dir, "prog.o", &["-c"]);
+    let leaf = symbol(&obj, "leaf");
+    let mut symbolizer = Symbolizer::new();
+    let answers = symbolizer.symbolize(&object(&obj), &[leaf.address + 1]);
+    assert_eq!(
+        answers,
+        vec![Symbolized::Frames(vec![name_only("leaf", "leaf")])],
+        "{}",
+        obj.display()
+    );
+}
+
 #[test]
 fn strip_all_leaves_dynsym_or_nothing() {
     let dir = TempDir::new("strip-all");
