@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Heap-profiling overhead: a malloc microbenchmark and a malloc-heavy Python program.
+"""Heap-profiling overhead: a malloc microbenchmark and two malloc-heavy real programs.
 
 Called by bench/run.sh (section 3), which builds bench/programs/malloc_pairs.c and finds the
 peers (heaptrack, gperftools' tcmalloc). Like bench/overhead.py: every configuration does the
@@ -15,6 +15,10 @@ once the loop is past its first few thousand pairs.
 Part B, CPython running bench/programs/alloc_heavy.py (the real interpreter, not a pyenv shim),
 with PYTHONMALLOC=malloc (every object through malloc) and with the default pymalloc: wall,
 work and CPU time as ratios to the unprofiled run, as in bench/overhead.py.
+
+Part C, the sqlite3 shell running bench/programs/sqlite_heavy.sql on an in-memory database
+(skipped without sqlite3), measured the same way; its work time is the sum of the shell's
+`.timer on` statement times.
 
 Exit status: 1 when anyprof fails, exits non-zero, writes no heap.pb.gz where heap profiling
 is on, or its exact counters miss allocations; a peer that fails is reported as skipped.
@@ -215,7 +219,19 @@ def python_configs(args):
 # Running.
 
 
-def run_once(config, argv_prog, env_extra, scratch, min_mallocs):
+def python_work(stdout):
+    """alloc_heavy.py's own work time (its perf_counter() around the work), or None."""
+    match = re.search(r"work_seconds=([0-9.]+)", stdout)
+    return float(match.group(1)) if match else None
+
+
+def sqlite_work(stdout):
+    """The sum of the sqlite3 shell's `.timer on` lines (`Run Time: real S ...`), or None."""
+    times = [float(t) for t in re.findall(r"^Run Time: real ([0-9.]+)", stdout, re.M)]
+    return sum(times) if times else None
+
+
+def run_once(config, argv_prog, env_extra, scratch, min_mallocs, work_of=python_work):
     """One run: (wall s, work s, cpu s, program stdout, check note)."""
     out_dir = tempfile.mkdtemp(prefix=f"{config.name}-", dir=scratch)
     argv, extra = config.command(argv_prog, out_dir)
@@ -226,15 +242,15 @@ def run_once(config, argv_prog, env_extra, scratch, min_mallocs):
         proc = subprocess.run(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         wall = time.perf_counter() - start
         cpu = children_cpu() - cpu_before
-        match = re.search(r"work_seconds=([0-9.]+)", proc.stdout)
-        if proc.returncode != 0 or not match:
+        work = work_of(proc.stdout)
+        if proc.returncode != 0 or work is None:
             raise BenchError(
                 f"{config.name}: `{' '.join(argv)}` exited with {proc.returncode}"
-                f"{'' if match else ' without printing its work time'}\n"
+                f"{'' if work is not None else ' without printing its work time'}\n"
                 f"stderr:\n{proc.stderr.strip()[-2000:]}"
             )
         note = config.check(out_dir, min_mallocs) if config.check else None
-        return wall, float(match.group(1)), cpu, proc.stdout, note
+        return wall, work, cpu, proc.stdout, note
     finally:
         shutil.rmtree(out_dir, ignore_errors=True)
 
@@ -381,13 +397,13 @@ def malloc_part(args, scratch):
 
 
 def python_part(args, scratch):
-    cfgs = python_configs(args)
     units = calibrate_python(args)
-    # (title, environment, mallocs the exact counters must at least see: a unit makes ~2,000
-    # through malloc with PYTHONMALLOC=malloc, and only a few with pymalloc)
+    prog = [args.python, args.python_script, str(units)]
+    # (title, argv, environment, mallocs the exact counters must at least see: a unit makes
+    # ~2,000 through malloc with PYTHONMALLOC=malloc, and only a few with pymalloc, work time)
     variants = [
-        ("PYTHONMALLOC=malloc", {"PYTHONMALLOC": "malloc"}, units * 1000),
-        ("default allocator (pymalloc)", {}, 1),
+        ("PYTHONMALLOC=malloc", prog, {"PYTHONMALLOC": "malloc"}, units * 1000, python_work),
+        ("default allocator (pymalloc)", prog, {}, 1, python_work),
     ]
     version = subprocess.run([args.python, "-c", "import platform; print(platform.python_version())"],
                              capture_output=True, text=True).stdout.strip()
@@ -395,12 +411,34 @@ def python_part(args, scratch):
           f" running alloc_heavy.py {units} units --")
     print(f"  interpreter: {args.python} (run directly, not through a shim); {units} units calibrated to"
           f" {args.python_seconds:g} s with PYTHONMALLOC=malloc")
+    return compare_programs(args, scratch, variants, "the script's own perf_counter() around its work",
+                            "alloc_heavy.py")
+
+
+def sqlite_part(args, scratch):
+    if not args.sqlite:
+        print("\n-- C. malloc-heavy program: sqlite3 -- skipped: no sqlite3 (Debian: apt-get install sqlite3)")
+        return 0
+    version = subprocess.run([args.sqlite, "--version"], capture_output=True, text=True).stdout.split()
+    print(f"\n-- C. malloc-heavy program: sqlite3 {version[0] if version else '?'}"
+          f" running {os.path.basename(args.sqlite_script)} on an in-memory database --")
+    print("  (inserts, an index, scans, group by, updates and deletes over 600,000 rows: about 20 M\n"
+          "  mallocs a second of sqlite's own page cache and row objects, every one through malloc)")
+    variants = [("sqlite3", [args.sqlite, ":memory:", f".read {args.sqlite_script}"], {}, 1_000_000, sqlite_work)]
+    return compare_programs(args, scratch, variants, "the sum of the shell's `.timer on` real times",
+                            "sqlite_heavy.sql")
+
+
+def compare_programs(args, scratch, variants, work_means, label):
+    """Runs each variant (title, argv, env, min_mallocs, work_of) under every configuration of
+    python_configs, interleaved, and prints the tables and the verdicts against the target."""
+    cfgs = python_configs(args)
     for c in cfgs:
         print(f"  {c.name:<13} {c.describe}")
     print(
-        f"  {args.rounds} rounds after 1 discarded warm-up round, configurations and allocators interleaved;\n"
-        "  medians over rounds. wall = measured outside the process (interpreter and profiler start-up and\n"
-        "  shutdown included); work = the script's own perf_counter() around its work; cpu = user + system\n"
+        f"  {args.rounds} rounds after 1 discarded warm-up round, configurations and variants interleaved;\n"
+        "  medians over rounds. wall = measured outside the process (program and profiler start-up and\n"
+        f"  shutdown included); work = {work_means}; cpu = user + system\n"
         "  of the run and its descendants (the collector). Ratios are to the baseline median; spread = min–max\n"
         "  of single runs over the baseline median. outside work = median (wall − work) minus the baseline's:\n"
         "  start-up plus shutdown cost (writing the profiles). mallocs = anyprof's exact count (median);\n"
@@ -409,19 +447,17 @@ def python_part(args, scratch):
     )
     sys.stdout.flush()
 
-    def job(variant, env, min_mallocs, c):
-        prog = [args.python, args.python_script, str(units)]
-
+    def job(variant, prog, env, min_mallocs, work_of, c):
         def run():
-            wall, work, cpu, _stdout, note = run_once(c, prog, env, scratch, min_mallocs)
+            wall, work, cpu, _stdout, note = run_once(c, prog, env, scratch, min_mallocs, work_of)
             return wall, work, cpu, note
 
         return ((variant, c.name), c, run)
 
-    results = interleave([job(v, e, m, c) for v, e, m in variants for c in cfgs], args.rounds, "alloc_heavy.py")
+    results = interleave([job(v, p, e, m, w, c) for v, p, e, m, w in variants for c in cfgs], args.rounds, label)
     width = len(column([1.0], 1.0))
     verdicts = []
-    for variant, _, _ in variants:
+    for variant, *_ in variants:
         runs_of = {c.name: results[(variant, c.name)] for c in cfgs}
         base = runs_of["baseline"]
         base_wall, base_work, base_cpu = (statistics.median(r[k] for r in base) for k in range(3))
@@ -497,7 +533,10 @@ def main():
                         help="--mem-rate 1 and heaptrack run pairs / this")
     parser.add_argument("--gperf-divisor", type=int, default=1000, help="HEAPPROFILE runs pairs / this")
     parser.add_argument("--python-seconds", type=float, default=2.0, help="seconds of work of the Python run")
-    parser.add_argument("--parts", default="malloc,python", help="comma-separated: malloc, python")
+    parser.add_argument("--sqlite", default=shutil.which("sqlite3") or "", help="the sqlite3 shell; empty: skipped")
+    parser.add_argument("--sqlite-script", default=os.path.join(os.path.dirname(os.path.abspath(__file__)),
+                                                                "programs", "sqlite_heavy.sql"))
+    parser.add_argument("--parts", default="malloc,python,sqlite", help="comma-separated: malloc, python, sqlite")
     parser.add_argument("--note", action="append", default=[], help="a line to print, e.g. 'skipped: reason'")
     args = parser.parse_args()
     if args.rounds < 1:
@@ -510,6 +549,8 @@ def main():
             malloc_part(args, scratch)
         if "python" in parts:
             python_part(args, scratch)
+        if "sqlite" in parts:
+            sqlite_part(args, scratch)
     except BenchError as err:
         print(f"\nerror: {err}", file=sys.stderr)
         return 1

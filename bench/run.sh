@@ -7,7 +7,8 @@
 #   2. Symbolization throughput, cold and warm (symbolizer/examples/throughput.rs).
 #   3. Heap-profiling overhead (bench/heap_overhead.py): a malloc/free microbenchmark
 #      (bench/programs/malloc_pairs.c) in ns per pair next to heaptrack and gperftools' heap
-#      profiler, and CPython running bench/programs/alloc_heavy.py, as wall-time ratios.
+#      profiler, and CPython running bench/programs/alloc_heavy.py and the sqlite3 shell
+#      running bench/programs/sqlite_heavy.sql, as wall-time ratios.
 #
 # Environment:
 #   BENCH_SECTIONS=cpu,symbolize,heap   which sections to run (e.g. BENCH_SECTIONS=heap)
@@ -21,7 +22,7 @@
 #   BENCH_HEAP_ROUNDS      rounds of section 3 (default: BENCH_ROUNDS)
 #   BENCH_HEAP_PAIRS=50000000  malloc/free pairs per thread of malloc_pairs (every-allocation
 #                          profilers run a 100th, gperftools' HEAPPROFILE a 1000th of them)
-#   BENCH_HEAP_PARTS=malloc,python      the parts of section 3
+#   BENCH_HEAP_PARTS=malloc,python,sqlite  the parts of section 3
 #   BENCH_PYTHON           the Python interpreter of section 3 (default: the real executable
 #                          behind python3, resolved once so that a pyenv shim is not timed)
 #   BENCH_PYTHON_SECONDS=2 seconds of work of the Python run
@@ -172,7 +173,7 @@ if want heap; then
         --python-seconds "${BENCH_PYTHON_SECONDS:-2}" \
         --rounds "${BENCH_HEAP_ROUNDS:-$ROUNDS}" \
         --pairs "${BENCH_HEAP_PAIRS:-50000000}" \
-        --parts "${BENCH_HEAP_PARTS:-malloc,python}" \
+        --parts "${BENCH_HEAP_PARTS:-malloc,python,sqlite}" \
         "${heap_note_args[@]+"${heap_note_args[@]}"}"
 fi
 
