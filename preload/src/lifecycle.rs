@@ -80,6 +80,18 @@ fn start(argc: libc::c_int, argv: *const *const libc::c_char) {
     for problem in &config.problems {
         log::message(Level::Warn, problem.clone());
     }
+    if config.mem_rate > 0 {
+        if let Some(owner) = alloc::real::malloc_answered_by() {
+            log::message(
+                Level::Warn,
+                format!(
+                    "malloc is answered by {owner} before libanyprof.so (an allocator linked into \
+                     the program, or preloaded ahead of anyprof): what is allocated through it \
+                     is not in the heap profile"
+                ),
+            );
+        }
+    }
     let connected = connect_any(&sockets);
     if !connected && config.mode == Mode::Record {
         log::message(

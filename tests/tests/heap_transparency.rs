@@ -400,3 +400,49 @@ fn tcmalloc_cxx_new_is_profiled() {
          that hooks only the malloc family sees none of these allocations"
     );
 }
+
+/// A program whose executable defines `malloc` (an allocator linked into it) is reached first
+/// by every call in the process, so the preload's hooks see nothing. It must run as it does
+/// without anyprof, and the user must be told in one line why its heap profile is empty —
+/// the other tests here compare stderr byte for byte, so the line never appears for a program
+/// that does not bring its own malloc.
+#[test]
+fn a_program_with_its_own_malloc_is_told_its_allocations_are_unseen() {
+    let scratch = scratch_dir("heap_own_malloc");
+    let exe = compile("own_malloc.c", &["-O2"], &scratch);
+    let direct = run(&mut clean_command(&exe));
+    assert_eq!(
+        direct.code,
+        0,
+        "own_malloc failed\n{}",
+        direct.stderr_text()
+    );
+    let recorded = {
+        let _cpu = cpu_lock();
+        run(&mut record_command(
+            &scratch.join("profile"),
+            &[],
+            &exe,
+            &[],
+        ))
+    };
+    assert_eq!(
+        (recorded.code, recorded.stdout_text()),
+        (direct.code, direct.stdout_text()),
+        "own_malloc under anyprof record: exit code and stdout must be as without it"
+    );
+    let stderr = recorded.stderr_text();
+    let warning = stderr
+        .lines()
+        .find(|l| l.contains("malloc is answered by"))
+        .unwrap_or_else(|| {
+            panic!(
+                "anyprof record should say that the program's own malloc hides its allocations; \
+                 its stderr:\n{stderr}"
+            )
+        });
+    assert!(
+        warning.contains("own_malloc") && warning.contains("not in the heap profile"),
+        "the warning should name the program and what it means: {warning}"
+    );
+}
