@@ -309,6 +309,76 @@ impl Recording {
     }
 }
 
+/// Where Debian/Ubuntu's libgoogle-perftools4 puts tcmalloc.
+pub const TCMALLOC: &str = "/usr/lib/x86_64-linux-gnu/libtcmalloc.so.4";
+
+/// The heap-profiling variants the transparency tests record: the flags after `--cpu-hz 0`,
+/// and a name for messages.
+pub const HEAP_VARIANTS: [(&str, &[&str]); 2] = [
+    ("--mem-rate 1", &["--mem-rate", "1"]),
+    ("the default rate", &[]),
+];
+
+/// `anyprof record -q -o DIR --cpu-hz 0 FLAGS -- program ARGS` in a clean environment: a
+/// heap-only recording.
+pub fn heap_record_command(dir: &Path, flags: &[&str], program: &Path, args: &[&str]) -> Command {
+    let bins = binaries();
+    std::fs::create_dir_all(dir).unwrap_or_else(|e| panic!("creating {}: {e}", dir.display()));
+    let mut cmd = clean_command(&bins.anyprof);
+    cmd.arg("record")
+        .arg("-q")
+        .arg("-o")
+        .arg(dir)
+        .args(["--cpu-hz", "0"])
+        .args(flags)
+        .arg("--")
+        .arg(program)
+        .args(args);
+    cmd
+}
+
+/// Decodes `dir/file`, or panics with what the run (`output`) printed.
+pub fn read_profile_in(dir: &Path, file: &str, output: &RunOutput) -> ProfileView {
+    let path = dir.join(file);
+    let profile = anyprof::pprof::read_file(&path).unwrap_or_else(|e| {
+        panic!(
+            "could not read {}: {e:#}\nexit code {}\nstdout:\n{}\nstderr:\n{}",
+            path.display(),
+            output.code,
+            output.stdout_text(),
+            output.stderr_text()
+        )
+    });
+    ProfileView::new(profile)
+}
+
+/// Asserts that `other` (program `name` run `how`) is indistinguishable from `direct`: the
+/// same exit code, stdout and stderr, byte for byte.
+pub fn assert_same_run(name: &str, how: &str, direct: &RunOutput, other: &RunOutput) {
+    assert_eq!(
+        other.code,
+        direct.code,
+        "{name} exited with {} {how}, but with {} when run directly\nstdout {how}:\n{}\n\
+         stderr {how}:\n{}",
+        other.code,
+        direct.code,
+        other.stdout_text(),
+        other.stderr_text()
+    );
+    assert!(
+        other.stdout == direct.stdout,
+        "{name}'s stdout differs {how}\ndirectly:\n{:?}\n{how}:\n{:?}",
+        direct.stdout_text(),
+        other.stdout_text()
+    );
+    assert!(
+        other.stderr == direct.stderr,
+        "{name}'s stderr differs {how}\ndirectly:\n{:?}\n{how}:\n{:?}",
+        direct.stderr_text(),
+        other.stderr_text()
+    );
+}
+
 /// The file names in `dir`, sorted (empty if it cannot be read).
 pub fn files_in(dir: &Path) -> Vec<String> {
     std::fs::read_dir(dir)

@@ -49,12 +49,9 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use anyprof_tests::{
-    binaries, clean_command, compile, cpu_lock, program_source, run, scratch_dir, ProfileView,
-    RunOutput, Shared,
+    assert_same_run, clean_command, compile, cpu_lock, heap_record_command, program_source,
+    read_profile_in, run, scratch_dir, ProfileView, RunOutput, Shared, HEAP_VARIANTS, TCMALLOC,
 };
-
-/// Where Debian/Ubuntu's libgoogle-perftools4 puts tcmalloc.
-const TCMALLOC: &str = "/usr/lib/x86_64-linux-gnu/libtcmalloc.so.4";
 
 /// The sites of `cxx_new_forms.cpp`, one per form of `new`.
 const FORM_SITES: [&str; 9] = [
@@ -95,73 +92,6 @@ const FORMS_OOM_LINES: [&str; 19] = [
      calls 2",
     "new after the failures: ok",
 ];
-
-/// The recorded variants: the flags after `--cpu-hz 0`, and a name for messages.
-const VARIANTS: [(&str, &[&str]); 2] = [
-    ("--mem-rate 1", &["--mem-rate", "1"]),
-    ("the default rate", &[]),
-];
-
-// ---------------------------------------------------------------------------------------
-// Running
-// ---------------------------------------------------------------------------------------
-
-/// `anyprof record -q -o DIR --cpu-hz 0 FLAGS -- program ARGS` in a clean environment.
-fn record_command(dir: &Path, flags: &[&str], program: &Path, args: &[&str]) -> Command {
-    let bins = binaries();
-    std::fs::create_dir_all(dir).unwrap_or_else(|e| panic!("creating {}: {e}", dir.display()));
-    let mut cmd = clean_command(&bins.anyprof);
-    cmd.arg("record")
-        .arg("-q")
-        .arg("-o")
-        .arg(dir)
-        .args(["--cpu-hz", "0"])
-        .args(flags)
-        .arg("--")
-        .arg(program)
-        .args(args);
-    cmd
-}
-
-/// Decodes `dir/file`, or panics with what the run printed.
-fn read_view(dir: &Path, file: &str, output: &RunOutput) -> ProfileView {
-    let path = dir.join(file);
-    let profile = anyprof::pprof::read_file(&path).unwrap_or_else(|e| {
-        panic!(
-            "could not read {}: {e:#}\nexit code {}\nstdout:\n{}\nstderr:\n{}",
-            path.display(),
-            output.code,
-            output.stdout_text(),
-            output.stderr_text()
-        )
-    });
-    ProfileView::new(profile)
-}
-
-fn assert_same_run(name: &str, how: &str, direct: &RunOutput, other: &RunOutput) {
-    assert_eq!(
-        other.code,
-        direct.code,
-        "{name} exited with {} {how}, but with {} when run directly\nstdout {how}:\n{}\n\
-         stderr {how}:\n{}",
-        other.code,
-        direct.code,
-        other.stdout_text(),
-        other.stderr_text()
-    );
-    assert!(
-        other.stdout == direct.stdout,
-        "{name}'s stdout differs {how}\ndirectly:\n{}\n{how}:\n{}",
-        direct.stdout_text(),
-        other.stdout_text()
-    );
-    assert!(
-        other.stderr == direct.stderr,
-        "{name}'s stderr differs {how}\ndirectly:\n{:?}\n{how}:\n{:?}",
-        direct.stderr_text(),
-        other.stderr_text()
-    );
-}
 
 /// One program run: directly or recorded.
 struct Run {
@@ -214,7 +144,7 @@ impl Program<'_> {
         let tally = scratch.join(format!("tally-{i}.txt"));
         let args = self.args(&tally);
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
-        let cmd = record_command(&dir, flags, self.exe, &args);
+        let cmd = heap_record_command(&dir, flags, self.exe, &args);
         (self.finish(cmd, &tally), dir)
     }
 }
@@ -244,14 +174,14 @@ fn check_transparent(program: &Program<'_>) -> Checked {
         direct.output.stderr_text()
     );
     let mut exact = None;
-    for (i, (how, flags)) in VARIANTS.iter().enumerate() {
+    for (i, (how, flags)) in HEAP_VARIANTS.iter().enumerate() {
         let (recorded, dir) = program.recorded(&scratch, i, flags);
         let how = format!("under `anyprof record -q --cpu-hz 0` at {how}");
         assert_same_run(name, &how, &direct.output, &recorded.output);
         // At the default rate the programs allocate too little for samples to be certain:
         // that run is only about transparency.
         if i == 0 {
-            let heap = read_view(&dir, "heap.pb.gz", &recorded.output);
+            let heap = read_profile_in(&dir, "heap.pb.gz", &recorded.output);
             assert!(
                 !heap.profile.sample.is_empty(),
                 "{name} {how}: expected a heap profile with samples, found none"

@@ -21,77 +21,14 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use anyprof_tests::{
-    binaries, clean_command, compile, cpu_lock, run, scratch_dir, ProfileView, RunOutput, Shared,
+    assert_same_run, clean_command, compile, cpu_lock, heap_record_command, read_profile_in, run,
+    scratch_dir, ProfileView, RunOutput, Shared, HEAP_VARIANTS, TCMALLOC,
 };
-
-/// Where Debian/Ubuntu's libgoogle-perftools4 puts tcmalloc.
-const TCMALLOC: &str = "/usr/lib/x86_64-linux-gnu/libtcmalloc.so.4";
-
-/// The recorded variants: the flags after `--cpu-hz 0`, and a name for messages.
-const VARIANTS: [(&str, &[&str]); 2] = [
-    ("--mem-rate 1", &["--mem-rate", "1"]),
-    ("the default rate", &[]),
-];
-
-/// `anyprof record -q -o DIR --cpu-hz 0 FLAGS -- program ARGS` in a clean environment.
-fn record_command(dir: &Path, flags: &[&str], program: &Path, args: &[&str]) -> Command {
-    let bins = binaries();
-    std::fs::create_dir_all(dir).unwrap_or_else(|e| panic!("creating {}: {e}", dir.display()));
-    let mut cmd = clean_command(&bins.anyprof);
-    cmd.arg("record")
-        .arg("-q")
-        .arg("-o")
-        .arg(dir)
-        .args(["--cpu-hz", "0"])
-        .args(flags)
-        .arg("--")
-        .arg(program)
-        .args(args);
-    cmd
-}
-
-/// Decodes `dir/file`, or panics with what the run printed.
-fn read_view(dir: &Path, file: &str, output: &RunOutput) -> ProfileView {
-    let path = dir.join(file);
-    let profile = anyprof::pprof::read_file(&path).unwrap_or_else(|e| {
-        panic!(
-            "could not read {}: {e:#}\nexit code {}\nstdout:\n{}\nstderr:\n{}",
-            path.display(),
-            output.code,
-            output.stdout_text(),
-            output.stderr_text()
-        )
-    });
-    ProfileView::new(profile)
-}
 
 /// Sum of the value `type_name` over all samples.
 fn total(view: &ProfileView, type_name: &str) -> i64 {
     let i = view.value_index(type_name);
     view.profile.sample.iter().map(|s| s.value[i]).sum()
-}
-
-fn assert_same_run(name: &str, how: &str, direct: &RunOutput, other: &RunOutput) {
-    assert_eq!(
-        other.code,
-        direct.code,
-        "{name} exited with {} {how}, but with {} when run directly\nstderr {how}:\n{}",
-        other.code,
-        direct.code,
-        other.stderr_text()
-    );
-    assert!(
-        other.stdout == direct.stdout,
-        "{name}'s stdout differs {how}\ndirectly:\n{:?}\n{how}:\n{:?}",
-        direct.stdout_text(),
-        other.stdout_text()
-    );
-    assert!(
-        other.stderr == direct.stderr,
-        "{name}'s stderr differs {how}\ndirectly:\n{:?}\n{how}:\n{:?}",
-        direct.stderr_text(),
-        other.stderr_text()
-    );
 }
 
 /// Runs `program args` directly and under both recorded variants, with `env` applied to
@@ -122,15 +59,15 @@ fn check_transparent(
         direct.stderr_text()
     );
 
-    for (i, (how, flags)) in VARIANTS.iter().enumerate() {
+    for (i, (how, flags)) in HEAP_VARIANTS.iter().enumerate() {
         let dir = scratch.join(format!("profile-{i}"));
-        let mut cmd = record_command(&dir, flags, program, args);
+        let mut cmd = heap_record_command(&dir, flags, program, args);
         env(&mut cmd);
         let recorded = run(&mut cmd);
         let how = format!("under `anyprof record -q --cpu-hz 0` at {how}");
         assert_same_run(name, &how, &direct, &recorded);
         for file in ["heap.pb.gz", "allocs.pb.gz"] {
-            let view = read_view(&dir, file, &recorded);
+            let view = read_profile_in(&dir, file, &recorded);
             assert!(
                 !view.profile.sample.is_empty() && total(&view, "alloc_space") > 0,
                 "{name} {how}: {file} has no allocations ({} samples)",
@@ -315,10 +252,10 @@ fn tcmalloc_runs() -> Option<&'static TcmallocRuns> {
                 direct.stderr_text()
             );
             let mut exact = None;
-            for (i, (how, flags)) in VARIANTS.iter().enumerate() {
+            for (i, (how, flags)) in HEAP_VARIANTS.iter().enumerate() {
                 let dir = scratch.join(format!("profile-{i}"));
                 // anyprof puts its library first and keeps what LD_PRELOAD already holds.
-                let mut cmd = record_command(&dir, flags, exe, &["16"]);
+                let mut cmd = heap_record_command(&dir, flags, exe, &["16"]);
                 cmd.env("LD_PRELOAD", TCMALLOC);
                 let recorded = run(&mut cmd);
                 assert_same_run(
@@ -327,7 +264,7 @@ fn tcmalloc_runs() -> Option<&'static TcmallocRuns> {
                     &direct,
                     &recorded,
                 );
-                let view = read_view(&dir, "heap.pb.gz", &recorded);
+                let view = read_profile_in(&dir, "heap.pb.gz", &recorded);
                 assert!(
                     total(&view, "alloc_space") > 0,
                     "on tcmalloc at {how}: the heap profile has no allocations"
@@ -419,7 +356,7 @@ fn a_program_with_its_own_malloc_is_told_its_allocations_are_unseen() {
     );
     let recorded = {
         let _cpu = cpu_lock();
-        run(&mut record_command(
+        run(&mut heap_record_command(
             &scratch.join("profile"),
             &[],
             &exe,
