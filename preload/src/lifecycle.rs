@@ -150,16 +150,14 @@ fn leave_ld_preload() {
     let Some(current) = std::env::var_os("LD_PRELOAD") else {
         return;
     };
-    // SAFETY: Dl_info is plain data; zero is a valid "nothing found" value.
-    let mut info: libc::Dl_info = unsafe { core::mem::zeroed() };
-    // SAFETY: dladdr with the address of one of our functions and a valid out-pointer.
-    if unsafe { libc::dladdr(leave_ld_preload as *const libc::c_void, &mut info) } == 0
-        || info.dli_fname.is_null()
-    {
+    let Some((_, name)) = crate::modules::object_at(leave_ld_preload as *const () as usize) else {
+        return;
+    };
+    if name.is_null() {
         return;
     }
     // SAFETY: dli_fname is a NUL-terminated path owned by the loader.
-    let ours = unsafe { CStr::from_ptr(info.dli_fname) }
+    let ours = unsafe { CStr::from_ptr(name) }
         .to_string_lossy()
         .into_owned();
     let ours = std::fs::canonicalize(&ours).unwrap_or_else(|_| PathBuf::from(ours));

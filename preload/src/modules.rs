@@ -522,6 +522,21 @@ fn find_build_id(mut notes: &[u8]) -> Option<&[u8]> {
     None
 }
 
+/// The base address and file name of the loaded object containing code address `f`.
+pub fn object_at(f: usize) -> Option<(usize, *const libc::c_char)> {
+    if f == 0 {
+        return None;
+    }
+    let mut info = core::mem::MaybeUninit::<libc::Dl_info>::zeroed();
+    // SAFETY: dladdr only fills `info`; on failure (0) nothing is read from it.
+    if unsafe { libc::dladdr(f as *const libc::c_void, info.as_mut_ptr()) } == 0 {
+        return None;
+    }
+    // SAFETY: dladdr succeeded and filled `info` (zeroed before).
+    let info = unsafe { info.assume_init() };
+    Some((info.dli_fbase as usize, info.dli_fname))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -272,6 +272,11 @@ pub extern "C" fn anyprof_cxx_lookup(form: u32) -> usize {
     f
 }
 
+/// The base address of the loaded object that contains code address `f` (0 if none).
+fn object_of(f: usize) -> usize {
+    crate::modules::object_at(f).map_or(0, |(base, _)| base)
+}
+
 /// The first definition of `name` found in the scope of a loaded object other than ours.
 fn in_any_object(name: &core::ffi::CStr) -> usize {
     struct Search<'a> {
@@ -342,21 +347,6 @@ pub extern "C" fn anyprof_cxx_decide() {
         }
     }
     STATE.store(DECIDED, Ordering::Release);
-}
-
-/// The base address of the loaded object that contains code address `f` (0 if none).
-fn object_of(f: usize) -> usize {
-    if f == 0 {
-        return 0;
-    }
-    let mut info = core::mem::MaybeUninit::<libc::Dl_info>::zeroed();
-    // SAFETY: dladdr only reads the loader's tables and fills `info`; on failure it
-    // returns 0 and we read nothing.
-    if unsafe { libc::dladdr(f as *const c_void, info.as_mut_ptr()) } == 0 {
-        return 0;
-    }
-    // SAFETY: dladdr succeeded, so it initialised `info` (and it was zeroed before).
-    unsafe { info.assume_init() }.dli_fbase as usize
 }
 
 /// True once the mode is decided.

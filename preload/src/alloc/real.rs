@@ -219,8 +219,8 @@ pub fn malloc_answered_by() -> Option<String> {
     let first = unsafe { libc::dlsym(libc::RTLD_DEFAULT, c"malloc".as_ptr()) } as usize;
     // Compared by object, not by address: taking the address of our exported `malloc` here
     // would itself go through the interposition and yield the winner's.
-    let (first_base, first_name) = object_at(first)?;
-    let (our_base, _) = object_at(malloc_answered_by as *const () as usize)?;
+    let (first_base, first_name) = crate::modules::object_at(first)?;
+    let (our_base, _) = crate::modules::object_at(malloc_answered_by as *const () as usize)?;
     if first_base == our_base {
         return None;
     }
@@ -237,21 +237,6 @@ pub fn malloc_answered_by() -> Option<String> {
     } else {
         path
     })
-}
-
-/// The base address and file name of the loaded object containing code address `f`.
-fn object_at(f: usize) -> Option<(usize, *const libc::c_char)> {
-    if f == 0 {
-        return None;
-    }
-    let mut info = core::mem::MaybeUninit::<libc::Dl_info>::zeroed();
-    // SAFETY: dladdr only fills `info`; on failure (0) nothing is read from it.
-    if unsafe { libc::dladdr(f as *const c_void, info.as_mut_ptr()) } == 0 {
-        return None;
-    }
-    // SAFETY: dladdr succeeded and filled `info` (zeroed before).
-    let info = unsafe { info.assume_init() };
-    Some((info.dli_fbase as usize, info.dli_fname))
 }
 
 /// True once [`check_glibc_layout`] proved that the next allocator is glibc's malloc and
