@@ -44,30 +44,6 @@ use crate::tls;
 /// `delete`. `cxx_new.c` uses the same numbers.
 const FORMS: usize = 20;
 
-/// Itanium ABI names of the operators (x86_64: `size_t` is `m`).
-const NAMES: [&core::ffi::CStr; FORMS] = [
-    c"_Znwm",
-    c"_Znam",
-    c"_ZnwmRKSt9nothrow_t",
-    c"_ZnamRKSt9nothrow_t",
-    c"_ZnwmSt11align_val_t",
-    c"_ZnamSt11align_val_t",
-    c"_ZnwmSt11align_val_tRKSt9nothrow_t",
-    c"_ZnamSt11align_val_tRKSt9nothrow_t",
-    c"_ZdlPv",
-    c"_ZdaPv",
-    c"_ZdlPvm",
-    c"_ZdaPvm",
-    c"_ZdlPvRKSt9nothrow_t",
-    c"_ZdaPvRKSt9nothrow_t",
-    c"_ZdlPvSt11align_val_t",
-    c"_ZdaPvSt11align_val_t",
-    c"_ZdlPvmSt11align_val_t",
-    c"_ZdaPvmSt11align_val_t",
-    c"_ZdlPvSt11align_val_tRKSt9nothrow_t",
-    c"_ZdaPvSt11align_val_tRKSt9nothrow_t",
-];
-
 /// For each operator: the next definition's address when calls may jump straight to it
 /// (forwarding mode), else 0. Read by the trampolines.
 static FORWARD: [AtomicUsize; FORMS] = [const { AtomicUsize::new(0) }; FORMS];
@@ -144,111 +120,53 @@ macro_rules! trampoline {
     };
 }
 
-trampoline!(operator_new, "_Znwm", 0, anyprof_slow_new);
-trampoline!(operator_new_array, "_Znam", 1, anyprof_slow_new_array);
-trampoline!(
-    operator_new_nothrow,
-    "_ZnwmRKSt9nothrow_t",
-    2,
-    anyprof_slow_new_nothrow
-);
-trampoline!(
-    operator_new_array_nothrow,
-    "_ZnamRKSt9nothrow_t",
-    3,
-    anyprof_slow_new_array_nothrow
-);
-trampoline!(
-    operator_new_aligned,
-    "_ZnwmSt11align_val_t",
-    4,
-    anyprof_slow_new_aligned
-);
-trampoline!(
-    operator_new_array_aligned,
-    "_ZnamSt11align_val_t",
-    5,
-    anyprof_slow_new_array_aligned
-);
-trampoline!(
-    operator_new_aligned_nothrow,
-    "_ZnwmSt11align_val_tRKSt9nothrow_t",
-    6,
-    anyprof_slow_new_aligned_nothrow
-);
-trampoline!(
-    operator_new_array_aligned_nothrow,
-    "_ZnamSt11align_val_tRKSt9nothrow_t",
-    7,
-    anyprof_slow_new_array_aligned_nothrow
-);
-trampoline!(operator_delete, "_ZdlPv", 8, anyprof_slow_delete);
-trampoline!(
-    operator_delete_array,
-    "_ZdaPv",
-    9,
-    anyprof_slow_delete_array
-);
-trampoline!(
-    operator_delete_sized,
-    "_ZdlPvm",
-    10,
-    anyprof_slow_delete_sized
-);
-trampoline!(
-    operator_delete_array_sized,
-    "_ZdaPvm",
-    11,
-    anyprof_slow_delete_array_sized
-);
-trampoline!(
-    operator_delete_nothrow,
-    "_ZdlPvRKSt9nothrow_t",
-    12,
-    anyprof_slow_delete_nothrow
-);
-trampoline!(
-    operator_delete_array_nothrow,
-    "_ZdaPvRKSt9nothrow_t",
-    13,
-    anyprof_slow_delete_array_nothrow
-);
-trampoline!(
-    operator_delete_aligned,
-    "_ZdlPvSt11align_val_t",
-    14,
-    anyprof_slow_delete_aligned
-);
-trampoline!(
-    operator_delete_array_aligned,
-    "_ZdaPvSt11align_val_t",
-    15,
-    anyprof_slow_delete_array_aligned
-);
-trampoline!(
-    operator_delete_sized_aligned,
-    "_ZdlPvmSt11align_val_t",
-    16,
-    anyprof_slow_delete_sized_aligned
-);
-trampoline!(
-    operator_delete_array_sized_aligned,
-    "_ZdaPvmSt11align_val_t",
-    17,
-    anyprof_slow_delete_array_sized_aligned
-);
-trampoline!(
-    operator_delete_aligned_nothrow,
-    "_ZdlPvSt11align_val_tRKSt9nothrow_t",
-    18,
-    anyprof_slow_delete_aligned_nothrow
-);
-trampoline!(
-    operator_delete_array_aligned_nothrow,
-    "_ZdaPvSt11align_val_tRKSt9nothrow_t",
-    19,
-    anyprof_slow_delete_array_aligned_nothrow
-);
+/// Defines every operator from one list: a [`trampoline!`] each, and [`NAMES`] in the same
+/// order (the index is checked against the position at compile time).
+macro_rules! operators {
+    ($($index:literal: $name:ident, $export:literal, $slow:ident;)*) => {
+        $(trampoline!($name, $export, $index, $slow);)*
+
+        /// Itanium ABI names of the operators (x86_64: `size_t` is `m`).
+        const NAMES: [&core::ffi::CStr; FORMS] = [$(
+            match core::ffi::CStr::from_bytes_with_nul(concat!($export, "\0").as_bytes()) {
+                Ok(name) => name,
+                Err(_) => panic!("an operator name with a NUL in it"),
+            }
+        ),*];
+
+        const _: () = {
+            let mut position = 0;
+            $(
+                assert!($index == position, "operators! indices must count up from 0");
+                position += 1;
+            )*
+            assert!(position == FORMS);
+        };
+    };
+}
+
+operators! {
+    0: operator_new, "_Znwm", anyprof_slow_new;
+    1: operator_new_array, "_Znam", anyprof_slow_new_array;
+    2: operator_new_nothrow, "_ZnwmRKSt9nothrow_t", anyprof_slow_new_nothrow;
+    3: operator_new_array_nothrow, "_ZnamRKSt9nothrow_t", anyprof_slow_new_array_nothrow;
+    4: operator_new_aligned, "_ZnwmSt11align_val_t", anyprof_slow_new_aligned;
+    5: operator_new_array_aligned, "_ZnamSt11align_val_t", anyprof_slow_new_array_aligned;
+    6: operator_new_aligned_nothrow, "_ZnwmSt11align_val_tRKSt9nothrow_t", anyprof_slow_new_aligned_nothrow;
+    7: operator_new_array_aligned_nothrow, "_ZnamSt11align_val_tRKSt9nothrow_t", anyprof_slow_new_array_aligned_nothrow;
+    8: operator_delete, "_ZdlPv", anyprof_slow_delete;
+    9: operator_delete_array, "_ZdaPv", anyprof_slow_delete_array;
+    10: operator_delete_sized, "_ZdlPvm", anyprof_slow_delete_sized;
+    11: operator_delete_array_sized, "_ZdaPvm", anyprof_slow_delete_array_sized;
+    12: operator_delete_nothrow, "_ZdlPvRKSt9nothrow_t", anyprof_slow_delete_nothrow;
+    13: operator_delete_array_nothrow, "_ZdaPvRKSt9nothrow_t", anyprof_slow_delete_array_nothrow;
+    14: operator_delete_aligned, "_ZdlPvSt11align_val_t", anyprof_slow_delete_aligned;
+    15: operator_delete_array_aligned, "_ZdaPvSt11align_val_t", anyprof_slow_delete_array_aligned;
+    16: operator_delete_sized_aligned, "_ZdlPvmSt11align_val_t", anyprof_slow_delete_sized_aligned;
+    17: operator_delete_array_sized_aligned, "_ZdaPvmSt11align_val_t", anyprof_slow_delete_array_sized_aligned;
+    18: operator_delete_aligned_nothrow, "_ZdlPvSt11align_val_tRKSt9nothrow_t", anyprof_slow_delete_aligned_nothrow;
+    19: operator_delete_array_aligned_nothrow, "_ZdaPvSt11align_val_tRKSt9nothrow_t", anyprof_slow_delete_array_aligned_nothrow;
+}
 
 // ---- Called by cxx_new.c. -------------------------------------------------------------
 
