@@ -309,6 +309,14 @@ impl Recording {
     }
 }
 
+/// The sample types of a heap profile, in Go's order.
+pub const HEAP_VALUES: [&str; 4] = [
+    "alloc_objects",
+    "alloc_space",
+    "inuse_objects",
+    "inuse_space",
+];
+
 /// Where Debian/Ubuntu's libgoogle-perftools4 puts tcmalloc.
 pub const TCMALLOC: &str = "/usr/lib/x86_64-linux-gnu/libtcmalloc.so.4";
 
@@ -641,6 +649,32 @@ impl ProfileView {
             .iter()
             .flat_map(|&id| self.location_frames(self.location(id)))
             .collect()
+    }
+
+    /// A heap profile sample's `[alloc_objects, alloc_space, inuse_objects, inuse_space]`.
+    pub fn heap_values(&self, sample: &proto::Sample) -> [i64; 4] {
+        let mut v = [0; 4];
+        for (slot, t) in v.iter_mut().zip(HEAP_VALUES) {
+            *slot = sample.value[self.value_index(t)];
+        }
+        v
+    }
+
+    /// A heap profile's values summed per allocation site: the first frame of each stack that
+    /// is not an `operator new` (libstdc++'s calls malloc, so on glibc it is below the site).
+    pub fn heap_values_by_site(&self) -> BTreeMap<String, [i64; 4]> {
+        let mut out: BTreeMap<String, [i64; 4]> = BTreeMap::new();
+        for sample in &self.profile.sample {
+            let frames = self.frames(sample);
+            let Some(site) = frames.iter().find(|f| !f.name.starts_with("operator new")) else {
+                continue;
+            };
+            let v = out.entry(site.name.to_string()).or_default();
+            for (slot, value) in v.iter_mut().zip(self.heap_values(sample)) {
+                *slot += value;
+            }
+        }
+        out
     }
 
     /// Index of the value whose `sample_type.type` is `type_name`; panics if there is none.

@@ -227,50 +227,9 @@ fn tallies(text: &str) -> BTreeMap<String, [i64; 4]> {
         .collect()
 }
 
-/// The first frame of a sample that is not an `operator new` (libstdc++'s, on glibc).
-fn site_of(view: &ProfileView, sample: &anyprof_tests::proto::Sample) -> Option<String> {
-    view.frames(sample)
-        .iter()
-        .find(|f| !f.name.starts_with("operator new"))
-        .map(|f| f.name.to_string())
-}
-
-/// Per site, the four heap values.
-fn values_by_site(view: &ProfileView) -> BTreeMap<String, [i64; 4]> {
-    let idx: Vec<usize> = [
-        "alloc_objects",
-        "alloc_space",
-        "inuse_objects",
-        "inuse_space",
-    ]
-    .iter()
-    .map(|t| view.value_index(t))
-    .collect();
-    let mut out: BTreeMap<String, [i64; 4]> = BTreeMap::new();
-    for sample in &view.profile.sample {
-        let Some(site) = site_of(view, sample) else {
-            continue;
-        };
-        let v = out.entry(site).or_default();
-        for (slot, &i) in v.iter_mut().zip(&idx) {
-            *slot += sample.value[i];
-        }
-    }
-    out
-}
-
 /// The stacks (leaf first, names only) of the samples whose site is `site` or that contain a
 /// frame named `site`, with their values: what a failure message shows.
 fn stacks_of(view: &ProfileView, site: &str) -> String {
-    let idx: Vec<usize> = [
-        "alloc_objects",
-        "alloc_space",
-        "inuse_objects",
-        "inuse_space",
-    ]
-    .iter()
-    .map(|t| view.value_index(t))
-    .collect();
     let mut stacks: BTreeMap<String, [i64; 4]> = BTreeMap::new();
     for sample in &view.profile.sample {
         let frames = view.frames(sample);
@@ -279,8 +238,8 @@ fn stacks_of(view: &ProfileView, site: &str) -> String {
         }
         let names: Vec<&str> = frames.iter().map(|f| f.name).collect();
         let v = stacks.entry(names.join(" <- ")).or_default();
-        for (slot, &i) in v.iter_mut().zip(&idx) {
-            *slot += sample.value[i];
+        for (slot, value) in v.iter_mut().zip(view.heap_values(sample)) {
+            *slot += value;
         }
     }
     if stacks.is_empty() {
@@ -301,7 +260,7 @@ fn assert_sites_exact(what: &str, checked: &Checked, sites: &[&str]) {
         "{what}: expected a tally for each of {sites:?} from the recorded run, found {:?}",
         truth.keys().collect::<Vec<_>>()
     );
-    let got = values_by_site(&checked.heap);
+    let got = checked.heap.heap_values_by_site();
     let mut failures = Vec::new();
     for site in sites {
         let t = truth[*site];

@@ -37,8 +37,8 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyprof_tests::{
-    binaries, clean_command, compile, cpu_lock, files_in, program_source, run, scratch_dir,
-    ProfileView, RunOutput, Shared, RUN_TIMEOUT,
+    clean_command, compile, cpu_lock, files_in, heap_record_command, program_source, run,
+    scratch_dir, ProfileView, RunOutput, Shared, RUN_TIMEOUT,
 };
 
 /// anyprof's default `--mem-rate`, Go's default MemProfileRate.
@@ -170,20 +170,7 @@ impl Run {
 /// The `anyprof record -q -o <scratch>/profile --cpu-hz 0 FLAGS -- program ARGS` command, in
 /// a clean environment (CPU profiling off: these tests are about the heap).
 fn record_command(scratch: &Path, flags: &[&str], program: &Path, args: &[&str]) -> Command {
-    let bins = binaries();
-    let dir = scratch.join("profile");
-    std::fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("creating {}: {e}", dir.display()));
-    let mut cmd = clean_command(&bins.anyprof);
-    cmd.arg("record")
-        .arg("-q")
-        .arg("-o")
-        .arg(&dir)
-        .args(["--cpu-hz", "0"])
-        .args(flags)
-        .arg("--")
-        .arg(program)
-        .args(args);
-    cmd
+    heap_record_command(&scratch.join("profile"), flags, program, args)
 }
 
 /// Records `heap_sites ARGS` with `flags`, holding the CPU lock, and checks it exited with 0.

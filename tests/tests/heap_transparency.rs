@@ -197,31 +197,6 @@ fn tallies(text: &str) -> BTreeMap<String, [i64; 4]> {
         .collect()
 }
 
-/// Per site (first frame that is not an `operator new`), the four heap values.
-fn values_by_site(view: &ProfileView) -> BTreeMap<String, [i64; 4]> {
-    let idx: Vec<usize> = [
-        "alloc_objects",
-        "alloc_space",
-        "inuse_objects",
-        "inuse_space",
-    ]
-    .iter()
-    .map(|t| view.value_index(t))
-    .collect();
-    let mut out: BTreeMap<String, [i64; 4]> = BTreeMap::new();
-    for sample in &view.profile.sample {
-        let frames = view.frames(sample);
-        let Some(site) = frames.iter().find(|f| !f.name.starts_with("operator new")) else {
-            continue;
-        };
-        let v = out.entry(site.name.to_string()).or_default();
-        for (slot, &i) in v.iter_mut().zip(&idx) {
-            *slot += sample.value[i];
-        }
-    }
-    out
-}
-
 /// `heap_sites 16` on tcmalloc alone, then recorded with tcmalloc after anyprof at rate 1
 /// and at the default rate; returns the direct run and the rate-1 heap profile. `None` (and
 /// a "skipped" line) when tcmalloc is not installed.
@@ -297,7 +272,7 @@ fn tcmalloc_preloaded_after_anyprof_keeps_working_and_is_profiled() {
         runs.direct.stdout_text()
     );
     // Every C allocation reaches tcmalloc through anyprof's hooks: exact at rate 1.
-    let got = values_by_site(&runs.exact);
+    let got = runs.exact.heap_values_by_site();
     let mut failures = Vec::new();
     for (site, t) in truth.iter().filter(|(s, _)| *s != "site_cxx_array") {
         let v = got.get(site).copied().unwrap_or_default();
@@ -325,7 +300,9 @@ fn tcmalloc_cxx_new_is_profiled() {
         return;
     };
     let truth = tallies(&runs.direct.stdout_text())["site_cxx_array"];
-    let got = values_by_site(&runs.exact)
+    let got = runs
+        .exact
+        .heap_values_by_site()
         .get("site_cxx_array")
         .copied()
         .unwrap_or_default();
