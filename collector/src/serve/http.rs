@@ -316,15 +316,7 @@ fn cpu_profile(state: &State, t: &Target) -> Reply {
             .parse()
             .map_err(|_| err(400, format!("seconds={v}: not a whole number of seconds")))?,
     };
-    if seconds == 0 || seconds > state.max_seconds {
-        return Err(err(
-            400,
-            format!(
-                "seconds={seconds}: must be between 1 and {} (anyprof serve --max-seconds)",
-                state.max_seconds
-            ),
-        ));
-    }
+    within_max_seconds(state, seconds)?;
     let pid = choose_pid(state, t)?;
     {
         let mut busy = state
@@ -458,7 +450,14 @@ fn delta_seconds(state: &State, t: &Target, debug: u32) -> Result<Option<u64>, H
     if debug != 0 {
         return Err(err(400, "seconds and debug params are incompatible"));
     }
-    if seconds > state.max_seconds {
+    within_max_seconds(state, seconds)?;
+    Ok(Some(seconds))
+}
+
+/// The daemon's bound on how long one request may profile (`--max-seconds`), for the CPU
+/// profile and the delta profiles alike.
+fn within_max_seconds(state: &State, seconds: u64) -> Result<(), HttpError> {
+    if seconds == 0 || seconds > state.max_seconds {
         return Err(err(
             400,
             format!(
@@ -467,7 +466,7 @@ fn delta_seconds(state: &State, t: &Target, debug: u32) -> Result<Option<u64>, H
             ),
         ));
     }
-    Ok(Some(seconds))
+    Ok(())
 }
 
 /// Go answers `?seconds=N` on goroutine and threadcreate with a delta profile too; anyprof
