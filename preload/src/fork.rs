@@ -45,24 +45,20 @@ impl Drop for Section {
 /// Opens a section: while it lives, no fork copies this process in the middle of it.
 /// Re-entrant on one thread (a nested call costs nothing and holds nothing).
 pub fn section() -> Section {
-    let flag: &Cell<u8> = &tls::current().in_fork_section;
-    if flag.get() != 0 {
-        return Section {
-            _guard: None,
-            outermost: false,
-        };
-    }
-    flag.set(1);
-    let guard = GATE.read().unwrap_or_else(|p| p.into_inner());
-    Section {
-        _guard: Some(guard),
-        outermost: true,
-    }
+    // Waiting never fails: the lock is taken in the end.
+    open_section(true).unwrap_or(Section {
+        _guard: None,
+        outermost: false,
+    })
 }
 
 /// Like [`section`], but gives up instead of waiting while a fork is in progress (for code
 /// that may run inside an allocation made by another library's fork handler).
 pub fn try_section() -> Option<Section> {
+    open_section(false)
+}
+
+fn open_section(wait: bool) -> Option<Section> {
     let flag: &Cell<u8> = &tls::current().in_fork_section;
     if flag.get() != 0 {
         return Some(Section {
@@ -70,12 +66,19 @@ pub fn try_section() -> Option<Section> {
             outermost: false,
         });
     }
-    let guard = match GATE.try_read() {
-        Ok(g) => g,
-        Err(std::sync::TryLockError::Poisoned(p)) => p.into_inner(),
-        Err(std::sync::TryLockError::WouldBlock) => return None,
-    };
     flag.set(1);
+    let guard = if wait {
+        GATE.read().unwrap_or_else(|p| p.into_inner())
+    } else {
+        match GATE.try_read() {
+            Ok(g) => g,
+            Err(std::sync::TryLockError::Poisoned(p)) => p.into_inner(),
+            Err(std::sync::TryLockError::WouldBlock) => {
+                flag.set(0);
+                return None;
+            }
+        }
+    };
     Some(Section {
         _guard: Some(guard),
         outermost: true,
