@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 use object::read::elf::{ElfFile64, ProgramHeader};
-use object::Endianness;
+use object::{Endianness, Object, ObjectSymbol};
 
 /// Resolves `program` like `execvp` does and checks that `LD_PRELOAD` can work on it.
 /// Returns the resolved path.
@@ -80,4 +80,67 @@ fn is_static_elf(path: &Path) -> Result<bool> {
     Ok(is_exec
         && !has_interp
         && (elf.elf_header().e_type.get(endian) == object::elf::ET_EXEC || has_dynamic))
+}
+
+/// Allocators that a program can link in under prefixed names, so that its allocations never
+/// reach `malloc` and so never reach the preload: (defined symbol, what it is).
+const PREFIXED_ALLOCATORS: &[(&str, &str)] = &[
+    (
+        "_rjem_malloc",
+        "jemalloc as a Rust global allocator (tikv-jemallocator)",
+    ),
+    (
+        "_rjem_mallocx",
+        "jemalloc as a Rust global allocator (tikv-jemallocator)",
+    ),
+    ("je_malloc", "jemalloc, built with the je_ prefix"),
+    ("je_mallocx", "jemalloc, built with the je_ prefix"),
+    ("mi_malloc", "mimalloc"),
+    ("mi_malloc_aligned", "mimalloc"),
+    ("sn_rust_alloc", "snmalloc as a Rust global allocator"),
+    ("rpmalloc", "rpmalloc"),
+];
+
+/// If the executable at `path` has an allocator of its own under prefixed names (see
+/// [`PREFIXED_ALLOCATORS`]), a warning saying that its allocations are not in the heap
+/// profile. An executable that defines `malloc` itself is left to the preload, which sees at
+/// start that `malloc` is answered before it and says so.
+pub fn prefixed_allocator_warning(path: &Path) -> Option<String> {
+    let data = std::fs::read(path).ok()?;
+    let elf = ElfFile64::<Endianness>::parse(data.as_slice()).ok()?;
+    let mut found = None;
+    for sym in elf.symbols().chain(elf.dynamic_symbols()) {
+        let Some(name) = sym.is_definition().then(|| sym.name_bytes().ok()).flatten() else {
+            continue;
+        };
+        if name == b"malloc" {
+            return None;
+        }
+        if found.is_none() {
+            found = PREFIXED_ALLOCATORS
+                .iter()
+                .find(|(n, _)| n.as_bytes() == name)
+                .copied();
+        }
+    }
+    let (symbol, what) = found?;
+    Some(format!(
+        "{} has an allocator of its own, {what} (it defines {symbol}): memory it hands out does \
+         not go through malloc, so it is missing from the heap profile and the allocator \
+         counters. To profile the heap of a Rust program, build it with the System allocator \
+         (no #[global_allocator]).",
+        path.display()
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_ordinary_executable_has_no_prefixed_allocator() {
+        // This test binary allocates through Rust's System allocator, i.e. malloc.
+        let me = std::env::current_exe().expect("test binary path");
+        assert_eq!(prefixed_allocator_warning(&me), None);
+    }
 }

@@ -105,6 +105,15 @@ pub fn run(args: RecordArgs) -> Result<ExitCode> {
     let lib = find_library(args.lib.as_deref())?;
     let (program, program_args) = args.command.split_first().context("no program given")?;
     let resolved = preflight::check_program(program)?;
+    // Reading a large executable's symbols takes a while: beside the program, not before it.
+    let allocator_check = (args.mem_rate > 0).then(|| {
+        let exe = resolved.clone();
+        std::thread::spawn(move || {
+            if let Some(warning) = preflight::prefixed_allocator_warning(&exe) {
+                eprintln!("anyprof: warning: {warning}");
+            }
+        })
+    });
     let out_dir = match &args.output {
         Some(d) => d.clone(),
         None => default_output_dir(&resolved),
@@ -142,6 +151,9 @@ pub fn run(args: RecordArgs) -> Result<ExitCode> {
     let symbolizer = Arc::new(Mutex::new(anyprof_symbolizer::Symbolizer::new()));
     let (warm_stop, warm) = start_prewarming(&collector, symbolizer.clone());
     let status = child.wait().context("waiting for the program")?;
+    if let Some(check) = allocator_check {
+        let _ = check.join(); // its warning comes before the summary, however short the run
+    }
     // The warming thread finishes the module it is in while the last messages arrive.
     warm_stop.store(true, Ordering::SeqCst);
     warm.thread().unpark();

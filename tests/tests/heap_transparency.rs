@@ -359,4 +359,57 @@ fn a_program_with_its_own_malloc_is_told_its_allocations_are_unseen() {
         warning.contains("own_malloc") && warning.contains("not in the heap profile"),
         "the warning should name the program and what it means: {warning}"
     );
+    assert!(
+        !stderr.contains("allocator of its own"),
+        "a program that defines malloc gets the preload's warning only, not the prefixed-\
+         allocator one as well:\n{stderr}"
+    );
+}
+
+/// A program whose allocator lives under prefixed names (Redis's je_malloc, a Rust program's
+/// tikv-jemallocator `_rjem_malloc`) never calls malloc for that memory, so no malloc
+/// interposer can see it. `anyprof record` must say so, naming the program and the symbol,
+/// and the program must run as without it. (Every other program in these tests is checked
+/// for byte-identical stderr, so the line cannot appear where it does not belong.)
+#[test]
+fn a_program_with_a_prefixed_allocator_is_told_its_allocations_are_unseen() {
+    let scratch = scratch_dir("heap_prefixed_alloc");
+    let exe = compile("prefixed_alloc.c", &["-O2"], &scratch);
+    let direct = run(&mut clean_command(&exe));
+    assert_eq!(
+        direct.code,
+        0,
+        "prefixed_alloc failed\n{}",
+        direct.stderr_text()
+    );
+    let recorded = {
+        let _cpu = cpu_lock();
+        run(&mut heap_record_command(
+            &scratch.join("profile"),
+            &[],
+            &exe,
+            &[],
+        ))
+    };
+    assert_eq!(
+        (recorded.code, recorded.stdout_text()),
+        (direct.code, direct.stdout_text()),
+        "prefixed_alloc under anyprof record: exit code and stdout must be as without it"
+    );
+    let stderr = recorded.stderr_text();
+    let warning = stderr
+        .lines()
+        .find(|l| l.contains("allocator of its own"))
+        .unwrap_or_else(|| {
+            panic!(
+                "anyprof record should say that the program's je_malloc hides its allocations; \
+                 its stderr:\n{stderr}"
+            )
+        });
+    assert!(
+        warning.contains("prefixed_alloc")
+            && warning.contains("je_malloc")
+            && warning.contains("missing from the heap profile"),
+        "the warning should name the program, the symbol and what it means: {warning}"
+    );
 }
