@@ -59,7 +59,10 @@ trap 'rm -rf "$scratch"' EXIT
 
 # The work programs: -O2 -g, and no frame pointers (explicitly, whatever the compiler's default).
 if want cpu; then "$CC" -O2 -g -fomit-frame-pointer -pthread bench/programs/cpu_work.c -o "$scratch/cpu_work"; fi
-if want heap; then "$CC" -O2 -g -fomit-frame-pointer -pthread bench/programs/malloc_pairs.c -o "$scratch/malloc_pairs"; fi
+if want heap; then
+    "$CC" -O2 -g -fomit-frame-pointer -pthread bench/programs/malloc_pairs.c -o "$scratch/malloc_pairs"
+    "$CC" -O2 -shared -fPIC bench/programs/forward_malloc.c -o "$scratch/forward_malloc.so"
+fi
 
 # --- the machine -------------------------------------------------------------------------------
 config_hz() {
@@ -165,6 +168,7 @@ if want heap; then
     for line in "${heap_notes[@]+"${heap_notes[@]}"}"; do heap_note_args+=(--note "$line"); done
     python3 bench/heap_overhead.py \
         --malloc-program "$scratch/malloc_pairs" \
+        --forwarder "$scratch/forward_malloc.so" \
         --anyprof "$ANYPROF" \
         --heaptrack "$heaptrack_cmd" \
         --tcmalloc "$tcmalloc" \
