@@ -10,7 +10,7 @@
 
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU8, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -200,6 +200,60 @@ pub fn send(msg: &[u8], patient: bool) -> bool {
 /// The background thread, while it runs.
 static THREAD: Mutex<Option<std::thread::JoinHandle<()>>> = Mutex::new(None);
 
+/// A last flush asked of the background thread by a thread about to end the process without
+/// destructors (`_exit`).
+static LAST_FLUSH: AtomicU8 = AtomicU8::new(LAST_FLUSH_NONE);
+const LAST_FLUSH_NONE: u8 = 0;
+const LAST_FLUSH_ASKED: u8 = 1;
+const LAST_FLUSH_DONE: u8 = 2;
+/// Longest that `_exit` waits for it: a patient flush gives up on a busy drain after 200 ms.
+const LAST_FLUSH_WAIT_NS: u64 = 500_000_000;
+
+/// Has the background thread send everything left, with the final counters, and waits until
+/// it has (at most [`LAST_FLUSH_WAIT_NS`]); false if there is no background thread or it did
+/// not finish in time.
+///
+/// For `_exit`, which a program may call from a signal handler or while it holds locks
+/// (malloc's among them): the calling thread only sets a flag, wakes the background thread
+/// and sleeps, so it allocates nothing and waits on no lock (`try_lock` only). The background
+/// thread flushes in ordinary context; if it gets stuck, the wait runs out and the process
+/// ends as it would have.
+pub fn last_flush_by_background() -> bool {
+    {
+        let Ok(thread) = THREAD.try_lock() else {
+            return false;
+        };
+        let Some(handle) = thread.as_ref() else {
+            return false;
+        };
+        if LAST_FLUSH
+            .compare_exchange(
+                LAST_FLUSH_NONE,
+                LAST_FLUSH_ASKED,
+                Ordering::AcqRel,
+                Ordering::Acquire,
+            )
+            .is_err()
+        {
+            return false;
+        }
+        handle.thread().unpark();
+    }
+    let deadline = crate::signal::sys::monotonic_ns().saturating_add(LAST_FLUSH_WAIT_NS);
+    while LAST_FLUSH.load(Ordering::Acquire) != LAST_FLUSH_DONE {
+        if crate::signal::sys::monotonic_ns() >= deadline {
+            return false;
+        }
+        let nap = libc::timespec {
+            tv_sec: 0,
+            tv_nsec: 1_000_000,
+        };
+        // SAFETY: a valid timespec; nanosleep is async-signal-safe.
+        unsafe { libc::nanosleep(&nap, core::ptr::null_mut()) };
+    }
+    true
+}
+
 /// Starts the background thread.
 pub fn spawn() -> std::io::Result<()> {
     let was = thread_state::set_internal(true);
@@ -223,6 +277,7 @@ pub fn forget_thread_in_child() {
     }
     DRAINING.store(false, Ordering::Release);
     STOP.store(false, Ordering::Release);
+    LAST_FLUSH.store(LAST_FLUSH_NONE, Ordering::Release);
 }
 
 /// From now on, report heap buckets net of their counts at this moment (a forked child
@@ -254,6 +309,11 @@ fn run() {
         .unwrap_or_else(Instant::now);
     while !STOP.load(Ordering::Acquire) {
         std::thread::park_timeout(TICK);
+        if LAST_FLUSH.load(Ordering::Acquire) == LAST_FLUSH_ASKED {
+            flush(Some(Kind::Goodbye), true);
+            LAST_FLUSH.store(LAST_FLUSH_DONE, Ordering::Release);
+            break;
+        }
         if STOP.load(Ordering::Acquire) {
             break;
         }

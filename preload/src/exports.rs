@@ -30,6 +30,48 @@ pub fn resolve() -> usize {
     f
 }
 
+type ExitFn = unsafe extern "C" fn(libc::c_int) -> !;
+
+/// The next `_exit` in link order (glibc's), found at start: `_exit` may run in a signal
+/// handler, where `dlsym` may not.
+static REAL_EXIT: AtomicUsize = AtomicUsize::new(0);
+
+/// Resolves the next `_exit`.
+pub fn resolve_exit() {
+    // SAFETY: dlsym with RTLD_NEXT and a NUL-terminated name.
+    let f = unsafe { libc::dlsym(libc::RTLD_NEXT, c"_exit".as_ptr()) } as usize;
+    REAL_EXIT.store(f, Ordering::Release);
+}
+
+/// `_exit(2)`: the process ends without destructors, so the library's own flush at unload
+/// would not run and the last moments of the program (up to one 20 ms drain cycle of samples,
+/// the final counters) would be lost. They are sent first.
+#[cfg_attr(not(test), no_mangle)]
+pub extern "C" fn _exit(status: libc::c_int) -> ! {
+    crate::lifecycle::before_exit();
+    exit_now(status)
+}
+
+/// `_Exit` (C99): the same as `_exit`.
+#[cfg_attr(not(test), no_mangle)]
+#[allow(non_snake_case)] // the C name
+pub extern "C" fn _Exit(status: libc::c_int) -> ! {
+    crate::lifecycle::before_exit();
+    exit_now(status)
+}
+
+fn exit_now(status: libc::c_int) -> ! {
+    let real = REAL_EXIT.load(Ordering::Acquire);
+    if real != 0 {
+        // SAFETY: the address dlsym returned for "_exit".
+        unsafe { core::mem::transmute::<usize, ExitFn>(real)(status) }
+    }
+    loop {
+        // SAFETY: exit_group ends the process; it does not return.
+        unsafe { libc::syscall(libc::SYS_exit_group, status) };
+    }
+}
+
 /// `pthread_create`: starts the thread through a trampoline that gives it a CPU timer.
 ///
 /// # Safety

@@ -9,11 +9,12 @@
 //!   unprofiled. (A program that then calls exec is profiled afresh: the library loads again
 //!   in the new image.)
 //! - **Exit** ([`on_unload`], from `.fini_array`): stop sampling, send what is left and the
-//!   final counters.
+//!   final counters. A process that ends with `_exit` runs no `.fini_array`: [`before_exit`]
+//!   has the background thread do the same first.
 
 use std::ffi::CStr;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::Mutex;
 
 use anyprof_wire::{self as wire, Kind, Level, TimerKind, MAX_MESSAGE};
@@ -27,6 +28,8 @@ static STARTED: AtomicBool = AtomicBool::new(false);
 static HELLO: Mutex<Vec<u8>> = Mutex::new(Vec::new());
 static SOCKETS: Mutex<Vec<PathBuf>> = Mutex::new(Vec::new());
 static ACTIVE: AtomicBool = AtomicBool::new(false);
+/// The pid ACTIVE belongs to: a `vfork` child shares our memory but not our pid.
+static OWN_PID: AtomicU32 = AtomicU32::new(0);
 
 #[used]
 #[link_section = ".init_array"]
@@ -67,6 +70,7 @@ extern "C" fn on_load(
 fn start(argc: libc::c_int, argv: *const *const libc::c_char) {
     let _section = crate::fork::section();
     exports::resolve();
+    exports::resolve_exit();
     alloc::real::resolve();
     let config = Config::from_env();
     log::set_file(config.log_file.clone());
@@ -114,6 +118,7 @@ fn start(argc: libc::c_int, argv: *const *const libc::c_char) {
         *r = Some(reconnect);
     }
     drain::SERVE_MODE.store(config.mode == Mode::Serve, Ordering::Release);
+    note_own_pid();
     ACTIVE.store(true, Ordering::Release);
 
     threads::init();
@@ -274,6 +279,7 @@ pub fn after_fork_in_child() {
         thread_state::set_internal(was);
         return;
     }
+    note_own_pid();
     renew_hello();
     drain::report_everything_again();
     drain::count_heap_from_now();
@@ -313,6 +319,32 @@ fn renew_hello() {
             dst.copy_from_slice(&value.to_le_bytes()[..width]);
         }
     }
+}
+
+fn note_own_pid() {
+    // SAFETY: getpid cannot fail.
+    OWN_PID.store(unsafe { libc::getpid() } as u32, Ordering::Release);
+}
+
+/// Called by `_exit` and `_Exit` before the process ends without running destructors (so
+/// without [`on_unload`]): sends what is left, as `on_unload` would, through the background
+/// thread. Async-signal-safe: `_exit` is the one way out a signal handler may take.
+///
+/// May not allocate or lock (see [`drain::last_flush_by_background`]), and must do nothing
+/// at all in a `vfork` child, which runs on its suspended parent's memory: a flush or a
+/// cleared ACTIVE there would end the parent's profile.
+pub fn before_exit() {
+    // SAFETY: getpid cannot fail.
+    if OWN_PID.load(Ordering::Acquire) != unsafe { libc::getpid() } as u32 {
+        return;
+    }
+    if !ACTIVE.swap(false, Ordering::AcqRel) {
+        return;
+    }
+    let was = thread_state::set_internal(true);
+    handler::SAMPLING.store(false, Ordering::Release);
+    drain::last_flush_by_background();
+    thread_state::set_internal(was);
 }
 
 extern "C" fn on_unload() {

@@ -383,6 +383,63 @@ fn forked_child_is_profiled_as_its_own_process_and_fork_off_leaves_it_alone() {
     );
 }
 
+/// A process that ends with `_exit` runs no destructors, so a profiler that sends its last
+/// data from one (or on its 20 ms cycle) loses what the program did last. Here the last thing
+/// each process does is allocate 100 blocks; at `--mem-rate 1` its heap profile must hold
+/// every one of them, exactly: when `main` calls `_exit`, when a SIGTERM handler does, and
+/// when a forked child (profiled as a process of its own) does. A `vfork` child's `_exit`
+/// runs on its parent's memory and must leave the parent's profile alone: the parent's
+/// allocations after it must be there too.
+#[test]
+fn allocations_just_before_exit_underscore_are_in_the_profile() {
+    let scratch = scratch_dir("robust_exit_fast");
+    let exe = compile("exit_fast.c", &["-O1", "-g"], &scratch);
+    for mode in ["direct", "signal", "child", "vfork"] {
+        let plain = direct(&exe, &[mode]);
+        assert_eq!(
+            plain.code,
+            0,
+            "exit_fast {mode} itself failed: {}",
+            plain.stderr_text()
+        );
+        let total: i64 = plain
+            .stdout_text()
+            .trim()
+            .strip_prefix("allocated ")
+            .and_then(|n| n.parse().ok())
+            .unwrap_or_else(|| panic!("exit_fast {mode} printed {:?}", plain.stdout_text()));
+        let (rec, dir) = recorded(
+            &scratch,
+            mode,
+            &["--cpu-hz", "0", "--mem-rate", "1"],
+            &exe,
+            &[mode],
+        );
+        assert_same_behaviour(&format!("exit_fast {mode} under record"), &plain, &rec);
+        let path = if mode == "child" {
+            let children = other_process_files(&dir, "heap");
+            assert_eq!(
+                children.len(),
+                1,
+                "one heap file for the child; files: {:?}",
+                files_in(&dir)
+            );
+            children[0].clone()
+        } else {
+            dir.join("heap.pb.gz")
+        };
+        let sites = read_profile(&path).heap_values_by_site();
+        assert_eq!(
+            sites.get("last_allocs").copied().unwrap_or_default(),
+            [100, total, 100, total],
+            "exit_fast {mode}: [alloc_objects, alloc_space, inuse_objects, inuse_space] of \
+             last_allocs, the program's last allocations before _exit, in {}; all sites: \
+             {sites:?}",
+            path.display()
+        );
+    }
+}
+
 // ---------------------------------------------------------------------------------------------
 // 2. fork while other threads are in malloc
 // ---------------------------------------------------------------------------------------------
