@@ -315,22 +315,14 @@ fn tcmalloc_cxx_new_is_profiled() {
     );
 }
 
-/// A program whose executable defines `malloc` (an allocator linked into it) is reached first
-/// by every call in the process, so the preload's hooks see nothing. It must run as it does
-/// without anyprof, and the user must be told in one line why its heap profile is empty —
-/// the other tests here compare stderr byte for byte, so the line never appears for a program
-/// that does not bring its own malloc.
-#[test]
-fn a_program_with_its_own_malloc_is_told_its_allocations_are_unseen() {
-    let scratch = scratch_dir("heap_own_malloc");
-    let exe = compile("own_malloc.c", &["-O2"], &scratch);
+/// Compiles `tests/programs/NAME.c`, runs it directly and under `anyprof record` with heap
+/// profiling, asserts that the exit code (0) and stdout are the same both ways, and returns
+/// the recorded run's stderr.
+fn stderr_of_unchanged_heap_run(name: &str, scratch_name: &str) -> String {
+    let scratch = scratch_dir(scratch_name);
+    let exe = compile(&format!("{name}.c"), &["-O2"], &scratch);
     let direct = run(&mut clean_command(&exe));
-    assert_eq!(
-        direct.code,
-        0,
-        "own_malloc failed\n{}",
-        direct.stderr_text()
-    );
+    assert_eq!(direct.code, 0, "{name} failed\n{}", direct.stderr_text());
     let recorded = {
         let _cpu = cpu_lock();
         run(&mut heap_record_command(
@@ -343,9 +335,19 @@ fn a_program_with_its_own_malloc_is_told_its_allocations_are_unseen() {
     assert_eq!(
         (recorded.code, recorded.stdout_text()),
         (direct.code, direct.stdout_text()),
-        "own_malloc under anyprof record: exit code and stdout must be as without it"
+        "{name} under anyprof record: exit code and stdout must be as without it"
     );
-    let stderr = recorded.stderr_text();
+    recorded.stderr_text()
+}
+
+/// A program whose executable defines `malloc` (an allocator linked into it) is reached first
+/// by every call in the process, so the preload's hooks see nothing. It must run as it does
+/// without anyprof, and the user must be told in one line why its heap profile is empty —
+/// the other tests here compare stderr byte for byte, so the line never appears for a program
+/// that does not bring its own malloc.
+#[test]
+fn a_program_with_its_own_malloc_is_told_its_allocations_are_unseen() {
+    let stderr = stderr_of_unchanged_heap_run("own_malloc", "heap_own_malloc");
     let warning = stderr
         .lines()
         .find(|l| l.contains("malloc is answered by"))
@@ -373,30 +375,7 @@ fn a_program_with_its_own_malloc_is_told_its_allocations_are_unseen() {
 /// for byte-identical stderr, so the line cannot appear where it does not belong.)
 #[test]
 fn a_program_with_a_prefixed_allocator_is_told_its_allocations_are_unseen() {
-    let scratch = scratch_dir("heap_prefixed_alloc");
-    let exe = compile("prefixed_alloc.c", &["-O2"], &scratch);
-    let direct = run(&mut clean_command(&exe));
-    assert_eq!(
-        direct.code,
-        0,
-        "prefixed_alloc failed\n{}",
-        direct.stderr_text()
-    );
-    let recorded = {
-        let _cpu = cpu_lock();
-        run(&mut heap_record_command(
-            &scratch.join("profile"),
-            &[],
-            &exe,
-            &[],
-        ))
-    };
-    assert_eq!(
-        (recorded.code, recorded.stdout_text()),
-        (direct.code, direct.stdout_text()),
-        "prefixed_alloc under anyprof record: exit code and stdout must be as without it"
-    );
-    let stderr = recorded.stderr_text();
+    let stderr = stderr_of_unchanged_heap_run("prefixed_alloc", "heap_prefixed_alloc");
     let warning = stderr
         .lines()
         .find(|l| l.contains("allocator of its own"))
