@@ -1,6 +1,7 @@
 //! Writing output files safely, and names for them.
 
 use std::io::Write;
+use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 
 use anyhow::{Context, Result};
@@ -8,20 +9,31 @@ use anyhow::{Context, Result};
 /// Writes `bytes` to `path` through a temporary file and a rename, so that a crash or a full
 /// disk never leaves a half-written profile under the final name. (No fsync: a profile is not
 /// worth making the program's run wait for the disk; the rename is atomic all the same.)
+///
+/// The temporary file gets a fresh random name and is created exclusively (`O_EXCL`, so a
+/// symlink or a file planted under any name in the directory is never followed or
+/// overwritten), with the permissions the umask gives a new file. The rename replaces whatever
+/// entry `path` was, a planted symlink included, and never writes through it.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    let mut tmp = path.as_os_str().to_owned();
-    tmp.push(".tmp");
-    let tmp = std::path::PathBuf::from(tmp);
-    let write = || -> std::io::Result<()> {
-        let mut f = std::fs::File::create(&tmp)?;
-        f.write_all(bytes)?;
-        std::fs::rename(&tmp, path)
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
     };
-    write()
-        .inspect_err(|_| {
-            let _ = std::fs::remove_file(&tmp);
-        })
-        .with_context(|| format!("cannot write {}", path.display()))
+    let mut prefix = std::ffi::OsString::from(".");
+    prefix.push(path.file_name().unwrap_or_default());
+    prefix.push(".");
+    let write = || -> std::io::Result<()> {
+        let mut tmp = tempfile::Builder::new()
+            .prefix(&prefix)
+            .suffix(".tmp")
+            .permissions(std::fs::Permissions::from_mode(0o666))
+            .tempfile_in(dir)?;
+        tmp.write_all(bytes)?;
+        // On failure the temporary file is removed when `tmp` is dropped.
+        tmp.persist(path).map_err(|e| e.error)?;
+        Ok(())
+    };
+    write().with_context(|| format!("cannot write {}", path.display()))
 }
 
 /// Local time as `YYYYMMDD-HHMMSS`, for default directory names.
