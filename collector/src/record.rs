@@ -7,6 +7,10 @@
 //! the terminal (Ctrl-C) already reach the program through its process group, so `anyprof`
 //! just outlives them and writes the profile up to that point. `anyprof` exits with the
 //! program's exit code (128 + signal number if it was killed).
+//!
+//! After the program has exited, `anyprof` can always be stopped: symbolizing runs on a
+//! thread of its own, and a SIGINT or SIGTERM then has the profiles written at once with the
+//! addresses left unnamed; a second one ends `anyprof` outright.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::ffi::OsString;
@@ -72,6 +76,11 @@ static CHILD_PID: AtomicI32 = AtomicI32::new(0);
 /// The signal that asks for a heap snapshot (0 = none) and whether one arrived.
 static SNAPSHOT_SIGNAL: AtomicI32 = AtomicI32::new(0);
 static SNAPSHOT_WANTED: AtomicBool = AtomicBool::new(false);
+/// Set once the program has exited: SIGINT, SIGTERM, SIGHUP and SIGQUIT then ask `anyprof`
+/// to stop ([`STOP_REQUESTED`]) instead of being forwarded.
+static PROGRAM_ENDED: AtomicBool = AtomicBool::new(false);
+/// The user asked to stop after the program ended: write what we have, unsymbolized.
+static STOP_REQUESTED: AtomicBool = AtomicBool::new(false);
 
 fn parse_mem_rate(text: &str) -> Result<u64, String> {
     anyprof_wire::parse_byte_size(text)
@@ -151,22 +160,19 @@ pub fn run(args: RecordArgs) -> Result<ExitCode> {
     let symbolizer = Arc::new(Mutex::new(anyprof_symbolizer::Symbolizer::new()));
     let (warm_stop, warm) = start_prewarming(&collector, symbolizer.clone());
     let status = child.wait().context("waiting for the program")?;
-    if let Some(check) = allocator_check {
-        let _ = check.join(); // its warning comes before the summary, however short the run
-    }
+    // From here on SIGINT and SIGTERM mean "stop" (see `forward_signals`).
+    CHILD_PID.store(0, Ordering::SeqCst);
+    PROGRAM_ENDED.store(true, Ordering::SeqCst);
     // The warming thread finishes the module it is in while the last messages arrive.
     warm_stop.store(true, Ordering::SeqCst);
     warm.thread().unpark();
-    if let Some((stop, handle)) = snapshots {
+    if let Some((stop, handle)) = &snapshots {
         stop.store(true, Ordering::SeqCst);
         handle.thread().unpark();
-        let _ = handle.join();
     }
     let elapsed = started.elapsed();
-    CHILD_PID.store(0, Ordering::SeqCst);
 
-    let sessions = collector.finish(pid, Duration::from_secs(2));
-    let _ = warm.join();
+    let sessions = Arc::new(collector.finish(pid, Duration::from_secs(2)));
     let code = match (status.code(), status.signal()) {
         (Some(c), _) => c,
         (None, Some(sig)) => 128 + sig,
@@ -179,39 +185,94 @@ pub fn run(args: RecordArgs) -> Result<ExitCode> {
         .filter(|s| s.pid() == Some(pid))
         .max_by_key(|s| s.image_key());
     let main_key = main.and_then(|s| s.image_key());
-    if main.is_none() {
-        eprintln!(
-            "anyprof: no profile for {}: it never loaded libanyprof.so (statically linked, setuid, \
-             or it cleared LD_PRELOAD before exec)",
-            program.to_string_lossy()
-        );
-    }
-    let mut symbolizer = symbolizer.lock().map_or_else(
-        |_| anyprof_symbolizer::Symbolizer::new(),
-        |mut s| std::mem::take(&mut *s),
-    );
-    write_profiles(
-        &sessions,
-        main_key,
-        &out_dir,
+    let program_name = program.to_string_lossy().into_owned();
+    let written = WriteOptions {
+        dir: out_dir,
         elapsed,
-        &args,
-        &mut symbolizer,
-    )?;
+        main: main_key,
+        cpu: args.cpu_hz > 0,
+        heap: args.mem_rate > 0,
+        quiet: args.quiet,
+    };
+    // Symbolizing takes the longest, and the user may not want to wait for it: it runs on a
+    // thread of its own while this one watches for SIGINT/SIGTERM (see `forward_signals`).
+    let finishing = {
+        let (sessions, written) = (sessions.clone(), written.clone());
+        std::thread::spawn(move || {
+            if let Some(check) = allocator_check {
+                let _ = check.join(); // its warning comes before the summary
+            }
+            if let Some((_, handle)) = snapshots {
+                let _ = handle.join();
+            }
+            let _ = warm.join();
+            if main_key.is_none() {
+                eprintln!(
+                    "anyprof: no profile for {program_name}: it never loaded libanyprof.so \
+                     (statically linked, setuid, or it cleared LD_PRELOAD before exec)"
+                );
+            }
+            let mut symbolizer = symbolizer.lock().map_or_else(
+                |_| anyprof_symbolizer::Symbolizer::new(),
+                |mut s| std::mem::take(&mut *s),
+            );
+            write_profiles(&sessions, &written, &mut symbolizer)
+        })
+    };
+    loop {
+        if finishing.is_finished() {
+            finishing
+                .join()
+                .map_err(|_| anyhow::anyhow!("writing the profiles failed"))??;
+            break;
+        }
+        if STOP_REQUESTED.load(Ordering::SeqCst) {
+            eprintln!(
+                "anyprof: stopping: writing the profiles without symbolizing what is left \
+                 (go tool pprof names the addresses from the binaries the profiles name; \
+                 a second signal ends anyprof at once)"
+            );
+            anyprof::symbolize::GIVE_UP.store(true, Ordering::SeqCst);
+            write_profiles(
+                &sessions,
+                &written,
+                &mut anyprof_symbolizer::Symbolizer::new(),
+            )?;
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
     Ok(ExitCode::from(code.clamp(0, 255) as u8))
+}
+
+/// Where and what [`write_profiles`] writes.
+#[derive(Clone)]
+struct WriteOptions {
+    dir: PathBuf,
+    /// How long the program ran.
+    elapsed: Duration,
+    /// The image key of the program itself (its files have no pid in their names).
+    main: Option<(u32, u64)>,
+    cpu: bool,
+    heap: bool,
+    quiet: bool,
 }
 
 /// Writes each process's profiles: the program's as `cpu.pb.gz`, `heap.pb.gz`,
 /// `allocs.pb.gz`; every other process's with `.PID.COMMAND` before `.pb.gz`.
 fn write_profiles(
     sessions: &[Session],
-    main: Option<(u32, u64)>,
-    dir: &Path,
-    elapsed: Duration,
-    args: &RecordArgs,
+    options: &WriteOptions,
     symbolizer: &mut anyprof_symbolizer::Symbolizer,
 ) -> Result<()> {
+    let WriteOptions {
+        dir, elapsed, main, ..
+    } = options;
+    let (main, elapsed) = (*main, *elapsed);
     let mut others = 0;
+    // One file that cannot be written (a full disk, a directory in its place) must not cost
+    // the others: each failure is reported and counted, and the run fails at the end.
+    let mut failed = 0;
     for s in sessions {
         let Some(pid) = s.pid() else { continue };
         let is_main = s.image_key() == main;
@@ -225,34 +286,39 @@ fn write_profiles(
         } else {
             format!(".{pid}.{}", sanitize(&s.command_name()))
         };
-        let write = |kind: &str, profile: &anyprof::pprof::Profile| -> Result<PathBuf> {
-            let path = dir.join(format!("{kind}{suffix}.pb.gz"));
-            anyprof::output::write_atomic(&path, &anyprof::pprof::encode_gzipped(profile))?;
-            Ok(path)
-        };
         let mut written = Vec::new();
+        let mut write = |kind: &str, profile: &anyprof::pprof::Profile| {
+            let path = dir.join(format!("{kind}{suffix}.pb.gz"));
+            match anyprof::output::write_atomic(&path, &anyprof::pprof::encode_gzipped(profile)) {
+                Ok(()) => written.push(path),
+                Err(e) => {
+                    failed += 1;
+                    eprintln!("anyprof: error: {e:#}");
+                }
+            }
+        };
         let mut cpu_profile = None;
-        if args.cpu_hz > 0 {
+        if options.cpu {
             let duration = match (s.connected_at, s.closed_at) {
                 (Some(a), Some(b)) => b.duration_since(a),
                 _ => elapsed,
             };
             let p = profile::cpu::build(s, symbolizer, duration.as_nanos() as u64);
-            written.push(write("cpu", &p)?);
+            write("cpu", &p);
             cpu_profile = Some(p);
         }
         let mut allocs_profile = None;
-        if args.mem_rate > 0 {
+        if options.heap {
             let now = anyprof::output::unix_nanos();
             let heap = profile::heap::build(s, symbolizer, profile::heap::View::Heap, now);
-            written.push(write("heap", &heap)?);
+            write("heap", &heap);
             let allocs = profile::heap::build(s, symbolizer, profile::heap::View::Allocs, now);
-            written.push(write("allocs", &allocs)?);
+            write("allocs", &allocs);
             allocs_profile = Some(allocs);
         }
         if !is_main {
             others += 1;
-        } else if !args.quiet {
+        } else if !options.quiet {
             print_summary(
                 s,
                 cpu_profile.as_ref(),
@@ -262,9 +328,15 @@ fn write_profiles(
             );
         }
     }
-    if !args.quiet && others > 0 {
+    if !options.quiet && others > 0 {
         eprintln!(
             "anyprof: also profiled {others} other process(es) of the program, in {}",
+            dir.display()
+        );
+    }
+    if failed > 0 {
+        anyhow::bail!(
+            "{failed} profile file(s) could not be written (see above); the others are in {}",
             dir.display()
         );
     }
@@ -508,7 +580,9 @@ fn find_library(explicit: Option<&Path>) -> Result<PathBuf> {
 
 /// Forwards SIGINT, SIGTERM, SIGHUP, SIGQUIT, SIGUSR1 and SIGUSR2 sent to us by another
 /// process to the program; the same signals from the terminal are not forwarded (the program
-/// got them already) but no longer kill us.
+/// got them already) but no longer kill us. Once the program has exited, the first SIGINT,
+/// SIGTERM, SIGHUP or SIGQUIT makes `anyprof` write its profiles at once without symbolizing
+/// the rest, and a second one ends it as that signal would.
 fn forward_signals(snapshot_signal: Option<i32>) {
     extern "C" fn on_signal(sig: libc::c_int, info: *mut libc::siginfo_t, _ctx: *mut libc::c_void) {
         if sig == SNAPSHOT_SIGNAL.load(Ordering::SeqCst) {
@@ -521,6 +595,19 @@ fn forward_signals(snapshot_signal: Option<i32>) {
             // SAFETY: the kernel passes a valid siginfo to SA_SIGINFO handlers.
             unsafe { (*info).si_code }
         };
+        if PROGRAM_ENDED.load(Ordering::SeqCst)
+            && [libc::SIGINT, libc::SIGTERM, libc::SIGHUP, libc::SIGQUIT].contains(&sig)
+        {
+            if STOP_REQUESTED.swap(true, Ordering::SeqCst) {
+                // The second request: end now, as the signal would without us.
+                // SAFETY: signal and raise are async-signal-safe.
+                unsafe {
+                    libc::signal(sig, libc::SIG_DFL);
+                    libc::raise(sig);
+                }
+            }
+            return;
+        }
         let child = CHILD_PID.load(Ordering::SeqCst);
         // si_code <= 0: sent by a process (kill, sigqueue, tkill); SI_KERNEL: the terminal.
         if child > 0 && code <= 0 {

@@ -7,6 +7,9 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::OnceLock;
+use std::time::Duration;
 
 use anyprof_symbolizer::{ObjectRef, Symbolized, Symbolizer};
 use anyprof_wire::Module;
@@ -52,6 +55,26 @@ pub fn module_of(modules: &BTreeMap<u32, Module>, addr: u64) -> Option<&Module> 
         .max_by_key(|m| m.id)
 }
 
+/// Set when the user asked to stop (`anyprof record` after the program ended): from then on
+/// [`resolve_all`] answers at once, every address unnamed.
+pub static GIVE_UP: AtomicBool = AtomicBool::new(false);
+
+/// For the tests of giving up: `ANYPROF_TEST_SYMBOLIZE_DELAY_MS` makes every [`resolve_all`]
+/// call stall that long first, as a symbolizer stuck on a huge debug file would (and, like
+/// one, it does not look at [`GIVE_UP`] while it stalls). Not for users.
+fn slow_down_for_tests() {
+    static DELAY: OnceLock<Option<Duration>> = OnceLock::new();
+    let delay = DELAY.get_or_init(|| {
+        std::env::var("ANYPROF_TEST_SYMBOLIZE_DELAY_MS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .map(Duration::from_millis)
+    });
+    if let Some(delay) = delay {
+        std::thread::sleep(*delay);
+    }
+}
+
 /// Symbolizes `addresses` (already adjusted by [`lookup_address`]). The modules are looked up
 /// in one call to the symbolizer, which works on several of them at once.
 pub fn resolve_all(
@@ -60,6 +83,25 @@ pub fn resolve_all(
     addresses: impl IntoIterator<Item = u64>,
 ) -> (HashMap<u64, Resolved>, HashMap<u32, ModuleOutcome>) {
     let mut by_module: HashMap<Option<u32>, Vec<u64>> = HashMap::new();
+    if GIVE_UP.load(Ordering::SeqCst) {
+        // Addresses in their modules, without names: pprof can still name them later from
+        // the files the profile's mappings name.
+        let out = addresses
+            .into_iter()
+            .map(|a| {
+                let module = module_of(modules, a).map(|m| m.id);
+                (
+                    a,
+                    Resolved {
+                        module,
+                        lines: Vec::new(),
+                    },
+                )
+            })
+            .collect();
+        return (out, HashMap::new());
+    }
+    slow_down_for_tests();
     for a in addresses {
         by_module
             .entry(module_of(modules, a).map(|m| m.id))
