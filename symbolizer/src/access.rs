@@ -14,9 +14,11 @@
 //! is not 0, root's `CAP_DAC_OVERRIDE` and `CAP_DAC_READ_SEARCH` do not apply. The previous
 //! credentials come back when the [`Switched`] guard is dropped.
 //!
-//! Only a collector whose effective uid is 0 switches, and only for users other than root: a
-//! collector running as a normal user (`anyprof record`) opens files as itself, which is what
-//! its processes (its own) could do too.
+//! Only a collector whose effective uid is 0 switches, and only for users other than root. A
+//! collector running as a normal user opens files as itself for its own processes (`anyprof
+//! record`) and root's; for another user's process (a daemon started with `--allow-uid`) it
+//! cannot take that user's rights, so it checks each opened file's permission bits against
+//! them instead (owner, group, others; not ACLs, nor the directories on the way).
 
 use std::io;
 
@@ -41,13 +43,71 @@ impl Access {
         Access { uid, gid, groups }
     }
 
-    /// Whether opening files for this process needs a credential switch: this process runs
-    /// as root and the other process does not.
-    pub(crate) fn needs_switch(&self) -> bool {
+    /// Whether files opened for this process are opened with our own rights unchanged: it
+    /// is our own user's, or root's (root may read them all anyway).
+    pub(crate) fn is_own(&self) -> bool {
         // SAFETY: geteuid has no preconditions and cannot fail.
         let euid = unsafe { libc::geteuid() };
-        euid == 0 && self.uid != 0
+        self.uid == euid || self.uid == 0
     }
+
+    /// Whether the permission bits of `meta` let this user read the file (owner class, then
+    /// group class, then others, as the kernel decides; ACLs are not looked at).
+    pub(crate) fn may_read(&self, meta: &std::fs::Metadata) -> bool {
+        use std::os::unix::fs::MetadataExt;
+        let mode = meta.mode();
+        if meta.uid() == self.uid {
+            mode & 0o400 != 0
+        } else if meta.gid() == self.gid || self.groups.contains(&meta.gid()) {
+            mode & 0o040 != 0
+        } else {
+            mode & 0o004 != 0
+        }
+    }
+}
+
+/// Files opened on this thread are opened for another user's process until it is dropped.
+pub(crate) enum Rights {
+    /// Root switched this thread's file-system credentials to the user's.
+    Switched(#[allow(dead_code)] Switched), // held for its Drop
+    /// Not root: this thread cannot take the user's rights, so each opened file's permission
+    /// bits are checked against them (see [`check_as`]).
+    Checked,
+}
+
+impl Drop for Rights {
+    fn drop(&mut self) {
+        if let Rights::Checked = self {
+            CHECK_AS.with(|c| c.borrow_mut().take());
+        }
+    }
+}
+
+std::thread_local! {
+    /// The user whose permission bits files opened on this thread must grant read access to.
+    static CHECK_AS: std::cell::RefCell<Option<Access>> = const { std::cell::RefCell::new(None) };
+}
+
+/// Makes the calling thread open files for `access` (which is not [`Access::is_own`]) until
+/// the guard is dropped: with its credentials when this process is root, else checking each
+/// file's permission bits against them.
+pub(crate) fn act_as(access: &Access) -> io::Result<Rights> {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    if unsafe { libc::geteuid() } == 0 {
+        return switch_to(access).map(Rights::Switched);
+    }
+    CHECK_AS.with(|c| *c.borrow_mut() = Some(access.clone()));
+    Ok(Rights::Checked)
+}
+
+/// Whether the file behind `meta`, just opened on this thread, may be read for the user this
+/// thread acts for (always, when it acts for no one or has taken the user's credentials).
+pub(crate) fn may_read(meta: &std::fs::Metadata) -> bool {
+    CHECK_AS.with(|c| {
+        c.borrow()
+            .as_ref()
+            .is_none_or(|access| access.may_read(meta))
+    })
 }
 
 /// The calling thread's file-system credentials as they were before a switch; restores them
@@ -141,12 +201,36 @@ fn current_groups() -> io::Result<Vec<libc::gid_t>> {
 mod tests {
     use super::*;
 
+    /// Owner class first, then group class (primary or supplementary), then others.
+    #[test]
+    fn permission_bits_are_read_as_the_kernel_does() {
+        use std::os::unix::fs::{MetadataExt, PermissionsExt};
+        let path = std::env::temp_dir().join(format!("anyprof-bits-{}", std::process::id()));
+        std::fs::write(&path, b"x").unwrap();
+        let meta = |mode| {
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode)).unwrap();
+            std::fs::metadata(&path).unwrap()
+        };
+        let m = meta(0o640);
+        let (owner, group) = (m.uid(), m.gid());
+        let stranger = Access::new(owner.wrapping_add(1000), group.wrapping_add(1000), vec![]);
+        let member = Access::new(owner.wrapping_add(1000), 4242, vec![group]);
+        assert!(Access::new(owner, 4242, vec![]).may_read(&m));
+        assert!(member.may_read(&m));
+        assert!(!stranger.may_read(&m));
+        assert!(stranger.may_read(&meta(0o604)));
+        // The owner class decides for the owner, even when others may read.
+        assert!(!Access::new(owner, group, vec![]).may_read(&meta(0o044)));
+        std::fs::remove_file(&path).unwrap();
+    }
+
     /// As root: a file only root may read cannot be opened after switching to `nobody`, and
     /// can again once the guard is gone; other threads keep root's rights meanwhile.
     #[test]
     fn switch_is_per_thread_and_undone() {
         let access = Access::new(65534, 65534, vec![]);
-        if !access.needs_switch() {
+        // SAFETY: geteuid cannot fail.
+        if unsafe { libc::geteuid() } != 0 {
             eprintln!("not root: nothing to test");
             return;
         }

@@ -91,6 +91,11 @@ impl MappedFile {
         if !meta.is_file() {
             return Err(MapError::NotAFile);
         }
+        if !crate::access::may_read(&meta) {
+            return Err(MapError::Io(io::Error::from(
+                io::ErrorKind::PermissionDenied,
+            )));
+        }
         let map = if meta.len() == 0 {
             None
         } else {

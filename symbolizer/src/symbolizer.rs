@@ -87,15 +87,16 @@ impl Symbolizer {
 
     /// [`Symbolizer::symbolize_many`] for a process of another user: when this process runs
     /// as root and `access` is not root's, every file is opened with `access`'s rights only
-    /// (a file that user could not read is [`Miss::FileUnreadable`]), and the objects cached
-    /// for it are kept apart from those opened with other rights. `None`, or a symbolizer
-    /// that does not run as root, opens files with this process's own rights.
+    /// (a file that user could not read is [`Miss::FileUnreadable`]); when it runs as another
+    /// user, each file's permission bits must also let `access` read it. The objects cached
+    /// for `access` are kept apart from those opened with other rights. `None`, root's or
+    /// our own user's access open files with this process's own rights.
     pub fn symbolize_many_as(
         &mut self,
         access: Option<&Access>,
         batches: &[(ObjectRef<'_>, &[u64])],
     ) -> Vec<Vec<Symbolized>> {
-        let access = access.filter(|a| a.needs_switch());
+        let access = access.filter(|a| !a.is_own());
         let mut answers: Vec<Vec<Symbolized>> = vec![Vec::new(); batches.len()];
         let mut jobs: Vec<Job<'_>> = Vec::new();
         let mut job_of: HashMap<(&Path, &[u8]), usize> = HashMap::new();
@@ -132,8 +133,8 @@ impl Symbolizer {
         let debug_dirs = &self.debug_dirs;
         let done = parallel_map(jobs, |job| {
             // Opening (and lazy loading during lookups) happens with the access's rights, on
-            // this thread only, until `_switched` is dropped at the end of the job.
-            let _switched = match access.map(access::switch_to) {
+            // this thread only, until `_rights` is dropped at the end of the job.
+            let _rights = match access.map(access::act_as) {
                 Some(Err(err)) => {
                     let miss = Miss::FileUnreadable(format!(
                         "cannot take the profiled process's user rights to read it: {err}"
@@ -145,7 +146,7 @@ impl Symbolizer {
                         .collect::<Vec<_>>();
                     return (job.object, job.loaded, answered);
                 }
-                Some(Ok(switched)) => Some(switched),
+                Some(Ok(rights)) => Some(rights),
                 None => None,
             };
             let loaded = job.loaded.unwrap_or_else(|| {
