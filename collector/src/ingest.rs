@@ -84,12 +84,13 @@ impl Peer {
     pub fn of_socket(fd: &impl std::os::fd::AsFd) -> Option<Peer> {
         let cred =
             nix::sys::socket::getsockopt(fd, nix::sys::socket::sockopt::PeerCredentials).ok()?;
+        // 0 for a process of an ancestor pid namespace, which has no pid in ours.
         let pid = u32::try_from(cred.pid()).ok()?;
         Some(Peer {
             pid,
             uid: cred.uid(),
             gid: cred.gid(),
-            groups: supplementary_groups(pid),
+            groups: supplementary_groups(pid, cred.uid(), cred.gid()),
         })
     }
 
@@ -99,22 +100,29 @@ impl Peer {
     }
 }
 
-/// The `Groups:` line of `/proc/PID/status`; empty if it cannot be read (fewer rights, never
-/// more).
-fn supplementary_groups(pid: u32) -> Vec<u32> {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|status| {
-            status.lines().find_map(|line| {
-                line.strip_prefix("Groups:").map(|groups| {
-                    groups
-                        .split_whitespace()
-                        .filter_map(|g| g.parse().ok())
-                        .collect()
-                })
+/// The `Groups:` line of `/proc/PID/status`, if that process still has effective uid `uid`
+/// and gid `gid` (else the pid may have been reused already); empty otherwise (fewer
+/// rights, never more).
+fn supplementary_groups(pid: u32, uid: u32, gid: u32) -> Vec<u32> {
+    let Ok(status) = std::fs::read_to_string(format!("/proc/{pid}/status")) else {
+        return Vec::new();
+    };
+    let field = |name: &str| {
+        status
+            .lines()
+            .find_map(|line| line.strip_prefix(name))
+            .map(|rest| {
+                rest.split_whitespace()
+                    .filter_map(|v| v.parse::<u32>().ok())
+                    .collect::<Vec<_>>()
             })
-        })
-        .unwrap_or_default()
+            .unwrap_or_default()
+    };
+    // Real, effective, saved, file-system ids: the effective ones are SO_PEERCRED's.
+    if field("Uid:").get(1) != Some(&uid) || field("Gid:").get(1) != Some(&gid) {
+        return Vec::new();
+    }
+    field("Groups:")
 }
 
 /// What one process has sent.
@@ -286,7 +294,9 @@ impl Session {
         let dropped_before = self.dropped_over_cap;
         match msg {
             Message::Hello(mut h) => {
-                if let Some(peer) = &self.peer {
+                // (A peer of an ancestor pid namespace, the host seen from a container, has no
+                // pid here: it keeps the one it states.)
+                if let Some(peer) = self.peer.as_ref().filter(|p| p.pid != 0) {
                     if h.pid != peer.pid {
                         // Another pid namespace (a container) numbers it differently; a peer
                         // could also lie. The kernel's number is the one the host's tools and
@@ -426,6 +436,16 @@ impl Session {
                 ),
             );
         }
+    }
+
+    /// Takes thread dump `id` out of the session; its bytes no longer count against the cap.
+    pub fn take_thread_dump(&mut self, id: u32) -> Option<Vec<(u32, Vec<u64>)>> {
+        if let Some(at) = self.dump_order.iter().position(|(d, _)| *d == id) {
+            if let Some((_, counted)) = self.dump_order.remove(at) {
+                self.release(counted);
+            }
+        }
+        self.thread_dumps.remove(&id)
     }
 
     /// Adds one thread's stack to thread dump `id`; a new dump pushes the oldest out when
@@ -643,6 +663,29 @@ mod tests {
         assert!(s.thread_dumps.contains_key(&999));
         assert_eq!(s.dropped_over_cap, 0);
         assert_eq!(s.kept_bytes, MAX_KEPT_DUMPS * 10 * stack_bytes(64));
+        assert_eq!(s.take_thread_dump(999).map(|d| d.len()), Some(10));
+        assert_eq!(s.kept_bytes, (MAX_KEPT_DUMPS - 1) * 10 * stack_bytes(64));
+    }
+
+    /// Groups are only taken from a process that still has the connection's uid and gid.
+    #[test]
+    fn groups_come_from_the_connected_process_only() {
+        let me = std::process::id();
+        // SAFETY: geteuid and getegid cannot fail.
+        let (uid, gid) = unsafe { (libc::geteuid(), libc::getegid()) };
+        let mut own: Vec<u32> = std::fs::read_to_string("/proc/self/status")
+            .unwrap()
+            .lines()
+            .find_map(|l| l.strip_prefix("Groups:"))
+            .unwrap()
+            .split_whitespace()
+            .map(|g| g.parse().unwrap())
+            .collect();
+        own.sort_unstable();
+        let mut got = supplementary_groups(me, uid, gid);
+        got.sort_unstable();
+        assert_eq!(got, own);
+        assert!(supplementary_groups(me, uid.wrapping_add(1), gid).is_empty());
     }
 
     /// The pid a process claims is replaced by the kernel's.
