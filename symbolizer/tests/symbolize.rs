@@ -838,3 +838,40 @@ fn files_are_read_with_the_processes_rights() {
     let readable = symbolizer.symbolize_many_as(Some(&nobody), &[(object(&open), &[leaf])]);
     assert_eq!(name(&readable[0][0]), "leaf");
 }
+
+/// A FIFO where the debug file is looked for by build id, and one named by
+/// `.gnu_debuglink` beside the program, are passed over without blocking.
+#[test]
+fn fifo_debug_files_do_not_hang() {
+    let dir = TempDir::new("debug-fifo");
+    let prog = build_cpp(&dir, "prog");
+    let method = symbol(&prog, METHOD);
+    let hex: String = build_id(&prog).iter().map(|b| format!("{b:02x}")).collect();
+    let by_id = dir
+        .join("debug")
+        .join(".build-id")
+        .join(&hex[..2])
+        .join(format!("{}.debug", &hex[2..]));
+    std::fs::create_dir_all(by_id.parent().unwrap()).unwrap();
+    run("mkfifo", &[&by_id]);
+    let linked = dir.join("prog.debug");
+    run("objcopy", &[&"--only-keep-debug", &prog, &linked]);
+    run("strip", &[&"--strip-debug", &prog]);
+    run("objcopy", &[&"--add-gnu-debuglink", &linked, &prog]);
+    std::fs::remove_file(&linked).unwrap();
+    run("mkfifo", &[&linked]);
+
+    let (done, answer) = std::sync::mpsc::channel();
+    let (path, debug_dir) = (prog.clone(), dir.join("debug"));
+    std::thread::spawn(move || {
+        let mut symbolizer = Symbolizer::with_debug_dirs(vec![debug_dir]);
+        let _ = done.send(symbolizer.symbolize(&object(&path), &[method.address]));
+    });
+    let answers = answer
+        .recv_timeout(std::time::Duration::from_secs(60))
+        .expect("symbolizing hung on a FIFO named like a debug file");
+    assert_eq!(
+        frames(&answers[0]).last().unwrap().function.as_deref(),
+        Some("ns::Klass::method(int)")
+    );
+}
