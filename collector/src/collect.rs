@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result};
 use anyprof_wire::Level;
 
-use crate::ingest::{read_connection, Session, SharedSession};
+use crate::ingest::{read_connection, Peer, Session, SharedSession};
 
 /// Most connections served at once; more are refused (closed at once).
 const MAX_CONNECTIONS: usize = 4096;
@@ -36,6 +36,9 @@ pub struct Options {
     pub allowed_uids: Option<Vec<u32>>,
     /// Forget connections that ended (a daemon runs for months; record keeps them all).
     pub reap: bool,
+    /// Most bytes of profile data kept per connection (see [`Session::max_bytes`]); `None`
+    /// for no cap (record: its processes are the user's own).
+    pub max_process_bytes: Option<usize>,
 }
 
 /// A running collector for one `record` run.
@@ -274,8 +277,11 @@ fn accept_loop(
         }
         // SAFETY: accept4 returned a new descriptor that nothing else owns.
         let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+        // Who connected, from the kernel: the pid the process claims in its handshake is
+        // replaced by this one, and its files are read with these rights.
+        let peer = Peer::of_socket(&fd);
         if let Some(allowed) = &options.allowed_uids {
-            match peer_uid(&fd) {
+            match peer.as_ref().map(|p| p.uid) {
                 Some(uid) if allowed.contains(&uid) => {}
                 uid => {
                     if options.verbose {
@@ -294,7 +300,11 @@ fn accept_loop(
         if conns.len() >= MAX_CONNECTIONS {
             continue;
         }
-        let session: SharedSession = Arc::new(Mutex::new(Session::default()));
+        let session: SharedSession = Arc::new(Mutex::new(Session {
+            peer,
+            max_bytes: options.max_process_bytes,
+            ..Session::default()
+        }));
         let s = session.clone();
         let (verbose, trace_mem) = (options.verbose, options.trace_mem);
         let reader = std::thread::Builder::new()
@@ -371,12 +381,6 @@ fn reap(connections: &Mutex<Vec<Connection>>) {
             i += 1;
         }
     }
-}
-
-fn peer_uid(fd: &OwnedFd) -> Option<u32> {
-    nix::sys::socket::getsockopt(fd, nix::sys::socket::sockopt::PeerCredentials)
-        .ok()
-        .map(|c| c.uid())
 }
 
 fn connect_seqpacket(path: &Path) -> bool {

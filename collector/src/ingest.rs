@@ -3,8 +3,13 @@
 //! A connection is read by its own thread ([`read_connection`]); each decoded message is
 //! folded into the process's [`Session`]. A message that does not decode ends that
 //! connection with an error recorded on the session; nothing else is affected.
+//!
+//! A peer is not trusted: who it is comes from the kernel ([`Peer`], `SO_PEERCRED`), not from
+//! its handshake, and what it may make the collector keep is capped in bytes
+//! ([`Session::max_bytes`]): past the cap, whatever would need more memory is dropped and
+//! counted, with one warning.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
@@ -33,6 +38,13 @@ pub struct StackKey {
 
 /// Most threads kept per thread dump.
 const MAX_DUMPED_THREADS: usize = 100_000;
+/// Most thread dumps kept per process: a dump is fetched by the request that asked for it
+/// right after it arrives, so older ones are only a peer filling memory.
+const MAX_KEPT_DUMPS: usize = 8;
+/// Most lines of a process's own diagnostics printed; a flood is cut with one notice.
+const MAX_LOG_LINES: u32 = 1000;
+/// Default per-process memory cap of `anyprof serve` (`--max-process-memory`), in MiB.
+pub const DEFAULT_MAX_PROCESS_MIB: usize = 256;
 /// Most distinct stacks (CPU) or buckets (heap) one process may report. The preload's own
 /// bucket table holds 65 536; a million CPU stacks is far beyond any real profile.
 const MAX_DISTINCT_STACKS: usize = 1_000_000;
@@ -52,9 +64,85 @@ pub struct HeapBucketState {
     pub counts: BucketCounts,
 }
 
+/// Who is at the other end of a connection, as the kernel saw it when the process connected
+/// (`SO_PEERCRED`), with its supplementary groups (`/proc/PID/status`).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Peer {
+    /// Process id in the collector's pid namespace.
+    pub pid: u32,
+    /// User id.
+    pub uid: u32,
+    /// Group id.
+    pub gid: u32,
+    /// Supplementary groups (empty if they could not be read).
+    pub groups: Vec<u32>,
+}
+
+impl Peer {
+    /// The credentials of the process connected on `fd`, or `None` if the kernel will not
+    /// say.
+    pub fn of_socket(fd: &impl std::os::fd::AsFd) -> Option<Peer> {
+        let cred =
+            nix::sys::socket::getsockopt(fd, nix::sys::socket::sockopt::PeerCredentials).ok()?;
+        // 0 for a process of an ancestor pid namespace, which has no pid in ours.
+        let pid = u32::try_from(cred.pid()).ok()?;
+        Some(Peer {
+            pid,
+            uid: cred.uid(),
+            gid: cred.gid(),
+            groups: supplementary_groups(pid, cred.uid(), cred.gid()),
+        })
+    }
+
+    /// The rights the symbolizer opens this process's files with.
+    pub fn access(&self) -> anyprof_symbolizer::Access {
+        anyprof_symbolizer::Access::new(self.uid, self.gid, self.groups.clone())
+    }
+}
+
+/// The `Groups:` line of `/proc/PID/status`, if that process still has effective uid `uid`
+/// and gid `gid` (else the pid may have been reused already); empty otherwise (fewer
+/// rights, never more).
+fn supplementary_groups(pid: u32, uid: u32, gid: u32) -> Vec<u32> {
+    let Ok(status) = std::fs::read_to_string(format!("/proc/{pid}/status")) else {
+        return Vec::new();
+    };
+    let field = |name: &str| {
+        status
+            .lines()
+            .find_map(|line| line.strip_prefix(name))
+            .map(|rest| {
+                rest.split_whitespace()
+                    .filter_map(|v| v.parse::<u32>().ok())
+                    .collect::<Vec<_>>()
+            })
+            .unwrap_or_default()
+    };
+    // Real, effective, saved, file-system ids: the effective ones are SO_PEERCRED's.
+    if field("Uid:").get(1) != Some(&uid) || field("Gid:").get(1) != Some(&gid) {
+        return Vec::new();
+    }
+    field("Groups:")
+}
+
 /// What one process has sent.
 #[derive(Clone, Debug, Default)]
 pub struct Session {
+    /// Who connected, as the kernel says; `None` for sessions not read from a socket.
+    pub peer: Option<Peer>,
+    /// Most bytes this session may keep (stacks, modules, names, dumps, buckets); `None` for
+    /// no cap. Set when the connection is accepted.
+    pub max_bytes: Option<usize>,
+    /// Bytes this session keeps, as counted against `max_bytes` (an estimate of its heap use).
+    pub kept_bytes: usize,
+    /// Items (new stacks, modules, names, dump entries, buckets) dropped at the memory cap.
+    pub dropped_over_cap: u64,
+    /// CPU samples among them, also counted as lost samples.
+    pub cpu_dropped_over_cap: u64,
+    /// Thread-dump ids in arrival order with the bytes counted for each, oldest first.
+    pub dump_order: VecDeque<(u32, usize)>,
+    /// Diagnostic lines of the process printed so far.
+    pub log_lines: u32,
     /// The handshake; `None` until it arrives.
     pub hello: Option<Hello>,
     /// Loaded modules by id (unloaded ones are kept: old samples may point into them).
@@ -93,11 +181,12 @@ impl Session {
         self.counters.get(c as usize).copied().unwrap_or(0)
     }
 
-    /// Samples lost in the process, for whatever reason.
+    /// Samples lost in the process, for whatever reason, or here at the memory cap.
     pub fn lost_samples(&self) -> u64 {
         self.counter(Counter::DroppedRingFull)
             .saturating_add(self.counter(Counter::DroppedSend))
             .saturating_add(self.counter(Counter::DroppedBusy))
+            .saturating_add(self.cpu_dropped_over_cap)
     }
 
     /// Identifies one process image: pid and the time the library started in it.
@@ -133,6 +222,16 @@ impl Session {
         if self.hello.is_none() {
             self.hello = later.hello;
         }
+        if self.peer.is_none() {
+            self.peer = later.peer;
+        }
+        self.kept_bytes = self.kept_bytes.saturating_add(later.kept_bytes);
+        self.dropped_over_cap = self.dropped_over_cap.saturating_add(later.dropped_over_cap);
+        self.cpu_dropped_over_cap = self
+            .cpu_dropped_over_cap
+            .saturating_add(later.cpu_dropped_over_cap);
+        self.dump_order.extend(later.dump_order);
+        self.log_lines = self.log_lines.saturating_add(later.log_lines);
         self.modules.extend(later.modules);
         for (k, t) in later.cpu {
             let e = self.cpu.entry(k).or_default();
@@ -189,35 +288,69 @@ impl Session {
             .map(|(what, n, max)| format!("{n} {what}, over the limit of {max}: connection closed"))
     }
 
-    /// Folds one message into the session. `log` receives the process's own diagnostics.
+    /// Folds one message into the session. `log` receives the process's own diagnostics, and
+    /// the one warning given when the session reaches its memory cap.
     pub fn apply(&mut self, msg: Message, log: &mut dyn FnMut(Level, &str)) {
+        let dropped_before = self.dropped_over_cap;
         match msg {
-            Message::Hello(h) => self.hello = Some(h),
+            Message::Hello(mut h) => {
+                // (A peer of an ancestor pid namespace, the host seen from a container, has no
+                // pid here: it keeps the one it states.)
+                if let Some(peer) = self.peer.as_ref().filter(|p| p.pid != 0) {
+                    if h.pid != peer.pid {
+                        // Another pid namespace (a container) numbers it differently; a peer
+                        // could also lie. The kernel's number is the one the host's tools and
+                        // `?pid=` use, and it cannot be claimed by another process.
+                        log(
+                            Level::Info,
+                            &format!(
+                                "the process says it is pid {}; the kernel says {} (another pid \
+                                 namespace?): it is listed as {}",
+                                h.pid, peer.pid, peer.pid
+                            ),
+                        );
+                        h.pid = peer.pid;
+                    }
+                }
+                let bytes = hello_bytes(&h);
+                let old = self.hello.as_ref().map_or(0, hello_bytes);
+                self.release(old);
+                if self.admit(bytes) {
+                    self.hello = Some(h);
+                } else {
+                    self.hello = None;
+                }
+            }
             Message::ModuleLoaded(m) => {
-                self.modules.insert(m.id, m);
+                let old = self.modules.get(&m.id).map_or(0, module_bytes);
+                self.release(old);
+                if self.admit(module_bytes(&m)) {
+                    self.modules.insert(m.id, m);
+                } else {
+                    self.modules.remove(&m.id);
+                }
             }
             Message::ModuleUnloaded(_) => {}
             Message::CpuSamples(samples) => {
                 for s in samples {
                     if s.flags & wire::FLAG_THREAD_DUMP != 0 {
-                        let dump = self.thread_dumps.entry(s.cpu_ns as u32).or_default();
-                        if dump.len() < MAX_DUMPED_THREADS {
-                            dump.push((s.tid, s.frames));
-                        }
+                        self.add_dump_entry(s.cpu_ns as u32, s.tid, s.frames);
                         continue;
                     }
                     self.sample_span = Some(match self.sample_span {
                         Some((a, b)) => (a.min(s.time_ns), b.max(s.time_ns)),
                         None => (s.time_ns, s.time_ns),
                     });
-                    let t = self
-                        .cpu
-                        .entry(StackKey {
-                            tid: s.tid,
-                            frames: s.frames,
-                            flags: s.flags,
-                        })
-                        .or_default();
+                    let key = StackKey {
+                        tid: s.tid,
+                        frames: s.frames,
+                        flags: s.flags,
+                    };
+                    if !self.cpu.contains_key(&key) && !self.admit(stack_bytes(key.frames.len())) {
+                        self.cpu_dropped_over_cap += 1;
+                        continue;
+                    }
+                    let t = self.cpu.entry(key).or_default();
                     t.count = t.count.saturating_add(1);
                     t.cpu_ns = t.cpu_ns.saturating_add(s.cpu_ns);
                 }
@@ -227,9 +360,37 @@ impl Session {
                 self.counters = c;
                 self.said_goodbye = true;
             }
-            Message::Log(level, text) => log(level, &String::from_utf8_lossy(&text)),
+            Message::Log(level, text) => {
+                self.log_lines = self.log_lines.saturating_add(1);
+                if self.log_lines <= MAX_LOG_LINES {
+                    log(level, &String::from_utf8_lossy(&text));
+                } else if self.log_lines == MAX_LOG_LINES + 1 {
+                    log(
+                        Level::Warn,
+                        &format!(
+                            "this process sent more than {MAX_LOG_LINES} messages; \
+                             the rest are not shown"
+                        ),
+                    );
+                }
+            }
             Message::HeapBuckets(buckets) => {
                 for b in buckets {
+                    let (old_frames, exists) = self
+                        .heap
+                        .get(&b.id)
+                        .map_or((0, false), |e| (e.frames.len(), true));
+                    let new_frames = if b.frames.is_empty() {
+                        old_frames
+                    } else {
+                        b.frames.len()
+                    };
+                    let old = if exists { bucket_bytes(old_frames) } else { 0 };
+                    self.release(old);
+                    if !self.admit(bucket_bytes(new_frames)) {
+                        self.heap.remove(&b.id);
+                        continue;
+                    }
                     let e = self.heap.entry(b.id).or_default();
                     e.size = b.size;
                     e.counts = b.counts;
@@ -239,14 +400,126 @@ impl Session {
                 }
             }
             Message::MemStats(m) => self.mem_stats = Some(m),
-            Message::ThreadCreates(stacks) => self.thread_creates = stacks,
+            Message::ThreadCreates(stacks) => {
+                let old = creates_bytes(&self.thread_creates);
+                self.release(old);
+                if self.admit(creates_bytes(&stacks)) {
+                    self.thread_creates = stacks;
+                } else {
+                    self.thread_creates = Vec::new();
+                }
+            }
             Message::Control(_) => {} // only the collector sends commands
             Message::ThreadName(tid, name) => {
-                self.thread_names
-                    .insert(tid, String::from_utf8_lossy(&name).into_owned());
+                let old = self
+                    .thread_names
+                    .get(&tid)
+                    .map_or(0, |n| name_bytes(n.len()));
+                self.release(old);
+                if self.admit(name_bytes(name.len())) {
+                    self.thread_names
+                        .insert(tid, String::from_utf8_lossy(&name).into_owned());
+                } else {
+                    self.thread_names.remove(&tid);
+                }
             }
         }
+        if dropped_before == 0 && self.dropped_over_cap > 0 {
+            let mib = self.max_bytes.unwrap_or(0) >> 20;
+            log(
+                Level::Warn,
+                &format!(
+                    "this process sent more profile data than anyprof keeps per process \
+                     ({mib} MiB); from now on what would need more memory (new stacks, modules, \
+                     names, thread dumps, heap buckets) is dropped and counted; raise \
+                     --max-process-memory to keep more"
+                ),
+            );
+        }
     }
+
+    /// Takes thread dump `id` out of the session; its bytes no longer count against the cap.
+    pub fn take_thread_dump(&mut self, id: u32) -> Option<Vec<(u32, Vec<u64>)>> {
+        if let Some(at) = self.dump_order.iter().position(|(d, _)| *d == id) {
+            if let Some((_, counted)) = self.dump_order.remove(at) {
+                self.release(counted);
+            }
+        }
+        self.thread_dumps.remove(&id)
+    }
+
+    /// Adds one thread's stack to thread dump `id`; a new dump pushes the oldest out when
+    /// [`MAX_KEPT_DUMPS`] are kept.
+    fn add_dump_entry(&mut self, id: u32, tid: u32, frames: Vec<u64>) {
+        let bytes = stack_bytes(frames.len());
+        if !self.thread_dumps.contains_key(&id) {
+            while self.dump_order.len() >= MAX_KEPT_DUMPS {
+                if let Some((old, counted)) = self.dump_order.pop_front() {
+                    self.thread_dumps.remove(&old);
+                    self.release(counted);
+                }
+            }
+        }
+        let full = self
+            .thread_dumps
+            .get(&id)
+            .is_some_and(|d| d.len() >= MAX_DUMPED_THREADS);
+        if full || !self.admit(bytes) {
+            self.dropped_over_cap += u64::from(!full);
+            return;
+        }
+        match self.dump_order.iter_mut().find(|(d, _)| *d == id) {
+            Some((_, counted)) => *counted += bytes,
+            None => self.dump_order.push_back((id, bytes)),
+        }
+        self.thread_dumps.entry(id).or_default().push((tid, frames));
+    }
+
+    /// Counts `bytes` more against the cap, if they fit; otherwise counts one dropped item.
+    fn admit(&mut self, bytes: usize) -> bool {
+        let total = self.kept_bytes.saturating_add(bytes);
+        if self.max_bytes.is_some_and(|max| total > max) {
+            self.dropped_over_cap += 1;
+            return false;
+        }
+        self.kept_bytes = total;
+        true
+    }
+
+    /// Stops counting `bytes` that are no longer kept.
+    fn release(&mut self, bytes: usize) {
+        self.kept_bytes = self.kept_bytes.saturating_sub(bytes);
+    }
+}
+
+// What one kept item costs, roughly: its heap data plus the map entry and allocation
+// overheads. Estimates, but proportional to what a peer sends, which is what the cap is for.
+
+fn stack_bytes(frames: usize) -> usize {
+    frames.saturating_mul(8).saturating_add(96)
+}
+
+fn bucket_bytes(frames: usize) -> usize {
+    frames.saturating_mul(8).saturating_add(160)
+}
+
+fn name_bytes(len: usize) -> usize {
+    len.saturating_add(64)
+}
+
+fn module_bytes(m: &Module) -> usize {
+    m.path.len() + m.build_id.len() + 160
+}
+
+fn hello_bytes(h: &Hello) -> usize {
+    h.exe.len() + h.cmdline.len() + 128
+}
+
+fn creates_bytes(stacks: &[(u64, Vec<u64>)]) -> usize {
+    stacks
+        .iter()
+        .map(|(_, frames)| stack_bytes(frames.len()))
+        .sum()
 }
 
 /// A session shared between its reader thread and the code that builds profiles.
@@ -315,5 +588,130 @@ pub fn read_connection(
     }
     if let Ok(mut s) = session.lock() {
         s.closed_at = Some(Instant::now());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use anyprof_wire::{Sample, TimerKind};
+
+    fn samples(first: u64, n: u64, flags: u8, dump_id: u32) -> Message {
+        Message::CpuSamples(
+            (first..first + n)
+                .map(|i| Sample {
+                    tid: 1,
+                    flags,
+                    time_ns: i,
+                    cpu_ns: if flags & wire::FLAG_THREAD_DUMP != 0 {
+                        u64::from(dump_id)
+                    } else {
+                        1
+                    },
+                    frames: vec![i; 64],
+                })
+                .collect(),
+        )
+    }
+
+    fn warnings(session: &mut Session, msg: Message) -> Vec<String> {
+        let mut out = Vec::new();
+        session.apply(msg, &mut |level, text| {
+            if level == Level::Warn {
+                out.push(text.to_owned());
+            }
+        });
+        out
+    }
+
+    /// New stacks past the cap are dropped and counted as lost samples, with one warning;
+    /// stacks already kept still count.
+    #[test]
+    fn memory_cap_counts_bytes_and_warns_once() {
+        let cap = 100_000;
+        let mut s = Session {
+            max_bytes: Some(cap),
+            ..Session::default()
+        };
+        let mut warned = Vec::new();
+        for batch in 0..100 {
+            warned.extend(warnings(&mut s, samples(batch * 100, 100, 0, 0)));
+        }
+        assert!(s.kept_bytes <= cap, "{} > {cap}", s.kept_bytes);
+        assert!(s.cpu.len() < 10_000 && !s.cpu.is_empty());
+        assert_eq!(s.cpu_dropped_over_cap as usize, 10_000 - s.cpu.len());
+        assert_eq!(s.lost_samples(), s.cpu_dropped_over_cap);
+        assert_eq!(warned.len(), 1, "{warned:?}");
+        assert!(warned[0].contains("--max-process-memory"), "{}", warned[0]);
+        // A stack that is kept still aggregates.
+        let before = s.cpu.values().map(|t| t.count).sum::<u64>();
+        assert!(warnings(&mut s, samples(0, 1, 0, 0)).is_empty());
+        assert_eq!(s.cpu.values().map(|t| t.count).sum::<u64>(), before + 1);
+    }
+
+    /// Only the newest thread dumps are kept, and their bytes are given back when dropped.
+    #[test]
+    fn old_thread_dumps_are_dropped() {
+        let mut s = Session {
+            max_bytes: Some(1 << 20),
+            ..Session::default()
+        };
+        for id in 0..1000 {
+            s.apply(samples(0, 10, wire::FLAG_THREAD_DUMP, id), &mut |_, _| {});
+        }
+        assert_eq!(s.thread_dumps.len(), MAX_KEPT_DUMPS);
+        assert!(s.thread_dumps.contains_key(&999));
+        assert_eq!(s.dropped_over_cap, 0);
+        assert_eq!(s.kept_bytes, MAX_KEPT_DUMPS * 10 * stack_bytes(64));
+        assert_eq!(s.take_thread_dump(999).map(|d| d.len()), Some(10));
+        assert_eq!(s.kept_bytes, (MAX_KEPT_DUMPS - 1) * 10 * stack_bytes(64));
+    }
+
+    /// Groups are only taken from a process that still has the connection's uid and gid.
+    #[test]
+    fn groups_come_from_the_connected_process_only() {
+        let me = std::process::id();
+        // SAFETY: geteuid and getegid cannot fail.
+        let (uid, gid) = unsafe { (libc::geteuid(), libc::getegid()) };
+        let mut own: Vec<u32> = std::fs::read_to_string("/proc/self/status")
+            .unwrap()
+            .lines()
+            .find_map(|l| l.strip_prefix("Groups:"))
+            .unwrap()
+            .split_whitespace()
+            .map(|g| g.parse().unwrap())
+            .collect();
+        own.sort_unstable();
+        let mut got = supplementary_groups(me, uid, gid);
+        got.sort_unstable();
+        assert_eq!(got, own);
+        assert!(supplementary_groups(me, uid.wrapping_add(1), gid).is_empty());
+    }
+
+    /// The pid a process claims is replaced by the kernel's.
+    #[test]
+    fn the_kernels_pid_wins() {
+        let mut s = Session {
+            peer: Some(Peer {
+                pid: 4242,
+                ..Peer::default()
+            }),
+            ..Session::default()
+        };
+        s.apply(
+            Message::Hello(Hello {
+                pid: 1,
+                ppid: 0,
+                cpu_hz: 0,
+                timer: TimerKind::Off,
+                mem_rate: 0,
+                start_realtime_ns: 0,
+                start_monotonic_ns: 0,
+                exe: b"/sbin/init".to_vec(),
+                cmdline: b"init".to_vec(),
+            }),
+            &mut |_, _| {},
+        );
+        assert_eq!(s.pid(), Some(4242));
     }
 }

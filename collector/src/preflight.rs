@@ -52,10 +52,28 @@ fn resolve(program: &OsStr) -> Option<PathBuf> {
     })
 }
 
+/// The contents of the regular file at `path`, opened once without blocking: a FIFO put where
+/// the program was found (after the checks of [`resolve`]) is refused instead of hanging.
+fn read_regular_file(path: &Path) -> std::io::Result<Vec<u8>> {
+    use std::io::Read;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC)
+        .open(path)?;
+    if !file.metadata()?.is_file() {
+        return Err(std::io::Error::other("not a regular file"));
+    }
+    let mut data = Vec::new();
+    file.read_to_end(&mut data)?;
+    Ok(data)
+}
+
 /// True for a 64-bit ELF executable without `PT_INTERP` (nothing to load a preload).
 /// Scripts and files we cannot parse are given the benefit of the doubt.
 fn is_static_elf(path: &Path) -> Result<bool> {
-    let data = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let data =
+        read_regular_file(path).with_context(|| format!("cannot read {}", path.display()))?;
     if !data.starts_with(b"\x7fELF") {
         return Ok(false);
     }
@@ -106,7 +124,7 @@ const PREFIXED_ALLOCATORS: &[(&str, &str)] = &[
 /// profile. An executable that defines `malloc` itself is left to the preload, which sees at
 /// start that `malloc` is answered before it and says so.
 pub fn prefixed_allocator_warning(path: &Path) -> Option<String> {
-    let data = std::fs::read(path).ok()?;
+    let data = read_regular_file(path).ok()?;
     let elf = ElfFile64::<Endianness>::parse(data.as_slice()).ok()?;
     let mut found = None;
     for sym in elf.symbols().chain(elf.dynamic_symbols()) {

@@ -25,9 +25,10 @@ use anyhow::{bail, Context, Result};
 use clap::Args;
 
 use anyprof::collect::Collector;
-use anyprof::ingest::Session;
+use anyprof::ingest::{Peer, Session};
 use anyprof::symbolize::{lookup_address, module_of};
 use anyprof::{preflight, profile, summary};
+use anyprof_symbolizer::Access;
 use anyprof_wire::Module;
 
 /// Arguments of `anyprof record`.
@@ -414,7 +415,8 @@ fn start_prewarming(
             std::thread::park_timeout(wait);
             let snapshot = anyprof::collect::snapshot(&sessions);
             // Each module with the file addresses to look up in it, those of samples first.
-            let mut work: Vec<(&Module, Vec<u64>)> = Vec::new();
+            // With the rights of the process that loaded it (see symbolize::resolve_all).
+            let mut work: Vec<(&Module, Vec<u64>, Option<Access>)> = Vec::new();
             for s in &snapshot {
                 let Some(image) = s.image_key() else { continue };
                 let seen = looked_up.entry(image).or_default();
@@ -430,12 +432,15 @@ fn start_prewarming(
                 for (id, svmas) in by_module {
                     let m = &s.modules[&id];
                     opened.insert((m.path.clone(), m.build_id.clone()));
-                    work.push((m, svmas));
+                    work.push((m, svmas, s.peer.as_ref().map(Peer::access)));
                 }
             }
-            for m in snapshot.iter().flat_map(|s| s.modules.values()) {
-                if opened.insert((m.path.clone(), m.build_id.clone())) {
-                    work.push((m, vec![m.start.wrapping_sub(m.load_bias)]));
+            for s in &snapshot {
+                for m in s.modules.values() {
+                    if opened.insert((m.path.clone(), m.build_id.clone())) {
+                        let svmas = vec![m.start.wrapping_sub(m.load_bias)];
+                        work.push((m, svmas, s.peer.as_ref().map(Peer::access)));
+                    }
                 }
             }
             wait = if work.is_empty() {
@@ -443,7 +448,7 @@ fn start_prewarming(
             } else {
                 WARM_SOON
             };
-            for (m, svmas) in work {
+            for (m, svmas, access) in work {
                 if flag.load(Ordering::SeqCst) {
                     break;
                 }
@@ -453,7 +458,7 @@ fn start_prewarming(
                     build_id: &m.build_id,
                 };
                 if let Ok(mut sym) = symbolizer.lock() {
-                    sym.symbolize(&object, &svmas);
+                    sym.symbolize_many_as(access.as_ref(), &[(object, &svmas)]);
                 }
             }
         }

@@ -14,6 +14,7 @@ use std::time::Duration;
 use anyprof_symbolizer::{ObjectRef, Symbolized, Symbolizer};
 use anyprof_wire::Module;
 
+use crate::ingest::{Peer, Session};
 use crate::pprof::builder::FrameLine;
 
 /// The address to look up and record for frame `index` of a stack (0 = leaf) whose raw
@@ -75,13 +76,18 @@ fn slow_down_for_tests() {
     }
 }
 
-/// Symbolizes `addresses` (already adjusted by [`lookup_address`]). The modules are looked up
-/// in one call to the symbolizer, which works on several of them at once.
+/// Symbolizes `addresses` (already adjusted by [`lookup_address`]) in the modules of
+/// `session`. The modules are looked up in one call to the symbolizer, which works on several
+/// of them at once. Their files are read with the rights of the process that sent them (see
+/// [`anyprof_symbolizer::Symbolizer::symbolize_many_as`]): a process gets no names from a file
+/// its user could not read.
 pub fn resolve_all(
     symbolizer: &mut Symbolizer,
-    modules: &BTreeMap<u32, Module>,
+    session: &Session,
     addresses: impl IntoIterator<Item = u64>,
 ) -> (HashMap<u64, Resolved>, HashMap<u32, ModuleOutcome>) {
+    let modules = &session.modules;
+    let access = session.peer.as_ref().map(Peer::access);
     let mut by_module: HashMap<Option<u32>, Vec<u64>> = HashMap::new();
     if GIVE_UP.load(Ordering::SeqCst) {
         // Addresses in their modules, without names: pprof can still name them later from
@@ -137,7 +143,7 @@ pub fn resolve_all(
             (object, &svmas[..])
         })
         .collect();
-    let answers = symbolizer.symbolize_many(&requests);
+    let answers = symbolizer.symbolize_many_as(access.as_ref(), &requests);
     let mut outcomes = HashMap::new();
     for ((module, addrs, _, _), results) in batches.iter().zip(answers) {
         let outcome: &mut ModuleOutcome = outcomes.entry(module.id).or_default();

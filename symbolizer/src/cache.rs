@@ -1,4 +1,10 @@
-//! A bounded cache of opened objects, keyed by path and expected build id.
+//! A bounded cache of opened objects, keyed by path, expected build id and the access they
+//! were opened with.
+//!
+//! The access is part of the key because an object opened for one user (root's process) must
+//! not answer for another who could not have opened its files: each user whose rights the
+//! symbolizer takes (see [`crate::access`]) gets objects opened with those rights. `None`
+//! stands for the symbolizer's own rights.
 //!
 //! Failures are cached like successes, so a missing or broken file costs one attempt, not one
 //! per batch. A successfully opened object is dropped and opened again when the path now names
@@ -11,7 +17,9 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
-use crate::Miss;
+use crate::{Access, Miss};
+
+type Key = (PathBuf, Vec<u8>, Option<Access>);
 
 /// How many objects stay open. A process rarely maps more than a few dozen objects that it
 /// executes code from; this leaves room for several processes.
@@ -19,7 +27,7 @@ pub(crate) const DEFAULT_CAPACITY: usize = 128;
 
 /// Cached results of opening objects.
 pub(crate) struct Cache<T> {
-    entries: HashMap<(PathBuf, Vec<u8>), Slot<T>>,
+    entries: HashMap<Key, Slot<T>>,
     capacity: usize,
     clock: u64,
 }
@@ -47,11 +55,12 @@ impl<T> Cache<T> {
         &mut self,
         path: &Path,
         build_id: &[u8],
+        access: Option<&Access>,
         is_stale: impl FnOnce(&T) -> bool,
     ) -> Option<Result<T, Miss>> {
         let value = self
             .entries
-            .remove(&(path.to_path_buf(), build_id.to_vec()))?
+            .remove(&(path.to_path_buf(), build_id.to_vec(), access.cloned()))?
             .value;
         match &value {
             Ok(object) if is_stale(object) => None,
@@ -61,9 +70,15 @@ impl<T> Cache<T> {
 
     /// Caches `value` for `path` and `build_id` as the entry used most recently, closing the
     /// one used least recently if the cache is full.
-    pub(crate) fn insert(&mut self, path: &Path, build_id: &[u8], value: Result<T, Miss>) {
+    pub(crate) fn insert(
+        &mut self,
+        path: &Path,
+        build_id: &[u8],
+        access: Option<&Access>,
+        value: Result<T, Miss>,
+    ) {
         self.clock += 1;
-        let key = (path.to_path_buf(), build_id.to_vec());
+        let key = (path.to_path_buf(), build_id.to_vec(), access.cloned());
         if !self.entries.contains_key(&key) && self.entries.len() >= self.capacity {
             self.evict_least_recently_used();
         }
@@ -109,12 +124,12 @@ mod tests {
         open: Result<u32, Miss>,
     ) -> Result<u32, Miss> {
         let value = cache
-            .take(Path::new(path), build_id, |_| stale)
+            .take(Path::new(path), build_id, None, |_| stale)
             .unwrap_or_else(|| {
                 *opened += 1;
                 open
             });
-        cache.insert(Path::new(path), build_id, value.clone());
+        cache.insert(Path::new(path), build_id, None, value.clone());
         value
     }
 
@@ -134,6 +149,26 @@ mod tests {
         );
         assert_eq!(opened, 2);
         assert_eq!(cache.len(), 2);
+    }
+
+    /// What was opened with one user's rights is not handed to another.
+    #[test]
+    fn entries_belong_to_one_access() {
+        let mut cache = Cache::new(4);
+        let nobody = Access::new(65534, 65534, vec![]);
+        cache.insert(Path::new("/a"), b"", None, Ok(1));
+        assert!(cache
+            .take(Path::new("/a"), b"", Some(&nobody), |_| false)
+            .is_none());
+        cache.insert(Path::new("/a"), b"", Some(&nobody), Err(Miss::NotElf));
+        assert_eq!(
+            cache.take(Path::new("/a"), b"", None, |_| false),
+            Some(Ok(1))
+        );
+        assert_eq!(
+            cache.take(Path::new("/a"), b"", Some(&nobody), |_| false),
+            Some(Err(Miss::NotElf))
+        );
     }
 
     #[test]

@@ -46,7 +46,7 @@ pub(crate) fn find_supplementary(
     dwarf_path: &Path,
     altlink: &AltLink,
     debug_dirs: &[PathBuf],
-) -> Option<PathBuf> {
+) -> Option<MappedFile> {
     let mut candidates = Vec::new();
     let name = Path::new(OsStr::from_bytes(&altlink.file));
     if !name.as_os_str().is_empty() {
@@ -60,14 +60,12 @@ pub(crate) fn find_supplementary(
             .iter()
             .filter_map(|dir| build_id_path(dir, &altlink.build_id)),
     );
-    candidates.into_iter().find(|path| {
-        let Ok(map) = MappedFile::open(path) else {
-            return false;
-        };
-        let Ok(file) = elf::parse(map.bytes()) else {
-            return false;
-        };
-        ElfFacts::read(&file).build_id.as_deref() == Some(&altlink.build_id[..])
+    candidates.into_iter().find_map(|path| {
+        let map = MappedFile::open(&path).ok()?;
+        let file = elf::parse(map.bytes()).ok()?;
+        let matches = ElfFacts::read(&file).build_id.as_deref() == Some(&altlink.build_id[..]);
+        drop(file);
+        matches.then_some(map)
     })
 }
 

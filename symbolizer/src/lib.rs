@@ -26,6 +26,15 @@
 //!    libraries): the debug file's `.symtab`, then the object's `.symtab`, then its `.dynsym`.
 //!    A function name alone is better than an address.
 //!
+//! # Whose rights open the files
+//!
+//! Every file is opened once, without blocking, checked through its descriptor to be a regular
+//! file, and mapped from that descriptor (a FIFO named like a debug file cannot hang the
+//! caller). A collector running as root that symbolizes for another user's process passes that
+//! process's [`Access`] ([`Symbolizer::symbolize_many_as`]): files are then opened with that
+//! user's rights only, on the thread that opens them, and objects opened for one user are not
+//! handed to another.
+//!
 //! Names are demangled by their mangling scheme: Rust (legacy and v0, without the hash) and
 //! Itanium C++, as `c++filt` prints them; the raw name is kept beside the readable one.
 //!
@@ -108,6 +117,7 @@
 //! }
 //! ```
 
+mod access;
 mod cache;
 mod debug_file;
 mod demangle;
@@ -120,6 +130,7 @@ mod symbolized;
 mod symbolizer;
 mod symtab;
 
+pub use access::Access;
 pub use miss::Miss;
 pub use symbolized::{Frame, Symbolized};
 pub use symbolizer::{ObjectRef, Symbolizer};

@@ -51,16 +51,24 @@ impl LoadedObject {
         // CRT or a static library built with -g), and a separate debug file is complete.
         let debug = debug_file::find(path, map.identity(), &facts, debug_dirs);
         let dwarf_source = match &debug {
-            Some(debug) if debug.facts.has_dwarf => Some((debug.path.as_path(), &debug.facts)),
-            _ if facts.has_dwarf => Some((path, &facts)),
+            Some(debug) if debug.facts.has_dwarf => {
+                Some((debug.path.as_path(), &debug.map, &debug.facts))
+            }
+            _ if facts.has_dwarf => Some((path, &map, &facts)),
             _ => None,
         };
-        let dwarf = dwarf_source.and_then(|(dwarf_path, dwarf_facts)| {
+        let dwarf = dwarf_source.and_then(|(dwarf_path, dwarf_map, dwarf_facts)| {
             let supplementary = dwarf_facts
                 .altlink
                 .as_ref()
                 .and_then(|link| debug_file::find_supplementary(dwarf_path, link, debug_dirs));
-            Dwarf::load(dwarf_path, supplementary.as_deref())
+            // `<file>.dwp` beside the DWARF, as gdb and addr2line look for it; beside the
+            // object too when the DWARF is in a separate debug file.
+            let mut packages = vec![with_dwp_suffix(dwarf_path)];
+            if dwarf_path != path {
+                packages.push(with_dwp_suffix(path));
+            }
+            Dwarf::load(dwarf_map, supplementary.as_ref(), packages)
         });
 
         Ok(LoadedObject {
@@ -122,6 +130,13 @@ impl LoadedObject {
             .find_map(|image| image.symbol(address))
             .map(|name| String::from_utf8_lossy(name).into_owned())
     }
+}
+
+/// `path` with `.dwp` appended to its file name (`libx.so.1` → `libx.so.1.dwp`).
+fn with_dwp_suffix(path: &Path) -> PathBuf {
+    let mut name = path.as_os_str().to_os_string();
+    name.push(".dwp");
+    PathBuf::from(name)
 }
 
 /// A mapped ELF file and its symbol tables, read on first use.

@@ -1,18 +1,22 @@
-//! The one place where this crate maps files into memory.
+//! The one place where this crate opens files, and maps them into memory.
 //!
-//! Object files are opened read-only and without blocking (a FIFO or device behind a path must
-//! not hang the collector), checked to be regular files, and mapped whole. The mapping stays
-//! valid after the file is deleted, so a library that was upgraded or removed while the profiled
-//! program ran can still be symbolized from the copy we hold.
+//! Every file the crate reads (objects, separate debug files, `dwz` supplementary files,
+//! split-DWARF `.dwp` and `.dwo` files) is opened here, once: read-only, without blocking (a
+//! FIFO or device behind a path, perhaps placed there by the profiled process's user, must not
+//! hang the collector), close-on-exec; the *descriptor* is then checked to be a regular file
+//! and mapped whole. Nothing is re-opened by path, so what was checked is what is read.
+//! Symbolic links are followed: distributions ship debug files as links under
+//! `/usr/lib/debug/.build-id/`. Whose rights the open uses is decided by the caller (see
+//! [`crate::access`]).
 //!
-//! The DWARF side of the crate is read through `addr2line::Loader`, which maps the file it is
-//! given by itself; everything else (ELF headers, symbol tables, debug-file probing) reads the
-//! bytes mapped here.
+//! The mapping stays valid after the file is deleted, so a library that was upgraded or
+//! removed while the profiled program ran can still be symbolized from the copy we hold.
 
 use std::fs::{Metadata, OpenOptions};
 use std::io;
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::Path;
+use std::sync::Arc;
 
 use memmap2::Mmap;
 
@@ -66,23 +70,31 @@ impl From<io::Error> for MapError {
     }
 }
 
-/// A whole file mapped read-only.
+/// A whole file mapped read-only. Clones share the mapping.
+#[derive(Clone)]
 pub(crate) struct MappedFile {
     /// `None` for an empty file, which cannot be mapped.
-    map: Option<Mmap>,
+    map: Option<Arc<Mmap>>,
     identity: FileIdentity,
 }
 
 impl MappedFile {
-    /// Opens `path` and maps all of it.
+    /// Opens `path` and maps all of it: `O_RDONLY | O_NONBLOCK | O_CLOEXEC`, then `fstat` of
+    /// that descriptor must show a regular file, then that descriptor is mapped.
     pub(crate) fn open(path: &Path) -> Result<MappedFile, MapError> {
+        // std opens with O_CLOEXEC always.
         let file = OpenOptions::new()
             .read(true)
-            .custom_flags(libc::O_NONBLOCK)
+            .custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC)
             .open(path)?;
         let meta = file.metadata()?;
         if !meta.is_file() {
             return Err(MapError::NotAFile);
+        }
+        if !crate::access::may_read(&meta) {
+            return Err(MapError::Io(io::Error::from(
+                io::ErrorKind::PermissionDenied,
+            )));
         }
         let map = if meta.len() == 0 {
             None
@@ -93,7 +105,7 @@ impl MappedFile {
             // managers), which leaves this mapping intact. A file truncated in place would raise
             // SIGBUS on access, the same risk every symbolizer that maps files (gdb, perf,
             // addr2line) takes; it is listed as a limitation in the crate docs.
-            Some(unsafe { Mmap::map(&file) }?)
+            Some(Arc::new(unsafe { Mmap::map(&file) }?))
         };
         Ok(MappedFile {
             map,
@@ -103,7 +115,7 @@ impl MappedFile {
 
     /// The file's contents.
     pub(crate) fn bytes(&self) -> &[u8] {
-        self.map.as_deref().unwrap_or(&[])
+        self.map.as_deref().map_or(&[], |map| &map[..])
     }
 
     /// The identity of the file as it was when it was mapped.

@@ -10,6 +10,7 @@ use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
+use crate::access::{self, Access};
 use crate::cache::{self, Cache};
 use crate::loaded::LoadedObject;
 use crate::mmap::FileIdentity;
@@ -81,6 +82,21 @@ impl Symbolizer {
     /// compressed sections, indexing the units — and parsing the units its addresses fall in
     /// takes tens of milliseconds, and a profile usually needs several such objects.
     pub fn symbolize_many(&mut self, batches: &[(ObjectRef<'_>, &[u64])]) -> Vec<Vec<Symbolized>> {
+        self.symbolize_many_as(None, batches)
+    }
+
+    /// [`Symbolizer::symbolize_many`] for a process of another user: when this process runs
+    /// as root and `access` is not root's, every file is opened with `access`'s rights only
+    /// (a file that user could not read is [`Miss::FileUnreadable`]); when it runs as another
+    /// user, each file's permission bits must also let `access` read it. The objects cached
+    /// for `access` are kept apart from those opened with other rights. `None`, root's or
+    /// our own user's access open files with this process's own rights.
+    pub fn symbolize_many_as(
+        &mut self,
+        access: Option<&Access>,
+        batches: &[(ObjectRef<'_>, &[u64])],
+    ) -> Vec<Vec<Symbolized>> {
+        let access = access.filter(|a| !a.is_own());
         let mut answers: Vec<Vec<Symbolized>> = vec![Vec::new(); batches.len()];
         let mut jobs: Vec<Job<'_>> = Vec::new();
         let mut job_of: HashMap<(&Path, &[u8]), usize> = HashMap::new();
@@ -97,9 +113,11 @@ impl Symbolizer {
                 .or_insert_with(|| {
                     jobs.push(Job {
                         object: *object,
-                        loaded: self.cache.take(object.path, object.build_id, |loaded| {
-                            is_stale(object, loaded)
-                        }),
+                        loaded: self
+                            .cache
+                            .take(object.path, object.build_id, access, |loaded| {
+                                is_stale(object, loaded)
+                            }),
                         batches: Vec::new(),
                         addresses: 0,
                     });
@@ -114,6 +132,23 @@ impl Symbolizer {
 
         let debug_dirs = &self.debug_dirs;
         let done = parallel_map(jobs, |job| {
+            // Opening (and lazy loading during lookups) happens with the access's rights, on
+            // this thread only, until `_rights` is dropped at the end of the job.
+            let _rights = match access.map(access::act_as) {
+                Some(Err(err)) => {
+                    let miss = Miss::FileUnreadable(format!(
+                        "cannot take the profiled process's user rights to read it: {err}"
+                    ));
+                    let answered = job
+                        .batches
+                        .iter()
+                        .map(|&i| (i, vec![Symbolized::Miss(miss.clone()); batches[i].1.len()]))
+                        .collect::<Vec<_>>();
+                    return (job.object, job.loaded, answered);
+                }
+                Some(Ok(rights)) => Some(rights),
+                None => None,
+            };
             let loaded = job.loaded.unwrap_or_else(|| {
                 catch_unwind(AssertUnwindSafe(|| {
                     LoadedObject::open(job.object.path, job.object.build_id, debug_dirs)
@@ -132,13 +167,16 @@ impl Symbolizer {
                     (i, answer)
                 })
                 .collect();
-            (job.object, loaded, answered)
+            (job.object, Some(loaded), answered)
         });
         for (object, loaded, answered) in done {
             for (i, answer) in answered {
                 answers[i] = answer;
             }
-            self.cache.insert(object.path, object.build_id, loaded);
+            if let Some(loaded) = loaded {
+                self.cache
+                    .insert(object.path, object.build_id, access, loaded);
+            }
         }
         answers
     }

@@ -735,3 +735,143 @@ fn compressed_debug_section_claiming_gigabytes_is_not_decompressed() {
         Some("leaf")
     );
 }
+
+/// Split DWARF (`-gsplit-dwarf`): the inline chain comes from the `.dwo` file the skeleton
+/// names, and from a `.dwp` package beside the program once the `.dwo` is gone.
+#[test]
+fn split_dwarf_from_dwo_and_dwp() {
+    let dir = TempDir::new("split-dwarf");
+    // DWARF 4: binutils' `dwp` cannot package DWARF 5 split units.
+    let prog = compile(
+        &dir,
+        "c++",
+        "prog.cpp",
+        CPP_SOURCE,
+        "prog",
+        &["-gsplit-dwarf", "-gdwarf-4"],
+    );
+    let method = symbol(&prog, METHOD);
+    let dwo = dir.join("prog.dwo");
+    assert!(dwo.exists(), "the compiler wrote no prog.dwo");
+    assert_full_dwarf(&mut Symbolizer::new(), &prog, method.address, method.size);
+
+    // `dwp` finds the `.dwo` files relative to its working directory.
+    let packed = std::process::Command::new("dwp")
+        .current_dir(dir.path())
+        .args(["-e", "prog", "-o", "prog.dwp"])
+        .status()
+        .expect("cannot run dwp; is binutils installed?");
+    assert!(packed.success(), "dwp failed");
+    std::fs::remove_file(&dwo).unwrap();
+    assert_full_dwarf(&mut Symbolizer::new(), &prog, method.address, method.size);
+}
+
+/// A FIFO where the `.dwp` package and the `.dwo` file are looked for (anyone who can write
+/// beside a library can make one) is refused without blocking: the symbol table still
+/// names the function. Opening either with a blocking open would hang here for ever.
+#[test]
+fn fifo_split_dwarf_files_do_not_hang() {
+    let dir = TempDir::new("split-fifo");
+    let prog = compile(
+        &dir,
+        "c++",
+        "prog.cpp",
+        CPP_SOURCE,
+        "prog",
+        &["-gsplit-dwarf", "-gdwarf-4"],
+    );
+    let method = symbol(&prog, METHOD);
+    let dwo = dir.join("prog.dwo");
+    std::fs::remove_file(&dwo).unwrap();
+    run("mkfifo", &[&dwo, &dir.join("prog.dwp")]);
+
+    let (done, answer) = std::sync::mpsc::channel();
+    let path = prog.clone();
+    std::thread::spawn(move || {
+        let answers = Symbolizer::new().symbolize(&object(&path), &[method.address]);
+        let _ = done.send(answers);
+    });
+    let answers = answer
+        .recv_timeout(std::time::Duration::from_secs(60))
+        .expect("symbolizing hung on a FIFO named like a split-DWARF file");
+    assert_eq!(
+        frames(&answers[0]).last().unwrap().function.as_deref(),
+        Some("ns::Klass::method(int)")
+    );
+}
+
+/// As root, for a process of `nobody`: a file only root may read gives no symbols, whatever
+/// root's own lookups cached before; the same program readable by everyone does.
+#[test]
+fn files_are_read_with_the_processes_rights() {
+    use anyprof_symbolizer::Access;
+    use std::os::unix::fs::PermissionsExt;
+    // SAFETY: geteuid cannot fail.
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!("not root: the credential switch is not used");
+        return;
+    }
+    let dir = TempDir::new("access");
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let open = build_c(&dir, "open", &[]);
+    let secret = dir.join("secret");
+    std::fs::copy(&open, &secret).unwrap();
+    std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let leaf = symbol(&open, "leaf").address;
+    let nobody = Access::new(65534, 65534, vec![]);
+    let name = |answer: &Symbolized| {
+        frames(answer)
+            .last()
+            .and_then(|f| f.function.clone())
+            .unwrap_or_default()
+    };
+
+    let mut symbolizer = Symbolizer::new();
+    let as_root = symbolizer.symbolize(&object(&secret), &[leaf]);
+    assert_eq!(name(&as_root[0]), "leaf");
+    let for_nobody = symbolizer.symbolize_many_as(Some(&nobody), &[(object(&secret), &[leaf])]);
+    assert!(
+        matches!(&for_nobody[0][0], Symbolized::Miss(Miss::FileUnreadable(_))),
+        "{:?}",
+        for_nobody[0][0]
+    );
+    let readable = symbolizer.symbolize_many_as(Some(&nobody), &[(object(&open), &[leaf])]);
+    assert_eq!(name(&readable[0][0]), "leaf");
+}
+
+/// A FIFO where the debug file is looked for by build id, and one named by
+/// `.gnu_debuglink` beside the program, are passed over without blocking.
+#[test]
+fn fifo_debug_files_do_not_hang() {
+    let dir = TempDir::new("debug-fifo");
+    let prog = build_cpp(&dir, "prog");
+    let method = symbol(&prog, METHOD);
+    let hex: String = build_id(&prog).iter().map(|b| format!("{b:02x}")).collect();
+    let by_id = dir
+        .join("debug")
+        .join(".build-id")
+        .join(&hex[..2])
+        .join(format!("{}.debug", &hex[2..]));
+    std::fs::create_dir_all(by_id.parent().unwrap()).unwrap();
+    run("mkfifo", &[&by_id]);
+    let linked = dir.join("prog.debug");
+    run("objcopy", &[&"--only-keep-debug", &prog, &linked]);
+    run("strip", &[&"--strip-debug", &prog]);
+    run("objcopy", &[&"--add-gnu-debuglink", &linked, &prog]);
+    std::fs::remove_file(&linked).unwrap();
+    run("mkfifo", &[&linked]);
+
+    let (done, answer) = std::sync::mpsc::channel();
+    let (path, debug_dir) = (prog.clone(), dir.join("debug"));
+    std::thread::spawn(move || {
+        let mut symbolizer = Symbolizer::with_debug_dirs(vec![debug_dir]);
+        let _ = done.send(symbolizer.symbolize(&object(&path), &[method.address]));
+    });
+    let answers = answer
+        .recv_timeout(std::time::Duration::from_secs(60))
+        .expect("symbolizing hung on a FIFO named like a debug file");
+    assert_eq!(
+        frames(&answers[0]).last().unwrap().function.as_deref(),
+        Some("ns::Klass::method(int)")
+    );
+}

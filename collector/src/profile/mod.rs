@@ -38,7 +38,7 @@ impl Locator {
                     .map(move |(i, &raw)| lookup_address(i, raw, leaf_is_exact))
             })
             .collect();
-        let (resolved, outcomes) = resolve_all(symbolizer, &session.modules, addresses);
+        let (resolved, outcomes) = resolve_all(symbolizer, session, addresses);
         let exe = session
             .hello
             .as_ref()

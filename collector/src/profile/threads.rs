@@ -107,7 +107,7 @@ pub fn stack_lines(
         .enumerate()
         .map(|(i, &raw)| lookup_address(i, raw, leaf_is_exact))
         .collect();
-    let (resolved, _) = resolve_all(symbolizer, &session.modules, addrs.iter().copied());
+    let (resolved, _) = resolve_all(symbolizer, session, addrs.iter().copied());
     let mut out = Vec::new();
     for a in addrs {
         let r = resolved.get(&a).cloned().unwrap_or_default();

@@ -295,11 +295,8 @@ fn symbol(state: &State, t: &Target, method: &tiny_http::Method, body: &[u8]) ->
         .filter_map(|a| u64::from_str_radix(a.trim().trim_start_matches("0x"), 16).ok())
         .take(10_000)
         .collect();
-    let (resolved, _) = crate::symbolize::resolve_all(
-        &mut *symbolizer(state)?,
-        &session.modules,
-        addrs.iter().copied(),
-    );
+    let (resolved, _) =
+        crate::symbolize::resolve_all(&mut *symbolizer(state)?, &session, addrs.iter().copied());
     let mut out = String::new();
     for a in addrs {
         if let Some(line) = resolved.get(&a).and_then(|r| r.lines.last()) {

@@ -36,6 +36,11 @@ pub struct ServeArgs {
     /// Longest CPU profile a request may ask for, in seconds
     #[arg(long, value_name = "SECS", default_value_t = 300)]
     pub max_seconds: u64,
+    /// Most profile data kept per connected process, in MiB (stacks, modules, thread names
+    /// and dumps, heap buckets); past it, new data from that process is dropped and counted,
+    /// with one warning. 0: no cap
+    #[arg(long, value_name = "MIB", default_value_t = crate::ingest::DEFAULT_MAX_PROCESS_MIB)]
+    pub max_process_memory: usize,
     /// Requests served at once; more wait for a free worker
     #[arg(long, value_name = "N", default_value_t = 32)]
     pub workers: usize,
@@ -73,6 +78,8 @@ pub fn run(args: ServeArgs) -> Result<std::process::ExitCode> {
             trace_mem: false,
             allowed_uids: Some(allowed),
             reap: true,
+            max_process_bytes: (args.max_process_memory > 0)
+                .then(|| args.max_process_memory.saturating_mul(1 << 20)),
         },
     )?);
     let server = tiny_http::Server::http(args.http)

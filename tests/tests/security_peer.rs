@@ -1,0 +1,670 @@
+//! Attacks on the collector by the processes it serves (issue 12: files opened for a process,
+//! the pid it claims, and the memory it may make the collector keep).
+//!
+//! * [`fifo_split_dwarf_files_do_not_hang_record`]: FIFOs named like the `.dwp` package and
+//!   the `.dwo` file of a library the program uses; `anyprof record` still finishes, with a
+//!   profile that names the library's function (from its symbol table).
+//! * [`root_daemon_reads_files_with_the_peers_rights`]: a process of `nobody` connects to a
+//!   root `anyprof serve --allow-uid 65534` and names, as its modules, a root-only (0600)
+//!   library and a world-readable one; the daemon names the function of the readable one
+//!   only. The same process claims to be pid 1 and is listed under its real pid.
+//! * [`peer_over_its_memory_cap_is_cut_off`]: a process sends hundreds of MiB of distinct
+//!   stacks to a daemon with `--max-process-memory 16`: the daemon's memory stays bounded, it
+//!   warns once naming the pid and the flag, and it still serves another process.
+//!
+//! The hostile processes are `tests/programs/seqpacket_relay.c`, which sends whatever
+//! messages the test built with the wire crate's encoders, run as `nobody`.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyprof_tests::{binaries, clean_command, compile, scratch_dir, ProfileView};
+use anyprof_wire as wire;
+
+const NOBODY: u32 = 65534;
+const NOGROUP: u32 = 65534;
+
+fn is_root() -> bool {
+    // SAFETY: geteuid cannot fail.
+    unsafe { libc::geteuid() == 0 }
+}
+
+/// A scratch directory that `nobody` can search.
+fn open_scratch(name: &str) -> PathBuf {
+    let dir = scratch_dir(name);
+    let mut up = dir.as_path();
+    // Every directory above must be searchable too (they normally are: 755).
+    while let Some(parent) = up.parent() {
+        let mode = std::fs::metadata(parent).map_or(0, |m| m.permissions().mode());
+        assert!(
+            mode & 0o001 != 0,
+            "{} is not searchable by other users; the test needs it to be",
+            parent.display()
+        );
+        up = parent;
+    }
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+    dir
+}
+
+fn run_ok(cmd: &mut Command) {
+    let out = cmd
+        .output()
+        .unwrap_or_else(|e| panic!("running {cmd:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Compiles C `source` into a shared library `dir/name`, in `dir`, with `flags`.
+fn shared_library(dir: &Path, name: &str, source: &str, flags: &[&str]) -> PathBuf {
+    let src = dir.join(format!("{name}.c"));
+    std::fs::write(&src, source).unwrap();
+    run_ok(
+        Command::new("cc")
+            .current_dir(dir)
+            .args(["-shared", "-fPIC", "-O1"])
+            .args(flags)
+            .arg("-o")
+            .arg(name)
+            .arg(&src),
+    );
+    dir.join(name)
+}
+
+/// The address of function `name` in the ELF file at `path`, as `nm` states it.
+fn function_address(path: &Path, name: &str) -> u64 {
+    let out = Command::new("nm")
+        .arg("--defined-only")
+        .arg(path)
+        .output()
+        .expect("running nm (install binutils)");
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .find_map(|line| {
+            let mut fields = line.split_whitespace();
+            let address = fields.next()?;
+            let _kind = fields.next()?;
+            (fields.next()? == name).then(|| u64::from_str_radix(address, 16).ok())?
+        })
+        .unwrap_or_else(|| panic!("{name} not found by nm in {}", path.display()))
+}
+
+// ---------------------------------------------------------------------------------------
+// (a) FIFOs where split DWARF is looked for
+// ---------------------------------------------------------------------------------------
+
+const FIFO_LIB: &str = r#"
+volatile unsigned long fifo_sink;
+__attribute__((noinline)) void fifo_lib_spin(void) {
+    for (unsigned long i = 0; i < 400000000UL; i++)
+        fifo_sink += i;
+}
+"#;
+
+const FIFO_MAIN: &str = r#"
+void fifo_lib_spin(void);
+int main(void) {
+    fifo_lib_spin();
+    return 0;
+}
+"#;
+
+#[test]
+fn fifo_split_dwarf_files_do_not_hang_record() {
+    let dir = scratch_dir("security_peer_fifo");
+    // Split DWARF: the library's skeleton units name a .dwo file, and a .dwp package is
+    // looked for beside the library. Both become FIFOs that no one ever writes.
+    let lib = shared_library(
+        &dir,
+        "libfifo.so",
+        FIFO_LIB,
+        &["-g", "-gsplit-dwarf", "-gdwarf-4"],
+    );
+    let mut fifos = vec![dir.join("libfifo.so.dwp")];
+    for entry in std::fs::read_dir(&dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().is_some_and(|e| e == "dwo") {
+            std::fs::remove_file(&path).unwrap();
+            fifos.push(path);
+        }
+    }
+    assert!(fifos.len() >= 2, "the compiler wrote no .dwo file");
+    for fifo in &fifos {
+        run_ok(Command::new("mkfifo").arg(fifo));
+    }
+    std::fs::write(dir.join("main.c"), FIFO_MAIN).unwrap();
+    let rpath = format!("-Wl,-rpath,{}", dir.display());
+    run_ok(
+        Command::new("cc")
+            .current_dir(&dir)
+            .args(["-O1", "-o", "main", "main.c", "-L."])
+            .arg("-lfifo")
+            .arg(&rpath),
+    );
+    assert!(lib.is_file());
+
+    let out_dir = dir.join("profile");
+    let mut child = clean_command(binaries().anyprof)
+        .args(["record", "-q", "-o"])
+        .arg(&out_dir)
+        .arg("--")
+        .arg(dir.join("main"))
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("starting anyprof record");
+    let limit = Duration::from_secs(120);
+    let start = Instant::now();
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if start.elapsed() > limit {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!(
+                "HANG: anyprof record did not finish within {limit:?} with FIFOs at {fifos:?} \
+                 (a blocking open of a split-DWARF file)"
+            );
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let mut stderr = String::new();
+    let _ = child.stderr.take().unwrap().read_to_string(&mut stderr);
+    assert!(
+        status.success(),
+        "anyprof record failed: {status}\n{stderr}"
+    );
+    let profile = anyprof::pprof::read_file(&out_dir.join("cpu.pb.gz"))
+        .unwrap_or_else(|e| panic!("no CPU profile: {e:#}\n{stderr}"));
+    let dump = ProfileView::new(profile).dump();
+    assert!(
+        dump.contains("fifo_lib_spin"),
+        "the library's function is not named (its symbol table still names it):\n{dump}"
+    );
+}
+
+// ---------------------------------------------------------------------------------------
+// A daemon, an HTTP client and a hostile peer
+// ---------------------------------------------------------------------------------------
+
+/// A running `anyprof serve`, killed when dropped.
+struct Daemon {
+    child: Child,
+    pid: u32,
+    port: u16,
+    stderr_path: PathBuf,
+}
+
+impl Daemon {
+    /// `anyprof serve --socket SOCKET --http 127.0.0.1:PORT ARGS`, connectable by other users.
+    fn start(dir: &Path, socket: &Path, args: &[&str]) -> Daemon {
+        let stderr_path = dir.join("daemon.stderr");
+        for _ in 0..3 {
+            let port = TcpListener::bind("127.0.0.1:0")
+                .and_then(|l| l.local_addr())
+                .map(|a| a.port())
+                .expect("a free port");
+            let mut cmd = clean_command(binaries().anyprof);
+            cmd.arg("serve")
+                .arg("--socket")
+                .arg(socket)
+                .arg("--http")
+                .arg(format!("127.0.0.1:{port}"))
+                .args(args)
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(std::fs::File::create(&stderr_path).unwrap());
+            // SAFETY: runs in the forked child before exec; umask(2) is async-signal-safe.
+            // With umask 0 the socket file is connectable by `nobody` whatever the daemon's
+            // own policy for it.
+            unsafe {
+                cmd.pre_exec(|| {
+                    libc::umask(0);
+                    Ok(())
+                });
+            }
+            let child = cmd.spawn().expect("starting anyprof serve");
+            let mut daemon = Daemon {
+                pid: child.id(),
+                child,
+                port,
+                stderr_path: stderr_path.clone(),
+            };
+            let start = Instant::now();
+            while start.elapsed() < Duration::from_secs(15) {
+                if daemon.child.try_wait().ok().flatten().is_some() {
+                    break;
+                }
+                if http(port, "GET", "/debug/pprof/", b"").is_ok_and(|(status, _)| status == 200)
+                    && socket.exists()
+                {
+                    return daemon;
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            let _ = daemon.child.kill();
+            eprintln!("anyprof serve did not start:\n{}", daemon.stderr());
+        }
+        panic!("could not start anyprof serve");
+    }
+
+    fn stderr(&self) -> String {
+        std::fs::read_to_string(&self.stderr_path).unwrap_or_default()
+    }
+
+    /// VmRSS in KiB.
+    fn rss_kib(&self) -> u64 {
+        std::fs::read_to_string(format!("/proc/{}/status", self.pid))
+            .unwrap_or_default()
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .unwrap_or_else(|| panic!("no VmRSS for the daemon; stderr:\n{}", self.stderr()))
+    }
+
+    fn get(&self, path: &str) -> (u16, Vec<u8>) {
+        http(self.port, "GET", path, b"")
+            .unwrap_or_else(|e| panic!("GET {path}: {e}\ndaemon stderr:\n{}", self.stderr()))
+    }
+
+    /// The names `/symbol` gives for `addresses` of process `pid`, one line per address,
+    /// once they include `expected` (the process's messages may still be on their way), or
+    /// what they are after 10 s.
+    fn symbols(&self, pid: u32, addresses: &[u64], expected: &str) -> String {
+        let start = Instant::now();
+        loop {
+            let (status, names) = self.symbols_now(pid, addresses);
+            if (status == 200 && names.contains(expected))
+                || start.elapsed() > Duration::from_secs(10)
+            {
+                assert_eq!(status, 200, "/symbol: {names}\n{}", self.stderr());
+                return names;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    fn symbols_now(&self, pid: u32, addresses: &[u64]) -> (u16, String) {
+        let body: Vec<String> = addresses.iter().map(|a| format!("{a:#x}")).collect();
+        let (status, text) = http(
+            self.port,
+            "POST",
+            &format!("/debug/pprof/symbol?pid={pid}"),
+            body.join("+").as_bytes(),
+        )
+        .unwrap_or_else(|e| panic!("POST /symbol: {e}\ndaemon stderr:\n{}", self.stderr()));
+        (status, String::from_utf8_lossy(&text).into_owned())
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// One HTTP/1.0 request; returns the status and the body.
+fn http(port: u16, method: &str, path: &str, body: &[u8]) -> std::io::Result<(u16, Vec<u8>)> {
+    let mut stream = TcpStream::connect_timeout(
+        &SocketAddr::from(([127, 0, 0, 1], port)),
+        Duration::from_secs(5),
+    )?;
+    stream.set_read_timeout(Some(Duration::from_secs(60)))?;
+    let head = format!(
+        "{method} {path} HTTP/1.0\r\nHost: 127.0.0.1:{port}\r\nConnection: close\r\n\
+         Content-Length: {}\r\n\r\n",
+        body.len()
+    );
+    stream.write_all(head.as_bytes())?;
+    stream.write_all(body)?;
+    let mut raw = Vec::new();
+    stream.read_to_end(&mut raw)?;
+    let bad = || std::io::Error::new(std::io::ErrorKind::InvalidData, "malformed HTTP response");
+    let end = raw
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .ok_or_else(bad)?;
+    let head = String::from_utf8_lossy(&raw[..end]).to_ascii_lowercase();
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(bad)?;
+    let mut body = raw[end + 4..].to_vec();
+    if head.contains("transfer-encoding: chunked") {
+        let mut out = Vec::new();
+        let mut rest = &body[..];
+        while let Some(line_end) = rest.windows(2).position(|w| w == b"\r\n") {
+            let size_text = String::from_utf8_lossy(&rest[..line_end]).into_owned();
+            let size = usize::from_str_radix(size_text.trim(), 16).map_err(|_| bad())?;
+            rest = &rest[line_end + 2..];
+            if size == 0 {
+                break;
+            }
+            out.extend_from_slice(rest.get(..size).ok_or_else(bad)?);
+            rest = rest.get(size + 2..).ok_or_else(bad)?;
+        }
+        body = out;
+    }
+    Ok((status, body))
+}
+
+/// A hostile process: `seqpacket_relay` connected to the daemon, having sent the messages
+/// the test wrote; killed when dropped.
+struct Peer {
+    child: Child,
+    pid: u32,
+}
+
+impl Peer {
+    /// Starts the relay (as `uid`/`gid` if given), lets `write` produce its messages (each
+    /// passed to the sink given to it) and waits until all were sent.
+    fn start(
+        relay: &Path,
+        socket: &Path,
+        ids: Option<(u32, u32)>,
+        write: impl FnOnce(&mut dyn FnMut(&[u8])) + Send + 'static,
+    ) -> Peer {
+        let mut cmd = Command::new(relay);
+        cmd.arg(socket)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit());
+        if let Some((uid, gid)) = ids {
+            // std drops root's supplementary groups when a root parent sets a uid.
+            cmd.uid(uid).gid(gid);
+        }
+        let mut child = cmd.spawn().expect("starting seqpacket_relay");
+        let pid = child.id();
+        let mut stdin = child.stdin.take().unwrap();
+        let writer = std::thread::spawn(move || {
+            let mut count = 0u64;
+            let mut failed = false;
+            write(&mut |msg: &[u8]| {
+                count += 1;
+                if !failed {
+                    let framed = stdin
+                        .write_all(&(msg.len() as u32).to_le_bytes())
+                        .and_then(|_| stdin.write_all(msg));
+                    failed = framed.is_err();
+                }
+            });
+            count
+        });
+        let count = writer.join().unwrap();
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        assert_eq!(
+            line.trim(),
+            format!("sent {count}"),
+            "the relay could not send every message (connection refused or cut?)"
+        );
+        Peer { child, pid }
+    }
+}
+
+impl Drop for Peer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn message(encode: impl FnOnce(&mut [u8]) -> Option<usize>) -> Vec<u8> {
+    let mut buf = vec![0u8; wire::MAX_MESSAGE];
+    let n = encode(&mut buf).expect("message fits");
+    buf.truncate(n);
+    buf
+}
+
+fn hello(claimed_pid: u32) -> Vec<u8> {
+    message(|buf| {
+        wire::encode_hello(
+            buf,
+            &wire::HelloInfo {
+                pid: claimed_pid,
+                ppid: 0,
+                cpu_hz: 0,
+                timer: wire::TimerKind::Off,
+                mem_rate: 1,
+                start_realtime_ns: 1,
+                start_monotonic_ns: 1,
+                exe: b"/usr/sbin/hostile",
+                cmdline: b"hostile",
+            },
+        )
+    })
+}
+
+/// Module `id` at `path`, mapped with `load_bias`, its executable range 1 MiB from there.
+fn module(id: u32, path: &Path, load_bias: u64) -> Vec<u8> {
+    let path = path.as_os_str().as_encoded_bytes();
+    message(|buf| {
+        wire::encode_module_loaded(
+            buf,
+            &wire::ModuleInfo {
+                id,
+                start: load_bias,
+                end: load_bias + (1 << 20),
+                file_offset: 0,
+                load_bias,
+                path,
+                build_id: b"",
+            },
+        )
+    })
+}
+
+/// Heap buckets, each allocated once at the given return address.
+fn heap_buckets(buckets: &[(u32, u64)]) -> Vec<u8> {
+    let mut buf = vec![0u8; wire::MAX_MESSAGE];
+    let mut batch = wire::HeapBatch::new(&mut buf);
+    let counts = wire::BucketCounts {
+        alloc_objects: 1,
+        alloc_bytes: 4096,
+        free_objects: 0,
+        free_bytes: 0,
+    };
+    for &(id, return_address) in buckets {
+        assert!(batch.push(id, 4096, &counts, &[return_address]));
+    }
+    let n = batch.len();
+    buf.truncate(n);
+    buf
+}
+
+/// The library only root may read, and one everyone may; each with one named function.
+const SECRET_LIB: &str =
+    "__attribute__((noinline)) int anyprof_secret_fn(int x) { return x * 7 + 1; }\n";
+const PUBLIC_LIB: &str =
+    "__attribute__((noinline)) int anyprof_public_fn(int x) { return x * 5 + 3; }\n";
+const SECRET_BIAS: u64 = 0x7f00_0000_0000;
+const PUBLIC_BIAS: u64 = 0x7f10_0000_0000;
+
+/// Builds both libraries in `dir`: `secret.so` mode 0600 owned by root, `public.so` 0644.
+/// Returns their paths and the runtime addresses of their functions.
+fn libraries(dir: &Path) -> (PathBuf, PathBuf, u64, u64) {
+    let secret = shared_library(dir, "secret.so", SECRET_LIB, &[]);
+    let public = shared_library(dir, "public.so", PUBLIC_LIB, &[]);
+    std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o600)).unwrap();
+    std::fs::set_permissions(&public, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let secret_at = SECRET_BIAS + function_address(&secret, "anyprof_secret_fn");
+    let public_at = PUBLIC_BIAS + function_address(&public, "anyprof_public_fn");
+    (secret, public, secret_at, public_at)
+}
+
+fn relay_program(dir: &Path) -> PathBuf {
+    let relay = compile("seqpacket_relay.c", &["-O1"], dir);
+    std::fs::set_permissions(&relay, std::fs::Permissions::from_mode(0o755)).unwrap();
+    relay
+}
+
+// ---------------------------------------------------------------------------------------
+// (b) Files are read with the peer's rights; the pid is the kernel's
+// ---------------------------------------------------------------------------------------
+
+#[test]
+fn root_daemon_reads_files_with_the_peers_rights() {
+    if !is_root() {
+        eprintln!("skipped: needs root (a root daemon and a process of nobody)");
+        return;
+    }
+    let dir = open_scratch("security_peer_rights");
+    let relay = relay_program(&dir);
+    let (secret, public, secret_at, public_at) = libraries(&dir);
+    let socket = dir.join("sock");
+    let daemon = Daemon::start(&dir, &socket, &["--allow-uid", "65534"]);
+
+    // Root's own look at the secret library first, as a root process of the same daemon
+    // would cause: what is cached for root must not answer for nobody.
+    let (secret2, public2) = (secret.clone(), public.clone());
+    let root_peer = Peer::start(&relay, &socket, None, move |send| {
+        send(&hello(4_000_000));
+        send(&module(1, &secret2, SECRET_BIAS));
+        send(&module(2, &public2, PUBLIC_BIAS));
+    });
+    let root_names = daemon.symbols(root_peer.pid, &[secret_at, public_at], "anyprof_secret_fn");
+    assert!(
+        root_names.contains("anyprof_secret_fn") && root_names.contains("anyprof_public_fn"),
+        "root's process should get both names: {root_names:?}\n{}",
+        daemon.stderr()
+    );
+
+    let peer = Peer::start(&relay, &socket, Some((NOBODY, NOGROUP)), move |send| {
+        // The process claims to be init.
+        send(&hello(1));
+        send(&module(1, &secret, SECRET_BIAS));
+        send(&module(2, &public, PUBLIC_BIAS));
+        send(&heap_buckets(&[(1, secret_at + 1), (2, public_at + 1)]));
+    });
+
+    // Listed under the pid the kernel gives, not the one it claims.
+    let (status, _) = daemon.get("/debug/pprof/heap?pid=1");
+    assert_ne!(status, 200, "a process claiming pid 1 is served as pid 1");
+
+    let names = daemon.symbols(peer.pid, &[secret_at, public_at], "anyprof_public_fn");
+    assert!(
+        names.contains("anyprof_public_fn"),
+        "the library nobody can read must be symbolized for nobody: {names:?}\n{}",
+        daemon.stderr()
+    );
+    assert!(
+        !names.contains("anyprof_secret_fn"),
+        "a root-only file was read for a process of nobody: {names:?}"
+    );
+
+    let (status, body) = daemon.get(&format!("/debug/pprof/heap?pid={}", peer.pid));
+    assert_eq!(status, 200, "heap: {}", String::from_utf8_lossy(&body));
+    // Every string the profile holds (function names, files, mappings).
+    let strings = anyprof::pprof::decode(&body)
+        .expect("a pprof profile")
+        .string_table;
+    let has = |name: &str| strings.iter().any(|s| s.contains(name));
+    assert!(
+        has("anyprof_public_fn"),
+        "heap profile strings: {strings:?}"
+    );
+    assert!(
+        !has("anyprof_secret_fn"),
+        "a root-only file was read for a process of nobody: {strings:?}"
+    );
+}
+
+// ---------------------------------------------------------------------------------------
+// (c) The memory cap
+// ---------------------------------------------------------------------------------------
+
+#[test]
+fn peer_over_its_memory_cap_is_cut_off() {
+    if !is_root() {
+        eprintln!("skipped: needs root (a process of nobody)");
+        return;
+    }
+    let dir = open_scratch("security_peer_memory");
+    let relay = relay_program(&dir);
+    let (_, public, _, public_at) = libraries(&dir);
+    let socket = dir.join("sock");
+    let cap_mib = 16;
+    let daemon = Daemon::start(
+        &dir,
+        &socket,
+        &[
+            "--allow-uid",
+            "65534",
+            "--max-process-memory",
+            &cap_mib.to_string(),
+        ],
+    );
+    let before = daemon.rss_kib();
+
+    // About 330 MiB of distinct 128-frame stacks: kept whole, they would take more than
+    // that in the daemon.
+    const MESSAGES: u64 = 10_000;
+    let flood = Peer::start(&relay, &socket, Some((NOBODY, NOGROUP)), |send| {
+        send(&hello(1));
+        let mut buf = vec![0u8; wire::MAX_MESSAGE];
+        let mut frames = [0u64; wire::MAX_FRAMES];
+        let mut next = 0u64;
+        for _ in 0..MESSAGES {
+            let mut batch = wire::SampleBatch::new(&mut buf);
+            loop {
+                for f in frames.iter_mut() {
+                    next += 1;
+                    *f = next;
+                }
+                if !batch.push(1, 0, next, 1, &frames) {
+                    break;
+                }
+            }
+            let n = batch.len();
+            send(&buf[..n]);
+        }
+    });
+    // The last messages may still be in the socket's queue.
+    std::thread::sleep(Duration::from_millis(500));
+    let after = daemon.rss_kib();
+    let grown_mib = after.saturating_sub(before) / 1024;
+    assert!(
+        grown_mib < cap_mib + 100,
+        "the daemon grew by {grown_mib} MiB for one process with a cap of {cap_mib} MiB"
+    );
+
+    let stderr = daemon.stderr();
+    let warnings: Vec<&str> = stderr
+        .lines()
+        .filter(|l| l.contains("--max-process-memory"))
+        .collect();
+    assert_eq!(
+        warnings.len(),
+        1,
+        "one warning naming the flag expected:\n{stderr}"
+    );
+    assert!(
+        warnings[0].contains(&format!("[{}]", flood.pid)),
+        "the warning names the process: {}",
+        warnings[0]
+    );
+
+    // Still serving: the flooding process and another one.
+    let (status, _) = daemon.get(&format!("/debug/pprof/heap?pid={}", flood.pid));
+    assert_eq!(status, 200);
+    let other = Peer::start(&relay, &socket, None, move |send| {
+        send(&hello(2));
+        send(&module(1, &public, PUBLIC_BIAS));
+    });
+    let names = daemon.symbols(other.pid, &[public_at], "anyprof_public_fn");
+    assert!(names.contains("anyprof_public_fn"), "{names:?}");
+}
