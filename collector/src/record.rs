@@ -141,6 +141,11 @@ pub fn run(args: RecordArgs) -> Result<ExitCode> {
         preload.push(":");
         preload.push(existing);
     }
+    // Before the program starts: a signal it provokes at once (it prints, a script sends
+    // USR1) must find our handlers in place, not kill us. The program starts with default
+    // dispositions all the same (exec resets caught signals).
+    SNAPSHOT_SIGNAL.store(args.heap_signal.unwrap_or(0), Ordering::SeqCst);
+    forward_signals(args.heap_signal);
     let started = Instant::now();
     let mut child = Command::new(program)
         .args(program_args)
@@ -153,8 +158,6 @@ pub fn run(args: RecordArgs) -> Result<ExitCode> {
         .with_context(|| format!("cannot run {}", program.to_string_lossy()))?;
     let pid = child.id();
     CHILD_PID.store(pid as i32, Ordering::SeqCst);
-    SNAPSHOT_SIGNAL.store(args.heap_signal.unwrap_or(0), Ordering::SeqCst);
-    forward_signals(args.heap_signal);
     let snapshots = (args.mem_rate > 0
         && (args.heap_every.is_some() || args.heap_signal.is_some()))
     .then(|| start_snapshots(&collector, pid, out_dir.clone(), args.heap_every));
