@@ -515,11 +515,6 @@ fn daemon_socket_mode_does_not_depend_on_the_umask() {
             "anyprof serve did not come up under umask {umask:03o}:\n{}",
             daemon_stderr()
         );
-        let mode = std::fs::metadata(&socket)
-            .map(|m| m.mode() & 0o777)
-            .unwrap_or_else(|e| panic!("{}: {e}", socket.display()));
-        assert_eq!(mode, 0o666, "daemon socket mode under umask {umask:03o}");
-
         let mut cmd = clean_command(&worker);
         as_nobody(&mut cmd)
             .args(["20", "5"])
@@ -550,6 +545,11 @@ fn daemon_socket_mode_does_not_depend_on_the_umask() {
              with --allow-uid {NOBODY}; index:\n{index}\ndaemon stderr:\n{}",
             daemon_stderr()
         );
+        let mode = std::fs::metadata(&socket)
+            .map(|m| m.mode() & 0o777)
+            .unwrap_or_else(|e| panic!("{}: {e}", socket.display()));
+        assert_eq!(mode, 0o666, "daemon socket mode under umask {umask:03o}");
+
         drop(process);
         drop(daemon);
     }
