@@ -83,6 +83,19 @@ impl Collector {
     /// this user can write to, or no process would connect (they check it).
     pub fn listen_at(socket: PathBuf, options: Options) -> Result<Collector> {
         check_socket_dir(&socket)?;
+        // SAFETY: geteuid cannot fail.
+        let euid = unsafe { libc::geteuid() };
+        let others: Vec<u32> = (options.allowed_uids.iter().flatten())
+            .copied()
+            .filter(|&uid| uid != 0 && uid != euid)
+            .collect();
+        if euid != 0 && !others.is_empty() {
+            eprintln!(
+                "anyprof: warning: processes of uid {others:?} will not connect: a process only \
+                 talks to a daemon of root or of its own uid. Run `anyprof serve` as root to \
+                 serve several users"
+            );
+        }
         if socket.exists() {
             if std::os::unix::net::UnixStream::connect(&socket).is_ok()
                 || connect_seqpacket(&socket)
