@@ -16,6 +16,9 @@
 //!   check can only come after `connect`, not one byte), and the root process warns.
 //! * [`daemon_socket_mode_does_not_depend_on_the_umask`]: `anyprof serve --allow-uid 65534`
 //!   started under umask 022 and 077 gets `nobody`'s process.
+//! * [`non_root_daemon_uses_a_private_directory_and_refuses_a_squatted_one`]: the default
+//!   socket of a daemon without `XDG_RUNTIME_DIR` is in `/tmp/anyprof-UID/`, which it creates
+//!   private and refuses when someone else made it first.
 //!
 //! Whatever happens, the guards below remove every file made outside the scratch directory
 //! and kill every process started.
@@ -515,24 +518,9 @@ fn daemon_socket_mode_does_not_depend_on_the_umask() {
             "anyprof serve did not come up under umask {umask:03o}:\n{}",
             daemon_stderr()
         );
-        let mut cmd = clean_command(&worker);
-        as_nobody(&mut cmd)
-            .args(["20", "5"])
-            .env("LD_PRELOAD", binaries().preload)
-            .env("ANYPROF_SOCKET", &socket)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null());
-        let mut child = cmd.spawn().expect("starting serve_worker as nobody");
-        let stdout = child.stdout.take().expect("piped stdout");
-        let process = Kill(child);
-        let mut line = String::new();
-        let _ = BufReader::new(stdout).read_line(&mut line);
-        let pid: u32 = line
-            .trim()
-            .strip_prefix("ready pid=")
-            .and_then(|p| p.parse().ok())
-            .unwrap_or_else(|| panic!("serve_worker printed {line:?}, not `ready pid=N`"));
+        let (process, pid) = start_nobody_worker(&worker, |cmd| {
+            cmd.env("ANYPROF_SOCKET", &socket);
+        });
         let row = format!("<td>{pid}</td>");
         let mut index = String::new();
         let listed = wait_until(Duration::from_secs(10), || {
@@ -553,4 +541,115 @@ fn daemon_socket_mode_does_not_depend_on_the_umask() {
         drop(process);
         drop(daemon);
     }
+}
+
+/// Starts `serve_worker 20 5` as nobody with the preload; the child and its pid.
+fn start_nobody_worker(worker: &Path, configure: impl FnOnce(&mut Command)) -> (Kill, u32) {
+    let mut cmd = clean_command(worker);
+    as_nobody(&mut cmd)
+        .args(["20", "5"])
+        .env("LD_PRELOAD", binaries().preload)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null());
+    configure(&mut cmd);
+    let mut child = cmd.spawn().expect("starting serve_worker as nobody");
+    let stdout = child.stdout.take().expect("piped stdout");
+    let process = Kill(child);
+    let mut line = String::new();
+    let _ = BufReader::new(stdout).read_line(&mut line);
+    let pid: u32 = line
+        .trim()
+        .strip_prefix("ready pid=")
+        .and_then(|p| p.parse().ok())
+        .unwrap_or_else(|| panic!("serve_worker printed {line:?}, not `ready pid=N`"));
+    (process, pid)
+}
+
+/// A daemon of nobody without `XDG_RUNTIME_DIR` (and without `--socket`) listens in the
+/// private directory `/tmp/anyprof-65534/`, which it creates mode 0700 and where nobody's
+/// processes find it by themselves; if someone else made that directory first, it refuses
+/// to start and says what to do.
+#[test]
+fn non_root_daemon_uses_a_private_directory_and_refuses_a_squatted_one() {
+    const TEST: &str = "non_root_daemon_uses_a_private_directory_and_refuses_a_squatted_one";
+    if !can_switch_users(TEST) {
+        return;
+    }
+    let Some(private) = claim_tmp(&format!("/tmp/anyprof-{NOBODY}")) else {
+        eprintln!("SKIPPED {TEST}: /tmp/anyprof-{NOBODY} exists already");
+        return;
+    };
+    let scratch = scratch_dir("security_private_dir");
+    let worker = compile("serve_worker.c", &["-O1", "-pthread"], &scratch);
+    let daemon = |label: &str, port: u16| {
+        let stderr_path = scratch.join(format!("{label}.stderr"));
+        let mut cmd = clean_command(binaries().anyprof);
+        as_nobody(&mut cmd)
+            .env_remove("XDG_RUNTIME_DIR")
+            .arg("serve")
+            .arg("--http")
+            .arg(format!("127.0.0.1:{port}"))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&stderr_path).expect("daemon stderr file"));
+        (
+            Kill(cmd.spawn().expect("starting anyprof serve as nobody")),
+            stderr_path,
+        )
+    };
+
+    // Squatted by another user (root here): refused.
+    make_dir(&private.0, 0, 0, 0o700);
+    let (mut refused, stderr_path) = daemon("squatted", free_port());
+    let status = wait_until(Duration::from_secs(10), || {
+        refused.0.try_wait().ok().flatten().is_some()
+    });
+    let stderr = std::fs::read_to_string(&stderr_path).unwrap_or_default();
+    assert!(
+        status,
+        "anyprof serve started although /tmp/anyprof-{NOBODY} belongs to root:\n{stderr}"
+    );
+    assert!(
+        stderr.contains(&format!(
+            "/tmp/anyprof-{NOBODY} is not a private directory of yours"
+        )) && stderr.contains("XDG_RUNTIME_DIR"),
+        "the refusal does not say what is wrong and what to do:\n{stderr}"
+    );
+    assert!(
+        !private.0.join("anyprof.sock").exists(),
+        "a socket was created in the squatted directory"
+    );
+    drop(refused);
+    std::fs::remove_dir(&private.0).expect("removing the squatted directory");
+
+    // Absent: created, private, and found by nobody's processes without ANYPROF_SOCKET.
+    let port = free_port();
+    let (_daemon, stderr_path) = daemon("private", port);
+    assert!(
+        wait_until(Duration::from_secs(15), || http_get(port, "/debug/pprof/")
+            .is_some_and(|r| r.contains("200"))),
+        "anyprof serve as nobody did not come up:\n{}",
+        std::fs::read_to_string(&stderr_path).unwrap_or_default()
+    );
+    let meta = std::fs::symlink_metadata(&private.0).expect("the private directory");
+    assert!(
+        meta.is_dir() && meta.uid() == NOBODY && meta.mode() & 0o7777 == 0o700,
+        "/tmp/anyprof-{NOBODY} is not a 0700 directory of nobody: uid {} mode {:o}",
+        meta.uid(),
+        meta.mode() & 0o7777
+    );
+    let (_process, pid) = start_nobody_worker(&worker, |cmd| {
+        cmd.env_remove("XDG_RUNTIME_DIR");
+    });
+    let row = format!("<td>{pid}</td>");
+    let mut index = String::new();
+    assert!(
+        wait_until(Duration::from_secs(10), || {
+            index = http_get(port, "/debug/pprof/").unwrap_or_default();
+            index.contains(&row)
+        }),
+        "nobody's process {pid} did not find nobody's daemon in /tmp/anyprof-{NOBODY}; \
+         index:\n{index}"
+    );
 }
