@@ -56,6 +56,11 @@ pub struct Collector {
 impl Collector {
     /// Creates a private socket directory and starts accepting. `verbose` prints the
     /// processes' informational messages too (warnings are always printed).
+    ///
+    /// The directory is new (creating it fails if the name exists), mode 0700, in
+    /// `$XDG_RUNTIME_DIR` or the temp directory; the socket in it is mode 0600. The preload
+    /// checks the directory (ours, not writable by others) and our credentials before it
+    /// sends anything.
     pub fn start(options: Options) -> Result<Collector> {
         let base = std::env::var_os("XDG_RUNTIME_DIR")
             .map(PathBuf::from)
@@ -71,12 +76,29 @@ impl Collector {
             .create(&dir)
             .with_context(|| format!("cannot create the socket directory {}", dir.display()))?;
         let socket = dir.join("sock");
-        Self::spawn(Some(dir), socket, options)
+        Self::spawn(Some(dir), socket, 0o600, options)
     }
 
     /// Listens at `socket` (a daemon's well-known path). A stale socket file left by a
-    /// daemon that died is replaced; a live one is an error.
+    /// daemon that died is replaced; a live one is an error. The socket is mode 0666
+    /// whatever the umask: who may connect is decided by `options.allowed_uids`
+    /// (SO_PEERCRED), not by the file's mode. Its directory must be one that only root or
+    /// this user can write to, or no process would connect (they check it).
     pub fn listen_at(socket: PathBuf, options: Options) -> Result<Collector> {
+        check_socket_dir(&socket)?;
+        // SAFETY: geteuid cannot fail.
+        let euid = unsafe { libc::geteuid() };
+        let others: Vec<u32> = (options.allowed_uids.iter().flatten())
+            .copied()
+            .filter(|&uid| uid != 0 && uid != euid)
+            .collect();
+        if euid != 0 && !others.is_empty() {
+            eprintln!(
+                "anyprof: warning: processes of uid {others:?} will not connect: a process only \
+                 talks to a daemon of root or of its own uid. Run `anyprof serve` as root to \
+                 serve several users"
+            );
+        }
         if socket.exists() {
             if std::os::unix::net::UnixStream::connect(&socket).is_ok()
                 || connect_seqpacket(&socket)
@@ -89,12 +111,17 @@ impl Collector {
             std::fs::remove_file(&socket)
                 .with_context(|| format!("cannot remove the stale socket {}", socket.display()))?;
         }
-        Self::spawn(None, socket, options)
+        Self::spawn(None, socket, 0o666, options)
     }
 
-    fn spawn(dir: Option<PathBuf>, socket: PathBuf, options: Options) -> Result<Collector> {
-        let listener =
-            listen(&socket).with_context(|| format!("cannot listen on {}", socket.display()))?;
+    fn spawn(
+        dir: Option<PathBuf>,
+        socket: PathBuf,
+        mode: u32,
+        options: Options,
+    ) -> Result<Collector> {
+        let listener = listen(&socket, mode)
+            .with_context(|| format!("cannot listen on {}", socket.display()))?;
         let stop = Arc::new(AtomicBool::new(false));
         // SAFETY: eventfd with valid flags; a non-negative result is a new descriptor that
         // nothing else owns.
@@ -211,17 +238,79 @@ impl Drop for Collector {
     }
 }
 
-fn listen(path: &Path) -> Result<OwnedFd> {
+/// The directory of a daemon's socket must be one the preload accepts: owned by root or by
+/// us, and not writable by group or others (else anyone could have put their own socket
+/// there first, and processes refuse it).
+fn check_socket_dir(socket: &Path) -> Result<()> {
+    use std::os::unix::fs::MetadataExt;
+    let dir = match socket.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    let meta = std::fs::symlink_metadata(dir)
+        .with_context(|| format!("cannot examine the socket's directory {}", dir.display()))?;
+    // SAFETY: geteuid cannot fail.
+    let euid = unsafe { libc::geteuid() };
+    let mode = meta.mode() & 0o7777;
+    let problem = if !meta.file_type().is_dir() {
+        Some("it is not a directory (a symlink?)".to_string())
+    } else if meta.uid() != 0 && meta.uid() != euid {
+        Some(format!(
+            "it is owned by uid {}, neither root nor you (uid {euid})",
+            meta.uid()
+        ))
+    } else if mode & 0o022 != 0 {
+        Some(format!(
+            "it is writable by group or others (mode {mode:o}), who could have put their own \
+             socket there"
+        ))
+    } else {
+        None
+    };
+    match problem {
+        Some(problem) => anyhow::bail!(
+            "preloaded processes would refuse the socket {}: {problem}. Put it in a directory \
+             that only root or you can write to (--socket PATH)",
+            socket.display()
+        ),
+        None => Ok(()),
+    }
+}
+
+/// Serialises our own umask changes (umask is process-wide).
+static UMASK: Mutex<()> = Mutex::new(());
+
+/// Binds and listens at `path`; the socket file gets `mode`, whatever the umask. It is
+/// bound under umask 0177 (so that it is never wider than owner-only before the chmod) and
+/// then chmodded without following symlinks. Collectors are started before the threads of
+/// `record` or `serve` create files, so the brief umask change affects nobody else.
+fn listen(path: &Path, mode: u32) -> Result<OwnedFd> {
     use nix::sys::socket::{
         bind, listen, socket, AddressFamily, Backlog, SockFlag, SockType, UnixAddr,
     };
+    use nix::sys::stat::{fchmodat, umask, FchmodatFlags, Mode};
     let fd = socket(
         AddressFamily::Unix,
         SockType::SeqPacket,
         SockFlag::SOCK_CLOEXEC | SockFlag::SOCK_NONBLOCK,
         None,
     )?;
-    bind(fd.as_raw_fd(), &UnixAddr::new(path)?)?;
+    let addr = UnixAddr::new(path)?;
+    let bound = {
+        let _one_at_a_time = UMASK.lock();
+        let old = umask(Mode::from_bits_truncate(0o177));
+        let bound = bind(fd.as_raw_fd(), &addr);
+        umask(old);
+        bound
+    };
+    bound?;
+    fchmodat(
+        None,
+        path,
+        Mode::from_bits_truncate(mode),
+        FchmodatFlags::NoFollowSymlink,
+    )
+    .with_context(|| format!("cannot set mode {mode:o} on the socket"))?;
     listen(&fd, Backlog::new(128)?)?;
     Ok(fd)
 }

@@ -62,8 +62,200 @@ const COUNTERS_EVERY: Duration = Duration::from_secs(1);
 /// Lowest descriptor number our socket is moved to.
 const HIGH_FD: libc::c_int = 800;
 
-/// Connects to the collector's socket. Returns the errno on failure.
-pub fn connect(path: &Path) -> Result<(), i32> {
+/// Whom the library may talk to: root always, and the uid the process started with unless
+/// it runs with secure execution (then `own_uid` is `None`: root only).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Trust {
+    /// The process's own effective uid at library start, if trusted.
+    pub own_uid: Option<u32>,
+}
+
+impl Trust {
+    fn allows(self, uid: u32) -> bool {
+        uid == 0 || Some(uid) == self.own_uid
+    }
+
+    fn describe(self) -> String {
+        match self.own_uid {
+            Some(0) | None => "root".into(),
+            Some(uid) => format!("root or uid {uid} (this process)"),
+        }
+    }
+}
+
+/// Owner and mode of a file, as `lstat` found them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct FileFacts {
+    kind: libc::mode_t,
+    mode: libc::mode_t,
+    uid: u32,
+    dev: u64,
+    ino: u64,
+}
+
+/// Why a socket is not used.
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum Refusal {
+    NotSocket,
+    SocketOwner(u32),
+    DirNotDirectory,
+    DirOwner(u32),
+    DirWritable(libc::mode_t),
+    Peer(Option<u32>),
+    Replaced,
+}
+
+impl Refusal {
+    fn describe(&self, trust: Trust) -> String {
+        let who = trust.describe();
+        match self {
+            Refusal::NotSocket => "it is not a socket".into(),
+            Refusal::SocketOwner(uid) => format!("the socket is owned by uid {uid}, not {who}"),
+            Refusal::DirNotDirectory => "its directory is not a directory (a symlink?)".into(),
+            Refusal::DirOwner(uid) => {
+                format!("its directory is owned by uid {uid}, not {who}")
+            }
+            Refusal::DirWritable(mode) => format!(
+                "its directory (mode {mode:o}) is writable by group or others, who could put \
+                 their own socket there; use a directory only {who} can write to"
+            ),
+            Refusal::Peer(Some(uid)) => {
+                format!("the process listening on it runs as uid {uid}, not {who}")
+            }
+            Refusal::Peer(None) => "the listening process's credentials are unknown".into(),
+            Refusal::Replaced => "the socket file was replaced while connecting".into(),
+        }
+    }
+}
+
+fn lstat(path: &std::ffi::CStr) -> Result<FileFacts, i32> {
+    // SAFETY: a zeroed stat is a valid out-buffer.
+    let mut st: libc::stat = unsafe { core::mem::zeroed() };
+    // SAFETY: `path` is NUL-terminated and `st` valid.
+    if unsafe { libc::lstat(path.as_ptr(), &mut st) } != 0 {
+        return Err(crate::signal::sys::errno());
+    }
+    Ok(FileFacts {
+        kind: st.st_mode & libc::S_IFMT,
+        mode: st.st_mode & 0o7777,
+        uid: st.st_uid,
+        dev: st.st_dev,
+        ino: st.st_ino,
+    })
+}
+
+/// The rules for a socket file and the directory it is in: the socket is owned by someone
+/// we trust, and so is its directory, which nobody else can write to (a sticky
+/// world-writable directory like /tmp is not enough: anyone could have created the name
+/// first).
+fn judge(socket: FileFacts, dir: FileFacts, trust: Trust) -> Result<(), Refusal> {
+    if socket.kind != libc::S_IFSOCK {
+        return Err(Refusal::NotSocket);
+    }
+    if !trust.allows(socket.uid) {
+        return Err(Refusal::SocketOwner(socket.uid));
+    }
+    if dir.kind != libc::S_IFDIR {
+        return Err(Refusal::DirNotDirectory);
+    }
+    if !trust.allows(dir.uid) {
+        return Err(Refusal::DirOwner(dir.uid));
+    }
+    if dir.mode & 0o022 != 0 {
+        return Err(Refusal::DirWritable(dir.mode));
+    }
+    Ok(())
+}
+
+/// Checks `path` and its directory; the socket's identity on success. `Err(None)` when it
+/// does not exist (or cannot be examined): simply unreachable.
+fn inspect(path: &Path, trust: Trust) -> Result<FileFacts, Option<Refusal>> {
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    let c = |p: &Path| std::ffi::CString::new(p.as_os_str().as_bytes()).map_err(|_| None);
+    let socket = lstat(&c(path)?).map_err(|_| None)?;
+    let dir = lstat(&c(dir)?).map_err(|_| None)?;
+    judge(socket, dir, trust).map_err(Some)?;
+    Ok(socket)
+}
+
+/// The uid of the process at the other end of a connected Unix socket.
+fn peer_uid(fd: libc::c_int) -> Option<u32> {
+    // SAFETY: a zeroed ucred is a valid out-buffer.
+    let mut cred: libc::ucred = unsafe { core::mem::zeroed() };
+    let mut len = core::mem::size_of::<libc::ucred>() as libc::socklen_t;
+    // SAFETY: getsockopt with a buffer of `len` bytes.
+    let rc = unsafe {
+        libc::getsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_PEERCRED,
+            (&mut cred as *mut libc::ucred).cast(),
+            &mut len,
+        )
+    };
+    (rc == 0 && len as usize == core::mem::size_of::<libc::ucred>()).then_some(cred.uid)
+}
+
+/// Refusals already reported (one warning per socket and reason, not one per retry).
+static WARNED: Mutex<Vec<String>> = Mutex::new(Vec::new());
+
+fn warn_refusal(path: &Path, refusal: &Refusal, trust: Trust) {
+    let text = format!(
+        "not connecting to {}: {}",
+        path.display(),
+        refusal.describe(trust)
+    );
+    let _section = crate::fork::section();
+    let first = WARNED.lock().is_ok_and(|mut w| {
+        if w.contains(&text) || w.len() >= 16 {
+            false
+        } else {
+            w.push(text.clone());
+            true
+        }
+    });
+    if first {
+        log::message(anyprof_wire::Level::Warn, text);
+    }
+}
+
+/// Connects to the collector's socket at `path`, after checking whom it belongs to: the
+/// socket file and its directory before and after `connect` ([`judge`]), and the peer's
+/// credentials (`SO_PEERCRED`) — each must be root or, unless [`Trust::own_uid`] is `None`,
+/// our own uid. A socket that fails a check is closed and treated as unreachable, with one
+/// warning naming the path and the owner found. Returns the errno on failure (`EPERM` for a
+/// refused socket).
+pub fn connect(path: &Path, trust: Trust) -> Result<(), i32> {
+    let before = match inspect(path, trust) {
+        Ok(facts) => facts,
+        Err(None) => return Err(libc::ENOENT),
+        Err(Some(refusal)) => {
+            warn_refusal(path, &refusal, trust);
+            return Err(libc::EPERM);
+        }
+    };
+    let fd = connect_unverified(path)?;
+    let verdict = match (peer_uid(fd), inspect(path, trust)) {
+        (Some(uid), _) if !trust.allows(uid) => Err(Refusal::Peer(Some(uid))),
+        (None, _) => Err(Refusal::Peer(None)),
+        (_, Ok(after)) if (after.dev, after.ino) == (before.dev, before.ino) => Ok(()),
+        (_, Err(Some(refusal))) => Err(refusal),
+        (_, _) => Err(Refusal::Replaced),
+    };
+    if let Err(refusal) = verdict {
+        close(fd);
+        warn_refusal(path, &refusal, trust);
+        return Err(libc::EPERM);
+    }
+    adopt(fd);
+    Ok(())
+}
+
+/// Connects without any check; the new descriptor.
+fn connect_unverified(path: &Path) -> Result<libc::c_int, i32> {
     // SAFETY: plain socket(2) call.
     let fd = unsafe {
         libc::socket(
@@ -100,6 +292,11 @@ pub fn connect(path: &Path) -> Result<(), i32> {
         close(fd);
         return Err(err);
     }
+    Ok(fd)
+}
+
+/// Makes a connected, verified descriptor our socket.
+fn adopt(fd: libc::c_int) {
     // SAFETY: F_DUPFD_CLOEXEC on a descriptor we own.
     let high = unsafe { libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, HIGH_FD) };
     let fd = if high >= 0 {
@@ -122,7 +319,6 @@ pub fn connect(path: &Path) -> Result<(), i32> {
     };
     SOCKET_IDENTITY.store(identity(fd).unwrap_or(0), Ordering::Release);
     SOCKET.store(fd, Ordering::Release);
-    Ok(())
 }
 
 fn close(fd: libc::c_int) {
@@ -800,5 +996,79 @@ mod heap_report {
             return 0;
         }
         ru.ru_maxrss.max(0) as u64 * 1024
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn facts(kind: libc::mode_t, mode: libc::mode_t, uid: u32) -> FileFacts {
+        FileFacts {
+            kind,
+            mode,
+            uid,
+            dev: 1,
+            ino: 2,
+        }
+    }
+    const SOCK: libc::mode_t = libc::S_IFSOCK;
+    const DIR: libc::mode_t = libc::S_IFDIR;
+    const ME: Trust = Trust {
+        own_uid: Some(1000),
+    };
+    const ROOT_ONLY: Trust = Trust { own_uid: None };
+
+    #[test]
+    fn sockets_of_root_or_our_own_uid_in_private_directories_are_used() {
+        for (sock_uid, dir_uid, dir_mode) in [(0, 0, 0o755), (1000, 1000, 0o700), (1000, 0, 0o755)]
+        {
+            let verdict = judge(
+                facts(SOCK, 0o666, sock_uid),
+                facts(DIR, dir_mode, dir_uid),
+                ME,
+            );
+            assert_eq!(verdict, Ok(()), "{sock_uid} {dir_uid} {dir_mode:o}");
+        }
+        assert_eq!(
+            judge(facts(SOCK, 0o666, 0), facts(DIR, 0o755, 0), ROOT_ONLY),
+            Ok(())
+        );
+    }
+
+    #[test]
+    fn squatted_or_exposed_sockets_are_refused() {
+        let ok_dir = facts(DIR, 0o700, 1000);
+        assert_eq!(
+            judge(facts(SOCK, 0o666, 65534), ok_dir, ME),
+            Err(Refusal::SocketOwner(65534))
+        );
+        assert_eq!(
+            judge(facts(libc::S_IFREG, 0o666, 1000), ok_dir, ME),
+            Err(Refusal::NotSocket)
+        );
+        // /tmp: root's, but sticky and world-writable.
+        assert_eq!(
+            judge(facts(SOCK, 0o666, 1000), facts(DIR, 0o1777, 0), ME),
+            Err(Refusal::DirWritable(0o1777))
+        );
+        assert_eq!(
+            judge(facts(SOCK, 0o666, 1000), facts(DIR, 0o700, 65534), ME),
+            Err(Refusal::DirOwner(65534))
+        );
+        assert_eq!(
+            judge(
+                facts(SOCK, 0o666, 1000),
+                facts(libc::S_IFLNK, 0o777, 1000),
+                ME
+            ),
+            Err(Refusal::DirNotDirectory)
+        );
+        // Secure execution: our own uid is not enough.
+        assert_eq!(
+            judge(facts(SOCK, 0o666, 1000), facts(DIR, 0o755, 0), ROOT_ONLY),
+            Err(Refusal::SocketOwner(1000))
+        );
+        assert!(!ROOT_ONLY.allows(1000) && ROOT_ONLY.allows(0) && ME.allows(1000));
     }
 }

@@ -3,7 +3,10 @@
 //! - **Load** ([`on_load`], from `.init_array`): read settings; without `ANYPROF_SOCKET`
 //!   stay idle. Otherwise connect, say hello (pid, command line, settings), publish the module
 //!   map, install the signal handler, give the existing threads timers and start the
-//!   background thread.
+//!   background thread. A secure-execution process (setuid, setgid, file capabilities) reads
+//!   no setting from its environment and only ever talks to a root daemon at
+//!   `/run/anyprof.sock` (see [`crate::config`]); every connection, first or renewed, is
+//!   checked by [`drain::connect`] (socket owner, directory, peer credentials).
 //! - **fork**: the child gets no timers from the kernel and must not speak on its parent's
 //!   connection or re-send its parent's samples, so it closes the connection and stays
 //!   unprofiled. (A program that then calls exec is profiled afresh: the library loads again
@@ -20,13 +23,18 @@ use std::sync::Mutex;
 use anyprof_wire::{self as wire, Kind, Level, TimerKind, MAX_MESSAGE};
 
 use crate::config::{Config, Mode};
+use crate::drain::Trust;
 use crate::signal::{handler, ring, sys, thread_state, unwind};
 use crate::{alloc, counters, drain, exports, log, threads};
 
 static STARTED: AtomicBool = AtomicBool::new(false);
-/// The encoded hello and the socket path, kept to reconnect.
+/// The encoded hello and the socket paths, kept to reconnect.
 static HELLO: Mutex<Vec<u8>> = Mutex::new(Vec::new());
 static SOCKETS: Mutex<Vec<PathBuf>> = Mutex::new(Vec::new());
+/// Whom the sockets may belong to, fixed at start: root, and the effective uid the process
+/// started with (unless secure execution). A process that later drops to another uid keeps
+/// trusting only these.
+static TRUST: Mutex<Trust> = Mutex::new(Trust { own_uid: None });
 static ACTIVE: AtomicBool = AtomicBool::new(false);
 /// The pid ACTIVE belongs to: a `vfork` child shares our memory but not our pid.
 static OWN_PID: AtomicU32 = AtomicU32::new(0);
@@ -73,11 +81,21 @@ fn start(argc: libc::c_int, argv: *const *const libc::c_char) {
     exports::resolve_exit();
     alloc::real::resolve();
     let config = Config::from_env();
+    // In a secure-execution process both are None/true: no path from the environment is
+    // ever opened, and LD_PRELOAD is left alone.
     log::set_file(config.log_file.clone());
-    if !config.exec_children {
+    if !config.exec_children && !config.secure {
         leave_ld_preload();
     }
-    let sockets = config.sockets();
+    // SAFETY: geteuid cannot fail.
+    let euid = unsafe { libc::geteuid() };
+    let trust = Trust {
+        own_uid: (!config.secure).then_some(euid),
+    };
+    if let Ok(mut t) = TRUST.lock() {
+        *t = trust;
+    }
+    let sockets = config.sockets(euid);
     if sockets.is_empty() {
         return; // record mode without a socket: nowhere to send anything
     }
@@ -181,9 +199,10 @@ fn leave_ld_preload() {
     }
 }
 
-/// Tries each socket in turn; true once one connects.
+/// Tries each socket in turn; true once one connects (and passes the checks).
 fn connect_any(sockets: &[PathBuf]) -> bool {
-    sockets.iter().any(|s| drain::connect(s).is_ok())
+    let trust = TRUST.lock().map_or(Trust { own_uid: None }, |t| *t);
+    sockets.iter().any(|s| drain::connect(s, trust).is_ok())
 }
 
 fn send_hello() {

@@ -1867,8 +1867,9 @@ fn only_allowed_uids_may_connect() {
     };
     let (scratch, exe) = setup("serve_security");
     // Everything `nobody` needs (the program, the preload, the socket) in one world-readable
-    // and world-writable directory, whatever the permissions of the build tree.
-    let dir = TempDir::new("serve-security", 0o777);
+    // directory, whatever the permissions of the build tree. Not world-writable: processes
+    // refuse a socket in a directory that others can write to.
+    let dir = TempDir::new("serve-security", 0o755);
     let bins = binaries();
     let exe_copy = dir.path().join("serve_worker");
     std::fs::copy(&exe, &exe_copy).expect("copying the worker");

@@ -22,7 +22,8 @@ use crate::collect::{Collector, Options};
 #[derive(Args, Debug, Clone)]
 pub struct ServeArgs {
     /// Unix socket that preloaded processes connect to [default: /run/anyprof.sock as root,
-    /// else $XDG_RUNTIME_DIR/anyprof.sock, else /tmp/anyprof-UID.sock]
+    /// else $XDG_RUNTIME_DIR/anyprof.sock, else /tmp/anyprof-UID/anyprof.sock in a private
+    /// directory]. Its directory must be writable only by root or you
     #[arg(long, value_name = "PATH", env = "ANYPROF_SOCKET")]
     pub socket: Option<PathBuf>,
     /// HTTP address for the pprof endpoints. Loopback by default: profiles reveal code and
@@ -49,22 +50,75 @@ pub struct ServeArgs {
     pub verbose: bool,
 }
 
-/// The daemon's default socket path (the preload tries the same places).
-pub fn default_socket() -> PathBuf {
+/// The daemon's default socket path (the preload tries the same places, with the same
+/// checks): `/run/anyprof.sock` as root; else `$XDG_RUNTIME_DIR/anyprof.sock` if that
+/// directory is ours and not writable by others; else `anyprof.sock` in the private
+/// directory `/tmp/anyprof-UID`, created mode 0700 if missing and refused unless it is a
+/// real directory of ours with mode 0700 (anyone can create a name in /tmp first).
+pub fn default_socket() -> Result<PathBuf> {
+    use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
     // SAFETY: geteuid cannot fail.
     let euid = unsafe { libc::geteuid() };
     if euid == 0 {
-        return PathBuf::from("/run/anyprof.sock");
+        return Ok(PathBuf::from("/run/anyprof.sock"));
     }
-    match std::env::var_os("XDG_RUNTIME_DIR").filter(|d| !d.is_empty()) {
-        Some(dir) => PathBuf::from(dir).join("anyprof.sock"),
-        None => PathBuf::from(format!("/tmp/anyprof-{euid}.sock")),
+    let advice = "set XDG_RUNTIME_DIR to a directory only you can write to, or pass --socket PATH";
+    if let Some(dir) = std::env::var_os("XDG_RUNTIME_DIR").filter(|d| !d.is_empty()) {
+        let dir = PathBuf::from(dir);
+        let meta = std::fs::metadata(&dir)
+            .with_context(|| format!("XDG_RUNTIME_DIR={} cannot be used", dir.display()))?;
+        if !meta.is_dir() || meta.uid() != euid || meta.mode() & 0o022 != 0 {
+            anyhow::bail!(
+                "XDG_RUNTIME_DIR={} is not a directory of yours that only you can write to \
+                 (owner uid {}, mode {:o}): {advice}",
+                dir.display(),
+                meta.uid(),
+                meta.mode() & 0o7777
+            );
+        }
+        return Ok(dir.join("anyprof.sock"));
     }
+    let dir = PathBuf::from(format!("/tmp/anyprof-{euid}"));
+    match std::fs::DirBuilder::new().mode(0o700).create(&dir) {
+        Ok(()) => {
+            // The umask may have taken bits away; nobody else can rename our entry in
+            // the sticky /tmp, so this is still our directory.
+            std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700))
+                .with_context(|| format!("cannot make {} private", dir.display()))?;
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+        Err(e) => {
+            return Err(e).with_context(|| format!("cannot create {}; {advice}", dir.display()))
+        }
+    }
+    let meta = std::fs::symlink_metadata(&dir)
+        .with_context(|| format!("cannot examine {}", dir.display()))?;
+    if !meta.file_type().is_dir() || meta.uid() != euid || meta.mode() & 0o7777 != 0o700 {
+        anyhow::bail!(
+            "{} is not a private directory of yours (a {}, owner uid {}, mode {:o}; expected a \
+             directory of uid {euid} with mode 700): someone else may have created it to \
+             receive your processes' profiles. Remove it, or {advice}",
+            dir.display(),
+            if meta.file_type().is_symlink() {
+                "symlink"
+            } else if meta.is_dir() {
+                "directory"
+            } else {
+                "file"
+            },
+            meta.uid(),
+            meta.mode() & 0o7777
+        );
+    }
+    Ok(dir.join("anyprof.sock"))
 }
 
 /// Runs the daemon until it is killed (SIGINT and SIGTERM end it cleanly).
 pub fn run(args: ServeArgs) -> Result<std::process::ExitCode> {
-    let socket = args.socket.clone().unwrap_or_else(default_socket);
+    let socket = match args.socket.clone() {
+        Some(socket) => socket,
+        None => default_socket()?,
+    };
     // SAFETY: geteuid cannot fail.
     let euid = unsafe { libc::geteuid() };
     let mut allowed = vec![euid, 0];
