@@ -404,8 +404,15 @@ fn index(state: &Ctx, pid: Option<u32>) -> Reply {
         .unwrap_or_default();
     let mut out = String::from(
         "<html><head><title>/debug/pprof/</title></head><body>\n<p>anyprof serve: profiles of \
-         connected processes. Pick a process, then a profile.</p>\n<table>\n",
+         connected processes. Pick a process, then a profile.</p>\n",
     );
+    if let Viewer::Uid(uid) = state.who.viewer {
+        out.push_str(&format!(
+            "<p>Requests from uid {uid}: the processes that uid could ptrace (root sees all).\
+             </p>\n"
+        ));
+    }
+    out.push_str("<table>\n");
     for p in &processes {
         if pid.is_some_and(|want| want != p.pid) {
             continue;
