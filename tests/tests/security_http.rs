@@ -491,17 +491,17 @@ fn each_user_sees_only_the_processes_it_could_ptrace() {
     // Nobody: the index shows who the daemon thinks is asking, and only nobody's process.
     let index = get_as_nobody(&setup, port, "/debug/pprof/", None);
     assert_eq!(index.status, 200, "nobody's index\n{}", index.show());
+    assert_eq!(
+        index.index_pids(),
+        BTreeSet::from([n]),
+        "nobody's index must list nobody's process only\n{}",
+        index.show()
+    );
     assert!(
         index
             .text()
             .contains(&format!("Requests from uid {NOBODY}")),
         "the daemon did not identify the request as uid {NOBODY}\n{}",
-        index.show()
-    );
-    assert_eq!(
-        index.index_pids(),
-        BTreeSet::from([n]),
-        "nobody's index must list nobody's process only\n{}",
         index.show()
     );
     // Root's process answers exactly like a pid that is not connected, on every endpoint
@@ -628,18 +628,39 @@ fn network_exposure_needs_the_flag_and_then_the_token() {
     };
     let port = free_port();
     // Refused without the flag, at once, before anything is created.
-    let out = clean_command(binaries().anyprof)
+    let refused_stderr = setup.scratch.join("refused.stderr");
+    let mut refused = clean_command(binaries().anyprof)
         .arg("serve")
         .arg("--socket")
         .arg(setup.socket())
         .arg("--http")
         .arg(format!("0.0.0.0:{port}"))
         .stdin(Stdio::null())
-        .output()
+        .stderr(std::fs::File::create(&refused_stderr).expect("stderr file"))
+        .spawn()
         .expect("running anyprof serve");
-    let stderr = String::from_utf8_lossy(&out.stderr);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let status = loop {
+        if let Ok(Some(status)) = refused.try_wait() {
+            break Some(status);
+        }
+        if Instant::now() >= deadline {
+            let _ = refused.kill();
+            let _ = refused.wait();
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let out_stderr = std::fs::read_to_string(&refused_stderr).unwrap_or_default();
+    let Some(status) = status else {
+        panic!(
+            "anyprof serve --http 0.0.0.0:{port} without --expose-profiles-to-network was not \
+             refused: it was still running after 10 s; stderr:\n{out_stderr}"
+        );
+    };
+    let stderr = out_stderr;
     assert!(
-        !out.status.success(),
+        !status.success(),
         "anyprof serve --http 0.0.0.0:{port} must be refused; stderr:\n{stderr}"
     );
     for words in ["not a loopback address", "--expose-profiles-to-network"] {
@@ -943,7 +964,7 @@ fn one_long_request_of_each_kind_per_process() {
     let Some(setup) = Setup::new("security_http_long") else {
         return;
     };
-    let daemon = Daemon::on_loopback(&setup, "daemon", &["--max-long-requests", "3"]);
+    let daemon = Daemon::on_loopback(&setup, "daemon-1", &[]);
     let port = daemon.port;
     let workers: Vec<Worker> = (0..2)
         .map(|i| Worker::start(&setup, false, &format!("worker-{i}")))
@@ -951,52 +972,30 @@ fn one_long_request_of_each_kind_per_process() {
     let (a, b) = (workers[0].pid, workers[1].pid);
     wait_listed(port, &[a, b]);
 
-    let in_background = |path: String| std::thread::spawn(move || get(port, &path));
-    let first = in_background(format!("/debug/pprof/heap?seconds=3&pid={a}"));
+    let in_background = |port: u16, path: String| std::thread::spawn(move || get(port, &path));
+    let first = in_background(port, format!("/debug/pprof/heap?seconds=3&pid={a}"));
     std::thread::sleep(Duration::from_millis(500));
     // The same kind for the same process: refused at once.
     let t = Instant::now();
     let second = get(port, &format!("/debug/pprof/heap?seconds=3&pid={a}"));
-    assert!(
-        t.elapsed() < Duration::from_secs(1),
-        "the second heap?seconds= waited {:?}",
-        t.elapsed()
-    );
     assert_status(
         &second,
         409,
         "already in progress",
         "a second heap?seconds= for one pid",
     );
-    // Another kind for the same process, and the same kind for another: they run.
-    let allocs = in_background(format!("/debug/pprof/allocs?seconds=1&pid={a}"));
-    let other = in_background(format!("/debug/pprof/heap?seconds=1&pid={b}"));
-    std::thread::sleep(Duration::from_millis(300));
-    // Now 3 long requests run (--max-long-requests 3): a fourth is refused at once, short
-    // requests are still served.
-    let t = Instant::now();
-    let fourth = get(port, &format!("/debug/pprof/profile?seconds=1&pid={b}"));
     assert!(
         t.elapsed() < Duration::from_secs(1),
-        "the fourth long request waited"
+        "the second heap?seconds= waited {:?}",
+        t.elapsed()
     );
-    assert_status(
-        &fourth,
-        503,
-        "too many long requests",
-        "a fourth long request",
-    );
-    let short = get(port, &format!("/debug/pprof/heap?pid={b}"));
+    let second = get(port, &format!("/debug/pprof/allocs?seconds=1&pid={a}"));
     assert_eq!(
-        short.status,
+        second.status,
         200,
-        "a short request while long ones run\n{}",
-        short.show()
+        "allocs?seconds= beside heap?seconds=\n{}",
+        second.show()
     );
-    for (what, handle) in [("allocs", allocs), ("other pid's heap", other)] {
-        let reply = handle.join().expect("request thread");
-        assert_eq!(reply.status, 200, "{what}?seconds=1\n{}", reply.show());
-    }
     let reply = first.join().expect("request thread");
     assert_eq!(
         reply.status,
@@ -1012,9 +1011,8 @@ fn one_long_request_of_each_kind_per_process() {
         "heap?seconds= after the first ended\n{}",
         again.show()
     );
-
     // CPU profiles as Go words it.
-    let cpu = in_background(format!("/debug/pprof/profile?seconds=2&pid={a}"));
+    let cpu = in_background(port, format!("/debug/pprof/profile?seconds=2&pid={a}"));
     std::thread::sleep(Duration::from_millis(500));
     let second_cpu = get(port, &format!("/debug/pprof/profile?seconds=2&pid={a}"));
     assert_status(
@@ -1024,6 +1022,41 @@ fn one_long_request_of_each_kind_per_process() {
         "a second CPU profile for one pid",
     );
     assert_eq!(cpu.join().expect("request thread").status, 200);
+    drop(daemon);
+
+    // At most --max-long-requests long requests at once; more are refused at once, and the
+    // short requests still have their own workers.
+    let daemon = Daemon::on_loopback(&setup, "daemon-2", &["--max-long-requests", "2"]);
+    let port = daemon.port;
+    wait_listed(port, &[a, b]);
+    let running = [
+        in_background(port, format!("/debug/pprof/heap?seconds=2&pid={a}")),
+        in_background(port, format!("/debug/pprof/heap?seconds=2&pid={b}")),
+    ];
+    std::thread::sleep(Duration::from_millis(500));
+    let t = Instant::now();
+    let third = get(port, &format!("/debug/pprof/profile?seconds=1&pid={b}"));
+    assert_status(
+        &third,
+        503,
+        "too many long requests",
+        "a third long request",
+    );
+    assert!(
+        t.elapsed() < Duration::from_secs(1),
+        "the third long request waited"
+    );
+    let short = get(port, &format!("/debug/pprof/heap?pid={b}"));
+    assert_eq!(
+        short.status,
+        200,
+        "a short request while long ones run\n{}",
+        short.show()
+    );
+    for handle in running {
+        let reply = handle.join().expect("request thread");
+        assert_eq!(reply.status, 200, "heap?seconds=2\n{}", reply.show());
+    }
     drop(workers);
     drop(daemon);
 }
