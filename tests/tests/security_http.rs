@@ -810,7 +810,8 @@ fn network_exposure_needs_the_flag_and_then_the_token() {
             .expect("running go tool pprof");
         let text = String::from_utf8_lossy(&out.stdout);
         assert!(
-            out.status.success() && text.contains("serve_alloc_site"),
+            // A profile was fetched and read (the worker may not have sampled much yet).
+            out.status.success() && text.contains("Type: inuse_space"),
             "go tool pprof with ?token=: {}\n{text}\n{}",
             out.status,
             String::from_utf8_lossy(&out.stderr)

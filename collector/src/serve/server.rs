@@ -412,11 +412,19 @@ fn identify(
         return Err(refusal);
     }
     // Loopback: a browser tricked by DNS rebinding sends the attacker's host name.
-    let host = match request.headers().get(HOST) {
-        Some(h) => Some(h.to_str().unwrap_or("(not text)").to_string()),
-        None => request.uri().authority().map(|a| a.as_str().to_string()),
-    };
-    if let Some(host) = host.filter(|h| !access::host_is_loopback(h)) {
+    // (and an absolute request target names a host too).
+    let hosts = [
+        request
+            .headers()
+            .get(HOST)
+            .map(|h| h.to_str().unwrap_or("(not text)").to_string()),
+        request.uri().authority().map(|a| a.as_str().to_string()),
+    ];
+    if let Some(host) = hosts
+        .into_iter()
+        .flatten()
+        .find(|h| !access::host_is_loopback(h))
+    {
         return Err(Response::error(
             403,
             &format!(
