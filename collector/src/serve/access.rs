@@ -225,10 +225,20 @@ fn sock_diag_uid(client: SocketAddr, server: SocketAddr) -> Option<u32> {
     // struct inet_diag_msg { u8 family, state, timer, retrans; sockid id (48 bytes);
     //   u32 expires, rqueue, wqueue, uid, inode; }: uid at offset 64.
     let body = reply.get(HEADER..)?;
-    // The kernel matched our four-tuple; check it anyway before trusting the uid.
+    // The kernel's exact lookup falls back to a listening socket on the client's port when
+    // the client's socket is gone: accept only a connected socket with our whole four-tuple.
+    const TCP_LISTEN: u8 = 10;
+    let state = *body.get(1)?;
     let sport = u16::from_be_bytes(body.get(4..6)?.try_into().ok()?);
     let dport = u16::from_be_bytes(body.get(6..8)?.try_into().ok()?);
-    if sport != client.port() || dport != server.port() {
+    let (src, dst) = (body.get(8..24)?, body.get(24..40)?);
+    let len = if client.is_ipv4() { 4 } else { 16 };
+    if state == TCP_LISTEN
+        || sport != client.port()
+        || dport != server.port()
+        || src[..len] != addr_bytes(client.ip())[..len]
+        || dst[..len] != addr_bytes(server.ip())[..len]
+    {
         return None;
     }
     Some(u32::from_ne_bytes(body.get(64..68)?.try_into().ok()?))
@@ -476,6 +486,20 @@ mod tests {
         let wrong = SocketAddr::new(peer.ip(), peer.port().wrapping_add(1));
         assert_eq!(sock_diag_uid(wrong, local), None);
         assert_eq!(proc_net_uid(wrong, local), None);
+        // With no connection on a four-tuple, the kernel's lookup falls back to a socket
+        // listening on the "client" port: that is not a client.
+        let listening = listener.local_addr().unwrap();
+        let nowhere = SocketAddr::new(listening.ip(), 1);
+        assert_eq!(sock_diag_uid(listening, nowhere), None);
+
+        // IPv6 loopback, where the host has it.
+        if let Ok(listener6) = TcpListener::bind("[::1]:0") {
+            let _client6 = std::net::TcpStream::connect(listener6.local_addr().unwrap()).unwrap();
+            let (server6, peer6) = listener6.accept().unwrap();
+            let local6 = server6.local_addr().unwrap();
+            assert_eq!(sock_diag_uid(peer6, local6), Some(me), "sock_diag, IPv6");
+            assert_eq!(proc_net_uid(peer6, local6), Some(me), "/proc/net/tcp6");
+        }
     }
 
     #[test]
