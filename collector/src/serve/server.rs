@@ -147,6 +147,7 @@ struct Shared {
     state: Arc<http::State>,
     token: Option<Token>,
     connections: Arc<Semaphore>,
+    max_connections: usize,
     per_client: Arc<Counts>,
     short: Arc<Semaphore>,
     long: Arc<Semaphore>,
@@ -182,6 +183,7 @@ impl Server {
             state,
             token: config.token,
             connections: Arc::new(Semaphore::new(config.max_connections.max(1))),
+            max_connections: config.max_connections.max(1),
             per_client: Arc::new(Counts::new(config.max_connections_per_user)),
             short: Arc::new(Semaphore::new(workers)),
             long: Arc::new(Semaphore::new(long_requests)),
@@ -212,6 +214,20 @@ fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
 }
 
 async fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
+    // When each client was last told about on stderr for going over a cap (once a minute).
+    let mut warned: HashMap<ClientKey, std::time::Instant> = HashMap::new();
+    let mut warn = |key: ClientKey, what: String| {
+        let now = std::time::Instant::now();
+        if warned
+            .get(&key)
+            .is_some_and(|t| now.duration_since(*t) < Duration::from_secs(60))
+        {
+            return;
+        }
+        warned.retain(|_, t| now.duration_since(*t) < Duration::from_secs(60));
+        warned.insert(key, now);
+        eprintln!("anyprof serve: {what}: closing new ones as they come (said once a minute)");
+    };
     loop {
         let (stream, peer) = match listener.accept().await {
             Ok(accepted) => accepted,
@@ -233,9 +249,28 @@ async fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
         };
         // Over a cap: closed at once (dropping the stream), costing no thread or timer.
         let Some(client_slot) = shared.per_client.claim(key) else {
+            let who = match key {
+                ClientKey::Uid(uid) => format!("uid {uid}"),
+                ClientKey::Addr(ip) => format!("{ip}"),
+            };
+            warn(
+                key,
+                format!(
+                    "{who} has {} HTTP connections open (--max-connections-per-user)",
+                    shared.per_client.cap
+                ),
+            );
             continue;
         };
         let Ok(slot) = shared.connections.clone().try_acquire_owned() else {
+            // Said under a key no client has (0.0.0.0 is never a peer).
+            warn(
+                ClientKey::Addr(IpAddr::from([0, 0, 0, 0])),
+                format!(
+                    "{} HTTP connections are open (--max-connections)",
+                    shared.max_connections
+                ),
+            );
             continue;
         };
         let conn = Arc::new(Conn { key, uid });
