@@ -1060,6 +1060,30 @@ fn one_long_request_of_each_kind_per_process() {
         let reply = handle.join().expect("request thread");
         assert_eq!(reply.status, 200, "heap?seconds=2\n{}", reply.show());
     }
+    // A long request does not hold the daemon up when it ends: SIGTERM answers it with
+    // what it has, and the daemon exits cleanly at once, removing its socket.
+    let long = in_background(port, format!("/debug/pprof/profile?seconds=60&pid={a}"));
+    std::thread::sleep(Duration::from_millis(1000));
+    let mut daemon = daemon;
+    let t = Instant::now();
+    // SAFETY: kill(2) with integers; the daemon is our unreaped child.
+    unsafe {
+        libc::kill(daemon.pid as libc::pid_t, libc::SIGTERM);
+    }
+    let status = daemon.child.wait().expect("waiting for the daemon");
+    assert!(status.success(), "anyprof serve exited with {status}");
+    assert!(
+        t.elapsed() < Duration::from_secs(5),
+        "anyprof serve took {:?} to end during a 60 s profile",
+        t.elapsed()
+    );
+    assert!(
+        !setup.socket().exists(),
+        "the daemon left its socket {} behind",
+        setup.socket().display()
+    );
+    let reply = long.join().expect("request thread");
+    assert_eq!(reply.status, 200, "the profile cut short\n{}", reply.show());
     drop(workers);
     drop(daemon);
 }

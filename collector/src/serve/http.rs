@@ -10,7 +10,7 @@
 //! `go tool pprof` treats this server like a Go program's.
 
 use std::collections::HashSet;
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -30,6 +30,8 @@ pub struct State {
     busy: Mutex<HashSet<(LongKind, u32)>>,
     next_dump: AtomicU32,
     max_seconds: u64,
+    /// Set when the daemon ends: long requests stop waiting and answer with what they have.
+    stopping: AtomicBool,
 }
 
 impl State {
@@ -41,11 +43,14 @@ impl State {
             busy: Mutex::new(HashSet::new()),
             next_dump: AtomicU32::new(1),
             max_seconds,
+            stopping: AtomicBool::new(false),
         }
     }
 
-    /// Stops the CPU sampling that requests in progress started (when the daemon ends).
-    pub fn stop_cpu_profiles(&self) {
+    /// Ends the long requests in progress early (they answer with what they have) and stops
+    /// the CPU sampling they started: the daemon is ending.
+    pub fn stop(&self) {
+        self.stopping.store(true, Ordering::SeqCst);
         let pids: Vec<u32> = match self.busy.lock() {
             Ok(busy) => busy
                 .iter()
@@ -56,6 +61,13 @@ impl State {
         };
         for pid in pids {
             let _ = self.collector.command(pid, Command::CpuStop);
+        }
+    }
+
+    /// Sleeps until `deadline`, or less if the daemon is ending or `done` says so.
+    fn wait_until(&self, deadline: Instant, mut done: impl FnMut() -> bool) {
+        while Instant::now() < deadline && !self.stopping.load(Ordering::SeqCst) && !done() {
+            std::thread::sleep(Duration::from_millis(50));
         }
     }
 }
@@ -515,12 +527,10 @@ fn run_cpu_profile(state: &State, pid: u32, seconds: u64) -> Reply {
         .map_err(|e| err(500, format!("Could not enable CPU profiling: {e:#}")))?;
     let started = Instant::now();
     let deadline = started + Duration::from_secs(seconds);
-    while Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(50));
-        if shared.lock().map(|s| s.closed_at.is_some()).unwrap_or(true) {
-            break; // the process went away: return what it sent
-        }
-    }
+    // Until the time is up, the process goes away (then: what it sent) or the daemon ends.
+    state.wait_until(deadline, || {
+        shared.lock().map(|s| s.closed_at.is_some()).unwrap_or(true)
+    });
     let _ = state.collector.command(pid, Command::CpuStop);
     std::thread::sleep(Duration::from_millis(150)); // its last samples are in flight
     let mut session = {
@@ -569,7 +579,7 @@ fn heap(state: &Ctx, t: &Target, view: profile::heap::View) -> Reply {
         let _busy = Busy::claim(state, kind, pid)?;
         // Go's delta profile: a snapshot now, another after `seconds`, the difference.
         let started = crate::output::unix_nanos();
-        std::thread::sleep(Duration::from_secs(seconds));
+        state.wait_until(Instant::now() + Duration::from_secs(seconds), || false);
         let later = snapshot(state, pid)?;
         let now = crate::output::unix_nanos();
         let p = profile::heap::build_delta(

@@ -154,6 +154,8 @@ struct Shared {
     long_per_client: Arc<Counts>,
     long_requests: usize,
     lifetime: Duration,
+    /// Becomes true when the daemon ends: stop accepting, finish what is in progress.
+    stop: tokio::sync::watch::Sender<bool>,
 }
 
 /// One accepted connection.
@@ -190,14 +192,29 @@ impl Server {
             long_per_client: Arc::new(Counts::new(long_requests / 4)),
             long_requests,
             lifetime: Duration::from_secs(config.max_seconds) + LIFETIME_MARGIN,
+            stop: tokio::sync::watch::channel(false).0,
         });
         runtime.spawn(accept_loop(listener, shared.clone()));
         Ok(Server { runtime, shared })
     }
 
-    /// Stops accepting and serving; CPU sampling started by requests in progress is stopped.
+    /// Stops accepting and serving: long requests in progress end early (with what they
+    /// have), and CPU sampling they started is stopped. Waits a little for the handlers, so
+    /// that the collector they share is released.
     pub fn shutdown(self) {
-        self.shared.state.stop_cpu_profiles();
+        self.shared.state.stop();
+        self.shared.stop.send_replace(true);
+        let shared = self.shared.clone();
+        // The responses in progress are sent (bounded: a client that does not read them is
+        // cut off), then the connections close.
+        self.runtime.block_on(async move {
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(3);
+            while shared.connections.available_permits() < shared.max_connections
+                && tokio::time::Instant::now() < deadline
+            {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        });
         self.runtime.shutdown_timeout(Duration::from_millis(500));
     }
 }
@@ -228,8 +245,13 @@ async fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
         warned.insert(key, now);
         eprintln!("anyprof serve: {what}: closing new ones as they come (said once a minute)");
     };
+    let mut stop = shared.stop.subscribe();
     loop {
-        let (stream, peer) = match listener.accept().await {
+        let accepted = tokio::select! {
+            accepted = listener.accept() => accepted,
+            _ = async { stop.wait_for(|stop| *stop).await.map(|_| ()) } => return,
+        };
+        let (stream, peer) = match accepted {
             Ok(accepted) => accepted,
             Err(_) => {
                 // Out of descriptors or memory: let connections finish, then go on.
@@ -287,6 +309,7 @@ async fn serve_connection(stream: TcpStream, conn: Arc<Conn>, shared: Arc<Shared
     stream.set_write_timeout(Some(WRITE_TIMEOUT));
     let io = TokioIo::new(Box::pin(stream));
     let lifetime = shared.lifetime;
+    let mut stop = shared.stop.subscribe();
     let service = service_fn(move |request| {
         let (conn, shared) = (conn.clone(), shared.clone());
         async move {
@@ -299,7 +322,18 @@ async fn serve_connection(stream: TcpStream, conn: Arc<Conn>, shared: Arc<Shared
         .header_read_timeout(HEADER_TIMEOUT)
         .max_buf_size(MAX_HEADER_BYTES)
         .serve_connection(io, service);
-    let _ = tokio::time::timeout(lifetime, connection).await;
+    let run = async {
+        tokio::pin!(connection);
+        tokio::select! {
+            _ = connection.as_mut() => {}
+            _ = async { stop.wait_for(|stop| *stop).await.map(|_| ()) } => {
+                // The daemon ends: answer the request in progress, then close.
+                connection.as_mut().graceful_shutdown();
+                let _ = connection.await;
+            }
+        }
+    };
+    let _ = tokio::time::timeout(lifetime, run).await;
 }
 
 fn into_hyper(r: Response) -> hyper::Response<Full<Bytes>> {
