@@ -21,6 +21,10 @@
 //!   of which one non-root user may hold at most a quarter. Long requests never take a short
 //!   request's worker, and each kind runs at most once per process at a time
 //!   ([`http::LongKind`]).
+//!
+//! When the daemon ends ([`Server::shutdown`]) it stops accepting, long requests stop waiting
+//! and answer with what they have, and the responses in progress are sent (for at most 3 s)
+//! before the connections close.
 
 use std::collections::HashMap;
 use std::convert::Infallible;
