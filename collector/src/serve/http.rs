@@ -1,21 +1,24 @@
-//! The HTTP side of `anyprof serve`: net/http/pprof's endpoints, per process.
+//! The pprof endpoints of `anyprof serve`: net/http/pprof's endpoints, per process. This
+//! module answers one request at a time, blocking (profiles take seconds); the HTTP server
+//! around it, its limits and who the requester is are in [`super::server`] and
+//! [`super::access`].
 //!
 //! A process is chosen with `?pid=N` or a `/pid/N` prefix (`/pid/N/debug/pprof/heap`); with
-//! one process connected the pid may be left out. Content types, `Content-Disposition` and
-//! error responses (`X-Go-Pprof: 1`, text body) are Go's, so `go tool pprof` treats this server
-//! like a Go program's.
+//! one process visible to the requester the pid may be left out. A process the requester may
+//! not see answers exactly like a pid that is not connected. Content types,
+//! `Content-Disposition` and error responses (`X-Go-Pprof: 1`, text body) are Go's, so
+//! `go tool pprof` treats this server like a Go program's.
 
 use std::collections::HashSet;
-use std::io::Read;
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyprof_symbolizer::Symbolizer;
 use anyprof_wire::Command;
-use tiny_http::{Header, Request, Response};
 
-use crate::collect::Collector;
+use super::access::Viewer;
+use crate::collect::{Collector, ProcessInfo};
 use crate::ingest::Session;
 use crate::profile;
 
@@ -23,9 +26,12 @@ use crate::profile;
 pub struct State {
     collector: Arc<Collector>,
     symbolizer: Mutex<Symbolizer>,
-    cpu_busy: Mutex<HashSet<u32>>,
+    /// The long requests in progress, by kind and pid: at most one of each per process.
+    busy: Mutex<HashSet<(LongKind, u32)>>,
     next_dump: AtomicU32,
     max_seconds: u64,
+    /// Set when the daemon ends: long requests stop waiting and answer with what they have.
+    stopping: AtomicBool,
 }
 
 impl State {
@@ -34,17 +40,119 @@ impl State {
         State {
             collector,
             symbolizer: Mutex::new(Symbolizer::new()),
-            cpu_busy: Mutex::new(HashSet::new()),
+            busy: Mutex::new(HashSet::new()),
             next_dump: AtomicU32::new(1),
             max_seconds,
+            stopping: AtomicBool::new(false),
+        }
+    }
+
+    /// Ends the long requests in progress early (they answer with what they have) and stops
+    /// the CPU sampling they started: the daemon is ending.
+    pub fn stop(&self) {
+        self.stopping.store(true, Ordering::SeqCst);
+        let pids: Vec<u32> = match self.busy.lock() {
+            Ok(busy) => busy
+                .iter()
+                .filter(|(kind, _)| *kind == LongKind::Cpu)
+                .map(|&(_, pid)| pid)
+                .collect(),
+            Err(_) => return,
+        };
+        for pid in pids {
+            let _ = self.collector.command(pid, Command::CpuStop);
+        }
+    }
+
+    /// Sleeps until `deadline`, or less if the daemon is ending or `done` says so.
+    fn wait_until(&self, deadline: Instant, mut done: impl FnMut() -> bool) {
+        while Instant::now() < deadline && !self.stopping.load(Ordering::SeqCst) && !done() {
+            std::thread::sleep(Duration::from_millis(50));
         }
     }
 }
 
 /// Largest request body read (the `symbol` POST).
-const MAX_BODY: u64 = 64 * 1024;
+pub const MAX_BODY: usize = 64 * 1024;
 /// CPU sampling rate of `profile` requests, as Go's `StartCPUProfile`.
 const PROFILE_HZ: u32 = 100;
+
+/// The requests that last `?seconds=`: each kind runs at most once per process at a time.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum LongKind {
+    /// `profile` (30 s without `?seconds=`).
+    Cpu,
+    /// `heap?seconds=N`.
+    HeapDelta,
+    /// `allocs?seconds=N`.
+    AllocsDelta,
+}
+
+impl LongKind {
+    fn describe(self) -> &'static str {
+        match self {
+            LongKind::Cpu => "CPU profile",
+            LongKind::HeapDelta => "heap delta profile (heap?seconds=N)",
+            LongKind::AllocsDelta => "allocs delta profile (allocs?seconds=N)",
+        }
+    }
+}
+
+/// Whether a request target is a long request (one that waits `?seconds=`), and which kind.
+/// The server runs these apart from the short requests, so they cannot take every worker.
+pub fn long_kind(url: &str) -> Option<LongKind> {
+    let t = parse_target(url).ok()??;
+    match t.name.as_str() {
+        "profile" => Some(LongKind::Cpu),
+        "heap" if t.param("seconds").is_some() => Some(LongKind::HeapDelta),
+        "allocs" if t.param("seconds").is_some() => Some(LongKind::AllocsDelta),
+        _ => None,
+    }
+}
+
+/// Marks a long request of one kind as running for one process, until dropped.
+struct Busy<'a> {
+    state: &'a State,
+    key: (LongKind, u32),
+}
+
+impl<'a> Busy<'a> {
+    fn claim(state: &'a State, kind: LongKind, pid: u32) -> Result<Busy<'a>, HttpError> {
+        let mut busy = state.busy.lock().map_err(|_| err(500, "state poisoned"))?;
+        if !busy.insert((kind, pid)) {
+            return Err(match kind {
+                // Go's words, so that pprof users recognise them.
+                LongKind::Cpu => err(
+                    500,
+                    format!(
+                        "Could not enable CPU profiling: cpu profiling already in use for pid \
+                         {pid}"
+                    ),
+                ),
+                _ => err(
+                    409,
+                    format!(
+                        "a {} of pid {pid} is already in progress: one at a time per process; \
+                         try again when it has finished",
+                        kind.describe()
+                    ),
+                ),
+            });
+        }
+        Ok(Busy {
+            state,
+            key: (kind, pid),
+        })
+    }
+}
+
+impl Drop for Busy<'_> {
+    fn drop(&mut self) {
+        if let Ok(mut busy) = self.state.busy.lock() {
+            busy.remove(&self.key);
+        }
+    }
+}
 
 /// An HTTP error with the reason shown to the client.
 struct HttpError(u16, String);
@@ -53,50 +161,107 @@ fn err(code: u16, msg: impl Into<String>) -> HttpError {
     HttpError(code, msg.into())
 }
 
-type Reply = Result<Response<std::io::Cursor<Vec<u8>>>, HttpError>;
-
-fn header(name: &str, value: &str) -> Header {
-    Header::from_bytes(name.as_bytes(), value.as_bytes()).unwrap_or_else(|_| {
-        Header::from_bytes(&b"X-Invalid"[..], &b"1"[..]).unwrap_or_else(|_| unreachable!())
-    })
+/// One response: status, headers and body.
+#[derive(Debug)]
+pub struct Response {
+    /// HTTP status code.
+    pub status: u16,
+    /// Header names and values.
+    pub headers: Vec<(&'static str, String)>,
+    /// The body.
+    pub body: Vec<u8>,
 }
 
+impl Response {
+    fn ok(headers: Vec<(&'static str, String)>, body: Vec<u8>) -> Response {
+        Response {
+            status: 200,
+            headers,
+            body,
+        }
+    }
+
+    /// An error as net/http/pprof sends it: the reason as text, `X-Go-Pprof: 1`.
+    pub fn error(status: u16, msg: &str) -> Response {
+        Response {
+            status,
+            headers: vec![
+                ("Content-Type", "text/plain; charset=utf-8".into()),
+                ("X-Go-Pprof", "1".into()),
+                ("X-Content-Type-Options", "nosniff".into()),
+            ],
+            body: format!("{msg}\n").into_bytes(),
+        }
+    }
+}
+
+type Reply = Result<Response, HttpError>;
+
 fn binary(name: &str, bytes: Vec<u8>) -> Reply {
-    Ok(Response::from_data(bytes)
-        .with_header(header("Content-Type", "application/octet-stream"))
-        .with_header(header(
-            "Content-Disposition",
-            &format!("attachment; filename=\"{name}\""),
-        )))
+    Ok(Response::ok(
+        vec![
+            ("Content-Type", "application/octet-stream".into()),
+            (
+                "Content-Disposition",
+                format!("attachment; filename=\"{name}\""),
+            ),
+        ],
+        bytes,
+    ))
 }
 
 fn text(body: String) -> Reply {
-    Ok(Response::from_data(body.into_bytes())
-        .with_header(header("Content-Type", "text/plain; charset=utf-8"))
-        .with_header(header("X-Content-Type-Options", "nosniff")))
+    Ok(Response::ok(
+        vec![
+            ("Content-Type", "text/plain; charset=utf-8".into()),
+            ("X-Content-Type-Options", "nosniff".into()),
+        ],
+        body.into_bytes(),
+    ))
 }
 
 fn html(body: String) -> Reply {
-    Ok(Response::from_data(body.into_bytes())
-        .with_header(header("Content-Type", "text/html; charset=utf-8")))
+    Ok(Response::ok(
+        vec![("Content-Type", "text/html; charset=utf-8".into())],
+        body.into_bytes(),
+    ))
 }
 
-/// Answers one request; errors become Go-style error responses.
-pub fn handle(state: &State, mut request: Request) {
-    let url = request.url().to_string();
-    let method = request.method().clone();
-    let mut body = Vec::new();
-    if method == tiny_http::Method::Post {
-        let _ = request.as_reader().take(MAX_BODY).read_to_end(&mut body);
+/// Who asks, as the handlers need it.
+pub struct Requester {
+    /// Which processes they may see.
+    pub viewer: Viewer,
+    /// The token they passed in the query, repeated in the index's links.
+    pub token_in_query: Option<String>,
+}
+
+/// Answers one request (blocking: profiles take their `?seconds=`); errors become Go-style
+/// error responses.
+pub fn handle(state: &State, who: &Requester, post: bool, url: &str, body: &[u8]) -> Response {
+    let ctx = Ctx { state, who };
+    route(&ctx, post, url, body).unwrap_or_else(|HttpError(code, msg)| Response::error(code, &msg))
+}
+
+/// A request's shared state and requester.
+struct Ctx<'a> {
+    state: &'a State,
+    who: &'a Requester,
+}
+
+impl std::ops::Deref for Ctx<'_> {
+    type Target = State;
+    fn deref(&self) -> &State {
+        self.state
     }
-    let reply = route(state, &method, &url, &body).unwrap_or_else(|HttpError(code, msg)| {
-        Response::from_data(format!("{msg}\n").into_bytes())
-            .with_status_code(code)
-            .with_header(header("Content-Type", "text/plain; charset=utf-8"))
-            .with_header(header("X-Go-Pprof", "1"))
-            .with_header(header("X-Content-Type-Options", "nosniff"))
-    });
-    let _ = request.respond(reply);
+}
+
+impl Ctx<'_> {
+    /// The connected processes the requester may see.
+    fn processes(&self) -> Vec<ProcessInfo> {
+        let mut all = self.collector.processes();
+        all.retain(|p| self.who.viewer.sees(p.pid));
+        all
+    }
 }
 
 /// Parsed request target: path below `/debug/pprof/`, query parameters, chosen pid.
@@ -165,9 +330,9 @@ fn parse_target(url: &str) -> Result<Option<Target>, HttpError> {
     }))
 }
 
-fn route(state: &State, method: &tiny_http::Method, url: &str, body: &[u8]) -> Reply {
+fn route(state: &Ctx, post: bool, url: &str, body: &[u8]) -> Reply {
     let Some(t) = parse_target(url)? else {
-        if url == "/" {
+        if url == "/" || url.starts_with("/?") {
             return index(state, None);
         }
         return Err(err(404, "not found: anyprof serves /debug/pprof/"));
@@ -175,7 +340,7 @@ fn route(state: &State, method: &tiny_http::Method, url: &str, body: &[u8]) -> R
     match t.name.as_str() {
         "" => index(state, t.pid),
         "cmdline" => cmdline(state, &t),
-        "symbol" => symbol(state, &t, method, body),
+        "symbol" => symbol(state, &t, post, body),
         "profile" => cpu_profile(state, &t),
         "heap" => heap(state, &t, profile::heap::View::Heap),
         "allocs" => heap(state, &t, profile::heap::View::Allocs),
@@ -188,9 +353,10 @@ fn route(state: &State, method: &tiny_http::Method, url: &str, body: &[u8]) -> R
     }
 }
 
-/// The process a request is about: the one it names, or the only one connected.
-fn choose_pid(state: &State, t: &Target) -> Result<u32, HttpError> {
-    let processes = state.collector.processes();
+/// The process a request is about: the one it names, or the only one the requester may see.
+/// A process the requester may not see is answered like one that is not connected.
+fn choose_pid(state: &Ctx, t: &Target) -> Result<u32, HttpError> {
+    let processes = state.processes();
     match t.pid {
         Some(pid) if processes.iter().any(|p| p.pid == pid) => Ok(pid),
         Some(pid) => Err(err(
@@ -199,7 +365,16 @@ fn choose_pid(state: &State, t: &Target) -> Result<u32, HttpError> {
         )),
         None => match processes.as_slice() {
             [only] => Ok(only.pid),
-            [] => Err(err(404, "no process is connected to anyprof serve")),
+            [] => Err(err(
+                404,
+                match state.who.viewer {
+                    Viewer::All => "no process is connected to anyprof serve".to_string(),
+                    Viewer::Uid(uid) => format!(
+                        "no process is connected to anyprof serve that uid {uid} may see \
+                         (a user sees the processes it could ptrace)"
+                    ),
+                },
+            )),
             _ => Err(err(
                 400,
                 format!(
@@ -230,12 +405,26 @@ fn symbolizer(state: &State) -> Result<std::sync::MutexGuard<'_, Symbolizer>, Ht
         .map_err(|_| err(500, "symbolizer poisoned"))
 }
 
-fn index(state: &State, pid: Option<u32>) -> Reply {
-    let processes = state.collector.processes();
+fn index(state: &Ctx, pid: Option<u32>) -> Reply {
+    let processes = state.processes();
+    // The token, when it came in the query, goes into every link, so that the links work.
+    let token = state
+        .who
+        .token_in_query
+        .as_deref()
+        .map(|t| format!("&token={}", escape(t)))
+        .unwrap_or_default();
     let mut out = String::from(
         "<html><head><title>/debug/pprof/</title></head><body>\n<p>anyprof serve: profiles of \
-         connected processes. Pick a process, then a profile.</p>\n<table>\n",
+         connected processes. Pick a process, then a profile.</p>\n",
     );
+    if let Viewer::Uid(uid) = state.who.viewer {
+        out.push_str(&format!(
+            "<p>Requests from uid {uid}: the processes that uid could ptrace (root sees all).\
+             </p>\n"
+        ));
+    }
+    out.push_str("<table>\n");
     for p in &processes {
         if pid.is_some_and(|want| want != p.pid) {
             continue;
@@ -255,7 +444,7 @@ fn index(state: &State, pid: Option<u32>) -> Reply {
             ("cmdline", ""),
         ] {
             out.push_str(&format!(
-                "<a href=\"/debug/pprof/{name}?{q}{extra}\">{name}</a> "
+                "<a href=\"/debug/pprof/{name}?{q}{extra}{token}\">{name}</a> "
             ));
         }
         out.push_str("</td></tr>\n");
@@ -276,7 +465,7 @@ fn escape(s: &str) -> String {
         .replace('>', "&gt;")
 }
 
-fn cmdline(state: &State, t: &Target) -> Reply {
+fn cmdline(state: &Ctx, t: &Target) -> Reply {
     let s = snapshot(state, choose_pid(state, t)?)?;
     let cmdline = s.hello.map(|h| h.cmdline).unwrap_or_default();
     text(String::from_utf8_lossy(&cmdline).into_owned())
@@ -284,8 +473,8 @@ fn cmdline(state: &State, t: &Target) -> Reply {
 
 /// `symbol`: GET answers `num_symbols: 1`; POST takes `0xADDR+0xADDR...` (runtime addresses
 /// of the chosen process) and answers one `0xADDR name` line per address it knows.
-fn symbol(state: &State, t: &Target, method: &tiny_http::Method, body: &[u8]) -> Reply {
-    if *method != tiny_http::Method::Post {
+fn symbol(state: &Ctx, t: &Target, post: bool, body: &[u8]) -> Reply {
+    if !post {
         return text("num_symbols: 1\n".into());
     }
     let session = snapshot(state, choose_pid(state, t)?)?;
@@ -306,7 +495,7 @@ fn symbol(state: &State, t: &Target, method: &tiny_http::Method, body: &[u8]) ->
     text(out)
 }
 
-fn cpu_profile(state: &State, t: &Target) -> Reply {
+fn cpu_profile(state: &Ctx, t: &Target) -> Reply {
     let seconds: u64 = match t.param("seconds") {
         None | Some("") => 30,
         Some(v) => v
@@ -315,25 +504,8 @@ fn cpu_profile(state: &State, t: &Target) -> Reply {
     };
     within_max_seconds(state, seconds)?;
     let pid = choose_pid(state, t)?;
-    {
-        let mut busy = state
-            .cpu_busy
-            .lock()
-            .map_err(|_| err(500, "state poisoned"))?;
-        if !busy.insert(pid) {
-            return Err(err(
-                500,
-                format!(
-                    "Could not enable CPU profiling: cpu profiling already in use for pid {pid}"
-                ),
-            ));
-        }
-    }
-    let result = run_cpu_profile(state, pid, seconds);
-    if let Ok(mut busy) = state.cpu_busy.lock() {
-        busy.remove(&pid);
-    }
-    result
+    let _busy = Busy::claim(state, LongKind::Cpu, pid)?;
+    run_cpu_profile(state, pid, seconds)
 }
 
 fn run_cpu_profile(state: &State, pid: u32, seconds: u64) -> Reply {
@@ -352,12 +524,10 @@ fn run_cpu_profile(state: &State, pid: u32, seconds: u64) -> Reply {
         .map_err(|e| err(500, format!("Could not enable CPU profiling: {e:#}")))?;
     let started = Instant::now();
     let deadline = started + Duration::from_secs(seconds);
-    while Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(50));
-        if shared.lock().map(|s| s.closed_at.is_some()).unwrap_or(true) {
-            break; // the process went away: return what it sent
-        }
-    }
+    // Until the time is up, the process goes away (then: what it sent) or the daemon ends.
+    state.wait_until(deadline, || {
+        shared.lock().map(|s| s.closed_at.is_some()).unwrap_or(true)
+    });
     let _ = state.collector.command(pid, Command::CpuStop);
     std::thread::sleep(Duration::from_millis(150)); // its last samples are in flight
     let mut session = {
@@ -382,7 +552,7 @@ fn run_cpu_profile(state: &State, pid: u32, seconds: u64) -> Reply {
     binary("profile", crate::pprof::encode_gzipped(&p))
 }
 
-fn heap(state: &State, t: &Target, view: profile::heap::View) -> Reply {
+fn heap(state: &Ctx, t: &Target, view: profile::heap::View) -> Reply {
     let debug = t.debug()?; // ?gc=1 is accepted and ignored: there is no collector to run
     let delta = delta_seconds(state, t, debug)?;
     let pid = choose_pid(state, t)?;
@@ -399,9 +569,14 @@ fn heap(state: &State, t: &Target, view: profile::heap::View) -> Reply {
         "allocs"
     };
     if let Some(seconds) = delta {
+        let kind = match view {
+            profile::heap::View::Heap => LongKind::HeapDelta,
+            profile::heap::View::Allocs => LongKind::AllocsDelta,
+        };
+        let _busy = Busy::claim(state, kind, pid)?;
         // Go's delta profile: a snapshot now, another after `seconds`, the difference.
         let started = crate::output::unix_nanos();
-        std::thread::sleep(Duration::from_secs(seconds));
+        state.wait_until(Instant::now() + Duration::from_secs(seconds), || false);
         let later = snapshot(state, pid)?;
         let now = crate::output::unix_nanos();
         let p = profile::heap::build_delta(
@@ -482,7 +657,7 @@ fn no_delta(t: &Target) -> Result<(), HttpError> {
     }
 }
 
-fn threads(state: &State, t: &Target) -> Reply {
+fn threads(state: &Ctx, t: &Target) -> Reply {
     no_delta(t)?;
     let debug = t.debug()?;
     let pid = choose_pid(state, t)?;
@@ -512,7 +687,7 @@ fn threads(state: &State, t: &Target) -> Reply {
     let mut session = {
         let mut s = shared.lock().map_err(|_| err(500, "session poisoned"))?;
         let copy = s.clone();
-        s.thread_dumps.remove(&id);
+        s.take_thread_dump(id);
         copy
     };
     session.thread_dumps.retain(|k, _| *k == id);
@@ -531,7 +706,7 @@ fn threads(state: &State, t: &Target) -> Reply {
     }
 }
 
-fn threadcreate(state: &State, t: &Target) -> Reply {
+fn threadcreate(state: &Ctx, t: &Target) -> Reply {
     no_delta(t)?;
     let session = snapshot(state, choose_pid(state, t)?)?;
     let p = profile::threads::create_profile(

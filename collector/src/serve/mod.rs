@@ -6,8 +6,13 @@
 //! Processes come and go: each connects (and reconnects after a daemon restart) by itself;
 //! ended connections are reaped, with their reader threads and descriptors. CPU sampling
 //! runs in a process only while a `profile` request for it is in progress.
+//!
+//! Who may see which process over HTTP is [`access`]'s rule; the limits that keep hostile or
+//! slow clients from taking the daemon down are [`server`]'s.
 
+pub mod access;
 pub mod http;
+pub mod server;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -26,10 +31,22 @@ pub struct ServeArgs {
     /// directory]. Its directory must be writable only by root or you
     #[arg(long, value_name = "PATH", env = "ANYPROF_SOCKET")]
     pub socket: Option<PathBuf>,
-    /// HTTP address for the pprof endpoints. Loopback by default: profiles reveal code and
-    /// data layout, so listening on other interfaces is for you to choose explicitly
+    /// HTTP address for the pprof endpoints. Loopback by default, where each local user sees
+    /// the processes it could ptrace (root: all). Any other address needs
+    /// --expose-profiles-to-network
     #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:6060")]
     pub http: SocketAddr,
+    /// Serve every connected process's profiles, stacks and command lines to whoever holds the
+    /// daemon's token, on the --http address even if it is not loopback. The token is made at
+    /// start and written to --token-file; requests carry it as ?token=T or
+    /// `Authorization: Bearer T`
+    #[arg(long)]
+    pub expose_profiles_to_network: bool,
+    /// Where --expose-profiles-to-network writes the token (readable by the daemon's user
+    /// and the group `anyprof` if it exists) [default: /run/anyprof.token as root, else
+    /// $XDG_RUNTIME_DIR/anyprof.token]
+    #[arg(long, value_name = "PATH")]
+    pub token_file: Option<PathBuf>,
     /// Also accept processes of this uid (repeatable); by default only the daemon's own uid
     /// and root may connect
     #[arg(long = "allow-uid", value_name = "UID")]
@@ -42,9 +59,20 @@ pub struct ServeArgs {
     /// with one warning. 0: no cap
     #[arg(long, value_name = "MIB", default_value_t = crate::ingest::DEFAULT_MAX_PROCESS_MIB)]
     pub max_process_memory: usize,
-    /// Requests served at once; more wait for a free worker
+    /// Short requests served at once; more wait for a free worker
     #[arg(long, value_name = "N", default_value_t = 32)]
     pub workers: usize,
+    /// Long requests (`profile`, `heap?seconds=`, `allocs?seconds=`) served at once, apart
+    /// from the short ones; more are refused (503). One non-root user may hold a quarter
+    #[arg(long, value_name = "N", default_value_t = 32)]
+    pub max_long_requests: usize,
+    /// HTTP connections open at once; more are closed when accepted
+    #[arg(long, value_name = "N", default_value_t = 512)]
+    pub max_connections: usize,
+    /// HTTP connections one local user (or, exposed, one remote address) may have open at
+    /// once; root has no such cap
+    #[arg(long, value_name = "N", default_value_t = 32)]
+    pub max_connections_per_user: usize,
     /// Print the processes' informational messages and every refused connection
     #[arg(short, long)]
     pub verbose: bool,
@@ -115,6 +143,31 @@ pub fn default_socket() -> Result<PathBuf> {
 
 /// Runs the daemon until it is killed (SIGINT and SIGTERM end it cleanly).
 pub fn run(args: ServeArgs) -> Result<std::process::ExitCode> {
+    // Before any thread starts, so that every thread inherits the mask and the signals
+    // reach only `wait_for_termination`.
+    let signals = block_termination_signals();
+    let exposed = args.expose_profiles_to_network;
+    if !exposed && !access::is_loopback(args.http.ip()) {
+        anyhow::bail!(
+            "refusing to serve profiles on {}: it is not a loopback address, so anyone who can \
+             reach it could read the memory layout, stacks and command lines of every \
+             connected process. Listen on 127.0.0.1 (the default; each local user then sees \
+             the processes it could ptrace), or pass --expose-profiles-to-network to serve \
+             every process to the holders of a token the daemon writes to a file only root \
+             (and the group anyprof) can read",
+            args.http
+        );
+    }
+    let token =
+        if exposed {
+            let file = args.token_file.clone().or_else(access::Token::default_file).context(
+            "--expose-profiles-to-network needs a place for its token: pass --token-file PATH \
+             (XDG_RUNTIME_DIR is not set)",
+        )?;
+            Some(access::Token::create(&file)?)
+        } else {
+            None
+        };
     let socket = match args.socket.clone() {
         Some(socket) => socket,
         None => default_socket()?,
@@ -136,47 +189,48 @@ pub fn run(args: ServeArgs) -> Result<std::process::ExitCode> {
                 .then(|| args.max_process_memory.saturating_mul(1 << 20)),
         },
     )?);
-    let server = tiny_http::Server::http(args.http)
-        .map_err(|e| anyhow::anyhow!("{e}"))
-        .with_context(|| format!("cannot listen for HTTP on {}", args.http))?;
-    eprintln!(
-        "anyprof serve: processes connect to {}; pprof endpoints at http://{}/debug/pprof/",
-        socket.display(),
-        args.http
-    );
-    let server = Arc::new(server);
+    let token_note = token.as_ref().map(|t| {
+        format!(
+            "; exposed: every request needs the token in {} (?token=T or Authorization: Bearer T)",
+            t.file().display()
+        )
+    });
     let state = Arc::new(http::State::new(collector.clone(), args.max_seconds));
-    let workers: Vec<_> = (0..args.workers.max(1))
-        .map(|i| {
-            let (server, state) = (server.clone(), state.clone());
-            std::thread::Builder::new()
-                .name(format!("http-{i}"))
-                .spawn(move || {
-                    while let Ok(request) = server.recv() {
-                        http::handle(&state, request);
-                    }
-                })
-        })
-        .collect::<std::io::Result<_>>()?;
-    wait_for_termination();
-    // Each call wakes one worker blocked in recv(): one per worker.
-    for _ in 0..workers.len() {
-        server.unblock();
-    }
-    for w in workers {
-        let _ = w.join();
-    }
+    let server = server::Server::start(
+        server::Config {
+            addr: args.http,
+            workers: args.workers,
+            long_requests: args.max_long_requests,
+            max_connections: args.max_connections,
+            max_connections_per_user: args.max_connections_per_user,
+            max_seconds: args.max_seconds,
+            token,
+        },
+        state,
+    )?;
+    eprintln!(
+        "anyprof serve: processes connect to {}; pprof endpoints at http://{}/debug/pprof/{}",
+        socket.display(),
+        args.http,
+        token_note.unwrap_or_default()
+    );
+    wait_for_termination(signals);
+    server.shutdown();
     drop(collector); // removes the socket file
     Ok(std::process::ExitCode::SUCCESS)
 }
 
-/// Blocks until SIGINT or SIGTERM.
-fn wait_for_termination() {
+/// Blocks SIGINT and SIGTERM in this thread (threads started later inherit the mask).
+fn block_termination_signals() -> nix::sys::signal::SigSet {
     use nix::sys::signal::{SigSet, Signal};
     let mut set = SigSet::empty();
     set.add(Signal::SIGINT);
     set.add(Signal::SIGTERM);
-    // Block them in this thread (threads spawned later inherit the mask), then wait.
     let _ = set.thread_block();
+    set
+}
+
+/// Blocks until SIGINT or SIGTERM.
+fn wait_for_termination(set: nix::sys::signal::SigSet) {
     let _ = set.wait();
 }
