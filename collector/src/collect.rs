@@ -1,6 +1,7 @@
 //! The collector's listening side: a private `SOCK_SEQPACKET` socket that preloaded
 //! processes connect to, one reader thread per connection, and the sessions they fill.
 
+use std::collections::HashMap;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
@@ -12,7 +13,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result};
 use anyprof_wire::Level;
 
-use crate::ingest::{read_connection, Peer, Session, SharedSession};
+use crate::ingest::{read_connection, Peer, Session, SharedSession, UserBudget};
 
 /// Most connections served at once; more are refused (closed at once).
 const MAX_CONNECTIONS: usize = 4096;
@@ -39,6 +40,9 @@ pub struct Options {
     /// Most bytes of profile data kept per connection (see [`Session::max_bytes`]); `None`
     /// for no cap (record: its processes are the user's own).
     pub max_process_bytes: Option<usize>,
+    /// Most bytes of profile data kept for all the connections of one non-root user
+    /// together; `None` for no such cap.
+    pub max_user_bytes: Option<usize>,
 }
 
 /// A running collector for one `record` run.
@@ -323,6 +327,8 @@ fn accept_loop(
     options: Options,
 ) {
     let mut last_reap = Instant::now();
+    // Each non-root user's memory budget, shared by its connections.
+    let mut budgets: HashMap<u32, Arc<UserBudget>> = HashMap::new();
     loop {
         let stopping = stop.load(Ordering::SeqCst);
         if options.reap && last_reap.elapsed() >= Duration::from_secs(1) {
@@ -389,9 +395,19 @@ fn accept_loop(
         if conns.len() >= MAX_CONNECTIONS {
             continue;
         }
+        let user_budget = match (options.max_user_bytes, peer.as_ref().map(|p| p.uid)) {
+            (Some(max), Some(uid)) if uid != 0 => Some(
+                budgets
+                    .entry(uid)
+                    .or_insert_with(|| Arc::new(UserBudget::new(max)))
+                    .clone(),
+            ),
+            _ => None,
+        };
         let session: SharedSession = Arc::new(Mutex::new(Session {
             peer,
             max_bytes: options.max_process_bytes,
+            user_budget,
             ..Session::default()
         }));
         let s = session.clone();
@@ -466,6 +482,9 @@ fn reap(connections: &Mutex<Vec<Connection>>) {
             if let Some(r) = c.reader {
                 let _ = r.join();
             }
+            if let Ok(mut s) = c.session.lock() {
+                s.release_all(); // its user may keep that much elsewhere now
+            };
         } else {
             i += 1;
         }

@@ -11,6 +11,7 @@
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::os::fd::{AsRawFd, OwnedFd};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
@@ -45,6 +46,9 @@ const MAX_KEPT_DUMPS: usize = 8;
 const MAX_LOG_LINES: u32 = 1000;
 /// Default per-process memory cap of `anyprof serve` (`--max-process-memory`), in MiB.
 pub const DEFAULT_MAX_PROCESS_MIB: usize = 256;
+/// Default of `serve --max-user-memory`, in MiB: what all the processes of one user may make
+/// the daemon keep together.
+pub const DEFAULT_MAX_USER_MIB: usize = 2048;
 /// Most distinct stacks (CPU) or buckets (heap) one process may report. The preload's own
 /// bucket table holds 65 536; a million CPU stacks is far beyond any real profile.
 const MAX_DISTINCT_STACKS: usize = 1_000_000;
@@ -125,6 +129,46 @@ fn supplementary_groups(pid: u32, uid: u32, gid: u32) -> Vec<u32> {
     field("Groups:")
 }
 
+/// The bytes all the sessions of one user may keep together (`serve --max-user-memory`).
+#[derive(Debug)]
+pub struct UserBudget {
+    used: AtomicUsize,
+    max: usize,
+}
+
+impl UserBudget {
+    /// A budget of `max` bytes.
+    pub fn new(max: usize) -> UserBudget {
+        UserBudget {
+            used: AtomicUsize::new(0),
+            max,
+        }
+    }
+
+    /// Counts `bytes` if they fit.
+    fn take(&self, bytes: usize) -> bool {
+        self.used
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |used| {
+                used.checked_add(bytes).filter(|&total| total <= self.max)
+            })
+            .is_ok()
+    }
+
+    /// Stops counting `bytes`.
+    fn give_back(&self, bytes: usize) {
+        let _ = self
+            .used
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |used| {
+                Some(used.saturating_sub(bytes))
+            });
+    }
+
+    /// Bytes counted now.
+    pub fn used(&self) -> usize {
+        self.used.load(Ordering::Acquire)
+    }
+}
+
 /// What one process has sent.
 #[derive(Clone, Debug, Default)]
 pub struct Session {
@@ -135,6 +179,12 @@ pub struct Session {
     pub max_bytes: Option<usize>,
     /// Bytes this session keeps, as counted against `max_bytes` (an estimate of its heap use).
     pub kept_bytes: usize,
+    /// The budget shared by every connection of the same user, so that many connections
+    /// cannot multiply `max_bytes`; `None` for no such cap.
+    pub user_budget: Option<Arc<UserBudget>>,
+    /// Whether something was dropped because the user's budget, not this session's cap, was
+    /// spent (for the warning).
+    pub over_user_budget: bool,
     /// Items (new stacks, modules, names, dump entries, buckets) dropped at the memory cap.
     pub dropped_over_cap: u64,
     /// CPU samples among them, also counted as lost samples.
@@ -425,17 +475,36 @@ impl Session {
             }
         }
         if dropped_before == 0 && self.dropped_over_cap > 0 {
-            let mib = self.max_bytes.unwrap_or(0) >> 20;
-            log(
-                Level::Warn,
-                &format!(
+            let text = match (&self.user_budget, self.max_bytes) {
+                (Some(budget), _) if self.over_user_budget => {
+                    format!(
+                        "the processes of this user sent more profile data than anyprof keeps \
+                         per user ({} MiB); from now on what would need more memory (new \
+                         stacks, modules, names, thread dumps, heap buckets) is dropped and \
+                         counted; raise --max-user-memory to keep more",
+                        budget.max >> 20
+                    )
+                }
+                (_, max) => format!(
                     "this process sent more profile data than anyprof keeps per process \
-                     ({mib} MiB); from now on what would need more memory (new stacks, modules, \
+                     ({} MiB); from now on what would need more memory (new stacks, modules, \
                      names, thread dumps, heap buckets) is dropped and counted; raise \
-                     --max-process-memory to keep more"
+                     --max-process-memory to keep more",
+                    max.unwrap_or(0) >> 20
                 ),
-            );
+            };
+            log(Level::Warn, &text);
         }
+    }
+
+    /// Takes the CPU samples out of the session (a `profile` request starts and ends with
+    /// this); their bytes no longer count against the caps.
+    pub fn take_cpu(&mut self) -> HashMap<StackKey, StackTotals> {
+        let bytes = self.cpu.keys().fold(0usize, |sum, k| {
+            sum.saturating_add(stack_bytes(k.frames.len()))
+        });
+        self.release(bytes);
+        std::mem::take(&mut self.cpu)
     }
 
     /// Takes thread dump `id` out of the session; its bytes no longer count against the cap.
@@ -478,7 +547,12 @@ impl Session {
     /// Counts `bytes` more against the cap, if they fit; otherwise counts one dropped item.
     fn admit(&mut self, bytes: usize) -> bool {
         let total = self.kept_bytes.saturating_add(bytes);
-        if self.max_bytes.is_some_and(|max| total > max) {
+        let fits = self.max_bytes.is_none_or(|max| total <= max)
+            && (self.user_budget.as_ref().is_none_or(|b| b.take(bytes)) || {
+                self.over_user_budget = true;
+                false
+            });
+        if !fits {
             self.dropped_over_cap += 1;
             return false;
         }
@@ -488,7 +562,17 @@ impl Session {
 
     /// Stops counting `bytes` that are no longer kept.
     fn release(&mut self, bytes: usize) {
-        self.kept_bytes = self.kept_bytes.saturating_sub(bytes);
+        let bytes = bytes.min(self.kept_bytes);
+        self.kept_bytes -= bytes;
+        if let Some(budget) = &self.user_budget {
+            budget.give_back(bytes);
+        }
+    }
+
+    /// Gives back everything this session counted against its user's budget (its
+    /// connection ended and is being forgotten).
+    pub fn release_all(&mut self) {
+        self.release(self.kept_bytes);
     }
 }
 
@@ -650,6 +734,46 @@ mod tests {
     }
 
     /// Only the newest thread dumps are kept, and their bytes are given back when dropped.
+    /// Many connections of one user share one budget: they cannot multiply the per-process
+    /// cap. What a CPU profile request takes out, and what an ended connection kept, is
+    /// given back.
+    #[test]
+    fn one_users_connections_share_a_budget() {
+        let budget = Arc::new(UserBudget::new(150_000));
+        let mut sessions: Vec<Session> = (0..10)
+            .map(|_| Session {
+                max_bytes: Some(100_000),
+                user_budget: Some(budget.clone()),
+                ..Session::default()
+            })
+            .collect();
+        let mut warned = Vec::new();
+        for (i, s) in sessions.iter_mut().enumerate() {
+            for batch in 0..20 {
+                warned.extend(warnings(
+                    s,
+                    samples((i as u64 * 20 + batch) * 100, 100, 0, 0),
+                ));
+            }
+        }
+        let kept: usize = sessions.iter().map(|s| s.kept_bytes).sum();
+        assert!(kept <= 150_000, "{kept} bytes kept for one user");
+        assert_eq!(budget.used(), kept);
+        assert!(
+            warned.iter().any(|w| w.contains("--max-user-memory")),
+            "{warned:?}"
+        );
+        let first = sessions[0].kept_bytes;
+        assert!(first > 0);
+        sessions[0].take_cpu();
+        assert_eq!(sessions[0].kept_bytes, 0);
+        assert_eq!(budget.used(), kept - first);
+        for s in &mut sessions {
+            s.release_all();
+        }
+        assert_eq!(budget.used(), 0);
+    }
+
     #[test]
     fn old_thread_dumps_are_dropped() {
         let mut s = Session {

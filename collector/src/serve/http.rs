@@ -515,7 +515,7 @@ fn run_cpu_profile(state: &State, pid: u32, seconds: u64) -> Reply {
         .ok_or_else(|| err(404, format!("process {pid} disconnected")))?;
     let counters_before = {
         let mut s = shared.lock().map_err(|_| err(500, "session poisoned"))?;
-        s.cpu.clear();
+        s.take_cpu();
         s.counters.clone()
     };
     state
@@ -533,7 +533,7 @@ fn run_cpu_profile(state: &State, pid: u32, seconds: u64) -> Reply {
     let mut session = {
         let mut s = shared.lock().map_err(|_| err(500, "session poisoned"))?;
         let copy = s.clone();
-        s.cpu.clear();
+        s.take_cpu();
         copy
     };
     for (now, before) in session.counters.iter_mut().zip(&counters_before) {

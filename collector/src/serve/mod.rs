@@ -59,6 +59,11 @@ pub struct ServeArgs {
     /// with one warning. 0: no cap
     #[arg(long, value_name = "MIB", default_value_t = crate::ingest::DEFAULT_MAX_PROCESS_MIB)]
     pub max_process_memory: usize,
+    /// Most profile data kept for all the processes of one user together, in MiB, so that
+    /// many connections cannot multiply --max-process-memory (root's processes have no such
+    /// cap). 0: no cap
+    #[arg(long, value_name = "MIB", default_value_t = crate::ingest::DEFAULT_MAX_USER_MIB)]
+    pub max_user_memory: usize,
     /// Short requests served at once; more wait for a free worker
     #[arg(long, value_name = "N", default_value_t = 32)]
     pub workers: usize,
@@ -187,6 +192,8 @@ pub fn run(args: ServeArgs) -> Result<std::process::ExitCode> {
             reap: true,
             max_process_bytes: (args.max_process_memory > 0)
                 .then(|| args.max_process_memory.saturating_mul(1 << 20)),
+            max_user_bytes: (args.max_user_memory > 0)
+                .then(|| args.max_user_memory.saturating_mul(1 << 20)),
         },
     )?);
     let token_note = token.as_ref().map(|t| {
