@@ -512,8 +512,15 @@ fn live_connection(conns: &[Connection], pid: u32) -> Option<&Connection> {
     conns.iter().rev().find(|c| {
         c.session
             .lock()
-            .is_ok_and(|s| s.closed_at.is_none() && s.pid() == Some(pid))
+            .is_ok_and(|s| is_live(&s) && s.pid() == Some(pid))
     })
+}
+
+/// Whether a session stands for a running process: its connection is open, and the process
+/// that opened it still holds its pid (a connection inherited by a `clone` child outlives
+/// it, and the pid may then belong to another user's process).
+fn is_live(s: &Session) -> bool {
+    s.closed_at.is_none() && s.peer.as_ref().is_none_or(Peer::still_running)
 }
 
 /// A live process as the daemon lists it.
@@ -537,7 +544,7 @@ impl Collector {
             .iter()
             .filter_map(|c| {
                 let s = c.session.lock().ok()?;
-                if s.closed_at.is_some() {
+                if !is_live(&s) {
                     return None;
                 }
                 let h = s.hello.as_ref()?;

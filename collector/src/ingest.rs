@@ -80,6 +80,9 @@ pub struct Peer {
     pub gid: u32,
     /// Supplementary groups (empty if they could not be read).
     pub groups: Vec<u32>,
+    /// When that process started (clock ticks after boot, `/proc/PID/stat`), to tell it from
+    /// a later process that got the same pid; `None` if it could not be read.
+    pub start_time: Option<u64>,
 }
 
 impl Peer {
@@ -95,13 +98,29 @@ impl Peer {
             uid: cred.uid(),
             gid: cred.gid(),
             groups: supplementary_groups(pid, cred.uid(), cred.gid()),
+            start_time: start_time(pid),
         })
+    }
+
+    /// Whether the process that connected still runs under its pid. A connection can
+    /// outlive its process (a child made with `clone` and no `CLONE_VM` keeps the socket);
+    /// once the pid is reused, the session must not be shown as that new process's.
+    pub fn still_running(&self) -> bool {
+        self.start_time.is_some() && start_time(self.pid) == self.start_time
     }
 
     /// The rights the symbolizer opens this process's files with.
     pub fn access(&self) -> anyprof_symbolizer::Access {
         anyprof_symbolizer::Access::new(self.uid, self.gid, self.groups.clone())
     }
+}
+
+/// Field 22 of `/proc/PID/stat`: when the process started, in clock ticks after boot.
+fn start_time(pid: u32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name (field 2) is in parentheses and may hold spaces and parentheses.
+    let after_name = &stat[stat.rfind(')')? + 1..];
+    after_name.split_whitespace().nth(19)?.parse().ok()
 }
 
 /// The `Groups:` line of `/proc/PID/status`, if that process still has effective uid `uid`
@@ -810,6 +829,34 @@ mod tests {
         got.sort_unstable();
         assert_eq!(got, own);
         assert!(supplementary_groups(me, uid.wrapping_add(1), gid).is_empty());
+    }
+
+    /// A peer stands for the process that connected only while that process holds its pid.
+    #[test]
+    fn a_peer_is_running_until_its_process_ends() {
+        let mut child = std::process::Command::new("sleep")
+            .arg("30")
+            .spawn()
+            .unwrap();
+        let pid = child.id();
+        let peer = Peer {
+            pid,
+            start_time: start_time(pid),
+            ..Peer::default()
+        };
+        assert!(peer.start_time.is_some());
+        assert!(peer.still_running());
+        let reused = Peer {
+            start_time: peer.start_time.map(|t| t + 1),
+            ..peer.clone()
+        };
+        assert!(
+            !reused.still_running(),
+            "another process under the same pid"
+        );
+        let _ = child.kill();
+        let _ = child.wait();
+        assert!(!peer.still_running());
     }
 
     /// The pid a process claims is replaced by the kernel's.

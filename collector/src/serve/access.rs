@@ -227,13 +227,13 @@ fn sock_diag_uid(client: SocketAddr, server: SocketAddr) -> Option<u32> {
     let body = reply.get(HEADER..)?;
     // The kernel's exact lookup falls back to a listening socket on the client's port when
     // the client's socket is gone: accept only a connected socket with our whole four-tuple.
-    const TCP_LISTEN: u8 = 10;
     let state = *body.get(1)?;
+    let inode = u32::from_ne_bytes(body.get(68..72)?.try_into().ok()?);
     let sport = u16::from_be_bytes(body.get(4..6)?.try_into().ok()?);
     let dport = u16::from_be_bytes(body.get(6..8)?.try_into().ok()?);
     let (src, dst) = (body.get(8..24)?, body.get(24..40)?);
     let len = if client.is_ipv4() { 4 } else { 16 };
-    if state == TCP_LISTEN
+    if !owned_by_a_live_socket(state, u64::from(inode))
         || sport != client.port()
         || dport != server.port()
         || src[..len] != addr_bytes(client.ip())[..len]
@@ -275,9 +275,12 @@ fn uid_in_table(text: &str, client: SocketAddr, server: SocketAddr) -> Option<u3
     let (local, remote) = (proc_net_addr(client), proc_net_addr(server));
     text.lines().skip(1).find_map(|line| {
         let fields: Vec<&str> = line.split_whitespace().collect();
-        // sl local rem st tx:rx tr:when retrnsmt uid ...
+        // sl local rem st tx:rx tr:when retrnsmt uid timeout inode ...
+        let state = u8::from_str_radix(fields.get(3)?, 16).ok()?;
+        let inode: u64 = fields.get(9)?.parse().ok()?;
         if fields.get(1)?.eq_ignore_ascii_case(&local)
             && fields.get(2)?.eq_ignore_ascii_case(&remote)
+            && owned_by_a_live_socket(state, inode)
         {
             fields.get(7)?.parse().ok()
         } else {
@@ -286,14 +289,28 @@ fn uid_in_table(text: &str, client: SocketAddr, server: SocketAddr) -> Option<u3
     })
 }
 
+/// Whether a socket-table entry in TCP state `state` with inode `inode` still belongs to a
+/// socket its creator holds, so that its uid says who is asking. A client that has closed
+/// leaves an orphan or a TIME_WAIT entry, which the kernel reports with uid 0 and inode 0:
+/// taken at face value it would make anyone root. A listening socket on the same port is
+/// not the client either.
+fn owned_by_a_live_socket(state: u8, inode: u64) -> bool {
+    const ESTABLISHED: u8 = 1;
+    const FIN_WAIT1: u8 = 4;
+    const FIN_WAIT2: u8 = 5;
+    const CLOSE_WAIT: u8 = 8;
+    inode != 0 && matches!(state, ESTABLISHED | FIN_WAIT1 | FIN_WAIT2 | CLOSE_WAIT)
+}
+
 // ---------------------------------------------------------------------------------------
 // Which processes a uid could ptrace
 // ---------------------------------------------------------------------------------------
 
 /// Whether `uid` could ptrace (for reading) process `pid`, by the kernel's own rule for a
 /// caller without CAP_SYS_PTRACE: all of the process's uids are `uid`, all of its gids are one
-/// group `uid` belongs to, and it is dumpable (the kernel then owns `/proc/PID` by its uid;
-/// a setuid program, or one that changed credentials, is owned by root). Root may trace all.
+/// group `uid` belongs to, it holds no capabilities, and it is dumpable (the kernel then owns
+/// `/proc/PID` by its uid; a setuid program, or one that changed credentials, is owned by
+/// root). Root may trace all.
 pub fn may_trace(uid: u32, pid: u32) -> bool {
     if uid == 0 {
         return true;
@@ -311,6 +328,16 @@ pub fn may_trace(uid: u32, pid: u32) -> bool {
         return false;
     };
     if uids.iter().any(|&u| u != uid) || gids.iter().any(|&g| g != gids[0]) {
+        return false;
+    }
+    // A process with capabilities the user does not have (ambient or inherited ones given
+    // to a service) may not be traced by that user either.
+    let no_capabilities = status
+        .lines()
+        .find_map(|l| l.strip_prefix("CapPrm:"))
+        .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
+        == Some(0);
+    if !no_capabilities {
         return false;
     }
     // Dumpable: checked after reading the ids, so that a process that changes credentials
@@ -500,6 +527,70 @@ mod tests {
             assert_eq!(sock_diag_uid(peer6, local6), Some(me), "sock_diag, IPv6");
             assert_eq!(proc_net_uid(peer6, local6), Some(me), "/proc/net/tcp6");
         }
+    }
+
+    /// A client that closed leaves a TIME_WAIT or orphaned entry that the kernel reports
+    /// with uid 0: it must not make the request root's.
+    #[test]
+    fn a_closed_client_is_nobodys() {
+        // SAFETY: geteuid cannot fail.
+        let me = unsafe { libc::geteuid() };
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let client = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let (server_side, peer) = listener.accept().unwrap();
+        let local = server_side.local_addr().unwrap();
+        assert_eq!(peer_uid(peer, local), Some(me));
+        drop(client); // FIN_WAIT2 without an owner, then TIME_WAIT once we close too
+        drop(server_side);
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        assert_eq!(sock_diag_uid(peer, local), None, "sock_diag");
+        assert_eq!(proc_net_uid(peer, local), None, "/proc/net/tcp");
+        // The same from a table as the kernel prints it: TIME_WAIT (06), uid 0, inode 0.
+        let table = format!(
+            "  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode\n\
+             0: {} {} 06 00000000:00000000 03:00000F9C 00000000     0        0 0 3 0000000000000000\n",
+            proc_net_addr(peer),
+            proc_net_addr(local)
+        );
+        assert_eq!(uid_in_table(&table, peer, local), None);
+        let live = table
+            .replace(" 06 ", " 01 ")
+            .replace("     0        0 0 3", "  1000        0 4242 3");
+        assert_eq!(uid_in_table(&live, peer, local), Some(1000));
+    }
+
+    /// A process of nobody's that holds capabilities nobody lacks is not nobody's to see.
+    #[test]
+    fn capabilities_hide_a_process_from_its_user() {
+        // SAFETY: geteuid cannot fail.
+        if unsafe { libc::geteuid() } != 0 {
+            eprintln!("skipped: needs root to start processes as nobody");
+            return;
+        }
+        let start = |caps: &[&str]| {
+            let mut cmd = std::process::Command::new("setpriv");
+            cmd.args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+                .args(caps)
+                .args(["sleep", "30"]);
+            cmd.spawn().expect("running setpriv (util-linux)")
+        };
+        let mut plain = start(&[]);
+        let mut capable = start(&[
+            "--inh-caps=+net_bind_service",
+            "--ambient-caps=+net_bind_service",
+        ]);
+        std::thread::sleep(std::time::Duration::from_millis(300)); // both have exec'd sleep
+        let (plain_seen, capable_seen) =
+            (may_trace(65534, plain.id()), may_trace(65534, capable.id()));
+        for child in [&mut plain, &mut capable] {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        assert!(plain_seen, "nobody sees its own plain process");
+        assert!(
+            !capable_seen,
+            "nobody sees its process that holds a capability"
+        );
     }
 
     #[test]

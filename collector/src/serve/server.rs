@@ -15,12 +15,17 @@
 //! * **Memory:** request headers at most [`MAX_HEADER_BYTES`], bodies at most
 //!   [`http::MAX_BODY`].
 //! * **Threads:** connections are served by two async threads; the blocking handlers run on
-//!   at most `--workers` threads for short requests (more wait their turn), and on at most
+//!   at most `--workers` threads for short requests (more wait their turn; one non-root
+//!   user may have a quarter of them in progress, more get 503), and on at most
 //!   `--max-long-requests` other threads for long ones (those that wait `?seconds=`: `profile`,
 //!   `heap?seconds=`, `allocs?seconds=`), which are refused with 503 when all are taken, and
 //!   of which one non-root user may hold at most a quarter. Long requests never take a short
 //!   request's worker, and each kind runs at most once per process at a time
 //!   ([`http::LongKind`]).
+//!
+//! * **Other sites:** a request a browser sends on behalf of another site's page (`Origin`,
+//!   or `Sec-Fetch-Site` other than `none`/`same-origin`) is refused, so that a page cannot
+//!   start profiles with the user's rights.
 //!
 //! When the daemon ends ([`Server::shutdown`]) it stops accepting, long requests stop waiting
 //! and answer with what they have, and the responses in progress are sent (for at most 3 s)
@@ -154,6 +159,8 @@ struct Shared {
     max_connections: usize,
     per_client: Arc<Counts>,
     short: Arc<Semaphore>,
+    short_per_client: Arc<Counts>,
+    workers: usize,
     long: Arc<Semaphore>,
     long_per_client: Arc<Counts>,
     long_requests: usize,
@@ -192,6 +199,8 @@ impl Server {
             max_connections: config.max_connections.max(1),
             per_client: Arc::new(Counts::new(config.max_connections_per_user)),
             short: Arc::new(Semaphore::new(workers)),
+            short_per_client: Arc::new(Counts::new(workers / 4)),
+            workers,
             long: Arc::new(Semaphore::new(long_requests)),
             long_per_client: Arc::new(Counts::new(long_requests / 4)),
             long_requests,
@@ -425,12 +434,25 @@ async fn respond(request: hyper::Request<Incoming>, conn: &Conn, shared: &Shared
         })
         .await
     } else {
+        // One user may hold a quarter of the workers, so that it cannot keep everyone
+        // else waiting (each request also copies a process's data while it works).
+        let Some(client_slot) = shared.short_per_client.claim(conn.key) else {
+            return Response::error(
+                503,
+                &format!(
+                    "too many requests of yours in progress: one user may have a quarter of \
+                     the {} workers at once (anyprof serve --workers); try again when one has \
+                     finished",
+                    shared.workers
+                ),
+            );
+        };
         let Ok(permit) = shared.short.clone().acquire_owned().await else {
             return Response::error(503, "the server is shutting down");
         };
         run_blocking(move || {
             let response = work();
-            drop(permit);
+            drop((permit, client_slot));
             response
         })
         .await
@@ -508,6 +530,26 @@ fn identify(
             ),
         ));
     }
+    // A page the user's browser shows on another site may send requests here (an <img> to
+    // `/debug/pprof/profile?seconds=300`): it cannot read the answer, but it would start
+    // profiles and dumps with the user's rights. Browsers say where a request comes from;
+    // `go tool pprof` and curl send neither header.
+    let header = |name: &str| {
+        request
+            .headers()
+            .get(name)
+            .map(|v| v.to_str().unwrap_or("(not text)").to_string())
+    };
+    if let Some(from) = from_another_site(header("origin"), header("sec-fetch-site")) {
+        return Err(Response::error(
+            403,
+            &format!(
+                "this request came from a web page ({from}): anyprof serve answers only \
+                 requests made directly (go tool pprof, curl, the address bar) or from its own \
+                 pages, so that another site cannot start profiles in your processes"
+            ),
+        ));
+    }
     match conn.uid {
         Some(0) => Ok(Requester {
             viewer: Viewer::All,
@@ -525,8 +567,42 @@ fn identify(
     }
 }
 
+/// Where a request came from, if a browser sent it for another site's page: it carries an
+/// `Origin` or a `Sec-Fetch-Site` other than `none` (typed or bookmarked) and `same-origin`
+/// (our own index page's links).
+fn from_another_site(origin: Option<String>, fetch_site: Option<String>) -> Option<String> {
+    if fetch_site.as_deref() == Some("same-origin") {
+        return None;
+    }
+    origin.or(fetch_site.filter(|site| site != "none"))
+}
+
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn requests_for_other_sites_pages_are_told_apart() {
+        use super::from_another_site;
+        let s = |v: &str| Some(v.to_string());
+        assert_eq!(from_another_site(None, None), None, "curl, go tool pprof");
+        assert_eq!(from_another_site(None, s("none")), None, "the address bar");
+        assert_eq!(
+            from_another_site(s("http://127.0.0.1:6060"), s("same-origin")),
+            None,
+            "our own page"
+        );
+        assert_eq!(
+            from_another_site(None, s("cross-site")),
+            s("cross-site"),
+            "an <img> on another site"
+        );
+        assert_eq!(
+            from_another_site(s("https://evil.example"), None),
+            s("https://evil.example"),
+            "an older browser's cross-origin POST"
+        );
+        assert!(from_another_site(s("null"), s("same-site")).is_some());
+    }
+
     use super::query_param;
 
     #[test]
