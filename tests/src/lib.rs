@@ -20,6 +20,7 @@
 //!   `root;...;leaf count` line per stack, names only, sorted) that failing tests print.
 //! * [`cpu_lock`] serialises the tests whose numbers depend on having the CPU to themselves,
 //!   and [`Shared`] lets several tests check one recording without recording it again.
+//! * [`daemon`] starts `anyprof serve` and talks HTTP to it, for the tests of the daemon.
 //!
 //! Everything here panics with a message that says what went wrong and what to do next: these
 //! are test helpers, and a panic is how a test fails.
@@ -32,6 +33,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, ExitStatus, Stdio};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
+
+pub mod daemon;
 
 pub use anyprof::pprof::proto;
 pub use anyprof::pprof::Profile;

@@ -12,12 +12,13 @@
 //! killed when the test ends ([`Group`]).
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::io::{Read, Write};
+use std::io::Read;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use anyprof_tests::daemon::{free_port, poll, request};
 use anyprof_tests::{
     binaries, capture_output, clean_command, compile, cpu_lock, exit_code, files_in, record_with,
     scratch_dir, ProfileView, RunOutput, Shared,
@@ -26,6 +27,9 @@ use anyprof_tests::{
 /// How long a run that could deadlock may take before the test calls it a hang (normal runs
 /// take a few seconds, even on a loaded machine).
 const HANG_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// How often the tests poll for what they wait for.
+const TICK: Duration = Duration::from_millis(10);
 
 // ---------------------------------------------------------------------------------------------
 // Helpers
@@ -274,20 +278,6 @@ fn samples_of(view: &ProfileView, function: &str) -> i64 {
         .get(function)
         .copied()
         .unwrap_or(0)
-}
-
-/// Waits up to `timeout` for `check` to return `Some`.
-fn wait_for<T>(timeout: Duration, mut check: impl FnMut() -> Option<T>) -> Option<T> {
-    let start = Instant::now();
-    loop {
-        if let Some(v) = check() {
-            return Some(v);
-        }
-        if start.elapsed() > timeout {
-            return None;
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    }
 }
 
 /// Whether `pid` has exited (gone, or a zombie nobody reaped yet).
@@ -645,7 +635,7 @@ fn stopped_collector_does_not_slow_or_block_the_program() {
     let started = Instant::now();
     let mut group = Group::spawn(&mut cmd);
     let record_pid = group.pid();
-    let program_pid = wait_for(Duration::from_secs(30), || faults_pid(&prefix))
+    let program_pid = poll(Duration::from_secs(30), TICK, || faults_pid(&prefix))
         .unwrap_or_else(|| panic!("the program never started under record"));
     assert_eq!(
         proc_stat(program_pid).map(|(_, ppid, _)| ppid),
@@ -655,8 +645,8 @@ fn stopped_collector_does_not_slow_or_block_the_program() {
     send_signal(record_pid, libc::SIGSTOP);
     let stopped_at = Instant::now();
 
-    let finished = wait_for(HANG_TIMEOUT, || faults_run_time(&prefix));
-    let exited = wait_for(Duration::from_secs(20), || {
+    let finished = poll(HANG_TIMEOUT, TICK, || faults_run_time(&prefix));
+    let exited = poll(Duration::from_secs(20), TICK, || {
         has_exited(program_pid).then_some(())
     });
     if finished.is_none() || exited.is_none() {
@@ -717,12 +707,12 @@ fn killed_record_collector_leaves_the_program_running_to_completion() {
         .stdout(Stdio::null())
         .stderr(Stdio::null());
     let mut group = Group::spawn(&mut cmd);
-    let program_pid = wait_for(Duration::from_secs(30), || faults_pid(&prefix))
+    let program_pid = poll(Duration::from_secs(30), TICK, || faults_pid(&prefix))
         .unwrap_or_else(|| panic!("the program never started under record"));
     std::thread::sleep(Duration::from_millis(200));
     send_signal(group.pid(), libc::SIGKILL);
     assert_eq!(group.wait_timeout(Duration::from_secs(10)), Some(128 + 9));
-    let exited = wait_for(HANG_TIMEOUT, || has_exited(program_pid).then_some(()));
+    let exited = poll(HANG_TIMEOUT, TICK, || has_exited(program_pid).then_some(()));
     if exited.is_none() {
         let stacks = backtraces(group.pgid);
         panic!("HANG: the orphaned program {program_pid} did not exit.\nbacktraces:\n{stacks}");
@@ -730,20 +720,11 @@ fn killed_record_collector_leaves_the_program_running_to_completion() {
     assert_faults_output_complete(&prefix, FAULTS_ITERATIONS, "record killed");
 }
 
-/// A free TCP port on 127.0.0.1.
-fn free_port() -> u16 {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("binding a free port");
-    listener.local_addr().expect("local address").port()
-}
-
-/// A plain HTTP/1.0 GET; the body, or None if the connection failed.
+/// The body of `GET path`, or None if no whole response came within `timeout`.
 fn http_get(port: u16, path: &str, timeout: Duration) -> Option<String> {
-    let mut stream = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
-    stream.set_read_timeout(Some(timeout)).ok()?;
-    write!(stream, "GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n").ok()?;
-    let mut buf = Vec::new();
-    let _ = stream.read_to_end(&mut buf);
-    Some(String::from_utf8_lossy(&buf).into_owned())
+    request(port, "GET", path, b"", timeout)
+        .ok()
+        .map(|reply| reply.text())
 }
 
 /// Starts `anyprof serve` on a socket in `scratch`; returns it, the socket and the HTTP port
@@ -761,7 +742,7 @@ fn start_daemon(scratch: &Path) -> (Group, PathBuf, u16) {
         .stdout(Stdio::null())
         .stderr(Stdio::null());
     let daemon = Group::spawn(&mut cmd);
-    wait_for(Duration::from_secs(30), || {
+    poll(Duration::from_secs(30), TICK, || {
         (socket.exists() && http_get(port, "/debug/pprof/", Duration::from_secs(2)).is_some())
             .then_some(())
     })
@@ -790,7 +771,7 @@ fn killed_daemon_does_not_kill_the_program_with_sigpipe() {
         .stderr(Stdio::piped());
     let mut program = Group::spawn(&mut cmd);
     let pid = program.pid();
-    let listed = wait_for(Duration::from_secs(20), || {
+    let listed = poll(Duration::from_secs(20), TICK, || {
         http_get(port, "/debug/pprof/", Duration::from_secs(2))
             .filter(|index| index.contains(&format!("<td>{pid}</td>")))
             .map(|_| ())
@@ -1346,7 +1327,7 @@ fn hostile_streams_end_their_connection_and_nothing_else() {
         .stderr(Stdio::null());
     let good = Group::spawn(&mut cmd);
     let pid = good.pid();
-    let listed = wait_for(Duration::from_secs(10), || {
+    let listed = poll(Duration::from_secs(10), TICK, || {
         http_get(port, "/debug/pprof/", Duration::from_secs(2))
             .filter(|index| index.contains(&format!("<td>{pid}</td>")))
     });

@@ -19,14 +19,17 @@
 //! Tests that need root (to act as nobody) say SKIPPED and pass when not run as root.
 
 use std::collections::BTreeSet;
-use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::io::{BufRead, BufReader};
+use std::net::{SocketAddr, TcpStream};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
+use anyprof_tests::daemon::{
+    free_port, parse_reply, wait_for, Daemon, DaemonBuilder, Reply, Request,
+};
 use anyprof_tests::{binaries, clean_command, compile, scratch_dir};
 
 /// How long a process may take to show up in the daemon's index.
@@ -123,114 +126,29 @@ impl Drop for Setup {
 // HTTP
 // ---------------------------------------------------------------------------------------
 
-#[derive(Debug)]
-struct Reply {
-    status: u16,
-    headers: Vec<(String, String)>,
-    body: Vec<u8>,
-}
-
-impl Reply {
-    fn text(&self) -> String {
-        String::from_utf8_lossy(&self.body).into_owned()
+/// One GET as root (this test process) to `addr`, with `Host: host` and an extra header line
+/// if given; the whole response, read within 60 s.
+fn request_at(
+    addr: SocketAddr,
+    path: &str,
+    host: &str,
+    extra: Option<(&str, &str)>,
+) -> std::io::Result<Reply> {
+    let mut request = Request::new("GET", addr.port(), path)
+        .addr(addr)
+        .host(host)
+        .timeout(Duration::from_secs(60))
+        .connect_timeout(Duration::from_secs(10));
+    if let Some((name, value)) = extra {
+        request = request.header(name, value);
     }
-
-    fn header(&self, name: &str) -> Option<&str> {
-        self.headers
-            .iter()
-            .find(|(k, _)| k.eq_ignore_ascii_case(name))
-            .map(|(_, v)| v.as_str())
-    }
-
-    fn show(&self) -> String {
-        let body = if self.body.starts_with(&[0x1f, 0x8b]) {
-            format!("<{} bytes of gzip>", self.body.len())
-        } else {
-            self.text().chars().take(1500).collect()
-        };
-        format!("HTTP {} {:?}\n{body}", self.status, self.headers)
-    }
-
-    /// The pids listed in the HTML index.
-    fn index_pids(&self) -> BTreeSet<u32> {
-        self.text()
-            .split("<tr><td>")
-            .skip(1)
-            .filter_map(|row| row.split("</td>").next()?.trim().parse().ok())
-            .collect()
-    }
-}
-
-/// Parses a whole `Connection: close` response (Content-Length or chunked body).
-fn parse_reply(raw: &[u8]) -> Option<Reply> {
-    let end = raw.windows(4).position(|w| w == b"\r\n\r\n")? + 4;
-    let head = std::str::from_utf8(&raw[..end]).ok()?;
-    let mut lines = head.split("\r\n");
-    let status = lines.next()?.split_whitespace().nth(1)?.parse().ok()?;
-    let headers: Vec<(String, String)> = lines
-        .filter_map(|l| l.split_once(':'))
-        .map(|(k, v)| (k.trim().to_string(), v.trim().to_string()))
-        .collect();
-    let mut body = raw[end..].to_vec();
-    let chunked = headers.iter().any(|(k, v)| {
-        k.eq_ignore_ascii_case("transfer-encoding") && v.eq_ignore_ascii_case("chunked")
-    });
-    if chunked {
-        let mut out = Vec::new();
-        let mut data = &body[..];
-        loop {
-            let line_end = data.windows(2).position(|w| w == b"\r\n")?;
-            let size =
-                usize::from_str_radix(std::str::from_utf8(&data[..line_end]).ok()?, 16).ok()?;
-            data = &data[line_end + 2..];
-            if size == 0 {
-                break;
-            }
-            out.extend_from_slice(data.get(..size)?);
-            data = data.get(size + 2..)?;
-        }
-        body = out;
-    } else if let Some(len) = headers
-        .iter()
-        .find(|(k, _)| k.eq_ignore_ascii_case("content-length"))
-        .and_then(|(_, v)| v.parse::<usize>().ok())
-    {
-        body.truncate(len);
-    }
-    Some(Reply {
-        status,
-        headers,
-        body,
-    })
-}
-
-/// One request as root (this test process) to `addr`, with `Host: host` and extra header
-/// lines; the whole response.
-fn request_at(addr: SocketAddr, path: &str, host: &str, extra: &str) -> std::io::Result<Reply> {
-    let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(10))?;
-    stream.set_read_timeout(Some(Duration::from_secs(60)))?;
-    write!(
-        stream,
-        "GET {path} HTTP/1.1\r\nHost: {host}\r\nUser-Agent: anyprof-tests\r\n{extra}\
-         Connection: close\r\n\r\n"
-    )?;
-    let mut raw = Vec::new();
-    stream.read_to_end(&mut raw)?;
-    parse_reply(&raw).ok_or_else(|| {
-        std::io::Error::new(
-            std::io::ErrorKind::InvalidData,
-            format!(
-                "GET {path}: malformed response: {:?}",
-                String::from_utf8_lossy(&raw[..raw.len().min(300)])
-            ),
-        )
-    })
+    request.send()
 }
 
 /// GET `path` as root from 127.0.0.1.
 fn get(port: u16, path: &str) -> Reply {
     let addr = SocketAddr::from(([127, 0, 0, 1], port));
-    request_at(addr, path, &format!("127.0.0.1:{port}"), "")
+    request_at(addr, path, &format!("127.0.0.1:{port}"), None)
         .unwrap_or_else(|e| panic!("GET {path} as root: {e}"))
 }
 
@@ -265,122 +183,34 @@ fn assert_status(reply: &Reply, status: u16, reason: &str, what: &str) {
     );
 }
 
-fn wait_for<T>(what: &str, timeout: Duration, mut check: impl FnMut() -> Result<T, String>) -> T {
-    let start = Instant::now();
-    loop {
-        match check() {
-            Ok(v) => return v,
-            Err(last) if start.elapsed() >= timeout => {
-                panic!("timed out after {timeout:?} waiting for {what}; last: {last}")
-            }
-            Err(_) => std::thread::sleep(Duration::from_millis(100)),
-        }
-    }
-}
-
 // ---------------------------------------------------------------------------------------
 // The daemon and the workers
 // ---------------------------------------------------------------------------------------
 
-/// A running `anyprof serve` (as root); killed when dropped.
-struct Daemon {
-    child: Child,
-    pid: u32,
-    port: u16,
-    stderr_path: PathBuf,
+/// `anyprof serve --socket SOCKET --http HOST:PORT ARGS...` (as root), started with umask 0
+/// (so that nobody's processes can connect to the socket whatever the daemon's own rule),
+/// with its stderr in `<scratch>/<label>.stderr`; killed when dropped.
+fn serve<'a>(setup: &Setup, label: &str, args: &[&str]) -> DaemonBuilder<'a> {
+    Daemon::serve(&setup.scratch.join(format!("{label}.stderr")))
+        .socket(&setup.socket())
+        .args(args)
+        .umask(0)
 }
 
-fn free_port() -> u16 {
-    let l = TcpListener::bind("127.0.0.1:0").expect("binding a port");
-    l.local_addr().expect("local address").port()
-}
-
-impl Daemon {
-    /// `anyprof serve --socket SOCKET --http HOST:PORT ARGS...`, started with umask 0 (so
-    /// that nobody's processes can connect to the socket whatever the daemon's own rule), and
-    /// ready when `probe` (a path, queried as root) answers 200.
-    fn start(
-        setup: &Setup,
-        label: &str,
-        host: &str,
-        args: &[&str],
-        probe: &dyn Fn(u16) -> bool,
-    ) -> Daemon {
-        let port = free_port();
-        let stderr_path = setup.scratch.join(format!("{label}.stderr"));
-        let stderr = std::fs::File::create(&stderr_path).expect("creating the stderr file");
-        let mut cmd = clean_command(binaries().anyprof);
-        cmd.arg("serve")
-            .arg("--socket")
-            .arg(setup.socket())
-            .arg("--http")
-            .arg(format!("{host}:{port}"))
-            .args(args)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(stderr);
-        // SAFETY: the closure runs in the child before exec and only calls umask(2).
-        unsafe {
-            std::os::unix::process::CommandExt::pre_exec(&mut cmd, || {
-                libc::umask(0);
-                Ok(())
-            });
-        }
-        let child = cmd.spawn().expect("starting anyprof serve");
-        let mut daemon = Daemon {
-            pid: child.id(),
-            child,
-            port,
-            stderr_path,
-        };
-        let start = Instant::now();
-        loop {
-            if let Ok(Some(status)) = daemon.child.try_wait() {
-                panic!("anyprof serve exited with {status}:\n{}", daemon.stderr());
-            }
-            if probe(port) {
-                return daemon;
-            }
-            assert!(
-                start.elapsed() < Duration::from_secs(15),
-                "anyprof serve did not answer within 15 s:\n{}",
-                daemon.stderr()
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
-
-    fn on_loopback(setup: &Setup, label: &str, args: &[&str]) -> Daemon {
-        Daemon::start(setup, label, "127.0.0.1", args, &|port| {
+/// [`serve`] on 127.0.0.1, ready when root's `GET /debug/pprof/` (with `Host: 127.0.0.1`)
+/// answers 200.
+fn on_loopback(setup: &Setup, label: &str, args: &[&str]) -> Daemon {
+    serve(setup, label, args)
+        .probe(|port| {
             request_at(
                 SocketAddr::from(([127, 0, 0, 1], port)),
                 "/debug/pprof/",
                 "127.0.0.1",
-                "",
+                None,
             )
             .is_ok_and(|r| r.status == 200)
         })
-    }
-
-    fn stderr(&self) -> String {
-        std::fs::read_to_string(&self.stderr_path).unwrap_or_default()
-    }
-
-    /// Threads and open descriptors of the daemon now.
-    fn counts(&self) -> (usize, usize) {
-        let n = |dir: String| std::fs::read_dir(&dir).map_or(0, |d| d.count());
-        (
-            n(format!("/proc/{}/task", self.pid)),
-            n(format!("/proc/{}/fd", self.pid)),
-        )
-    }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+        .start()
 }
 
 /// A preloaded `serve_worker`, as root or as nobody; killed when dropped.
@@ -469,7 +299,7 @@ fn each_user_sees_only_the_processes_it_could_ptrace() {
     let Some(setup) = Setup::new("security_http_ptrace") else {
         return;
     };
-    let daemon = Daemon::on_loopback(&setup, "daemon", &["--allow-uid", &NOBODY.to_string()]);
+    let daemon = on_loopback(&setup, "daemon", &["--allow-uid", &NOBODY.to_string()]);
     let port = daemon.port;
     let roots = Worker::start(&setup, false, "root-worker");
     let theirs = Worker::start(&setup, true, "nobody-worker");
@@ -572,7 +402,7 @@ fn host_header_must_name_the_loopback() {
     let Some(setup) = Setup::new("security_http_host") else {
         return;
     };
-    let daemon = Daemon::on_loopback(&setup, "daemon", &[]);
+    let daemon = on_loopback(&setup, "daemon", &[]);
     let port = daemon.port;
     let addr = SocketAddr::from(([127, 0, 0, 1], port));
     for host in [
@@ -581,7 +411,7 @@ fn host_header_must_name_the_loopback() {
         format!("127.0.0.1.evil.example:{port}"),
         format!("localhost.evil.example:{port}"),
     ] {
-        let reply = request_at(addr, "/debug/pprof/", &host, "").expect("request");
+        let reply = request_at(addr, "/debug/pprof/", &host, None).expect("request");
         assert_status(&reply, 403, "DNS rebinding", &format!("Host: {host}"));
         assert!(
             reply.text().contains("loopback"),
@@ -603,7 +433,7 @@ fn host_header_must_name_the_loopback() {
         format!("[::1]:{port}"),
         format!("127.1.2.3:{port}"),
     ] {
-        let reply = request_at(addr, "/debug/pprof/", &host, "").expect("request");
+        let reply = request_at(addr, "/debug/pprof/", &host, None).expect("request");
         assert_eq!(reply.status, 200, "Host: {host}\n{}", reply.show());
     }
     drop(daemon);
@@ -682,24 +512,25 @@ fn network_exposure_needs_the_flag_and_then_the_token() {
     // With the flag: a token, in a file only root can read.
     let token_file = setup.scratch.join("token");
     let token_arg = token_file.to_string_lossy().into_owned();
-    let daemon = Daemon::start(
+    let daemon = serve(
         &setup,
         "daemon",
-        "0.0.0.0",
         &["--expose-profiles-to-network", "--token-file", &token_arg],
-        &|port| {
-            let Ok(token) = std::fs::read_to_string(&token_file) else {
-                return false;
-            };
-            request_at(
-                SocketAddr::from(([127, 0, 0, 1], port)),
-                &format!("/debug/pprof/?token={}", token.trim()),
-                "x",
-                "",
-            )
-            .is_ok_and(|r| r.status == 200)
-        },
-    );
+    )
+    .http_host("0.0.0.0")
+    .probe(|port| {
+        let Ok(token) = std::fs::read_to_string(&token_file) else {
+            return false;
+        };
+        request_at(
+            SocketAddr::from(([127, 0, 0, 1], port)),
+            &format!("/debug/pprof/?token={}", token.trim()),
+            "x",
+            None,
+        )
+        .is_ok_and(|r| r.status == 200)
+    })
+    .start();
     let port = daemon.port;
     let token = std::fs::read_to_string(&token_file)
         .expect("reading the token file")
@@ -732,24 +563,20 @@ fn network_exposure_needs_the_flag_and_then_the_token() {
     for addr in addrs {
         let host = addr.to_string();
         for (path, extra, what) in [
-            (heap.clone(), String::new(), "no token"),
-            (
-                format!("{heap}&token=wrong"),
-                String::new(),
-                "a wrong token",
-            ),
+            (heap.clone(), None, "no token"),
+            (format!("{heap}&token=wrong"), None, "a wrong token"),
             (
                 format!("{heap}&token={}", &token[..token.len() - 1]),
-                String::new(),
+                None,
                 "a token missing its last character",
             ),
             (
                 heap.clone(),
-                "Authorization: Bearer wrong\r\n".to_string(),
+                Some(("Authorization", "Bearer wrong")),
                 "a wrong bearer token",
             ),
         ] {
-            let reply = request_at(addr, &path, &host, &extra).expect("request");
+            let reply = request_at(addr, &path, &host, extra).expect("request");
             assert_status(&reply, 401, "token", &format!("{what}, over {addr}"));
             assert!(
                 reply.header("WWW-Authenticate").is_some(),
@@ -758,7 +585,7 @@ fn network_exposure_needs_the_flag_and_then_the_token() {
             );
         }
         let with_query =
-            request_at(addr, &format!("{heap}&token={token}"), &host, "").expect("request");
+            request_at(addr, &format!("{heap}&token={token}"), &host, None).expect("request");
         assert_eq!(
             with_query.status,
             200,
@@ -769,7 +596,7 @@ fn network_exposure_needs_the_flag_and_then_the_token() {
             addr,
             &heap,
             &host,
-            &format!("Authorization: Bearer {token}\r\n"),
+            Some(("Authorization", &format!("Bearer {token}"))),
         )
         .expect("request");
         assert_eq!(
@@ -820,11 +647,8 @@ fn network_exposure_needs_the_flag_and_then_the_token() {
         eprintln!("go is not installed: not checking go tool pprof with ?token=");
     }
     let mut daemon = daemon;
-    // SAFETY: kill(2) with integers; the daemon is our unreaped child.
-    unsafe {
-        libc::kill(daemon.pid as libc::pid_t, libc::SIGTERM);
-    }
-    let status = daemon.child.wait().expect("waiting for the daemon");
+    daemon.signal(libc::SIGTERM);
+    let status = daemon.wait();
     assert!(status.success(), "anyprof serve exited with {status}");
     assert!(
         !token_file.exists(),
@@ -843,7 +667,7 @@ fn a_thousand_slow_clients_are_bounded() {
     let Some(setup) = Setup::new("security_http_slow") else {
         return;
     };
-    let daemon = Daemon::on_loopback(&setup, "daemon", &[]);
+    let daemon = on_loopback(&setup, "daemon", &[]);
     let port = daemon.port;
     let worker = Worker::start(&setup, false, "root-worker");
     wait_listed(port, &[worker.pid]);
@@ -967,7 +791,7 @@ fn one_long_request_of_each_kind_per_process() {
     let Some(setup) = Setup::new("security_http_long") else {
         return;
     };
-    let daemon = Daemon::on_loopback(&setup, "daemon-1", &[]);
+    let daemon = on_loopback(&setup, "daemon-1", &[]);
     let port = daemon.port;
     let workers: Vec<Worker> = (0..2)
         .map(|i| Worker::start(&setup, false, &format!("worker-{i}")))
@@ -1029,7 +853,7 @@ fn one_long_request_of_each_kind_per_process() {
 
     // At most --max-long-requests long requests at once; more are refused at once, and the
     // short requests still have their own workers.
-    let daemon = Daemon::on_loopback(&setup, "daemon-2", &["--max-long-requests", "2"]);
+    let daemon = on_loopback(&setup, "daemon-2", &["--max-long-requests", "2"]);
     let port = daemon.port;
     wait_listed(port, &[a, b]);
     let running = [
@@ -1066,11 +890,8 @@ fn one_long_request_of_each_kind_per_process() {
     std::thread::sleep(Duration::from_millis(1000));
     let mut daemon = daemon;
     let t = Instant::now();
-    // SAFETY: kill(2) with integers; the daemon is our unreaped child.
-    unsafe {
-        libc::kill(daemon.pid as libc::pid_t, libc::SIGTERM);
-    }
-    let status = daemon.child.wait().expect("waiting for the daemon");
+    daemon.signal(libc::SIGTERM);
+    let status = daemon.wait();
     assert!(status.success(), "anyprof serve exited with {status}");
     assert!(
         t.elapsed() < Duration::from_secs(5),

@@ -16,13 +16,13 @@
 //! messages the test built with the wire crate's encoders, run as `nobody`.
 
 use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use anyprof_tests::daemon::{Daemon, Request};
 use anyprof_tests::{binaries, clean_command, compile, scratch_dir, ProfileView};
 use anyprof_wire as wire;
 
@@ -197,89 +197,35 @@ fn fifo_split_dwarf_files_do_not_hang_record() {
 // A daemon, an HTTP client and a hostile peer
 // ---------------------------------------------------------------------------------------
 
-/// A running `anyprof serve`, killed when dropped.
-struct Daemon {
-    child: Child,
-    pid: u32,
-    port: u16,
-    stderr_path: PathBuf,
+/// `anyprof serve --socket SOCKET --http 127.0.0.1:PORT ARGS`, started with umask 0 so that
+/// its socket file is connectable by `nobody` whatever the daemon's own policy for it; ready
+/// once it answers HTTP and its socket exists.
+fn start_daemon(dir: &Path, socket: &Path, args: &[&str]) -> Daemon {
+    Daemon::serve(&dir.join("daemon.stderr"))
+        .socket(socket)
+        .args(args)
+        .umask(0)
+        .start()
 }
 
-impl Daemon {
-    /// `anyprof serve --socket SOCKET --http 127.0.0.1:PORT ARGS`, connectable by other users.
-    fn start(dir: &Path, socket: &Path, args: &[&str]) -> Daemon {
-        let stderr_path = dir.join("daemon.stderr");
-        for _ in 0..3 {
-            let port = TcpListener::bind("127.0.0.1:0")
-                .and_then(|l| l.local_addr())
-                .map(|a| a.port())
-                .expect("a free port");
-            let mut cmd = clean_command(binaries().anyprof);
-            cmd.arg("serve")
-                .arg("--socket")
-                .arg(socket)
-                .arg("--http")
-                .arg(format!("127.0.0.1:{port}"))
-                .args(args)
-                .stdin(Stdio::null())
-                .stdout(Stdio::null())
-                .stderr(std::fs::File::create(&stderr_path).unwrap());
-            // SAFETY: runs in the forked child before exec; umask(2) is async-signal-safe.
-            // With umask 0 the socket file is connectable by `nobody` whatever the daemon's
-            // own policy for it.
-            unsafe {
-                cmd.pre_exec(|| {
-                    libc::umask(0);
-                    Ok(())
-                });
-            }
-            let child = cmd.spawn().expect("starting anyprof serve");
-            let mut daemon = Daemon {
-                pid: child.id(),
-                child,
-                port,
-                stderr_path: stderr_path.clone(),
-            };
-            let start = Instant::now();
-            while start.elapsed() < Duration::from_secs(15) {
-                if daemon.child.try_wait().ok().flatten().is_some() {
-                    break;
-                }
-                if http(port, "GET", "/debug/pprof/", b"").is_ok_and(|(status, _)| status == 200)
-                    && socket.exists()
-                {
-                    return daemon;
-                }
-                std::thread::sleep(Duration::from_millis(50));
-            }
-            let _ = daemon.child.kill();
-            eprintln!("anyprof serve did not start:\n{}", daemon.stderr());
-        }
-        panic!("could not start anyprof serve");
-    }
+/// What these tests ask the daemon, with its stderr in the failure messages.
+trait Queries {
+    /// GET `path`: the status and the body.
+    fn get(&self, path: &str) -> (u16, Vec<u8>);
+    /// The names `/symbol` gives for `addresses` of process `pid`, one line per address,
+    /// once they include `expected` (the process's messages may still be on their way), or
+    /// what they are after 10 s.
+    fn symbols(&self, pid: u32, addresses: &[u64], expected: &str) -> String;
+    /// The status and names `/symbol` gives for `addresses` of process `pid` now.
+    fn symbols_now(&self, pid: u32, addresses: &[u64]) -> (u16, String);
+}
 
-    fn stderr(&self) -> String {
-        std::fs::read_to_string(&self.stderr_path).unwrap_or_default()
-    }
-
-    /// VmRSS in KiB.
-    fn rss_kib(&self) -> u64 {
-        std::fs::read_to_string(format!("/proc/{}/status", self.pid))
-            .unwrap_or_default()
-            .lines()
-            .find_map(|l| l.strip_prefix("VmRSS:"))
-            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-            .unwrap_or_else(|| panic!("no VmRSS for the daemon; stderr:\n{}", self.stderr()))
-    }
-
+impl Queries for Daemon {
     fn get(&self, path: &str) -> (u16, Vec<u8>) {
         http(self.port, "GET", path, b"")
             .unwrap_or_else(|e| panic!("GET {path}: {e}\ndaemon stderr:\n{}", self.stderr()))
     }
 
-    /// The names `/symbol` gives for `addresses` of process `pid`, one line per address,
-    /// once they include `expected` (the process's messages may still be on their way), or
-    /// what they are after 10 s.
     fn symbols(&self, pid: u32, addresses: &[u64], expected: &str) -> String {
         let start = Instant::now();
         loop {
@@ -307,57 +253,15 @@ impl Daemon {
     }
 }
 
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// One HTTP/1.0 request; returns the status and the body.
+/// One request (connecting within 5 s, answered within 60 s); returns the status and the
+/// body.
 fn http(port: u16, method: &str, path: &str, body: &[u8]) -> std::io::Result<(u16, Vec<u8>)> {
-    let mut stream = TcpStream::connect_timeout(
-        &SocketAddr::from(([127, 0, 0, 1], port)),
-        Duration::from_secs(5),
-    )?;
-    stream.set_read_timeout(Some(Duration::from_secs(60)))?;
-    let head = format!(
-        "{method} {path} HTTP/1.0\r\nHost: 127.0.0.1:{port}\r\nConnection: close\r\n\
-         Content-Length: {}\r\n\r\n",
-        body.len()
-    );
-    stream.write_all(head.as_bytes())?;
-    stream.write_all(body)?;
-    let mut raw = Vec::new();
-    stream.read_to_end(&mut raw)?;
-    let bad = || std::io::Error::new(std::io::ErrorKind::InvalidData, "malformed HTTP response");
-    let end = raw
-        .windows(4)
-        .position(|w| w == b"\r\n\r\n")
-        .ok_or_else(bad)?;
-    let head = String::from_utf8_lossy(&raw[..end]).to_ascii_lowercase();
-    let status = head
-        .split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .ok_or_else(bad)?;
-    let mut body = raw[end + 4..].to_vec();
-    if head.contains("transfer-encoding: chunked") {
-        let mut out = Vec::new();
-        let mut rest = &body[..];
-        while let Some(line_end) = rest.windows(2).position(|w| w == b"\r\n") {
-            let size_text = String::from_utf8_lossy(&rest[..line_end]).into_owned();
-            let size = usize::from_str_radix(size_text.trim(), 16).map_err(|_| bad())?;
-            rest = &rest[line_end + 2..];
-            if size == 0 {
-                break;
-            }
-            out.extend_from_slice(rest.get(..size).ok_or_else(bad)?);
-            rest = rest.get(size + 2..).ok_or_else(bad)?;
-        }
-        body = out;
-    }
-    Ok((status, body))
+    let reply = Request::new(method, port, path)
+        .body(body)
+        .connect_timeout(Duration::from_secs(5))
+        .timeout(Duration::from_secs(60))
+        .send()?;
+    Ok((reply.status, reply.body))
 }
 
 /// A hostile process: `seqpacket_relay` connected to the daemon, having sent the messages
@@ -526,7 +430,7 @@ fn root_daemon_reads_files_with_the_peers_rights() {
     let relay = relay_program(&dir);
     let (secret, public, secret_at, public_at) = libraries(&dir);
     let socket = dir.join("sock");
-    let daemon = Daemon::start(&dir, &socket, &["--allow-uid", "65534"]);
+    let daemon = start_daemon(&dir, &socket, &["--allow-uid", "65534"]);
 
     // Root's own look at the secret library first, as a root process of the same daemon
     // would cause: what is cached for root must not answer for nobody.
@@ -598,7 +502,7 @@ fn peer_over_its_memory_cap_is_cut_off() {
     let (_, public, _, public_at) = libraries(&dir);
     let socket = dir.join("sock");
     let cap_mib = 16;
-    let daemon = Daemon::start(
+    let daemon = start_daemon(
         &dir,
         &socket,
         &[

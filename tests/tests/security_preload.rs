@@ -23,7 +23,7 @@
 //! Whatever happens, the guards below remove every file made outside the scratch directory
 //! and kill every process started.
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{BufRead, BufReader};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::os::unix::process::CommandExt;
@@ -32,6 +32,7 @@ use std::process::{Child, ChildStdin, Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
+use anyprof_tests::daemon::{free_port, poll, Daemon, Request};
 use anyprof_tests::{binaries, clean_command, compile, run, scratch_dir, RunOutput};
 
 const NOBODY: u32 = 65534;
@@ -446,36 +447,18 @@ fn squatted_sockets_get_nothing() {
 // 3. The daemon's socket and the umask
 // ---------------------------------------------------------------------------------------
 
-fn free_port() -> u16 {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("binding a free port");
-    listener.local_addr().expect("local address").port()
+/// The text of the daemon's index page, or "" if it does not answer within 5 s.
+fn index_text(port: u16) -> String {
+    Request::new("GET", port, "/debug/pprof/")
+        .timeout(Duration::from_secs(5))
+        .send()
+        .map(|reply| reply.text())
+        .unwrap_or_default()
 }
 
-/// The body of `GET path`, or None if the daemon does not answer.
-fn http_get(port: u16, path: &str) -> Option<String> {
-    let mut stream = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
-    stream.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
-    write!(
-        stream,
-        "GET {path} HTTP/1.0\r\nHost: 127.0.0.1:{port}\r\n\r\n"
-    )
-    .ok()?;
-    let mut buf = Vec::new();
-    let _ = stream.read_to_end(&mut buf);
-    Some(String::from_utf8_lossy(&buf).into_owned())
-}
-
+/// Whether `done` comes true (polled every 100 ms) within `timeout`.
 fn wait_until(timeout: Duration, mut done: impl FnMut() -> bool) -> bool {
-    let start = Instant::now();
-    loop {
-        if done() {
-            return true;
-        }
-        if start.elapsed() > timeout {
-            return false;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    poll(timeout, Duration::from_millis(100), || done().then_some(())).is_some()
 }
 
 #[test]
@@ -489,49 +472,29 @@ fn daemon_socket_mode_does_not_depend_on_the_umask() {
     for umask in [0o022, 0o077] {
         let dir = make_dir(&scratch.join(format!("umask-{umask:03o}")), 0, 0, 0o755);
         let socket = dir.join("d.sock");
-        let stderr_path = dir.join("daemon.stderr");
-        let port = free_port();
-        let mut cmd = clean_command(binaries().anyprof);
-        cmd.arg("serve")
-            .arg("--socket")
-            .arg(&socket)
-            .arg("--allow-uid")
-            .arg(NOBODY.to_string())
-            .arg("--http")
-            .arg(format!("127.0.0.1:{port}"))
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&stderr_path).expect("daemon stderr file"));
-        // SAFETY: runs in the forked child before exec and only calls umask(2), which is
-        // async-signal-safe and cannot fail.
-        unsafe {
-            cmd.pre_exec(move || {
-                libc::umask(umask);
-                Ok(())
+        let daemon = Daemon::serve(&dir.join("daemon.stderr"))
+            .socket(&socket)
+            .args(&["--allow-uid", &NOBODY.to_string()])
+            .umask(umask)
+            .try_start()
+            .unwrap_or_else(|e| {
+                panic!("anyprof serve did not come up under umask {umask:03o}: {e}")
             });
-        }
-        let daemon = Kill(cmd.spawn().expect("starting anyprof serve"));
-        let daemon_stderr = || std::fs::read_to_string(&stderr_path).unwrap_or_default();
-        assert!(
-            wait_until(Duration::from_secs(15), || http_get(port, "/debug/pprof/")
-                .is_some_and(|r| r.contains("200"))),
-            "anyprof serve did not come up under umask {umask:03o}:\n{}",
-            daemon_stderr()
-        );
+        let port = daemon.port;
         let (process, pid) = start_nobody_worker(&worker, |cmd| {
             cmd.env("ANYPROF_SOCKET", &socket);
         });
         let row = format!("<td>{pid}</td>");
         let mut index = String::new();
         let listed = wait_until(Duration::from_secs(10), || {
-            index = http_get(port, "/debug/pprof/").unwrap_or_default();
+            index = index_text(port);
             index.contains(&row)
         });
         assert!(
             listed,
             "nobody's process {pid} never reached the daemon started under umask {umask:03o} \
              with --allow-uid {NOBODY}; index:\n{index}\ndaemon stderr:\n{}",
-            daemon_stderr()
+            daemon.stderr()
         );
         let mode = std::fs::metadata(&socket)
             .map(|m| m.mode() & 0o777)
@@ -582,30 +545,18 @@ fn non_root_daemon_uses_a_private_directory_and_refuses_a_squatted_one() {
     };
     let scratch = scratch_dir("security_private_dir");
     let worker = compile("serve_worker.c", &["-O1", "-pthread"], &scratch);
-    let daemon = |label: &str, port: u16| {
-        let stderr_path = scratch.join(format!("{label}.stderr"));
-        let mut cmd = clean_command(binaries().anyprof);
-        as_nobody(&mut cmd)
+    // `anyprof serve` as nobody, without `--socket` and `XDG_RUNTIME_DIR`.
+    let daemon = |label: &str| {
+        Daemon::serve(&scratch.join(format!("{label}.stderr")))
+            .user(NOBODY, NOGROUP)
             .env_remove("XDG_RUNTIME_DIR")
-            .arg("serve")
-            .arg("--http")
-            .arg(format!("127.0.0.1:{port}"))
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&stderr_path).expect("daemon stderr file"));
-        (
-            Kill(cmd.spawn().expect("starting anyprof serve as nobody")),
-            stderr_path,
-        )
     };
 
     // Squatted by another user (root here): refused.
     make_dir(&private.0, 0, 0, 0o700);
-    let (mut refused, stderr_path) = daemon("squatted", free_port());
-    let status = wait_until(Duration::from_secs(10), || {
-        refused.0.try_wait().ok().flatten().is_some()
-    });
-    let stderr = std::fs::read_to_string(&stderr_path).unwrap_or_default();
+    let mut refused = daemon("squatted").spawn(free_port());
+    let status = wait_until(Duration::from_secs(10), || refused.try_wait().is_some());
+    let stderr = refused.stderr();
     assert!(
         status,
         "anyprof serve started although /tmp/anyprof-{NOBODY} belongs to root:\n{stderr}"
@@ -625,13 +576,10 @@ fn non_root_daemon_uses_a_private_directory_and_refuses_a_squatted_one() {
 
     // Absent: created, private, and found by nobody's processes without ANYPROF_SOCKET.
     let port = free_port();
-    let (_daemon, stderr_path) = daemon("private", port);
-    assert!(
-        wait_until(Duration::from_secs(15), || http_get(port, "/debug/pprof/")
-            .is_some_and(|r| r.contains("200"))),
-        "anyprof serve as nobody did not come up:\n{}",
-        std::fs::read_to_string(&stderr_path).unwrap_or_default()
-    );
+    let _daemon = daemon("private")
+        .port(port)
+        .try_start()
+        .unwrap_or_else(|e| panic!("anyprof serve as nobody did not come up: {e}"));
     let meta = std::fs::symlink_metadata(&private.0).expect("the private directory");
     assert!(
         meta.is_dir() && meta.uid() == NOBODY && meta.mode() & 0o7777 == 0o700,
@@ -646,7 +594,7 @@ fn non_root_daemon_uses_a_private_directory_and_refuses_a_squatted_one() {
     let mut index = String::new();
     assert!(
         wait_until(Duration::from_secs(10), || {
-            index = http_get(port, "/debug/pprof/").unwrap_or_default();
+            index = index_text(port);
             index.contains(&row)
         }),
         "nobody's process {pid} did not find nobody's daemon in /tmp/anyprof-{NOBODY}; \

@@ -1,6 +1,6 @@
 //! `anyprof serve` end to end: a real daemon, real preloaded processes
 //! (`tests/programs/serve_worker.c`, whose header states what each one does) and real HTTP
-//! clients (a small HTTP/1.1 client over `TcpStream` below, and `go tool pprof`).
+//! clients (the harness's small HTTP/1.1 client, `anyprof_tests::daemon`, and `go tool pprof`).
 //!
 //! * [`every_endpoint_answers_for_one_of_three_processes`]: status, headers and content of
 //!   every net/http/pprof endpoint for one process while three are connected.
@@ -21,15 +21,16 @@
 //! time hold the harness's [`cpu_lock`].
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::io::{BufRead, BufReader};
 use std::os::unix::fs::PermissionsExt;
-use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
+use anyprof_tests::daemon::{
+    self, get, post, request, wait_for, Daemon, DaemonBuilder, Reply, HTTP_TIMEOUT,
+};
 use anyprof_tests::{binaries, clean_command, compile, cpu_lock, scratch_dir, ProfileView};
 
 /// The test program, and the names its header promises.
@@ -50,211 +51,9 @@ const HEAP_SAMPLE_TYPES: [(&str, &str); 4] = [
     ("inuse_space", "bytes"),
 ];
 
-/// Longest any single HTTP request may take before the client gives up (and the test fails).
-const HTTP_TIMEOUT: Duration = Duration::from_secs(30);
-
 /// How long a process may take to show up in the daemon's index (it connects at start, or
 /// within about a second of a daemon (re)start; this is generous for a loaded machine).
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
-
-// ---------------------------------------------------------------------------------------
-// A tiny HTTP/1.1 client
-// ---------------------------------------------------------------------------------------
-
-/// One HTTP response.
-#[derive(Debug)]
-struct Reply {
-    status: u16,
-    headers: Vec<(String, String)>,
-    body: Vec<u8>,
-}
-
-impl Reply {
-    /// The value of header `name` (case-insensitive), if present.
-    fn header(&self, name: &str) -> Option<&str> {
-        self.headers
-            .iter()
-            .find(|(k, _)| k.eq_ignore_ascii_case(name))
-            .map(|(_, v)| v.as_str())
-    }
-
-    fn text(&self) -> String {
-        String::from_utf8_lossy(&self.body).into_owned()
-    }
-
-    /// Status, headers and (the start of) the body, for failure messages.
-    fn show(&self) -> String {
-        let mut out = format!("HTTP {}\n", self.status);
-        for (k, v) in &self.headers {
-            out.push_str(&format!("{k}: {v}\n"));
-        }
-        let printable = self
-            .body
-            .iter()
-            .take(2000)
-            .all(|&b| b == b'\n' || b == b'\t' || b == 0 || (0x20..0x7f).contains(&b));
-        if printable {
-            let text = self.text();
-            let cut: String = text.chars().take(2000).collect();
-            out.push_str(&format!("\n{cut}"));
-        } else {
-            out.push_str(&format!("\n<{} bytes of binary data>", self.body.len()));
-        }
-        out
-    }
-}
-
-/// Sends one request with `Connection: close` and reads the whole response.
-fn request(
-    port: u16,
-    method: &str,
-    path: &str,
-    body: &[u8],
-    timeout: Duration,
-) -> std::io::Result<Reply> {
-    use std::io::{Error, ErrorKind};
-    let deadline = Instant::now() + timeout;
-    let mut stream =
-        TcpStream::connect_timeout(&SocketAddr::from(([127, 0, 0, 1], port)), timeout)?;
-    stream.set_read_timeout(Some(Duration::from_millis(200)))?;
-    stream.set_write_timeout(Some(timeout))?;
-    let mut head = format!(
-        "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nUser-Agent: anyprof-tests\r\n\
-         Accept-Encoding: identity\r\nConnection: close\r\n"
-    );
-    if method == "POST" {
-        head.push_str(&format!(
-            "Content-Type: application/octet-stream\r\nContent-Length: {}\r\n",
-            body.len()
-        ));
-    }
-    head.push_str("\r\n");
-    stream.write_all(head.as_bytes())?;
-    stream.write_all(body)?;
-    let mut raw = Vec::new();
-    let mut buf = vec![0u8; 64 * 1024];
-    loop {
-        match stream.read(&mut buf) {
-            Ok(0) => break,
-            Ok(n) => {
-                raw.extend_from_slice(&buf[..n]);
-                if response_complete(&raw) {
-                    break;
-                }
-            }
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    ErrorKind::WouldBlock | ErrorKind::TimedOut | ErrorKind::Interrupted
-                ) => {}
-            Err(e) => return Err(e),
-        }
-        if Instant::now() >= deadline {
-            return Err(Error::new(
-                ErrorKind::TimedOut,
-                format!(
-                    "{method} {path}: no complete response within {timeout:?} ({} bytes so far)",
-                    raw.len()
-                ),
-            ));
-        }
-    }
-    parse_reply(&raw).ok_or_else(|| {
-        Error::new(
-            ErrorKind::InvalidData,
-            format!(
-                "{method} {path}: malformed HTTP response ({} bytes): {:?}",
-                raw.len(),
-                String::from_utf8_lossy(&raw[..raw.len().min(500)])
-            ),
-        )
-    })
-}
-
-fn header_end(raw: &[u8]) -> Option<usize> {
-    raw.windows(4).position(|w| w == b"\r\n\r\n").map(|i| i + 4)
-}
-
-/// Whether `raw` holds a whole response: its headers, then Content-Length bytes or a final
-/// chunk. Without either, the response ends when the server closes the connection.
-fn response_complete(raw: &[u8]) -> bool {
-    let Some(end) = header_end(raw) else {
-        return false;
-    };
-    let head = String::from_utf8_lossy(&raw[..end]).to_ascii_lowercase();
-    if let Some(len) = head
-        .lines()
-        .find_map(|l| l.strip_prefix("content-length:"))
-        .and_then(|v| v.trim().parse::<usize>().ok())
-    {
-        return raw.len() >= end + len;
-    }
-    if head.contains("transfer-encoding: chunked") {
-        return raw.ends_with(b"0\r\n\r\n");
-    }
-    false
-}
-
-fn parse_reply(raw: &[u8]) -> Option<Reply> {
-    let end = header_end(raw)?;
-    let head = std::str::from_utf8(&raw[..end]).ok()?;
-    let mut lines = head.split("\r\n");
-    let status_line = lines.next()?;
-    let status = status_line.split_whitespace().nth(1)?.parse().ok()?;
-    let headers: Vec<(String, String)> = lines
-        .filter(|l| !l.is_empty())
-        .filter_map(|l| l.split_once(':'))
-        .map(|(k, v)| (k.trim().to_string(), v.trim().to_string()))
-        .collect();
-    let mut body = raw[end..].to_vec();
-    let chunked = headers.iter().any(|(k, v)| {
-        k.eq_ignore_ascii_case("transfer-encoding") && v.eq_ignore_ascii_case("chunked")
-    });
-    if chunked {
-        body = dechunk(&body)?;
-    } else if let Some(len) = headers
-        .iter()
-        .find(|(k, _)| k.eq_ignore_ascii_case("content-length"))
-        .and_then(|(_, v)| v.parse::<usize>().ok())
-    {
-        if body.len() < len {
-            return None;
-        }
-        body.truncate(len);
-    }
-    Some(Reply {
-        status,
-        headers,
-        body,
-    })
-}
-
-fn dechunk(mut data: &[u8]) -> Option<Vec<u8>> {
-    let mut out = Vec::new();
-    loop {
-        let line_end = data.windows(2).position(|w| w == b"\r\n")?;
-        let size_text = std::str::from_utf8(&data[..line_end]).ok()?;
-        let size = usize::from_str_radix(size_text.split(';').next()?.trim(), 16).ok()?;
-        data = &data[line_end + 2..];
-        if size == 0 {
-            return Some(out);
-        }
-        out.extend_from_slice(data.get(..size)?);
-        data = data.get(size + 2..)?;
-    }
-}
-
-/// GET `path`, panicking if no response arrives.
-fn get(port: u16, path: &str) -> Reply {
-    request(port, "GET", path, b"", HTTP_TIMEOUT)
-        .unwrap_or_else(|e| panic!("GET http://127.0.0.1:{port}{path} failed: {e}"))
-}
-
-/// POST `body` to `path`, panicking if no response arrives.
-fn post(port: u16, path: &str, body: &[u8]) -> Reply {
-    request(port, "POST", path, body, HTTP_TIMEOUT)
-        .unwrap_or_else(|e| panic!("POST http://127.0.0.1:{port}{path} failed: {e}"))
-}
 
 // ---------------------------------------------------------------------------------------
 // Checking responses
@@ -336,34 +135,11 @@ fn assert_go_error(reply: &Reply, status: u16, reason: &str, what: &str) {
     );
 }
 
-/// The pids listed in the HTML index (`<tr><td>PID</td>...`).
-fn parse_index_pids(html: &str) -> BTreeSet<u32> {
-    html.split("<tr><td>")
-        .skip(1)
-        .filter_map(|row| row.split("</td>").next()?.trim().parse().ok())
-        .collect()
-}
-
 /// GET the index and return the pids it lists.
 fn index_pids(port: u16) -> BTreeSet<u32> {
     let reply = get(port, "/debug/pprof/");
     assert_eq!(reply.status, 200, "index\n{}", reply.show());
-    parse_index_pids(&reply.text())
-}
-
-/// Polls `check` every 100 ms until it returns `Ok`, or panics after `timeout` with `what`
-/// and the last `Err` it returned.
-fn wait_for<T>(what: &str, timeout: Duration, mut check: impl FnMut() -> Result<T, String>) -> T {
-    let start = Instant::now();
-    loop {
-        match check() {
-            Ok(value) => return value,
-            Err(last) if start.elapsed() >= timeout => {
-                panic!("timed out after {timeout:?} waiting for {what}; last state: {last}")
-            }
-            Err(_) => std::thread::sleep(Duration::from_millis(100)),
-        }
-    }
+    reply.index_pids()
 }
 
 /// Waits until the index lists every pid in `present` and none in `absent`; returns how long
@@ -433,12 +209,6 @@ fn check_heap_profile(reply: &Reply, what: &str, filename: &str) -> ProfileView 
 // Processes: the daemon and the workers
 // ---------------------------------------------------------------------------------------
 
-/// A free TCP port on loopback (bound, read and released; the daemon binds it next).
-fn free_port() -> u16 {
-    let listener = TcpListener::bind("127.0.0.1:0").expect("binding a loopback port");
-    listener.local_addr().expect("local address").port()
-}
-
 /// A directory under the system temp dir (short paths: a Unix socket path has at most 107
 /// bytes), removed with everything in it when dropped.
 struct TempDir(PathBuf);
@@ -489,151 +259,10 @@ fn wait_exit(child: &mut Child, timeout: Duration) -> Option<ExitStatus> {
     }
 }
 
-/// A running `anyprof serve`; killed (SIGKILL) when dropped unless it was terminated.
-struct Daemon {
-    child: Child,
-    pid: u32,
-    port: u16,
-    stderr_path: PathBuf,
-}
-
-/// Options of one daemon start.
-#[derive(Default)]
-struct DaemonOptions<'a> {
-    /// The port; a free one is picked when `None`.
-    port: Option<u16>,
-    /// More arguments (`--allow-uid`, `--max-seconds`, `-v`).
-    args: &'a [&'a str],
-    /// Start the daemon with umask 0, so that its socket file is connectable by any uid.
-    world_connectable: bool,
-}
-
-impl Daemon {
-    /// Starts `anyprof serve --socket SOCKET --http 127.0.0.1:PORT ARGS...`, with its stderr in
-    /// `<scratch>/<label>.stderr`, and waits until it answers HTTP.
-    fn start(scratch: &Path, label: &str, socket: &Path, options: DaemonOptions) -> Daemon {
-        let bins = binaries();
-        let stderr_path = scratch.join(format!("{label}.stderr"));
-        // A port picked by free_port() may be taken by someone else before the daemon binds
-        // it: then try another one. A port given by the caller is used as is.
-        let attempts = if options.port.is_some() { 1 } else { 3 };
-        let mut last_failure = String::new();
-        for _ in 0..attempts {
-            let port = options.port.unwrap_or_else(free_port);
-            let stderr = std::fs::File::create(&stderr_path)
-                .unwrap_or_else(|e| panic!("creating {}: {e}", stderr_path.display()));
-            let mut cmd = clean_command(&bins.anyprof);
-            cmd.arg("serve")
-                .arg("--socket")
-                .arg(socket)
-                .arg("--http")
-                .arg(format!("127.0.0.1:{port}"))
-                .args(options.args)
-                .stdin(Stdio::null())
-                .stdout(Stdio::null())
-                .stderr(stderr);
-            if options.world_connectable {
-                // SAFETY: the closure runs in the forked child before exec and only calls
-                // umask(2), which is async-signal-safe and cannot fail.
-                unsafe {
-                    cmd.pre_exec(|| {
-                        libc::umask(0);
-                        Ok(())
-                    });
-                }
-            }
-            let child = cmd
-                .spawn()
-                .unwrap_or_else(|e| panic!("starting {}: {e}", bins.anyprof.display()));
-            let mut daemon = Daemon {
-                pid: child.id(),
-                child,
-                port,
-                stderr_path: stderr_path.clone(),
-            };
-            let start = Instant::now();
-            loop {
-                if let Ok(Some(status)) = daemon.child.try_wait() {
-                    last_failure = format!(
-                        "anyprof serve exited with {status} at start; stderr:\n{}",
-                        daemon.stderr()
-                    );
-                    break;
-                }
-                if let Ok(reply) =
-                    request(port, "GET", "/debug/pprof/", b"", Duration::from_secs(5))
-                {
-                    if reply.status == 200 {
-                        return daemon;
-                    }
-                }
-                if start.elapsed() > Duration::from_secs(15) {
-                    panic!(
-                        "anyprof serve did not answer on port {port} within 15 s; stderr:\n{}",
-                        daemon.stderr()
-                    );
-                }
-                std::thread::sleep(Duration::from_millis(50));
-            }
-        }
-        panic!("could not start anyprof serve: {last_failure}");
-    }
-
-    fn stderr(&self) -> String {
-        std::fs::read_to_string(&self.stderr_path).unwrap_or_default()
-    }
-
-    /// SIGTERM, then waits (up to 10 s) for a clean exit; returns the exit status.
-    fn terminate(mut self) -> ExitStatus {
-        send_signal(self.pid, libc::SIGTERM);
-        let status = wait_exit(&mut self.child, Duration::from_secs(10));
-        status.unwrap_or_else(|| {
-            panic!(
-                "anyprof serve (pid {}) did not exit within 10 s of SIGTERM; stderr:\n{}",
-                self.pid,
-                self.stderr()
-            )
-        })
-    }
-
-    /// Threads and open descriptors of the daemon, each the minimum of 5 readings 200 ms
-    /// apart (so a thread or descriptor that only exists for an instant does not count).
-    fn settled_counts(&self) -> (usize, usize) {
-        let mut tasks = usize::MAX;
-        let mut fds = usize::MAX;
-        for i in 0..5 {
-            if i > 0 {
-                std::thread::sleep(Duration::from_millis(200));
-            }
-            tasks = tasks.min(count_entries(&format!("/proc/{}/task", self.pid)));
-            fds = fds.min(count_entries(&format!("/proc/{}/fd", self.pid)));
-        }
-        (tasks, fds)
-    }
-
-    /// VmRSS of the daemon, in KiB.
-    fn rss_kib(&self) -> u64 {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid))
-            .unwrap_or_else(|e| panic!("reading /proc/{}/status: {e}", self.pid));
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix("VmRSS:"))
-            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-            .unwrap_or_else(|| panic!("no VmRSS in /proc/{}/status:\n{status}", self.pid))
-    }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn count_entries(dir: &str) -> usize {
-    std::fs::read_dir(dir)
-        .unwrap_or_else(|e| panic!("reading {dir}: {e}"))
-        .count()
+/// `anyprof serve --socket SOCKET` with its stderr in `<scratch>/<label>.stderr`; a running
+/// daemon is killed (SIGKILL) when dropped unless it was terminated.
+fn serve<'a>(scratch: &Path, label: &str, socket: &Path) -> DaemonBuilder<'a> {
+    Daemon::serve(&scratch.join(format!("{label}.stderr"))).socket(socket)
 }
 
 /// A running `serve_worker` under the preload; killed (SIGKILL) when dropped.
@@ -801,7 +430,7 @@ fn every_endpoint_answers_for_one_of_three_processes() {
     let sock_dir = TempDir::new("serve-endpoints", 0o700);
     let socket = sock_dir.path().join("sock");
     let _cpu = cpu_lock();
-    let daemon = Daemon::start(&scratch, "daemon", &socket, DaemonOptions::default());
+    let daemon = serve(&scratch, "daemon", &socket).start();
     let port = daemon.port;
     let target = Worker::start(
         &exe,
@@ -829,7 +458,7 @@ fn every_endpoint_answers_for_one_of_three_processes() {
     );
     let html = index.text();
     assert_eq!(
-        parse_index_pids(&html),
+        daemon::index_pids(&html),
         all.iter().copied().collect::<BTreeSet<u32>>(),
         "the index lists exactly the three connected processes\n{html}"
     );
@@ -842,7 +471,7 @@ fn every_endpoint_answers_for_one_of_three_processes() {
     // The index for one pid lists only that one.
     let one = get(port, &format!("/pid/{pid}/debug/pprof/"));
     assert_eq!(
-        parse_index_pids(&one.text()),
+        one.index_pids(),
         BTreeSet::from([pid]),
         "/pid/{pid}/debug/pprof/ lists only {pid}\n{}",
         one.show()
@@ -1175,7 +804,7 @@ fn go_tool_pprof_fetches_cpu_and_heap_profiles() {
     let sock_dir = TempDir::new("serve-go-pprof", 0o700);
     let socket = sock_dir.path().join("sock");
     let _cpu = cpu_lock();
-    let daemon = Daemon::start(&scratch, "daemon", &socket, DaemonOptions::default());
+    let daemon = serve(&scratch, "daemon", &socket).start();
     let port = daemon.port;
     let target = Worker::start(
         &exe,
@@ -1251,7 +880,7 @@ fn heap_and_allocs_take_seconds_for_delta_profiles() {
     let sock_dir = TempDir::new("serve-delta", 0o700);
     let socket = sock_dir.path().join("sock");
     let _cpu = cpu_lock();
-    let daemon = Daemon::start(&scratch, "daemon", &socket, DaemonOptions::default());
+    let daemon = serve(&scratch, "daemon", &socket).start();
     let port = daemon.port;
     let target = Worker::start(
         &exe,
@@ -1332,7 +961,7 @@ fn killed_process_daemon_restart_and_no_leaks() {
     let (scratch, exe) = setup("serve_kill_restart");
     let sock_dir = TempDir::new("serve-restart", 0o700);
     let socket = sock_dir.path().join("sock");
-    let daemon = Daemon::start(&scratch, "daemon-1", &socket, DaemonOptions::default());
+    let daemon = serve(&scratch, "daemon-1", &socket).start();
     let port = daemon.port;
     let mut workers = start_workers(3, &exe, &socket, &scratch, "worker");
     let all = pids(&workers);
@@ -1411,15 +1040,7 @@ fn killed_process_daemon_restart_and_no_leaks() {
         socket.display()
     );
     let restarted = Instant::now();
-    let daemon = Daemon::start(
-        &scratch,
-        "daemon-2",
-        &socket,
-        DaemonOptions {
-            port: Some(port),
-            ..DaemonOptions::default()
-        },
-    );
+    let daemon = serve(&scratch, "daemon-2", &socket).port(port).start();
     wait_for_index(port, &survivors, &[victim], CONNECT_TIMEOUT);
     eprintln!(
         "the survivors were back {:?} after the new daemon was started",
@@ -1536,7 +1157,7 @@ fn many_sequential_and_concurrent_requests() {
     let sock_dir = TempDir::new("serve-load", 0o700);
     let socket = sock_dir.path().join("sock");
     let _cpu = cpu_lock();
-    let daemon = Daemon::start(&scratch, "daemon", &socket, DaemonOptions::default());
+    let daemon = serve(&scratch, "daemon", &socket).start();
     let port = daemon.port;
     let mut workers = start_workers(3, &exe, &socket, &scratch, "seq");
     let first = pids(&workers);
@@ -1703,15 +1324,9 @@ fn bad_requests_get_go_style_errors() {
     let (scratch, exe) = setup("serve_errors");
     let sock_dir = TempDir::new("serve-errors", 0o700);
     let socket = sock_dir.path().join("sock");
-    let daemon = Daemon::start(
-        &scratch,
-        "daemon",
-        &socket,
-        DaemonOptions {
-            args: &["--max-seconds", "5"],
-            ..DaemonOptions::default()
-        },
-    );
+    let daemon = serve(&scratch, "daemon", &socket)
+        .args(&["--max-seconds", "5"])
+        .start();
     let port = daemon.port;
 
     // Nobody connected yet: nothing to choose.
@@ -1882,16 +1497,10 @@ fn only_allowed_uids_may_connect() {
     let socket = dir.path().join("sock");
 
     // Without --allow-uid: root's own process is listed, nobody's is refused.
-    let daemon = Daemon::start(
-        &scratch,
-        "daemon-1",
-        &socket,
-        DaemonOptions {
-            args: &["-v"],
-            world_connectable: true,
-            ..DaemonOptions::default()
-        },
-    );
+    let daemon = serve(&scratch, "daemon-1", &socket)
+        .args(&["-v"])
+        .umask(0)
+        .start();
     let port = daemon.port;
     let mode = std::fs::metadata(&socket)
         .map(|m| m.permissions().mode() & 0o777)
@@ -1955,16 +1564,11 @@ fn only_allowed_uids_may_connect() {
     assert!(status.success(), "anyprof serve exited with {status}");
 
     // With --allow-uid nobody: the same process connects by itself.
-    let daemon = Daemon::start(
-        &scratch,
-        "daemon-2",
-        &socket,
-        DaemonOptions {
-            args: &["-v", "--allow-uid", &nobody.to_string()],
-            world_connectable: true,
-            port: Some(port),
-        },
-    );
+    let daemon = serve(&scratch, "daemon-2", &socket)
+        .args(&["-v", "--allow-uid", &nobody.to_string()])
+        .umask(0)
+        .port(port)
+        .start();
     wait_for_index(port, &[mine.pid, theirs.pid], &[], CONNECT_TIMEOUT);
     // A process that just reconnected sends its buckets on its next cycle: poll briefly.
     let deadline = Instant::now() + CONNECT_TIMEOUT;
