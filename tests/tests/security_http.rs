@@ -19,7 +19,7 @@
 //! Tests that need root (to act as nobody) say SKIPPED and pass when not run as root.
 
 use std::collections::BTreeSet;
-use std::io::{BufRead, BufReader};
+use std::io::{BufRead, BufReader, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
@@ -437,6 +437,112 @@ fn host_header_must_name_the_loopback() {
         assert_eq!(reply.status, 200, "Host: {host}\n{}", reply.show());
     }
     drop(daemon);
+}
+
+/// A page on another site, shown in the user's browser, may send requests to the daemon (an
+/// `<img>` that starts a 300 s profile): the browser says so, and the daemon refuses them.
+#[test]
+fn requests_from_other_sites_pages_are_refused() {
+    let Some(setup) = Setup::new("security_http_cross_site") else {
+        return;
+    };
+    let daemon = on_loopback(&setup, "daemon", &[]);
+    let port = daemon.port;
+    let addr = SocketAddr::from(([127, 0, 0, 1], port));
+    let host = format!("127.0.0.1:{port}");
+    for header in [
+        ("Sec-Fetch-Site", "cross-site"),
+        ("Sec-Fetch-Site", "same-site"),
+        ("Origin", "https://evil.example"),
+    ] {
+        let reply = request_at(addr, "/debug/pprof/", &host, Some(header)).expect("request");
+        assert_status(
+            &reply,
+            403,
+            "web page",
+            &format!("{}: {}", header.0, header.1),
+        );
+    }
+    for header in [
+        ("Sec-Fetch-Site", "none"),
+        ("Sec-Fetch-Site", "same-origin"),
+    ] {
+        let reply = request_at(addr, "/debug/pprof/", &host, Some(header)).expect("request");
+        assert_eq!(reply.status, 200, "{header:?}\n{}", reply.show());
+    }
+    drop(daemon);
+}
+
+/// A connection can outlive the process that opened it (a child made with `clone` keeps the
+/// socket). The process's pid must leave the index when the process ends, or whoever gets
+/// the pid next would be shown with its data (and judged by its own credentials).
+#[test]
+fn a_process_that_ended_leaves_the_index_though_its_socket_lives_on() {
+    let Some(setup) = Setup::new("security_http_gone") else {
+        return;
+    };
+    let program = compile("clone_keeps_socket.c", &["-O2"], &setup.scratch);
+    let daemon = on_loopback(&setup, "daemon", &[]);
+    let port = daemon.port;
+    let mut child = clean_command(&program)
+        .env("LD_PRELOAD", &setup.preload)
+        .env("ANYPROF_SOCKET", setup.socket())
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("starting clone_keeps_socket");
+    let mut stdout = BufReader::new(child.stdout.take().expect("piped stdout"));
+    let mut line = String::new();
+    stdout.read_line(&mut line).expect("reading its pid");
+    let pid: u32 = line
+        .trim()
+        .strip_prefix("ready pid=")
+        .and_then(|p| p.parse().ok())
+        .unwrap_or_else(|| panic!("clone_keeps_socket said {line:?}"));
+    wait_listed(port, &[pid]);
+    child
+        .stdin
+        .take()
+        .expect("piped stdin")
+        .write_all(b"go\n")
+        .expect("telling it to go");
+    line.clear();
+    stdout
+        .read_line(&mut line)
+        .expect("reading its child's pid");
+    let holder: u32 = line
+        .trim()
+        .strip_prefix("child=")
+        .and_then(|p| p.parse().ok())
+        .unwrap_or_else(|| panic!("clone_keeps_socket said {line:?}"));
+    let _ = child.wait();
+    let gone = wait_for_result(Duration::from_secs(5), || {
+        !get(port, "/debug/pprof/").index_pids().contains(&pid)
+    });
+    let still_open = std::fs::read_dir(format!("/proc/{holder}/fd"))
+        .map(|d| d.count())
+        .unwrap_or(0);
+    // SAFETY: kill(2) with integers; the holder is the clone child started above.
+    unsafe { libc::kill(holder as libc::pid_t, libc::SIGKILL) };
+    assert!(
+        still_open > 0,
+        "the clone child did not keep its descriptors"
+    );
+    assert!(
+        gone,
+        "pid {pid} ended but is still listed while its clone child {holder} holds the \
+         connection"
+    );
+    drop(daemon);
+}
+
+/// Polls `check` every 100 ms for up to `timeout`; whether it became true.
+fn wait_for_result(timeout: Duration, mut check: impl FnMut() -> bool) -> bool {
+    anyprof_tests::daemon::poll(timeout, Duration::from_millis(100), || {
+        check().then_some(())
+    })
+    .is_some()
 }
 
 // ---------------------------------------------------------------------------------------
