@@ -5,7 +5,7 @@ use std::collections::HashMap;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -17,12 +17,33 @@ use crate::ingest::{read_connection, Peer, Session, SharedSession, UserBudget};
 
 /// Most connections served at once; more are refused (closed at once).
 const MAX_CONNECTIONS: usize = 4096;
+/// Default of `serve --max-processes-per-user`: connections one non-root user's processes
+/// may hold open at once (each costs the daemon a thread and two descriptors).
+pub const DEFAULT_MAX_PROCESSES_PER_USER: usize = 512;
+/// How long a daemon waits for a new connection's hello (the preload sends it right after
+/// connecting) before closing it.
+pub const HELLO_TIMEOUT: Duration = Duration::from_secs(5);
+/// Least time between two warnings about one uid's refused connections.
+const REFUSAL_WARNING_EVERY: Duration = Duration::from_secs(60);
 
 struct Connection {
     session: SharedSession,
     reader: Option<JoinHandle<()>>,
     /// A second descriptor of the connection, for sending commands to the process.
     control: Option<OwnedFd>,
+    /// The place this connection takes in its user's count (given back when the connection
+    /// is forgotten, with its thread and descriptors).
+    _slot: Option<UserSlot>,
+}
+
+/// One connection counted against its user's `--max-processes-per-user`; dropping it gives
+/// the place back.
+struct UserSlot(Arc<AtomicUsize>);
+
+impl Drop for UserSlot {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
 }
 
 /// How a collector treats its connections.
@@ -43,6 +64,14 @@ pub struct Options {
     /// Most bytes of profile data kept for all the connections of one non-root user
     /// together; `None` for no such cap.
     pub max_user_bytes: Option<usize>,
+    /// Most connections one non-root user may hold open at once (each has a reader thread
+    /// and two descriptors); more are closed when accepted. `None` for no such cap (record:
+    /// its socket is private). Root's processes are never capped this way.
+    pub max_connections_per_user: Option<usize>,
+    /// How long a new connection may take to send its hello before it is closed; `None` to
+    /// wait for ever. Once the hello arrived a connection may stay silent (a stopped
+    /// process).
+    pub hello_timeout: Option<Duration>,
 }
 
 /// A running collector for one `record` run.
@@ -329,11 +358,16 @@ fn accept_loop(
     let mut last_reap = Instant::now();
     // Each non-root user's memory budget, shared by its connections.
     let mut budgets: HashMap<u32, Arc<UserBudget>> = HashMap::new();
+    // Each non-root user's count of connections not yet forgotten.
+    let mut per_user: HashMap<u32, Arc<AtomicUsize>> = HashMap::new();
+    // When each uid was last told about its refused connections.
+    let mut warned: HashMap<u32, Instant> = HashMap::new();
     loop {
         let stopping = stop.load(Ordering::SeqCst);
         if options.reap && last_reap.elapsed() >= Duration::from_secs(1) {
             last_reap = Instant::now();
             reap(&connections);
+            per_user.retain(|_, count| count.load(Ordering::SeqCst) > 0);
         }
         let mut pfds = [
             libc::pollfd {
@@ -375,8 +409,9 @@ fn accept_loop(
         // Who connected, from the kernel: the pid the process claims in its handshake is
         // replaced by this one, and its files are read with these rights.
         let peer = Peer::of_socket(&fd);
+        let uid = peer.as_ref().map(|p| p.uid);
         if let Some(allowed) = &options.allowed_uids {
-            match peer.as_ref().map(|p| p.uid) {
+            match uid {
                 Some(uid) if allowed.contains(&uid) => {}
                 uid => {
                     if options.verbose {
@@ -388,14 +423,37 @@ fn accept_loop(
                 }
             }
         }
-        let control = fd.try_clone().ok();
         let Ok(mut conns) = connections.lock() else {
             return;
         };
         if conns.len() >= MAX_CONNECTIONS {
             continue;
         }
-        let user_budget = match (options.max_user_bytes, peer.as_ref().map(|p| p.uid)) {
+        // One user's processes may not take every thread and descriptor of the daemon.
+        let slot = match (options.max_connections_per_user, uid) {
+            (Some(max), Some(uid)) if uid != 0 => {
+                let count = per_user.entry(uid).or_default().clone();
+                if count.load(Ordering::SeqCst) >= max {
+                    let due = warned
+                        .get(&uid)
+                        .is_none_or(|at| at.elapsed() >= REFUSAL_WARNING_EVERY);
+                    if due {
+                        warned.insert(uid, Instant::now());
+                        eprintln!(
+                            "anyprof: refusing connections from uid {uid}: its processes hold \
+                             {max} connections already (--max-processes-per-user {max}); raise \
+                             the flag if that user runs more preloaded processes"
+                        );
+                    }
+                    continue; // dropping `fd` closes it
+                }
+                count.fetch_add(1, Ordering::SeqCst);
+                Some(UserSlot(count))
+            }
+            _ => None,
+        };
+        let control = fd.try_clone().ok();
+        let user_budget = match (options.max_user_bytes, uid) {
             (Some(max), Some(uid)) if uid != 0 => Some(
                 budgets
                     .entry(uid)
@@ -411,20 +469,29 @@ fn accept_loop(
             ..Session::default()
         }));
         let s = session.clone();
-        let (verbose, trace_mem) = (options.verbose, options.trace_mem);
+        let (verbose, trace_mem, hello_timeout) =
+            (options.verbose, options.trace_mem, options.hello_timeout);
         let reader = std::thread::Builder::new()
             .name("conn".into())
             .spawn(move || {
-                read_connection(fd, s, trace_mem, |pid, level, text| {
+                read_connection(fd, s, trace_mem, hello_timeout, |pid, level, text| {
                     if level == Level::Warn || verbose {
                         eprintln!("anyprof[{}]: {text}", pid.unwrap_or(0));
                     }
                 })
             });
+        if reader.is_err() {
+            // No thread to read it (the descriptor went with the closure): forget it at
+            // the next reaping.
+            if let Ok(mut s) = session.lock() {
+                s.closed_at = Some(Instant::now());
+            }
+        }
         conns.push(Connection {
             session,
             reader: reader.ok(),
             control,
+            _slot: slot,
         });
     }
 }

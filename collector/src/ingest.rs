@@ -630,17 +630,36 @@ pub type SharedSession = Arc<Mutex<Session>>;
 
 /// Reads messages from `fd` (a connected `SOCK_SEQPACKET` socket) until it closes, folding
 /// them into `session`. `log` receives the process's diagnostics.
+///
+/// With a `hello_timeout`, a connection whose hello has not arrived that long after it
+/// started is closed (a silent connection would hold this thread and its descriptors for
+/// ever). After the hello there is no timeout: a stopped process stays connected.
 pub fn read_connection(
     fd: OwnedFd,
     session: SharedSession,
     trace_mem: bool,
+    hello_timeout: Option<std::time::Duration>,
     mut log: impl FnMut(Option<u32>, Level, &str),
 ) {
     let mut buf = vec![0u8; wire::MAX_MESSAGE + 1];
     if let Ok(mut s) = session.lock() {
         s.connected_at = Some(Instant::now());
     }
+    // Until the hello arrives: the time it must arrive by.
+    let mut hello_due = hello_timeout.map(|t| Instant::now() + t);
     loop {
+        if let Some(due) = hello_due {
+            // Each receive may wait only for what is left, so messages other than the
+            // hello do not put the deadline off. (A zero SO_RCVTIMEO would mean no
+            // timeout, so less than a millisecond left counts as none.)
+            let left = due.saturating_duration_since(Instant::now());
+            if left < std::time::Duration::from_millis(1)
+                || set_receive_timeout(&fd, Some(left)).is_err()
+            {
+                no_hello(&session, hello_timeout);
+                break;
+            }
+        }
         // SAFETY: `buf` is valid for `buf.len()` bytes; MSG_TRUNC makes recv report the
         // datagram's real length so oversized messages are detected.
         let n = unsafe {
@@ -652,8 +671,12 @@ pub fn read_connection(
             )
         };
         if n < 0 {
-            if std::io::Error::last_os_error().kind() == std::io::ErrorKind::Interrupted {
-                continue;
+            match std::io::Error::last_os_error().kind() {
+                std::io::ErrorKind::Interrupted => continue,
+                std::io::ErrorKind::WouldBlock if hello_due.is_some() => {
+                    no_hello(&session, hello_timeout);
+                }
+                _ => {}
             }
             break;
         }
@@ -677,6 +700,12 @@ pub fn read_connection(
                     let line = crate::summary::mem_trace_line(s.mem_stats.as_ref(), new, since);
                     eprintln!("anyprof[{}]: {line}", pid.unwrap_or(0));
                 }
+                if hello_due.is_some() && matches!(msg, Message::Hello(_)) {
+                    hello_due = None;
+                    if set_receive_timeout(&fd, None).is_err() {
+                        break;
+                    }
+                }
                 s.apply(msg, &mut |level, text| log(pid, level, text));
                 if let Some(why) = s.over_limits() {
                     s.error = Some(why);
@@ -691,6 +720,26 @@ pub fn read_connection(
     }
     if let Ok(mut s) = session.lock() {
         s.closed_at = Some(Instant::now());
+    }
+}
+
+/// Sets (`Some`) or clears (`None`) the socket's receive timeout.
+fn set_receive_timeout(fd: &OwnedFd, timeout: Option<std::time::Duration>) -> nix::Result<()> {
+    use nix::sys::time::TimeValLike;
+    let micros = timeout.map_or(0, |t| i64::try_from(t.as_micros()).unwrap_or(i64::MAX));
+    nix::sys::socket::setsockopt(
+        fd,
+        nix::sys::socket::sockopt::ReceiveTimeout,
+        &nix::sys::time::TimeVal::microseconds(micros),
+    )
+}
+
+fn no_hello(session: &SharedSession, timeout: Option<std::time::Duration>) {
+    if let Ok(mut s) = session.lock() {
+        s.error = Some(format!(
+            "sent no hello within {:?} of connecting; closed",
+            timeout.unwrap_or_default()
+        ));
     }
 }
 

@@ -36,6 +36,55 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     write().with_context(|| format!("cannot write {}", path.display()))
 }
 
+/// Refuses an output directory that another user controls, after it was created or found:
+/// `dir` itself a symlink owned by neither us (effective uid) nor root, or the directory it
+/// is (or points to) owned by neither. In a directory anyone may write to, such as `/tmp`,
+/// another user can create the name first (a symlink to a directory of ours, or a directory
+/// of theirs) and so choose where the profiles go or read and replace them.
+pub fn check_output_dir(dir: &Path) -> Result<()> {
+    use std::os::unix::fs::MetadataExt;
+    // SAFETY: geteuid cannot fail.
+    let euid = unsafe { libc::geteuid() };
+    let trusted = |uid: u32| uid == 0 || uid == euid;
+    let owner = |uid: u32| match nix::unistd::User::from_uid(uid.into()) {
+        Ok(Some(user)) => format!("uid {uid} ({})", user.name),
+        _ => format!("uid {uid}"),
+    };
+    let advice = "pass -o a directory of yours, or a new name in one";
+    // Without a trailing slash, so that lstat looks at the last component itself.
+    let mut entry: std::path::PathBuf = dir.components().collect();
+    if entry.as_os_str().is_empty() {
+        entry = ".".into();
+    }
+    let link = std::fs::symlink_metadata(&entry)
+        .with_context(|| format!("cannot examine the output directory {}", dir.display()))?;
+    if link.file_type().is_symlink() && !trusted(link.uid()) {
+        anyhow::bail!(
+            "refusing to write profiles to {}: it is a symlink owned by {}, neither you (uid \
+             {euid}) nor root, so that user chooses where the profiles would go; {advice}",
+            dir.display(),
+            owner(link.uid())
+        );
+    }
+    let meta = std::fs::metadata(&entry)
+        .with_context(|| format!("cannot examine the output directory {}", dir.display()))?;
+    if !meta.is_dir() {
+        anyhow::bail!(
+            "the output directory {} is not a directory; {advice}",
+            dir.display()
+        );
+    }
+    if !trusted(meta.uid()) {
+        anyhow::bail!(
+            "refusing to write profiles to {}: the directory is owned by {}, neither you (uid \
+             {euid}) nor root, so that user could read or replace them; {advice}",
+            dir.display(),
+            owner(meta.uid())
+        );
+    }
+    Ok(())
+}
+
 /// Local time as `YYYYMMDD-HHMMSS`, for default directory names.
 pub fn timestamp() -> String {
     // SAFETY: time(NULL) and localtime_r with valid pointers.

@@ -130,6 +130,7 @@ pub fn run(args: RecordArgs) -> Result<ExitCode> {
     };
     std::fs::create_dir_all(&out_dir)
         .with_context(|| format!("cannot create the output directory {}", out_dir.display()))?;
+    anyprof::output::check_output_dir(&out_dir)?;
 
     let collector = Collector::start(anyprof::collect::Options {
         verbose: !args.quiet,

@@ -11,9 +11,17 @@
 //! * [`peer_over_its_memory_cap_is_cut_off`]: a process sends hundreds of MiB of distinct
 //!   stacks to a daemon with `--max-process-memory 16`: the daemon's memory stays bounded, it
 //!   warns once naming the pid and the flag, and it still serves another process.
+//! * [`one_user_cannot_take_every_daemon_thread`]: `nobody` opens 2,000 connections that
+//!   send nothing: the daemon keeps at most `--max-processes-per-user` of them (threads and
+//!   descriptors stay bounded), warns once naming the uid and the flag, and still takes a
+//!   preloaded process of root.
+//! * [`silent_connections_are_closed_after_the_hello_timeout`]: connections without a hello
+//!   are closed after 5 s; a process that said hello and then went silent, or was stopped,
+//!   stays connected.
 //!
 //! The hostile processes are `tests/programs/seqpacket_relay.c`, which sends whatever
-//! messages the test built with the wire crate's encoders, run as `nobody`.
+//! messages the test built with the wire crate's encoders, and
+//! `tests/programs/silent_connections.c`, which sends nothing; both run as `nobody`.
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::fs::PermissionsExt;
@@ -571,4 +579,261 @@ fn peer_over_its_memory_cap_is_cut_off() {
     });
     let names = daemon.symbols(other.pid, &[public_at], "anyprof_public_fn");
     assert!(names.contains("anyprof_public_fn"), "{names:?}");
+}
+
+// ---------------------------------------------------------------------------------------
+// (d) Connections that never say hello
+// ---------------------------------------------------------------------------------------
+
+/// `silent_connections SOCKET COUNT` run as `nobody`: connections that never send anything,
+/// held until dropped.
+struct Silent {
+    child: Child,
+    stdin: std::process::ChildStdin,
+    stdout: BufReader<std::process::ChildStdout>,
+}
+
+impl Silent {
+    /// Opens `count` connections and waits until they are open.
+    fn start(dir: &Path, socket: &Path, count: usize) -> Silent {
+        let program = compile("silent_connections.c", &["-O1"], dir);
+        std::fs::set_permissions(&program, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let mut child = Command::new(&program)
+            .arg(socket)
+            .arg(count.to_string())
+            .uid(NOBODY)
+            .gid(NOGROUP)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("starting silent_connections");
+        let stdin = child.stdin.take().unwrap();
+        let mut silent = Silent {
+            stdout: BufReader::new(child.stdout.take().unwrap()),
+            child,
+            stdin,
+        };
+        let line = silent.line();
+        assert_eq!(
+            line,
+            format!("connected {count}"),
+            "silent_connections could not open its connections"
+        );
+        silent
+    }
+
+    fn line(&mut self) -> String {
+        let mut line = String::new();
+        self.stdout.read_line(&mut line).unwrap();
+        line.trim().to_string()
+    }
+
+    /// How many of its connections the daemon has closed.
+    fn closed(&mut self) -> usize {
+        self.stdin.write_all(b"?\n").unwrap();
+        self.stdin.flush().unwrap();
+        let line = self.line();
+        line.strip_prefix("closed ")
+            .and_then(|n| n.parse().ok())
+            .unwrap_or_else(|| panic!("silent_connections said {line:?}"))
+    }
+}
+
+impl Drop for Silent {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Threads and open descriptors of process `pid`.
+fn tasks_and_fds(pid: u32) -> (usize, usize) {
+    let count = |what: &str| {
+        std::fs::read_dir(format!("/proc/{pid}/{what}")).map_or(0, |entries| entries.count())
+    };
+    (count("task"), count("fd"))
+}
+
+/// `sleep 600` preloaded (as root), connected to the daemon at `socket`; killed when dropped.
+fn preloaded_sleep(socket: &Path) -> Peer {
+    let child = clean_command("sleep")
+        .arg("600")
+        .env("LD_PRELOAD", &binaries().preload)
+        .env("ANYPROF_SOCKET", socket)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("starting sleep");
+    Peer {
+        pid: child.id(),
+        child,
+    }
+}
+
+impl Daemon {
+    /// Whether the index (`/debug/pprof/`) lists `pid`.
+    fn lists(&self, pid: u32) -> bool {
+        let (status, html) = self.get("/debug/pprof/");
+        assert_eq!(status, 200, "index: {}", String::from_utf8_lossy(&html));
+        String::from_utf8_lossy(&html).contains(&format!("<tr><td>{pid}</td>"))
+    }
+
+    /// Waits up to 10 s for the index to list `pid`.
+    fn wait_listed(&self, pid: u32, what: &str) {
+        let start = Instant::now();
+        while !self.lists(pid) {
+            assert!(
+                start.elapsed() < Duration::from_secs(10),
+                "{what} (pid {pid}) is not listed by the daemon\n{}",
+                self.stderr()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
+/// One user opens 2,000 connections that send nothing: the daemon keeps at most
+/// `--max-processes-per-user` (512 by default) of them, each with its thread and two
+/// descriptors, closes the others at once, warns once naming the uid and the flag, and still
+/// takes a process of root.
+#[test]
+fn one_user_cannot_take_every_daemon_thread() {
+    if !is_root() {
+        eprintln!("skipped: needs root (a root daemon and a process of nobody)");
+        return;
+    }
+    const CONNECTIONS: usize = 2000;
+    const CAP: usize = 512; // the default of --max-processes-per-user
+    let dir = open_scratch("security_peer_connections");
+    let socket = dir.join("sock");
+    let daemon = Daemon::start(&dir, &socket, &["--allow-uid", "65534"]);
+    let (tasks_before, fds_before) = tasks_and_fds(daemon.pid);
+
+    let mut silent = Silent::start(&dir, &socket, CONNECTIONS);
+    let opened = Instant::now();
+    // A process of root connects while nobody's connections are held.
+    let root_process = preloaded_sleep(&socket);
+    // The connections the daemon refuses are closed at once; the ones it keeps only when
+    // their hello is overdue (5 s). Watch the daemon until all refusals are seen.
+    let (mut most_tasks, mut most_fds) = (0, 0);
+    let mut closed = 0;
+    while opened.elapsed() < Duration::from_secs(4) {
+        let (tasks, fds) = tasks_and_fds(daemon.pid);
+        most_tasks = most_tasks.max(tasks);
+        most_fds = most_fds.max(fds);
+        closed = silent.closed();
+        if closed >= CONNECTIONS - CAP && opened.elapsed() > Duration::from_secs(1) {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let (tasks, fds) = tasks_and_fds(daemon.pid);
+    most_tasks = most_tasks.max(tasks);
+    most_fds = most_fds.max(fds);
+    eprintln!(
+        "daemon: {tasks_before} -> at most {most_tasks} threads, {fds_before} -> at most \
+         {most_fds} descriptors; {closed} of {CONNECTIONS} connections closed"
+    );
+    assert!(
+        most_tasks <= tasks_before + CAP + 16 && most_fds <= fds_before + 2 * CAP + 32,
+        "{CONNECTIONS} silent connections of one user took the daemon from {tasks_before} to \
+         {most_tasks} threads and from {fds_before} to {most_fds} descriptors"
+    );
+    assert!(
+        closed >= CONNECTIONS - CAP,
+        "the daemon closed only {closed} of {CONNECTIONS} connections of one user"
+    );
+    daemon.wait_listed(root_process.pid, "a preloaded process of root");
+
+    let stderr = daemon.stderr();
+    let warnings: Vec<&str> = stderr
+        .lines()
+        .filter(|l| l.contains("--max-processes-per-user"))
+        .collect();
+    assert_eq!(
+        warnings.len(),
+        1,
+        "one warning naming the flag expected:\n{stderr}"
+    );
+    assert!(
+        warnings[0].contains("uid 65534"),
+        "the warning names the uid: {}",
+        warnings[0]
+    );
+}
+
+/// Connections that send no hello are closed after 5 s, with their threads; a process that
+/// said hello and then went silent (a relay that sends nothing more, a stopped process)
+/// stays connected.
+#[test]
+fn silent_connections_are_closed_after_the_hello_timeout() {
+    if !is_root() {
+        eprintln!("skipped: needs root (a root daemon and a process of nobody)");
+        return;
+    }
+    const CONNECTIONS: usize = 100;
+    let dir = open_scratch("security_peer_hello_timeout");
+    let relay = relay_program(&dir);
+    let socket = dir.join("sock");
+    let daemon = Daemon::start(&dir, &socket, &["--allow-uid", "65534"]);
+    let (tasks_before, _) = tasks_and_fds(daemon.pid);
+
+    let quiet = Peer::start(&relay, &socket, Some((NOBODY, NOGROUP)), |send| {
+        send(&hello(1));
+    });
+    let stopped = preloaded_sleep(&socket);
+    daemon.wait_listed(stopped.pid, "a preloaded process of root");
+    // SAFETY: kill(2) on our own child.
+    unsafe { libc::kill(stopped.pid as libc::pid_t, libc::SIGSTOP) };
+
+    let mut silent = Silent::start(&dir, &socket, CONNECTIONS);
+    let opened = Instant::now();
+    assert_eq!(
+        silent.closed(),
+        0,
+        "connections were closed before their time"
+    );
+    while silent.closed() < CONNECTIONS {
+        assert!(
+            opened.elapsed() < Duration::from_secs(20),
+            "{} of {CONNECTIONS} connections that sent nothing were closed after {:?}\n{}",
+            silent.closed(),
+            opened.elapsed(),
+            daemon.stderr()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let took = opened.elapsed();
+    assert!(
+        took >= Duration::from_secs(4),
+        "silent connections were closed after {took:?}, before the 5 s hello timeout"
+    );
+    // Their threads end with them (the reaper joins them within a second or two).
+    let start = Instant::now();
+    loop {
+        let (tasks, _) = tasks_and_fds(daemon.pid);
+        if tasks <= tasks_before + 8 {
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "the daemon still has {tasks} threads (it had {tasks_before})"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+
+    // Well past the timeout, the processes that said hello are still there.
+    assert!(
+        daemon.lists(quiet.pid),
+        "a process that said hello and then nothing was disconnected\n{}",
+        daemon.stderr()
+    );
+    assert!(
+        daemon.lists(stopped.pid),
+        "a stopped process was disconnected\n{}",
+        daemon.stderr()
+    );
+    // SAFETY: kill(2) on our own child.
+    unsafe { libc::kill(stopped.pid as libc::pid_t, libc::SIGCONT) };
 }

@@ -6,6 +6,10 @@
 //! - After the program has exited, SIGTERM makes `record` write its profiles at once, without
 //!   waiting for a symbolizer that is stuck (simulated with a test-only stall that, like a
 //!   symbolizer inside a huge debug file, does not look at the stop flag).
+//! - An output directory another user controls is refused (run as root): `-o` naming a
+//!   symlink of `nobody` (as in a sticky `/tmp`, to a directory of root's), or a directory of
+//!   `nobody`'s (a default name created first); nothing is written. A new path and a
+//!   directory of our own still work.
 
 use std::os::unix::fs::symlink;
 use std::path::Path;
@@ -175,4 +179,100 @@ fn sigterm_after_the_program_exited_writes_the_profiles_at_once() {
     let cpu = read_profile_in(&out, "cpu.pb.gz", &output);
     assert!(cpu.total_samples() > 0, "{}", cpu.describe());
     read_profile_in(&out, "heap.pb.gz", &output);
+}
+
+fn is_root() -> bool {
+    // SAFETY: geteuid cannot fail.
+    unsafe { libc::geteuid() == 0 }
+}
+
+/// `anyprof record -q -o OUT -- /bin/true`.
+fn record_true(out: &Path) -> RunOutput {
+    run(clean_command(binaries().anyprof)
+        .args(["record", "-q", "-o"])
+        .arg(out)
+        .args(["--", "/bin/true"]))
+}
+
+fn entries(dir: &Path) -> Vec<String> {
+    std::fs::read_dir(dir)
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect()
+}
+
+/// The refusal names the directory, its owner and what to do.
+fn assert_refused(output: &RunOutput, out: &Path, what: &str) {
+    let stderr = output.stderr_text();
+    assert_ne!(output.code, 0, "record accepted {what}:\n{stderr}");
+    assert!(
+        stderr.contains(&out.display().to_string())
+            && stderr.contains("65534")
+            && stderr.contains("pass -o"),
+        "the refusal should name {} and its owner (uid 65534) and say to pass -o:\n{stderr}",
+        out.display()
+    );
+}
+
+#[test]
+fn output_directory_of_another_user_is_refused() {
+    const NOBODY: u32 = 65534;
+    if !is_root() {
+        eprintln!("skipped: needs root (files owned by nobody)");
+        return;
+    }
+    let scratch = scratch_dir("security_record_foreign_dir");
+
+    // A symlink of nobody's (as `ln -s` in a sticky /tmp) to a directory of root's.
+    let target = scratch.join("target");
+    std::fs::create_dir(&target).unwrap();
+    let link = scratch.join("squat");
+    symlink(&target, &link).unwrap();
+    std::os::unix::fs::lchown(&link, Some(NOBODY), Some(NOBODY)).unwrap();
+    let output = record_true(&link);
+    assert_refused(&output, &link, "a symlink of another user");
+    assert!(
+        entries(&target).is_empty(),
+        "record wrote through another user's symlink: {:?}",
+        entries(&target)
+    );
+    // With a trailing slash too (lstat would follow the link).
+    let slashed = std::path::PathBuf::from(format!("{}/", link.display()));
+    assert_ne!(
+        record_true(&slashed).code,
+        0,
+        "{} accepted",
+        slashed.display()
+    );
+    assert!(entries(&target).is_empty(), "{:?}", entries(&target));
+
+    // A directory of nobody's, as a default name created first.
+    let theirs = scratch.join("anyprof-true-20260101-000000");
+    std::fs::create_dir(&theirs).unwrap();
+    std::os::unix::fs::chown(&theirs, Some(NOBODY), Some(NOBODY)).unwrap();
+    let output = record_true(&theirs);
+    assert_refused(&output, &theirs, "a directory of another user");
+    assert!(entries(&theirs).is_empty(), "{:?}", entries(&theirs));
+
+    // Our own: a new path, an existing directory, and a symlink of ours to it.
+    for out in [scratch.join("fresh"), target.clone(), scratch.join("ours")] {
+        if out.ends_with("ours") {
+            symlink(&target, &out).unwrap();
+        }
+        let output = record_true(&out);
+        assert_eq!(
+            output.code,
+            0,
+            "record -o {} failed:\n{}",
+            out.display(),
+            output.stderr_text()
+        );
+        assert!(
+            out.join("cpu.pb.gz").is_file(),
+            "no cpu.pb.gz in {}: {:?}",
+            out.display(),
+            entries(&out)
+        );
+    }
 }

@@ -64,6 +64,12 @@ pub struct ServeArgs {
     /// cap). 0: no cap
     #[arg(long, value_name = "MIB", default_value_t = crate::ingest::DEFAULT_MAX_USER_MIB)]
     pub max_user_memory: usize,
+    /// Preloaded processes one non-root user may have connected at once (each costs the
+    /// daemon a thread and two descriptors); more are closed when they connect, with a
+    /// warning naming the uid at most once a minute. Root's processes have no such cap. 0: no
+    /// cap
+    #[arg(long, value_name = "N", default_value_t = crate::collect::DEFAULT_MAX_PROCESSES_PER_USER)]
+    pub max_processes_per_user: usize,
     /// Short requests served at once; more wait for a free worker
     #[arg(long, value_name = "N", default_value_t = 32)]
     pub workers: usize,
@@ -194,6 +200,9 @@ pub fn run(args: ServeArgs) -> Result<std::process::ExitCode> {
                 .then(|| args.max_process_memory.saturating_mul(1 << 20)),
             max_user_bytes: (args.max_user_memory > 0)
                 .then(|| args.max_user_memory.saturating_mul(1 << 20)),
+            max_connections_per_user: (args.max_processes_per_user > 0)
+                .then_some(args.max_processes_per_user),
+            hello_timeout: Some(crate::collect::HELLO_TIMEOUT),
         },
     )?);
     let token_note = token.as_ref().map(|t| {
