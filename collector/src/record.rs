@@ -17,7 +17,8 @@
 //! are profiled; the others run with the environment untouched (their loader would complain
 //! on stderr, or drops the variable anyway). A program that never loads the library for a
 //! reason seen only at run time (`LD_PRELOAD` cleared on the way) gets one line at the end,
-//! and no file either: no profile file is written for a process that never connected, and an
+//! and so does an image the program became by exec that never loaded it (`env -u LD_PRELOAD
+//! prog`: a thread watches `/proc/PID/exe`, see [`unprofiled_exec`]). No file either: no profile file is written for a process that never connected, and an
 //! output directory that `anyprof` created and nothing was written to is removed.
 //! `--require-profile` turns both into errors: such a program is refused before it runs, and
 //! a run whose program never connected exits with 2.
@@ -210,12 +211,14 @@ pub fn run(args: RecordArgs) -> Result<ExitCode> {
         .with_context(|| format!("cannot run {}", program.to_string_lossy()))?;
     let pid = child.id();
     CHILD_PID.store(pid as i32, Ordering::SeqCst);
+    let exe_watch = watch_executable(pid);
     let snapshots = (args.mem_rate > 0
         && (args.heap_every.is_some() || args.heap_signal.is_some()))
     .then(|| start_snapshots(&collector, pid, out_dir.clone(), args.heap_every));
     let symbolizer = Arc::new(Mutex::new(anyprof_symbolizer::Symbolizer::new()));
     let (warm_stop, warm) = start_prewarming(&collector, symbolizer.clone());
     let status = child.wait().context("waiting for the program")?;
+    exe_watch.0.store(true, Ordering::SeqCst);
     // From here on SIGINT and SIGTERM mean "stop" (see `forward_signals`).
     CHILD_PID.store(0, Ordering::SeqCst);
     PROGRAM_ENDED.store(true, Ordering::SeqCst);
@@ -246,7 +249,16 @@ pub fn run(args: RecordArgs) -> Result<ExitCode> {
              cleared or ignored before it started)"
         )
     });
-    let warn_never_connected = never_connected.clone().filter(|_| !args.require_profile);
+    let warn_never_connected = never_connected
+        .clone()
+        .filter(|_| !args.require_profile)
+        .map(|m| format!("{m}; it ran as usual, and no profile was written for it"))
+        .or_else(|| {
+            let last_exe = exe_watch.1.join().ok().flatten();
+            // With ANYPROF_EXEC=off an exec'd image is unprofiled as asked: nothing to say.
+            let exec_off = std::env::var_os("ANYPROF_EXEC").is_some_and(|v| v == "off");
+            unprofiled_exec(&sessions, pid, last_exe, &lib).filter(|_| !exec_off)
+        });
     let written = WriteOptions {
         dir: out_dir.clone(),
         elapsed,
@@ -268,7 +280,7 @@ pub fn run(args: RecordArgs) -> Result<ExitCode> {
             }
             let _ = warm.join();
             if let Some(message) = warn_never_connected {
-                eprintln!("anyprof: {message}; it ran as usual, and no profile was written for it");
+                eprintln!("anyprof: {message}");
             }
             let mut symbolizer = symbolizer.lock().map_or_else(
                 |_| anyprof_symbolizer::Symbolizer::new(),
@@ -307,6 +319,69 @@ pub fn run(args: RecordArgs) -> Result<ExitCode> {
         bail!("{message}, and --require-profile is set (the program exited with {code})");
     }
     Ok(ExitCode::from(code.clamp(0, 255) as u8))
+}
+
+/// Starts a thread that reads which executable the program's pid runs (`/proc/PID/exe`)
+/// every few milliseconds until its stop flag is set: the last one seen, and when it was
+/// first seen (see [`unprofiled_exec`]).
+#[allow(clippy::type_complexity)]
+fn watch_executable(
+    pid: u32,
+) -> (
+    Arc<AtomicBool>,
+    std::thread::JoinHandle<Option<(Vec<u8>, Instant)>>,
+) {
+    use std::os::unix::ffi::OsStrExt;
+    let stop = Arc::new(AtomicBool::new(false));
+    let flag = stop.clone();
+    let handle = std::thread::spawn(move || {
+        let link = format!("/proc/{pid}/exe");
+        let mut last: Option<(Vec<u8>, Instant)> = None;
+        while !flag.load(Ordering::SeqCst) {
+            // Fails once the program is a zombie (and for a non-dumpable one): keep the last.
+            if let Ok(exe) = std::fs::read_link(&link) {
+                let exe = exe.as_os_str().as_bytes();
+                if last.as_ref().is_none_or(|(seen, _)| seen.as_slice() != exe) {
+                    last = Some((exe.to_vec(), Instant::now()));
+                }
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        last
+    });
+    (stop, handle)
+}
+
+/// The warning for a program that replaced itself by exec with an image that never loaded
+/// the library (`env -u LD_PRELOAD prog`): `last_exe` (from [`watch_executable`]) is the
+/// last executable its pid ran, and no image of that pid with that executable connected, nor
+/// any later one. An image that lived less than the watcher's interval is not seen.
+fn unprofiled_exec(
+    sessions: &[Session],
+    pid: u32,
+    last_exe: Option<(Vec<u8>, Instant)>,
+    lib: &Path,
+) -> Option<String> {
+    let (exe, seen) = last_exe?;
+    let images: Vec<&Session> = sessions.iter().filter(|s| s.pid() == Some(pid)).collect();
+    let before = images.iter().max_by_key(|s| s.image_key())?.command_name();
+    let connected = images.iter().any(|s| {
+        s.hello.as_ref().is_some_and(|h| h.exe == exe) || s.connected_at.is_some_and(|at| at > seen)
+    });
+    if connected {
+        return None;
+    }
+    use std::os::unix::ffi::OsStrExt;
+    let exe = std::ffi::OsStr::from_bytes(&exe);
+    let why = match preflight::check_program(exe, lib).ok()?.unprofilable {
+        Some(why) => why.to_string(),
+        None => "it never loaded libanyprof.so (LD_PRELOAD was cleared)".to_string(),
+    };
+    Some(format!(
+        "no profile for {} (pid {pid}): {before} replaced itself with it by exec, and {why}; \
+         the profile is of {before}, before the exec",
+        exe.to_string_lossy()
+    ))
 }
 
 /// Runs a program that gets none of anyprof's environment (see [`preflight::Unprofilable`])

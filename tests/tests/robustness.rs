@@ -1022,7 +1022,7 @@ fn run_fed(cmd: &mut Command, input: &Path) -> RunOutput {
 /// `bash -c '...; exec STATIC'` under record: bash (profiled, sampled at 1000 Hz while it
 /// loops) execs a program that cannot load the library. The static program must run normally
 /// (no stray SIGPROF killing it: "Profiling timer expired"), its exit code must come back
-/// through record, and no profile may claim samples of it.
+/// through record, no profile may claim samples of it, and record says so in one line.
 #[test]
 fn exec_into_a_static_program_runs_it_normally() {
     let scratch = scratch_dir("robust_exec_static");
@@ -1058,6 +1058,14 @@ fn exec_into_a_static_program_runs_it_normally() {
         assert!(
             !stderr.contains("Profiling timer expired"),
             "round {round}: a SIGPROF reached the static program:\n{stderr}"
+        );
+        let lines = anyprof_lines(&stderr);
+        assert!(
+            lines.len() == 1
+                && lines[0].contains(&exe.display().to_string())
+                && lines[0].contains("statically linked"),
+            "round {round}: anyprof should say in one line that bash exec'd a static program, \
+             which is not profiled:\n{stderr}"
         );
         for name in files_in(&dir) {
             assert!(
@@ -1347,7 +1355,8 @@ fn script_running_a_static_and_a_dynamic_program_profiles_the_dynamic_one() {
 /// Issue 13, point 4: a program that never loads the library for a reason record cannot see
 /// beforehand (here `--lib` names a library that is not anyprof's, so nothing ever connects)
 /// runs as without anyprof, gets one line at the end and no profile files (the output
-/// directory record made for it is removed). With `--require-profile` record exits 2.
+/// directory record made for it is removed). With `--require-profile` record exits 2. A
+/// program that a profiled `env -u LD_PRELOAD` becomes by exec gets one line too.
 #[test]
 fn program_that_never_connects_gets_one_line_and_no_files() {
     let scratch = scratch_dir("robust_never_connects");
@@ -1407,6 +1416,31 @@ fn program_that_never_connects_gets_one_line_and_no_files() {
             files_in(&out_dir)
         );
     }
+
+    // `env -u LD_PRELOAD PROGRAM`: env is profiled, then replaces itself with the program,
+    // which runs without the library: one line says so.
+    let (out, _) = recorded(
+        &scratch,
+        "env_u",
+        &[],
+        Path::new("env"),
+        &["-u", "LD_PRELOAD", &exe.display().to_string()],
+    );
+    let stderr = out.stderr_text();
+    let lines = anyprof_lines(&stderr);
+    assert!(
+        out.code == 7
+            && out.stdout_text() == "static done\n"
+            && program_stderr(&stderr).is_empty()
+            && lines.len() == 1
+            && lines[0].contains(&exe.display().to_string())
+            && lines[0].contains("LD_PRELOAD was cleared"),
+        "`env -u LD_PRELOAD PROGRAM` under record: the program must run as usual and anyprof \
+         say in one line that it ran without the library; exit {}, stdout {:?}, \
+         stderr:\n{stderr}",
+        out.code,
+        out.stdout_text()
+    );
 }
 
 // ---------------------------------------------------------------------------------------------
