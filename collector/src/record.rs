@@ -8,6 +8,21 @@
 //! just outlives them and writes the profile up to that point. `anyprof` exits with the
 //! program's exit code (128 + signal number if it was killed).
 //!
+//! A program the library cannot get into (statically linked, built for another architecture
+//! than the library, or run with secure execution because it is setuid, setgid or has file
+//! capabilities; for a script, its interpreter: see [`preflight`]) runs all the same, exactly
+//! as without anyprof: same arguments, descriptors, output and exit status. `anyprof` says
+//! why in one line on its own stderr (even with `-q`) and writes no profile for it. A static
+//! program keeps the library in its environment, so the dynamically linked programs it starts
+//! are profiled; the others run with the environment untouched (their loader would complain
+//! on stderr, or drops the variable anyway). A program that never loads the library for a
+//! reason seen only at run time (`LD_PRELOAD` cleared on the way) gets one line at the end,
+//! and so does an image the program became by exec that never loaded it (`env -u LD_PRELOAD
+//! prog`: a thread watches `/proc/PID/exe`, see [`unprofiled_exec`]). No file either: no profile file is written for a process that never connected, and an
+//! output directory that `anyprof` created and nothing was written to is removed.
+//! `--require-profile` turns both into errors: such a program is refused before it runs, and
+//! a run whose program never connected exits with 2.
+//!
 //! After the program has exited, `anyprof` can always be stopped: symbolizing runs on a
 //! thread of its own, and a SIGINT or SIGTERM then has the profiles written at once with the
 //! addresses left unnamed; a second one ends `anyprof` outright.
@@ -60,6 +75,11 @@ pub struct RecordArgs {
     /// Print nothing but warnings (no summary), so the program's output passes through alone
     #[arg(short, long)]
     pub quiet: bool,
+    /// Refuse to run a program that cannot be profiled (statically linked, setuid, another
+    /// architecture), and exit with 2 if the program never loaded the library, instead of
+    /// running it unprofiled with a one-line warning
+    #[arg(long = "require-profile")]
+    pub require_profile: bool,
     /// Path of libanyprof.so [default: next to the anyprof binary]
     #[arg(long = "lib", value_name = "PATH", env = "ANYPROF_LIB")]
     pub lib: Option<PathBuf>,
@@ -114,9 +134,45 @@ fn parse_signal(text: &str) -> Result<i32, String> {
 pub fn run(args: RecordArgs) -> Result<ExitCode> {
     let lib = find_library(args.lib.as_deref())?;
     let (program, program_args) = args.command.split_first().context("no program given")?;
-    let resolved = preflight::check_program(program)?;
+    let checked = preflight::check_program(program, &lib)?;
+    let resolved = checked.path;
+    let unprofilable = checked.unprofilable;
+    if let Some(why) = &unprofilable {
+        if args.require_profile {
+            bail!(
+                "{} cannot be profiled: {why}. To profile it, {}; without --require-profile, \
+                 anyprof runs it unprofiled",
+                resolved.display(),
+                why.remedy()
+            );
+        }
+        let others = if why.keeps_environment() {
+            "and the programs it starts are still profiled"
+        } else {
+            "with the environment untouched, so nothing it starts is profiled either"
+        };
+        // A warning: it prints with -q too.
+        eprintln!(
+            "anyprof: not profiling {}: {why}. It runs as usual, {others}. To profile it, {}.",
+            resolved.display(),
+            why.remedy()
+        );
+    }
+    // Before the program starts: a signal it provokes at once (it prints, a script sends
+    // USR1) must find our handlers in place, not kill us. The program starts with default
+    // dispositions all the same (exec resets caught signals).
+    SNAPSHOT_SIGNAL.store(args.heap_signal.unwrap_or(0), Ordering::SeqCst);
+    forward_signals(args.heap_signal);
+    if !unprofilable
+        .as_ref()
+        .is_none_or(preflight::Unprofilable::keeps_environment)
+    {
+        // Nothing of it can connect: no collector, no output directory, nothing that could
+        // fail where the program alone would not.
+        return run_unprofiled(program, program_args);
+    }
     // Reading a large executable's symbols takes a while: beside the program, not before it.
-    let allocator_check = (args.mem_rate > 0).then(|| {
+    let allocator_check = (args.mem_rate > 0 && unprofilable.is_none()).then(|| {
         let exe = resolved.clone();
         std::thread::spawn(move || {
             if let Some(warning) = preflight::prefixed_allocator_warning(&exe) {
@@ -128,6 +184,8 @@ pub fn run(args: RecordArgs) -> Result<ExitCode> {
         Some(d) => d.clone(),
         None => default_output_dir(&resolved),
     };
+    // Removed at the end if nothing was written to it (see `remove_if_empty`).
+    let created_dir = !out_dir.exists();
     std::fs::create_dir_all(&out_dir)
         .with_context(|| format!("cannot create the output directory {}", out_dir.display()))?;
     anyprof::output::check_output_dir(&out_dir)?;
@@ -142,11 +200,6 @@ pub fn run(args: RecordArgs) -> Result<ExitCode> {
         preload.push(":");
         preload.push(existing);
     }
-    // Before the program starts: a signal it provokes at once (it prints, a script sends
-    // USR1) must find our handlers in place, not kill us. The program starts with default
-    // dispositions all the same (exec resets caught signals).
-    SNAPSHOT_SIGNAL.store(args.heap_signal.unwrap_or(0), Ordering::SeqCst);
-    forward_signals(args.heap_signal);
     let started = Instant::now();
     let mut child = Command::new(program)
         .args(program_args)
@@ -159,12 +212,14 @@ pub fn run(args: RecordArgs) -> Result<ExitCode> {
         .with_context(|| format!("cannot run {}", program.to_string_lossy()))?;
     let pid = child.id();
     CHILD_PID.store(pid as i32, Ordering::SeqCst);
+    let exe_watch = watch_executable(pid);
     let snapshots = (args.mem_rate > 0
         && (args.heap_every.is_some() || args.heap_signal.is_some()))
     .then(|| start_snapshots(&collector, pid, out_dir.clone(), args.heap_every));
     let symbolizer = Arc::new(Mutex::new(anyprof_symbolizer::Symbolizer::new()));
     let (warm_stop, warm) = start_prewarming(&collector, symbolizer.clone());
     let status = child.wait().context("waiting for the program")?;
+    exe_watch.0.store(true, Ordering::SeqCst);
     // From here on SIGINT and SIGTERM mean "stop" (see `forward_signals`).
     CHILD_PID.store(0, Ordering::SeqCst);
     PROGRAM_ENDED.store(true, Ordering::SeqCst);
@@ -178,11 +233,7 @@ pub fn run(args: RecordArgs) -> Result<ExitCode> {
     let elapsed = started.elapsed();
 
     let sessions = Arc::new(collector.finish(pid, Duration::from_secs(2)));
-    let code = match (status.code(), status.signal()) {
-        (Some(c), _) => c,
-        (None, Some(sig)) => 128 + sig,
-        _ => 1,
-    };
+    let code = exit_code(status);
     // The program is the last image that ran under the pid we started (`env X=1 prog`
     // execs `prog`); earlier images of that pid are written like any other process.
     let main = sessions
@@ -191,8 +242,26 @@ pub fn run(args: RecordArgs) -> Result<ExitCode> {
         .max_by_key(|s| s.image_key());
     let main_key = main.and_then(|s| s.image_key());
     let program_name = program.to_string_lossy().into_owned();
+    // Said once: up front if the program could not be profiled; else here, or as the error
+    // of --require-profile.
+    let never_connected = (main_key.is_none() && unprofilable.is_none()).then(|| {
+        format!(
+            "no profile for {program_name}: it never loaded libanyprof.so (LD_PRELOAD was \
+             cleared or ignored before it started)"
+        )
+    });
+    let warn_never_connected = never_connected
+        .clone()
+        .filter(|_| !args.require_profile)
+        .map(|m| format!("{m}; it ran as usual, and no profile was written for it"))
+        .or_else(|| {
+            let last_exe = exe_watch.1.join().ok().flatten();
+            // With ANYPROF_EXEC=off an exec'd image is unprofiled as asked: nothing to say.
+            let exec_off = std::env::var_os("ANYPROF_EXEC").is_some_and(|v| v == "off");
+            unprofiled_exec(&sessions, pid, last_exe, &lib).filter(|_| !exec_off)
+        });
     let written = WriteOptions {
-        dir: out_dir,
+        dir: out_dir.clone(),
         elapsed,
         main: main_key,
         cpu: args.cpu_hz > 0,
@@ -211,11 +280,8 @@ pub fn run(args: RecordArgs) -> Result<ExitCode> {
                 let _ = handle.join();
             }
             let _ = warm.join();
-            if main_key.is_none() {
-                eprintln!(
-                    "anyprof: no profile for {program_name}: it never loaded libanyprof.so \
-                     (statically linked, setuid, or it cleared LD_PRELOAD before exec)"
-                );
+            if let Some(message) = warn_never_connected {
+                eprintln!("anyprof: {message}");
             }
             let mut symbolizer = symbolizer.lock().map_or_else(
                 |_| anyprof_symbolizer::Symbolizer::new(),
@@ -247,7 +313,105 @@ pub fn run(args: RecordArgs) -> Result<ExitCode> {
         }
         std::thread::sleep(Duration::from_millis(20));
     }
+    if created_dir {
+        remove_if_empty(&out_dir);
+    }
+    if let (true, Some(message)) = (args.require_profile, never_connected) {
+        bail!("{message}, and --require-profile is set (the program exited with {code})");
+    }
     Ok(ExitCode::from(code.clamp(0, 255) as u8))
+}
+
+/// Starts a thread that reads which executable the program's pid runs (`/proc/PID/exe`)
+/// every few milliseconds until its stop flag is set: the last one seen, and when it was
+/// first seen (see [`unprofiled_exec`]).
+#[allow(clippy::type_complexity)]
+fn watch_executable(
+    pid: u32,
+) -> (
+    Arc<AtomicBool>,
+    std::thread::JoinHandle<Option<(Vec<u8>, Instant)>>,
+) {
+    use std::os::unix::ffi::OsStrExt;
+    let stop = Arc::new(AtomicBool::new(false));
+    let flag = stop.clone();
+    let handle = std::thread::spawn(move || {
+        let link = format!("/proc/{pid}/exe");
+        let mut last: Option<(Vec<u8>, Instant)> = None;
+        while !flag.load(Ordering::SeqCst) {
+            // Fails once the program is a zombie (and for a non-dumpable one): keep the last.
+            if let Ok(exe) = std::fs::read_link(&link) {
+                let exe = exe.as_os_str().as_bytes();
+                if last.as_ref().is_none_or(|(seen, _)| seen.as_slice() != exe) {
+                    last = Some((exe.to_vec(), Instant::now()));
+                }
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        last
+    });
+    (stop, handle)
+}
+
+/// The warning for a program that replaced itself by exec with an image that never loaded
+/// the library (`env -u LD_PRELOAD prog`): `last_exe` (from [`watch_executable`]) is the
+/// last executable its pid ran, and no image of that pid with that executable connected, nor
+/// any later one. An image that lived less than the watcher's interval is not seen.
+fn unprofiled_exec(
+    sessions: &[Session],
+    pid: u32,
+    last_exe: Option<(Vec<u8>, Instant)>,
+    lib: &Path,
+) -> Option<String> {
+    let (exe, seen) = last_exe?;
+    let images: Vec<&Session> = sessions.iter().filter(|s| s.pid() == Some(pid)).collect();
+    let before = images.iter().max_by_key(|s| s.image_key())?.command_name();
+    let connected = images.iter().any(|s| {
+        s.hello.as_ref().is_some_and(|h| h.exe == exe) || s.connected_at.is_some_and(|at| at > seen)
+    });
+    if connected {
+        return None;
+    }
+    use std::os::unix::ffi::OsStrExt;
+    let exe = std::ffi::OsStr::from_bytes(&exe);
+    let why = match preflight::check_program(exe, lib).ok()?.unprofilable {
+        Some(why) => why.to_string(),
+        None => "it never loaded libanyprof.so (LD_PRELOAD was cleared)".to_string(),
+    };
+    Some(format!(
+        "no profile for {} (pid {pid}): {before} replaced itself with it by exec, and {why}; \
+         the profile is of {before}, before the exec",
+        exe.to_string_lossy()
+    ))
+}
+
+/// Runs a program that gets none of anyprof's environment (see [`preflight::Unprofilable`])
+/// as the shell would, with signals forwarded as for any program, and returns its status.
+fn run_unprofiled(program: &OsString, args: &[OsString]) -> Result<ExitCode> {
+    let mut child = Command::new(program)
+        .args(args)
+        .spawn()
+        .with_context(|| format!("cannot run {}", program.to_string_lossy()))?;
+    CHILD_PID.store(child.id() as i32, Ordering::SeqCst);
+    let status = child.wait().context("waiting for the program")?;
+    CHILD_PID.store(0, Ordering::SeqCst);
+    Ok(ExitCode::from(exit_code(status).clamp(0, 255) as u8))
+}
+
+/// The program's exit code, or 128 + the signal number that killed it, as a shell says.
+fn exit_code(status: std::process::ExitStatus) -> i32 {
+    match (status.code(), status.signal()) {
+        (Some(c), _) => c,
+        (None, Some(sig)) => 128 + sig,
+        _ => 1,
+    }
+}
+
+/// Removes `dir` if nothing is in it: no profile was written (the program never loaded the
+/// library), so there is nothing to leave behind.
+fn remove_if_empty(dir: &Path) {
+    // remove_dir fails on a directory that is not empty, which is what we want.
+    let _ = std::fs::remove_dir(dir);
 }
 
 /// Where and what [`write_profiles`] writes.

@@ -1,7 +1,15 @@
-/* Built with -static: a program the profiler cannot enter. Burns about 0.3 s of CPU in
- * static_work, prints "static done" and exits 7. */
+/* Built with -static: a program the profiler cannot enter (the tests also build it
+ * dynamically, as a program it can). Burns about 0.3 s of CPU in static_work, prints
+ * "static done" and exits 7.
+ *
+ * With the argument `echo` it first copies its stdin to stdout and says on stderr how many
+ * bytes it read ("static read N bytes"), so a test can see that stdin, stdout and stderr
+ * reach it untouched. Any other argument (a script path, when it is a `#!` interpreter) is
+ * ignored. */
 #include <stdio.h>
+#include <string.h>
 #include <time.h>
+#include <unistd.h>
 
 static volatile unsigned long sink;
 
@@ -18,7 +26,17 @@ __attribute__((noinline)) void static_work(double secs) {
   } while (now < end);
 }
 
-int main(void) {
+int main(int argc, char **argv) {
+  if (argc > 1 && strcmp(argv[1], "echo") == 0) {
+    char buf[4096];
+    long total = 0;
+    ssize_t n;
+    while ((n = read(0, buf, sizeof buf)) > 0) {
+      fwrite(buf, 1, (size_t)n, stdout);
+      total += n;
+    }
+    fprintf(stderr, "static read %ld bytes\n", total);
+  }
   static_work(0.3);
   printf("static done\n");
   return 7;

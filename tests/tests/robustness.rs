@@ -900,17 +900,12 @@ fn unshare_newuser_works_in_a_single_threaded_program() {
 }
 
 // ---------------------------------------------------------------------------------------------
-// 9. exec of a static program
+// 9. programs the library cannot get into
 // ---------------------------------------------------------------------------------------------
 
-/// `bash -c '...; exec STATIC'` under record: bash (profiled, sampled at 1000 Hz while it
-/// loops) execs a program that cannot load the library. The static program must run normally
-/// (no stray SIGPROF killing it: "Profiling timer expired"), its exit code must come back
-/// through record, and no profile may claim samples of it. Run directly, record refuses the
-/// static program with a message saying why.
-#[test]
-fn exec_into_a_static_program_runs_it_normally() {
-    let scratch = scratch_dir("robust_exec_static");
+/// `tests/programs/robust_static.c` built with `-static` in `scratch`, or `None` (after saying
+/// that `test` is skipped) where static linking does not work.
+fn build_static(scratch: &Path, test: &str) -> Option<PathBuf> {
     let exe = scratch.join("robust_static");
     let cc = std::env::var("CC").unwrap_or_else(|_| "cc".to_string());
     let built = Command::new(&cc)
@@ -919,15 +914,102 @@ fn exec_into_a_static_program_runs_it_normally() {
         .arg(anyprof_tests::program_source("robust_static.c"))
         .output();
     match built {
-        Ok(o) if o.status.success() => {}
+        Ok(o) if o.status.success() => Some(exe),
         other => {
             eprintln!(
-                "SKIPPED exec_into_a_static_program_runs_it_normally: `{cc} -static` does not \
-                 work here (no static libc?): {other:?}"
+                "SKIPPED {test}: `{cc} -static` does not work here (no static libc?): {other:?}"
             );
-            return;
+            None
         }
     }
+}
+
+/// The lines of `stderr` that anyprof wrote (they start with `anyprof:`).
+fn anyprof_lines(stderr: &str) -> Vec<&str> {
+    stderr
+        .lines()
+        .filter(|l| l.starts_with("anyprof:"))
+        .collect()
+}
+
+/// `stderr` without anyprof's lines: what the program itself wrote.
+fn program_stderr(stderr: &str) -> String {
+    stderr
+        .lines()
+        .filter(|l| !l.starts_with("anyprof:"))
+        .map(|l| format!("{l}\n"))
+        .collect()
+}
+
+/// Asserts that `profiled` behaved exactly like `direct` (exit code, stdout, the program's
+/// stderr) and that anyprof added exactly one line to stderr, containing each of `words`.
+/// Returns that line.
+fn assert_unprofiled_run(
+    what: &str,
+    direct: &RunOutput,
+    profiled: &RunOutput,
+    words: &[&str],
+) -> String {
+    let stderr = profiled.stderr_text();
+    assert_eq!(
+        (
+            profiled.code,
+            profiled.stdout_text(),
+            program_stderr(&stderr)
+        ),
+        (direct.code, direct.stdout_text(), direct.stderr_text()),
+        "{what}: the run under record (left: exit code, stdout, the program's stderr) differs \
+         from the run without it (right); stderr under record:\n{stderr}"
+    );
+    let lines = anyprof_lines(&stderr);
+    assert_eq!(
+        lines.len(),
+        1,
+        "{what}: anyprof should say in exactly one line why the program is not profiled; its \
+         stderr:\n{stderr}"
+    );
+    for word in words {
+        assert!(
+            lines[0].contains(word),
+            "{what}: anyprof's line should mention `{word}`: {}",
+            lines[0]
+        );
+    }
+    lines[0].to_string()
+}
+
+/// Runs `cmd` like [`run_or_hang`], with stdin read from the file `input`.
+fn run_fed(cmd: &mut Command, input: &Path) -> RunOutput {
+    let file =
+        std::fs::File::open(input).unwrap_or_else(|e| panic!("opening {}: {e}", input.display()));
+    cmd.stdin(file)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let start = Instant::now();
+    let mut group = Group::spawn(cmd);
+    let (out_reader, err_reader) = capture_output(&mut group.child);
+    let code = group
+        .wait_timeout(HANG_TIMEOUT)
+        .unwrap_or_else(|| panic!("HANG: {cmd:?} did not finish within {HANG_TIMEOUT:?}"));
+    drop(group);
+    RunOutput {
+        code,
+        stdout: out_reader.join().unwrap_or_default(),
+        stderr: err_reader.join().unwrap_or_default(),
+        wall: start.elapsed(),
+    }
+}
+
+/// `bash -c '...; exec STATIC'` under record: bash (profiled, sampled at 1000 Hz while it
+/// loops) execs a program that cannot load the library. The static program must run normally
+/// (no stray SIGPROF killing it: "Profiling timer expired"), its exit code must come back
+/// through record, no profile may claim samples of it, and record says so in one line.
+#[test]
+fn exec_into_a_static_program_runs_it_normally() {
+    let scratch = scratch_dir("robust_exec_static");
+    let Some(exe) = build_static(&scratch, "exec_into_a_static_program_runs_it_normally") else {
+        return;
+    };
     let plain = direct(&exe, &[]);
     assert_eq!(
         (plain.code, plain.stdout_text()),
@@ -958,6 +1040,14 @@ fn exec_into_a_static_program_runs_it_normally() {
             !stderr.contains("Profiling timer expired"),
             "round {round}: a SIGPROF reached the static program:\n{stderr}"
         );
+        let lines = anyprof_lines(&stderr);
+        assert!(
+            lines.len() == 1
+                && lines[0].contains(&exe.display().to_string())
+                && lines[0].contains("statically linked"),
+            "round {round}: anyprof should say in one line that bash exec'd a static program, \
+             which is not profiled:\n{stderr}"
+        );
         for name in files_in(&dir) {
             assert!(
                 !name.contains("robust_static"),
@@ -974,14 +1064,363 @@ fn exec_into_a_static_program_runs_it_normally() {
             }
         }
     }
-    // The static program as the program itself: refused, with the reason.
-    let (out, _) = recorded(&scratch, "direct", &["--cpu-hz", "1000"], &exe, &[]);
+}
+
+/// Issue 13, point 4: a statically linked program under `anyprof record` runs as without
+/// it — same stdin, stdout, the program's own stderr and exit status — and anyprof adds one
+/// line to stderr saying why it is not profiled and what to do (with `-q` and without), and
+/// writes no profile file. So does a script whose `#!` interpreter is static. With
+/// `--require-profile` the program is refused: it does not run, and record fails saying why.
+#[test]
+fn static_program_runs_as_without_anyprof_with_one_line_saying_why() {
+    const TEST: &str = "static_program_runs_as_without_anyprof_with_one_line_saying_why";
+    let scratch = scratch_dir("robust_static_direct");
+    let Some(exe) = build_static(&scratch, TEST) else {
+        return;
+    };
+    let exe_name = exe.display().to_string();
+    let input = scratch.join("input.txt");
+    std::fs::write(&input, "line one\nline two\n").expect("writing the input file");
+    let plain = run_fed(clean_command(&exe).arg("echo"), &input);
+    assert_eq!(
+        (plain.code, plain.stdout_text(), plain.stderr_text()),
+        (
+            7,
+            "line one\nline two\nstatic done\n".to_string(),
+            "static read 18 bytes\n".to_string()
+        ),
+        "the static program itself misbehaves"
+    );
+    let words = [
+        exe_name.as_str(),
+        "statically linked",
+        "link it dynamically",
+    ];
+    for quiet in [true, false] {
+        let dir = scratch.join(format!("out_quiet_{quiet}"));
+        let mut cmd = clean_command(binaries().anyprof);
+        cmd.arg("record").arg("-o").arg(&dir);
+        if quiet {
+            cmd.arg("-q");
+        }
+        cmd.args(["--cpu-hz", "1000", "--mem-rate", "1", "--"])
+            .arg(&exe)
+            .arg("echo");
+        let out = run_fed(&mut cmd, &input);
+        assert_unprofiled_run(
+            &format!("the static program under record (quiet: {quiet})"),
+            &plain,
+            &out,
+            &words,
+        );
+        assert!(
+            !dir.exists(),
+            "record created {} for a program it could not profile, and left it: {:?}",
+            dir.display(),
+            files_in(&dir)
+        );
+    }
+
+    // A script run by a static interpreter: the same, and the line names the interpreter.
+    let script = scratch.join("static_script");
+    std::fs::write(&script, format!("#!{}\nignored\n", exe.display())).expect("writing script");
+    std::fs::set_permissions(&script, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+        .expect("chmod the script");
+    let plain_script = direct(&script, &[]);
+    assert_eq!(
+        (plain_script.code, plain_script.stdout_text()),
+        (7, "static done\n".to_string()),
+        "the script with the static interpreter misbehaves"
+    );
+    let (out, dir) = recorded(&scratch, "script", &["--cpu-hz", "1000"], &script, &[]);
+    let line = assert_unprofiled_run(
+        "a script whose interpreter is static, under record",
+        &plain_script,
+        &out,
+        &[
+            &script.display().to_string(),
+            "interpreter",
+            "statically linked",
+        ],
+    );
     assert!(
-        out.code != 0 && out.stderr_text().contains("statically linked"),
-        "`anyprof record -- robust_static` should refuse the static program and say it is \
-         statically linked; it exited {} with stderr:\n{}",
+        line.contains(&exe_name),
+        "the line should name the interpreter: {line}"
+    );
+    assert_eq!(
+        files_in(&dir),
+        Vec::<String>::new(),
+        "profile files for the script"
+    );
+
+    // With --require-profile: refused, not run.
+    for (what, program) in [("the static program", &exe), ("the script", &script)] {
+        let (out, dir) = recorded(
+            &scratch,
+            "required",
+            &["--require-profile"],
+            program,
+            &["echo"],
+        );
+        let stderr = out.stderr_text();
+        assert!(
+            out.code == 2
+                && out.stdout_text().is_empty()
+                && !stderr.contains("static read")
+                && stderr.contains("cannot be profiled")
+                && stderr.contains("statically linked")
+                && anyprof_lines(&stderr).len() == 1,
+            "record --require-profile should refuse {what} without running it (exit 2, one \
+             line saying it is statically linked); it exited {} with stdout {:?} and \
+             stderr:\n{stderr}",
+            out.code,
+            out.stdout_text()
+        );
+        assert_eq!(
+            files_in(&dir),
+            Vec::<String>::new(),
+            "files for a refused program"
+        );
+    }
+}
+
+/// Issue 13, point 4: a setuid-root program run through `anyprof record` by `nobody` (the
+/// dynamic loader ignores `LD_PRELOAD` in it) runs as it does for `nobody` without anyprof,
+/// with one line on stderr saying it is setuid, and no profile; `--require-profile` refuses
+/// it. Needs root to make the program setuid root and to act as `nobody`.
+#[test]
+fn setuid_program_run_by_another_user_runs_as_without_anyprof() {
+    const TEST: &str = "setuid_program_run_by_another_user_runs_as_without_anyprof";
+    use std::os::unix::fs::PermissionsExt;
+    // SAFETY: geteuid cannot fail.
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!("SKIPPED {TEST}: it needs root to make a setuid-root program and act as nobody");
+        return;
+    }
+    const NOBODY: u32 = 65534;
+    let scratch = scratch_dir("robust_setuid");
+    let exe = compile("secure_target.c", &["-O1"], &scratch);
+    std::os::unix::fs::lchown(&exe, Some(0), Some(0)).expect("chown root the program");
+    std::fs::set_permissions(&exe, std::fs::Permissions::from_mode(0o4755))
+        .expect("chmod 4755 the program");
+    // nobody must reach the program, anyprof and the library (all under target/, which the
+    // tests create with the default umask), and have a place for record's socket.
+    let as_nobody = |cmd: &mut Command| {
+        cmd.uid(NOBODY)
+            .gid(NOBODY)
+            .env_remove("XDG_RUNTIME_DIR")
+            .env("TMPDIR", "/tmp");
+    };
+    let mut plain_cmd = clean_command(&exe);
+    as_nobody(&mut plain_cmd);
+    let plain = run_or_hang(plain_cmd.arg("100"), HANG_TIMEOUT);
+    if !plain.stdout_text().contains("secure=1") {
+        eprintln!(
+            "SKIPPED {TEST}: the setuid program does not run with secure execution here \
+             (nosuid mount?):\n{}",
+            plain.stdout_text()
+        );
+        return;
+    }
+    assert_eq!(
+        plain.code,
+        0,
+        "the setuid program failed: {}",
+        plain.stderr_text()
+    );
+
+    let (mut cmd, dir) = record_command(
+        &scratch,
+        "recorded",
+        &["--cpu-hz", "1000", "--mem-rate", "1"],
+        &exe,
+        &["100"],
+    );
+    as_nobody(&mut cmd);
+    let out = run_or_hang(&mut cmd, HANG_TIMEOUT);
+    assert_unprofiled_run(
+        "the setuid program run by nobody under record",
+        &plain,
+        &out,
+        &[&exe.display().to_string(), "setuid to uid 0", "uid 65534"],
+    );
+    assert_eq!(
+        files_in(&dir),
+        Vec::<String>::new(),
+        "profile files for the setuid program"
+    );
+
+    let (mut cmd, _) = record_command(&scratch, "required", &["--require-profile"], &exe, &["100"]);
+    as_nobody(&mut cmd);
+    let out = run_or_hang(&mut cmd, HANG_TIMEOUT);
+    assert!(
+        out.code == 2 && out.stdout_text().is_empty() && out.stderr_text().contains("setuid"),
+        "record --require-profile should refuse the setuid program without running it; it \
+         exited {} with stdout {:?} and stderr:\n{}",
         out.code,
+        out.stdout_text(),
         out.stderr_text()
+    );
+}
+
+/// Issue 13, point 4: a shell script under record that runs a static program and then a
+/// dynamic one (the same source): both run as without anyprof, and the dynamic one is
+/// profiled in a file of its own.
+#[test]
+fn script_running_a_static_and_a_dynamic_program_profiles_the_dynamic_one() {
+    const TEST: &str = "script_running_a_static_and_a_dynamic_program_profiles_the_dynamic_one";
+    let scratch = scratch_dir("robust_static_mixed");
+    let Some(static_exe) = build_static(&scratch, TEST) else {
+        return;
+    };
+    let dynamic_dir = scratch.join("dyn");
+    std::fs::create_dir_all(&dynamic_dir).expect("creating dyn/");
+    let dynamic_exe = scratch.join("robust_dynamic");
+    std::fs::rename(
+        compile("robust_static.c", &["-O1", "-g"], &dynamic_dir),
+        &dynamic_exe,
+    )
+    .expect("renaming the dynamic build");
+    let script = scratch.join("mixed.sh");
+    std::fs::write(
+        &script,
+        format!(
+            "#!/bin/sh\n'{}'; echo \"static exited $?\"\n'{}'; echo \"dynamic exited $?\"\n",
+            static_exe.display(),
+            dynamic_exe.display()
+        ),
+    )
+    .expect("writing the script");
+    std::fs::set_permissions(&script, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+        .expect("chmod the script");
+    let plain = direct(&script, &[]);
+    assert_eq!(
+        (plain.code, plain.stdout_text()),
+        (
+            0,
+            "static done\nstatic exited 7\nstatic done\ndynamic exited 7\n".to_string()
+        ),
+        "the script itself misbehaves: {}",
+        plain.stderr_text()
+    );
+    let (out, dir) = recorded(
+        &scratch,
+        "recorded",
+        &["--cpu-hz", "1000", "--mem-rate", "1"],
+        &script,
+        &[],
+    );
+    assert_same_behaviour("the mixed script under record", &plain, &out);
+    let files = files_in(&dir);
+    assert!(
+        !files.iter().any(|n| n.contains("robust_static")),
+        "a file is named after the static program, which cannot be profiled: {files:?}"
+    );
+    let cpu: Vec<PathBuf> = other_process_files(&dir, "cpu")
+        .into_iter()
+        .filter(|p| p.to_string_lossy().contains("robust_dynamic"))
+        .collect();
+    assert_eq!(
+        cpu.len(),
+        1,
+        "the dynamic program should have one CPU profile of its own; files: {files:?}"
+    );
+    let view = read_profile(&cpu[0]);
+    assert!(
+        samples_of(&view, "static_work") > 0,
+        "the dynamic program's profile has no samples of its static_work:\n{}",
+        view.describe()
+    );
+}
+
+/// Issue 13, point 4: a program that never loads the library for a reason record cannot see
+/// beforehand (here `--lib` names a library that is not anyprof's, so nothing ever connects)
+/// runs as without anyprof, gets one line at the end and no profile files (the output
+/// directory record made for it is removed). With `--require-profile` record exits 2. A
+/// program that a profiled `env -u LD_PRELOAD` becomes by exec gets one line too.
+#[test]
+fn program_that_never_connects_gets_one_line_and_no_files() {
+    let scratch = scratch_dir("robust_never_connects");
+    let source = scratch.join("not_anyprof.c");
+    std::fs::write(&source, "int not_anyprof_marker(void) { return 1; }\n").expect("source");
+    let lib = scratch.join("libnot_anyprof.so");
+    let cc = std::env::var("CC").unwrap_or_else(|_| "cc".to_string());
+    let built = Command::new(&cc)
+        .args(["-shared", "-fPIC", "-o"])
+        .arg(&lib)
+        .arg(&source)
+        .status()
+        .expect("running the C compiler");
+    assert!(built.success(), "building {}", lib.display());
+    let exe = compile("robust_static.c", &["-O1", "-g"], &scratch);
+    let plain = direct(&exe, &[]);
+    assert_eq!(
+        (plain.code, plain.stdout_text()),
+        (7, "static done\n".to_string())
+    );
+    for require in [false, true] {
+        let out_dir = scratch.join(format!("out_{require}"));
+        let mut cmd = clean_command(binaries().anyprof);
+        cmd.arg("record")
+            .arg("-q")
+            .arg("-o")
+            .arg(&out_dir)
+            .arg("--lib")
+            .arg(&lib);
+        if require {
+            cmd.arg("--require-profile");
+        }
+        cmd.arg("--").arg(&exe);
+        let out = run_or_hang(&mut cmd, HANG_TIMEOUT);
+        let stderr = out.stderr_text();
+        let lines = anyprof_lines(&stderr);
+        assert!(
+            out.stdout_text() == "static done\n"
+                && program_stderr(&stderr).is_empty()
+                && lines.len() == 1
+                && lines[0].contains("never loaded libanyprof.so")
+                && lines[0].contains(&exe.display().to_string()),
+            "require: {require}: the program must run as usual and anyprof say in one line \
+             that it never loaded the library; exit {}, stdout {:?}, stderr:\n{stderr}",
+            out.code,
+            out.stdout_text()
+        );
+        let expected_code = if require { 2 } else { 7 };
+        assert_eq!(
+            out.code, expected_code,
+            "require: {require}: exit code; stderr:\n{stderr}"
+        );
+        assert!(
+            !out_dir.exists(),
+            "require: {require}: record left {} with {:?} for a program that never connected",
+            out_dir.display(),
+            files_in(&out_dir)
+        );
+    }
+
+    // `env -u LD_PRELOAD PROGRAM`: env is profiled, then replaces itself with the program,
+    // which runs without the library: one line says so.
+    let (out, _) = recorded(
+        &scratch,
+        "env_u",
+        &[],
+        Path::new("env"),
+        &["-u", "LD_PRELOAD", &exe.display().to_string()],
+    );
+    let stderr = out.stderr_text();
+    let lines = anyprof_lines(&stderr);
+    assert!(
+        out.code == 7
+            && out.stdout_text() == "static done\n"
+            && program_stderr(&stderr).is_empty()
+            && lines.len() == 1
+            && lines[0].contains(&exe.display().to_string())
+            && lines[0].contains("LD_PRELOAD was cleared"),
+        "`env -u LD_PRELOAD PROGRAM` under record: the program must run as usual and anyprof \
+         say in one line that it ran without the library; exit {}, stdout {:?}, \
+         stderr:\n{stderr}",
+        out.code,
+        out.stdout_text()
     );
 }
 
