@@ -671,15 +671,21 @@ fn preloaded_sleep(socket: &Path) -> Peer {
     }
 }
 
-impl Daemon {
+/// Whether the daemon lists a process, for the tests of its connection limits.
+trait Listing {
     /// Whether the index (`/debug/pprof/`) lists `pid`.
+    fn lists(&self, pid: u32) -> bool;
+    /// Waits up to 10 s for the index to list `pid`.
+    fn wait_listed(&self, pid: u32, what: &str);
+}
+
+impl Listing for Daemon {
     fn lists(&self, pid: u32) -> bool {
         let (status, html) = self.get("/debug/pprof/");
         assert_eq!(status, 200, "index: {}", String::from_utf8_lossy(&html));
         String::from_utf8_lossy(&html).contains(&format!("<tr><td>{pid}</td>"))
     }
 
-    /// Waits up to 10 s for the index to list `pid`.
     fn wait_listed(&self, pid: u32, what: &str) {
         let start = Instant::now();
         while !self.lists(pid) {
@@ -707,7 +713,7 @@ fn one_user_cannot_take_every_daemon_thread() {
     const CAP: usize = 512; // the default of --max-processes-per-user
     let dir = open_scratch("security_peer_connections");
     let socket = dir.join("sock");
-    let daemon = Daemon::start(&dir, &socket, &["--allow-uid", "65534"]);
+    let daemon = start_daemon(&dir, &socket, &["--allow-uid", "65534"]);
     let (tasks_before, fds_before) = tasks_and_fds(daemon.pid);
 
     let mut silent = Silent::start(&dir, &socket, CONNECTIONS);
@@ -776,7 +782,7 @@ fn silent_connections_are_closed_after_the_hello_timeout() {
     let dir = open_scratch("security_peer_hello_timeout");
     let relay = relay_program(&dir);
     let socket = dir.join("sock");
-    let daemon = Daemon::start(&dir, &socket, &["--allow-uid", "65534"]);
+    let daemon = start_daemon(&dir, &socket, &["--allow-uid", "65534"]);
     let (tasks_before, _) = tasks_and_fds(daemon.pid);
 
     let quiet = Peer::start(&relay, &socket, Some((NOBODY, NOGROUP)), |send| {
