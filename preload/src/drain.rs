@@ -450,13 +450,16 @@ pub fn last_flush_by_background() -> bool {
     true
 }
 
-/// Starts the background thread.
+/// Starts the background thread, with every signal blocked from its first instruction (see
+/// [`crate::threads::AllSignalsBlocked`]): signals are the program's.
 pub fn spawn() -> std::io::Result<()> {
     let was = thread_state::set_internal(true);
     STOP.store(false, Ordering::Release);
+    let blocked = crate::threads::AllSignalsBlocked::new();
     let result = std::thread::Builder::new()
         .name("anyprof".into())
         .spawn(run);
+    drop(blocked);
     thread_state::set_internal(was);
     let handle = result?;
     if let Ok(mut t) = THREAD.lock() {

@@ -90,9 +90,11 @@ pub unsafe extern "C" fn pthread_create(
     // SAFETY: `real` is the address dlsym returned for pthread_create.
     let real: PthreadCreate = unsafe { core::mem::transmute(real) };
     // Our own threads start marked as ours from their first instruction, so that what the
-    // thread library allocates for them is not counted as the program's.
+    // thread library allocates for them is not counted as the program's, and with every
+    // signal blocked, so that none meant for the program lands in them.
     if thread_state::is_internal() {
         let boxed = Box::into_raw(Box::new(StartRoutine { start, arg }));
+        let _blocked = threads::AllSignalsBlocked::new();
         // SAFETY: forwarding the caller's arguments, with our trampoline owning `boxed`.
         let rc = unsafe {
             real(
