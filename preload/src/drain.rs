@@ -581,9 +581,9 @@ fn poll_commands() {
 ///
 /// A thread blocked in a system call (most threads, most of the time) is not disturbed: the
 /// kernel reports its stack pointer and instruction pointer in `/proc/self/task/TID/syscall`,
-/// and it is unwound from here while it stays blocked. Only a thread that is running gets a
-/// `SIGPROF` through `tgkill`, whose handler records its stack — a signal to a sleeping thread
-/// would cut its sleep short with EINTR. Threads that block the signal are left out.
+/// and it is unwound from here while it stays blocked. Only a thread that is running gets our
+/// sampling signal through `tgkill`, whose handler records its stack — a signal to a sleeping
+/// thread would cut its sleep short with EINTR. Threads that block the signal are left out.
 fn dump_threads(id: u32) {
     let id = id.max(1);
     // SAFETY: getpid cannot fail.
