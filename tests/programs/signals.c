@@ -21,6 +21,10 @@
  *                      HZ over 1 s of CPU time: the count of expirations (signals plus the
  *                      overruns they report) must fit, and every si_value must be the one the
  *                      program set.
+ *   rtsignal           takes SIGRTMAX-2 (the signal anyprof's own timers send) for itself: its
+ *                      handler reads back as installed, gets exactly the 200 values it sends
+ *                      itself with sigqueue over 1 s of CPU and nothing else; then it ignores
+ *                      the signal and survives more of it.
  * Output is deterministic ("ok" lines) unless something is wrong ("WRONG ..."); the timer
  * modes print their raw counts on stderr, for the test to measure.
  */
@@ -367,6 +371,59 @@ static int posixtimer(const char *clock_name, const char *sig_name, int hz) {
   return 0;
 }
 
+/* ---- the real-time signal anyprof's timers use --------------------------------------------- */
+
+static volatile sig_atomic_t queued_ok;
+
+static void on_rt(int sig, siginfo_t *info, void *uc) {
+  (void)sig;
+  (void)uc;
+  handled++;
+  if (gettid_() != main_tid) handled_elsewhere++;
+  if (info->si_code == SI_QUEUE && info->si_value.sival_int == PROGRAM_VALUE) queued_ok++;
+  else bad_value++;
+}
+
+/* The program takes SIGRTMAX-2 for itself: it installs a handler, reads it back, sends itself
+ * 200 values with sigqueue while burning 1 s of CPU, then ignores the signal and sends more. */
+static int rt_signal(void) {
+  int sig = SIGRTMAX - 2;
+  struct sigaction old;
+  memset(&old, 0, sizeof old);
+  sigaction(sig, NULL, &old);
+  printf("initial action is SIG_DFL: %s\n", old.sa_handler == SIG_DFL ? "ok" : "WRONG");
+  struct sigaction sa;
+  memset(&sa, 0, sizeof sa);
+  sa.sa_sigaction = on_rt;
+  sa.sa_flags = SA_SIGINFO | SA_RESTART;
+  sigemptyset(&sa.sa_mask);
+  sigaddset(&sa.sa_mask, SIGUSR2);
+  sigaction(sig, &sa, NULL);
+  memset(&old, 0, sizeof old);
+  sigaction(sig, NULL, &old);
+  printf("handler back: %s\n",
+         old.sa_sigaction == on_rt && (old.sa_flags & SA_SIGINFO) && sigismember(&old.sa_mask, SIGUSR2) == 1
+             ? "ok"
+             : "WRONG");
+  int rounds = 200;
+  for (int i = 0; i < rounds; i++) {
+    union sigval v = {.sival_int = PROGRAM_VALUE};
+    sigqueue(getpid(), sig, v);
+    burn_until(thread_cpu, 0.005);
+  }
+  printf("every value queued arrived once: %s\n", queued_ok == rounds ? "ok" : "WRONG");
+  if (bad_value) printf("WRONG %d signals the program did not send reached its handler\n", (int)bad_value);
+  if (handled_elsewhere) printf("WRONG %d handled on a thread that is not the program's\n", (int)handled_elsewhere);
+  signal(sig, SIG_IGN);
+  for (int i = 0; i < 20; i++) {
+    union sigval v = {.sival_int = PROGRAM_VALUE};
+    sigqueue(getpid(), sig, v);
+    burn_until(thread_cpu, 0.005);
+  }
+  printf("ignored and survived: ok\n");
+  return 0;
+}
+
 int main(int argc, char **argv) {
   setvbuf(stdout, NULL, _IOLBF, 0);
   main_tid = gettid_();
@@ -376,8 +433,9 @@ int main(int argc, char **argv) {
   if (strcmp(mode, "signalfd") == 0) return daemon_mode(0, n > 0 ? n : 50);
   if (strcmp(mode, "sigwait") == 0) return daemon_mode(1, n > 0 ? n : 50);
   if (strcmp(mode, "itimer") == 0) return itimer(n > 0 ? n : 100);
+  if (strcmp(mode, "rtsignal") == 0) return rt_signal();
   if (strcmp(mode, "posixtimer") == 0 && argc > 4)
     return posixtimer(argv[2], argv[3], atoi(argv[4]));
-  fprintf(stderr, "usage: signals selfkill|signalfd|sigwait|itimer|posixtimer ...\n");
+  fprintf(stderr, "usage: signals selfkill|signalfd|sigwait|itimer|posixtimer|rtsignal ...\n");
   return 2;
 }

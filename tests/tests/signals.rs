@@ -5,9 +5,11 @@
 //! directly and under `anyprof record -q --cpu-hz 1000 --mem-rate 1`, the harshest settings,
 //! and compares. The program checks itself and prints a fixed verdict line per check ("ok",
 //! or a line with "WRONG" that says what it saw), so "the same stdout and exit code as without
-//! the profiler" is the assertion. Before the fix each of them failed: the library's
-//! background thread did not block signals, so the kernel handed it process-directed signals
-//! that the program's threads blocked or were too busy to take.
+//! the profiler" is the assertion. Before the fix each test up to the timers failed: the
+//! library's background thread did not block signals, so the kernel handed it
+//! process-directed signals that the program's threads blocked or were too busy to take. Our
+//! timers now send a real-time signal of their own instead of `SIGPROF`; the last test checks
+//! that a program using that signal itself still owns it.
 
 use std::path::{Path, PathBuf};
 
@@ -169,4 +171,14 @@ fn the_programs_cpu_clock_timers_keep_their_rate_while_we_sample() {
             check_our_samples(&dir, &out, &name);
         }
     }
+}
+
+/// A program that takes our timers' real-time signal (SIGRTMAX-2) for itself keeps it: its
+/// handler reads back as installed, receives exactly the 200 values it sends itself and none
+/// of our ticks, and ignoring the signal later does not kill it; we still sample it.
+#[test]
+fn a_program_using_our_real_time_signal_keeps_it() {
+    let _cpu = cpu_lock();
+    let (out, dir) = check_same("rtsignal", &["rtsignal"], true);
+    check_our_samples(&dir, &out, "rtsignal");
 }
