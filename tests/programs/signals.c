@@ -14,7 +14,9 @@
  *   sigwait N          the same, read with sigtimedwait, with handlers installed that count
  *                      any of these signals handled instead of waited for (there must be none).
  *   itimer HZ          its own SIGPROF handler and setitimer(ITIMER_PROF) at HZ over 1 s of
- *                      its CPU time: the count of SIGPROFs must fit that CPU time.
+ *                      its CPU time: the count of SIGPROFs must fit that CPU time, and each
+ *                      must run on the main thread, on the alternate signal stack the handler
+ *                      asked for (SA_ONSTACK, as CPython's).
  *   posixtimer CLOCK SIG HZ
  *                      timer_create on CLOCK (process: CLOCK_PROCESS_CPUTIME_ID, thread: the
  *                      main thread's CPU clock) sending SIG (PROF, ALRM or RT = SIGRTMIN+2) at
@@ -279,9 +281,15 @@ static int daemon_mode(int use_sigwait, int n) {
 
 #define PROGRAM_VALUE 0x5eed
 
+/* The timer handlers ask for the alternate signal stack (SA_ONSTACK), as CPython does. */
+static char alt_stack[64 * 1024];
+static volatile sig_atomic_t off_alt_stack;
+
 static void on_tick(int sig, siginfo_t *info, void *uc) {
   (void)sig;
   (void)uc;
+  char here;
+  if (&here < alt_stack || &here >= alt_stack + sizeof alt_stack) off_alt_stack++;
   handled++;
   if (gettid_() != main_tid) handled_elsewhere++;
   if (info->si_code == SI_TIMER) {
@@ -291,10 +299,12 @@ static void on_tick(int sig, siginfo_t *info, void *uc) {
 }
 
 static int install_tick_handler(int sig) {
+  stack_t ss = {.ss_sp = alt_stack, .ss_size = sizeof alt_stack, .ss_flags = 0};
+  sigaltstack(&ss, NULL);
   struct sigaction sa;
   memset(&sa, 0, sizeof sa);
   sa.sa_sigaction = on_tick;
-  sa.sa_flags = SA_SIGINFO | SA_RESTART;
+  sa.sa_flags = SA_SIGINFO | SA_RESTART | SA_ONSTACK;
   sigemptyset(&sa.sa_mask);
   return sigaction(sig, &sa, NULL);
 }
@@ -316,6 +326,9 @@ static void verdict(const char *what, int got, double cpu, int hz) {
   if (handled_elsewhere)
     printf("%s: WRONG %d signals were handled on a thread that is not the program's\n", what,
            (int)handled_elsewhere);
+  if (off_alt_stack)
+    printf("%s: WRONG %d signals were handled off the alternate stack the handler asked for\n",
+           what, (int)off_alt_stack);
   if (bad_value) printf("%s: WRONG %d signals carried a value the program did not set\n", what,
                         (int)bad_value);
 }

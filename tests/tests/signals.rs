@@ -149,7 +149,9 @@ fn check_our_samples(dir: &Path, output: &RunOutput, what: &str) {
 
 /// `setitimer(ITIMER_PROF)` at 100 Hz over 1 s of CPU: the program's handler gets a number of
 /// SIGPROFs that fits its CPU time (within 10 %: bare runs land within a few signals of it,
-/// see the program), all on its own (only) thread, while our timers sample it at 1000 Hz.
+/// see the program), all on its own (only) thread and on the alternate stack its handler asked
+/// for (which failed while our timers shared SIGPROF and ran its handler from ours), while our
+/// timers sample it at 1000 Hz.
 #[test]
 fn the_programs_itimer_prof_keeps_its_rate_while_we_sample() {
     let _cpu = cpu_lock();
