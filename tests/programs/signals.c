@@ -6,6 +6,7 @@
  *                      waits, then unblocks it; 200 rounds. The handler must not run while
  *                      the signal is blocked, must run exactly once per round as soon as it is
  *                      unblocked, and on the main thread (the only one that unblocks it).
+ *   selfkill THREADS fork   the same in a child forked by a multithreaded parent.
  *   signalfd N         a daemon: SIGTERM, SIGHUP and SIGCHLD blocked in every thread (two
  *                      workers, one of them busy) and left at their default actions; a signalfd
  *                      reads N SIGTERM and N SIGHUP sent in pairs by a child process, and N
@@ -442,6 +443,21 @@ int main(int argc, char **argv) {
   main_tid = gettid_();
   const char *mode = argc > 1 ? argv[1] : "";
   int n = argc > 2 ? atoi(argv[2]) : 0;
+  if (strcmp(mode, "selfkill") == 0 && argc > 3 && strcmp(argv[3], "fork") == 0) {
+    /* The same in a forked child (where a profiler starts its threads anew). */
+    start_workers(1);
+    pid_t child = fork();
+    if (child == 0) {
+      main_tid = gettid_();
+      stop_workers = 0;
+      nworkers = 0;
+      exit(selfkill(n));
+    }
+    stop_all_workers();
+    int status = 0;
+    waitpid(child, &status, 0);
+    return WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
+  }
   if (strcmp(mode, "selfkill") == 0) return selfkill(n);
   if (strcmp(mode, "signalfd") == 0) return daemon_mode(0, n > 0 ? n : 50);
   if (strcmp(mode, "sigwait") == 0) return daemon_mode(1, n > 0 ? n : 50);

@@ -112,6 +112,13 @@ fn a_signal_sent_to_itself_while_blocked_in_every_thread_waits_for_the_unblock()
     check_same("selfkill_threads", &["selfkill", "4"], true);
 }
 
+/// The same in a child forked by a multithreaded program: the child's own anyprof thread,
+/// started anew after the fork, takes no signal either.
+#[test]
+fn a_forked_child_sending_itself_a_blocked_signal_gets_it_when_unblocked() {
+    check_same("selfkill_fork", &["selfkill", "2", "fork"], true);
+}
+
 /// A daemon blocks SIGTERM, SIGHUP and SIGCHLD in every thread, leaves them at their default
 /// actions and reads them with a signalfd: it receives all 50 of each (sent by a child
 /// process, and by 50 children exiting), and is not killed by a SIGTERM nobody should take.
