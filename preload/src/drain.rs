@@ -450,13 +450,16 @@ pub fn last_flush_by_background() -> bool {
     true
 }
 
-/// Starts the background thread.
+/// Starts the background thread, with every signal blocked from its first instruction (see
+/// [`crate::threads::AllSignalsBlocked`]): signals are the program's.
 pub fn spawn() -> std::io::Result<()> {
     let was = thread_state::set_internal(true);
     STOP.store(false, Ordering::Release);
+    let blocked = crate::threads::AllSignalsBlocked::new();
     let result = std::thread::Builder::new()
         .name("anyprof".into())
         .spawn(run);
+    drop(blocked);
     thread_state::set_internal(was);
     let handle = result?;
     if let Ok(mut t) = THREAD.lock() {
@@ -578,9 +581,9 @@ fn poll_commands() {
 ///
 /// A thread blocked in a system call (most threads, most of the time) is not disturbed: the
 /// kernel reports its stack pointer and instruction pointer in `/proc/self/task/TID/syscall`,
-/// and it is unwound from here while it stays blocked. Only a thread that is running gets a
-/// `SIGPROF` through `tgkill`, whose handler records its stack — a signal to a sleeping thread
-/// would cut its sleep short with EINTR. Threads that block the signal are left out.
+/// and it is unwound from here while it stays blocked. Only a thread that is running gets our
+/// sampling signal through `tgkill`, whose handler records its stack — a signal to a sleeping
+/// thread would cut its sleep short with EINTR. Threads that block the signal are left out.
 fn dump_threads(id: u32) {
     let id = id.max(1);
     // SAFETY: getpid cannot fail.

@@ -90,9 +90,11 @@ pub unsafe extern "C" fn pthread_create(
     // SAFETY: `real` is the address dlsym returned for pthread_create.
     let real: PthreadCreate = unsafe { core::mem::transmute(real) };
     // Our own threads start marked as ours from their first instruction, so that what the
-    // thread library allocates for them is not counted as the program's.
+    // thread library allocates for them is not counted as the program's, and with every
+    // signal blocked, so that none meant for the program lands in them.
     if thread_state::is_internal() {
         let boxed = Box::into_raw(Box::new(StartRoutine { start, arg }));
+        let _blocked = threads::AllSignalsBlocked::new();
         // SAFETY: forwarding the caller's arguments, with our trampoline owning `boxed`.
         let rc = unsafe {
             real(
@@ -273,10 +275,12 @@ pub extern "C" fn malloc_usable_size(p: *mut c_void) -> usize {
     crate::alloc::hooks::malloc_usable_size(p)
 }
 
-// Signal dispositions for SIGPROF. Once our handler is installed, a program that installs
-// its own SIGPROF handler (its own profiler, setitimer users) would silently replace ours and
-// receive our timer ticks; instead the program's handler is recorded and ours chains every
-// SIGPROF that is not one of our timers to it. Every other signal passes straight through.
+// Signal dispositions for our sampling signal (`crate::signal::handler::SIGNAL`, a real-time
+// signal; SIGPROF is the program's and passes straight through). Once our handler is
+// installed, a program that installs its own handler for that signal (or resets every
+// signal's disposition) would silently replace ours and receive our timer ticks; instead the
+// program's handler is recorded and ours chains every such signal that is not one of our
+// timers to it. Every other signal passes straight through.
 
 type SigactionFn =
     unsafe extern "C" fn(libc::c_int, *const libc::sigaction, *mut libc::sigaction) -> libc::c_int;

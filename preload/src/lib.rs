@@ -5,9 +5,10 @@
 //! `anyprof serve` daemon at its default sockets, retried every second.
 //!
 //! - CPU ([`signal`], [`threads`], [`timer`]): every thread gets its own
-//!   `CLOCK_THREAD_CPUTIME_ID` timer that sends it `SIGPROF` (threads created later are caught
-//!   by interposing `pthread_create`) — from the start under `record`, only while the daemon
-//!   asks under `serve`. The handler unwinds the interrupted stack with framehop over the
+//!   `CLOCK_THREAD_CPUTIME_ID` timer that sends it a real-time signal of ours, not `SIGPROF`,
+//!   which stays the program's (threads created later are caught by interposing
+//!   `pthread_create`) — from the start under `record`, only while the daemon asks under
+//!   `serve`. The handler unwinds the interrupted stack with framehop over the
 //!   `.eh_frame` already mapped in memory and writes raw return addresses into a fixed ring.
 //! - Heap ([`alloc`]): the malloc family is interposed; exact counters per thread, and
 //!   rate-based samples aggregated into (stack, size) buckets.
@@ -18,6 +19,9 @@
 //! The library lives in programs we did not write, so the rules are strict:
 //! - Code reachable from a signal handler lives in [`signal`] and obeys the contract in its
 //!   module doc (no allocation, no locks, no formatting, no panics).
+//! - Signals are the program's: our threads block every signal from their first instruction
+//!   (so the kernel never hands them one sent to the process), and our timers use a signal
+//!   of their own.
 //! - Nothing is written to the program's stdout or stderr; diagnostics go to the collector
 //!   (or `ANYPROF_LOG_FILE`).
 //! - When anything is full or gone, data is dropped and counted, never waited for.

@@ -154,7 +154,7 @@ pub fn start_cpu_sampling(hz: u32) {
     let _section = crate::fork::section();
     if let Err(errno) = handler::install() {
         log::warn_errno(
-            "cannot install the SIGPROF handler; CPU profiling is off",
+            "cannot install the CPU sampling signal handler; CPU profiling is off",
             errno,
         );
         return;
@@ -274,6 +274,50 @@ pub fn creations_generation() -> u64 {
 /// Makes the creation stacks count as changed (to resend them on a new connection).
 pub fn touch_creations() {
     CREATIONS_GENERATION.fetch_add(1, Ordering::Relaxed);
+}
+
+/// While alive, every signal that may be blocked is blocked in the calling thread; dropping it
+/// restores the thread's mask.
+///
+/// Every thread of ours is created inside one: a new thread starts with its creator's mask, so
+/// it blocks every signal from its first instruction (blocking them inside the thread would
+/// leave a window in which a signal meant for the program could land there), and the kernel
+/// never picks it for a signal sent to the process. Those go to the program's threads, as
+/// they would without us: a program that blocks a signal everywhere and reads it with
+/// `signalfd` or `sigwait` gets every one, and a handler runs on a thread of the program, when
+/// the program unblocks it. glibc's `pthread_sigmask` leaves out the two signals it uses
+/// itself (thread cancellation and `setuid` across threads), which must stay deliverable.
+pub struct AllSignalsBlocked {
+    saved: libc::sigset_t,
+}
+
+impl AllSignalsBlocked {
+    /// Blocks every signal in the calling thread.
+    pub fn new() -> Self {
+        // SAFETY: zeroed sigset_t values are valid buffers; sigfillset fills one.
+        let mut all: libc::sigset_t = unsafe { core::mem::zeroed() };
+        // SAFETY: as above.
+        let mut saved: libc::sigset_t = unsafe { core::mem::zeroed() };
+        // SAFETY: both sets are valid for the calls.
+        unsafe {
+            libc::sigfillset(&mut all);
+            libc::pthread_sigmask(libc::SIG_SETMASK, &all, &mut saved);
+        }
+        AllSignalsBlocked { saved }
+    }
+}
+
+impl Default for AllSignalsBlocked {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Drop for AllSignalsBlocked {
+    fn drop(&mut self) {
+        // SAFETY: restores the mask saved by `new` in this same thread.
+        unsafe { libc::pthread_sigmask(libc::SIG_SETMASK, &self.saved, core::ptr::null_mut()) };
+    }
 }
 
 /// Entry point of anyprof's own threads: marked internal before anything runs in them.

@@ -1,6 +1,7 @@
 //! Per-thread CPU-time timers: `timer_create(CLOCK_THREAD_CPUTIME_ID)` with
 //! `SIGEV_THREAD_ID`, so each thread is sampled for the CPU it uses, as Go does since 1.18.
-//! (A process-wide `setitimer` starves threads and loses samples when many run.)
+//! (A process-wide `setitimer` starves threads and loses samples when many run.) They send
+//! our own real-time signal ([`SIGNAL`]), not `SIGPROF`, which stays the program's.
 //!
 //! Raw system calls rather than glibc's wrappers: the kernel timer id is all we need, and
 //! the raw calls never allocate.

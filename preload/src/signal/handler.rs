@@ -1,11 +1,19 @@
-//! The `SIGPROF` handler: take one CPU sample of the interrupted thread.
+//! The sampling signal's handler: take one CPU sample of the interrupted thread.
+//!
+//! Our timers send a real-time signal of their own ([`SIGNAL`]), not `SIGPROF`, so that
+//! `SIGPROF` stays the program's: its own `setitimer(ITIMER_PROF)`, `timer_create` and
+//! `pthread_kill` profilers run with the handler, flags, mask and alternate stack it asked
+//! for, and no pending `SIGPROF` of ours can swallow one of its own (a standard signal pending
+//! on a thread is not queued twice). A program that happens to use [`SIGNAL`] itself keeps
+//! its handler too: `sigaction`/`signal` for it are interposed, ours stays installed, and
+//! every such signal that is not one of ours goes to the program's handler.
 //!
 //! Steps, all async-signal-safe (see the contract in [`crate::signal`]): save errno; ignore
-//! the signal unless sampling is on and it came from one of our timers (any other `SIGPROF`
-//! goes to the handler that was installed before ours, if any); measure the thread CPU time
-//! since its previous sample (the sample's honest weight: per-thread CPU timers are serviced
-//! from the scheduler tick, so the real interval differs from the requested one); claim a
-//! ring slot; unwind into it; publish; restore errno.
+//! the signal unless sampling is on and it came from one of our timers (any other goes to the
+//! handler the program installed for that signal, if any); measure the thread CPU time since
+//! its previous sample (the sample's honest weight: per-thread CPU timers are serviced from
+//! the scheduler tick, so the real interval differs from the requested one); claim a ring
+//! slot; unwind into it; publish; restore errno.
 
 use core::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
@@ -17,7 +25,7 @@ use crate::counters;
 /// True while samples should be taken. Cleared at exit and in forked children.
 pub static SAMPLING: AtomicBool = AtomicBool::new(false);
 
-/// The program's own `SIGPROF` handler (installed before ours, or later through our
+/// The program's own handler for [`SIGNAL`] (installed before ours, or later through our
 /// `sigaction`/`signal` interposers, which record it here instead of replacing ours).
 /// `SIG_DFL` (0) or `SIG_IGN` (1) means no handler to call.
 static PREVIOUS_ACTION: AtomicUsize = AtomicUsize::new(0);
@@ -39,16 +47,16 @@ fn words_to_mask(words: &[u64; MASK_WORDS]) -> libc::sigset_t {
 }
 
 /// Marks our timers' signals (`sigev_value`), so that a program's own `timer_create` with
-/// `SIGPROF` is told apart from ours and goes to the program's handler.
+/// [`SIGNAL`] is told apart from ours and goes to the program's handler.
 pub const TIMER_COOKIE: usize = 0x616e_7970_726f_6600; // "anyprof\0"
 
-/// True once our handler is installed: from then on the program's `SIGPROF` handler is
+/// True once our handler is installed: from then on the program's handler for [`SIGNAL`] is
 /// recorded for chaining instead of installed.
 pub fn installed() -> bool {
     INSTALLED.load(Ordering::Acquire)
 }
 
-/// The program's `SIGPROF` action as the program believes it is installed.
+/// The program's action for [`SIGNAL`] as the program believes it is installed.
 pub fn program_action() -> libc::sigaction {
     // SAFETY: a zeroed sigaction is a valid "default action, empty mask" value.
     let mut a: libc::sigaction = unsafe { core::mem::zeroed() };
@@ -66,7 +74,7 @@ fn program_mask_words() -> [u64; MASK_WORDS] {
     words
 }
 
-/// Records the program's new `SIGPROF` action (ours stays installed and chains to it).
+/// Records the program's new action for [`SIGNAL`] (ours stays installed and chains to it).
 pub fn set_program_action(handler: usize, flags: libc::c_int, mask: &libc::sigset_t) {
     for (a, w) in PREVIOUS_MASK.iter().zip(mask_to_words(mask)) {
         a.store(w, Ordering::Release);
@@ -75,8 +83,12 @@ pub fn set_program_action(handler: usize, flags: libc::c_int, mask: &libc::sigse
     PREVIOUS_ACTION.store(handler, Ordering::Release);
 }
 
-/// The signal our timers send.
-pub const SIGNAL: libc::c_int = libc::SIGPROF;
+/// The signal our timers (and thread dumps) send: `SIGRTMAX - 2` (62; glibc's `SIGRTMIN` is
+/// 34 and `SIGRTMAX` 64), a real-time signal that glibc does not reserve and that stays clear
+/// of the ones known programs take for themselves (systemd reads `SIGRTMIN+0..26` as
+/// commands; runtimes that pick a free real-time signal look from `SIGRTMIN` up). Real-time
+/// signals are queued, never merged, so ours and the program's never swallow each other.
+pub const SIGNAL: libc::c_int = 62;
 
 static INSTALLED: AtomicBool = AtomicBool::new(false);
 /// Request id of the thread dump in progress (0 = none).
@@ -86,6 +98,10 @@ pub static DUMP_REQUEST: core::sync::atomic::AtomicU32 = core::sync::atomic::Ato
 pub fn install() -> Result<(), i32> {
     if INSTALLED.swap(true, Ordering::AcqRel) {
         return Ok(());
+    }
+    if SIGNAL < libc::SIGRTMIN() || SIGNAL > libc::SIGRTMAX() {
+        INSTALLED.store(false, Ordering::Release);
+        return Err(libc::EINVAL);
     }
     // SAFETY: a zeroed sigaction is a valid "no handler, empty mask" value.
     let mut action: libc::sigaction = unsafe { core::mem::zeroed() };

@@ -1,4 +1,6 @@
-//! The async-signal-safe world: everything the `SIGPROF` handler can reach.
+//! The async-signal-safe world: everything the sampling signal's handler can reach (our
+//! timers send a real-time signal of their own, see [`handler::SIGNAL`]; `SIGPROF` is left to
+//! the program).
 //!
 //! # Contract (reviewers check every change here against it)
 //! Code in this module may run at any instruction of the host program, including inside
