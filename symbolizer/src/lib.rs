@@ -60,9 +60,10 @@
 //!   that maps files. So only files that no one but root or the collector's own user can
 //!   write to (owner root or our effective uid, not group- or other-writable, not on FUSE) are
 //!   mapped, and only those users — who could kill the collector anyway — can raise it. Other
-//!   files are read into memory from the opened descriptor, up to 1 GiB (a bigger one is a
-//!   [`Miss::FileUnreadable`] that says so); cutting one while it is read gives a miss, not a
-//!   signal. Replacing a file by rename, as linkers and package managers do, is always safe.
+//!   files are read into memory from the opened descriptor, up to 1 GiB a file and 2 GiB held
+//!   at once (past either, a [`Miss::FileUnreadable`] that says so); cutting one while it is
+//!   read gives a miss, not a signal. Replacing a file by rename, as linkers and package
+//!   managers do, is always safe.
 //! - The `.gnu_debuglink` CRC is not checked; a debug file is accepted when its build id
 //!   matches, or when either side has none.
 //! - MiniDebugInfo (`.gnu_debugdata`, an xz-compressed symbol table) is not read.

@@ -24,6 +24,11 @@
 //! or garbled bytes, which the parsers turn into misses. Replacing a file by rename, as
 //! linkers and package managers do, leaves a mapping intact.
 //!
+//! Read files are the collector's own memory, not page cache the kernel can take back, and a
+//! user can make one that is mostly a hole (a sparse file costs no disk). So all files read
+//! into memory and still held together stay under [`MAX_READ_TOTAL`]; past it a file is not
+//! read (a miss that says so) until cached objects are closed.
+//!
 //! Either way the contents stay valid after the file is deleted, so a library that was
 //! upgraded or removed while the profiled program ran can still be symbolized from the copy we
 //! hold.
@@ -33,6 +38,7 @@ use std::io::{self, Read};
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use memmap2::Mmap;
@@ -41,6 +47,12 @@ use memmap2::Mmap;
 /// not mapped): 1 GiB. Debug files of big programs come close, but a bigger one would hold a
 /// gigabyte of the collector's memory per file for as long as it is cached.
 pub(crate) const MAX_READ: u64 = 1 << 30;
+
+/// The most bytes that all files read into memory and held at one time may take: 2 GiB.
+pub(crate) const MAX_READ_TOTAL: u64 = 2 << 30;
+
+/// Bytes of files read into memory and held now (each counted from its `fstat` length).
+static READ_HELD: AtomicU64 = AtomicU64::new(0);
 
 /// Which file a path named when it was read: a rebuilt or replaced file gets a new identity, so
 /// cached results for the old one are dropped.
@@ -105,7 +117,29 @@ enum Contents {
     Mapped(Mmap),
     /// Read into memory: someone else could truncate it in place. Also an empty file, which
     /// cannot be mapped.
-    Read(Vec<u8>),
+    Read(Vec<u8>, #[allow(dead_code)] Reservation), // the reservation is held for its Drop
+}
+
+/// A share of [`MAX_READ_TOTAL`], given back when dropped.
+struct Reservation(u64);
+
+impl Reservation {
+    /// `bytes` more of the total, or `None` if that would go over it.
+    fn take(bytes: u64) -> Option<Reservation> {
+        READ_HELD
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |held| {
+                held.checked_add(bytes)
+                    .filter(|&total| total <= MAX_READ_TOTAL)
+            })
+            .ok()
+            .map(|_| Reservation(bytes))
+    }
+}
+
+impl Drop for Reservation {
+    fn drop(&mut self) {
+        READ_HELD.fetch_sub(self.0, Ordering::SeqCst);
+    }
 }
 
 impl MappedFile {
@@ -128,7 +162,7 @@ impl MappedFile {
             )));
         }
         let contents = if meta.len() == 0 {
-            Contents::Read(Vec::new())
+            Contents::Read(Vec::new(), Reservation(0))
         } else if only_trusted_can_change(&file, &meta)? {
             // SAFETY: the mapping is read-only and private to this process, and it is only ever
             // read as plain bytes. `Mmap::map` is unsafe because another process could change
@@ -138,7 +172,8 @@ impl MappedFile {
             // descriptor), and they can kill the collector anyway.
             Contents::Mapped(unsafe { Mmap::map(&file) }?)
         } else {
-            Contents::Read(read_whole(&file, &meta)?)
+            let (data, reservation) = read_whole(&file, &meta)?;
+            Contents::Read(data, reservation)
         };
         Ok(MappedFile {
             contents: Arc::new(contents),
@@ -150,7 +185,7 @@ impl MappedFile {
     pub(crate) fn bytes(&self) -> &[u8] {
         match &*self.contents {
             Contents::Mapped(map) => map,
-            Contents::Read(data) => data,
+            Contents::Read(data, _) => data,
         }
     }
 
@@ -195,8 +230,9 @@ fn may_map(owner: u32, mode: u32, euid: u32) -> bool {
 }
 
 /// The whole of the opened `file`, read from its start, at most its length at `fstat` time
-/// (`meta`) and at most [`MAX_READ`] bytes. A file that shrinks meanwhile gives fewer bytes.
-fn read_whole(file: &File, meta: &Metadata) -> Result<Vec<u8>, MapError> {
+/// (`meta`) and at most [`MAX_READ`] bytes, with its share of [`MAX_READ_TOTAL`]. A file that
+/// shrinks meanwhile gives fewer bytes.
+fn read_whole(file: &File, meta: &Metadata) -> Result<(Vec<u8>, Reservation), MapError> {
     let len = meta.len();
     if len > MAX_READ {
         return Err(MapError::Io(io::Error::other(format!(
@@ -206,11 +242,21 @@ fn read_whole(file: &File, meta: &Metadata) -> Result<Vec<u8>, MapError> {
             MAX_READ >> 20
         ))));
     }
+    let reservation = Reservation::take(len).ok_or_else(|| {
+        io::Error::other(format!(
+            "it is {len} bytes, and the collector already holds close to {} MiB of files read \
+             into memory, the most it holds at once of files that a user other than root or \
+             its own can change (such files are not mapped); try again once fewer objects are \
+             open, or make the files owned by root and writable by their owner only so that \
+             they are mapped",
+            MAX_READ_TOTAL >> 20
+        ))
+    })?;
     // `len` is at most 1 GiB: it fits in usize on every target with 32-bit pointers or more.
     let mut data = Vec::with_capacity(len as usize);
     // The descriptor was just opened: it reads from offset 0.
     file.take(len).read_to_end(&mut data)?;
-    Ok(data)
+    Ok((data, reservation))
 }
 
 #[cfg(test)]
@@ -279,5 +325,16 @@ mod tests {
             Ok(_) => panic!("a file over the limit was read"),
         }
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// Shares of the total are refused past it and given back when dropped. (Other tests
+    /// of this binary hold at most kilobytes meanwhile.)
+    #[test]
+    fn files_read_into_memory_share_one_budget() {
+        let half = MAX_READ_TOTAL / 2 + 1;
+        let first = Reservation::take(half).expect("half the budget is free");
+        assert!(Reservation::take(half).is_none(), "over the total");
+        drop(first);
+        assert!(Reservation::take(half).is_some(), "given back when dropped");
     }
 }
