@@ -29,8 +29,8 @@
 //! # Whose rights open the files
 //!
 //! Every file is opened once, without blocking, checked through its descriptor to be a regular
-//! file, and mapped from that descriptor (a FIFO named like a debug file cannot hang the
-//! caller). A collector running as root that symbolizes for another user's process passes that
+//! file, and mapped from that descriptor, or read from it when another user could change it
+//! (a FIFO named like a debug file cannot hang the caller, nor a truncated file kill it). A collector running as root that symbolizes for another user's process passes that
 //! process's [`Access`] ([`Symbolizer::symbolize_many_as`]): files are then opened with that
 //! user's rights only, on the thread that opens them, and objects opened for one user are not
 //! handed to another.
@@ -46,7 +46,7 @@
 //!
 //! # Why it is fast enough
 //!
-//! Files are mapped, not read. Opening an object reads its headers only; DWARF units are parsed
+//! Files are mapped, not read (all but those another user could change in place). Opening an object reads its headers only; DWARF units are parsed
 //! on the first address that falls in them, symbol tables on the first address DWARF cannot
 //! name. Each distinct address of a batch is looked up once, in address order. Opened objects,
 //! and failures to open them, are cached across calls (at most 128 objects, least recently
@@ -57,7 +57,13 @@
 //! # Limitations
 //!
 //! - A file truncated *in place* while it is mapped raises `SIGBUS`, as in every symbolizer
-//!   that maps files. Replacing a file by rename, as linkers and package managers do, is safe.
+//!   that maps files. So only files that no one but root or the collector's own user can
+//!   write to (owner root or our effective uid, not group- or other-writable, not on FUSE) are
+//!   mapped, and only those users — who could kill the collector anyway — can raise it. Other
+//!   files are read into memory from the opened descriptor, up to 1 GiB a file and 2 GiB held
+//!   at once (past either, a [`Miss::FileUnreadable`] that says so); cutting one while it is
+//!   read gives a miss, not a signal. Replacing a file by rename, as linkers and package
+//!   managers do, is always safe.
 //! - The `.gnu_debuglink` CRC is not checked; a debug file is accepted when its build id
 //!   matches, or when either side has none.
 //! - MiniDebugInfo (`.gnu_debugdata`, an xz-compressed symbol table) is not read.

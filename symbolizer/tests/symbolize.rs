@@ -875,3 +875,88 @@ fn fifo_debug_files_do_not_hang() {
         Some("ns::Klass::method(int)")
     );
 }
+
+/// Regression test for a review finding on issue 12: a library owned by the profiled
+/// process's user (`nobody`), cut in place (`ftruncate`) while the collector had it mapped,
+/// killed the collector — a root `anyprof serve`, for every user — with `SIGBUS`. A file that
+/// anyone but root or the collector's own user can write to is now read into memory, not
+/// mapped: the object opened before the cut answers from its copy, a fresh open of what is
+/// left is a miss, and neither is a signal. Root's own file is still mapped.
+#[test]
+fn files_other_users_can_truncate_are_read_not_mapped() {
+    use std::os::unix::fs::PermissionsExt;
+    // SAFETY: geteuid cannot fail.
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!("not root: cannot give a file to another user; skipped");
+        return;
+    }
+    let dir = TempDir::new("truncated");
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let prog = build_c(&dir, "prog", &[]);
+    let id = build_id(&prog);
+    let leaf = symbol(&prog, "leaf");
+    let caller = symbol(&prog, "caller");
+    let is_mapped = |path: &Path| {
+        let maps = std::fs::read_to_string("/proc/self/maps").unwrap();
+        maps.lines()
+            .any(|line| line.ends_with(path.to_str().unwrap()))
+    };
+    let name = |answer: &Symbolized| {
+        frames(answer)
+            .last()
+            .and_then(|f| f.function.clone())
+            .unwrap_or_default()
+    };
+
+    // Owned by `nobody`; root's but writable by everyone.
+    for (file, owner, mode) in [("nobodys", Some(65534), 0o755), ("writable", None, 0o666)] {
+        let path = copy(&prog, dir.join(file));
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode)).unwrap();
+        std::os::unix::fs::chown(&path, owner, owner).unwrap();
+        // With the build id the process loaded, the cached object is kept whatever happens to
+        // the file on disk (it was checked to be that build), so the second call below reads
+        // what was opened before the cut.
+        let object = ObjectRef {
+            path: &path,
+            build_id: &id,
+        };
+        let mut symbolizer = Symbolizer::new();
+        // Opened and cached; an address outside the object reads none of its DWARF or symbols.
+        assert_eq!(
+            symbolizer.symbolize(&object, &[u64::MAX - 1]),
+            vec![Symbolized::Miss(Miss::OutsideObject)],
+            "{file}"
+        );
+        // Cut to less than its first page, in place, as the attacker's loop does.
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(&path)
+            .unwrap()
+            .set_len(64)
+            .unwrap();
+        // A mapping would raise SIGBUS here, on the first DWARF byte past the cut.
+        let answers = symbolizer.symbolize(&object, &[leaf.address, caller.address]);
+        assert_eq!(name(&answers[0]), "leaf", "{file}");
+        assert_eq!(name(&answers[1]), "caller", "{file}");
+        assert!(frames(&answers[0]).last().unwrap().line.is_some(), "{file}");
+        assert!(!is_mapped(&path), "{file} is mapped");
+        // What is left on disk is no ELF file: a miss for a fresh symbolizer.
+        assert!(
+            matches!(
+                &Symbolizer::new().symbolize(&object, &[leaf.address])[0],
+                Symbolized::Miss(_)
+            ),
+            "{file}"
+        );
+    }
+
+    // Root's, writable by root only: mapped, as before.
+    let roots = copy(&prog, dir.join("roots"));
+    std::fs::set_permissions(&roots, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let mut symbolizer = Symbolizer::new();
+    assert_eq!(
+        name(&symbolizer.symbolize(&object(&roots), &[leaf.address])[0]),
+        "leaf"
+    );
+    assert!(is_mapped(&roots), "root's own file is read, not mapped");
+}

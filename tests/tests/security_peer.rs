@@ -18,6 +18,10 @@
 //! * [`silent_connections_are_closed_after_the_hello_timeout`]: connections without a hello
 //!   are closed after 5 s; a process that said hello and then went silent, or was stopped,
 //!   stays connected.
+//! * [`library_cut_in_place_by_its_owner_does_not_kill_the_daemon`]: a process of `nobody`
+//!   names a library `nobody` owns; after the root daemon has opened it, the file is cut in
+//!   place; the daemon still names a function whose debug info lay past the cut (it read the
+//!   file rather than mapping it) and does not die of `SIGBUS`.
 //!
 //! The hostile processes are `tests/programs/seqpacket_relay.c`, which sends whatever
 //! messages the test built with the wire crate's encoders, and
@@ -842,4 +846,124 @@ fn silent_connections_are_closed_after_the_hello_timeout() {
     );
     // SAFETY: kill(2) on our own child.
     unsafe { libc::kill(stopped.pid as libc::pid_t, libc::SIGCONT) };
+}
+
+// ---------------------------------------------------------------------------------------
+// (e) A library its owner cuts in place while the daemon holds it
+// ---------------------------------------------------------------------------------------
+
+/// Two compilation units, so that the second one's DWARF is read only when an address first
+/// falls in it.
+const CUT_LIB_A: &str =
+    "__attribute__((noinline)) int anyprof_cut_first(int x) { return x * 3; }\n";
+const CUT_LIB_B: &str =
+    "__attribute__((noinline)) int anyprof_cut_second(int x) { return x * 11 + 2; }\n";
+const CUT_BIAS: u64 = 0x7f20_0000_0000;
+
+/// The GNU build id of the ELF file at `path`, as `readelf -n` prints it.
+fn build_id_of(path: &Path) -> Vec<u8> {
+    let out = Command::new("readelf")
+        .arg("-n")
+        .arg(path)
+        .output()
+        .expect("running readelf (install binutils)");
+    let text = String::from_utf8_lossy(&out.stdout);
+    let hex = text
+        .lines()
+        .find_map(|line| line.trim().strip_prefix("Build ID:"))
+        .unwrap_or_else(|| panic!("{} has no build id", path.display()))
+        .trim();
+    (0..hex.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(&hex[i..i + 2], 16).unwrap())
+        .collect()
+}
+
+/// Regression test for a review finding on issue 12: a process of `nobody` named a library
+/// `nobody` owns; once the root daemon had it open, `nobody` cut the file in place
+/// (`ftruncate`) and asked for an address whose debug info lay past the cut. The daemon had
+/// the file mapped and died of `SIGBUS`, for every user. It now reads such files into memory:
+/// it answers from its copy and keeps serving.
+#[test]
+fn library_cut_in_place_by_its_owner_does_not_kill_the_daemon() {
+    if !is_root() {
+        eprintln!("skipped: needs root (a root daemon and a process of nobody)");
+        return;
+    }
+    let dir = open_scratch("security_peer_cut");
+    let relay = relay_program(&dir);
+    std::fs::write(dir.join("cut_a.c"), CUT_LIB_A).unwrap();
+    std::fs::write(dir.join("cut_b.c"), CUT_LIB_B).unwrap();
+    run_ok(
+        Command::new("cc")
+            .current_dir(&dir)
+            .args(["-shared", "-fPIC", "-O1", "-g", "-o", "libcut.so"])
+            .args(["cut_a.c", "cut_b.c"]),
+    );
+    let lib = dir.join("libcut.so");
+    std::os::unix::fs::chown(&lib, Some(NOBODY), Some(NOGROUP)).unwrap();
+    std::fs::set_permissions(&lib, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let first = CUT_BIAS + function_address(&lib, "anyprof_cut_first");
+    let second = CUT_BIAS + function_address(&lib, "anyprof_cut_second");
+    // With the build id the process loaded, the daemon keeps the object it opened whatever
+    // happens to the file on disk: the second lookup reads what it opened before the cut.
+    let build_id = build_id_of(&lib);
+    let socket = dir.join("sock");
+    let mut daemon = start_daemon(&dir, &socket, &["--allow-uid", "65534"]);
+
+    let module_message = {
+        let path = lib.as_os_str().as_encoded_bytes().to_vec();
+        message(|buf| {
+            wire::encode_module_loaded(
+                buf,
+                &wire::ModuleInfo {
+                    id: 1,
+                    start: CUT_BIAS,
+                    end: CUT_BIAS + (1 << 20),
+                    file_offset: 0,
+                    load_bias: CUT_BIAS,
+                    path: &path,
+                    build_id: &build_id,
+                },
+            )
+        })
+    };
+    let peer = Peer::start(&relay, &socket, Some((NOBODY, NOGROUP)), move |send| {
+        send(&hello(4_000_001));
+        send(&module_message);
+    });
+    let names = daemon.symbols(peer.pid, &[first], "anyprof_cut_first");
+    assert!(names.contains("anyprof_cut_first"), "{names:?}");
+
+    // Cut to less than a page, in place, as nobody (the owner) can.
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&lib)
+        .unwrap()
+        .set_len(64)
+        .unwrap();
+    let answer = http(
+        daemon.port,
+        "POST",
+        &format!("/debug/pprof/symbol?pid={}", peer.pid),
+        format!("{second:#x}").as_bytes(),
+    );
+    if answer.is_err() {
+        // The connection closes as the process ends, a moment before it can be waited for.
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    let died = daemon.try_wait();
+    assert!(
+        died.is_none(),
+        "the daemon died ({died:?}) when a library it held was cut in place\n{}",
+        daemon.stderr()
+    );
+    let (status, names) = answer.expect("POST /symbol after the cut");
+    let names = String::from_utf8_lossy(&names);
+    assert_eq!(status, 200, "{names}");
+    assert!(
+        names.contains("anyprof_cut_second"),
+        "the copy read before the cut should still name it: {names:?}"
+    );
+    assert_eq!(daemon.get("/debug/pprof/").0, 200, "{}", daemon.stderr());
 }
