@@ -537,6 +537,34 @@ pub fn object_at(f: usize) -> Option<(usize, *const libc::c_char)> {
     Some((info.dli_fbase as usize, info.dli_fname))
 }
 
+/// True if `f` is a canonical PLT entry: the address a non-PIE executable gives a function
+/// it imports and takes the address of (its dynamic symbol is undefined but has a value, and
+/// `dlsym` returns that value). Calls through it still reach whatever the loader bound the
+/// name to, so it says nothing about who implements the function.
+pub fn is_plt_stub(f: usize) -> bool {
+    /// glibc's `RTLD_DL_SYMENT`: `dladdr1` also returns the matching symbol table entry.
+    const RTLD_DL_SYMENT: libc::c_int = 1;
+    let mut info = core::mem::MaybeUninit::<libc::Dl_info>::zeroed();
+    let mut sym: *mut libc::c_void = core::ptr::null_mut();
+    // SAFETY: dladdr1 fills `info` and `sym`; on failure (0) neither is read.
+    let found = unsafe {
+        libc::dladdr1(
+            f as *const libc::c_void,
+            info.as_mut_ptr(),
+            &mut sym,
+            RTLD_DL_SYMENT,
+        )
+    };
+    if found == 0 || sym.is_null() {
+        return false;
+    }
+    // SAFETY: with RTLD_DL_SYMENT a non-null `sym` points at the loader's own, immutable
+    // dynamic symbol table entry of a loaded object.
+    let sym = unsafe { &*(sym as *const libc::Elf64_Sym) };
+    // SHN_UNDEF is section index 0.
+    sym.st_shndx == 0 && sym.st_value != 0
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

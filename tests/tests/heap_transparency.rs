@@ -368,6 +368,46 @@ fn a_program_with_its_own_malloc_is_told_its_allocations_are_unseen() {
     );
 }
 
+/// A non-PIE program that takes malloc's address (CPython's allocator table does) owns a
+/// canonical PLT entry for it, and `dlsym(RTLD_DEFAULT, "malloc")` returns that stub in the
+/// executable. Its calls still reach the preload, so the "malloc is answered by" warning must
+/// not appear: it used to, once per process, in every CPython subprocess test's stderr.
+#[test]
+fn a_non_pie_program_taking_mallocs_address_gets_no_allocator_warning() {
+    let scratch = scratch_dir("heap_malloc_address");
+    let exe = compile(
+        "malloc_address.c",
+        &["-O2", "-fno-pie", "-no-pie"],
+        &scratch,
+    );
+    let direct = run(&mut clean_command(&exe));
+    assert_eq!(
+        direct.code,
+        0,
+        "malloc_address failed\n{}",
+        direct.stderr_text()
+    );
+    let recorded = {
+        let _cpu = cpu_lock();
+        run(&mut heap_record_command(
+            &scratch.join("profile"),
+            &[],
+            &exe,
+            &[],
+        ))
+    };
+    assert_eq!(
+        (
+            recorded.code,
+            recorded.stdout_text(),
+            recorded.stderr_text()
+        ),
+        (direct.code, direct.stdout_text(), direct.stderr_text()),
+        "a non-PIE program that takes malloc's address: exit code, stdout and stderr under \
+         anyprof record must be as without it"
+    );
+}
+
 /// A program whose allocator lives under prefixed names (Redis's je_malloc, a Rust program's
 /// tikv-jemallocator `_rjem_malloc`) never calls malloc for that memory, so no malloc
 /// interposer can see it. `anyprof record` must say so, naming the program and the symbol,

@@ -219,6 +219,11 @@ pub fn malloc_answered_by() -> Option<String> {
     let first = unsafe { libc::dlsym(libc::RTLD_DEFAULT, c"malloc".as_ptr()) } as usize;
     // Compared by object, not by address: taking the address of our exported `malloc` here
     // would itself go through the interposition and yield the winner's.
+    // A non-PIE program that takes malloc's address (CPython does) owns a canonical PLT
+    // entry for it, which `dlsym` returns; its calls still go to ours.
+    if crate::modules::is_plt_stub(first) {
+        return None;
+    }
     let (first_base, first_name) = crate::modules::object_at(first)?;
     let (our_base, _) = crate::modules::object_at(malloc_answered_by as *const () as usize)?;
     if first_base == our_base {
