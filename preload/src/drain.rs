@@ -516,6 +516,13 @@ fn run() {
         if STOP.load(Ordering::Acquire) {
             break;
         }
+        if crate::threads::only_ours_left() {
+            // What glibc does when a process's last thread exits: exit(0), which runs the
+            // program's atexit handlers and our destructor (the final flush). Without this,
+            // a program whose threads all end through pthread_exit would never end.
+            // SAFETY: exit ends the process; no lock of ours is held here.
+            unsafe { libc::exit(0) };
+        }
         if our_socket().is_none() {
             if SERVE_MODE.load(Ordering::Relaxed)
                 && crate::threads::CPU_HZ.load(Ordering::Relaxed) != 0

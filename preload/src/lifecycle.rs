@@ -141,6 +141,8 @@ fn start(argc: libc::c_int, argv: *const *const libc::c_char) {
 
     threads::init();
     threads::record_stack_bounds();
+    // The main thread may end through pthread_exit while others run on.
+    threads::run_destructor_at_exit();
     unwind::init_caches();
     drain::flush(None, false); // publishes the module map before the first sample
     find_own_code();

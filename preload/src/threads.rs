@@ -92,6 +92,29 @@ pub fn forget_other_threads_in_child() {
     record_stack_bounds();
 }
 
+/// True when every thread of the program has exited and only ours is left: the program's
+/// last thread ended through `pthread_exit` (or by returning from its start routine), and
+/// glibc, counting our thread as one of its own, did not end the process as it does when
+/// its last thread exits. Only reads `/proc/self/task` once no thread we know of is left, so
+/// no descriptor of ours is visible while the program runs.
+pub fn only_ours_left() -> bool {
+    if !STACKS.lock().map(|s| s.is_empty()).unwrap_or(false) {
+        return false;
+    }
+    // A main thread that ended through pthread_exit stays listed, as a zombie, until the
+    // whole process ends.
+    let own = thread_state::tid();
+    task_ids().into_iter().filter(|&t| t != own).all(|t| {
+        std::fs::read(format!("/proc/self/task/{t}/stat"))
+            .ok()
+            .and_then(|stat| {
+                let end = stat.iter().rposition(|&b| b == b')')?;
+                stat.get(end + 2).copied()
+            })
+            .is_none_or(|state| state == b'Z')
+    })
+}
+
 /// The stack bounds of thread `tid`, if recorded.
 pub fn stack_of(tid: u32) -> Option<(u64, u64)> {
     STACKS
@@ -198,6 +221,18 @@ pub fn task_ids() -> Vec<u32> {
 pub fn adopt_current_thread() {
     let _section = crate::fork::section();
     record_stack_bounds();
+    run_destructor_at_exit();
+    let hz = CPU_HZ.load(Ordering::Relaxed);
+    if hz == 0 || !handler::SAMPLING.load(Ordering::Relaxed) {
+        return;
+    }
+    thread_state::start_cpu_clock();
+    start_timer(thread_state::tid(), hz);
+}
+
+/// Makes the calling thread's exit (`pthread_exit`, or returning from its start routine) run
+/// [`stop_timer_at_exit`], which forgets it.
+pub fn run_destructor_at_exit() {
     let key = TIMER_KEY.load(Ordering::Acquire);
     if key != 0 {
         // Any non-null value makes the exit destructor run; it finds the timer by tid.
@@ -209,12 +244,6 @@ pub fn adopt_current_thread() {
             )
         };
     }
-    let hz = CPU_HZ.load(Ordering::Relaxed);
-    if hz == 0 || !handler::SAMPLING.load(Ordering::Relaxed) {
-        return;
-    }
-    thread_state::start_cpu_clock();
-    start_timer(thread_state::tid(), hz);
 }
 
 /// What the `pthread_create` interposer hands to the new thread.

@@ -436,6 +436,36 @@ fn allocations_just_before_exit_underscore_are_in_the_profile() {
 
 /// 200 forks while four threads churn malloc/free and the profiler's own thread runs: no
 /// child may inherit a held lock (deadlock), and the output is unchanged.
+/// glibc ends a process with exit(0) when its last thread exits through pthread_exit; the
+/// profiler's own thread must not keep it alive. Both a main thread that calls pthread_exit
+/// and a child forked from a worker thread whose only thread returns (CPython's
+/// test_threading.ThreadJoinOnShutdown hung this way at 1000 Hz) must end, run their atexit
+/// handlers, and be profiled.
+#[test]
+fn a_process_whose_threads_all_exit_ends_as_without_the_profiler() {
+    let scratch = scratch_dir("robust_thread_exit");
+    let exe = compile("robust_thread_exit.c", &["-O1", "-g", "-pthread"], &scratch);
+    let plain = direct(&exe, &[]);
+    assert_eq!(
+        plain.stdout_text(),
+        "child: worker returns\natexit\nparent: child exited 0\natexit\n",
+        "robust_thread_exit itself: {plain:?}"
+    );
+    let (profiled, dir) = recorded(
+        &scratch,
+        "profile",
+        &["--cpu-hz", "1000", "--mem-rate", "1"],
+        &exe,
+        &[],
+    );
+    assert_same_behaviour("robust_thread_exit under record", &plain, &profiled);
+    assert!(
+        dir.join("heap.pb.gz").is_file(),
+        "the program's heap profile was not written: {:?}",
+        files_in(&dir)
+    );
+}
+
 #[test]
 fn fork_during_malloc_churn_never_deadlocks() {
     let scratch = scratch_dir("robust_fork_churn");
