@@ -1,11 +1,17 @@
 //! The real-program matrix: programs nobody here wrote, run with fixed inputs with and
 //! without the profiler at its harshest settings (CPU at the highest rate it accepts, every
 //! allocation recorded). Their output and exit code must not change, and each run must
-//! still produce a non-empty, symbolized profile. `make test-matrix` runs just this file.
+//! still produce a non-empty, symbolized profile. A second test runs a meaningful part of
+//! CPython's own regression suite (Debian's `libpython3.11-testsuite`: signals, subprocesses,
+//! descriptors, threads) with and without the profiler and requires the same outcome for every
+//! single test. `make test-matrix` runs just this file.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use anyprof_tests::{clean_command, record_with, run, scratch_dir, ProfileView, RunOutput};
+use anyprof_tests::{
+    clean_command, cpu_lock, record_with, run, scratch_dir, ProfileView, RunOutput,
+};
 
 /// CPU rate asked for: the maximum `--cpu-hz` accepts (the kernel tick caps what arrives).
 const HARSHEST_HZ: u32 = 1000;
@@ -165,6 +171,8 @@ fn symbolized(view: &ProfileView) -> bool {
 
 #[test]
 fn real_programs_behave_the_same_and_yield_symbolized_profiles() {
+    // The CPython suite below has timing-sensitive tests: never run both at once.
+    let _cpu = cpu_lock();
     let dir = scratch_dir("matrix");
     inputs(&dir);
     let mut failures = Vec::new();
@@ -204,6 +212,150 @@ fn real_programs_behave_the_same_and_yield_symbolized_profiles() {
                 "{}: CPU profile unsymbolized\n{}",
                 case.name,
                 cpu.describe()
+            ));
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n\n"));
+}
+
+/// The interpreter that Debian's `libpython3.11-testsuite` belongs to.
+const CPYTHON: &str = "/usr/bin/python3.11";
+
+/// CPython regression-test modules that exercise what a preloaded profiler can disturb:
+/// signal delivery and masks, `fork`/`exec`/`wait`, inherited and leaked descriptors, `poll`,
+/// `select`, ptys, and many threads. Bare they take about 110 s here (2 cores).
+/// `test_faulthandler` is left out only for time (18 s bare).
+const CPYTHON_MODULES: &[&str] = &[
+    "test_signal",
+    "test_subprocess",
+    "test_os",
+    "test_threading",
+    "test_fork1",
+    "test_wait4",
+    "test_select",
+    "test_selectors",
+    "test_fcntl",
+    "test_pty",
+];
+
+/// Tests left out of both runs, each with the cause in anyprof that makes it differ. Every
+/// entry is a bug to fix, not a test to forget.
+const CPYTHON_EXCLUDED: &[&str] = &[
+    // An exec'd child that loads the library again (ANYPROF_EXEC defaults to on) holds its
+    // socket to the collector at fd 800 (`preload/src/drain.rs` HIGH_FD); fd_status.py probes
+    // every descriptor with fstat and lists it. Issue 13 point 2 (no descriptor of ours the
+    // program can see) is the fix.
+    "test_pass_fds_redirected",
+];
+
+/// Turns a `--junit-xml` report into `test id -> outcome` (ok, skipped, failure, error,
+/// expected-failure, unexpected-success).
+const JUNIT_TO_OUTCOMES: &str = r#"
+import sys, xml.etree.ElementTree as ET
+for case in ET.parse(sys.argv[1]).getroot().iter('testcase'):
+    kinds = [c.tag for c in case if c.tag in ('error', 'failure', 'skipped', 'output')]
+    if case.get('outcome') == 'UNEXPECTED_SUCCESS':
+        kinds.append('unexpected-success')
+    outcome = {'output': 'expected-failure'}.get(kinds[0], kinds[0]) if kinds else 'ok'
+    print(case.get('name'), outcome)
+"#;
+
+fn outcomes(junit: &Path) -> BTreeMap<String, String> {
+    let out = run(clean_command(CPYTHON)
+        .arg("-c")
+        .arg(JUNIT_TO_OUTCOMES)
+        .arg(junit));
+    assert_eq!(
+        out.code,
+        0,
+        "reading {}: {}",
+        junit.display(),
+        out.stderr_text()
+    );
+    out.stdout_text()
+        .lines()
+        .filter_map(|l| l.rsplit_once(' '))
+        .map(|(name, outcome)| (name.to_string(), outcome.to_string()))
+        .collect()
+}
+
+#[test]
+fn cpython_regression_tests_have_the_same_outcomes_under_the_profiler() {
+    let testsuite = Path::new("/usr/lib/python3.11/test/test_signal.py");
+    assert!(
+        Path::new(CPYTHON).is_file() && testsuite.is_file(),
+        "{} is missing: install libpython3.11-testsuite (CI installs it: see .ci/run)",
+        testsuite.display()
+    );
+    let _cpu = cpu_lock();
+    let dir = scratch_dir("matrix-cpython");
+    let mut failures = Vec::new();
+    for module in CPYTHON_MODULES {
+        let bare_xml = dir.join(format!("{module}-bare.xml"));
+        let args = |xml: &Path| {
+            let mut args = vec![
+                "-m".to_string(),
+                "test".into(),
+                "--junit-xml".into(),
+                xml.to_string_lossy().into_owned(),
+            ];
+            for excluded in CPYTHON_EXCLUDED {
+                args.extend(["-i".to_string(), (*excluded).to_string()]);
+            }
+            args.push((*module).into());
+            args
+        };
+        let direct = run(clean_command(CPYTHON)
+            .args(args(&bare_xml))
+            .current_dir(&dir));
+        let case_dir = dir.join(module);
+        std::fs::create_dir_all(&case_dir).expect("case dir");
+        let profiled_xml = case_dir.join("junit.xml");
+        let profiled_args = args(&profiled_xml);
+        let profiled_args: Vec<&str> = profiled_args.iter().map(String::as_str).collect();
+        let rec = record_with(
+            &case_dir,
+            HARSHEST_HZ,
+            Path::new(CPYTHON),
+            &profiled_args,
+            |cmd| {
+                cmd.current_dir(&dir).env("ANYPROF_MEM_RATE", "1");
+            },
+        );
+        let (bare, profiled) = (outcomes(&bare_xml), outcomes(&profiled_xml));
+        eprintln!(
+            "{module:16} exit {} / {} | {} tests | direct {:.1}s, profiled {:.1}s",
+            direct.code,
+            rec.output.code,
+            bare.len(),
+            direct.wall.as_secs_f64(),
+            rec.output.wall.as_secs_f64()
+        );
+        if bare.is_empty() {
+            failures.push(format!(
+                "{module}: no test ran bare\n{}",
+                direct.stdout_text()
+            ));
+        }
+        let mut differences = Vec::new();
+        for name in bare.keys().chain(profiled.keys()) {
+            let (b, p) = (bare.get(name), profiled.get(name));
+            if b != p
+                && !differences
+                    .iter()
+                    .any(|d: &String| d.starts_with(name.as_str()))
+            {
+                differences.push(format!("{name}: {b:?} bare, {p:?} profiled"));
+            }
+        }
+        if direct.code != rec.output.code || !differences.is_empty() {
+            failures.push(format!(
+                "{module}: exit {} bare, {} profiled; per-test differences:\n  {}\n--- profiled output:\n{}{}",
+                direct.code,
+                rec.output.code,
+                differences.join("\n  "),
+                rec.output.stdout_text(),
+                rec.output.stderr_text()
             ));
         }
     }
