@@ -315,12 +315,16 @@ fn tcmalloc_cxx_new_is_profiled() {
     );
 }
 
-/// Compiles `tests/programs/NAME.c`, runs it directly and under `anyprof record` with heap
-/// profiling, asserts that the exit code (0) and stdout are the same both ways, and returns
-/// the recorded run's stderr.
-fn stderr_of_unchanged_heap_run(name: &str, scratch_name: &str) -> String {
+/// Compiles `tests/programs/NAME.c` with `flags`, runs it directly and under `anyprof record`
+/// with heap profiling, asserts that the exit code (0) and stdout are the same both ways, and
+/// returns the recorded run's stderr and the direct run's.
+fn stderr_of_unchanged_heap_run(
+    name: &str,
+    scratch_name: &str,
+    flags: &[&str],
+) -> (String, String) {
     let scratch = scratch_dir(scratch_name);
-    let exe = compile(&format!("{name}.c"), &["-O2"], &scratch);
+    let exe = compile(&format!("{name}.c"), flags, &scratch);
     let direct = run(&mut clean_command(&exe));
     assert_eq!(direct.code, 0, "{name} failed\n{}", direct.stderr_text());
     let recorded = {
@@ -337,7 +341,7 @@ fn stderr_of_unchanged_heap_run(name: &str, scratch_name: &str) -> String {
         (direct.code, direct.stdout_text()),
         "{name} under anyprof record: exit code and stdout must be as without it"
     );
-    recorded.stderr_text()
+    (recorded.stderr_text(), direct.stderr_text())
 }
 
 /// A program whose executable defines `malloc` (an allocator linked into it) is reached first
@@ -347,7 +351,7 @@ fn stderr_of_unchanged_heap_run(name: &str, scratch_name: &str) -> String {
 /// that does not bring its own malloc.
 #[test]
 fn a_program_with_its_own_malloc_is_told_its_allocations_are_unseen() {
-    let stderr = stderr_of_unchanged_heap_run("own_malloc", "heap_own_malloc");
+    let stderr = stderr_of_unchanged_heap_run("own_malloc", "heap_own_malloc", &["-O2"]).0;
     let warning = stderr
         .lines()
         .find(|l| l.contains("malloc is answered by"))
@@ -374,37 +378,15 @@ fn a_program_with_its_own_malloc_is_told_its_allocations_are_unseen() {
 /// not appear: it used to, once per process, in every CPython subprocess test's stderr.
 #[test]
 fn a_non_pie_program_taking_mallocs_address_gets_no_allocator_warning() {
-    let scratch = scratch_dir("heap_malloc_address");
-    let exe = compile(
-        "malloc_address.c",
+    let (recorded, direct) = stderr_of_unchanged_heap_run(
+        "malloc_address",
+        "heap_malloc_address",
         &["-O2", "-fno-pie", "-no-pie"],
-        &scratch,
     );
-    let direct = run(&mut clean_command(&exe));
     assert_eq!(
-        direct.code,
-        0,
-        "malloc_address failed\n{}",
-        direct.stderr_text()
-    );
-    let recorded = {
-        let _cpu = cpu_lock();
-        run(&mut heap_record_command(
-            &scratch.join("profile"),
-            &[],
-            &exe,
-            &[],
-        ))
-    };
-    assert_eq!(
-        (
-            recorded.code,
-            recorded.stdout_text(),
-            recorded.stderr_text()
-        ),
-        (direct.code, direct.stdout_text(), direct.stderr_text()),
-        "a non-PIE program that takes malloc's address: exit code, stdout and stderr under \
-         anyprof record must be as without it"
+        recorded, direct,
+        "a non-PIE program that takes malloc's address: stderr under anyprof record must be \
+         as without it"
     );
 }
 
@@ -415,7 +397,7 @@ fn a_non_pie_program_taking_mallocs_address_gets_no_allocator_warning() {
 /// for byte-identical stderr, so the line cannot appear where it does not belong.)
 #[test]
 fn a_program_with_a_prefixed_allocator_is_told_its_allocations_are_unseen() {
-    let stderr = stderr_of_unchanged_heap_run("prefixed_alloc", "heap_prefixed_alloc");
+    let stderr = stderr_of_unchanged_heap_run("prefixed_alloc", "heap_prefixed_alloc", &["-O2"]).0;
     let warning = stderr
         .lines()
         .find(|l| l.contains("allocator of its own"))
