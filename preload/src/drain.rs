@@ -1,12 +1,26 @@
-//! The only part of the preload that does I/O: the connection to the collector and the
-//! background thread that feeds it.
+//! The only part of the preload that does I/O: the hand-over of the shared region to the
+//! collector, and the background thread that feeds it.
 //!
-//! Every 20 ms the thread notices module-map changes, empties the sample [`ring`] into
-//! [`SampleBatch`]es and sends them; once a second it sends the counters. Sends are
-//! `MSG_DONTWAIT | MSG_NOSIGNAL` on a non-blocking `SOCK_SEQPACKET` socket: a full socket
-//! drops the batch (counted), a collector that went away closes the connection quietly, and
-//! SIGPIPE is never raised. The socket is `O_CLOEXEC` and moved above the descriptors a
-//! program normally uses, so it never collides with the program's own.
+//! **Hand-over.** [`connect`] checks and connects to the collector's socket; [`handshake`]
+//! sends one [`Kind::Region`] datagram carrying the region's memfd (`SCM_RIGHTS`), then the
+//! hello, and closes the socket at once: no reply is awaited, and from then on no descriptor
+//! of ours exists in the process (issue 13). Every send is `MSG_DONTWAIT | MSG_NOSIGNAL`; a
+//! full backlog means "not profiled this time".
+//!
+//! **Stream.** Every 20 ms the background thread notices module-map changes, empties the
+//! sample [`ring`] into [`SampleBatch`]es and writes them, as the same wire messages the
+//! socket used to carry, into the message ring of the shared region ([`send`]); once a
+//! second it writes the counters. A full ring drops the message (counted); nothing waits
+//! except the last flush at exit, for at most [`EXIT_PATIENCE`]. Commands come back through
+//! the command ring ([`poll_commands`]).
+//!
+//! **Collector presence.** The collector writes `collector_seen_ms` each time it polls. In
+//! serve mode, a value older than 3 s (or none 2 s after the hand-over) means the daemon is
+//! gone: CPU sampling stops, and every second the thread re-attaches if a daemon's socket
+//! passes the checks (a root daemon opens `/proc/PID/map_files` itself; another one gets a
+//! fresh memfd). The background thread opens no file periodically: thread names and RSS are
+//! read by the collector from `/proc/PID`. Thread dumps (on request) still read
+//! `/proc/self/task`.
 
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
@@ -14,9 +28,11 @@ use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU8, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
+use anyprof_wire::shared::{self as shm, RegionInfo, SHARED_SIZE, SHARED_VERSION};
 use anyprof_wire::{self as wire, Counter, Kind, SampleBatch, MAX_MESSAGE};
 
 use crate::modules::ModuleMap;
+use crate::region::SHARED;
 use crate::signal::{ring, thread_state};
 use crate::{counters, log};
 
@@ -326,12 +342,129 @@ fn close(fd: libc::c_int) {
     unsafe { libc::close(fd) };
 }
 
-/// Closes our socket (in a forked child: the connection belongs to the parent).
+/// Closes our socket (after the hand-over; in a forked child: the parent's).
 pub fn forget_connection() {
     if let Some(fd) = our_socket() {
         SOCKET.store(-1, Ordering::Release);
         close(fd);
     }
+}
+
+/// The uid of the collector at the other end of our socket, if connected.
+pub fn collector_uid() -> Option<u32> {
+    our_socket().and_then(peer_uid)
+}
+
+/// Sends one datagram on our socket, with `pass` attached as `SCM_RIGHTS` if given. Never
+/// blocks, never raises SIGPIPE.
+fn send_datagram(msg: &[u8], pass: Option<libc::c_int>) -> bool {
+    let Some(fd) = our_socket() else {
+        return false;
+    };
+    let mut iov = libc::iovec {
+        iov_base: msg.as_ptr() as *mut libc::c_void,
+        iov_len: msg.len(),
+    };
+    // Room for one descriptor's control message, 8-aligned.
+    let mut control = [0u64; 4];
+    // SAFETY: a zeroed msghdr is valid; we fill the fields we use.
+    let mut hdr: libc::msghdr = unsafe { core::mem::zeroed() };
+    hdr.msg_iov = &mut iov;
+    hdr.msg_iovlen = 1;
+    if let Some(pass) = pass {
+        // SAFETY: CMSG_SPACE/CMSG_LEN are pure arithmetic.
+        let (space, len) = unsafe {
+            (
+                libc::CMSG_SPACE(core::mem::size_of::<libc::c_int>() as u32) as usize,
+                libc::CMSG_LEN(core::mem::size_of::<libc::c_int>() as u32) as usize,
+            )
+        };
+        if space > core::mem::size_of_val(&control) {
+            return false;
+        }
+        hdr.msg_control = control.as_mut_ptr().cast();
+        hdr.msg_controllen = space;
+        // SAFETY: msg_control points to `space` bytes of 8-aligned storage, enough for one
+        // cmsghdr and one int (checked above), so CMSG_FIRSTHDR is non-null and in bounds.
+        unsafe {
+            let cmsg = libc::CMSG_FIRSTHDR(&hdr);
+            if cmsg.is_null() {
+                return false;
+            }
+            (*cmsg).cmsg_level = libc::SOL_SOCKET;
+            (*cmsg).cmsg_type = libc::SCM_RIGHTS;
+            (*cmsg).cmsg_len = len;
+            libc::CMSG_DATA(cmsg)
+                .cast::<libc::c_int>()
+                .write_unaligned(pass);
+        }
+    }
+    loop {
+        // SAFETY: `hdr` points to valid iovec and control buffers that outlive the call.
+        let rc = unsafe { libc::sendmsg(fd, &hdr, libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL) };
+        if rc >= 0 {
+            return rc as usize == msg.len();
+        }
+        if crate::signal::sys::errno() != libc::EINTR {
+            return false;
+        }
+    }
+}
+
+/// CLOCK_MONOTONIC ms of the last hand-over to a collector; 0 = none, or it is gone.
+static ATTACHED_MS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+/// A collector that has not polled the region for this long is gone (serve mode).
+const SEEN_TIMEOUT_MS: u64 = 3000;
+/// A collector that has not polled the region this long after the hand-over never will.
+const FIRST_SEEN_GRACE_MS: u64 = 2000;
+
+fn monotonic_ms() -> u64 {
+    crate::signal::sys::monotonic_ns() / 1_000_000
+}
+
+/// True once a collector was given the region (and, in serve mode, not found gone since).
+pub fn attached() -> bool {
+    ATTACHED_MS.load(Ordering::Acquire) != 0
+}
+
+/// True while the collector given the region keeps polling it.
+pub fn collector_present() -> bool {
+    let at = ATTACHED_MS.load(Ordering::Acquire);
+    if at == 0 {
+        return false;
+    }
+    let now = monotonic_ms();
+    match SHARED.header.collector_seen_ms.load(Ordering::Acquire) {
+        0 => now.saturating_sub(at) < FIRST_SEEN_GRACE_MS,
+        seen => now.saturating_sub(seen) <= SEEN_TIMEOUT_MS,
+    }
+}
+
+/// Forgets the collector (serve mode, when it stopped polling).
+fn detach() {
+    ATTACHED_MS.store(0, Ordering::Release);
+}
+
+/// Hands the region to the collector on our (just connected) socket: a [`Kind::Region`]
+/// datagram carrying `memfd` (none on a re-attach to a root daemon, which opens
+/// `/proc/PID/map_files/…` itself), then `hello`; then closes the socket whatever happened.
+/// True if both were sent.
+pub fn handshake(memfd: Option<libc::c_int>, hello: &[u8]) -> bool {
+    let mut buf = [0u8; 64];
+    let info = RegionInfo {
+        version: SHARED_VERSION,
+        size: SHARED_SIZE as u64,
+        address: crate::region::address(),
+    };
+    let sent = match shm::encode_region(&mut buf, &info) {
+        Some(n) => send_datagram(buf.get(..n).unwrap_or(&[]), memfd) && send_datagram(hello, None),
+        None => false,
+    };
+    forget_connection();
+    if sent {
+        ATTACHED_MS.store(monotonic_ms().max(1), Ordering::Release);
+    }
+    sent
 }
 
 /// How long a process may wait, in all, for room on the socket at exit (a stopped or slow
@@ -348,49 +481,29 @@ fn patience_deadline() -> Instant {
     *d.get_or_insert_with(|| Instant::now() + EXIT_PATIENCE)
 }
 
-/// Sends one message. `patient` (only at exit) allows waiting for room,
-/// all patient sends together at most [`EXIT_PATIENCE`]. Returns false if it was not sent.
+/// Writes one message into the shared region's message ring. `patient` (only at exit)
+/// allows waiting for the collector to make room, all patient sends together at most
+/// [`EXIT_PATIENCE`], and only while it keeps polling. Returns false if it was not written
+/// (no collector was given the region, or the ring is full).
 pub fn send(msg: &[u8], patient: bool) -> bool {
-    let Some(fd) = our_socket() else {
+    if !attached() {
         return false;
-    };
-    let deadline = if patient {
-        patience_deadline()
-    } else {
-        Instant::now()
-    };
-    loop {
-        // SAFETY: `msg` is a valid buffer; flags forbid blocking and SIGPIPE.
-        let rc = unsafe {
-            libc::send(
-                fd,
-                msg.as_ptr() as *const libc::c_void,
-                msg.len(),
-                libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
-            )
-        };
-        if rc >= 0 {
+    }
+    let ring = &SHARED.messages;
+    if shm::message_write(ring, msg) {
+        return true;
+    }
+    if !patient {
+        return false;
+    }
+    let deadline = patience_deadline();
+    while Instant::now() < deadline && collector_present() {
+        std::thread::sleep(Duration::from_millis(1));
+        if shm::message_write(ring, msg) {
             return true;
         }
-        match crate::signal::sys::errno() {
-            libc::EINTR => continue,
-            libc::EAGAIN if patient && Instant::now() < deadline => {
-                let mut pfd = libc::pollfd {
-                    fd,
-                    events: libc::POLLOUT,
-                    revents: 0,
-                };
-                // SAFETY: one valid pollfd.
-                unsafe { libc::poll(&mut pfd, 1, 10) };
-            }
-            libc::EAGAIN | libc::ENOBUFS => return false,
-            _ => {
-                // The collector is gone: stop talking, keep the program running.
-                forget_connection();
-                return false;
-            }
-        }
     }
+    false
 }
 
 /// The background thread, while it runs.
@@ -477,12 +590,7 @@ pub fn forget_thread_in_child() {
     DRAINING.store(false, Ordering::Release);
     STOP.store(false, Ordering::Release);
     LAST_FLUSH.store(LAST_FLUSH_NONE, Ordering::Release);
-}
-
-/// From now on, report heap buckets net of their counts at this moment (a forked child
-/// reports what it allocates itself).
-pub fn count_heap_from_now() {
-    heap_report::set_baseline_now();
+    detach(); // the parent's collector was given the parent's region, not ours
 }
 
 /// Stops the background thread and waits for it; returns whether one was running. Used
@@ -523,14 +631,13 @@ fn run() {
             // SAFETY: exit ends the process; no lock of ours is held here.
             unsafe { libc::exit(0) };
         }
-        if our_socket().is_none() {
-            if SERVE_MODE.load(Ordering::Relaxed)
-                && crate::threads::CPU_HZ.load(Ordering::Relaxed) != 0
-            {
+        if SERVE_MODE.load(Ordering::Relaxed) && !collector_present() {
+            detach();
+            if crate::threads::CPU_HZ.load(Ordering::Relaxed) != 0 {
                 crate::threads::stop_cpu_sampling();
             }
-            // The program closed our descriptor (daemons close everything at start), or the
-            // collector restarted: try again now and then, never in a tight loop.
+            // No daemon polls the region (none yet, or it stopped or restarted): try again
+            // now and then, never in a tight loop.
             if last_reconnect.elapsed() >= RECONNECT_EVERY {
                 last_reconnect = Instant::now();
                 let _section = crate::fork::section();
@@ -538,8 +645,10 @@ fn run() {
                     reconnect();
                 }
             }
-            ring::drain(|_| counters::bump(Counter::DroppedSend));
-            continue;
+            if !attached() {
+                ring::drain(|_| counters::bump(Counter::DroppedSend));
+                continue;
+            }
         }
         let section = crate::fork::section();
         poll_commands();
@@ -552,34 +661,15 @@ fn run() {
     }
 }
 
-/// Reads and carries out the collector's commands, without waiting for any.
+/// Carries out the collector's commands from the command ring, without waiting for any.
 fn poll_commands() {
-    let Some(fd) = our_socket() else { return };
-    let mut buf = [0u8; 64];
-    loop {
-        // SAFETY: `buf` is valid for its length; MSG_DONTWAIT never blocks.
-        let n = unsafe {
-            libc::recv(
-                fd,
-                buf.as_mut_ptr() as *mut libc::c_void,
-                buf.len(),
-                libc::MSG_DONTWAIT,
-            )
-        };
-        if n == 0 {
-            forget_connection(); // the collector closed the connection
-            return;
-        }
-        if n < 0 {
-            return;
-        }
-        match wire::decode_command(buf.get(..n as usize).unwrap_or(&[])) {
-            Some(wire::Command::CpuStart(hz)) => {
+    while let Some(cmd) = shm::pop_command(&SHARED.commands) {
+        match cmd {
+            wire::Command::CpuStart(hz) => {
                 crate::threads::start_cpu_sampling(hz.clamp(1, crate::config::MAX_CPU_HZ))
             }
-            Some(wire::Command::CpuStop) => crate::threads::stop_cpu_sampling(),
-            Some(wire::Command::ThreadDump(id)) => dump_threads(id),
-            None => {}
+            wire::Command::CpuStop => crate::threads::stop_cpu_sampling(),
+            wire::Command::ThreadDump(id) => dump_threads(id),
         }
     }
 }
@@ -666,14 +756,11 @@ const RECONNECT_EVERY: Duration = Duration::from_secs(1);
 /// Re-establishes the connection and re-sends the hello (set by [`crate::lifecycle`]).
 pub static RECONNECT: Mutex<Option<fn()>> = Mutex::new(None);
 
-/// Makes the next drain cycle report every module and thread name again (on a new
-/// connection the collector knows nothing).
+/// Makes the next drain cycle report every module, bucket and thread-creation stack again
+/// (a new collector knows nothing).
 pub fn report_everything_again() {
     if let Ok(mut map) = MODULES.lock() {
         map.forget_reported();
-    }
-    if let Ok(mut names) = THREAD_NAMES.lock() {
-        names.clear();
     }
     heap_report::forget_sent();
     crate::threads::touch_creations();
@@ -710,6 +797,13 @@ pub fn flush(counters_kind: Option<Kind>, last: bool) {
         if let Some(n) = wire::encode_counters(&mut buf, kind, &counters::snapshot()) {
             send(buf.get(..n).unwrap_or(&[]), last);
         }
+    }
+    if last {
+        // The collector may end the session as soon as it has read the ring.
+        SHARED
+            .header
+            .finished
+            .store(shm::FINISHED, Ordering::Release);
     }
     DRAINING.store(false, Ordering::Release);
 }
@@ -785,65 +879,9 @@ fn send_thread_creates(buf: &mut [u8], patient: bool) {
     }
 }
 
-/// Names of the threads seen in samples, and when each was last read.
-static THREAD_NAMES: Mutex<Vec<(u32, Vec<u8>, Instant)>> = Mutex::new(Vec::new());
-/// How often a known thread's name is re-read (programs rename threads after start).
-const RENAME_CHECK: Duration = Duration::from_secs(1);
-/// Threads remembered at most; the oldest are forgotten first.
-const MAX_NAMED_THREADS: usize = 4096;
-
-/// Sends the name of each thread in `tids` that is new or was last read over a second ago
-/// and changed since.
-fn send_thread_names(buf: &mut [u8], tids: &[u32], patient: bool) {
-    let Ok(mut known) = THREAD_NAMES.try_lock() else {
-        return;
-    };
-    for &tid in tids {
-        let entry = known.iter().position(|(t, _, _)| *t == tid);
-        if let Some(i) = entry {
-            if known
-                .get(i)
-                .is_some_and(|(_, _, at)| at.elapsed() < RENAME_CHECK)
-            {
-                continue;
-            }
-        }
-        let Ok(mut name) = std::fs::read(format!("/proc/self/task/{tid}/comm")) else {
-            continue;
-        };
-        if name.last() == Some(&b'\n') {
-            name.pop();
-        }
-        let changed = match entry.and_then(|i| known.get_mut(i)) {
-            Some(e) => {
-                e.2 = Instant::now();
-                let changed = e.1 != name;
-                e.1.clone_from(&name);
-                changed
-            }
-            None => {
-                if known.len() >= MAX_NAMED_THREADS {
-                    known.remove(0);
-                }
-                known.push((tid, name.clone(), Instant::now()));
-                true
-            }
-        };
-        if changed {
-            if let Some(n) = wire::encode_thread_name(buf, tid, &name) {
-                send(buf.get(..n).unwrap_or(&[]), patient);
-            }
-        }
-    }
-}
-
 fn send_samples(buf: &mut [u8], patient: bool) {
     let mut pending: Vec<ring::Record> = Vec::new();
     ring::drain(|r| pending.push(*r));
-    let mut tids: Vec<u32> = pending.iter().map(|r| r.tid).collect();
-    tids.sort_unstable();
-    tids.dedup();
-    send_thread_names(buf, &tids, patient);
     let mut rest = pending.as_slice();
     while !rest.is_empty() {
         let mut batch = SampleBatch::new(buf);
@@ -877,29 +915,6 @@ mod heap_report {
 
     /// Counts last sent, by bucket position; `None` = frames not sent yet.
     static SENT: Mutex<Vec<Option<BucketCounts>>> = Mutex::new(Vec::new());
-    /// Counts at the moment this process was forked, by bucket position: what its parent
-    /// allocated, subtracted from every report.
-    static BASELINE: Mutex<Vec<BucketCounts>> = Mutex::new(Vec::new());
-
-    /// Takes the current counts as the baseline.
-    pub fn set_baseline_now() {
-        let now: Vec<BucketCounts> = (0..buckets::created())
-            .map(|n| buckets::get(n).map(|(_, _, c, _)| c).unwrap_or_default())
-            .collect();
-        if let Ok(mut b) = BASELINE.lock() {
-            *b = now;
-        }
-    }
-
-    fn net(counts: BucketCounts, base: Option<&BucketCounts>) -> BucketCounts {
-        let Some(b) = base else { return counts };
-        BucketCounts {
-            alloc_objects: counts.alloc_objects.saturating_sub(b.alloc_objects),
-            alloc_bytes: counts.alloc_bytes.saturating_sub(b.alloc_bytes),
-            free_objects: counts.free_objects.saturating_sub(b.free_objects),
-            free_bytes: counts.free_bytes.saturating_sub(b.free_bytes),
-        }
-    }
     static PEAK_LIVE: AtomicU64 = AtomicU64::new(0);
 
     /// Sends every bucket whose counts changed since it was last sent (with its frames the
@@ -908,13 +923,11 @@ mod heap_report {
         let Ok(mut sent) = SENT.try_lock() else {
             return;
         };
-        let baseline = BASELINE.lock().map(|b| b.clone()).unwrap_or_default();
         let mut pending = Vec::new();
         for n in 0..buckets::created() {
             let Some((id, size, counts, frames)) = buckets::get(n) else {
                 break;
             };
-            let counts = net(counts, baseline.get(n));
             let previous = sent.get(n).copied().flatten();
             if previous != Some(counts) {
                 let frames = if previous.is_none() { frames } else { &[][..] };
@@ -973,7 +986,8 @@ mod heap_report {
             MemStat::PeakLiveBytes,
             PEAK_LIVE.load(Ordering::Relaxed).max(t.live_bytes()),
         );
-        set(MemStat::RssBytes, rss_bytes());
+        // RSS is read by the collector from /proc/PID/statm: no file is opened here.
+        set(MemStat::RssBytes, 0);
         set(MemStat::MaxRssBytes, max_rss_bytes());
         set(MemStat::LiveTableFull, hooks::lost(MemStat::LiveTableFull));
         set(MemStat::BucketsFull, hooks::lost(MemStat::BucketsFull));
@@ -984,18 +998,6 @@ mod heap_report {
         if let Some(n) = wire::encode_mem_stats(buf, &fields, &t.class_mallocs, &t.class_frees) {
             send(buf.get(..n).unwrap_or(&[]), patient);
         }
-    }
-
-    fn rss_bytes() -> u64 {
-        let statm = std::fs::read_to_string("/proc/self/statm").unwrap_or_default();
-        let pages: u64 = statm
-            .split_whitespace()
-            .nth(1)
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(0);
-        // SAFETY: sysconf has no preconditions.
-        let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) }.max(0) as u64;
-        pages * page
     }
 
     fn max_rss_bytes() -> u64 {

@@ -40,6 +40,7 @@ mod fork;
 mod lifecycle;
 mod log;
 mod modules;
+mod region;
 pub mod signal;
 mod threads;
 mod timer;

@@ -1,16 +1,18 @@
 //! Start, fork and exit of the library inside the host process.
 //!
 //! - **Load** ([`on_load`], from `.init_array`): read settings; without `ANYPROF_SOCKET`
-//!   stay idle. Otherwise connect, say hello (pid, command line, settings), publish the module
-//!   map, install the signal handler, give the existing threads timers and start the
+//!   stay idle. Otherwise move the state into the shared region ([`crate::region`]), connect,
+//!   hand the region over and say hello (pid, command line, settings) — then close every
+//!   descriptor ([`drain::handshake`]) — publish the module map, install the signal handler, give the existing threads timers and start the
 //!   background thread. A secure-execution process (setuid, setgid, file capabilities) reads
 //!   no setting from its environment and only ever talks to a root daemon at
 //!   `/run/anyprof.sock` (see [`crate::config`]); every connection, first or renewed, is
 //!   checked by [`drain::connect`] (socket owner, directory, peer credentials).
-//! - **fork**: the child gets no timers from the kernel and must not speak on its parent's
-//!   connection or re-send its parent's samples, so it closes the connection and stays
-//!   unprofiled. (A program that then calls exec is profiled afresh: the library loads again
-//!   in the new image.)
+//! - **fork**: the child gets no timers from the kernel, and shares its parent's region until
+//!   it makes its own: a new memfd with a copy of the region, mapped over it, in which what
+//!   belongs to the parent is cleared (rings, samples, counters, heap bucket counts); it then
+//!   hands that to the collector as a process of its own. (A program that then calls exec is
+//!   profiled afresh: the library loads again in the new image.)
 //! - **Exit** ([`on_unload`], from `.fini_array`): stop sampling, send what is left and the
 //!   final counters. A process that ends with `_exit` runs no `.fini_array`: [`before_exit`]
 //!   has the background thread do the same first.
@@ -24,8 +26,8 @@ use anyprof_wire::{self as wire, Kind, Level, TimerKind, MAX_MESSAGE};
 
 use crate::config::{Config, Mode};
 use crate::drain::Trust;
-use crate::signal::{handler, ring, sys, thread_state, unwind};
-use crate::{alloc, counters, drain, exports, log, threads};
+use crate::signal::{handler, sys, thread_state, unwind};
+use crate::{alloc, drain, exports, log, threads};
 
 static STARTED: AtomicBool = AtomicBool::new(false);
 /// The encoded hello and the socket paths, kept to reconnect.
@@ -114,8 +116,29 @@ fn start(argc: libc::c_int, argv: *const *const libc::c_char) {
             );
         }
     }
-    let connected = connect_any(&sockets);
-    if !connected && config.mode == Mode::Record {
+    encode_hello(&config, argc, argv);
+    // The state moves into a memfd before anything is sent: the collector maps it.
+    crate::region::stamp_header();
+    let memfd = match crate::region::into_memfd() {
+        Ok(fd) => Some(fd),
+        Err(e) => {
+            log::message(
+                Level::Warn,
+                format!(
+                    "cannot set up the memory shared with the anyprof collector ({e}); \
+                     this process is not profiled"
+                ),
+            );
+            None
+        }
+    };
+    let handed = memfd.is_some() && connect_any(&sockets) && {
+        let hello = HELLO.lock().map(|h| h.clone()).unwrap_or_default();
+        drain::handshake(memfd.as_ref().map(|fd| fd.0), &hello)
+    };
+    // The collector has its own descriptor now (or none was given): ours is closed here.
+    drop(memfd);
+    if !handed && config.mode == Mode::Record {
         log::message(
             Level::Warn,
             format!(
@@ -127,10 +150,6 @@ fn start(argc: libc::c_int, argv: *const *const libc::c_char) {
     }
     if let Ok(mut p) = SOCKETS.lock() {
         *p = sockets;
-    }
-    encode_hello(&config, argc, argv);
-    if connected {
-        send_hello();
     }
     if let Ok(mut r) = drain::RECONNECT.lock() {
         *r = Some(reconnect);
@@ -207,11 +226,6 @@ fn connect_any(sockets: &[PathBuf]) -> bool {
     sockets.iter().any(|s| drain::connect(s, trust).is_ok())
 }
 
-fn send_hello() {
-    let hello = HELLO.lock().map(|h| h.clone()).unwrap_or_default();
-    drain::send(&hello, false);
-}
-
 fn encode_hello(config: &Config, argc: libc::c_int, argv: *const *const libc::c_char) {
     let mut cmdline = Vec::new();
     if !argv.is_null() {
@@ -260,15 +274,32 @@ fn encode_hello(config: &Config, argc: libc::c_int, argv: *const *const libc::c_
     }
 }
 
-/// Connects again after the connection was lost, and starts the conversation over: hello,
-/// then (on the next drain cycle) every module and thread name.
+/// Hands the region to a (new) daemon after none was polling it: discards what no one
+/// read, then a Region datagram — without a descriptor for a root daemon, which opens
+/// `/proc/PID/map_files/…` itself and so loses nothing; with a fresh memfd (a copy of the
+/// region, mapped over it) for any other — and the hello; then (on the next drain cycle)
+/// every module, bucket and thread-creation stack again.
 fn reconnect() {
     let sockets = SOCKETS.lock().map(|p| p.clone()).unwrap_or_default();
     if !connect_any(&sockets) {
         return;
     }
-    send_hello();
-    drain::report_everything_again();
+    crate::region::reset_for_reattach();
+    let memfd = if drain::collector_uid() == Some(0) && crate::region::in_memfd() {
+        None
+    } else {
+        match crate::region::into_memfd() {
+            Ok(fd) => Some(fd),
+            Err(_) => {
+                drain::forget_connection();
+                return;
+            }
+        }
+    };
+    let hello = HELLO.lock().map(|h| h.clone()).unwrap_or_default();
+    if drain::handshake(memfd.as_ref().map(|fd| fd.0), &hello) {
+        drain::report_everything_again();
+    }
 }
 
 /// Profile forked children (`ANYPROF_FORK`, default on).
@@ -287,27 +318,47 @@ pub fn after_fork_in_child() {
     threads::CPU_HZ.store(0, Ordering::Release);
     drain::forget_connection();
     drain::forget_thread_in_child();
-    ring::clear();
-    counters::reset();
     thread_state::clear_tid();
     threads::forget_other_threads_in_child();
-    if !ACTIVE.load(Ordering::Acquire) || !FORK_CHILDREN.load(Ordering::Acquire) {
-        // Step aside: no accounting, no sampling, no connection.
+    // Until it has a region of its own, the child shares its parent's: nothing of the
+    // parent's may be cleared before this.
+    let memfd = if ACTIVE.load(Ordering::Acquire) && FORK_CHILDREN.load(Ordering::Acquire) {
+        match crate::region::into_memfd() {
+            Ok(fd) => Some(fd),
+            Err(e) => {
+                log::message(
+                    Level::Warn,
+                    format!(
+                        "cannot set up the memory shared with the anyprof collector in a \
+                         forked child ({e}); the child is not profiled"
+                    ),
+                );
+                None
+            }
+        }
+    } else {
+        None
+    };
+    let Some(memfd) = memfd else {
+        // Step aside: no accounting, no sampling, no connection, and no write to the
+        // region, which may still be the parent's.
         alloc::sampler::RATE.store(0, Ordering::Release);
         alloc::hooks::ACCOUNTING.store(false, Ordering::Release);
         alloc::counters::detach_current_thread();
         ACTIVE.store(false, Ordering::Release);
         thread_state::set_internal(was);
         return;
-    }
+    };
+    crate::region::reset_for_child();
     note_own_pid();
     renew_hello();
     drain::report_everything_again();
-    drain::count_heap_from_now();
     let sockets = SOCKETS.lock().map(|p| p.clone()).unwrap_or_default();
     if connect_any(&sockets) {
-        send_hello();
+        let hello = HELLO.lock().map(|h| h.clone()).unwrap_or_default();
+        drain::handshake(Some(memfd.0), &hello);
     }
+    drop(memfd);
     if drain::spawn().is_err() {
         log::message(
             Level::Warn,

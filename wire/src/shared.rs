@@ -651,6 +651,26 @@ mod tests {
     }
 
     #[test]
+    fn layout_offsets_are_stable() {
+        use core::mem::offset_of;
+        // Changing any of these is a layout change: bump SHARED_VERSION.
+        assert_eq!(offset_of!(Shared, header), 0);
+        assert_eq!(offset_of!(SharedHeader, finished), 24);
+        assert_eq!(offset_of!(SharedHeader, collector_seen_ms), 32);
+        assert_eq!(offset_of!(Shared, commands), 64);
+        assert_eq!(offset_of!(Shared, messages), 320);
+        assert_eq!(offset_of!(MessageRing, data), 128);
+        std::println!(
+            "samples {} buckets {} counters {} alloc {} size {}",
+            offset_of!(Shared, samples),
+            offset_of!(Shared, buckets),
+            offset_of!(Shared, counters),
+            offset_of!(Shared, alloc),
+            SHARED_SIZE
+        );
+    }
+
+    #[test]
     fn zeroed_region_is_empty_and_sized_in_pages() {
         assert_eq!(SHARED_SIZE % 4096, 0);
         assert_eq!(core::mem::align_of::<Shared>(), 4096);

@@ -3,8 +3,9 @@
 //! process so that even `RATE=1` (every allocation) loses nothing to a full buffer.
 //!
 //! # Structure
-//! A fixed open-addressing table of [`CAPACITY`] buckets in `.bss` (pages become resident
-//! only when used) plus a frame arena. Lookup hashes the stack and size and probes linearly.
+//! A fixed open-addressing table of [`CAPACITY`] buckets plus a frame arena, in the shared
+//! region ([`crate::region::SHARED`]; pages become resident only when used), where the
+//! collector reads them after a sudden death (the heap at the moment of an OOM kill). Lookup hashes the stack and size and probes linearly.
 //! Insertion claims an empty bucket with a compare-exchange to a "being written" marker,
 //! writes size and frames, then publishes the hash (release). A reader that meets a bucket
 //! being written treats it as a mismatch and probes on: at worst one stack gets two buckets,
@@ -13,64 +14,23 @@
 //! Buckets are never removed. A full table or arena drops the sample and counts it
 //! ([`anyprof_wire::MemStat::BucketsFull`]).
 
-use core::cell::UnsafeCell;
-use core::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use core::sync::atomic::Ordering;
 
+use anyprof_wire::shared::{
+    Bucket, BucketTable, ARENA_FRAMES, BUCKETS as CAPACITY, BUCKET_EMPTY as EMPTY,
+    BUCKET_WRITING as WRITING,
+};
 use anyprof_wire::{BucketCounts, MAX_FRAMES};
 
-/// Number of buckets.
-pub const CAPACITY: usize = 1 << 16;
-/// Frames stored over all buckets.
-const ARENA_FRAMES: usize = 1 << 21;
 const MAX_PROBES: usize = 64;
 
-const EMPTY: u64 = 0;
-const WRITING: u64 = 1;
-
-struct Bucket {
-    hash: AtomicU64,
-    size: UnsafeCell<u64>,
-    frames_at: UnsafeCell<u32>,
-    frames_len: UnsafeCell<u16>,
-    alloc_objects: AtomicU64,
-    alloc_bytes: AtomicU64,
-    free_objects: AtomicU64,
-    free_bytes: AtomicU64,
+/// The table, in the shared region. A bucket's plain fields and its arena range are written
+/// only by the thread that moved its hash from EMPTY to WRITING, before it publishes the real
+/// hash with release; readers read them only after an acquire load of a published hash.
+#[inline(always)]
+fn table() -> &'static BucketTable {
+    &crate::region::SHARED.buckets
 }
-
-struct Table {
-    buckets: [Bucket; CAPACITY],
-    arena: UnsafeCell<[u64; ARENA_FRAMES]>,
-    arena_used: AtomicU32,
-    /// Index + 1 of each used bucket in creation order, for the reader (0 = position
-    /// claimed but not yet written).
-    order: [AtomicU32; CAPACITY],
-    order_claimed: AtomicU32,
-}
-
-// SAFETY: a bucket's plain fields and its arena range are written only by the thread that
-// moved its hash from EMPTY to WRITING, before it publishes the real hash with release;
-// readers read them only after an acquire load of a published hash.
-unsafe impl Sync for Table {}
-
-static TABLE: Table = Table {
-    buckets: [const {
-        Bucket {
-            hash: AtomicU64::new(EMPTY),
-            size: UnsafeCell::new(0),
-            frames_at: UnsafeCell::new(0),
-            frames_len: UnsafeCell::new(0),
-            alloc_objects: AtomicU64::new(0),
-            alloc_bytes: AtomicU64::new(0),
-            free_objects: AtomicU64::new(0),
-            free_bytes: AtomicU64::new(0),
-        }
-    }; CAPACITY],
-    arena: UnsafeCell::new([0; ARENA_FRAMES]),
-    arena_used: AtomicU32::new(0),
-    order: [const { AtomicU32::new(0) }; CAPACITY],
-    order_claimed: AtomicU32::new(0),
-};
 
 fn hash(frames: &[u64], size: u64) -> u64 {
     let mut h: u64 = 0xcbf2_9ce4_8422_2325 ^ size.wrapping_mul(0x9e37_79b9_7f4a_7c15);
@@ -87,7 +47,7 @@ fn frames_of(b: &Bucket) -> &'static [u64] {
     unsafe {
         let at = *b.frames_at.get() as usize;
         let len = *b.frames_len.get() as usize;
-        let arena = &*TABLE.arena.get();
+        let arena = &*table().arena.get();
         arena.get(at..at + len).unwrap_or(&[])
     }
 }
@@ -98,7 +58,7 @@ pub fn intern(frames: &[u64], size: u64) -> Option<u32> {
     let h = hash(frames, size);
     for probe in 0..MAX_PROBES {
         let idx = (h as usize).wrapping_add(probe) % CAPACITY;
-        let b = TABLE.buckets.get(idx)?;
+        let b = table().buckets.get(idx)?;
         let current = b.hash.load(Ordering::Acquire);
         if current == h {
             // SAFETY: published bucket (acquire above).
@@ -117,7 +77,7 @@ pub fn intern(frames: &[u64], size: u64) -> Option<u32> {
         {
             continue;
         }
-        let at = TABLE
+        let at = table()
             .arena_used
             .fetch_add(frames.len() as u32, Ordering::Relaxed) as usize;
         if at + frames.len() > ARENA_FRAMES {
@@ -127,7 +87,7 @@ pub fn intern(frames: &[u64], size: u64) -> Option<u32> {
         // SAFETY: this thread owns the bucket (WRITING) and the arena range [at, at+len)
         // handed out by the atomic bump above.
         unsafe {
-            let arena = &mut *TABLE.arena.get();
+            let arena = &mut *table().arena.get();
             if let Some(dst) = arena.get_mut(at..at + frames.len()) {
                 dst.copy_from_slice(frames);
             }
@@ -136,8 +96,8 @@ pub fn intern(frames: &[u64], size: u64) -> Option<u32> {
             *b.frames_len.get() = frames.len() as u16;
         }
         b.hash.store(h, Ordering::Release);
-        let pos = TABLE.order_claimed.fetch_add(1, Ordering::Relaxed) as usize;
-        if let Some(o) = TABLE.order.get(pos) {
+        let pos = table().order_claimed.fetch_add(1, Ordering::Relaxed) as usize;
+        if let Some(o) = table().order.get(pos) {
             o.store(idx as u32 + 1, Ordering::Release);
         }
         return Some(idx as u32);
@@ -147,7 +107,7 @@ pub fn intern(frames: &[u64], size: u64) -> Option<u32> {
 
 /// Counts a sampled allocation of `bytes` in bucket `idx`.
 pub fn add_alloc(idx: u32, bytes: u64) {
-    if let Some(b) = TABLE.buckets.get(idx as usize) {
+    if let Some(b) = table().buckets.get(idx as usize) {
         b.alloc_objects.fetch_add(1, Ordering::Relaxed);
         b.alloc_bytes.fetch_add(bytes, Ordering::Relaxed);
     }
@@ -155,7 +115,7 @@ pub fn add_alloc(idx: u32, bytes: u64) {
 
 /// Counts a free of a sampled allocation of `bytes` from bucket `idx`.
 pub fn add_free(idx: u32, bytes: u64) {
-    if let Some(b) = TABLE.buckets.get(idx as usize) {
+    if let Some(b) = table().buckets.get(idx as usize) {
         b.free_objects.fetch_add(1, Ordering::Relaxed);
         b.free_bytes.fetch_add(bytes, Ordering::Relaxed);
     }
@@ -163,14 +123,18 @@ pub fn add_free(idx: u32, bytes: u64) {
 
 /// Number of bucket positions handed out so far (some may not be readable yet).
 pub fn created() -> usize {
-    (TABLE.order_claimed.load(Ordering::Acquire) as usize).min(CAPACITY)
+    (table().order_claimed.load(Ordering::Acquire) as usize).min(CAPACITY)
 }
 
 /// Reads bucket number `n` in creation order: its id, size, counts and frames; `None` if
 /// that position is not written yet (try again later) or out of range.
 pub fn get(n: usize) -> Option<(u32, u64, BucketCounts, &'static [u64])> {
-    let idx = TABLE.order.get(n)?.load(Ordering::Acquire).checked_sub(1)?;
-    let b = TABLE.buckets.get(idx as usize)?;
+    let idx = table()
+        .order
+        .get(n)?
+        .load(Ordering::Acquire)
+        .checked_sub(1)?;
+    let b = table().buckets.get(idx as usize)?;
     if b.hash.load(Ordering::Acquire) <= WRITING {
         return None;
     }
@@ -186,5 +150,22 @@ pub fn get(n: usize) -> Option<(u32, u64, BucketCounts, &'static [u64])> {
 }
 
 /// Bytes of memory the table occupies when full (for the profiler's own overhead report).
-pub const FOOTPRINT: usize =
-    core::mem::size_of::<Bucket>() * CAPACITY + ARENA_FRAMES * 8 + CAPACITY * 4;
+pub const FOOTPRINT: usize = core::mem::size_of::<BucketTable>();
+
+/// Sets every bucket's counts to zero, keeping the buckets (in a forked child: it reports
+/// only what it allocates itself). Single-threaded callers only.
+pub fn zero_counts() {
+    let t = table();
+    let used = (t.order_claimed.load(Ordering::Acquire) as usize).min(CAPACITY);
+    for o in t.order.iter().take(used) {
+        let Some(idx) = o.load(Ordering::Acquire).checked_sub(1) else {
+            continue;
+        };
+        if let Some(b) = t.buckets.get(idx as usize) {
+            b.alloc_objects.store(0, Ordering::Relaxed);
+            b.alloc_bytes.store(0, Ordering::Relaxed);
+            b.free_objects.store(0, Ordering::Relaxed);
+            b.free_bytes.store(0, Ordering::Relaxed);
+        }
+    }
+}

@@ -9,37 +9,24 @@
 //! destructor); the counts stay in the slot, so the sums stay right when the slot is reused.
 //! Threads beyond [`SLOTS`], calls made before the library is set up, and a thread's calls
 //! after its exit began use the shared overflow slot with atomic adds.
+//!
+//! The slots live in the shared region ([`crate::region::SHARED`]): the collector sums them
+//! itself after a sudden death.
 
-use core::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use core::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
 use anyprof_wire::{size_class, SIZE_CLASSES};
 
 use crate::tls::ThreadBlock;
 
-/// Per-thread slots (slot 0 is the shared overflow slot).
-pub const SLOTS: usize = 1024;
+use anyprof_wire::shared::{AllocSlot as Slot, ALLOC_SLOTS as SLOTS};
 
-#[repr(C, align(64))]
-struct Slot {
-    owned: AtomicU32,
-    alloc_bytes: AtomicU64,
-    free_bytes: AtomicU64,
-    class_mallocs: [AtomicU64; SIZE_CLASSES],
-    class_frees: [AtomicU64; SIZE_CLASSES],
+/// The slots (slot 0 is the shared overflow slot), in the shared region.
+#[inline(always)]
+fn table() -> &'static [Slot; SLOTS] {
+    &crate::region::SHARED.alloc
 }
 
-impl Slot {
-    #[allow(clippy::declare_interior_mutable_const)] // only used to initialise the static array
-    const EMPTY: Slot = Slot {
-        owned: AtomicU32::new(0),
-        alloc_bytes: AtomicU64::new(0),
-        free_bytes: AtomicU64::new(0),
-        class_mallocs: [const { AtomicU64::new(0) }; SIZE_CLASSES],
-        class_frees: [const { AtomicU64::new(0) }; SIZE_CLASSES],
-    };
-}
-
-static TABLE: [Slot; SLOTS] = [const { Slot::EMPTY }; SLOTS];
 static HINT: AtomicUsize = AtomicUsize::new(1);
 /// Highest slot index ever claimed: the reader sums only up to it.
 static HIGH: AtomicUsize = AtomicUsize::new(0);
@@ -58,8 +45,9 @@ fn slot_of(b: &ThreadBlock) -> Option<&'static Slot> {
     if addr == 0 {
         return None;
     }
-    // SAFETY: `stats` only ever holds 0 or the address of an element of the static TABLE
-    // (set by `claim`), which lives for the whole process.
+    // SAFETY: `stats` only ever holds 0 or the address of an element of the slot table in
+    // the shared region (set by `claim`), which stays mapped at that address for the whole
+    // process.
     Some(unsafe { &*(addr as *const Slot) })
 }
 
@@ -104,7 +92,9 @@ fn slow_add(b: &ThreadBlock, usable: u64, alloc: bool) {
     } else {
         None
     };
-    let s = slot.unwrap_or(&TABLE[0]);
+    let Some(s) = slot.or_else(|| table().first()) else {
+        return;
+    };
     let (bytes, classes) = if alloc {
         (&s.alloc_bytes, &s.class_mallocs)
     } else {
@@ -132,7 +122,7 @@ fn claim(b: &ThreadBlock) -> Option<&'static Slot> {
     let start = HINT.load(Ordering::Relaxed);
     for i in 0..SLOTS - 1 {
         let idx = 1 + (start + i - 1) % (SLOTS - 1);
-        let Some(s) = TABLE.get(idx) else { continue };
+        let Some(s) = table().get(idx) else { continue };
         if s.owned
             .compare_exchange(0, 1, Ordering::Acquire, Ordering::Relaxed)
             .is_ok()
@@ -228,7 +218,7 @@ pub fn totals() -> Totals {
 }
 
 fn used_slots() -> impl Iterator<Item = &'static Slot> {
-    TABLE.iter().take(HIGH.load(Ordering::Relaxed) + 1)
+    table().iter().take(HIGH.load(Ordering::Relaxed) + 1)
 }
 
 /// Bytes in live blocks now (cheaper than [`totals`]: no histogram).

@@ -11,84 +11,33 @@
 //! - If no free slot is found the sample is dropped and counted
 //!   ([`anyprof_wire::Counter::DroppedRingFull`]); the profile shows the loss.
 //!
-//! Storage is a `static` array (about 0.5 MiB of `.bss`, paged in only when used), so the ring
-//! needs no allocation and exists before the constructor runs.
+//! Storage is part of the shared region ([`crate::region::SHARED`]: `.bss` at first, then a
+//! memfd the collector maps too, paged in only when used), so the ring needs no allocation,
+//! exists before the constructor runs, and can be read by the collector after the process
+//! died (it takes the `READY` slots then).
 
-use core::cell::UnsafeCell;
-use core::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
+use core::sync::atomic::Ordering;
 
-use anyprof_wire::MAX_FRAMES;
+use anyprof_wire::shared::{
+    SampleRing, SampleSlot, SAMPLE_FREE as FREE, SAMPLE_READY as READY, SAMPLE_SLOTS as SLOTS,
+    SAMPLE_WRITING as WRITING,
+};
 
-/// Number of slots: 5 s of samples for 100 threads at 100 Hz before the reader must run.
-pub const SLOTS: usize = 512;
+/// One sample as recorded by the handler (the layout is shared with the collector).
+pub use anyprof_wire::shared::SampleRecord as Record;
+
 /// How many neighbouring slots a writer tries before dropping.
 const PROBES: usize = 8;
 
-const FREE: u32 = 0;
-const WRITING: u32 = 1;
-const READY: u32 = 2;
-
-/// One sample as recorded by the handler.
-#[derive(Clone, Copy)]
-pub struct Record {
-    /// Thread id.
-    pub tid: u32,
-    /// `anyprof_wire::FLAG_*` bits.
-    pub flags: u8,
-    /// Number of valid entries in `frames`.
-    pub len: u16,
-    /// CLOCK_MONOTONIC, ns.
-    pub time_ns: u64,
-    /// Thread CPU time this sample stands for, ns.
-    pub cpu_ns: u64,
-    /// Leaf first: interrupted PC, then return addresses.
-    pub frames: [u64; MAX_FRAMES],
+/// The ring's storage, in the shared region.
+#[inline(always)]
+fn ring() -> &'static SampleRing {
+    &crate::region::SHARED.samples
 }
-
-impl Record {
-    const EMPTY: Record = Record {
-        tid: 0,
-        flags: 0,
-        len: 0,
-        time_ns: 0,
-        cpu_ns: 0,
-        frames: [0; MAX_FRAMES],
-    };
-
-    /// The valid frames.
-    pub fn frames(&self) -> &[u64] {
-        let n = (self.len as usize).min(MAX_FRAMES);
-        self.frames.get(..n).unwrap_or(&[])
-    }
-}
-
-struct Slot {
-    state: AtomicU32,
-    record: UnsafeCell<Record>,
-}
-
-struct Ring {
-    slots: [Slot; SLOTS],
-    next: AtomicUsize,
-}
-
-// SAFETY: access to each slot's record is serialised by its `state` (see the module doc):
-// only the thread that moved it to WRITING writes it, only the reader that saw READY reads it.
-unsafe impl Sync for Ring {}
-
-static RING: Ring = Ring {
-    slots: [const {
-        Slot {
-            state: AtomicU32::new(FREE),
-            record: UnsafeCell::new(Record::EMPTY),
-        }
-    }; SLOTS],
-    next: AtomicUsize::new(0),
-};
 
 /// A claimed slot; publish it with [`Claim::publish`] or give it back by dropping.
 pub struct Claim {
-    slot: &'static Slot,
+    slot: &'static SampleSlot,
     published: bool,
 }
 
@@ -118,9 +67,9 @@ impl Drop for Claim {
 /// Claims a free slot, or `None` when the ring is full around the rotating index.
 #[inline]
 pub fn claim() -> Option<Claim> {
-    let start = RING.next.fetch_add(1, Ordering::Relaxed);
+    let start = ring().next.fetch_add(1, Ordering::Relaxed) as usize;
     for i in 0..PROBES {
-        let slot = RING.slots.get(start.wrapping_add(i) % SLOTS)?;
+        let slot = ring().slots.get(start.wrapping_add(i) % SLOTS)?;
         if slot
             .state
             .compare_exchange(FREE, WRITING, Ordering::Acquire, Ordering::Relaxed)
@@ -139,7 +88,7 @@ pub fn claim() -> Option<Claim> {
 /// at a time (the reader); see [`crate::drain`] for how that is ensured.
 pub fn drain(mut f: impl FnMut(&Record)) -> usize {
     let mut n = 0;
-    for slot in RING.slots.iter() {
+    for slot in ring().slots.iter() {
         if slot.state.load(Ordering::Acquire) == READY {
             // SAFETY: READY means the writer is done and no other writer can claim the slot
             // until we store FREE below; the caller guarantees a single reader.
@@ -154,7 +103,10 @@ pub fn drain(mut f: impl FnMut(&Record)) -> usize {
 
 /// Frees every slot without reading it (in a forked child: the parent's samples are not ours).
 pub fn clear() {
-    for slot in RING.slots.iter() {
-        slot.state.store(FREE, Ordering::Release);
+    for slot in ring().slots.iter() {
+        // Only slots in use: a store to a never-touched page would make it resident.
+        if slot.state.load(Ordering::Relaxed) != FREE {
+            slot.state.store(FREE, Ordering::Release);
+        }
     }
 }

@@ -1,0 +1,241 @@
+//! The shared region: the one static that holds everything the collector must be able to
+//! read, and its move into a sealed memfd that the collector maps too.
+//!
+//! [`SHARED`] (see [`anyprof_wire::shared`] for the layout) is an all-zero, page-aligned
+//! static in `.bss`: it exists before our constructor runs, costs nothing in the `.so` file,
+//! and its pages become resident only when used. The sample ring, the heap bucket table, the
+//! event counters and the allocator counters keep their logic in their own modules and only
+//! their storage here.
+//!
+//! [`into_memfd`] creates a memfd of the region's size, copies the resident pages of the
+//! region into it (`mincore` + `pwrite`: untouched pages stay holes, so a fresh process
+//! costs a page or two), seals its size (`F_SEAL_SHRINK | F_SEAL_GROW | F_SEAL_SEAL`) and
+//! maps it with `MAP_SHARED | MAP_FIXED` exactly over the static. Every address into the
+//! state stays valid, so no hot path changes; the caller hands the descriptor to the
+//! collector and closes it, and the mapping alone keeps the memory alive — in the collector
+//! too, after this process died.
+//!
+//! The copy and the remap are not atomic: a store another thread makes to a page after it
+//! was copied and before the remap is lost. The constructor and the fork child run this
+//! while the process has one thread; a re-attach to a non-root daemon (which cannot open
+//! `/proc/PID/map_files`) runs it with the program's threads live, and may lose the few
+//! counts and samples written during the copy.
+
+use core::sync::atomic::{AtomicBool, Ordering};
+
+use anyprof_wire::shared::{Shared, MESSAGE_RING_BYTES, SHARED_MAGIC, SHARED_SIZE, SHARED_VERSION};
+
+/// The region. Mapped over by a memfd once [`into_memfd`] succeeded.
+pub static SHARED: Shared = Shared::zeroed();
+
+/// True once the region is a memfd mapping (inherited by a forked child, where it is its
+/// parent's until the child makes its own).
+static IN_MEMFD: AtomicBool = AtomicBool::new(false);
+
+/// True once the region lives in a memfd (so `/proc/PID/map_files` can reach it).
+pub fn in_memfd() -> bool {
+    IN_MEMFD.load(Ordering::Acquire)
+}
+
+const PAGE: usize = 4096;
+
+/// Address of the region in this process.
+pub fn address() -> u64 {
+    core::ptr::addr_of!(SHARED) as u64
+}
+
+/// Writes the identity words (magic, version, size, this process's pid).
+pub fn stamp_header() {
+    let h = &SHARED.header;
+    // SAFETY: getpid cannot fail.
+    let pid = unsafe { libc::getpid() } as u32;
+    h.version.store(SHARED_VERSION, Ordering::Relaxed);
+    h.size.store(SHARED_SIZE as u64, Ordering::Relaxed);
+    h.pid.store(pid, Ordering::Relaxed);
+    h.magic.store(SHARED_MAGIC, Ordering::Release);
+}
+
+/// Why the region could not be moved into a memfd: the call that failed and its errno.
+#[derive(Clone, Copy, Debug)]
+pub struct RegionError {
+    /// The step that failed.
+    pub what: &'static str,
+    /// Its errno.
+    pub errno: i32,
+}
+
+impl std::fmt::Display for RegionError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} failed ({})",
+            self.what,
+            std::io::Error::from_raw_os_error(self.errno)
+        )
+    }
+}
+
+fn fail(what: &'static str) -> RegionError {
+    RegionError {
+        what,
+        errno: crate::signal::sys::errno(),
+    }
+}
+
+/// A descriptor we own, closed on drop.
+pub struct Fd(pub libc::c_int);
+
+impl Drop for Fd {
+    fn drop(&mut self) {
+        // SAFETY: closing a descriptor this value owns.
+        unsafe { libc::close(self.0) };
+    }
+}
+
+/// Moves the region into a new sealed memfd mapped over [`SHARED`]; returns the memfd (the
+/// caller gives it to the collector and drops it). On failure the region stays where it was
+/// (the `.bss` copy, or the previous memfd) and nothing is left open.
+///
+/// Allocates one byte per page of the region (the residency vector): not for signal
+/// handlers, fine for the constructor, the background thread and an atfork child handler.
+pub fn into_memfd() -> Result<Fd, RegionError> {
+    let base = address() as usize;
+    // SAFETY: plain memfd_create call with a NUL-terminated name.
+    let raw = unsafe {
+        libc::memfd_create(
+            c"anyprof".as_ptr(),
+            libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING,
+        )
+    };
+    if raw < 0 {
+        return Err(fail("memfd_create"));
+    }
+    let fd = Fd(raw);
+    // SAFETY: ftruncate on our memfd.
+    if unsafe { libc::ftruncate(fd.0, SHARED_SIZE as libc::off_t) } != 0 {
+        return Err(fail("ftruncate of the memfd"));
+    }
+    copy_resident_pages(fd.0, base)?;
+    let seals = libc::F_SEAL_SHRINK | libc::F_SEAL_GROW | libc::F_SEAL_SEAL;
+    // SAFETY: fcntl on our memfd.
+    if unsafe { libc::fcntl(fd.0, libc::F_ADD_SEALS, seals) } != 0 {
+        return Err(fail("sealing the memfd"));
+    }
+    // SAFETY: the range [base, base + SHARED_SIZE) is exactly SHARED, page-aligned and a
+    // whole number of pages (layout asserts), so no other object shares its pages; the new
+    // mapping holds a copy of every resident page (the rest is zero in both), so every
+    // reference into SHARED stays valid and sees the same values.
+    let got = unsafe {
+        libc::mmap(
+            base as *mut libc::c_void,
+            SHARED_SIZE,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_SHARED | libc::MAP_FIXED,
+            fd.0,
+            0,
+        )
+    };
+    if got != base as *mut libc::c_void {
+        return Err(fail("mmap of the memfd over the region"));
+    }
+    IN_MEMFD.store(true, Ordering::Release);
+    Ok(fd)
+}
+
+/// Writes every resident page of the region to `fd` at its offset, in runs — except the
+/// message ring's data: whenever the region moves, the ring is empty (the constructor has
+/// written nothing yet; a forked child and a re-attach discard what is in it), and a ring
+/// that has wrapped once would otherwise cost a 4 MiB copy at every fork.
+fn copy_resident_pages(fd: libc::c_int, base: usize) -> Result<(), RegionError> {
+    let pages = SHARED_SIZE / PAGE;
+    let mut resident = vec![0u8; pages];
+    let data = SHARED.messages.data.get() as usize - base;
+    let skip = data.div_ceil(PAGE)..(data + MESSAGE_RING_BYTES) / PAGE;
+    // SAFETY: base is page-aligned, the range is mapped (it is our static), and `resident`
+    // has one byte per page.
+    if unsafe {
+        libc::mincore(
+            base as *mut libc::c_void,
+            SHARED_SIZE,
+            resident.as_mut_ptr(),
+        )
+    } != 0
+    {
+        return Err(fail("mincore"));
+    }
+    for page in skip {
+        if let Some(r) = resident.get_mut(page) {
+            *r = 0;
+        }
+    }
+    let mut page = 0;
+    while page < pages {
+        if resident.get(page).is_none_or(|r| r & 1 == 0) {
+            page += 1;
+            continue;
+        }
+        let start = page;
+        while resident.get(page).is_some_and(|r| r & 1 != 0) {
+            page += 1;
+        }
+        let mut off = start * PAGE;
+        let end = page * PAGE;
+        while off < end {
+            // SAFETY: [base + off, base + end) lies inside the mapped region.
+            let n = unsafe {
+                libc::pwrite(
+                    fd,
+                    (base + off) as *const libc::c_void,
+                    end - off,
+                    off as libc::off_t,
+                )
+            };
+            if n < 0 {
+                if crate::signal::sys::errno() == libc::EINTR {
+                    continue;
+                }
+                return Err(fail("copying the region into the memfd"));
+            }
+            if n == 0 {
+                return Err(RegionError {
+                    what: "copying the region into the memfd",
+                    errno: libc::EIO,
+                });
+            }
+            off += n as usize;
+        }
+    }
+    Ok(())
+}
+
+/// In a forked child, after [`into_memfd`] gave it a region of its own: clears what belongs
+/// to the parent — the message and command rings, samples, event counters, the heap
+/// buckets' counts (the child reports what it allocates itself) and the liveness words.
+pub fn reset_for_child() {
+    let s = &SHARED;
+    s.messages.head.store(0, Ordering::Relaxed);
+    s.messages.tail.store(0, Ordering::Relaxed);
+    s.commands.head.store(0, Ordering::Relaxed);
+    s.commands.tail.store(0, Ordering::Relaxed);
+    for c in s.commands.slots.iter() {
+        c.store(0, Ordering::Relaxed);
+    }
+    crate::signal::ring::clear();
+    crate::counters::reset();
+    crate::alloc::buckets::zero_counts();
+    s.header.finished.store(0, Ordering::Relaxed);
+    s.header.collector_seen_ms.store(0, Ordering::Relaxed);
+    stamp_header();
+}
+
+/// Throws away what no collector has read yet (before a re-attach: a new collector must
+/// start at the new hello) and forgets the old collector's heartbeat and commands.
+pub fn reset_for_reattach() {
+    let s = &SHARED;
+    let head = s.messages.head.load(Ordering::Acquire);
+    s.messages.tail.store(head, Ordering::Release);
+    let head = s.commands.head.load(Ordering::Acquire);
+    s.commands.tail.store(head, Ordering::Release);
+    s.header.collector_seen_ms.store(0, Ordering::Release);
+    s.header.finished.store(0, Ordering::Release);
+}
