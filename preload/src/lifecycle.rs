@@ -132,13 +132,17 @@ fn start(argc: libc::c_int, argv: *const *const libc::c_char) {
             None
         }
     };
-    let handed = memfd.is_some() && connect_any(&sockets) && {
+    let have_region = memfd.is_some();
+    let handed = have_region && connect_any(&sockets) && {
         let hello = HELLO.lock().map(|h| h.clone()).unwrap_or_default();
         drain::handshake(memfd.as_ref().map(|fd| fd.0), &hello)
     };
     // The collector has its own descriptor now (or none was given): ours is closed here.
     drop(memfd);
     if !handed && config.mode == Mode::Record {
+        if !have_region {
+            return; // said why above
+        }
         log::message(
             Level::Warn,
             format!(
