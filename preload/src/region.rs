@@ -15,6 +15,11 @@
 //! collector and closes it, and the mapping alone keeps the memory alive — in the collector
 //! too, after this process died.
 //!
+//! Sizing and filling the memfd count against the file size limit (`ulimit -f`): a soft
+//! limit below the region's size is raised for those two calls and put back; a hard one
+//! makes the process unprofiled (one warning), and no write is attempted, so the program
+//! never gets a SIGXFSZ of ours.
+//!
 //! The copy and the remap are not atomic: a store another thread makes to a page after it
 //! was copied and before the remap is lost. The constructor and the fork child run this
 //! while the process has one thread; a re-attach to a non-root daemon (which cannot open
@@ -60,12 +65,15 @@ pub fn stamp_header() {
 pub struct RegionError {
     /// The step that failed.
     pub what: &'static str,
-    /// Its errno.
+    /// Its errno; 0 when `what` says it all.
     pub errno: i32,
 }
 
 impl std::fmt::Display for RegionError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.errno == 0 {
+            return f.write_str(self.what);
+        }
         write!(
             f,
             "{} failed ({})",
@@ -111,11 +119,16 @@ pub fn into_memfd() -> Result<Fd, RegionError> {
         return Err(fail("memfd_create"));
     }
     let fd = Fd(raw);
-    // SAFETY: ftruncate on our memfd.
-    if unsafe { libc::ftruncate(fd.0, SHARED_SIZE as libc::off_t) } != 0 {
-        return Err(fail("ftruncate of the memfd"));
+    {
+        // Sizing and filling the memfd count against RLIMIT_FSIZE, and going over it sends
+        // SIGXFSZ (which kills by default): never try beyond the limit.
+        let _limit = FileSizeLimit::allow(SHARED_SIZE)?;
+        // SAFETY: ftruncate on our memfd.
+        if unsafe { libc::ftruncate(fd.0, SHARED_SIZE as libc::off_t) } != 0 {
+            return Err(fail("ftruncate of the memfd"));
+        }
+        copy_resident_pages(fd.0, base)?;
     }
-    copy_resident_pages(fd.0, base)?;
     let seals = libc::F_SEAL_SHRINK | libc::F_SEAL_GROW | libc::F_SEAL_SEAL;
     // SAFETY: fcntl on our memfd.
     if unsafe { libc::fcntl(fd.0, libc::F_ADD_SEALS, seals) } != 0 {
@@ -140,6 +153,54 @@ pub fn into_memfd() -> Result<Fd, RegionError> {
     }
     IN_MEMFD.store(true, Ordering::Release);
     Ok(fd)
+}
+
+/// Lets this process write files of `size` bytes until dropped: a soft `RLIMIT_FSIZE`
+/// (`ulimit -f`) below it is raised to it, and put back on drop. A hard limit below it is an
+/// error, found without writing anything, so no SIGXFSZ is raised.
+struct FileSizeLimit(Option<libc::rlimit>);
+
+impl FileSizeLimit {
+    fn allow(size: usize) -> Result<FileSizeLimit, RegionError> {
+        let size = size as libc::rlim_t;
+        let mut lim = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
+        // SAFETY: valid out-pointer.
+        if unsafe { libc::getrlimit(libc::RLIMIT_FSIZE, &mut lim) } != 0 {
+            return Err(fail("getrlimit(RLIMIT_FSIZE)"));
+        }
+        let fits = |l: libc::rlim_t| l == libc::RLIM_INFINITY || l >= size;
+        if fits(lim.rlim_cur) {
+            return Ok(FileSizeLimit(None));
+        }
+        if !fits(lim.rlim_max) {
+            return Err(RegionError {
+                what: "the hard file size limit (ulimit -Hf) is below the size of the memory \
+                       shared with the collector; allow larger files (or none) to profile it",
+                errno: 0,
+            });
+        }
+        let raised = libc::rlimit {
+            rlim_cur: size,
+            rlim_max: lim.rlim_max,
+        };
+        // SAFETY: valid rlimit; raising a soft limit up to the hard one is always allowed.
+        if unsafe { libc::setrlimit(libc::RLIMIT_FSIZE, &raised) } != 0 {
+            return Err(fail("setrlimit(RLIMIT_FSIZE)"));
+        }
+        Ok(FileSizeLimit(Some(lim)))
+    }
+}
+
+impl Drop for FileSizeLimit {
+    fn drop(&mut self) {
+        if let Some(lim) = self.0 {
+            // SAFETY: restores the limit read before; lowering a soft limit cannot fail.
+            unsafe { libc::setrlimit(libc::RLIMIT_FSIZE, &lim) };
+        }
+    }
 }
 
 /// Writes every resident page of the region to `fd` at its offset, in runs — except the
