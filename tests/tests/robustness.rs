@@ -1701,9 +1701,11 @@ fn a_failed_profile_write_is_reported_and_leaves_earlier_profiles_intact() {
     // SAFETY: between fork and exec only async-signal-safe calls: setrlimit and signal.
     unsafe {
         cmd.pre_exec(|| {
+            // Only the soft limit: the profiled program's preload sizes its shared memory
+            // by raising it for a moment (a hard limit this low leaves it unprofiled).
             let limit = libc::rlimit {
                 rlim_cur: 16,
-                rlim_max: 16,
+                rlim_max: libc::RLIM_INFINITY,
             };
             libc::setrlimit(libc::RLIMIT_FSIZE, &limit);
             libc::signal(libc::SIGXFSZ, libc::SIG_IGN);
