@@ -15,6 +15,10 @@
 //! - A background thread ([`drain`]) drains the ring, watches the module map for
 //!   dlopen/dlclose, carries out the collector's commands and streams everything to it.
 //!   Nothing is symbolized here.
+//! - The state the collector must still read when the process dies suddenly (samples, heap
+//!   buckets, counters) and the message and command rings live in one shared region
+//!   ([`region`]): a memfd handed to the collector at start, after which the process holds no
+//!   descriptor of ours.
 //!
 //! The library lives in programs we did not write, so the rules are strict:
 //! - Code reachable from a signal handler lives in [`signal`] and obeys the contract in its

@@ -1,7 +1,9 @@
 //! The wire protocol between the preload (`libanyprof.so`) and the collector (`anyprof`).
 //!
-//! One message per `SOCK_SEQPACKET` datagram, so message boundaries come from the socket and
-//! a message never needs reassembly. Every message starts with an 8-byte [`Header`]
+//! The process hands over its shared region ([`shared`]) in two `SOCK_SEQPACKET` datagrams
+//! ([`Kind::Region`] with the memfd, then [`Kind::Hello`]) and closes its socket; every later
+//! message travels as one record of the region's message ring. Either way a message has
+//! clear boundaries and never needs reassembly. Every message starts with an 8-byte [`Header`]
 //! (magic, protocol version, kind); all integers are little-endian; byte strings are a `u32`
 //! length followed by the bytes.
 //!
@@ -54,7 +56,8 @@ pub enum Kind {
     Log = 6,
     /// The process is exiting; the counters that follow are final.
     Goodbye = 7,
-    /// A thread's name (from `/proc/self/task/TID/comm`), sent when first seen or changed.
+    /// A thread's name (`/proc/PID/task/TID/comm`). The preload no longer sends it (it opens
+    /// no file periodically); the collector reads the names itself and applies them as this.
     ThreadName = 8,
     /// Heap-profile buckets (stack and size) whose counts changed; see [`HeapBatch`].
     HeapBuckets = 9,
@@ -118,7 +121,7 @@ pub enum Counter {
     SamplesTaken = 0,
     /// Samples lost because the in-process ring was full.
     DroppedRingFull = 1,
-    /// Samples lost because the socket was full or gone.
+    /// Samples lost because the message ring was full or no collector was attached.
     DroppedSend = 2,
     /// Samples whose unwind stopped early (also flagged per sample).
     Truncated = 3,
@@ -523,7 +526,8 @@ pub enum MemStat {
     FreeBytes = 3,
     /// Highest live bytes seen by the background thread (checked every 20 ms).
     PeakLiveBytes = 4,
-    /// Resident set size now, from `/proc/self/statm`.
+    /// Resident set size now. The preload sends 0 (it opens no file periodically); the
+    /// collector fills it from `/proc/PID/statm`.
     RssBytes = 5,
     /// Peak resident set size, from `getrusage` (`ru_maxrss`).
     MaxRssBytes = 6,
