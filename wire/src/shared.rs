@@ -22,9 +22,9 @@
 //!
 //! # The rings
 //! [`message_write`] (process side, no allocation, no syscall) and [`message_read_into`] /
-//! [`message_read_one`] (collector side, validates every value it reads) implement the
-//! message ring; [`push_command`] / [`pop_command`] the command ring. Both are
-//! single-producer, single-consumer; see their docs for who is which.
+//! `message_read_one` (collector side, `decode` feature; both validate every value they
+//! read) implement the message ring; [`push_command`] / [`pop_command`] the command ring.
+//! Both are single-producer, single-consumer; see their docs for who is which.
 
 use core::cell::UnsafeCell;
 use core::sync::atomic::{AtomicU32, AtomicU64, Ordering};
