@@ -9,9 +9,9 @@
 //!   `/run/anyprof.sock` (see [`crate::config`]); every connection, first or renewed, is
 //!   checked by [`drain::connect`] (socket owner, directory, peer credentials).
 //! - **fork**: the child gets no timers from the kernel, and shares its parent's region until
-//!   it makes its own: a new memfd with a copy of the region, mapped over it, in which what
-//!   belongs to the parent is cleared (rings, samples, counters, heap bucket counts); it then
-//!   hands that to the collector as a process of its own. (A program that then calls exec is
+//!   it makes its own: a new memfd mapped over it, empty but for the allocator counters (no
+//!   rings, samples, counters or heap buckets of the parent's: the child's heap profile is
+//!   what it allocates itself); it then hands that to the collector as a process of its own. (A program that then calls exec is
 //!   profiled afresh: the library loads again in the new image.)
 //! - **Exit** ([`on_unload`], from `.fini_array`): stop sampling, send what is left and the
 //!   final counters. A process that ends with `_exit` runs no `.fini_array`: [`before_exit`]
@@ -327,7 +327,7 @@ pub fn after_fork_in_child() {
     // Until it has a region of its own, the child shares its parent's: nothing of the
     // parent's may be cleared before this.
     let memfd = if ACTIVE.load(Ordering::Acquire) && FORK_CHILDREN.load(Ordering::Acquire) {
-        match crate::region::into_memfd() {
+        match crate::region::into_memfd_for_child() {
             Ok(fd) => Some(fd),
             Err(e) => {
                 log::message(
@@ -354,6 +354,7 @@ pub fn after_fork_in_child() {
         return;
     };
     crate::region::reset_for_child();
+    alloc::live::clear_in_child();
     note_own_pid();
     renew_hello();
     drain::report_everything_again();

@@ -107,6 +107,30 @@ impl Drop for Fd {
 /// Allocates one byte per page of the region (the residency vector): not for signal
 /// handlers, fine for the constructor, the background thread and an atfork child handler.
 pub fn into_memfd() -> Result<Fd, RegionError> {
+    let data = SHARED.messages.data.get() as usize - address() as usize;
+    // Not the message ring's data: whenever the region moves, the ring is empty (the
+    // constructor has written nothing yet; a re-attach discards what is in it), and a ring
+    // that has wrapped once would otherwise cost a 4 MiB copy.
+    let skip = data.div_ceil(PAGE)..(data + MESSAGE_RING_BYTES) / PAGE;
+    move_into_memfd(&|page| !skip.contains(&page))
+}
+
+/// [`into_memfd`] for a forked child, whose region starts empty but for its allocator
+/// counters (each thread's slot is owned through a pointer in its thread block, so the
+/// slots must stay as they are): no samples, counters, rings or heap buckets of its parent
+/// (the child's heap profile holds what it allocates itself; see
+/// [`crate::alloc::live::clear_in_child`]). Only the resident pages of the allocator slots
+/// are copied, so a fork costs little however big the parent's heap profile grew.
+pub fn into_memfd_for_child() -> Result<Fd, RegionError> {
+    let base = address() as usize;
+    let alloc = core::ptr::addr_of!(SHARED.alloc) as usize - base;
+    let keep = alloc / PAGE..(alloc + core::mem::size_of_val(&SHARED.alloc)).div_ceil(PAGE);
+    // The header page too: the header is stamped afresh, and the page also holds the
+    // command ring and the message ring's positions, which are reset after the move.
+    move_into_memfd(&|page| page == 0 || keep.contains(&page))
+}
+
+fn move_into_memfd(copy: &dyn Fn(usize) -> bool) -> Result<Fd, RegionError> {
     let base = address() as usize;
     // SAFETY: plain memfd_create call with a NUL-terminated name.
     let raw = unsafe {
@@ -127,7 +151,7 @@ pub fn into_memfd() -> Result<Fd, RegionError> {
         if unsafe { libc::ftruncate(fd.0, SHARED_SIZE as libc::off_t) } != 0 {
             return Err(fail("ftruncate of the memfd"));
         }
-        copy_resident_pages(fd.0, base)?;
+        copy_resident_pages(fd.0, base, copy)?;
     }
     let seals = libc::F_SEAL_SHRINK | libc::F_SEAL_GROW | libc::F_SEAL_SEAL;
     // SAFETY: fcntl on our memfd.
@@ -203,15 +227,15 @@ impl Drop for FileSizeLimit {
     }
 }
 
-/// Writes every resident page of the region to `fd` at its offset, in runs — except the
-/// message ring's data: whenever the region moves, the ring is empty (the constructor has
-/// written nothing yet; a forked child and a re-attach discard what is in it), and a ring
-/// that has wrapped once would otherwise cost a 4 MiB copy at every fork.
-fn copy_resident_pages(fd: libc::c_int, base: usize) -> Result<(), RegionError> {
+/// Writes every resident page of the region for which `copy(page index)` is true to `fd`
+/// at its offset, in runs.
+fn copy_resident_pages(
+    fd: libc::c_int,
+    base: usize,
+    copy: &dyn Fn(usize) -> bool,
+) -> Result<(), RegionError> {
     let pages = SHARED_SIZE / PAGE;
     let mut resident = vec![0u8; pages];
-    let data = SHARED.messages.data.get() as usize - base;
-    let skip = data.div_ceil(PAGE)..(data + MESSAGE_RING_BYTES) / PAGE;
     // SAFETY: base is page-aligned, the range is mapped (it is our static), and `resident`
     // has one byte per page.
     if unsafe {
@@ -224,8 +248,8 @@ fn copy_resident_pages(fd: libc::c_int, base: usize) -> Result<(), RegionError> 
     {
         return Err(fail("mincore"));
     }
-    for page in skip {
-        if let Some(r) = resident.get_mut(page) {
+    for (page, r) in resident.iter_mut().enumerate() {
+        if !copy(page) {
             *r = 0;
         }
     }
@@ -269,9 +293,12 @@ fn copy_resident_pages(fd: libc::c_int, base: usize) -> Result<(), RegionError> 
     Ok(())
 }
 
-/// In a forked child, after [`into_memfd`] gave it a region of its own: clears what belongs
-/// to the parent — the message and command rings, samples, event counters, the heap
-/// buckets' counts (the child reports what it allocates itself) and the liveness words.
+/// In a forked child, after [`into_memfd_for_child`] gave it a region of its own: clears
+/// what the copied pages hold of the parent's (the first page: rings' positions, commands,
+/// liveness words; the page the allocator slots start on: the event counters and the tail of
+/// the heap bucket table) and stamps the child's pid. Every other part is a hole of the new
+/// memfd, which reads as zero: it is not read here, because reading a hole of shared memory
+/// allocates a page.
 pub fn reset_for_child() {
     let s = &SHARED;
     s.messages.head.store(0, Ordering::Relaxed);
@@ -281,9 +308,9 @@ pub fn reset_for_child() {
     for c in s.commands.slots.iter() {
         c.store(0, Ordering::Relaxed);
     }
-    crate::signal::ring::clear();
     crate::counters::reset();
-    crate::alloc::buckets::zero_counts();
+    let copied_from = (core::ptr::addr_of!(s.alloc) as usize) & !(PAGE - 1);
+    crate::alloc::buckets::reset_in_child(copied_from);
     s.header.finished.store(0, Ordering::Relaxed);
     s.header.collector_seen_ms.store(0, Ordering::Relaxed);
     stamp_header();

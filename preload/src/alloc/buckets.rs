@@ -152,20 +152,18 @@ pub fn get(n: usize) -> Option<(u32, u64, BucketCounts, &'static [u64])> {
 /// Bytes of memory the table occupies when full (for the profiler's own overhead report).
 pub const FOOTPRINT: usize = core::mem::size_of::<BucketTable>();
 
-/// Sets every bucket's counts to zero, keeping the buckets (in a forked child: it reports
-/// only what it allocates itself). Single-threaded callers only.
-pub fn zero_counts() {
+/// In a forked child whose region was copied only from address `copied_from` on (see
+/// [`crate::region::into_memfd_for_child`]): the table is empty but for what of it lies at
+/// or after that address (the end of `order` and the positions); clears that, touching no
+/// other page. Single-threaded callers only.
+pub fn reset_in_child(copied_from: usize) {
     let t = table();
-    let used = (t.order_claimed.load(Ordering::Acquire) as usize).min(CAPACITY);
-    for o in t.order.iter().take(used) {
-        let Some(idx) = o.load(Ordering::Acquire).checked_sub(1) else {
-            continue;
-        };
-        if let Some(b) = t.buckets.get(idx as usize) {
-            b.alloc_objects.store(0, Ordering::Relaxed);
-            b.alloc_bytes.store(0, Ordering::Relaxed);
-            b.free_objects.store(0, Ordering::Relaxed);
-            b.free_bytes.store(0, Ordering::Relaxed);
+    t.arena_used.store(0, Ordering::Relaxed);
+    t.order_claimed.store(0, Ordering::Relaxed);
+    for o in t.order.iter().rev() {
+        if (o as *const _ as usize) < copied_from {
+            break;
         }
+        o.store(0, Ordering::Relaxed);
     }
 }

@@ -40,13 +40,62 @@ struct Entry {
     value: AtomicU64,
 }
 
-static TABLE: [Entry; CAPACITY] = [const {
-    Entry {
-        key: AtomicU64::new(EMPTY),
-        value: AtomicU64::new(0),
+/// The table and the filter, page-aligned and a whole number of pages, so that a forked
+/// child can drop its parent's entries at once ([`clear_in_child`]).
+#[repr(C, align(4096))]
+struct Live {
+    table: [Entry; CAPACITY],
+    counters: [AtomicU8; FILTER],
+}
+
+const _: () = assert!(core::mem::size_of::<Live>().is_multiple_of(4096));
+
+static LIVE: Live = Live {
+    table: [const {
+        Entry {
+            key: AtomicU64::new(EMPTY),
+            value: AtomicU64::new(0),
+        }
+    }; CAPACITY],
+    counters: [const { AtomicU8::new(0) }; FILTER],
+};
+
+/// In a forked child (one thread): forgets every pointer its parent sampled. The child's
+/// heap profile starts empty ([`crate::region::into_memfd_for_child`]), so the frees of
+/// the parent's blocks are not its business. The pages are replaced by fresh zero pages
+/// (no copy, and the parent's copies are no longer shared with it); if that fails, the
+/// entries are cleared one by one.
+pub fn clear_in_child() {
+    let base = core::ptr::addr_of!(LIVE) as *mut libc::c_void;
+    let size = core::mem::size_of::<Live>();
+    // SAFETY: LIVE is page-aligned and a whole number of pages (assert above), so these
+    // pages hold nothing else; all-zero is its initial state (EMPTY keys, zero counters),
+    // and the calling process has a single thread, so no reference into it is in use.
+    let got = unsafe {
+        libc::mmap(
+            base,
+            size,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_FIXED,
+            -1,
+            0,
+        )
+    };
+    if got == base {
+        return;
     }
-}; CAPACITY];
-static COUNTERS: [AtomicU8; FILTER] = [const { AtomicU8::new(0) }; FILTER];
+    for e in LIVE.table.iter() {
+        if e.key.load(Ordering::Relaxed) != EMPTY {
+            e.key.store(EMPTY, Ordering::Relaxed);
+            e.value.store(0, Ordering::Relaxed);
+        }
+    }
+    for c in LIVE.counters.iter() {
+        if c.load(Ordering::Relaxed) != 0 {
+            c.store(0, Ordering::Relaxed);
+        }
+    }
+}
 
 #[inline(always)]
 fn mix(p: u64) -> u64 {
@@ -57,7 +106,7 @@ fn mix(p: u64) -> u64 {
 fn counter(p: u64) -> &'static AtomicU8 {
     let i = (p >> 4) as usize % FILTER;
     // `i < FILTER` by construction; the fallback is never taken.
-    COUNTERS.get(i).unwrap_or(&COUNTERS[0])
+    LIVE.counters.get(i).unwrap_or(&LIVE.counters[0])
 }
 
 /// True if `p` may have been sampled (false means certainly not): the free fast path.
@@ -75,7 +124,7 @@ pub fn insert(p: *mut core::ffi::c_void, bucket: u32, size: u64) -> bool {
     }
     let start = (mix(key) as usize) % CAPACITY;
     for probe in 0..MAX_PROBES {
-        let Some(e) = TABLE.get((start + probe) % CAPACITY) else {
+        let Some(e) = LIVE.table.get((start + probe) % CAPACITY) else {
             return false;
         };
         let cur = e.key.load(Ordering::Relaxed);
@@ -101,7 +150,7 @@ pub fn remove(p: *mut core::ffi::c_void) -> Option<(u32, u64)> {
     let key = p as u64;
     let start = (mix(key) as usize) % CAPACITY;
     for probe in 0..MAX_PROBES {
-        let e = TABLE.get((start + probe) % CAPACITY)?;
+        let e = LIVE.table.get((start + probe) % CAPACITY)?;
         let cur = e.key.load(Ordering::Acquire);
         if cur == EMPTY {
             return None;
