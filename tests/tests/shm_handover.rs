@@ -10,7 +10,10 @@ use std::path::Path;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use anyprof_tests::{binaries, clean_command, compile, scratch_dir};
+use anyprof_tests::{
+    binaries, clean_command, compile, files_in, heap_record_command, read_profile_in, run,
+    scratch_dir,
+};
 use anyprof_wire::shared::{self as shm, Shared, SHARED_MAGIC, SHARED_SIZE, SHARED_VERSION};
 use anyprof_wire::{decode, Message};
 
@@ -284,4 +287,46 @@ fn region_handed_over_as_a_sealed_memfd_and_no_descriptor_of_ours_remains() {
             );
         }
     }
+}
+
+/// A forked child's region starts with an empty heap profile (no copy of its parent's
+/// buckets, no memory of its parent's sampled blocks): its profile holds what it allocated,
+/// and the frees of its parent's blocks are not its own. Needs the collector's region reader.
+#[test]
+fn a_forked_childs_heap_profile_holds_only_what_it_allocated() {
+    let dir = scratch_dir("shm_fork_heap");
+    let program = compile("shm_fork_heap.c", &["-O1", "-g"], &dir);
+    let out_dir = dir.join("profile");
+    let out = run(&mut heap_record_command(
+        &out_dir,
+        &["--mem-rate", "1"],
+        &program,
+        &[],
+    ));
+    assert_eq!(out.code, 0, "{}", out.stderr_text());
+    let files = files_in(&out_dir);
+    let child_file = files
+        .iter()
+        .find(|f| f.starts_with("heap.") && f.as_str() != "heap.pb.gz")
+        .unwrap_or_else(|| panic!("no heap profile of the forked child: {files:?}"));
+    let parent = read_profile_in(&out_dir, "heap.pb.gz", &out).heap_values_by_site();
+    let child = read_profile_in(&out_dir, child_file, &out).heap_values_by_site();
+    // [alloc_objects, alloc_space, inuse_objects, inuse_space]; usable sizes are a little
+    // over the 64 KiB asked for.
+    let is_blocks = |v: Option<&[i64; 4]>, n: i64| {
+        v.is_some_and(|v| {
+            let bytes_ok = |b: i64| (n * 65536..n * (65536 + 64)).contains(&b);
+            v[0] == n && v[2] == n && bytes_ok(v[1]) && bytes_ok(v[3])
+        })
+    };
+    assert!(
+        is_blocks(parent.get("parent_site"), 160),
+        "parent: {parent:?}"
+    );
+    assert!(!parent.contains_key("child_site"), "parent: {parent:?}");
+    assert!(is_blocks(child.get("child_site"), 80), "child: {child:?}");
+    assert!(
+        child.get("parent_site").is_none_or(|v| *v == [0; 4]),
+        "the child's profile shows its parent's allocations or their frees: {child:?}"
+    );
 }
