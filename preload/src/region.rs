@@ -15,6 +15,17 @@
 //! collector and closes it, and the mapping alone keeps the memory alive — in the collector
 //! too, after this process died.
 //!
+//! A forked child first shares its parent's region (the mapping is `MAP_SHARED`); its atfork
+//! handler moves it into a memfd of its own with [`into_memfd_for_child`], which copies only
+//! the allocator counters' pages: the child starts with no samples, counters or heap buckets
+//! of its parent's, and a fork costs two or three system calls and a page or two, however
+//! big the parent's heap profile grew. (Allocations the child makes before our handler runs
+//! — in atfork handlers registered before ours — are counted in its parent's region.)
+//!
+//! For whoever reads a dead process's region: a hole of the memfd reads as zero, but reading
+//! it through a shared mapping allocates a page; `lseek(SEEK_DATA)` or `mincore` tells the
+//! pages that were ever written.
+//!
 //! Sizing and filling the memfd count against the file size limit (`ulimit -f`): a soft
 //! limit below the region's size is raised for those two calls and put back; a hard one
 //! makes the process unprofiled (one warning), and no write is attempted, so the program
