@@ -3,9 +3,9 @@
  *
  * Usage: fd_observer          (the program)
  *        fd_observer child    (what it runs as its child)
- * The program lists /proc/self/fd at start and prints the list ("start: 0 1 2"): those are
- * its parent's, and count as its own, with a /dev/null it opens and dup2s to fd 7 (not
- * close-on-exec, for its child). Then, while three threads allocate (16 B..4 KiB) and burn
+ * Run it with only stdin, stdout and stderr open: those, and a /dev/null it opens and dup2s
+ * to fd 7 (not close-on-exec, for its child), are its own. It lists /proc/self/fd at start
+ * and prints the list ("start: 0 1 2"). Then, while three threads allocate (16 B..4 KiB) and burn
  * CPU for 2 s, the main thread lists /proc/self/fd and probes fcntl(F_GETFD) on 0..1023
  * over and over, noting any descriptor it did not open. Then it closes every descriptor
  * 3..1023 it did not open (a close-all loop) and notes which close() succeeded, works
@@ -139,8 +139,8 @@ int main(int argc, char **argv) {
   int fds[MAXFD];
   int n = list_fds(fds, MAXFD);
   print_fds("start", fds, n);
-  for (int i = 0; i < n; i++)
-    if (fds[i] < MAXFD) own[fds[i]] = 1;
+  own[0] = own[1] = own[2] = 1;
+  look("at start");
   int null = open("/dev/null", O_RDONLY | O_CLOEXEC);
   if (null < 0 || dup2(null, 7) != 7) {
     perror("/dev/null");
