@@ -4,8 +4,9 @@
  * Usage: death_crash segv|abort
  *   Prints "rlimit_core=SOFT/HARD dumpable=N" (getrlimit(RLIMIT_CORE) with -1 for
  *   unlimited, prctl(PR_GET_DUMPABLE)), allocates 100 blocks of 1000 + i bytes at
- *   before_crash (kept live; 104950 bytes in all), then writes through a null pointer
- *   (segv) or calls abort() (abort).
+ *   before_crash (kept live), prints "before_crash usable=N" (their total
+ *   malloc_usable_size, the size a heap profile reports), then writes through a null
+ *   pointer (segv) or calls abort() (abort).
  * Usage: death_crash run segv|abort
  *   Forks, execs "death_crash MODE" (this same executable, /proc/self/exe) in the child,
  *   waits and prints "child: signal N core C" (WTERMSIG and WCOREDUMP of its status) or
@@ -14,6 +15,7 @@
  * the test runs it in a scratch directory.
  */
 #define _GNU_SOURCE
+#include <malloc.h>
 #include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -41,6 +43,10 @@ static int crash(const char *mode) {
          prctl(PR_GET_DUMPABLE, 0, 0, 0, 0));
   fflush(stdout);
   before_crash();
+  size_t usable = 0;
+  for (int i = 0; i < 100; i++) usable += malloc_usable_size(kept[i]);
+  printf("before_crash usable=%zu\n", usable);
+  fflush(stdout);
   if (strcmp(mode, "segv") == 0) {
     volatile int *null = NULL;
     *null = 1;

@@ -773,8 +773,18 @@ fn remove_cores(dir: &Path) {
     }
 }
 
-/// The 100 blocks `death_crash` allocates before it crashes: [objects, bytes, objects, bytes].
-const BEFORE_CRASH: [i64; 4] = [100, 104_950, 100, 104_950];
+/// What the heap profile must show at `before_crash` for the 100 blocks `death_crash`
+/// allocated there, given its output: [alloc_objects, alloc_space, inuse_objects,
+/// inuse_space], with the sizes malloc_usable_size reports (as the profile does).
+fn before_crash(out: &RunOutput) -> [i64; 4] {
+    let stdout = out.stdout_text();
+    let usable = stdout
+        .lines()
+        .find(|l| l.starts_with("before_crash"))
+        .map(|l| field(l, "usable") as i64)
+        .unwrap_or_else(|| panic!("death_crash printed no `before_crash usable=N`: {out:?}"));
+    [100, usable, 100, usable]
+}
 
 fn check_crash(mode: &str, signal: i32) {
     let scratch = scratch_dir(&format!("death_crash_{mode}"));
@@ -811,7 +821,7 @@ fn check_crash(mode: &str, signal: i32) {
     let view = read_profile_in(&dir, "heap.pb.gz", &profiled);
     assert_eq!(
         site_values(&view, "before_crash"),
-        BEFORE_CRASH,
+        before_crash(&direct),
         "death_crash {mode}: the heap profile must hold the 100 blocks allocated at \
          before_crash just before the crash ([alloc_objects, alloc_space, inuse_objects, \
          inuse_space]); sites: {:?}",
@@ -862,7 +872,7 @@ fn check_crash(mode: &str, signal: i32) {
     let view = read_profile_in(&dir, &child_files[0], &profiled);
     assert_eq!(
         site_values(&view, "before_crash"),
-        BEFORE_CRASH,
+        before_crash(&direct),
         "death_crash run {mode}: the crashed child's heap profile {} must hold the 100 blocks \
          allocated at before_crash; sites: {:?}",
         child_files[0],
