@@ -717,7 +717,12 @@ fn oom_kill_is_reported_on_records_stderr_and_in_its_summary() {
     let heap_exe = compile("death_heap.c", &["-O1", "-g"], &scratch);
     let dir = scratch.join("sigkill");
     let mut cmd = record_in_cgroup(&dir, &["-q"], &cgroup, &heap_exe, &["1048576", "0"]);
-    let killed = run_and_kill(&mut cmd, "ready", |_, _| {});
+    // Killed a while after it is ready: `anyprof record` has seen it in the cgroup by then
+    // (it could not tell this SIGKILL from an OOM kill of a process it never saw there, while
+    // the other tests' OOM kills raise the kernel's count).
+    let killed = run_and_kill(&mut cmd, "ready", |_, _| {
+        std::thread::sleep(Duration::from_millis(300))
+    });
     assert_eq!(killed.output.code, 128 + libc::SIGKILL);
     assert!(
         oom_lines(&killed.output.stderr_text()).is_empty(),
