@@ -7,6 +7,7 @@ use std::process::ExitCode;
 
 use clap::Parser;
 
+mod oom;
 mod record;
 
 /// Profile any native program: CPU (and soon heap) profiles in pprof format.

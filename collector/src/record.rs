@@ -46,6 +46,8 @@ use anyprof::{preflight, profile, summary};
 use anyprof_symbolizer::Access;
 use anyprof_wire::Module;
 
+use crate::oom;
+
 /// Arguments of `anyprof record`.
 #[derive(Args, Debug)]
 pub struct RecordArgs {
@@ -212,13 +214,14 @@ pub fn run(args: RecordArgs) -> Result<ExitCode> {
         .with_context(|| format!("cannot run {}", program.to_string_lossy()))?;
     let pid = child.id();
     CHILD_PID.store(pid as i32, Ordering::SeqCst);
+    let oom_watch = oom::Watch::start(pid);
     let exe_watch = watch_executable(pid);
     let snapshots = (args.mem_rate > 0
         && (args.heap_every.is_some() || args.heap_signal.is_some()))
     .then(|| start_snapshots(&collector, pid, out_dir.clone(), args.heap_every));
     let symbolizer = Arc::new(Mutex::new(anyprof_symbolizer::Symbolizer::new()));
     let (warm_stop, warm) = start_prewarming(&collector, symbolizer.clone());
-    let status = child.wait().context("waiting for the program")?;
+    let (status, oom_kill) = wait_program(&mut child, oom_watch)?;
     exe_watch.0.store(true, Ordering::SeqCst);
     // From here on SIGINT and SIGTERM mean "stop" (see `forward_signals`).
     CHILD_PID.store(0, Ordering::SeqCst);
@@ -267,6 +270,7 @@ pub fn run(args: RecordArgs) -> Result<ExitCode> {
         cpu: args.cpu_hz > 0,
         heap: args.mem_rate > 0,
         quiet: args.quiet,
+        oom_killed: oom_kill.is_some(),
     };
     // Symbolizing takes the longest, and the user may not want to wait for it: it runs on a
     // thread of its own while this one watches for SIGINT/SIGTERM (see `forward_signals`).
@@ -393,9 +397,28 @@ fn run_unprofiled(program: &OsString, args: &[OsString]) -> Result<ExitCode> {
         .spawn()
         .with_context(|| format!("cannot run {}", program.to_string_lossy()))?;
     CHILD_PID.store(child.id() as i32, Ordering::SeqCst);
-    let status = child.wait().context("waiting for the program")?;
+    let oom_watch = oom::Watch::start(child.id());
+    let (status, _) = wait_program(&mut child, oom_watch)?;
     CHILD_PID.store(0, Ordering::SeqCst);
     Ok(ExitCode::from(exit_code(status).clamp(0, 255) as u8))
+}
+
+/// Waits for the program to exit and reaps it; in between, while its `/proc/PID` is still
+/// there, asks `oom_watch` whether the OOM killer ended it, and if so says so at once (a
+/// warning: it prints with -q too).
+fn wait_program(
+    child: &mut std::process::Child,
+    oom_watch: oom::Watch,
+) -> Result<(std::process::ExitStatus, Option<oom::OomKill>)> {
+    let oom_kill = match oom::wait_exited_unreaped(child.id()) {
+        Ok(sigkill) => oom_watch.finish(sigkill),
+        Err(_) => None,
+    };
+    let status = child.wait().context("waiting for the program")?;
+    if let Some(kill) = &oom_kill {
+        eprintln!("anyprof: {}", kill.message());
+    }
+    Ok((status, oom_kill))
 }
 
 /// The program's exit code, or 128 + the signal number that killed it, as a shell says.
@@ -425,6 +448,8 @@ struct WriteOptions {
     cpu: bool,
     heap: bool,
     quiet: bool,
+    /// The kernel's OOM killer ended the program (said in its summary).
+    oom_killed: bool,
 }
 
 /// Writes each process's profiles: the program's as `cpu.pb.gz`, `heap.pb.gz`,
@@ -494,6 +519,7 @@ fn write_profiles(
                 allocs_profile.as_ref(),
                 &written,
                 elapsed,
+                options.oom_killed,
             );
         }
     }
@@ -518,6 +544,7 @@ fn print_summary(
     allocs: Option<&anyprof::pprof::Profile>,
     written: &[PathBuf],
     elapsed: Duration,
+    oom_killed: bool,
 ) {
     let samples = s.cpu.values().fold(0u64, |a, t| a.saturating_add(t.count));
     let cpu_ns = s.cpu.values().fold(0u64, |a, t| a.saturating_add(t.cpu_ns));
@@ -535,6 +562,12 @@ fn print_summary(
         cpu_ns as f64 / 1e9,
         s.lost_samples()
     );
+    if oom_killed {
+        eprintln!(
+            "anyprof: the kernel's OOM killer ended it: heap.pb.gz shows what was live when \
+             it died (go tool pprof -sample_index=inuse_space -top heap.pb.gz)"
+        );
+    }
     if let Some(p) = cpu {
         eprint!("{}", summary::format_cpu_top(p, 10));
     }

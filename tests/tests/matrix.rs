@@ -240,13 +240,9 @@ const CPYTHON_MODULES: &[&str] = &[
 
 /// Tests left out of both runs, each with the cause in anyprof that makes it differ. Every
 /// entry is a bug to fix, not a test to forget.
-const CPYTHON_EXCLUDED: &[&str] = &[
-    // An exec'd child that loads the library again (ANYPROF_EXEC defaults to on) holds its
-    // socket to the collector at fd 800 (`preload/src/drain.rs` HIGH_FD); fd_status.py probes
-    // every descriptor with fstat and lists it. Issue 13 point 2 (no descriptor of ours the
-    // program can see) is the fix.
-    "test_pass_fds_redirected",
-];
+/// (Issue 13 point 2 removed the last one: `test_pass_fds_redirected`, whose exec'd child
+/// found the library's socket to the collector among its descriptors.)
+const CPYTHON_EXCLUDED: &[&str] = &[];
 
 /// Turns a `--junit-xml` report into `test id -> outcome` (ok, skipped, failure, error,
 /// expected-failure, unexpected-success).
