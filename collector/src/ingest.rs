@@ -116,7 +116,7 @@ impl Peer {
 }
 
 /// Field 22 of `/proc/PID/stat`: when the process started, in clock ticks after boot.
-fn start_time(pid: u32) -> Option<u64> {
+pub(crate) fn start_time(pid: u32) -> Option<u64> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     // The command name (field 2) is in parentheses and may hold spaces and parentheses.
     let after_name = &stat[stat.rfind(')')? + 1..];

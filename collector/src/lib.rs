@@ -14,6 +14,7 @@ pub mod output;
 pub mod pprof;
 pub mod preflight;
 pub mod profile;
+pub mod region;
 pub mod serve;
 pub mod summary;
 pub mod symbolize;
