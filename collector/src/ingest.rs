@@ -479,6 +479,7 @@ impl Session {
                 }
             }
             Message::Control(_) => {} // only the collector sends commands
+            Message::Region(_) => {}  // taken by the connection before the session starts
             Message::ThreadName(tid, name) => {
                 let old = self
                     .thread_names

@@ -124,6 +124,8 @@ pub enum Message {
     Control(crate::Command),
     /// See [`Kind::ThreadCreates`]: (count, creating stack) pairs.
     ThreadCreates(Vec<(u64, Vec<u64>)>),
+    /// See [`Kind::Region`].
+    Region(crate::shared::RegionInfo),
 }
 
 /// One heap bucket report.
@@ -347,6 +349,11 @@ pub fn decode(buf: &[u8]) -> Result<Message, DecodeError> {
             }
             Message::ThreadCreates(stacks)
         }
+        Kind::Region => Message::Region(crate::shared::RegionInfo {
+            version: r.u32()?,
+            size: r.u64()?,
+            address: r.u64()?,
+        }),
         Kind::ThreadName => {
             let tid = r.u32()?;
             Message::ThreadName(tid, r.bytes(crate::MAX_THREAD_NAME)?)

@@ -21,6 +21,7 @@ extern crate alloc;
 
 #[cfg(feature = "decode")]
 mod decode;
+pub mod shared;
 #[cfg(feature = "decode")]
 pub use decode::{decode, DecodeError, HeapBucket, Hello, MemStats, Message, Module, Sample};
 
@@ -63,6 +64,9 @@ pub enum Kind {
     Control = 11,
     /// Where threads were created: stacks (return addresses) with counts, cumulative.
     ThreadCreates = 12,
+    /// The process's shared region (see [`shared`]): layout version, size and address. Sent
+    /// first, in a datagram that carries the region's memfd (or none, on a re-attach).
+    Region = 13,
 }
 
 impl Kind {
@@ -81,6 +85,7 @@ impl Kind {
             10 => Kind::MemStats,
             11 => Kind::Control,
             12 => Kind::ThreadCreates,
+            13 => Kind::Region,
             _ => return None,
         })
     }
