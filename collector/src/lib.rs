@@ -9,6 +9,7 @@
 //! library; the library is public so that the end-to-end tests decode what the binary wrote
 //! with the same types.
 pub mod collect;
+pub mod death_read;
 pub mod ingest;
 pub mod output;
 pub mod pprof;

@@ -3,7 +3,7 @@
 //!
 //! A preloaded process sends one `Region` datagram carrying a memfd (`SCM_RIGHTS`), then its
 //! hello, and closes the socket: from then on it writes its messages into a ring inside that
-//! memfd and we read them there (see [`crate::pump`]). When it dies, the memfd is still ours
+//! memfd and we read them there (see [`pump`]). When it dies, the memfd is still ours
 //! and its last samples, heap buckets and counters are read from it
 //! ([`crate::death_read`]).
 //!
@@ -22,12 +22,23 @@
 //! descriptor opened while that pidfd says the process runs, so that files read later
 //! (thread names, RSS, `map_files`) are that process's even if its pid is reused.
 
+use std::collections::HashMap;
 use std::ffi::CString;
 use std::io::{Error, ErrorKind};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::ptr::NonNull;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
+use anyprof_wire::shared::{
+    message_read_one, message_ring_empty, push_command, RegionInfo, Shared, COMMAND_SLOTS,
+    FINISHED, SHARED_MAGIC, SHARED_SIZE, SHARED_VERSION,
+};
+use anyprof_wire::{self as wire, Command, Level, MemStat, Message, MAX_MESSAGE};
+
+use crate::ingest::SharedSession;
 
 /// `SO_PEERPIDFD` (Linux 6.5): a pidfd of the process at the other end of a Unix socket.
 const SO_PEERPIDFD: libc::c_int = 77;
@@ -498,6 +509,393 @@ pub fn monotonic_ms() -> u64 {
     (ts.tv_sec.max(0) as u64)
         .saturating_mul(1000)
         .saturating_add(ts.tv_nsec.max(0) as u64 / 1_000_000)
+}
+
+/// A process's region, mapped and checked, with the process it belongs to.
+#[derive(Debug)]
+pub struct Attached {
+    mapping: Mapping,
+    /// The process (pidfd and `/proc/PID`).
+    pub process: Process,
+}
+
+impl Attached {
+    /// Takes over the region a process announced in its first datagram: with the memfd it
+    /// passed, or (a process re-attaching after the collector restarted) through
+    /// `/proc/PID/map_files`. `peer` is what `SO_PEERCRED` said at accept.
+    pub fn new(
+        sock: BorrowedFd<'_>,
+        info: &RegionInfo,
+        datagram: Datagram,
+        peer: Option<(u32, Option<u64>)>,
+    ) -> Result<Attached> {
+        if info.version != SHARED_VERSION || info.size != SHARED_SIZE as u64 {
+            bail!(
+                "the process's shared region has layout version {} and {} bytes; this anyprof \
+                 expects version {SHARED_VERSION} and {SHARED_SIZE} bytes: use the \
+                 libanyprof.so built with this anyprof",
+                info.version,
+                info.size
+            );
+        }
+        if datagram.fds > 1 {
+            bail!(
+                "the region message carried {} descriptors instead of one",
+                datagram.fds
+            );
+        }
+        let process = Process::of_socket(sock, peer)?;
+        let fd = match datagram.fd {
+            Some(fd) => fd,
+            None => process.open_map_file(info.address, info.size)?,
+        };
+        let mapping = Mapping::of_memfd(fd.as_fd(), SHARED_SIZE)?;
+        drop(fd); // the mapping keeps the memory; no descriptor is kept per process
+        let a = Attached { mapping, process };
+        let h = &a.shared().header;
+        let (magic, version) = (
+            h.magic.load(Ordering::Acquire),
+            h.version.load(Ordering::Acquire),
+        );
+        if magic != SHARED_MAGIC || version != SHARED_VERSION {
+            bail!(
+                "the process's shared region does not start with the anyprof header (magic \
+                 {magic:#x}, version {version}): use the libanyprof.so built with this anyprof"
+            );
+        }
+        Ok(a)
+    }
+
+    /// The region. Every field is an atomic or an `UnsafeCell`, so a shared reference to
+    /// memory that the process keeps writing is sound; plain fields are copied out with
+    /// volatile reads ([`crate::death_read`]).
+    pub fn shared(&self) -> &Shared {
+        // SAFETY: the mapping is SHARED_SIZE bytes (checked), page-aligned (mmap), lives as
+        // long as `self`, and all-bytes-valid for Shared (integers, atomics, UnsafeCells).
+        unsafe { &*self.mapping.as_ptr().cast::<Shared>() }
+    }
+
+    /// Device and inode of the memfd: a re-attach of the same image maps the same file.
+    pub fn file(&self) -> (u64, u64) {
+        self.mapping.file
+    }
+
+    /// Queues `cmd` for the process.
+    pub fn command(&self, cmd: Command) -> Result<()> {
+        let pid = self.process.pid;
+        if self.process.exited() {
+            bail!("process {pid} has exited");
+        }
+        if !push_command(&self.shared().commands, cmd) {
+            bail!(
+                "process {pid} has not taken the last {COMMAND_SLOTS} commands (stopped, or \
+                 its profiler thread is stuck); try again later"
+            );
+        }
+        Ok(())
+    }
+}
+
+/// How a connection's thread and the rest of the collector talk about one process: the
+/// socket's control descriptor (processes that stream over the socket) or the region
+/// (processes that use one), and whether the session must end (a newer image of the pid).
+#[derive(Debug, Default)]
+pub struct Channel {
+    /// A second descriptor of the socket, for commands (socket sessions only).
+    pub control: Mutex<Option<OwnedFd>>,
+    /// The region, while the session reads it.
+    region: Mutex<Option<Arc<Attached>>>,
+    /// Set when the process exec'd (a newer region from its pid): end after a death read.
+    superseded: AtomicBool,
+    /// Set when the same image re-attached on another connection: end without one.
+    replaced: AtomicBool,
+}
+
+impl Channel {
+    /// The region, if the session reads one now.
+    pub fn region(&self) -> Option<Arc<Attached>> {
+        self.region.lock().ok().and_then(|r| r.clone())
+    }
+}
+
+/// The live region sessions by pid, so that an exec'd image's region ends its predecessor.
+#[derive(Debug, Default)]
+pub struct Registry(Mutex<HashMap<u32, (FileId, Arc<Channel>)>>);
+
+/// Device and inode of a region's memfd.
+type FileId = (u64, u64);
+
+impl Registry {
+    /// Records that `channel` now reads `attached`'s region; ends the session of an earlier
+    /// image of the same pid (after its death read), or of the same image read by an
+    /// earlier connection (without one: the process lives on).
+    fn register(&self, attached: &Attached, channel: &Arc<Channel>) {
+        let Ok(mut map) = self.0.lock() else { return };
+        let entry = (attached.file(), channel.clone());
+        if let Some((file, old)) = map.insert(attached.process.pid, entry) {
+            if file == attached.file() {
+                old.replaced.store(true, Ordering::Release);
+            } else {
+                old.superseded.store(true, Ordering::Release);
+            }
+        }
+    }
+
+    fn unregister(&self, pid: u32, channel: &Arc<Channel>) {
+        let Ok(mut map) = self.0.lock() else { return };
+        if map.get(&pid).is_some_and(|(_, c)| Arc::ptr_eq(c, channel)) {
+            map.remove(&pid);
+        }
+    }
+}
+
+/// What a connection's thread needs besides its socket and session.
+#[derive(Clone, Debug, Default)]
+pub struct Link {
+    /// This connection's channel (also held by the collector, for commands).
+    pub channel: Arc<Channel>,
+    /// Every region session of the collector.
+    pub registry: Arc<Registry>,
+}
+
+/// Shortest and longest wait between two reads of the message ring: 5 ms while messages
+/// flow, doubling up to 100 ms while the process is quiet.
+const MIN_INTERVAL_MS: i32 = 5;
+const MAX_INTERVAL_MS: i32 = 100;
+/// Most messages read in one go, so that a process writing without pause cannot keep the
+/// pump from noticing its end or from telling it we are here.
+const BATCH: usize = 4096;
+/// How often a thread's name is read again (programs rename threads after start).
+const RENAME_CHECK: Duration = Duration::from_secs(1);
+/// Threads whose names are followed at most; the least recently read are forgotten.
+const MAX_NAMED_THREADS: usize = 4096;
+
+/// Why a pump ended.
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum End {
+    /// The process exited (or exec'd): read what it left.
+    Gone,
+    /// The process finished its last flush: read what is left, too (cheap, idempotent).
+    Finished,
+    /// The same image is read by a newer connection.
+    Replaced,
+    /// The stream is corrupt or over limits (the session's error says why).
+    Broken,
+}
+
+/// Reads a region until its process ends: the message ring every few milliseconds (each
+/// message decoded and applied as if it came over the socket, with the same limits), the
+/// process's thread names and RSS from `/proc`, and at the end what the process left in
+/// the region (the death read). `log` receives the process's diagnostics.
+pub fn pump(
+    attached: Attached,
+    session: &SharedSession,
+    link: &Link,
+    trace_mem: bool,
+    log: &mut dyn FnMut(Option<u32>, Level, &str),
+) {
+    let attached = Arc::new(attached);
+    let pid = attached.process.pid;
+    if let Ok(mut r) = link.channel.region.lock() {
+        *r = Some(attached.clone());
+    }
+    if let Ok(mut c) = link.channel.control.lock() {
+        *c = None; // the socket is closed: commands go through the region
+    }
+    link.registry.register(&attached, &link.channel);
+    let end = run(&attached, session, link, trace_mem, log);
+    if matches!(end, End::Gone | End::Finished) {
+        let Ok(mut s) = session.lock() else { return };
+        let (messages, report) = crate::death_read::read(attached.shared(), s.mem_stats.as_ref());
+        let spid = s.pid();
+        crate::death_read::apply(&mut s, messages, &mut |level, text| log(spid, level, text));
+        if end == End::Gone && (report.samples > 0 || report.buckets > 0) {
+            log(
+                spid,
+                Level::Info,
+                &format!(
+                    "read from the memory of the ended process: {} samples, {} heap buckets",
+                    report.samples, report.buckets
+                ),
+            );
+        }
+        if report.corrupt > 0 {
+            log(
+                spid,
+                Level::Warn,
+                &format!(
+                    "{} items in the process's shared memory held impossible values and were \
+                     skipped (the program wrote over the profiler's memory)",
+                    report.corrupt
+                ),
+            );
+        }
+    }
+    link.registry.unregister(pid, &link.channel);
+    if let Ok(mut r) = link.channel.region.lock() {
+        *r = None; // unmapped once the last command in flight lets go
+    }
+}
+
+fn run(
+    attached: &Attached,
+    session: &SharedSession,
+    link: &Link,
+    trace_mem: bool,
+    log: &mut dyn FnMut(Option<u32>, Level, &str),
+) -> End {
+    let shared = attached.shared();
+    let mut interval = MIN_INTERVAL_MS;
+    let mut names = ThreadNames::default();
+    let mut buf = Vec::with_capacity(MAX_MESSAGE);
+    loop {
+        let gone = attached.process.wait(interval);
+        if link.channel.replaced.load(Ordering::Acquire) {
+            return End::Replaced;
+        }
+        // An image that exec'd (superseded) writes no more: read it to the end as if gone.
+        let gone = gone || link.channel.superseded.load(Ordering::Acquire);
+        let mut read = 0;
+        loop {
+            // SAFETY: the ring lies in our mapping, which `attached` keeps alive.
+            match unsafe { message_read_one(&shared.messages, &mut buf) } {
+                Ok(true) => {}
+                Ok(false) => break,
+                Err(e) => {
+                    if let Ok(mut s) = session.lock() {
+                        s.error = Some(e.to_string());
+                    }
+                    return End::Broken;
+                }
+            }
+            read += 1;
+            if !apply_one(&buf, attached, session, &mut names, trace_mem, log) {
+                return End::Broken;
+            }
+            // After the end, read everything (the process writes no more); before it, let
+            // the loop come round to tell the process we are here.
+            if read >= BATCH && !gone {
+                break;
+            }
+        }
+        shared
+            .header
+            .collector_seen_ms
+            .store(monotonic_ms(), Ordering::Release);
+        if gone {
+            return End::Gone;
+        }
+        if shared.header.finished.load(Ordering::Acquire) == FINISHED
+            && message_ring_empty(&shared.messages)
+        {
+            return End::Finished;
+        }
+        interval = if read > 0 {
+            MIN_INTERVAL_MS
+        } else {
+            (interval * 2).min(MAX_INTERVAL_MS)
+        };
+    }
+}
+
+/// Decodes one message and folds it into the session; false if the session must end (its
+/// error says why).
+fn apply_one(
+    bytes: &[u8],
+    attached: &Attached,
+    session: &SharedSession,
+    names: &mut ThreadNames,
+    trace_mem: bool,
+    log: &mut dyn FnMut(Option<u32>, Level, &str),
+) -> bool {
+    let mut msg = match wire::decode(bytes) {
+        Ok(msg) => msg,
+        Err(e) => {
+            if let Ok(mut s) = session.lock() {
+                s.error = Some(e.to_string());
+            }
+            return false;
+        }
+    };
+    let mut tids = Vec::new();
+    match &mut msg {
+        Message::MemStats(m) => {
+            // The process no longer reads /proc/self/statm (it would open a descriptor).
+            if let Some(rss) = attached.process.rss_bytes() {
+                let at = MemStat::RssBytes as usize;
+                if m.fields.len() <= at {
+                    m.fields.resize(at + 1, 0);
+                }
+                if let Some(f) = m.fields.get_mut(at) {
+                    *f = rss;
+                }
+            }
+        }
+        Message::CpuSamples(samples) => {
+            tids = samples.iter().map(|s| s.tid).collect();
+            tids.sort_unstable();
+            tids.dedup();
+        }
+        _ => {}
+    }
+    let Ok(mut s) = session.lock() else {
+        return false;
+    };
+    let pid = s.pid();
+    if let (true, Message::MemStats(new)) = (trace_mem, &msg) {
+        let since = s.connected_at.map_or(0.0, |t| t.elapsed().as_secs_f64());
+        let line = crate::summary::mem_trace_line(s.mem_stats.as_ref(), new, since);
+        eprintln!("anyprof[{}]: {line}", pid.unwrap_or(0));
+    }
+    s.apply(msg, &mut |level, text| log(pid, level, text));
+    if let Some(why) = s.over_limits() {
+        s.error = Some(why);
+        return false;
+    }
+    drop(s);
+    // Thread names are read by us from /proc (the process would need a descriptor).
+    for (tid, name) in names.due(&attached.process, &tids) {
+        let Ok(mut s) = session.lock() else {
+            return false;
+        };
+        if s.thread_names.get(&tid).map(String::as_bytes) != Some(name.as_slice()) {
+            s.apply(Message::ThreadName(tid, name), &mut |level, text| {
+                log(pid, level, text)
+            });
+        }
+    }
+    true
+}
+
+/// When each thread's name was last read.
+#[derive(Default)]
+struct ThreadNames(HashMap<u32, Instant>);
+
+impl ThreadNames {
+    /// The names of the threads in `tids` not read in the last second, read now (while the
+    /// process runs).
+    fn due(&mut self, process: &Process, tids: &[u32]) -> Vec<(u32, Vec<u8>)> {
+        let mut out = Vec::new();
+        for &tid in tids {
+            if self
+                .0
+                .get(&tid)
+                .is_some_and(|at| at.elapsed() < RENAME_CHECK)
+            {
+                continue;
+            }
+            if self.0.len() >= MAX_NAMED_THREADS && !self.0.contains_key(&tid) {
+                if let Some(oldest) = self.0.iter().min_by_key(|(_, at)| **at).map(|(t, _)| *t) {
+                    self.0.remove(&oldest);
+                }
+            }
+            self.0.insert(tid, Instant::now());
+            if let Some(name) = process.thread_name(tid) {
+                out.push((tid, name));
+            }
+        }
+        out
+    }
 }
 
 #[cfg(test)]
