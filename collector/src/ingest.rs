@@ -699,7 +699,9 @@ pub fn read_connection(
                 match crate::region::Attached::new(fd.as_fd(), &info, datagram, peer) {
                     Ok(a) => region = Some(a),
                     Err(e) => {
-                        s.error = Some(format!("{e:#}"));
+                        let why = format!("not profiled: {e:#}");
+                        log(peer.map(|p| p.0), Level::Warn, &why);
+                        s.error = Some(why);
                         break;
                     }
                 }

@@ -704,6 +704,18 @@ pub fn pump(
     }
     link.registry.register(&attached, &link.channel);
     let end = run(&attached, session, link, trace_mem, log);
+    if end == End::Broken {
+        let (spid, error) = session
+            .lock()
+            .map(|s| (s.pid(), s.error.clone()))
+            .unwrap_or_default();
+        let why = error.unwrap_or_else(|| "its stream was cut".into());
+        log(
+            spid.or(Some(pid)),
+            Level::Warn,
+            &format!("no longer profiled: {why}"),
+        );
+    }
     if matches!(end, End::Gone | End::Finished) {
         let Ok(mut s) = session.lock() else { return };
         let (messages, report) = crate::death_read::read(attached.shared(), s.mem_stats.as_ref());
@@ -1062,14 +1074,26 @@ mod tests {
         );
     }
 
+    /// A `sleep 30` that has exec'd (its name is "sleep").
+    fn sleeper() -> std::process::Child {
+        let child = std::process::Command::new("sleep")
+            .arg("30")
+            .spawn()
+            .unwrap();
+        let comm = format!("/proc/{}/comm", child.id());
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while std::fs::read_to_string(&comm).unwrap_or_default() != "sleep\n" {
+            assert!(std::time::Instant::now() < deadline, "sleep did not start");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        child
+    }
+
     /// A process is held by its pidfd: its files are readable while it runs, and its end
     /// is seen.
     #[test]
     fn a_process_is_followed_by_its_pidfd() {
-        let mut child = std::process::Command::new("sleep")
-            .arg("30")
-            .spawn()
-            .unwrap();
+        let mut child = sleeper();
         let p = Process::of_pid(child.id()).unwrap();
         assert!(!p.exited());
         assert!(p.rss_bytes().is_some_and(|r| r > 0));
@@ -1130,5 +1154,309 @@ mod tests {
         );
         // SAFETY: unmapping what was mapped above.
         unsafe { libc::munmap(ro, 8192) };
+    }
+    use crate::death_read::tests::{put_bucket, put_sample, region, shared};
+    use crate::ingest::Session;
+    use anyprof_wire::shared::{message_write, pop_command, SAMPLE_READY};
+
+    fn hello(pid: u32) -> Vec<u8> {
+        let mut buf = vec![0u8; 256];
+        let n = wire::encode_hello(
+            &mut buf,
+            &wire::HelloInfo {
+                pid,
+                ppid: 1,
+                cpu_hz: 100,
+                timer: wire::TimerKind::ThreadCpuTimer,
+                mem_rate: 1,
+                start_realtime_ns: 1,
+                start_monotonic_ns: 2,
+                exe: b"/bin/test",
+                cmdline: b"test",
+            },
+        )
+        .unwrap();
+        buf.truncate(n);
+        buf
+    }
+
+    fn samples(tid: u32, n: usize) -> Vec<u8> {
+        let mut buf = vec![0u8; MAX_MESSAGE];
+        let mut batch = wire::SampleBatch::new(&mut buf);
+        for i in 0..n {
+            assert!(batch.push(tid, 0, i as u64, 1, &[0x1000 + i as u64]));
+        }
+        let len = batch.len();
+        buf.truncate(len);
+        buf
+    }
+
+    /// Runs the pump of `attached` on a thread; returns the session and the pump's thread.
+    fn start(
+        attached: Attached,
+        link: &Link,
+    ) -> (SharedSession, std::thread::JoinHandle<Vec<String>>) {
+        let session: SharedSession = Arc::new(Mutex::new(Session::default()));
+        let (s, l) = (session.clone(), link.clone());
+        let t = std::thread::spawn(move || {
+            let mut logged = Vec::new();
+            pump(attached, &s, &l, false, &mut |_, _, text| {
+                logged.push(text.to_owned())
+            });
+            logged
+        });
+        (session, t)
+    }
+
+    fn wait_for(what: &str, mut f: impl FnMut() -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !f() {
+            assert!(Instant::now() < deadline, "timed out waiting for {what}");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    /// The pump applies what the process writes into its ring, tells it we are here, reads
+    /// its threads' names itself, and when the process is killed reads what it left.
+    #[test]
+    fn the_pump_reads_the_ring_then_the_remains_of_a_killed_process() {
+        let mut child = sleeper();
+        let pid = child.id();
+        let attached = Attached {
+            mapping: region(),
+            process: Process::of_pid(pid).unwrap(),
+        };
+        let ptr = attached.shared() as *const Shared as usize;
+        // SAFETY: the mapping lives while the pump holds `attached` (until the test ends
+        // the pump below; the pointer is not used after that).
+        let s: &Shared = unsafe { &*(ptr as *const Shared) };
+        assert!(message_write(&s.messages, &hello(pid)));
+        assert!(message_write(&s.messages, &samples(pid, 3)));
+        let link = Link::default();
+        let (session, pump) = start(attached, &link);
+        wait_for("the ring to be read", || {
+            session.lock().unwrap().cpu.len() == 3 && message_ring_empty(&s.messages)
+        });
+        wait_for("the collector to say it is here", || {
+            s.header.collector_seen_ms.load(Ordering::Acquire) != 0
+        });
+        assert_eq!(
+            session
+                .lock()
+                .unwrap()
+                .thread_names
+                .get(&pid)
+                .map(String::as_str),
+            Some("sleep"),
+            "names are read from /proc/PID/task/TID/comm"
+        );
+        // Commands reach the command ring.
+        let region = link.channel.region().unwrap();
+        region.command(Command::CpuStart(99)).unwrap();
+        assert_eq!(pop_command(&s.commands), Some(Command::CpuStart(99)));
+        // The process is killed with a sample and a live bucket that it never sent.
+        put_sample(s, 5, SAMPLE_READY, pid, &[0xdead], 1);
+        put_bucket(s, 0, 3, 1 << 20, &[0xbeef], 64);
+        drop(region);
+        child.kill().unwrap();
+        let logged = pump.join().unwrap();
+        let _ = child.wait();
+        let session = session.lock().unwrap();
+        assert_eq!(session.cpu.len(), 4);
+        assert!(session.cpu.keys().any(|k| k.frames == [0xdead]));
+        let b = &session.heap[&3];
+        assert_eq!(b.counts.alloc_bytes - b.counts.free_bytes, 64 << 20);
+        assert!(
+            logged
+                .iter()
+                .any(|l| l.contains("1 samples, 1 heap buckets")),
+            "{logged:?}"
+        );
+        assert!(link.channel.region().is_none(), "unmapped at the end");
+    }
+
+    /// A ring holding values the writer never writes ends the session with one message.
+    #[test]
+    fn a_corrupt_ring_ends_the_session_with_a_message() {
+        let attached = Attached {
+            mapping: region(),
+            process: Process::of_pid(std::process::id()).unwrap(),
+        };
+        let s = attached.shared();
+        assert!(message_write(&s.messages, &hello(1)));
+        s.messages.head.store(u64::MAX - 7, Ordering::Release);
+        let (session, pump) = start(attached, &Link::default());
+        let logged = pump.join().unwrap();
+        let error = session.lock().unwrap().error.clone().unwrap_or_default();
+        assert!(error.contains("message ring corrupt"), "{error}");
+        assert_eq!(logged.len(), 1, "{logged:?}");
+        assert!(logged[0].contains("no longer profiled: message ring corrupt"));
+    }
+
+    /// A message that does not decode ends the session as over the socket.
+    #[test]
+    fn a_bad_message_in_the_ring_ends_the_session() {
+        let attached = Attached {
+            mapping: region(),
+            process: Process::of_pid(std::process::id()).unwrap(),
+        };
+        assert!(message_write(&attached.shared().messages, b"not a message"));
+        let (session, pump) = start(attached, &Link::default());
+        pump.join().unwrap();
+        assert!(session.lock().unwrap().error.is_some());
+    }
+
+    /// A process that finished its last flush ends its session once the ring is empty;
+    /// one that exec'd (a newer region from its pid) ends its predecessor's after a death
+    /// read; the same image attached again ends the old pump without one.
+    #[test]
+    fn sessions_end_on_finish_exec_and_reattach() {
+        let me = std::process::id();
+        let link = Link::default();
+        let old = Attached {
+            mapping: region(),
+            process: Process::of_pid(me).unwrap(),
+        };
+        put_sample(old.shared(), 0, SAMPLE_READY, 1, &[0x42], 1);
+        let (old_session, old_pump) = start(old, &link);
+        wait_for("the first pump to register", || {
+            link.channel.region().is_some()
+        });
+        // exec: a new image of the same pid maps another memfd.
+        let link2 = Link {
+            registry: link.registry.clone(),
+            ..Link::default()
+        };
+        let new = Attached {
+            mapping: region(),
+            process: Process::of_pid(me).unwrap(),
+        };
+        let new_ptr = new.shared() as *const Shared as usize;
+        let (_, new_pump) = start(new, &link2);
+        old_pump.join().unwrap();
+        assert!(
+            old_session
+                .lock()
+                .unwrap()
+                .cpu
+                .keys()
+                .any(|k| k.frames == [0x42]),
+            "the old image's remains were read"
+        );
+        // The same image re-attached on a third connection replaces the second pump.
+        let again_file = {
+            let r = link2.channel.region().unwrap();
+            r.process
+                .open_map_file(new_ptr as u64, SHARED_SIZE as u64)
+                .unwrap()
+        };
+        let link3 = Link {
+            registry: link.registry.clone(),
+            ..Link::default()
+        };
+        let again = Attached {
+            mapping: Mapping::of_memfd(again_file.as_fd(), SHARED_SIZE).unwrap(),
+            process: Process::of_pid(me).unwrap(),
+        };
+        let s3 = again.shared() as *const Shared as usize;
+        // SAFETY: a sample in the third mapping, which the third pump keeps alive.
+        put_sample(
+            unsafe { &*(s3 as *const Shared) },
+            1,
+            SAMPLE_READY,
+            1,
+            &[0x43],
+            1,
+        );
+        let (third_session, third_pump) = start(again, &link3);
+        new_pump.join().unwrap();
+        // A replaced pump does no death read: the slot is still there for the live one.
+        // The process finishes: the third pump ends (with a read of what is left).
+        // SAFETY: as above.
+        let s3 = unsafe { &*(s3 as *const Shared) };
+        s3.header.finished.store(FINISHED, Ordering::Release);
+        third_pump.join().unwrap();
+        assert!(third_session
+            .lock()
+            .unwrap()
+            .cpu
+            .keys()
+            .any(|k| k.frames == [0x43]));
+    }
+
+    /// The whole hand-over over a real socket: Region with the memfd, hello, close; then
+    /// the ring; then a re-attach without a descriptor (map_files).
+    #[test]
+    fn a_process_hands_over_its_region_through_the_collector() {
+        use nix::sys::socket::{
+            connect, sendmsg, socket, AddressFamily, ControlMessage, MsgFlags, SockFlag, SockType,
+            UnixAddr,
+        };
+        let collector = crate::collect::Collector::start(crate::collect::Options {
+            hello_timeout: Some(Duration::from_secs(5)),
+            ..Default::default()
+        })
+        .unwrap();
+        let me = std::process::id();
+        let mapping = region();
+        let s = shared(&mapping);
+        let mut buf = [0u8; 64];
+        let info = RegionInfo {
+            version: SHARED_VERSION,
+            size: SHARED_SIZE as u64,
+            address: mapping.as_ptr() as u64,
+        };
+        let n = anyprof_wire::shared::encode_region(&mut buf, &info).unwrap();
+        let memfd_of = |m: &Mapping| {
+            Process::of_pid(me)
+                .unwrap()
+                .open_map_file(m.as_ptr() as u64, SHARED_SIZE as u64)
+                .unwrap()
+        };
+        let hand_over = |with_fd: bool| {
+            let sock = socket(
+                AddressFamily::Unix,
+                SockType::SeqPacket,
+                SockFlag::SOCK_CLOEXEC,
+                None,
+            )
+            .unwrap();
+            connect(
+                sock.as_raw_fd(),
+                &UnixAddr::new(collector.socket_path()).unwrap(),
+            )
+            .unwrap();
+            let memfd = memfd_of(&mapping);
+            let fds = [memfd.as_raw_fd()];
+            let cmsgs = [ControlMessage::ScmRights(&fds)];
+            let iov = [std::io::IoSlice::new(&buf[..n])];
+            let cmsgs: &[ControlMessage] = if with_fd { &cmsgs } else { &[] };
+            sendmsg::<()>(sock.as_raw_fd(), &iov, cmsgs, MsgFlags::empty(), None).unwrap();
+            let h = hello(me);
+            let iov = [std::io::IoSlice::new(&h)];
+            sendmsg::<()>(sock.as_raw_fd(), &iov, &[], MsgFlags::empty(), None).unwrap();
+            // Both closed at once: no descriptor of ours stays in the process.
+        };
+        hand_over(true);
+        assert!(message_write(&s.messages, &samples(me, 2)));
+        wait_for("the process to be listed", || {
+            collector.processes().iter().any(|p| p.pid == me)
+        });
+        wait_for("the ring to be read", || message_ring_empty(&s.messages));
+        collector.command(me, Command::CpuStop).unwrap();
+        assert_eq!(pop_command(&s.commands), Some(Command::CpuStop));
+        // The collector restarts in the process's eyes: it re-attaches without a descriptor.
+        hand_over(false);
+        assert!(message_write(&s.messages, &samples(me, 5)));
+        wait_for("the ring to be read again", || {
+            message_ring_empty(&s.messages)
+        });
+        s.header.finished.store(FINISHED, Ordering::Release);
+        let sessions = collector.finish(me, Duration::from_secs(5));
+        assert_eq!(sessions.len(), 1, "one image: sessions merged");
+        let session = &sessions[0];
+        assert_eq!(session.error, None);
+        assert_eq!(session.cpu.values().map(|t| t.count).sum::<u64>(), 7);
+        assert!(session.closed_at.is_some());
     }
 }
