@@ -49,44 +49,57 @@ pub struct Report {
     pub corrupt: u64,
 }
 
-/// Encoded messages, each at most [`MAX_MESSAGE`] bytes.
-pub type Messages = Vec<Vec<u8>>;
-
-/// Reads the region and returns the messages that carry what it holds. `last_mem_stats`
-/// is the process's last allocator report, whose fields the region does not hold (RSS,
-/// peak RSS, lost-sample counts) are kept.
-pub fn read(shared: &Shared, last_mem_stats: Option<&MemStats>) -> (Messages, Report) {
-    let mut out = Vec::new();
+/// Reads the region and hands each message that carries what it holds to `emit`, as it is
+/// built (so that a full table costs one message of memory, not the table's size); stops
+/// when `emit` returns false. `last_mem_stats` is the process's last allocator report, whose
+/// fields the region does not hold (RSS, peak RSS, lost-sample counts) are kept.
+pub fn read(
+    shared: &Shared,
+    last_mem_stats: Option<&MemStats>,
+    emit: &mut dyn FnMut(&[u8]) -> bool,
+) -> Report {
     let mut report = Report::default();
-    read_samples(shared, &mut out, &mut report);
-    read_buckets(shared, &mut out, &mut report);
+    if !read_samples(shared, emit, &mut report) || !read_buckets(shared, emit, &mut report) {
+        return report;
+    }
     let counters: Vec<u64> = (shared.counters.iter().take(COUNTER_COUNT))
         .map(|c| c.load(Ordering::Relaxed))
         .collect();
     let mut buf = vec![0u8; MAX_MESSAGE];
     if let Some(n) = wire::encode_counters(&mut buf, Kind::Counters, &counters) {
-        out.push(buf.get(..n).unwrap_or(&[]).to_vec());
+        if !emit(buf.get(..n).unwrap_or(&[])) {
+            return report;
+        }
     }
-    out.push(mem_stats(shared, last_mem_stats));
-    (out, report)
+    emit(&mem_stats(shared, last_mem_stats));
+    report
 }
 
-/// Decodes `messages` and folds them into `session`; stops at the first that does not
-/// decode or that puts the session over its limits (recorded as its error).
-pub fn apply(session: &mut Session, messages: Messages, log: &mut dyn FnMut(Level, &str)) {
-    for m in messages {
-        match wire::decode(&m) {
-            Ok(msg) => session.apply(msg, log),
-            Err(e) => {
-                session.error = Some(format!("death read: {e}"));
-                return;
+/// Reads the region into `session`: every message goes through `decode` and
+/// `Session::apply`; the read stops at the first message that does not decode or that puts
+/// the session over its limits (recorded as its error).
+pub fn read_into(
+    shared: &Shared,
+    session: &mut Session,
+    log: &mut dyn FnMut(Level, &str),
+) -> Report {
+    let last = session.mem_stats.clone();
+    read(shared, last.as_ref(), &mut |m| match wire::decode(m) {
+        Ok(msg) => {
+            session.apply(msg, log);
+            match session.over_limits() {
+                Some(why) => {
+                    session.error = Some(why);
+                    false
+                }
+                None => true,
             }
         }
-        if let Some(why) = session.over_limits() {
-            session.error = Some(why);
-            return;
+        Err(e) => {
+            session.error = Some(format!("death read: {e}"));
+            false
         }
-    }
+    })
 }
 
 /// Copies a plain value out of an `UnsafeCell` in the region.
@@ -100,7 +113,7 @@ unsafe fn copy<T: Copy>(cell: &UnsafeCell<T>) -> T {
     unsafe { std::ptr::read_volatile(cell.get()) }
 }
 
-fn read_samples(shared: &Shared, out: &mut Messages, report: &mut Report) {
+fn read_samples(shared: &Shared, emit: &mut dyn FnMut(&[u8]) -> bool, report: &mut Report) -> bool {
     let mut buf = vec![0u8; MAX_MESSAGE];
     let mut records = Vec::new();
     for slot in shared.samples.slots.iter() {
@@ -133,16 +146,20 @@ fn read_samples(shared: &Shared, out: &mut Messages, report: &mut Report) {
         if taken == 0 {
             break; // cannot happen: one record of MAX_FRAMES frames fits a message
         }
-        out.push(buf.get(..len).unwrap_or(&[]).to_vec());
         report.samples += taken as u64;
+        if !emit(buf.get(..len).unwrap_or(&[])) {
+            return false;
+        }
         rest = rest.get(taken..).unwrap_or(&[]);
     }
+    true
 }
 
-fn read_buckets(shared: &Shared, out: &mut Messages, report: &mut Report) {
+fn read_buckets(shared: &Shared, emit: &mut dyn FnMut(&[u8]) -> bool, report: &mut Report) -> bool {
     let table = &shared.buckets;
     let created = (table.order_claimed.load(Ordering::Acquire) as usize).min(BUCKETS);
     let arena = table.arena.get().cast::<u64>();
+    let mut buf = vec![0u8; MAX_MESSAGE];
     let mut found: Vec<(u32, u64, BucketCounts, Vec<u64>)> = Vec::new();
     for order in table.order.iter().take(created) {
         let Some(idx) = order.load(Ordering::Acquire).checked_sub(1) else {
@@ -176,11 +193,27 @@ fn read_buckets(shared: &Shared, out: &mut Messages, report: &mut Report) {
             .map(|i| unsafe { std::ptr::read_volatile(arena.add(i)) })
             .collect();
         found.push((idx, size, counts, frames));
+        if found.len() >= PENDING_BUCKETS && !emit_buckets(&mut found, &mut buf, emit, report) {
+            return false;
+        }
     }
-    let mut buf = vec![0u8; MAX_MESSAGE];
-    let mut rest = found.as_slice();
+    emit_buckets(&mut found, &mut buf, emit, report)
+}
+
+/// Buckets gathered before they are encoded and emitted (at most 128 frames each: a few
+/// hundred KiB, whatever the table holds).
+const PENDING_BUCKETS: usize = 256;
+
+/// Encodes `pending` into as many messages as needed, emits them, and empties it.
+fn emit_buckets(
+    pending: &mut Vec<(u32, u64, BucketCounts, Vec<u64>)>,
+    buf: &mut [u8],
+    emit: &mut dyn FnMut(&[u8]) -> bool,
+    report: &mut Report,
+) -> bool {
+    let mut rest = pending.as_slice();
     while !rest.is_empty() {
-        let mut batch = HeapBatch::new(&mut buf);
+        let mut batch = HeapBatch::new(buf);
         let taken = rest
             .iter()
             .take_while(|(id, size, counts, frames)| batch.push(*id, *size, counts, frames))
@@ -189,10 +222,14 @@ fn read_buckets(shared: &Shared, out: &mut Messages, report: &mut Report) {
         if taken == 0 {
             break; // cannot happen: one bucket of MAX_FRAMES frames fits a message
         }
-        out.push(buf.get(..len).unwrap_or(&[]).to_vec());
         report.buckets += taken as u64;
+        if !emit(buf.get(..len).unwrap_or(&[])) {
+            return false;
+        }
         rest = rest.get(taken..).unwrap_or(&[]);
     }
+    pending.clear();
+    true
 }
 
 fn mem_stats(shared: &Shared, last: Option<&MemStats>) -> Vec<u8> {
@@ -329,12 +366,11 @@ pub(crate) mod tests {
     }
 
     fn session_after(m: &Mapping, last: Option<&MemStats>) -> (Session, Report) {
-        let (messages, report) = read(shared(m), last);
-        let mut s = Session::default();
-        if let Some(last) = last {
-            s.mem_stats = Some(last.clone());
-        }
-        apply(&mut s, messages, &mut |_, _| {});
+        let mut s = Session {
+            mem_stats: last.cloned(),
+            ..Session::default()
+        };
+        let report = read_into(shared(m), &mut s, &mut |_, _| {});
         (s, report)
     }
 
@@ -453,6 +489,47 @@ pub(crate) mod tests {
         assert_eq!(session.error, None);
         assert!(session.heap.contains_key(&9));
         assert_eq!(session.heap.len(), 1);
+    }
+
+    /// A table full of the deepest stacks is read one message at a time, and the session's
+    /// memory cap stops it.
+    #[test]
+    fn a_full_table_is_read_in_messages_under_the_cap() {
+        let m = region();
+        let s = shared(&m);
+        let deep = [0x1234u64; MAX_FRAMES];
+        put_bucket(s, 0, 0, 8, &deep, 1);
+        let t = &s.buckets;
+        for i in 1..BUCKETS {
+            let b = &t.buckets[i];
+            // Every bucket points at the same frames (a hostile process can do that).
+            // SAFETY: test-owned region.
+            unsafe {
+                *b.size.get() = i as u64;
+                *b.frames_at.get() = 0;
+                *b.frames_len.get() = MAX_FRAMES as u16;
+            }
+            b.alloc_objects.store(1, Ordering::Relaxed);
+            b.hash.store(2, Ordering::Relaxed);
+            t.order[i].store(i as u32 + 1, Ordering::Relaxed);
+        }
+        t.order_claimed.store(BUCKETS as u32, Ordering::Relaxed);
+        let mut sizes = Vec::new();
+        let report = read(s, None, &mut |msg| {
+            sizes.push(msg.len());
+            true
+        });
+        assert_eq!(report.buckets, BUCKETS as u64);
+        assert!(sizes.iter().all(|&n| n <= MAX_MESSAGE));
+        let mut capped = Session {
+            max_bytes: Some(1 << 20),
+            ..Session::default()
+        };
+        let mut warned = 0;
+        read_into(s, &mut capped, &mut |_, _| warned += 1);
+        assert!(capped.kept_bytes <= 1 << 20);
+        assert!(capped.heap.len() < BUCKETS);
+        assert_eq!(warned, 1, "one warning at the cap");
     }
 
     const SAMPLE_SLOTS_LAST: usize = anyprof_wire::shared::SAMPLE_SLOTS - 1;

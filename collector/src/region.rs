@@ -308,17 +308,22 @@ impl Process {
             .with_context(|| format!("process {pid} named an impossible region at {start:#x}"))?;
         let range = format!("{start:x}-{end:x}");
         let maps = self
-            .read("maps", 64 << 20)
+            .open_at("maps", libc::O_RDONLY)
             .with_context(|| format!("cannot read /proc/{pid}/maps"))?;
-        let line = maps
-            .split(|&b| b == b'\n')
-            .find(|l| l.starts_with(range.as_bytes()) && l.get(range.len()) == Some(&b' '))
-            .with_context(|| format!("process {pid} has no mapping at {range}"))?;
+        // Line by line: a process can have a very long maps file.
+        let line =
+            std::io::BufRead::split(std::io::BufReader::new(std::fs::File::from(maps)), b'\n')
+                .map_while(|l| l.ok())
+                .find(|l| l.starts_with(range.as_bytes()) && l.get(range.len()) == Some(&b' '))
+                .with_context(|| format!("process {pid} has no mapping at {range}"))?;
         if line.get(range.len() + 1..range.len() + 5) != Some(b"rw-s") {
             bail!("process {pid}'s mapping at {range} is not shared and writable");
         }
-        let fd = self
-            .open_at(&format!("map_files/{range}"), libc::O_RDWR)
+        // The process may have replaced the mapping since: open it without effect first
+        // (O_PATH), and open it for real only once it is known to be a file on tmpfs. (As
+        // root, a read-write open of a device node mapped there could do something.)
+        let path_fd = self
+            .open_at(&format!("map_files/{range}"), libc::O_PATH)
             .map_err(|e| match e.raw_os_error() {
                 Some(libc::EPERM | libc::EACCES) => anyhow::anyhow!(
                     "process {pid} reconnected without its memory descriptor, and opening \
@@ -327,11 +332,56 @@ impl Process {
                 ),
                 _ => anyhow::Error::new(e).context(format!("open /proc/{pid}/map_files/{range}")),
             })?;
+        let what = file_identity(path_fd.as_fd())?;
+        if !what.regular_on_tmpfs {
+            bail!("process {pid}'s mapping at {range} is not a memfd");
+        }
+        let again =
+            CString::new(format!("/proc/self/fd/{}", path_fd.as_raw_fd())).unwrap_or_default();
+        // SAFETY: a valid NUL-terminated path; a non-negative result is a new descriptor.
+        let fd = unsafe { libc::open(again.as_ptr(), libc::O_RDWR | libc::O_CLOEXEC) };
+        if fd < 0 {
+            return Err(Error::last_os_error())
+                .with_context(|| format!("open /proc/{pid}/map_files/{range}"));
+        }
+        // SAFETY: open returned a new descriptor that nothing else owns.
+        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+        if file_identity(fd.as_fd())?.file != what.file {
+            bail!("process {pid}'s mapping at {range} changed while it was opened");
+        }
         if self.exited() {
             bail!("process {pid} ended while it was being re-attached");
         }
         Ok(fd)
     }
+}
+
+/// What kind of file a descriptor (possibly `O_PATH`) is.
+struct FileIdentity {
+    /// Device and inode.
+    file: FileId,
+    /// A regular file on tmpfs (where memfds live).
+    regular_on_tmpfs: bool,
+}
+
+fn file_identity(fd: BorrowedFd<'_>) -> Result<FileIdentity> {
+    // SAFETY: an all-zero stat is a valid out-buffer.
+    let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    // SAFETY: valid descriptor (O_PATH descriptors allow fstat) and out-pointer.
+    if unsafe { libc::fstat(fd.as_raw_fd(), &mut st) } != 0 {
+        return Err(Error::last_os_error()).context("fstat");
+    }
+    // SAFETY: an all-zero statfs is a valid out-buffer.
+    let mut fs: libc::statfs = unsafe { std::mem::zeroed() };
+    // SAFETY: valid descriptor (O_PATH descriptors allow fstatfs) and out-pointer.
+    if unsafe { libc::fstatfs(fd.as_raw_fd(), &mut fs) } != 0 {
+        return Err(Error::last_os_error()).context("fstatfs");
+    }
+    Ok(FileIdentity {
+        file: (st.st_dev, st.st_ino),
+        regular_on_tmpfs: st.st_mode & libc::S_IFMT == libc::S_IFREG
+            && fs.f_type == libc::TMPFS_MAGIC,
+    })
 }
 
 fn peer_pidfd(sock: BorrowedFd<'_>) -> std::io::Result<OwnedFd> {
@@ -718,9 +768,10 @@ pub fn pump(
     }
     if matches!(end, End::Gone | End::Finished) {
         let Ok(mut s) = session.lock() else { return };
-        let (messages, report) = crate::death_read::read(attached.shared(), s.mem_stats.as_ref());
         let spid = s.pid();
-        crate::death_read::apply(&mut s, messages, &mut |level, text| log(spid, level, text));
+        let report = crate::death_read::read_into(attached.shared(), &mut s, &mut |level, text| {
+            log(spid, level, text)
+        });
         if end == End::Gone && (report.samples > 0 || report.buckets > 0) {
             log(
                 spid,
@@ -832,8 +883,13 @@ fn apply_one(
     let mut tids = Vec::new();
     match &mut msg {
         Message::MemStats(m) => {
-            // The process no longer reads /proc/self/statm (it would open a descriptor).
-            if let Some(rss) = attached.process.rss_bytes() {
+            // The process no longer reads /proc/self/statm (it would open a descriptor). A
+            // process that just exited reads as 0: it keeps its last figure then.
+            let rss = attached.process.rss_bytes().filter(|&r| r > 0).or_else(|| {
+                let s = session.lock().ok()?;
+                s.mem_stats.as_ref().map(|m| m.get(MemStat::RssBytes))
+            });
+            if let Some(rss) = rss {
                 let at = MemStat::RssBytes as usize;
                 if m.fields.len() <= at {
                     m.fields.resize(at + 1, 0);
@@ -1154,6 +1210,32 @@ mod tests {
         );
         // SAFETY: unmapping what was mapped above.
         unsafe { libc::munmap(ro, 8192) };
+        // A shared writable mapping of a file that is not a memfd is never opened read-write.
+        let dir = tempfile::tempdir_in(concat!(env!("CARGO_MANIFEST_DIR"), "/../target")).unwrap();
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(dir.path().join("f"))
+            .unwrap();
+        file.set_len(8192).unwrap();
+        // SAFETY: mapping a valid descriptor at an address of the kernel's choice.
+        let rw = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                8192,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                file.as_raw_fd(),
+                0,
+            )
+        };
+        assert_ne!(rw, libc::MAP_FAILED);
+        let e = me.open_map_file(rw as u64, 8192).unwrap_err();
+        assert!(format!("{e:#}").contains("not a memfd"), "{e:#}");
+        // SAFETY: unmapping what was mapped above.
+        unsafe { libc::munmap(rw, 8192) };
     }
     use crate::death_read::tests::{put_bucket, put_sample, region, shared};
     use crate::ingest::Session;
