@@ -670,20 +670,38 @@ impl Channel {
 
 /// The live region sessions by pid, so that an exec'd image's region ends its predecessor.
 #[derive(Debug, Default)]
-pub struct Registry(Mutex<HashMap<u32, (FileId, Arc<Channel>)>>);
+pub struct Registry(Mutex<HashMap<u32, (Image, Arc<Channel>)>>);
 
 /// Device and inode of a region's memfd.
 type FileId = (u64, u64);
 
+/// What tells two images of one pid apart: the memfd (device, inode), and the load time
+/// the hello states (a re-attach to a non-root collector brings a fresh memfd of the same
+/// image).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Image {
+    file: FileId,
+    started: Option<u64>,
+}
+
+impl Image {
+    fn same(&self, other: &Image) -> bool {
+        self.file == other.file || (self.started.is_some() && self.started == other.started)
+    }
+}
+
 impl Registry {
     /// Records that `channel` now reads `attached`'s region; ends the session of an earlier
-    /// image of the same pid (after its death read), or of the same image read by an
-    /// earlier connection (without one: the process lives on).
-    fn register(&self, attached: &Attached, channel: &Arc<Channel>) {
+    /// image of the same pid (after its death read: the process exec'd), or of the same
+    /// image read by an earlier connection (without one: the process lives on).
+    fn register(&self, attached: &Attached, started: Option<u64>, channel: &Arc<Channel>) {
         let Ok(mut map) = self.0.lock() else { return };
-        let entry = (attached.file(), channel.clone());
-        if let Some((file, old)) = map.insert(attached.process.pid, entry) {
-            if file == attached.file() {
+        let image = Image {
+            file: attached.file(),
+            started,
+        };
+        if let Some((old_image, old)) = map.insert(attached.process.pid, (image, channel.clone())) {
+            if old_image.same(&image) {
                 old.replaced.store(true, Ordering::Release);
             } else {
                 old.superseded.store(true, Ordering::Release);
@@ -752,7 +770,11 @@ pub fn pump(
     if let Ok(mut c) = link.channel.control.lock() {
         *c = None; // the socket is closed: commands go through the region
     }
-    link.registry.register(&attached, &link.channel);
+    let started = session
+        .lock()
+        .ok()
+        .and_then(|s| s.hello.as_ref().map(|h| h.start_monotonic_ns));
+    link.registry.register(&attached, started, &link.channel);
     let end = run(&attached, session, link, trace_mem, log);
     if end == End::Broken {
         let (spid, error) = session
