@@ -832,9 +832,15 @@ fn run(
     let shared = attached.shared();
     let mut interval = MIN_INTERVAL_MS;
     let mut names = ThreadNames::default();
+    let mut rss = Rss::default();
     let mut buf = Vec::with_capacity(MAX_MESSAGE);
     loop {
         let gone = attached.process.wait(interval);
+        if !gone {
+            // Kept fresh while the process runs: what it had when it was killed is what an
+            // OOM investigation wants, and a dead process has none to read.
+            rss.refresh(&attached.process, RSS_EVERY);
+        }
         if link.channel.replaced.load(Ordering::Acquire) {
             return End::Replaced;
         }
@@ -854,7 +860,9 @@ fn run(
                 }
             }
             read += 1;
-            if !apply_one(&buf, attached, session, &mut names, trace_mem, log) {
+            if !apply_one(
+                &buf, attached, session, &mut names, &mut rss, trace_mem, log,
+            ) {
                 return End::Broken;
             }
             // After the end, read everything (the process writes no more); before it, let
@@ -890,6 +898,7 @@ fn apply_one(
     attached: &Attached,
     session: &SharedSession,
     names: &mut ThreadNames,
+    rss: &mut Rss,
     trace_mem: bool,
     log: &mut dyn FnMut(Option<u32>, Level, &str),
 ) -> bool {
@@ -905,13 +914,11 @@ fn apply_one(
     let mut tids = Vec::new();
     match &mut msg {
         Message::MemStats(m) => {
-            // The process no longer reads /proc/self/statm (it would open a descriptor). A
-            // process that just exited reads as 0: it keeps its last figure then.
-            let rss = attached.process.rss_bytes().filter(|&r| r > 0).or_else(|| {
-                let s = session.lock().ok()?;
-                s.mem_stats.as_ref().map(|m| m.get(MemStat::RssBytes))
-            });
-            if let Some(rss) = rss {
+            // The process no longer reads /proc/self/statm (it would open a descriptor). One
+            // that has just exited has no RSS left: its last reading stands then.
+            rss.refresh(&attached.process, Duration::ZERO);
+            if rss.last > 0 {
+                let rss = rss.last;
                 let at = MemStat::RssBytes as usize;
                 if m.fields.len() <= at {
                     m.fields.resize(at + 1, 0);
@@ -955,6 +962,31 @@ fn apply_one(
         }
     }
     true
+}
+
+/// How often the pump reads the process's RSS while it runs.
+const RSS_EVERY: Duration = Duration::from_millis(250);
+
+/// The process's resident set size as last read from `/proc/PID/statm`.
+#[derive(Default)]
+struct Rss {
+    /// Bytes; 0 until read.
+    last: u64,
+    at: Option<Instant>,
+}
+
+impl Rss {
+    /// Reads it again if the last reading is older than `every` (and the process still has
+    /// an RSS to read).
+    fn refresh(&mut self, process: &Process, every: Duration) {
+        if self.at.is_some_and(|at| at.elapsed() < every) {
+            return;
+        }
+        self.at = Some(Instant::now());
+        if let Some(r) = process.rss_bytes().filter(|&r| r > 0) {
+            self.last = r;
+        }
+    }
 }
 
 /// When each thread's name was last read.
