@@ -283,6 +283,11 @@ pub(crate) mod tests {
     /// A zeroed region in a sealed memfd, mapped as the collector maps one, with its header
     /// set as the preload sets it.
     pub(crate) fn region() -> Mapping {
+        region_and_memfd().1
+    }
+
+    /// [`region`] and its memfd.
+    pub(crate) fn region_and_memfd() -> (OwnedFd, Mapping) {
         let name = c"anyprof-test-region";
         // SAFETY: valid name and flags.
         let fd = unsafe {
@@ -310,7 +315,7 @@ pub(crate) mod tests {
         h.magic.store(SHARED_MAGIC, Ordering::Relaxed);
         h.version.store(SHARED_VERSION, Ordering::Relaxed);
         h.size.store(SHARED_SIZE as u64, Ordering::Relaxed);
-        m
+        (fd, m)
     }
 
     pub(crate) fn shared(m: &Mapping) -> &Shared {

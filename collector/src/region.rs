@@ -135,51 +135,57 @@ pub fn recv_datagram(sock: BorrowedFd<'_>, buf: &mut [u8]) -> std::io::Result<Da
 }
 
 /// A running (or just ended) process, held by a pidfd, with its `/proc/PID` directory.
+///
+/// A process may well have exited before we attach (a short program sends its region, its
+/// hello and everything else, then exits): it is then held without either, counts as
+/// exited, and all we read is its region.
 #[derive(Debug)]
 pub struct Process {
     /// Its pid in our pid namespace.
     pub pid: u32,
-    pidfd: OwnedFd,
-    proc_dir: OwnedFd,
+    /// `None` once the process is gone (it exited before we could take one).
+    pidfd: Option<OwnedFd>,
+    /// `None` when the process had exited by the time it was opened.
+    proc_dir: Option<OwnedFd>,
 }
 
 impl Process {
     /// The process at the other end of `sock`. `fallback` is what `SO_PEERCRED` said when
     /// the connection was accepted (pid and start time), used when the kernel has no
     /// `SO_PEERPIDFD`: the pid is then opened with `pidfd_open` and accepted only if it
-    /// still has the start time it had then.
+    /// still has the start time it had then (else the process is taken as gone).
     pub fn of_socket(
         sock: BorrowedFd<'_>,
         fallback: Option<(u32, Option<u64>)>,
     ) -> Result<Process> {
+        let fallback_pid = fallback.map(|f| f.0).filter(|&p| p != 0);
         let pidfd = match peer_pidfd(sock) {
-            Ok(fd) => fd,
+            Ok(fd) => Some(fd),
             Err(e) if matches!(e.raw_os_error(), Some(libc::ENOPROTOOPT | libc::EINVAL)) => {
-                let Some((pid, Some(started))) = fallback else {
-                    bail!(
-                        "the kernel cannot say which process connected (no SO_PEERPIDFD, no pid)"
-                    );
-                };
-                let fd = pidfd_open(pid).with_context(|| format!("pidfd_open({pid})"))?;
-                if crate::ingest::start_time(pid) != Some(started) {
-                    bail!("process {pid} ended before it could be attached");
+                match fallback {
+                    Some((pid, Some(started))) => pidfd_open(pid)
+                        .ok()
+                        .filter(|_| crate::ingest::start_time(pid) == Some(started)),
+                    _ => None,
                 }
-                fd
             }
+            Err(e) if e.raw_os_error() == Some(libc::ESRCH) => None,
             Err(e) => return Err(e).context("getsockopt(SO_PEERPIDFD)"),
         };
-        let pid = pid_of_pidfd(pidfd.as_fd())
-            .or(fallback.map(|f| f.0))
-            .filter(|&p| p != 0)
+        let pid = pidfd
+            .as_ref()
+            .and_then(|fd| pid_of_pidfd(fd.as_fd()))
+            .or(fallback_pid)
             .context("the process that connected has no pid in our pid namespace")?;
-        Process::open(pid, pidfd)
+        Ok(Process::open(pid, pidfd))
     }
 
     /// Binds `pidfd` (of `pid`) to `/proc/PID`: the directory is opened, then the pidfd is
     /// asked whether the process still runs. If it does, the pid was never released in
     /// between, so the directory is that process's, for good (a `/proc/PID` descriptor of a
-    /// process that ended fails with ESRCH; it never moves to a new owner of the pid).
-    fn open(pid: u32, pidfd: OwnedFd) -> Result<Process> {
+    /// process that ended fails with ESRCH; it never moves to a new owner of the pid). If
+    /// it does not, the directory is not kept: it may be another process's already.
+    fn open(pid: u32, pidfd: Option<OwnedFd>) -> Process {
         let path = CString::new(format!("/proc/{pid}")).unwrap_or_default();
         // SAFETY: a valid NUL-terminated path; a non-negative result is a new descriptor.
         let dir = unsafe {
@@ -188,48 +194,43 @@ impl Process {
                 libc::O_PATH | libc::O_DIRECTORY | libc::O_CLOEXEC,
             )
         };
-        if dir < 0 {
-            return Err(Error::last_os_error()).with_context(|| format!("open /proc/{pid}"));
-        }
         // SAFETY: see above.
-        let proc_dir = unsafe { OwnedFd::from_raw_fd(dir) };
-        let p = Process {
+        let dir = (dir >= 0).then(|| unsafe { OwnedFd::from_raw_fd(dir) });
+        let mut p = Process {
             pid,
             pidfd,
-            proc_dir,
+            proc_dir: None,
         };
-        if p.exited() {
-            bail!("process {pid} ended before it could be attached");
+        if !p.exited() {
+            p.proc_dir = dir;
         }
-        Ok(p)
+        p
     }
 
-    /// A process for `pid` with its own pidfd (tests, and the fallback path).
+    /// A process for `pid` with its own pidfd (tests).
     pub fn of_pid(pid: u32) -> Result<Process> {
         let fd = pidfd_open(pid).with_context(|| format!("pidfd_open({pid})"))?;
-        Process::open(pid, fd)
+        Ok(Process::open(pid, Some(fd)))
     }
 
-    /// True once the process has exited (its pidfd is readable).
+    /// True once the process has exited (its pidfd is readable, or it had none).
     pub fn exited(&self) -> bool {
         self.wait(0)
     }
 
     /// Waits up to `timeout_ms` for the process to exit; true if it has.
     pub fn wait(&self, timeout_ms: i32) -> bool {
+        let Some(pidfd) = &self.pidfd else {
+            return true;
+        };
         let mut pfd = libc::pollfd {
-            fd: self.pidfd.as_raw_fd(),
+            fd: pidfd.as_raw_fd(),
             events: libc::POLLIN,
             revents: 0,
         };
         // SAFETY: one valid pollfd.
         let n = unsafe { libc::poll(&mut pfd, 1, timeout_ms) };
         n > 0 && pfd.revents != 0
-    }
-
-    /// The pidfd, for polling.
-    pub fn pidfd(&self) -> BorrowedFd<'_> {
-        self.pidfd.as_fd()
     }
 
     /// Reads up to `max` bytes of `/proc/PID/{rel}`, only while the process runs (after it
@@ -257,10 +258,14 @@ impl Process {
     /// Opens `/proc/PID/{rel}` (no symlink followed at the last component).
     fn open_at(&self, rel: &str, flags: libc::c_int) -> std::io::Result<OwnedFd> {
         let path = CString::new(rel).map_err(|_| Error::from(ErrorKind::InvalidInput))?;
+        let dir = self
+            .proc_dir
+            .as_ref()
+            .ok_or_else(|| Error::from_raw_os_error(libc::ESRCH))?;
         // SAFETY: a valid directory descriptor and NUL-terminated relative path.
         let fd = unsafe {
             libc::openat(
-                self.proc_dir.as_raw_fd(),
+                dir.as_raw_fd(),
                 path.as_ptr(),
                 flags | libc::O_CLOEXEC | libc::O_NOCTTY,
             )
@@ -774,7 +779,11 @@ pub fn pump(
         .lock()
         .ok()
         .and_then(|s| s.hello.as_ref().map(|h| h.start_monotonic_ns));
-    link.registry.register(&attached, started, &link.channel);
+    // A process already gone ends nothing: an earlier image of its pid sees the same exit
+    // (and its pid may be another process's by now).
+    if !attached.process.exited() {
+        link.registry.register(&attached, started, &link.channel);
+    }
     let end = run(&attached, session, link, trace_mem, log);
     if end == End::Broken {
         let (spid, error) = session
@@ -1520,6 +1529,21 @@ mod tests {
             .any(|k| k.frames == [0x43]));
     }
 
+    /// A collector on a socket of its own (two `Collector::start` in one second of one
+    /// process would pick the same directory).
+    fn collector() -> (tempfile::TempDir, crate::collect::Collector) {
+        let dir = tempfile::tempdir().unwrap();
+        let c = crate::collect::Collector::listen_at(
+            dir.path().join("sock"),
+            crate::collect::Options {
+                hello_timeout: Some(Duration::from_secs(5)),
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        (dir, c)
+    }
+
     /// The whole hand-over over a real socket: Region with the memfd, hello, close; then
     /// the ring; then a re-attach without a descriptor (map_files).
     #[test]
@@ -1528,11 +1552,7 @@ mod tests {
             connect, sendmsg, socket, AddressFamily, ControlMessage, MsgFlags, SockFlag, SockType,
             UnixAddr,
         };
-        let collector = crate::collect::Collector::start(crate::collect::Options {
-            hello_timeout: Some(Duration::from_secs(5)),
-            ..Default::default()
-        })
-        .unwrap();
+        let (_dir, collector) = collector();
         let me = std::process::id();
         let mapping = region();
         let s = shared(&mapping);
@@ -1594,5 +1614,93 @@ mod tests {
         assert_eq!(session.error, None);
         assert_eq!(session.cpu.values().map(|t| t.count).sum::<u64>(), 7);
         assert!(session.closed_at.is_some());
+    }
+    /// A short program sends its region and hello, writes everything into its ring and
+    /// exits before the collector has even looked: all of it is still read, from the
+    /// memfd, without the process.
+    #[test]
+    fn a_process_gone_before_it_is_attached_is_read_from_its_memfd() {
+        let (_dir, collector) = collector();
+        let (memfd, mapping) = crate::death_read::tests::region_and_memfd();
+        let s = shared(&mapping);
+        // The child's pid is not known before the fork: the hello's pid is replaced by the
+        // kernel's anyway.
+        assert!(message_write(&s.messages, &hello(1)));
+        assert!(message_write(&s.messages, &samples(7, 3)));
+        put_sample(s, 3, SAMPLE_READY, 7, &[0x99], 1);
+        let mut region_msg = [0u8; 64];
+        let n = anyprof_wire::shared::encode_region(
+            &mut region_msg,
+            &RegionInfo {
+                version: SHARED_VERSION,
+                size: SHARED_SIZE as u64,
+                address: 0,
+            },
+        )
+        .unwrap();
+        let hello_msg = hello(1);
+        // Everything the child needs is built before the fork: it only makes system calls.
+        let path = collector
+            .socket_path()
+            .as_os_str()
+            .as_encoded_bytes()
+            .to_vec();
+        // SAFETY: an all-zero sockaddr_un is valid.
+        let mut addr: libc::sockaddr_un = unsafe { std::mem::zeroed() };
+        addr.sun_family = libc::AF_UNIX as libc::sa_family_t;
+        for (d, b) in addr.sun_path.iter_mut().zip(&path) {
+            *d = *b as libc::c_char;
+        }
+        // SAFETY: CMSG_SPACE is a pure computation.
+        let space = unsafe { libc::CMSG_SPACE(4) } as usize;
+        let mut control = vec![0u64; space.div_ceil(8)];
+        let mut iov = libc::iovec {
+            iov_base: region_msg.as_mut_ptr().cast(),
+            iov_len: n,
+        };
+        // SAFETY: an all-zero msghdr is valid.
+        let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+        msg.msg_iov = &mut iov;
+        msg.msg_iovlen = 1;
+        msg.msg_control = control.as_mut_ptr().cast();
+        msg.msg_controllen = space;
+        // SAFETY: the control buffer holds one header with room for one descriptor.
+        unsafe {
+            let c = libc::CMSG_FIRSTHDR(&msg);
+            (*c).cmsg_level = libc::SOL_SOCKET;
+            (*c).cmsg_type = libc::SCM_RIGHTS;
+            (*c).cmsg_len = libc::CMSG_LEN(4) as usize;
+            libc::CMSG_DATA(c)
+                .cast::<i32>()
+                .write_unaligned(memfd.as_raw_fd());
+        }
+        // SAFETY: the child only makes async-signal-safe system calls on data prepared
+        // above, then _exits.
+        let child = unsafe { libc::fork() };
+        if child == 0 {
+            // SAFETY: as above.
+            unsafe {
+                let fd = libc::socket(libc::AF_UNIX, libc::SOCK_SEQPACKET, 0);
+                let len = std::mem::size_of::<libc::sockaddr_un>() as libc::socklen_t;
+                if libc::connect(fd, (&addr as *const libc::sockaddr_un).cast(), len) != 0
+                    || libc::sendmsg(fd, &msg, 0) < 0
+                    || libc::send(fd, hello_msg.as_ptr().cast(), hello_msg.len(), 0) < 0
+                {
+                    libc::_exit(1);
+                }
+                libc::_exit(0);
+            }
+        }
+        assert!(child > 0);
+        let mut status = 0;
+        // SAFETY: waiting for our own child.
+        assert_eq!(unsafe { libc::waitpid(child, &mut status, 0) }, child);
+        assert_eq!(status, 0, "the child handed its region over");
+        let sessions = collector.finish(child as u32, Duration::from_secs(10));
+        assert_eq!(sessions.len(), 1);
+        let session = &sessions[0];
+        assert_eq!(session.error, None);
+        assert_eq!(session.pid(), Some(child as u32));
+        assert_eq!(session.cpu.len(), 4, "3 from the ring, 1 from a ready slot");
     }
 }
