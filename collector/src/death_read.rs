@@ -52,10 +52,13 @@ pub struct Report {
 /// Reads the region and hands each message that carries what it holds to `emit`, as it is
 /// built (so that a full table costs one message of memory, not the table's size); stops
 /// when `emit` returns false. `last_mem_stats` is the process's last allocator report, whose
-/// fields the region does not hold (RSS, peak RSS, lost-sample counts) are kept.
+/// fields the region does not hold (peak RSS, lost-sample counts) are kept; `rss` is the
+/// collector's last reading of the process's RSS (0 if none), which stands for its RSS at
+/// death.
 pub fn read(
     shared: &Shared,
     last_mem_stats: Option<&MemStats>,
+    rss: u64,
     emit: &mut dyn FnMut(&[u8]) -> bool,
 ) -> Report {
     let mut report = Report::default();
@@ -71,7 +74,7 @@ pub fn read(
             return report;
         }
     }
-    emit(&mem_stats(shared, last_mem_stats));
+    emit(&mem_stats(shared, last_mem_stats, rss));
     report
 }
 
@@ -81,10 +84,11 @@ pub fn read(
 pub fn read_into(
     shared: &Shared,
     session: &mut Session,
+    rss: u64,
     log: &mut dyn FnMut(Level, &str),
 ) -> Report {
     let last = session.mem_stats.clone();
-    read(shared, last.as_ref(), &mut |m| match wire::decode(m) {
+    read(shared, last.as_ref(), rss, &mut |m| match wire::decode(m) {
         Ok(msg) => {
             session.apply(msg, log);
             match session.over_limits() {
@@ -232,7 +236,7 @@ fn emit_buckets(
     true
 }
 
-fn mem_stats(shared: &Shared, last: Option<&MemStats>) -> Vec<u8> {
+fn mem_stats(shared: &Shared, last: Option<&MemStats>, rss: u64) -> Vec<u8> {
     let mut class_mallocs = [0u64; SIZE_CLASSES];
     let mut class_frees = [0u64; SIZE_CLASSES];
     let (mut alloc_bytes, mut free_bytes) = (0u64, 0u64);
@@ -266,6 +270,11 @@ fn mem_stats(shared: &Shared, last: Option<&MemStats>) -> Vec<u8> {
     let live = alloc_bytes.saturating_sub(free_bytes);
     let peak = last.map_or(0, |m| m.get(MemStat::PeakLiveBytes)).max(live);
     set(MemStat::PeakLiveBytes, peak);
+    if rss > 0 {
+        let max = last.map_or(0, |m| m.get(MemStat::MaxRssBytes)).max(rss);
+        set(MemStat::RssBytes, rss);
+        set(MemStat::MaxRssBytes, max);
+    }
     let mut buf = vec![0u8; MAX_MESSAGE];
     let n = wire::encode_mem_stats(&mut buf, &fields, &class_mallocs, &class_frees).unwrap_or(0);
     buf.truncate(n);
@@ -375,7 +384,7 @@ pub(crate) mod tests {
             mem_stats: last.cloned(),
             ..Session::default()
         };
-        let report = read_into(shared(m), &mut s, &mut |_, _| {});
+        let report = read_into(shared(m), &mut s, 0, &mut |_, _| {});
         (s, report)
     }
 
@@ -520,7 +529,7 @@ pub(crate) mod tests {
         }
         t.order_claimed.store(BUCKETS as u32, Ordering::Relaxed);
         let mut sizes = Vec::new();
-        let report = read(s, None, &mut |msg| {
+        let report = read(s, None, 0, &mut |msg| {
             sizes.push(msg.len());
             true
         });
@@ -531,7 +540,7 @@ pub(crate) mod tests {
             ..Session::default()
         };
         let mut warned = 0;
-        read_into(s, &mut capped, &mut |_, _| warned += 1);
+        read_into(s, &mut capped, 0, &mut |_, _| warned += 1);
         assert!(capped.kept_bytes <= 1 << 20);
         assert!(capped.heap.len() < BUCKETS);
         assert_eq!(warned, 1, "one warning at the cap");
@@ -548,5 +557,11 @@ pub(crate) mod tests {
         assert_eq!(report, Report::default());
         assert!(session.cpu.is_empty() && session.heap.is_empty());
         assert_eq!(session.error, None);
+        // The collector's last RSS reading stands for the RSS at death.
+        let mut s = Session::default();
+        read_into(shared(&m), &mut s, 5 << 20, &mut |_, _| {});
+        let ms = s.mem_stats.unwrap();
+        assert_eq!(ms.get(MemStat::RssBytes), 5 << 20);
+        assert_eq!(ms.get(MemStat::MaxRssBytes), 5 << 20);
     }
 }

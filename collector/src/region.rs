@@ -784,7 +784,7 @@ pub fn pump(
     if !attached.process.exited() {
         link.registry.register(&attached, started, &link.channel);
     }
-    let end = run(&attached, session, link, trace_mem, log);
+    let (end, rss) = run(&attached, session, link, trace_mem, log);
     if end == End::Broken {
         let (spid, error) = session
             .lock()
@@ -800,9 +800,10 @@ pub fn pump(
     if matches!(end, End::Gone | End::Finished) {
         let Ok(mut s) = session.lock() else { return };
         let spid = s.pid();
-        let report = crate::death_read::read_into(attached.shared(), &mut s, &mut |level, text| {
-            log(spid, level, text)
-        });
+        let report =
+            crate::death_read::read_into(attached.shared(), &mut s, rss, &mut |level, text| {
+                log(spid, level, text)
+            });
         if end == End::Gone && (report.samples > 0 || report.buckets > 0) {
             log(
                 spid,
@@ -837,7 +838,7 @@ fn run(
     link: &Link,
     trace_mem: bool,
     log: &mut dyn FnMut(Option<u32>, Level, &str),
-) -> End {
+) -> (End, u64) {
     let shared = attached.shared();
     let mut interval = MIN_INTERVAL_MS;
     let mut names = ThreadNames::default();
@@ -848,10 +849,15 @@ fn run(
         if !gone {
             // Kept fresh while the process runs: what it had when it was killed is what an
             // OOM investigation wants, and a dead process has none to read.
-            rss.refresh(&attached.process, RSS_EVERY);
+            let every = if interval == MIN_INTERVAL_MS {
+                RSS_ACTIVE
+            } else {
+                RSS_IDLE
+            };
+            rss.refresh(&attached.process, every);
         }
         if link.channel.replaced.load(Ordering::Acquire) {
-            return End::Replaced;
+            return (End::Replaced, rss.last);
         }
         // An image that exec'd (superseded) writes no more: read it to the end as if gone.
         let gone = gone || link.channel.superseded.load(Ordering::Acquire);
@@ -865,14 +871,14 @@ fn run(
                     if let Ok(mut s) = session.lock() {
                         s.error = Some(e.to_string());
                     }
-                    return End::Broken;
+                    return (End::Broken, rss.last);
                 }
             }
             read += 1;
             if !apply_one(
                 &buf, attached, session, &mut names, &mut rss, trace_mem, log,
             ) {
-                return End::Broken;
+                return (End::Broken, rss.last);
             }
             // After the end, read everything (the process writes no more); before it, let
             // the loop come round to tell the process we are here.
@@ -885,12 +891,12 @@ fn run(
             .collector_seen_ms
             .store(monotonic_ms(), Ordering::Release);
         if gone {
-            return End::Gone;
+            return (End::Gone, rss.last);
         }
         if shared.header.finished.load(Ordering::Acquire) == FINISHED
             && message_ring_empty(&shared.messages)
         {
-            return End::Finished;
+            return (End::Finished, rss.last);
         }
         interval = if read > 0 {
             MIN_INTERVAL_MS
@@ -973,8 +979,10 @@ fn apply_one(
     true
 }
 
-/// How often the pump reads the process's RSS while it runs.
-const RSS_EVERY: Duration = Duration::from_millis(250);
+/// How often the pump reads the process's RSS while it runs and sends messages (a process
+/// growing towards the OOM killer does), and while it is quiet.
+const RSS_ACTIVE: Duration = Duration::from_millis(20);
+const RSS_IDLE: Duration = Duration::from_secs(1);
 
 /// The process's resident set size as last read from `/proc/PID/statm`.
 #[derive(Default)]
