@@ -172,11 +172,16 @@ impl Process {
             Err(e) if e.raw_os_error() == Some(libc::ESRCH) => None,
             Err(e) => return Err(e).context("getsockopt(SO_PEERPIDFD)"),
         };
+        // A process of an ancestor pid namespace (the host, seen from a container) has no
+        // pid here: it is followed by its pidfd alone, without /proc.
         let pid = pidfd
             .as_ref()
             .and_then(|fd| pid_of_pidfd(fd.as_fd()))
             .or(fallback_pid)
-            .context("the process that connected has no pid in our pid namespace")?;
+            .unwrap_or(0);
+        if pid == 0 && pidfd.is_none() {
+            bail!("the kernel cannot say which process connected (no pidfd, no pid)");
+        }
         Ok(Process::open(pid, pidfd))
     }
 
@@ -186,6 +191,13 @@ impl Process {
     /// process that ended fails with ESRCH; it never moves to a new owner of the pid). If
     /// it does not, the directory is not kept: it may be another process's already.
     fn open(pid: u32, pidfd: Option<OwnedFd>) -> Process {
+        if pid == 0 {
+            return Process {
+                pid,
+                pidfd,
+                proc_dir: None,
+            };
+        }
         let path = CString::new(format!("/proc/{pid}")).unwrap_or_default();
         // SAFETY: a valid NUL-terminated path; a non-negative result is a new descriptor.
         let dir = unsafe {
@@ -742,6 +754,8 @@ const BATCH: usize = 4096;
 const RENAME_CHECK: Duration = Duration::from_secs(1);
 /// Threads whose names are followed at most; the least recently read are forgotten.
 const MAX_NAMED_THREADS: usize = 4096;
+/// Most thread names read for one message of samples (the others wait for the next).
+const NAMES_PER_MESSAGE: usize = 64;
 
 /// Why a pump ended.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -781,7 +795,7 @@ pub fn pump(
         .and_then(|s| s.hello.as_ref().map(|h| h.start_monotonic_ns));
     // A process already gone ends nothing: an earlier image of its pid sees the same exit
     // (and its pid may be another process's by now).
-    if !attached.process.exited() {
+    if !attached.process.exited() && pid != 0 {
         link.registry.register(&attached, started, &link.channel);
     }
     let (end, rss) = run(&attached, session, link, trace_mem, log);
@@ -1012,10 +1026,15 @@ struct ThreadNames(HashMap<u32, Instant>);
 
 impl ThreadNames {
     /// The names of the threads in `tids` not read in the last second, read now (while the
-    /// process runs).
+    /// process runs); at most [`NAMES_PER_MESSAGE`] reads, so that a stream of made-up tids
+    /// costs little.
     fn due(&mut self, process: &Process, tids: &[u32]) -> Vec<(u32, Vec<u8>)> {
         let mut out = Vec::new();
+        let mut reads = 0;
         for &tid in tids {
+            if reads >= NAMES_PER_MESSAGE {
+                break;
+            }
             if self
                 .0
                 .get(&tid)
@@ -1029,6 +1048,7 @@ impl ThreadNames {
                 }
             }
             self.0.insert(tid, Instant::now());
+            reads += 1;
             if let Some(name) = process.thread_name(tid) {
                 out.push((tid, name));
             }
