@@ -34,7 +34,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use anyprof_wire::shared::{
     message_read_one, message_ring_empty, push_command, RegionInfo, Shared, COMMAND_SLOTS,
-    FINISHED, SHARED_MAGIC, SHARED_SIZE, SHARED_VERSION,
+    FINISHED, MESSAGE_RING_BYTES, RECORD_HEADER, SHARED_MAGIC, SHARED_SIZE, SHARED_VERSION,
 };
 use anyprof_wire::{self as wire, Command, Level, MemStat, Message, MAX_MESSAGE};
 
@@ -811,8 +811,7 @@ pub fn pump(
             &format!("no longer profiled: {why}"),
         );
     }
-    if matches!(end, End::Gone | End::Finished) {
-        let Ok(mut s) = session.lock() else { return };
+    if let (End::Gone | End::Finished, Ok(mut s)) = (&end, session.lock()) {
         let spid = s.pid();
         let report =
             crate::death_read::read_into(attached.shared(), &mut s, rss, &mut |level, text| {
@@ -876,6 +875,9 @@ fn run(
         // An image that exec'd (superseded) writes no more: read it to the end as if gone.
         let gone = gone || link.channel.superseded.load(Ordering::Acquire);
         let mut read = 0;
+        // Bytes of ring consumed since the end was seen: an honest writer has left at most
+        // one ring's worth; more means the memfd is written by some other process still.
+        let mut after_end = 0usize;
         loop {
             // SAFETY: the ring lies in our mapping, which `attached` keeps alive.
             match unsafe { message_read_one(&shared.messages, &mut buf) } {
@@ -898,6 +900,19 @@ fn run(
             // the loop come round to tell the process we are here.
             if read >= BATCH && !gone {
                 break;
+            }
+            if gone {
+                after_end = after_end.saturating_add(RECORD_HEADER + buf.len());
+                if after_end > MESSAGE_RING_BYTES {
+                    if let Ok(mut s) = session.lock() {
+                        s.error = Some(
+                            "the process ended but its shared memory is still being written \
+                             (by another process?)"
+                                .into(),
+                        );
+                    }
+                    return (End::Broken, rss.last);
+                }
             }
         }
         shared
@@ -1464,6 +1479,46 @@ mod tests {
         assert!(error.contains("message ring corrupt"), "{error}");
         assert_eq!(logged.len(), 1, "{logged:?}");
         assert!(logged[0].contains("no longer profiled: message ring corrupt"));
+    }
+
+    /// A process that has ended but whose memfd some other process keeps writing cannot
+    /// keep the pump reading for ever.
+    #[test]
+    fn a_ring_written_after_the_end_is_read_a_bounded_amount() {
+        let (memfd, mapping) = crate::death_read::tests::region_and_memfd();
+        // The "other process": a second mapping of the memfd, which outlives the pump's.
+        let other = Arc::new(Mapping::of_memfd(memfd.as_fd(), SHARED_SIZE).unwrap());
+        let attached = Attached {
+            mapping,
+            process: Process {
+                pid: 1,
+                pidfd: None,
+                proc_dir: None,
+            },
+        };
+        assert!(attached.process.exited());
+        let counters = {
+            let mut buf = vec![0u8; 1024];
+            let n = wire::encode_counters(&mut buf, wire::Kind::Counters, &[1; 64]).unwrap();
+            buf.truncate(n);
+            buf
+        };
+        while message_write(&shared(&other).messages, &counters) {}
+        let stop = Arc::new(AtomicBool::new(false));
+        let writer = {
+            let (stop, counters, other) = (stop.clone(), counters.clone(), other.clone());
+            std::thread::spawn(move || {
+                while !stop.load(Ordering::Relaxed) {
+                    message_write(&shared(&other).messages, &counters);
+                }
+            })
+        };
+        let (session, pump) = start(attached, &Link::default());
+        let logged = pump.join().unwrap();
+        stop.store(true, Ordering::Relaxed);
+        writer.join().unwrap();
+        let error = session.lock().unwrap().error.clone().unwrap_or_default();
+        assert!(error.contains("still being written"), "{error} {logged:?}");
     }
 
     /// A message that does not decode ends the session as over the socket.
