@@ -700,7 +700,10 @@ pub fn read_connection(
                     Ok(a) => region = Some(a),
                     Err(e) => {
                         let why = format!("not profiled: {e:#}");
-                        log(peer.map(|p| p.0), Level::Warn, &why);
+                        // A process retries every second: one warning a minute is enough.
+                        if link.registry.may_warn(peer.map_or(0, |p| p.0)) {
+                            log(peer.map(|p| p.0), Level::Warn, &why);
+                        }
                         s.error = Some(why);
                         break;
                     }

@@ -687,7 +687,17 @@ impl Channel {
 
 /// The live region sessions by pid, so that an exec'd image's region ends its predecessor.
 #[derive(Debug, Default)]
-pub struct Registry(Mutex<HashMap<u32, (Image, Arc<Channel>)>>);
+pub struct Registry {
+    live: Mutex<HashMap<u32, (Image, Arc<Channel>)>>,
+    /// When each pid was last warned about a region that could not be taken.
+    warned: Mutex<HashMap<u32, Instant>>,
+}
+
+/// Least time between two warnings about one pid's refused region (a process re-attaches
+/// every second).
+const REFUSAL_WARNING_EVERY: Duration = Duration::from_secs(60);
+/// Pids remembered for that.
+const MAX_WARNED: usize = 4096;
 
 /// Device and inode of a region's memfd.
 type FileId = (u64, u64);
@@ -712,7 +722,9 @@ impl Registry {
     /// image of the same pid (after its death read: the process exec'd), or of the same
     /// image read by an earlier connection (without one: the process lives on).
     fn register(&self, attached: &Attached, started: Option<u64>, channel: &Arc<Channel>) {
-        let Ok(mut map) = self.0.lock() else { return };
+        let Ok(mut map) = self.live.lock() else {
+            return;
+        };
         let image = Image {
             file: attached.file(),
             started,
@@ -726,8 +738,30 @@ impl Registry {
         }
     }
 
+    /// Whether a refusal of `pid`'s region may be told now (at most once a minute per pid).
+    pub fn may_warn(&self, pid: u32) -> bool {
+        let Ok(mut warned) = self.warned.lock() else {
+            return true;
+        };
+        if warned
+            .get(&pid)
+            .is_some_and(|at| at.elapsed() < REFUSAL_WARNING_EVERY)
+        {
+            return false;
+        }
+        if warned.len() >= MAX_WARNED {
+            warned.retain(|_, at| at.elapsed() < REFUSAL_WARNING_EVERY);
+        }
+        if warned.len() < MAX_WARNED {
+            warned.insert(pid, Instant::now());
+        }
+        true
+    }
+
     fn unregister(&self, pid: u32, channel: &Arc<Channel>) {
-        let Ok(mut map) = self.0.lock() else { return };
+        let Ok(mut map) = self.live.lock() else {
+            return;
+        };
         if map.get(&pid).is_some_and(|(_, c)| Arc::ptr_eq(c, channel)) {
             map.remove(&pid);
         }
@@ -1519,6 +1553,15 @@ mod tests {
         writer.join().unwrap();
         let error = session.lock().unwrap().error.clone().unwrap_or_default();
         assert!(error.contains("still being written"), "{error} {logged:?}");
+    }
+
+    /// A process whose region is refused retries every second; it is told once a minute.
+    #[test]
+    fn refusals_are_told_once_a_minute_per_pid() {
+        let r = Registry::default();
+        assert!(r.may_warn(5));
+        assert!(!r.may_warn(5));
+        assert!(r.may_warn(6));
     }
 
     /// A message that does not decode ends the session as over the socket.
