@@ -33,7 +33,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use anyprof_wire::shared::{
-    message_read_one, message_ring_empty, push_command, RegionInfo, Shared, COMMAND_SLOTS,
+    message_read_into, message_ring_empty, push_command, RegionInfo, Shared, COMMAND_SLOTS,
     FINISHED, MESSAGE_RING_BYTES, RECORD_HEADER, SHARED_MAGIC, SHARED_SIZE, SHARED_VERSION,
 };
 use anyprof_wire::{self as wire, Command, Level, MemStat, Message, MAX_MESSAGE};
@@ -890,7 +890,7 @@ fn run(
     let mut interval = MIN_INTERVAL_MS;
     let mut names = ThreadNames::default();
     let mut rss = Rss::default();
-    let mut buf = Vec::with_capacity(MAX_MESSAGE);
+    let mut buf = vec![0u8; MAX_MESSAGE];
     loop {
         let gone = attached.process.wait(interval);
         if !gone {
@@ -914,20 +914,19 @@ fn run(
         let mut after_end = 0usize;
         loop {
             // SAFETY: the ring lies in our mapping, which `attached` keeps alive.
-            match unsafe { message_read_one(&shared.messages, &mut buf) } {
-                Ok(true) => {}
-                Ok(false) => break,
+            let len = match unsafe { message_read_into(&shared.messages, &mut buf) } {
+                Ok(Some(len)) => len,
+                Ok(None) => break,
                 Err(e) => {
                     if let Ok(mut s) = session.lock() {
                         s.error = Some(e.to_string());
                     }
                     return (End::Broken, rss.last);
                 }
-            }
+            };
             read += 1;
-            if !apply_one(
-                &buf, attached, session, &mut names, &mut rss, trace_mem, log,
-            ) {
+            let msg = buf.get(..len).unwrap_or(&[]);
+            if !apply_one(msg, attached, session, &mut names, &mut rss, trace_mem, log) {
                 return (End::Broken, rss.last);
             }
             // After the end, read everything (the process writes no more); before it, let
@@ -936,7 +935,7 @@ fn run(
                 break;
             }
             if gone {
-                after_end = after_end.saturating_add(RECORD_HEADER + buf.len());
+                after_end = after_end.saturating_add(RECORD_HEADER + len);
                 if after_end > MESSAGE_RING_BYTES {
                     if let Ok(mut s) = session.lock() {
                         s.error = Some(
