@@ -234,6 +234,9 @@ pub struct Session {
     pub counters: Vec<u64>,
     /// True once the process said goodbye (its counters are final).
     pub said_goodbye: bool,
+    /// True when the process ended without its last flush (killed, crashed, `_exit`, exec)
+    /// and what it left in its shared region was read (its counters are final too).
+    pub read_at_death: bool,
     /// First and last sample times (CLOCK_MONOTONIC ns of the process).
     pub sample_span: Option<(u64, u64)>,
     /// When the connection was accepted and when it ended.
@@ -328,6 +331,7 @@ impl Session {
             self.counters = later.counters;
         }
         self.said_goodbye |= later.said_goodbye;
+        self.read_at_death |= later.read_at_death;
         self.sample_span = match (self.sample_span, later.sample_span) {
             (Some((a, b)), Some((c, d))) => Some((a.min(c), b.max(d))),
             (x, y) => x.or(y),

@@ -847,6 +847,7 @@ pub fn pump(
     }
     if let (End::Gone | End::Finished, Ok(mut s)) = (&end, session.lock()) {
         let spid = s.pid();
+        s.read_at_death |= end == End::Gone;
         let report =
             crate::death_read::read_into(attached.shared(), &mut s, rss, &mut |level, text| {
                 log(spid, level, text)
@@ -1485,6 +1486,7 @@ mod tests {
         let session = session.lock().unwrap();
         assert_eq!(session.cpu.len(), 4);
         assert!(session.cpu.keys().any(|k| k.frames == [0xdead]));
+        assert!(session.read_at_death);
         let b = &session.heap[&3];
         assert_eq!(b.counts.alloc_bytes - b.counts.free_bytes, 64 << 20);
         assert!(
@@ -1739,6 +1741,10 @@ mod tests {
         assert_eq!(session.error, None);
         assert_eq!(session.cpu.values().map(|t| t.count).sum::<u64>(), 7);
         assert!(session.closed_at.is_some());
+        assert!(
+            !session.read_at_death,
+            "it finished: nothing was read at its death"
+        );
     }
     /// A short program sends its region and hello, writes everything into its ring and
     /// exits before the collector has even looked: all of it is still read, from the
