@@ -158,8 +158,16 @@ impl Process {
         sock: BorrowedFd<'_>,
         fallback: Option<(u32, Option<u64>)>,
     ) -> Result<Process> {
+        Process::from_peer_pidfd(peer_pidfd(sock), fallback)
+    }
+
+    /// [`Process::of_socket`] once `SO_PEERPIDFD` has answered `peer`.
+    fn from_peer_pidfd(
+        peer: std::io::Result<OwnedFd>,
+        fallback: Option<(u32, Option<u64>)>,
+    ) -> Result<Process> {
         let fallback_pid = fallback.map(|f| f.0).filter(|&p| p != 0);
-        let pidfd = match peer_pidfd(sock) {
+        let pidfd = match peer {
             Ok(fd) => Some(fd),
             Err(e) if matches!(e.raw_os_error(), Some(libc::ENOPROTOOPT | libc::EINVAL)) => {
                 match fallback {
@@ -1298,6 +1306,33 @@ mod tests {
         assert!(p.wait(5000));
         let _ = child.wait();
         assert!(p.rss_bytes().is_none(), "a reaped process's files are gone");
+    }
+
+    /// Without SO_PEERPIDFD the pid SO_PEERCRED gave is opened, and taken only if it
+    /// still has the start time it had when the process connected.
+    #[test]
+    fn without_so_peerpidfd_the_pid_is_checked_by_its_start_time() {
+        let mut child = sleeper();
+        let pid = child.id();
+        let started = crate::ingest::start_time(pid);
+        assert!(started.is_some());
+        let no_option = || Err(Error::from_raw_os_error(libc::ENOPROTOOPT));
+        let p = Process::from_peer_pidfd(no_option(), Some((pid, started))).unwrap();
+        assert_eq!(p.pid, pid);
+        assert!(!p.exited());
+        assert_eq!(p.thread_name(pid).as_deref(), Some(&b"sleep"[..]));
+        // Another process under the same pid (a later start time) is not taken.
+        let other =
+            Process::from_peer_pidfd(no_option(), Some((pid, started.map(|t| t + 1)))).unwrap();
+        assert!(other.exited(), "a reused pid counts as the process gone");
+        assert!(
+            other.thread_name(pid).is_none(),
+            "and nothing is read from /proc"
+        );
+        // Nothing to go by at all is an error.
+        assert!(Process::from_peer_pidfd(no_option(), None).is_err());
+        child.kill().unwrap();
+        let _ = child.wait();
     }
 
     /// The pidfd of a socket's peer names the process that connected.
