@@ -853,6 +853,10 @@ pub fn pump(
             &format!("no longer profiled: {why}"),
         );
     }
+    // One death read at a time, daemon-wide: reading a page the process never wrote makes
+    // the kernel allocate it (tmpfs has no shared zero page), up to the region's size per
+    // read; many processes ending at once must not multiply that.
+    let one_at_a_time = matches!(end, End::Gone | End::Finished).then(|| DEATH_READS.lock());
     if let (End::Gone | End::Finished, Ok(mut s)) = (&end, session.lock()) {
         let spid = s.pid();
         s.read_at_death |= end == End::Gone;
@@ -886,7 +890,12 @@ pub fn pump(
     if let Ok(mut r) = link.channel.region.lock() {
         *r = None; // unmapped once the last command in flight lets go
     }
+    drop(attached); // the pages faulted in by the death read go with the mapping
+    drop(one_at_a_time);
 }
+
+/// Serialises death reads (see [`pump`]).
+static DEATH_READS: Mutex<()> = Mutex::new(());
 
 fn run(
     attached: &Attached,
