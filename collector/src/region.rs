@@ -21,6 +21,14 @@
 //! Linux 6.5; else `pidfd_open` with a start-time check), and a `/proc/PID` directory
 //! descriptor opened while that pidfd says the process runs, so that files read later
 //! (thread names, RSS, `map_files`) are that process's even if its pid is reused.
+//!
+//! # What a process costs the collector
+//! One thread (as a socket did), two descriptors (the pidfd and `/proc/PID`; the memfd is
+//! closed once mapped), a mapping of the region's 25 MiB of address space, and a wake-up
+//! every 5 ms while it sends, backing off to every 100 ms when it is quiet (100 idle
+//! processes: under 0.3 % of one core). Pages of the region the process never wrote cost
+//! nothing until read; a death read may read up to the whole region, so death reads run one
+//! at a time.
 
 use std::collections::HashMap;
 use std::ffi::CString;
