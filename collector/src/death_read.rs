@@ -546,6 +546,40 @@ pub(crate) mod tests {
         assert_eq!(warned, 1, "one warning at the cap");
     }
 
+    /// A region full of random bytes (a process that scribbled over all of it): the death
+    /// read stays inside the region, never panics, and the session stays under its cap.
+    #[test]
+    fn a_region_of_random_bytes_is_read_safely() {
+        let m = region();
+        let mut x = 0x2545_f491_4f6c_dd1du64;
+        for seed in 0..3u64 {
+            x ^= seed.wrapping_mul(0x9e37_79b9_7f4a_7c15);
+            let words = m.len() / 8;
+            let base = m.as_ptr().cast::<u64>();
+            for i in 0..words {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                // Small values here and there, so that some states, indices and lengths are
+                // in range and get followed.
+                let v = match x % 4 {
+                    0 => (x >> 8) % 4,
+                    1 => (x >> 8) % 1024,
+                    _ => x,
+                };
+                // SAFETY: i < len / 8: inside the mapping.
+                unsafe { base.add(i).write_volatile(v) };
+            }
+            let mut session = Session {
+                max_bytes: Some(8 << 20),
+                ..Session::default()
+            };
+            let report = read_into(shared(&m), &mut session, 0, &mut |_, _| {});
+            assert!(session.kept_bytes <= 8 << 20);
+            assert!(report.samples <= anyprof_wire::shared::SAMPLE_SLOTS as u64);
+        }
+    }
+
     const SAMPLE_SLOTS_LAST: usize = anyprof_wire::shared::SAMPLE_SLOTS - 1;
 
     /// A region that is all zeros (a process that died before it did anything) gives an
