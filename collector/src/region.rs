@@ -1574,7 +1574,7 @@ mod tests {
     fn a_ring_written_after_the_end_is_read_a_bounded_amount() {
         let (memfd, mapping) = crate::death_read::tests::region_and_memfd();
         // The "other process": a second mapping of the memfd, which outlives the pump's.
-        let other = Arc::new(Mapping::of_memfd(memfd.as_fd(), SHARED_SIZE).unwrap());
+        let other = Mapping::of_memfd(memfd.as_fd(), SHARED_SIZE).unwrap();
         let attached = Attached {
             mapping,
             process: Process {
@@ -1584,28 +1584,32 @@ mod tests {
             },
         };
         assert!(attached.process.exited());
-        let counters = {
-            let mut buf = vec![0u8; 1024];
-            let n = wire::encode_counters(&mut buf, wire::Kind::Counters, &[1; 64]).unwrap();
+        // Log messages of exactly 1 KiB of ring each: every one read makes room for one.
+        let line = {
+            let mut buf = vec![0u8; 2048];
+            let n = wire::encode_log(&mut buf, Level::Info, &[b'x'; 1003]).unwrap();
             buf.truncate(n);
             buf
         };
-        while message_write(&shared(&other).messages, &counters) {}
-        let stop = Arc::new(AtomicBool::new(false));
-        let writer = {
-            let (stop, counters, other) = (stop.clone(), counters.clone(), other.clone());
-            std::thread::spawn(move || {
-                while !stop.load(Ordering::Relaxed) {
-                    message_write(&shared(&other).messages, &counters);
-                }
-            })
-        };
-        let (session, pump) = start(attached, &Link::default());
-        let logged = pump.join().unwrap();
-        stop.store(true, Ordering::Relaxed);
-        writer.join().unwrap();
+        assert_eq!(RECORD_HEADER + line.len(), 1024);
+        while message_write(&shared(&other).messages, &line) {}
+        // Each line the pump passes on is answered by one more written behind it (the
+        // process prints its first 1000 lines): the ring never runs dry by itself.
+        let session: SharedSession = Arc::new(Mutex::new(Session::default()));
+        let mut refills = 0;
+        pump(
+            attached,
+            &session,
+            &Link::default(),
+            false,
+            &mut |_, _, _| {
+                refills += 1;
+                assert!(message_write(&shared(&other).messages, &line));
+            },
+        );
+        assert!(refills >= 1000);
         let error = session.lock().unwrap().error.clone().unwrap_or_default();
-        assert!(error.contains("still being written"), "{error} {logged:?}");
+        assert!(error.contains("still being written"), "{error}");
     }
 
     /// A process whose region is refused retries every second; it is told once a minute.
