@@ -14,6 +14,7 @@ use anyhow::{Context, Result};
 use anyprof_wire::Level;
 
 use crate::ingest::{read_connection, Peer, Session, SharedSession, UserBudget};
+use crate::region::{Channel, Link, Registry};
 
 /// Most connections served at once; more are refused (closed at once).
 const MAX_CONNECTIONS: usize = 4096;
@@ -29,8 +30,8 @@ const REFUSAL_WARNING_EVERY: Duration = Duration::from_secs(60);
 struct Connection {
     session: SharedSession,
     reader: Option<JoinHandle<()>>,
-    /// A second descriptor of the connection, for sending commands to the process.
-    control: Option<OwnedFd>,
+    /// How commands reach the process: a second descriptor of its socket, or its region.
+    channel: Arc<Channel>,
     /// The place this connection takes in its user's count (given back when the connection
     /// is forgotten, with its thread and descriptors).
     _slot: Option<UserSlot>,
@@ -362,6 +363,8 @@ fn accept_loop(
     let mut per_user: HashMap<u32, Arc<AtomicUsize>> = HashMap::new();
     // When each uid was last told about its refused connections.
     let mut warned: HashMap<u32, Instant> = HashMap::new();
+    // Processes that share a region, by pid (an exec'd image ends its predecessor's session).
+    let registry: Arc<Registry> = Arc::default();
     loop {
         let stopping = stop.load(Ordering::SeqCst);
         if options.reap && last_reap.elapsed() >= Duration::from_secs(1) {
@@ -452,7 +455,14 @@ fn accept_loop(
             }
             _ => None,
         };
-        let control = fd.try_clone().ok();
+        let link = Link {
+            channel: Arc::new(Channel::default()),
+            registry: registry.clone(),
+        };
+        if let Ok(mut c) = link.channel.control.lock() {
+            *c = fd.try_clone().ok();
+        }
+        let channel = link.channel.clone();
         let user_budget = match (options.max_user_bytes, uid) {
             (Some(max), Some(uid)) if uid != 0 => Some(
                 budgets
@@ -474,7 +484,7 @@ fn accept_loop(
         let reader = std::thread::Builder::new()
             .name("conn".into())
             .spawn(move || {
-                read_connection(fd, s, trace_mem, hello_timeout, |pid, level, text| {
+                read_connection(fd, s, link, trace_mem, hello_timeout, |pid, level, text| {
                     if level == Level::Warn || verbose {
                         eprintln!("anyprof[{}]: {text}", pid.unwrap_or(0));
                     }
@@ -490,7 +500,7 @@ fn accept_loop(
         conns.push(Connection {
             session,
             reader: reader.ok(),
-            control,
+            channel,
             _slot: slot,
         });
     }
@@ -646,8 +656,15 @@ impl Collector {
             .map_err(|_| anyhow::anyhow!("collector state poisoned"))?;
         let conn = live_connection(&conns, pid)
             .ok_or_else(|| anyhow::anyhow!("process {pid} is not connected"))?;
-        let fd = conn
+        if let Some(region) = conn.channel.region() {
+            return region.command(cmd);
+        }
+        let control = conn
+            .channel
             .control
+            .lock()
+            .map_err(|_| anyhow::anyhow!("collector state poisoned"))?;
+        let fd = control
             .as_ref()
             .ok_or_else(|| anyhow::anyhow!("no control channel to {pid}"))?;
         let mut buf = [0u8; 64];

@@ -10,7 +10,7 @@
 //! counted, with one warning.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::{AsFd, OwnedFd};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
@@ -116,7 +116,7 @@ impl Peer {
 }
 
 /// Field 22 of `/proc/PID/stat`: when the process started, in clock ticks after boot.
-fn start_time(pid: u32) -> Option<u64> {
+pub(crate) fn start_time(pid: u32) -> Option<u64> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     // The command name (field 2) is in parentheses and may hold spaces and parentheses.
     let after_name = &stat[stat.rfind(')')? + 1..];
@@ -234,6 +234,9 @@ pub struct Session {
     pub counters: Vec<u64>,
     /// True once the process said goodbye (its counters are final).
     pub said_goodbye: bool,
+    /// True when the process ended without its last flush (killed, crashed, `_exit`, exec)
+    /// and what it left in its shared region was read (its counters are final too).
+    pub read_at_death: bool,
     /// First and last sample times (CLOCK_MONOTONIC ns of the process).
     pub sample_span: Option<(u64, u64)>,
     /// When the connection was accepted and when it ended.
@@ -328,6 +331,7 @@ impl Session {
             self.counters = later.counters;
         }
         self.said_goodbye |= later.said_goodbye;
+        self.read_at_death |= later.read_at_death;
         self.sample_span = match (self.sample_span, later.sample_span) {
             (Some((a, b)), Some((c, d))) => Some((a.min(c), b.max(d))),
             (x, y) => x.or(y),
@@ -635,9 +639,14 @@ pub type SharedSession = Arc<Mutex<Session>>;
 /// With a `hello_timeout`, a connection whose hello has not arrived that long after it
 /// started is closed (a silent connection would hold this thread and its descriptors for
 /// ever). After the hello there is no timeout: a stopped process stays connected.
+///
+/// A process that shares a region ([`crate::region`]) sends a `Region` datagram first, with
+/// its memfd, then its hello: the region is mapped, the socket closed after the hello, and
+/// the session is read from the region until the process ends ([`crate::region::pump`]).
 pub fn read_connection(
     fd: OwnedFd,
     session: SharedSession,
+    link: crate::region::Link,
     trace_mem: bool,
     hello_timeout: Option<std::time::Duration>,
     mut log: impl FnMut(Option<u32>, Level, &str),
@@ -648,6 +657,9 @@ pub fn read_connection(
     }
     // Until the hello arrives: the time it must arrive by.
     let mut hello_due = hello_timeout.map(|t| Instant::now() + t);
+    let mut first = true;
+    // The region announced by the first datagram, until the hello comes.
+    let mut region: Option<crate::region::Attached> = None;
     loop {
         if let Some(due) = hello_due {
             // Each receive may wait only for what is left, so messages other than the
@@ -661,30 +673,22 @@ pub fn read_connection(
                 break;
             }
         }
-        // SAFETY: `buf` is valid for `buf.len()` bytes; MSG_TRUNC makes recv report the
-        // datagram's real length so oversized messages are detected.
-        let n = unsafe {
-            libc::recv(
-                fd.as_raw_fd(),
-                buf.as_mut_ptr() as *mut libc::c_void,
-                buf.len(),
-                libc::MSG_TRUNC,
-            )
-        };
-        if n < 0 {
-            match std::io::Error::last_os_error().kind() {
-                std::io::ErrorKind::Interrupted => continue,
-                std::io::ErrorKind::WouldBlock if hello_due.is_some() => {
+        // MSG_TRUNC reports the datagram's real length so oversized messages are
+        // detected; a descriptor passed along is kept only with a first Region datagram.
+        let datagram = match crate::region::recv_datagram(fd.as_fd(), &mut buf) {
+            Ok(d) => d,
+            Err(e) => {
+                if e.kind() == std::io::ErrorKind::WouldBlock && hello_due.is_some() {
                     no_hello(&session, hello_timeout);
                 }
-                _ => {}
+                break;
             }
-            break;
-        }
-        let n = n as usize;
+        };
+        let n = datagram.len;
         if n == 0 {
             break;
         }
+        let was_first = std::mem::replace(&mut first, false);
         let Ok(mut s) = session.lock() else { break };
         if n > wire::MAX_MESSAGE {
             s.error = Some(format!(
@@ -694,6 +698,21 @@ pub fn read_connection(
             break;
         }
         match wire::decode(buf.get(..n).unwrap_or(&[])) {
+            Ok(Message::Region(info)) if was_first => {
+                let peer = s.peer.as_ref().map(|p| (p.pid, p.start_time));
+                match crate::region::Attached::new(fd.as_fd(), &info, datagram, peer) {
+                    Ok(a) => region = Some(a),
+                    Err(e) => {
+                        let why = format!("not profiled: {e:#}");
+                        // A process retries every second: one warning a minute is enough.
+                        if link.registry.may_warn(peer.map_or(0, |p| p.0)) {
+                            log(peer.map(|p| p.0), Level::Warn, &why);
+                        }
+                        s.error = Some(why);
+                        break;
+                    }
+                }
+            }
             Ok(msg) => {
                 let pid = s.pid();
                 if let (true, Message::MemStats(new)) = (trace_mem, &msg) {
@@ -701,7 +720,8 @@ pub fn read_connection(
                     let line = crate::summary::mem_trace_line(s.mem_stats.as_ref(), new, since);
                     eprintln!("anyprof[{}]: {line}", pid.unwrap_or(0));
                 }
-                if hello_due.is_some() && matches!(msg, Message::Hello(_)) {
+                let is_hello = matches!(msg, Message::Hello(_));
+                if hello_due.is_some() && is_hello {
                     hello_due = None;
                     if set_receive_timeout(&fd, None).is_err() {
                         break;
@@ -711,6 +731,18 @@ pub fn read_connection(
                 if let Some(why) = s.over_limits() {
                     s.error = Some(why);
                     break;
+                }
+                if is_hello {
+                    if let Some(attached) = region.take() {
+                        // Everything else comes through the region: close the socket.
+                        drop(s);
+                        drop(fd);
+                        crate::region::pump(attached, &session, &link, trace_mem, &mut log);
+                        if let Ok(mut s) = session.lock() {
+                            s.closed_at = Some(Instant::now());
+                        }
+                        return;
+                    }
                 }
             }
             Err(e) => {

@@ -2,18 +2,23 @@
 //! `libanyprof.so` preloaded, symbolizes them and writes pprof profiles.
 //!
 //! Layers, each in its own module: [`collect`] accepts connections and runs a reader per
-//! process, [`ingest`] folds the wire messages into a [`ingest::Session`], [`symbolize`]
+//! process, [`region`] takes over the shared memory a process hands over (its message ring
+//! is read there, and its end seen through a pidfd), [`death_read`] turns what a process left
+//! in it when it died into messages, [`ingest`] folds the wire messages into a
+//! [`ingest::Session`], [`symbolize`]
 //! turns addresses into frames through `anyprof-symbolizer`, [`profile`] builds pprof
 //! profiles from sessions, [`pprof`] encodes them, [`output`] writes files and [`summary`]
 //! prints the top list. The binary (`anyprof`, `src/main.rs`) is a thin CLI over this
 //! library; the library is public so that the end-to-end tests decode what the binary wrote
 //! with the same types.
 pub mod collect;
+pub mod death_read;
 pub mod ingest;
 pub mod output;
 pub mod pprof;
 pub mod preflight;
 pub mod profile;
+pub mod region;
 pub mod serve;
 pub mod summary;
 pub mod symbolize;

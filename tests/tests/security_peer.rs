@@ -23,9 +23,15 @@
 //!   place; the daemon still names a function whose debug info lay past the cut (it read the
 //!   file rather than mapping it) and does not die of `SIGBUS`.
 //!
+//! * [`an_unsealed_region_is_refused_and_cannot_kill_the_daemon`]: a process of `nobody`
+//!   hands the root daemon a shared region (issue 13) in a memfd it did not seal, then cuts
+//!   the memfd to nothing; the daemon refused it with one warning and does not die of
+//!   `SIGBUS`. A sealed one is taken, and cannot be cut.
+//!
 //! The hostile processes are `tests/programs/seqpacket_relay.c`, which sends whatever
-//! messages the test built with the wire crate's encoders, and
-//! `tests/programs/silent_connections.c`, which sends nothing; both run as `nobody`.
+//! messages the test built with the wire crate's encoders,
+//! `tests/programs/silent_connections.c`, which sends nothing, and
+//! `tests/programs/region_attack.c`, which hands over a region; all run as `nobody`.
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::fs::PermissionsExt;
@@ -966,4 +972,136 @@ fn library_cut_in_place_by_its_owner_does_not_kill_the_daemon() {
         "the copy read before the cut should still name it: {names:?}"
     );
     assert_eq!(daemon.get("/debug/pprof/").0, 200, "{}", daemon.stderr());
+}
+
+// ---------------------------------------------------------------------------------------
+// (f) A shared region the process could cut under the daemon
+// ---------------------------------------------------------------------------------------
+
+/// `region_attack` run as `nobody`: it has handed its region over; it cuts the memfd when
+/// told. Killed when dropped.
+struct RegionPeer {
+    child: Child,
+    pid: u32,
+    stdin: std::process::ChildStdin,
+    stdout: BufReader<std::process::ChildStdout>,
+}
+
+impl RegionPeer {
+    fn start(program: &Path, socket: &Path, mode: &str) -> RegionPeer {
+        let mut child = Command::new(program)
+            .arg(socket)
+            .arg(mode)
+            .arg(wire::shared::SHARED_SIZE.to_string())
+            .arg(wire::shared::SHARED_VERSION.to_string())
+            .uid(NOBODY)
+            .gid(NOGROUP)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("starting region_attack");
+        let pid = child.id();
+        let mut stdin = child.stdin.take().unwrap();
+        let region = message(|buf| {
+            wire::shared::encode_region(
+                buf,
+                &wire::shared::RegionInfo {
+                    version: wire::shared::SHARED_VERSION,
+                    size: wire::shared::SHARED_SIZE as u64,
+                    address: 0x7f30_0000_0000,
+                },
+            )
+        });
+        for msg in [region, hello(4_000_002)] {
+            stdin.write_all(&(msg.len() as u32).to_le_bytes()).unwrap();
+            stdin.write_all(&msg).unwrap();
+        }
+        stdin.flush().unwrap();
+        let mut stdout = BufReader::new(child.stdout.take().unwrap());
+        let mut line = String::new();
+        stdout.read_line(&mut line).unwrap();
+        assert_eq!(
+            line.trim(),
+            "sent",
+            "region_attack could not hand its region over"
+        );
+        RegionPeer {
+            child,
+            pid,
+            stdin,
+            stdout,
+        }
+    }
+
+    /// Cuts the memfd to nothing; its answer: "cut RC ERRNO".
+    fn cut(&mut self) -> String {
+        self.stdin.write_all(b"cut\n").unwrap();
+        self.stdin.flush().unwrap();
+        let mut line = String::new();
+        self.stdout.read_line(&mut line).unwrap();
+        line.trim().to_owned()
+    }
+}
+
+impl Drop for RegionPeer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A process of `nobody` hands the root daemon its shared region in a memfd it did not
+/// seal, and cuts the memfd to nothing once the daemon could have mapped it. Mapped, every
+/// later read of the region would kill the daemon with SIGBUS; refused, it costs one
+/// warning that says what is wrong. The same hand-over with the seals is taken (the
+/// process is listed), and then the memfd cannot be cut.
+#[test]
+fn an_unsealed_region_is_refused_and_cannot_kill_the_daemon() {
+    if !is_root() {
+        eprintln!("skipped: needs root (a root daemon and a process of nobody)");
+        return;
+    }
+    let dir = open_scratch("security_peer_region");
+    let attacker = compile("region_attack.c", &["-O1"], &dir);
+    std::fs::set_permissions(&attacker, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let socket = dir.join("sock");
+    let mut daemon = start_daemon(&dir, &socket, &["--allow-uid", "65534"]);
+
+    let mut sealed = RegionPeer::start(&attacker, &socket, "sealed");
+    daemon.wait_listed(sealed.pid, "the process with a sealed region");
+    assert_eq!(
+        sealed.cut(),
+        format!("cut -1 {}", libc::EPERM),
+        "sealed: cannot be cut"
+    );
+
+    let mut unsealed = RegionPeer::start(&attacker, &socket, "unsealed");
+    // Time for the daemon to take the region (and, were it mapped, to start reading it).
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(unsealed.cut(), "cut 0 0", "an unsealed memfd can be cut");
+    // Longer than the daemon's slowest poll of a region (100 ms): a mapping would have
+    // been touched by now.
+    std::thread::sleep(Duration::from_millis(500));
+    let died = daemon.try_wait();
+    assert!(
+        died.is_none(),
+        "the daemon died ({died:?}) when a region was cut under it\n{}",
+        daemon.stderr()
+    );
+    assert!(
+        daemon.stderr().contains("not sealed against shrinking"),
+        "the daemon did not say why it refused the region\n{}",
+        daemon.stderr()
+    );
+    assert!(!daemon.lists(unsealed.pid), "the unsealed region was taken");
+    assert!(
+        daemon.lists(sealed.pid),
+        "the daemon still serves the sealed process"
+    );
+    let warnings = daemon
+        .stderr()
+        .matches("not sealed against shrinking")
+        .count();
+    assert_eq!(warnings, 1, "{}", daemon.stderr());
 }

@@ -120,7 +120,12 @@ pub fn build(session: &Session, symbolizer: &mut Symbolizer, duration_ns: u64) -
         session.counter(Counter::DroppedBusy),
         session.counter(Counter::Truncated),
     ));
-    if !session.said_goodbye && session.closed_at.is_some() {
+    if !session.said_goodbye && session.read_at_death {
+        b.comment(
+            "anyprof: the process ended without its last flush (killed, crashed, or it called \
+             _exit); its last samples, heap and counters were read from its memory",
+        );
+    } else if !session.said_goodbye && session.closed_at.is_some() {
         b.comment(
             "anyprof: the process did not report its final counters (killed, or it called _exit)",
         );
