@@ -370,8 +370,14 @@ fn unprofiled_exec(
     let (exe, seen) = last_exe?;
     let images: Vec<&Session> = sessions.iter().filter(|s| s.pid() == Some(pid)).collect();
     let before = images.iter().max_by_key(|s| s.image_key())?.command_name();
+    // An image that started after `exe` was seen is a later one. Its start time comes from
+    // its hello: a process hands over its region and leaves, so when the collector got to it
+    // says nothing about when it ran.
+    let seen_ns = monotonic_ns().saturating_sub(seen.elapsed().as_nanos() as u64);
     let connected = images.iter().any(|s| {
-        s.hello.as_ref().is_some_and(|h| h.exe == exe) || s.connected_at.is_some_and(|at| at > seen)
+        s.hello
+            .as_ref()
+            .is_some_and(|h| h.exe == exe || h.start_monotonic_ns >= seen_ns)
     });
     if connected {
         return None;
@@ -387,6 +393,15 @@ fn unprofiled_exec(
          the profile is of {before}, before the exec",
         exe.to_string_lossy()
     ))
+}
+
+/// `CLOCK_MONOTONIC` in ns, the clock of the processes' hellos (and of `Instant`).
+fn monotonic_ns() -> u64 {
+    // SAFETY: a zeroed timespec is a valid out-buffer for clock_gettime.
+    let mut ts: libc::timespec = unsafe { std::mem::zeroed() };
+    // SAFETY: valid pointer; CLOCK_MONOTONIC always exists.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
 
 /// Runs a program that gets none of anyprof's environment (see [`preflight::Unprofilable`])
