@@ -614,6 +614,7 @@ fn run() {
     let mut last_reconnect = Instant::now()
         .checked_sub(RECONNECT_EVERY)
         .unwrap_or_else(Instant::now);
+    let mut reconnect_wait = RECONNECT_EVERY;
     while !STOP.load(Ordering::Acquire) {
         std::thread::park_timeout(TICK);
         if LAST_FLUSH.load(Ordering::Acquire) == LAST_FLUSH_ASKED {
@@ -638,17 +639,26 @@ fn run() {
             }
             // No daemon polls the region (none yet, or it stopped or restarted): try again
             // now and then, never in a tight loop.
-            if last_reconnect.elapsed() >= RECONNECT_EVERY {
+            if last_reconnect.elapsed() >= reconnect_wait {
                 last_reconnect = Instant::now();
                 let _section = crate::fork::section();
                 if let Some(reconnect) = RECONNECT.lock().ok().and_then(|r| *r) {
-                    reconnect();
+                    // A hand-over a daemon took but does not follow up (it refused the
+                    // process) is repeated ever more rarely: each one may copy the region.
+                    reconnect_wait = if reconnect() {
+                        (reconnect_wait * 2).min(RECONNECT_AT_MOST)
+                    } else {
+                        RECONNECT_EVERY
+                    };
                 }
             }
             if !attached() {
                 ring::drain(|_| counters::bump(Counter::DroppedSend));
                 continue;
             }
+        }
+        if collector_present() && SHARED.header.collector_seen_ms.load(Ordering::Relaxed) != 0 {
+            reconnect_wait = RECONNECT_EVERY; // a daemon follows this process
         }
         let section = crate::fork::section();
         poll_commands();
@@ -753,8 +763,10 @@ fn record_blocked_thread(tid: u32, sp: u64, pc: u64, id: u32) {
 
 /// How often a lost connection is retried.
 const RECONNECT_EVERY: Duration = Duration::from_secs(1);
-/// Re-establishes the connection and re-sends the hello (set by [`crate::lifecycle`]).
-pub static RECONNECT: Mutex<Option<fn()>> = Mutex::new(None);
+/// Longest wait between two hand-overs that no daemon followed up.
+const RECONNECT_AT_MOST: Duration = Duration::from_secs(60);
+/// Hands the region over again (set by [`crate::lifecycle`]); true if a daemon took it.
+pub static RECONNECT: Mutex<Option<fn() -> bool>> = Mutex::new(None);
 
 /// Makes the next drain cycle report every module, bucket and thread-creation stack again
 /// (a new collector knows nothing).

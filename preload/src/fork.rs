@@ -103,11 +103,14 @@ extern "C" fn in_parent() {
 }
 
 extern "C" fn in_child() {
+    // fork() returns to the child with errno as it was before the call, whatever we do here.
+    let errno = crate::signal::sys::errno();
     open_gate();
     // Sections held by other threads of the parent do not exist in the child; this thread
     // was not in one (it is forking).
     tls::current().in_fork_section.set(0);
     crate::lifecycle::after_fork_in_child();
+    crate::signal::sys::set_errno(errno);
 }
 
 /// Registers the handlers. Call once, from the constructor.

@@ -72,9 +72,12 @@ extern "C" fn on_load(
     if STARTED.swap(true, Ordering::AcqRel) {
         return;
     }
+    // The program finds errno as the loader left it at `main`, whatever our start-up set.
+    let errno = sys::errno();
     let was = thread_state::set_internal(true);
     start(argc, argv);
     thread_state::set_internal(was);
+    sys::set_errno(errno);
 }
 
 fn start(argc: libc::c_int, argv: *const *const libc::c_char) {
@@ -283,10 +286,10 @@ fn encode_hello(config: &Config, argc: libc::c_int, argv: *const *const libc::c_
 /// `/proc/PID/map_files/…` itself and so loses nothing; with a fresh memfd (a copy of the
 /// region, mapped over it) for any other — and the hello; then (on the next drain cycle)
 /// every module, bucket and thread-creation stack again.
-fn reconnect() {
+fn reconnect() -> bool {
     let sockets = SOCKETS.lock().map(|p| p.clone()).unwrap_or_default();
     if !connect_any(&sockets) {
-        return;
+        return false;
     }
     crate::region::reset_for_reattach();
     let memfd = if drain::collector_uid() == Some(0) && crate::region::in_memfd() {
@@ -296,14 +299,16 @@ fn reconnect() {
             Ok(fd) => Some(fd),
             Err(_) => {
                 drain::forget_connection();
-                return;
+                return false;
             }
         }
     };
     let hello = HELLO.lock().map(|h| h.clone()).unwrap_or_default();
-    if drain::handshake(memfd.as_ref().map(|fd| fd.0), &hello) {
+    let handed_over = drain::handshake(memfd.as_ref().map(|fd| fd.0), &hello);
+    if handed_over {
         drain::report_everything_again();
     }
+    handed_over
 }
 
 /// Profile forked children (`ANYPROF_FORK`, default on).
@@ -425,6 +430,13 @@ pub fn before_exit() {
 }
 
 extern "C" fn on_unload() {
+    // A child forked without our atfork handlers (a raw `fork`/`clone` system call,
+    // `_Fork`) still shares its parent's region: its exit must not end the parent's
+    // profile by flushing into it and marking it finished.
+    // SAFETY: getpid cannot fail.
+    if OWN_PID.load(Ordering::Acquire) != unsafe { libc::getpid() } as u32 {
+        return;
+    }
     if !ACTIVE.swap(false, Ordering::AcqRel) {
         return;
     }

@@ -101,6 +101,24 @@ fn fail(what: &'static str) -> RegionError {
     }
 }
 
+/// Lowest descriptor number the memfd is moved to while we hold it.
+const HIGH_FD: libc::c_int = 800;
+
+/// Moves a descriptor we just opened above the numbers a program uses (as our socket is):
+/// a re-attach runs while the program's threads run, and one of them may close or reuse the
+/// lowest free numbers (a close-all loop) while we copy the region. Keeps `fd` if no higher
+/// number is free.
+fn above_the_programs(fd: libc::c_int) -> libc::c_int {
+    // SAFETY: F_DUPFD_CLOEXEC on a descriptor we own.
+    let high = unsafe { libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, HIGH_FD) };
+    if high < 0 {
+        return fd;
+    }
+    // SAFETY: closing the low number we own; the memfd lives on as `high`.
+    unsafe { libc::close(fd) };
+    high
+}
+
 /// A descriptor we own, closed on drop.
 pub struct Fd(pub libc::c_int);
 
@@ -153,7 +171,7 @@ fn move_into_memfd(copy: &dyn Fn(usize) -> bool) -> Result<Fd, RegionError> {
     if raw < 0 {
         return Err(fail("memfd_create"));
     }
-    let fd = Fd(raw);
+    let fd = Fd(above_the_programs(raw));
     {
         // Sizing and filling the memfd count against RLIMIT_FSIZE, and going over it sends
         // SIGXFSZ (which kills by default): never try beyond the limit.

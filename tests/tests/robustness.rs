@@ -1869,3 +1869,35 @@ fn exec_is_profiled_or_not_as_configured() {
         "the program's own CPU is still profiled"
     );
 }
+
+/// A child forked by the raw system call (no atfork handler of ours runs in it, so it shares
+/// its parent's region) that ends through `exit()` must not end its parent's profile: the
+/// parent's 0.8 s of CPU after the child exited is in the profile.
+#[test]
+fn a_raw_forked_child_that_exits_does_not_end_its_parents_profile() {
+    let scratch = scratch_dir("robust_raw_fork");
+    let exe = compile("raw_fork_exit.c", &["-O1", "-g"], &scratch);
+    let hz = 250;
+    let recording = anyprof_tests::record(&scratch, hz, &exe, &[]);
+    assert_eq!(
+        recording.output.stdout_text(),
+        "child exited 0\n",
+        "stderr:\n{}",
+        recording.output.stderr_text()
+    );
+    let view = recording.cpu_profile();
+    let after = view.self_samples().get("burn").copied().unwrap_or(0).max(
+        view.cumulative_samples()
+            .get("burn_after_the_child")
+            .copied()
+            .unwrap_or(0),
+    );
+    // 0.8 s at 250 Hz is about 200 samples; a profile that ended with the child has none.
+    assert!(
+        after >= 100,
+        "burn_after_the_child has {after} samples, expected about {}: the raw-forked child's \
+         exit ended its parent's profile\n{}",
+        (0.8 * f64::from(hz)) as i64,
+        view.describe()
+    );
+}

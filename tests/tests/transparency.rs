@@ -162,3 +162,13 @@ fn multithreaded_c_output_and_exit_code_are_unchanged_by_the_profiler() {
     let exe = compile("mt_output.c", &["-O2", "-g", "-pthread"], &scratch);
     check_transparent("mt_output", &exe, &[], 7);
 }
+
+/// errno at `main`, and in a forked child after `fork()` returns, is what it is without the
+/// library: its constructor (which may fail to find a collector, ENOENT) and its fork handler
+/// leave errno as they found it.
+#[test]
+fn errno_at_main_and_after_fork_is_unchanged_by_the_profiler() {
+    let scratch = scratch_dir("transparency_errno_build");
+    let exe = compile("errno_at_start.c", &["-O1", "-g"], &scratch);
+    check_transparent("errno_at_start", &exe, &[], 5);
+}
