@@ -17,7 +17,7 @@ fuzz_target!(|data: &[u8]| {
             Message::HeapBuckets(b) => b.iter().map(|b| 48 + b.frames.len() * 8).sum(),
             Message::MemStats(m) => (m.fields.len() + m.class_mallocs.len() * 2) * 8,
             Message::ThreadCreates(s) => s.iter().map(|(_, f)| 10 + f.len() * 8).sum(),
-            Message::ModuleUnloaded(_) | Message::Control(_) => 0,
+            Message::ModuleUnloaded(_) | Message::Control(_) | Message::Region(_) => 0,
         };
         assert!(
             payload <= data.len(),
