@@ -469,6 +469,9 @@ fn pid_of_pidfd(fd: BorrowedFd<'_>) -> Option<u32> {
 pub struct Mapping {
     base: NonNull<u8>,
     len: usize,
+    /// The memfd, kept (in the daemon only) to find its holes before a death read
+    /// ([`Mapping::pages`]).
+    memfd: OwnedFd,
     /// Device and inode of the file: the same region seen again (a re-attach) has the same.
     pub file: (u64, u64),
 }
@@ -552,9 +555,18 @@ impl Mapping {
             return Err(Error::last_os_error()).context("cannot map the region");
         }
         let base = NonNull::new(p.cast::<u8>()).context("mmap returned null")?;
+        let memfd = match fd.try_clone_to_owned() {
+            Ok(fd) => fd,
+            Err(e) => {
+                // SAFETY: unmapping what was just mapped; nothing refers to it yet.
+                unsafe { libc::munmap(p, len) };
+                return Err(e).context("cannot keep the region's descriptor");
+            }
+        };
         Ok(Mapping {
             base,
             len,
+            memfd,
             file: (st.st_dev, st.st_ino),
         })
     }
@@ -567,6 +579,12 @@ impl Mapping {
     /// Length in bytes.
     pub fn len(&self) -> usize {
         self.len
+    }
+
+    /// Which pages of the memfd hold data (the others are holes, which the death read must
+    /// not touch: reading one allocates it).
+    pub fn pages(&self) -> std::io::Result<crate::death_read::Pages> {
+        crate::death_read::Pages::of_file(self.memfd.as_fd(), self.len)
     }
 
     /// Never true (a mapping of nothing is refused); for clippy's `len_without_is_empty`.
@@ -633,7 +651,7 @@ impl Attached {
             None => process.open_map_file(info.address, info.size)?,
         };
         let mapping = Mapping::of_memfd(fd.as_fd(), SHARED_SIZE)?;
-        drop(fd); // the mapping keeps the memory; no descriptor is kept per process
+        drop(fd); // the mapping keeps its own copy (to find holes at the death read)
         let a = Attached { mapping, process };
         let h = &a.shared().header;
         let (magic, version) = (
@@ -861,49 +879,111 @@ pub fn pump(
             &format!("no longer profiled: {why}"),
         );
     }
-    // One death read at a time, daemon-wide: reading a page the process never wrote makes
-    // the kernel allocate it (tmpfs has no shared zero page), up to the region's size per
-    // read; many processes ending at once must not multiply that.
-    let one_at_a_time = matches!(end, End::Gone | End::Finished).then(|| DEATH_READS.lock());
-    if let (End::Gone | End::Finished, Ok(mut s)) = (&end, session.lock()) {
-        let spid = s.pid();
-        s.read_at_death |= end == End::Gone;
-        let report =
-            crate::death_read::read_into(attached.shared(), &mut s, rss, &mut |level, text| {
-                log(spid, level, text)
-            });
-        if end == End::Gone && (report.samples > 0 || report.buckets > 0) {
-            log(
-                spid,
-                Level::Info,
-                &format!(
-                    "read from the memory of the ended process: {} samples, {} heap buckets",
-                    report.samples, report.buckets
-                ),
-            );
-        }
-        if report.corrupt > 0 {
-            log(
-                spid,
-                Level::Warn,
-                &format!(
-                    "{} items in the process's shared memory held impossible values and were \
-                     skipped (the program wrote over the profiler's memory)",
-                    report.corrupt
-                ),
-            );
-        }
+    // A process that says it finished is read only once it has exited: one that still runs
+    // (a hostile process setting the flag and reconnecting with the same memfd to have its
+    // region read again and again, or a raw-forked child that ran our destructor) ends
+    // its session without a death read.
+    let read_remains = match end {
+        End::Gone => true,
+        End::Finished => attached.process.wait(FINISHED_EXIT_WAIT_MS),
+        End::Replaced | End::Broken => false,
+    };
+    // One death read at a time, daemon-wide (each costs up to a region's worth of copying).
+    let one_at_a_time = read_remains.then(|| DEATH_READS.lock());
+    if read_remains {
+        death_read(&attached, session, end == End::Gone, rss, log);
     }
     link.registry.unregister(pid, &link.channel);
     if let Ok(mut r) = link.channel.region.lock() {
         *r = None; // unmapped once the last command in flight lets go
     }
-    drop(attached); // the pages faulted in by the death read go with the mapping
+    drop(attached); // unmapped, and its memfd closed
     drop(one_at_a_time);
 }
 
 /// Serialises death reads (see [`pump`]).
 static DEATH_READS: Mutex<()> = Mutex::new(());
+
+/// How long a process that finished its last flush has to exit before its session ends
+/// without a death read.
+const FINISHED_EXIT_WAIT_MS: i32 = 1000;
+
+/// Reads what the process left in its region into the session. The messages are built and
+/// decoded without the session's lock, which is taken for each one only to apply it (the
+/// HTTP listing waits on that lock). Pages of the memfd that hold no data are not read (see
+/// [`crate::death_read`]).
+fn death_read(
+    attached: &Attached,
+    session: &SharedSession,
+    gone: bool,
+    rss: u64,
+    log: &mut dyn FnMut(Option<u32>, Level, &str),
+) {
+    let (spid, last) = match session.lock() {
+        Ok(mut s) => {
+            s.read_at_death |= gone;
+            (s.pid(), s.mem_stats.clone())
+        }
+        Err(_) => return,
+    };
+    let pages = match attached.mapping.pages() {
+        Ok(p) => p,
+        Err(e) => {
+            log(
+                spid,
+                Level::Warn,
+                &format!(
+                    "what the ended process left in its shared memory was not read: its \
+                     memory descriptor cannot be searched for data ({e})"
+                ),
+            );
+            return;
+        }
+    };
+    let report = crate::death_read::read(attached.shared(), &pages, last.as_ref(), rss, &mut |m| {
+        let msg = wire::decode(m);
+        let Ok(mut s) = session.lock() else {
+            return false;
+        };
+        match msg {
+            Ok(msg) => {
+                s.apply(msg, &mut |level, text| log(spid, level, text));
+                match s.over_limits() {
+                    Some(why) => {
+                        s.error = Some(why);
+                        false
+                    }
+                    None => true,
+                }
+            }
+            Err(e) => {
+                s.error = Some(format!("death read: {e}"));
+                false
+            }
+        }
+    });
+    if gone && (report.samples > 0 || report.buckets > 0) {
+        log(
+            spid,
+            Level::Info,
+            &format!(
+                "read from the memory of the ended process: {} samples, {} heap buckets",
+                report.samples, report.buckets
+            ),
+        );
+    }
+    if report.corrupt > 0 {
+        log(
+            spid,
+            Level::Warn,
+            &format!(
+                "{} items in the process's shared memory held impossible values and were \
+                 skipped (the program wrote over the profiler's memory)",
+                report.corrupt
+            ),
+        );
+    }
+}
 
 fn run(
     attached: &Attached,
@@ -1699,17 +1779,49 @@ mod tests {
         let (third_session, third_pump) = start(again, &link3);
         new_pump.join().unwrap();
         // A replaced pump does no death read: the slot is still there for the live one.
-        // The process finishes: the third pump ends (with a read of what is left).
+        // The process says it finished but lives on (this test process): the third pump
+        // ends after a second, without a death read (a hostile process could otherwise have
+        // its region read again and again).
         // SAFETY: as above.
         let s3 = unsafe { &*(s3 as *const Shared) };
+        let finished_at = Instant::now();
         s3.header.finished.store(FINISHED, Ordering::Release);
         third_pump.join().unwrap();
-        assert!(third_session
+        assert!(finished_at.elapsed() >= Duration::from_millis(FINISHED_EXIT_WAIT_MS as u64));
+        assert!(
+            !third_session
+                .lock()
+                .unwrap()
+                .cpu
+                .keys()
+                .any(|k| k.frames == [0x43]),
+            "a live process is not read at death"
+        );
+    }
+
+    /// A process that finished its last flush and then exits (within the second it is
+    /// given) is read at death.
+    #[test]
+    fn a_finished_process_that_exits_is_read() {
+        let mut child = sleeper();
+        let attached = Attached {
+            mapping: region(),
+            process: Process::of_pid(child.id()).unwrap(),
+        };
+        let s = attached.shared();
+        put_sample(s, 2, SAMPLE_READY, 1, &[0x44], 1);
+        s.header.finished.store(FINISHED, Ordering::Release);
+        let (session, pump) = start(attached, &Link::default());
+        std::thread::sleep(Duration::from_millis(200));
+        child.kill().unwrap();
+        let _ = child.wait();
+        pump.join().unwrap();
+        assert!(session
             .lock()
             .unwrap()
             .cpu
             .keys()
-            .any(|k| k.frames == [0x43]));
+            .any(|k| k.frames == [0x44]));
     }
 
     /// A collector on a socket of its own (two `Collector::start` in one second of one
