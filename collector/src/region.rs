@@ -305,6 +305,15 @@ impl Process {
         Ok(unsafe { OwnedFd::from_raw_fd(fd) })
     }
 
+    /// The process's pid in its own pid namespace (the last of `NSpid` in
+    /// `/proc/PID/status`), which is what it calls itself; `None` if it cannot be read.
+    pub fn own_pid(&self) -> Option<u32> {
+        let status = self.read("status", 16 << 10)?;
+        let status = String::from_utf8_lossy(&status);
+        let line = status.lines().find_map(|l| l.strip_prefix("NSpid:"))?;
+        line.split_ascii_whitespace().last()?.parse().ok()
+    }
+
     /// The name of thread `tid` (`/proc/PID/task/TID/comm`), without its newline.
     pub fn thread_name(&self, tid: u32) -> Option<Vec<u8>> {
         let mut name = self.read(&format!("task/{tid}/comm"), 64)?;
@@ -331,9 +340,11 @@ impl Process {
     /// Opens the file mapped at `[start, start+len)` in this process, read-write, through
     /// `/proc/PID/map_files` (a process that re-attaches sends no descriptor). Only a
     /// mapping that the process itself has shared and writable (`rw-s` in its maps) is
-    /// opened, so that we never write to a file the process could not write itself. Needs
-    /// CAP_SYS_ADMIN (root).
-    pub fn open_map_file(&self, start: u64, len: u64) -> Result<OwnedFd> {
+    /// opened, so that we never write to a file the process could not write itself, and
+    /// only if what is opened is the file that line names (device and inode) and belongs
+    /// to `uid`, the process's user (`SO_PEERCRED`): a memfd someone else created and the
+    /// process merely mapped is not taken for its region. Needs CAP_SYS_ADMIN (root).
+    pub fn open_map_file(&self, start: u64, len: u64, uid: u32) -> Result<OwnedFd> {
         let pid = self.pid;
         let end = start
             .checked_add(len)
@@ -352,6 +363,9 @@ impl Process {
         if line.get(range.len() + 1..range.len() + 5) != Some(b"rw-s") {
             bail!("process {pid}'s mapping at {range} is not shared and writable");
         }
+        // "start-end perms offset major:minor inode [path]"
+        let named = parse_maps_file(&line)
+            .with_context(|| format!("process {pid}'s maps line for {range} cannot be read"))?;
         // The process may have replaced the mapping since: open it without effect first
         // (O_PATH), and open it for real only once it is known to be a file on tmpfs. (As
         // root, a read-write open of a device node mapped there could do something.)
@@ -368,6 +382,17 @@ impl Process {
         let what = file_identity(path_fd.as_fd())?;
         if !what.regular_on_tmpfs {
             bail!("process {pid}'s mapping at {range} is not a memfd");
+        }
+        let (dev, ino) = what.file;
+        if (libc::major(dev), libc::minor(dev), ino) != named {
+            bail!("process {pid}'s mapping at {range} changed while it was opened");
+        }
+        if what.uid != uid {
+            bail!(
+                "process {pid}'s mapping at {range} belongs to user {}, not to the process's \
+                 user {uid}: not taken for its region",
+                what.uid
+            );
         }
         let again =
             CString::new(format!("/proc/self/fd/{}", path_fd.as_raw_fd())).unwrap_or_default();
@@ -389,10 +414,25 @@ impl Process {
     }
 }
 
+/// Device (major, minor) and inode of the file a `/proc/PID/maps` line names.
+fn parse_maps_file(line: &[u8]) -> Option<(u32, u32, u64)> {
+    let line = std::str::from_utf8(line.get(..line.len().min(256))?).ok()?;
+    let mut fields = line.split_ascii_whitespace().skip(3);
+    let (major, minor) = fields.next()?.split_once(':')?;
+    let inode = fields.next()?.parse().ok()?;
+    Some((
+        u32::from_str_radix(major, 16).ok()?,
+        u32::from_str_radix(minor, 16).ok()?,
+        inode,
+    ))
+}
+
 /// What kind of file a descriptor (possibly `O_PATH`) is.
 struct FileIdentity {
     /// Device and inode.
     file: FileId,
+    /// Owner.
+    uid: u32,
     /// A regular file on tmpfs (where memfds live).
     regular_on_tmpfs: bool,
 }
@@ -412,6 +452,7 @@ fn file_identity(fd: BorrowedFd<'_>) -> Result<FileIdentity> {
     }
     Ok(FileIdentity {
         file: (st.st_dev, st.st_ino),
+        uid: st.st_uid,
         regular_on_tmpfs: st.st_mode & libc::S_IFMT == libc::S_IFREG
             && fs.f_type == libc::TMPFS_MAGIC,
     })
@@ -623,12 +664,17 @@ pub struct Attached {
 impl Attached {
     /// Takes over the region a process announced in its first datagram: with the memfd it
     /// passed, or (a process re-attaching after the collector restarted) through
-    /// `/proc/PID/map_files`. `peer` is what `SO_PEERCRED` said at accept.
+    /// `/proc/PID/map_files`. `peer` is what `SO_PEERCRED` said at accept (pid, start
+    /// time), `peer_uid` its user.
+    ///
+    /// Opening `/proc/PID/maps` and `map_files` takes the process's `mmap_lock`, which it
+    /// can keep busy: call this without holding the session's lock.
     pub fn new(
         sock: BorrowedFd<'_>,
         info: &RegionInfo,
         datagram: Datagram,
         peer: Option<(u32, Option<u64>)>,
+        peer_uid: Option<u32>,
     ) -> Result<Attached> {
         if info.version != SHARED_VERSION || info.size != SHARED_SIZE as u64 {
             bail!(
@@ -646,9 +692,13 @@ impl Attached {
             );
         }
         let process = Process::of_socket(sock, peer)?;
+        let from_map_files = datagram.fd.is_none();
         let fd = match datagram.fd {
             Some(fd) => fd,
-            None => process.open_map_file(info.address, info.size)?,
+            None => {
+                let uid = peer_uid.context("the user of the process that connected is unknown")?;
+                process.open_map_file(info.address, info.size, uid)?
+            }
         };
         let mapping = Mapping::of_memfd(fd.as_fd(), SHARED_SIZE)?;
         drop(fd); // the mapping keeps its own copy (to find holes at the death read)
@@ -663,6 +713,18 @@ impl Attached {
                 "the process's shared region does not start with the anyprof header (magic \
                  {magic:#x}, version {version}): use the libanyprof.so built with this anyprof"
             );
+        }
+        if from_map_files {
+            // The region the process found in its own memory must be its own: the header
+            // names it (by its pid in its own pid namespace).
+            let said = h.pid.load(Ordering::Acquire);
+            let own = a.process.own_pid().unwrap_or(a.process.pid);
+            if said != own {
+                bail!(
+                    "the shared region mapped in process {} belongs to process {said}: not taken",
+                    a.process.pid
+                );
+            }
         }
         Ok(a)
     }
@@ -1448,6 +1510,55 @@ mod tests {
         assert!(!p.exited());
     }
 
+    /// A region found in the process's memory (a re-attach without a descriptor) is taken
+    /// only if it is the file its maps line names, belongs to the process's user, and its
+    /// header names the process.
+    #[test]
+    fn a_region_found_in_memory_must_be_the_processs_own() {
+        use nix::sys::socket::{socketpair, AddressFamily, SockFlag, SockType};
+        let (a, _b) = socketpair(
+            AddressFamily::Unix,
+            SockType::SeqPacket,
+            None,
+            SockFlag::SOCK_CLOEXEC,
+        )
+        .unwrap();
+        let (_memfd, m) = crate::death_read::tests::region_and_memfd();
+        let me = std::process::id();
+        let info = RegionInfo {
+            version: SHARED_VERSION,
+            size: SHARED_SIZE as u64,
+            address: m.as_ptr() as u64,
+        };
+        let no_fd = || Datagram {
+            len: 0,
+            fd: None,
+            fds: 0,
+        };
+        let take = |uid| Attached::new(a.as_fd(), &info, no_fd(), Some((me, None)), Some(uid));
+        // The header names pid 0, not us.
+        let e = take(0).unwrap_err();
+        assert!(format!("{e:#}").contains("belongs to process 0"), "{e:#}");
+        crate::death_read::tests::shared(&m)
+            .header
+            .pid
+            .store(me, Ordering::Release);
+        let taken = take(0).unwrap();
+        assert_eq!(taken.file(), m.file);
+        // The memfd is root's (the tests run as root); a process of another user that
+        // mapped it does not get it taken for its region.
+        let e = take(65534).unwrap_err();
+        assert!(
+            format!("{e:#}").contains("belongs to user 0, not to the process's user 65534"),
+            "{e:#}"
+        );
+        assert_eq!(
+            parse_maps_file(b"7f00-7f01 rw-s 00000000 00:01 12345 /memfd:x (deleted)"),
+            Some((0, 1, 12345))
+        );
+        assert_eq!(parse_maps_file(b"7f00-7f01 rw-s 00000000"), None);
+    }
+
     /// A mapping is re-opened through map_files only if the process has it shared and
     /// writable.
     #[test]
@@ -1455,7 +1566,7 @@ mod tests {
         let fd = memfd(8192, SEALED);
         let shared = Mapping::of_memfd(fd.as_fd(), 8192).unwrap();
         let me = Process::of_pid(std::process::id()).unwrap();
-        let again = me.open_map_file(shared.as_ptr() as u64, 8192).unwrap();
+        let again = me.open_map_file(shared.as_ptr() as u64, 8192, 0).unwrap();
         let m2 = Mapping::of_memfd(again.as_fd(), 8192).unwrap();
         assert_eq!(m2.file, shared.file);
         // A private, read-only mapping of the same file is not opened.
@@ -1471,13 +1582,13 @@ mod tests {
             )
         };
         assert_ne!(ro, libc::MAP_FAILED);
-        let e = me.open_map_file(ro as u64, 8192).unwrap_err();
+        let e = me.open_map_file(ro as u64, 8192, 0).unwrap_err();
         assert!(
             format!("{e:#}").contains("not shared and writable"),
             "{e:#}"
         );
         assert!(
-            me.open_map_file(ro as u64, 4096).is_err(),
+            me.open_map_file(ro as u64, 4096, 0).is_err(),
             "only the exact range"
         );
         // SAFETY: unmapping what was mapped above.
@@ -1504,7 +1615,7 @@ mod tests {
             )
         };
         assert_ne!(rw, libc::MAP_FAILED);
-        let e = me.open_map_file(rw as u64, 8192).unwrap_err();
+        let e = me.open_map_file(rw as u64, 8192, 0).unwrap_err();
         assert!(format!("{e:#}").contains("not a memfd"), "{e:#}");
         // SAFETY: unmapping what was mapped above.
         unsafe { libc::munmap(rw, 8192) };
@@ -1755,7 +1866,7 @@ mod tests {
         let again_file = {
             let r = link2.channel.region().unwrap();
             r.process
-                .open_map_file(new_ptr as u64, SHARED_SIZE as u64)
+                .open_map_file(new_ptr as u64, SHARED_SIZE as u64, 0)
                 .unwrap()
         };
         let link3 = Link {
@@ -1851,6 +1962,7 @@ mod tests {
         let me = std::process::id();
         let mapping = region();
         let s = shared(&mapping);
+        s.header.pid.store(me, Ordering::Release); // as the preload does
         let mut buf = [0u8; 64];
         let info = RegionInfo {
             version: SHARED_VERSION,
@@ -1861,7 +1973,7 @@ mod tests {
         let memfd_of = |m: &Mapping| {
             Process::of_pid(me)
                 .unwrap()
-                .open_map_file(m.as_ptr() as u64, SHARED_SIZE as u64)
+                .open_map_file(m.as_ptr() as u64, SHARED_SIZE as u64, 0)
                 .unwrap()
         };
         let hand_over = |with_fd: bool| {
