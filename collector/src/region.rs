@@ -23,12 +23,17 @@
 //! (thread names, RSS, `map_files`) are that process's even if its pid is reused.
 //!
 //! # What a process costs the collector
-//! One thread (as a socket did), two descriptors (the pidfd and `/proc/PID`; the memfd is
-//! closed once mapped), a mapping of the region's 25 MiB of address space, and a wake-up
+//! One thread (as a socket did), three descriptors (the pidfd, `/proc/PID`, and the memfd,
+//! kept to find its holes), a mapping of the region's 25 MiB of address space, and a wake-up
 //! every 5 ms while it sends, backing off to every 100 ms when it is quiet (100 idle
-//! processes: under 0.3 % of one core). Pages of the region the process never wrote cost
-//! nothing until read; a death read may read up to the whole region, so death reads run one
-//! at a time.
+//! processes: under 0.3 % of one core). Pages of the region the process never wrote (holes)
+//! cost nothing until read, and reading one through the mapping makes the kernel allocate
+//! it, charged to us: the death read finds the holes first (`SEEK_DATA`/`SEEK_HOLE`) and
+//! reads none ([`crate::death_read`]). The message ring is read only between its tail and
+//! head, which the reader checks to be at most the ring's size: a process can make us fault
+//! in at most the ring's 4 MiB of holes, once (a page read stays until the process punches
+//! it out again). A death read copies up to the whole table, so they run one at a time, and
+//! only once the process has exited.
 
 use std::collections::HashMap;
 use std::ffi::CString;
