@@ -19,7 +19,8 @@ use crate::region::{Channel, Link, Registry};
 /// Most connections served at once; more are refused (closed at once).
 const MAX_CONNECTIONS: usize = 4096;
 /// Default of `serve --max-processes-per-user`: connections one non-root user's processes
-/// may hold open at once (each costs the daemon a thread and two descriptors).
+/// may hold open at once (each costs the daemon a thread and two descriptors, three for a
+/// process that shares a region: its pidfd, its /proc directory and its memfd).
 pub const DEFAULT_MAX_PROCESSES_PER_USER: usize = 512;
 /// How long a daemon waits for a new connection's hello (the preload sends it right after
 /// connecting) before closing it.
@@ -66,7 +67,7 @@ pub struct Options {
     /// together; `None` for no such cap.
     pub max_user_bytes: Option<usize>,
     /// Most connections one non-root user may hold open at once (each has a reader thread
-    /// and two descriptors); more are closed when accepted. `None` for no such cap (record:
+    /// and two or three descriptors); more are closed when accepted. `None` for no such cap (record:
     /// its socket is private). Root's processes are never capped this way.
     pub max_connections_per_user: Option<usize>,
     /// How long a new connection may take to send its hello before it is closed; `None` to

@@ -22,11 +22,20 @@
 //! that item (counted in [`Report::corrupt`]); nothing here can panic or read outside the
 //! region.
 //!
+//! # Holes
+//! A page of the memfd that nobody wrote is a hole; on tmpfs, reading a hole through a
+//! shared mapping allocates the page, charged to the reader. A hostile process could name
+//! every bucket and every arena frame in its order list and make the daemon allocate the
+//! whole region. So the read is given the memfd's [`Pages`] (from `SEEK_DATA`/`SEEK_HOLE`,
+//! not `mincore`, which calls swapped-out pages absent) and reads nothing on a hole: a
+//! value there is zero, which is what reading it would have given.
+//!
 //! What is lost at death: samples a handler was writing (WRITING) at the kill, and
 //! allocations inside a hook at that moment.
 
 use std::cell::UnsafeCell;
-use std::sync::atomic::Ordering;
+use std::os::fd::{AsRawFd, BorrowedFd};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 
 use anyprof_wire::shared::{
     Shared, ALLOC_SLOTS, ARENA_FRAMES, BUCKETS, BUCKET_WRITING, SAMPLE_FREE, SAMPLE_READY,
@@ -49,6 +58,167 @@ pub struct Report {
     pub corrupt: u64,
 }
 
+/// Page size of the bitmap (tmpfs pages; a huge page is reported as many data pages).
+const PAGE: usize = 4096;
+
+/// Which pages of a region's memfd hold data (written, possibly swapped out); the others
+/// are holes, which read as zeros and must not be touched (see the module doc).
+#[derive(Clone, Debug)]
+pub struct Pages {
+    /// One bit a page; `None`: every page holds data (a region whose memfd we do not
+    /// have, in tests).
+    bits: Option<Vec<u64>>,
+}
+
+impl Pages {
+    /// Every page counts as data.
+    pub fn all() -> Pages {
+        Pages { bits: None }
+    }
+
+    /// The data pages of the first `len` bytes of `fd`, found with `lseek(SEEK_DATA)` and
+    /// `lseek(SEEK_HOLE)` (which read nothing and allocate nothing).
+    pub fn of_file(fd: BorrowedFd<'_>, len: usize) -> std::io::Result<Pages> {
+        let pages = len.div_ceil(PAGE);
+        let mut bits = vec![0u64; pages.div_ceil(64)];
+        let end = i64::try_from(len).unwrap_or(i64::MAX);
+        let mut pos: i64 = 0;
+        // Each turn moves past one extent of data: at most one turn per two pages.
+        while pos < end {
+            // SAFETY: lseek on a valid descriptor; it only moves the file offset.
+            let data = unsafe { libc::lseek(fd.as_raw_fd(), pos, libc::SEEK_DATA) };
+            if data < 0 {
+                let e = std::io::Error::last_os_error();
+                if e.raw_os_error() == Some(libc::ENXIO) {
+                    break; // no data after pos
+                }
+                return Err(e);
+            }
+            // SAFETY: as above.
+            let hole = unsafe { libc::lseek(fd.as_raw_fd(), data, libc::SEEK_HOLE) };
+            if hole < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            if data >= end || hole <= data {
+                break;
+            }
+            let first = data as usize / PAGE;
+            let last = (hole.min(end) as usize).div_ceil(PAGE);
+            for p in first..last.min(pages) {
+                if let Some(w) = bits.get_mut(p / 64) {
+                    *w |= 1 << (p % 64);
+                }
+            }
+            pos = hole;
+        }
+        Ok(Pages { bits: Some(bits) })
+    }
+
+    /// Whether every page of `[off, off + len)` holds data.
+    fn has(&self, off: usize, len: usize) -> bool {
+        let Some(bits) = &self.bits else {
+            return true;
+        };
+        if len == 0 {
+            return true;
+        }
+        let Some(last) = off.checked_add(len - 1) else {
+            return false;
+        };
+        (off / PAGE..=last / PAGE)
+            .all(|p| bits.get(p / 64).is_some_and(|w| w & (1 << (p % 64)) != 0))
+    }
+
+    /// Data pages in the bitmap (tests).
+    #[cfg(test)]
+    pub fn count(&self) -> usize {
+        self.bits
+            .as_ref()
+            .map_or(0, |b| b.iter().map(|w| w.count_ones() as usize).sum())
+    }
+}
+
+/// The region with its data pages: every read goes through here and reads zero from a hole.
+struct View<'a> {
+    base: usize,
+    pages: &'a Pages,
+}
+
+impl<'a> View<'a> {
+    fn new(shared: &'a Shared, pages: &'a Pages) -> View<'a> {
+        View {
+            base: shared as *const Shared as usize,
+            pages,
+        }
+    }
+
+    /// Whether the `len` bytes at `p` (inside the region) hold data.
+    fn has(&self, p: *const u8, len: usize) -> bool {
+        (p as usize)
+            .checked_sub(self.base)
+            .is_some_and(|off| self.pages.has(off, len))
+    }
+
+    fn of<T>(&self, item: &T) -> bool {
+        self.has((item as *const T).cast(), std::mem::size_of::<T>())
+    }
+
+    fn load32(&self, a: &AtomicU32, order: Ordering) -> u32 {
+        if self.of(a) {
+            a.load(order)
+        } else {
+            0
+        }
+    }
+
+    fn load64(&self, a: &AtomicU64) -> u64 {
+        if self.of(a) {
+            a.load(Ordering::Relaxed)
+        } else {
+            0
+        }
+    }
+
+    /// Copies a plain value out of an `UnsafeCell` in the region; bytes on holes are zero.
+    ///
+    /// # Safety
+    /// `cell` lies inside the region's live mapping, and `T` is plain data valid for any
+    /// bit pattern (it may be changing under us).
+    unsafe fn copy<T: Copy>(&self, cell: &UnsafeCell<T>) -> T {
+        let p = cell.get();
+        if self.has(p.cast(), std::mem::size_of::<T>()) {
+            // SAFETY: see `copy`.
+            return unsafe { copy(cell) };
+        }
+        let mut out = std::mem::MaybeUninit::<T>::zeroed();
+        let (src, dst) = (p.cast::<u8>().cast_const(), out.as_mut_ptr().cast::<u8>());
+        for i in 0..std::mem::size_of::<T>() {
+            // SAFETY: i < size_of::<T>(): inside the cell (in the mapping) and inside `out`.
+            unsafe {
+                let b = src.add(i);
+                if self.has(b, 1) {
+                    dst.add(i).write(std::ptr::read_volatile(b));
+                }
+            }
+        }
+        // SAFETY: the caller guarantees that any bytes (here: zeros and copied bytes) are a
+        // valid T.
+        unsafe { out.assume_init() }
+    }
+
+    /// Arena frame `i` (< ARENA_FRAMES), zero on a hole.
+    fn frame(&self, arena: *const u64, i: usize) -> u64 {
+        // SAFETY: the caller keeps i inside the arena, which lies in the mapping.
+        let p = unsafe { arena.add(i) };
+        if self.has(p.cast(), 8) {
+            // SAFETY: as above.
+            unsafe { std::ptr::read_volatile(p) }
+        } else {
+            0
+        }
+    }
+}
+
 /// Reads the region and hands each message that carries what it holds to `emit`, as it is
 /// built (so that a full table costs one message of memory, not the table's size); stops
 /// when `emit` returns false. `last_mem_stats` is the process's last allocator report, whose
@@ -57,16 +227,20 @@ pub struct Report {
 /// death.
 pub fn read(
     shared: &Shared,
+    pages: &Pages,
     last_mem_stats: Option<&MemStats>,
     rss: u64,
     emit: &mut dyn FnMut(&[u8]) -> bool,
 ) -> Report {
     let mut report = Report::default();
-    if !read_samples(shared, emit, &mut report) || !read_buckets(shared, emit, &mut report) {
+    let view = View::new(shared, pages);
+    if !read_samples(shared, &view, emit, &mut report)
+        || !read_buckets(shared, &view, emit, &mut report)
+    {
         return report;
     }
     let counters: Vec<u64> = (shared.counters.iter().take(COUNTER_COUNT))
-        .map(|c| c.load(Ordering::Relaxed))
+        .map(|c| view.load64(c))
         .collect();
     let mut buf = vec![0u8; MAX_MESSAGE];
     if let Some(n) = wire::encode_counters(&mut buf, Kind::Counters, &counters) {
@@ -74,7 +248,7 @@ pub fn read(
             return report;
         }
     }
-    emit(&mem_stats(shared, last_mem_stats, rss));
+    emit(&mem_stats(shared, &view, last_mem_stats, rss));
     report
 }
 
@@ -83,27 +257,34 @@ pub fn read(
 /// the session over its limits (recorded as its error).
 pub fn read_into(
     shared: &Shared,
+    pages: &Pages,
     session: &mut Session,
     rss: u64,
     log: &mut dyn FnMut(Level, &str),
 ) -> Report {
     let last = session.mem_stats.clone();
-    read(shared, last.as_ref(), rss, &mut |m| match wire::decode(m) {
-        Ok(msg) => {
-            session.apply(msg, log);
-            match session.over_limits() {
-                Some(why) => {
-                    session.error = Some(why);
-                    false
+    read(
+        shared,
+        pages,
+        last.as_ref(),
+        rss,
+        &mut |m| match wire::decode(m) {
+            Ok(msg) => {
+                session.apply(msg, log);
+                match session.over_limits() {
+                    Some(why) => {
+                        session.error = Some(why);
+                        false
+                    }
+                    None => true,
                 }
-                None => true,
             }
-        }
-        Err(e) => {
-            session.error = Some(format!("death read: {e}"));
-            false
-        }
-    })
+            Err(e) => {
+                session.error = Some(format!("death read: {e}"));
+                false
+            }
+        },
+    )
 }
 
 /// Copies a plain value out of an `UnsafeCell` in the region.
@@ -117,15 +298,20 @@ unsafe fn copy<T: Copy>(cell: &UnsafeCell<T>) -> T {
     unsafe { std::ptr::read_volatile(cell.get()) }
 }
 
-fn read_samples(shared: &Shared, emit: &mut dyn FnMut(&[u8]) -> bool, report: &mut Report) -> bool {
+fn read_samples(
+    shared: &Shared,
+    view: &View<'_>,
+    emit: &mut dyn FnMut(&[u8]) -> bool,
+    report: &mut Report,
+) -> bool {
     let mut buf = vec![0u8; MAX_MESSAGE];
     let mut records = Vec::new();
     for slot in shared.samples.slots.iter() {
-        if slot.state.load(Ordering::Acquire) != SAMPLE_READY {
+        if view.load32(&slot.state, Ordering::Acquire) != SAMPLE_READY {
             continue;
         }
         // SAFETY: the slot lies in the mapped region; SampleRecord is integers only.
-        let r = unsafe { copy(&slot.record) };
+        let r = unsafe { view.copy(&slot.record) };
         // Freed, so that a second read (a session ended twice) does not count it again.
         let _ = slot.state.compare_exchange(
             SAMPLE_READY,
@@ -159,43 +345,52 @@ fn read_samples(shared: &Shared, emit: &mut dyn FnMut(&[u8]) -> bool, report: &m
     true
 }
 
-fn read_buckets(shared: &Shared, emit: &mut dyn FnMut(&[u8]) -> bool, report: &mut Report) -> bool {
+fn read_buckets(
+    shared: &Shared,
+    view: &View<'_>,
+    emit: &mut dyn FnMut(&[u8]) -> bool,
+    report: &mut Report,
+) -> bool {
     let table = &shared.buckets;
-    let created = (table.order_claimed.load(Ordering::Acquire) as usize).min(BUCKETS);
+    let created = (view.load32(&table.order_claimed, Ordering::Acquire) as usize).min(BUCKETS);
     let arena = table.arena.get().cast::<u64>();
     let mut buf = vec![0u8; MAX_MESSAGE];
     let mut found: Vec<(u32, u64, BucketCounts, Vec<u64>)> = Vec::new();
     for order in table.order.iter().take(created) {
-        let Some(idx) = order.load(Ordering::Acquire).checked_sub(1) else {
+        let Some(idx) = view.load32(order, Ordering::Acquire).checked_sub(1) else {
             continue; // claimed, never written (the process died in between)
         };
         let Some(b) = table.buckets.get(idx as usize) else {
             report.corrupt += 1;
             continue;
         };
-        if b.hash.load(Ordering::Acquire) <= BUCKET_WRITING {
+        if !view.of(&b.hash) || b.hash.load(Ordering::Acquire) <= BUCKET_WRITING {
             continue;
         }
         let counts = BucketCounts {
-            alloc_objects: b.alloc_objects.load(Ordering::Relaxed),
-            alloc_bytes: b.alloc_bytes.load(Ordering::Relaxed),
-            free_objects: b.free_objects.load(Ordering::Relaxed),
-            free_bytes: b.free_bytes.load(Ordering::Relaxed),
+            alloc_objects: view.load64(&b.alloc_objects),
+            alloc_bytes: view.load64(&b.alloc_bytes),
+            free_objects: view.load64(&b.free_objects),
+            free_bytes: view.load64(&b.free_bytes),
         };
         if counts == BucketCounts::default() {
             continue; // nothing to show (a forked child's copy of its parent's buckets)
         }
         // SAFETY: fields of a bucket inside the mapped region; plain integers.
-        let (size, at, len) = unsafe { (copy(&b.size), copy(&b.frames_at), copy(&b.frames_len)) };
+        let (size, at, len) = unsafe {
+            (
+                view.copy(&b.size),
+                view.copy(&b.frames_at),
+                view.copy(&b.frames_len),
+            )
+        };
         let (at, len) = (at as usize, usize::from(len));
         if len > MAX_FRAMES || at.checked_add(len).is_none_or(|end| end > ARENA_FRAMES) {
             report.corrupt += 1;
             continue;
         }
-        let frames = (at..at + len)
-            // SAFETY: i < at + len ≤ ARENA_FRAMES: inside the arena, in the mapping.
-            .map(|i| unsafe { std::ptr::read_volatile(arena.add(i)) })
-            .collect();
+        // i < at + len ≤ ARENA_FRAMES: inside the arena, in the mapping.
+        let frames = (at..at + len).map(|i| view.frame(arena, i)).collect();
         found.push((idx, size, counts, frames));
         if found.len() >= PENDING_BUCKETS && !emit_buckets(&mut found, &mut buf, emit, report) {
             return false;
@@ -236,18 +431,18 @@ fn emit_buckets(
     true
 }
 
-fn mem_stats(shared: &Shared, last: Option<&MemStats>, rss: u64) -> Vec<u8> {
+fn mem_stats(shared: &Shared, view: &View<'_>, last: Option<&MemStats>, rss: u64) -> Vec<u8> {
     let mut class_mallocs = [0u64; SIZE_CLASSES];
     let mut class_frees = [0u64; SIZE_CLASSES];
     let (mut alloc_bytes, mut free_bytes) = (0u64, 0u64);
     for s in shared.alloc.iter().take(ALLOC_SLOTS) {
-        alloc_bytes = alloc_bytes.wrapping_add(s.alloc_bytes.load(Ordering::Relaxed));
-        free_bytes = free_bytes.wrapping_add(s.free_bytes.load(Ordering::Relaxed));
+        alloc_bytes = alloc_bytes.wrapping_add(view.load64(&s.alloc_bytes));
+        free_bytes = free_bytes.wrapping_add(view.load64(&s.free_bytes));
         for (o, c) in class_mallocs.iter_mut().zip(s.class_mallocs.iter()) {
-            *o = o.wrapping_add(c.load(Ordering::Relaxed));
+            *o = o.wrapping_add(view.load64(c));
         }
         for (o, c) in class_frees.iter_mut().zip(s.class_frees.iter()) {
-            *o = o.wrapping_add(c.load(Ordering::Relaxed));
+            *o = o.wrapping_add(view.load64(c));
         }
     }
     let mut fields = last.map(|m| m.fields.clone()).unwrap_or_default();
@@ -384,7 +579,7 @@ pub(crate) mod tests {
             mem_stats: last.cloned(),
             ..Session::default()
         };
-        let report = read_into(shared(m), &mut s, 0, &mut |_, _| {});
+        let report = read_into(shared(m), &m.pages().unwrap(), &mut s, 0, &mut |_, _| {});
         (s, report)
     }
 
@@ -529,7 +724,7 @@ pub(crate) mod tests {
         }
         t.order_claimed.store(BUCKETS as u32, Ordering::Relaxed);
         let mut sizes = Vec::new();
-        let report = read(s, None, 0, &mut |msg| {
+        let report = read(s, &m.pages().unwrap(), None, 0, &mut |msg| {
             sizes.push(msg.len());
             true
         });
@@ -540,7 +735,9 @@ pub(crate) mod tests {
             ..Session::default()
         };
         let mut warned = 0;
-        read_into(s, &mut capped, 0, &mut |_, _| warned += 1);
+        read_into(s, &m.pages().unwrap(), &mut capped, 0, &mut |_, _| {
+            warned += 1
+        });
         assert!(capped.kept_bytes <= 1 << 20);
         assert!(capped.heap.len() < BUCKETS);
         assert_eq!(warned, 1, "one warning at the cap");
@@ -574,10 +771,78 @@ pub(crate) mod tests {
                 max_bytes: Some(8 << 20),
                 ..Session::default()
             };
-            let report = read_into(shared(&m), &mut session, 0, &mut |_, _| {});
+            let report = read_into(
+                shared(&m),
+                &m.pages().unwrap(),
+                &mut session,
+                0,
+                &mut |_, _| {},
+            );
             assert!(session.kept_bytes <= 8 << 20);
             assert!(report.samples <= anyprof_wire::shared::SAMPLE_SLOTS as u64);
         }
+    }
+
+    /// Blocks (512 bytes) the memfd holds.
+    fn blocks(fd: &OwnedFd) -> i64 {
+        // SAFETY: an all-zero stat is a valid out-buffer.
+        let mut st: libc::stat = unsafe { std::mem::zeroed() };
+        // SAFETY: valid descriptor and out-pointer.
+        let rc = unsafe { libc::fstat(std::os::fd::AsRawFd::as_raw_fd(fd), &mut st) };
+        assert_eq!(rc, 0);
+        st.st_blocks
+    }
+
+    /// A hostile process claims every bucket and points its order list at all of them
+    /// (and at the whole arena), having written almost nothing else: reading holes of a
+    /// tmpfs file through the mapping would make the daemon allocate them (about 21 MiB).
+    /// The death read reads no hole: the memfd does not grow.
+    #[test]
+    fn the_death_read_allocates_no_page_of_a_hole() {
+        let (fd, m) = region_and_memfd();
+        let s = shared(&m);
+        let t = &s.buckets;
+        for (i, o) in t.order.iter().enumerate() {
+            o.store(i as u32 + 1, Ordering::Relaxed);
+        }
+        t.order_claimed.store(BUCKETS as u32, Ordering::Relaxed);
+        // One real bucket and one real sample, so that what was written is still read.
+        put_bucket(s, 0, 3, 16, &[0x42], 1);
+        put_sample(s, 5, SAMPLE_READY, 7, &[0x99], 1);
+        // A bucket with real data whose frames lie on a hole of the arena.
+        put_bucket(s, 1, 4, 16, &[0x43], 1);
+        // SAFETY: test-owned region; the field's page is written already.
+        unsafe { *t.buckets[4].frames_at.get() = (ARENA_FRAMES - MAX_FRAMES) as u32 };
+        // SAFETY: test-owned region.
+        unsafe { *t.buckets[4].frames_len.get() = MAX_FRAMES as u16 };
+        let before = blocks(&fd);
+        let pages = m.pages().unwrap();
+        assert!(pages.count() > 0 && pages.count() < m.len() / 4096 / 2);
+        let mut session = Session::default();
+        let report = read_into(s, &pages, &mut session, 0, &mut |_, _| {});
+        let grown = blocks(&fd) - before;
+        assert!(
+            grown <= 4 * 8,
+            "the death read allocated {} KiB of holes",
+            grown / 2
+        );
+        assert_eq!(report.samples, 1);
+        assert_eq!(
+            report.buckets, 4,
+            "buckets 3 and 4, each named twice in the order"
+        );
+        assert_eq!(session.heap[&3].frames, [0x42]);
+        assert_eq!(
+            session.heap[&4].frames, [0; MAX_FRAMES],
+            "holes read as zeros"
+        );
+        // Without the page map every hole is read, and allocated.
+        let mut again = Session::default();
+        read_into(s, &Pages::all(), &mut again, 0, &mut |_, _| {});
+        assert!(
+            blocks(&fd) - before > 1024 * 8,
+            "reading holes allocates them (the test measures what it should)"
+        );
     }
 
     const SAMPLE_SLOTS_LAST: usize = anyprof_wire::shared::SAMPLE_SLOTS - 1;
@@ -593,7 +858,13 @@ pub(crate) mod tests {
         assert_eq!(session.error, None);
         // The collector's last RSS reading stands for the RSS at death.
         let mut s = Session::default();
-        read_into(shared(&m), &mut s, 5 << 20, &mut |_, _| {});
+        read_into(
+            shared(&m),
+            &m.pages().unwrap(),
+            &mut s,
+            5 << 20,
+            &mut |_, _| {},
+        );
         let ms = s.mem_stats.unwrap();
         assert_eq!(ms.get(MemStat::RssBytes), 5 << 20);
         assert_eq!(ms.get(MemStat::MaxRssBytes), 5 << 20);

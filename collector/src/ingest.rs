@@ -700,7 +700,12 @@ pub fn read_connection(
         match wire::decode(buf.get(..n).unwrap_or(&[])) {
             Ok(Message::Region(info)) if was_first => {
                 let peer = s.peer.as_ref().map(|p| (p.pid, p.start_time));
-                match crate::region::Attached::new(fd.as_fd(), &info, datagram, peer) {
+                let uid = s.peer.as_ref().map(|p| p.uid);
+                // Taking the region may open /proc/PID/maps and map_files, which wait for
+                // the process's mmap_lock (which it can keep busy): not under the session's
+                // lock, which the HTTP listing takes.
+                drop(s);
+                match crate::region::Attached::new(fd.as_fd(), &info, datagram, peer, uid) {
                     Ok(a) => region = Some(a),
                     Err(e) => {
                         let why = format!("not profiled: {e:#}");
@@ -708,7 +713,9 @@ pub fn read_connection(
                         if link.registry.may_warn(peer.map_or(0, |p| p.0)) {
                             log(peer.map(|p| p.0), Level::Warn, &why);
                         }
-                        s.error = Some(why);
+                        if let Ok(mut s) = session.lock() {
+                            s.error = Some(why);
+                        }
                         break;
                     }
                 }

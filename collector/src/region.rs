@@ -23,12 +23,17 @@
 //! (thread names, RSS, `map_files`) are that process's even if its pid is reused.
 //!
 //! # What a process costs the collector
-//! One thread (as a socket did), two descriptors (the pidfd and `/proc/PID`; the memfd is
-//! closed once mapped), a mapping of the region's 25 MiB of address space, and a wake-up
+//! One thread (as a socket did), three descriptors (the pidfd, `/proc/PID`, and the memfd,
+//! kept to find its holes), a mapping of the region's 25 MiB of address space, and a wake-up
 //! every 5 ms while it sends, backing off to every 100 ms when it is quiet (100 idle
-//! processes: under 0.3 % of one core). Pages of the region the process never wrote cost
-//! nothing until read; a death read may read up to the whole region, so death reads run one
-//! at a time.
+//! processes: under 0.3 % of one core). Pages of the region the process never wrote (holes)
+//! cost nothing until read, and reading one through the mapping makes the kernel allocate
+//! it, charged to us: the death read finds the holes first (`SEEK_DATA`/`SEEK_HOLE`) and
+//! reads none ([`crate::death_read`]). The message ring is read only between its tail and
+//! head, which the reader checks to be at most the ring's size: a process can make us fault
+//! in at most the ring's 4 MiB of holes, once (a page read stays until the process punches
+//! it out again). A death read copies up to the whole table, so they run one at a time, and
+//! only once the process has exited.
 
 use std::collections::HashMap;
 use std::ffi::CString;
@@ -305,6 +310,15 @@ impl Process {
         Ok(unsafe { OwnedFd::from_raw_fd(fd) })
     }
 
+    /// The process's pid in its own pid namespace (the last of `NSpid` in
+    /// `/proc/PID/status`), which is what it calls itself; `None` if it cannot be read.
+    pub fn own_pid(&self) -> Option<u32> {
+        let status = self.read("status", 16 << 10)?;
+        let status = String::from_utf8_lossy(&status);
+        let line = status.lines().find_map(|l| l.strip_prefix("NSpid:"))?;
+        line.split_ascii_whitespace().last()?.parse().ok()
+    }
+
     /// The name of thread `tid` (`/proc/PID/task/TID/comm`), without its newline.
     pub fn thread_name(&self, tid: u32) -> Option<Vec<u8>> {
         let mut name = self.read(&format!("task/{tid}/comm"), 64)?;
@@ -331,9 +345,11 @@ impl Process {
     /// Opens the file mapped at `[start, start+len)` in this process, read-write, through
     /// `/proc/PID/map_files` (a process that re-attaches sends no descriptor). Only a
     /// mapping that the process itself has shared and writable (`rw-s` in its maps) is
-    /// opened, so that we never write to a file the process could not write itself. Needs
-    /// CAP_SYS_ADMIN (root).
-    pub fn open_map_file(&self, start: u64, len: u64) -> Result<OwnedFd> {
+    /// opened, so that we never write to a file the process could not write itself, and
+    /// only if what is opened is the file that line names (device and inode) and belongs
+    /// to `uid`, the process's user (`SO_PEERCRED`): a memfd someone else created and the
+    /// process merely mapped is not taken for its region. Needs CAP_SYS_ADMIN (root).
+    pub fn open_map_file(&self, start: u64, len: u64, uid: u32) -> Result<OwnedFd> {
         let pid = self.pid;
         let end = start
             .checked_add(len)
@@ -352,6 +368,9 @@ impl Process {
         if line.get(range.len() + 1..range.len() + 5) != Some(b"rw-s") {
             bail!("process {pid}'s mapping at {range} is not shared and writable");
         }
+        // "start-end perms offset major:minor inode [path]"
+        let named = parse_maps_file(&line)
+            .with_context(|| format!("process {pid}'s maps line for {range} cannot be read"))?;
         // The process may have replaced the mapping since: open it without effect first
         // (O_PATH), and open it for real only once it is known to be a file on tmpfs. (As
         // root, a read-write open of a device node mapped there could do something.)
@@ -368,6 +387,17 @@ impl Process {
         let what = file_identity(path_fd.as_fd())?;
         if !what.regular_on_tmpfs {
             bail!("process {pid}'s mapping at {range} is not a memfd");
+        }
+        let (dev, ino) = what.file;
+        if (libc::major(dev), libc::minor(dev), ino) != named {
+            bail!("process {pid}'s mapping at {range} changed while it was opened");
+        }
+        if what.uid != uid {
+            bail!(
+                "process {pid}'s mapping at {range} belongs to user {}, not to the process's \
+                 user {uid}: not taken for its region",
+                what.uid
+            );
         }
         let again =
             CString::new(format!("/proc/self/fd/{}", path_fd.as_raw_fd())).unwrap_or_default();
@@ -389,10 +419,25 @@ impl Process {
     }
 }
 
+/// Device (major, minor) and inode of the file a `/proc/PID/maps` line names.
+fn parse_maps_file(line: &[u8]) -> Option<(u32, u32, u64)> {
+    let line = std::str::from_utf8(line.get(..line.len().min(256))?).ok()?;
+    let mut fields = line.split_ascii_whitespace().skip(3);
+    let (major, minor) = fields.next()?.split_once(':')?;
+    let inode = fields.next()?.parse().ok()?;
+    Some((
+        u32::from_str_radix(major, 16).ok()?,
+        u32::from_str_radix(minor, 16).ok()?,
+        inode,
+    ))
+}
+
 /// What kind of file a descriptor (possibly `O_PATH`) is.
 struct FileIdentity {
     /// Device and inode.
     file: FileId,
+    /// Owner.
+    uid: u32,
     /// A regular file on tmpfs (where memfds live).
     regular_on_tmpfs: bool,
 }
@@ -412,6 +457,7 @@ fn file_identity(fd: BorrowedFd<'_>) -> Result<FileIdentity> {
     }
     Ok(FileIdentity {
         file: (st.st_dev, st.st_ino),
+        uid: st.st_uid,
         regular_on_tmpfs: st.st_mode & libc::S_IFMT == libc::S_IFREG
             && fs.f_type == libc::TMPFS_MAGIC,
     })
@@ -469,6 +515,9 @@ fn pid_of_pidfd(fd: BorrowedFd<'_>) -> Option<u32> {
 pub struct Mapping {
     base: NonNull<u8>,
     len: usize,
+    /// The memfd, kept (in the daemon only) to find its holes before a death read
+    /// ([`Mapping::pages`]).
+    memfd: OwnedFd,
     /// Device and inode of the file: the same region seen again (a re-attach) has the same.
     pub file: (u64, u64),
 }
@@ -552,9 +601,18 @@ impl Mapping {
             return Err(Error::last_os_error()).context("cannot map the region");
         }
         let base = NonNull::new(p.cast::<u8>()).context("mmap returned null")?;
+        let memfd = match fd.try_clone_to_owned() {
+            Ok(fd) => fd,
+            Err(e) => {
+                // SAFETY: unmapping what was just mapped; nothing refers to it yet.
+                unsafe { libc::munmap(p, len) };
+                return Err(e).context("cannot keep the region's descriptor");
+            }
+        };
         Ok(Mapping {
             base,
             len,
+            memfd,
             file: (st.st_dev, st.st_ino),
         })
     }
@@ -567,6 +625,12 @@ impl Mapping {
     /// Length in bytes.
     pub fn len(&self) -> usize {
         self.len
+    }
+
+    /// Which pages of the memfd hold data (the others are holes, which the death read must
+    /// not touch: reading one allocates it).
+    pub fn pages(&self) -> std::io::Result<crate::death_read::Pages> {
+        crate::death_read::Pages::of_file(self.memfd.as_fd(), self.len)
     }
 
     /// Never true (a mapping of nothing is refused); for clippy's `len_without_is_empty`.
@@ -605,12 +669,17 @@ pub struct Attached {
 impl Attached {
     /// Takes over the region a process announced in its first datagram: with the memfd it
     /// passed, or (a process re-attaching after the collector restarted) through
-    /// `/proc/PID/map_files`. `peer` is what `SO_PEERCRED` said at accept.
+    /// `/proc/PID/map_files`. `peer` is what `SO_PEERCRED` said at accept (pid, start
+    /// time), `peer_uid` its user.
+    ///
+    /// Opening `/proc/PID/maps` and `map_files` takes the process's `mmap_lock`, which it
+    /// can keep busy: call this without holding the session's lock.
     pub fn new(
         sock: BorrowedFd<'_>,
         info: &RegionInfo,
         datagram: Datagram,
         peer: Option<(u32, Option<u64>)>,
+        peer_uid: Option<u32>,
     ) -> Result<Attached> {
         if info.version != SHARED_VERSION || info.size != SHARED_SIZE as u64 {
             bail!(
@@ -628,12 +697,16 @@ impl Attached {
             );
         }
         let process = Process::of_socket(sock, peer)?;
+        let from_map_files = datagram.fd.is_none();
         let fd = match datagram.fd {
             Some(fd) => fd,
-            None => process.open_map_file(info.address, info.size)?,
+            None => {
+                let uid = peer_uid.context("the user of the process that connected is unknown")?;
+                process.open_map_file(info.address, info.size, uid)?
+            }
         };
         let mapping = Mapping::of_memfd(fd.as_fd(), SHARED_SIZE)?;
-        drop(fd); // the mapping keeps the memory; no descriptor is kept per process
+        drop(fd); // the mapping keeps its own copy (to find holes at the death read)
         let a = Attached { mapping, process };
         let h = &a.shared().header;
         let (magic, version) = (
@@ -645,6 +718,18 @@ impl Attached {
                 "the process's shared region does not start with the anyprof header (magic \
                  {magic:#x}, version {version}): use the libanyprof.so built with this anyprof"
             );
+        }
+        if from_map_files {
+            // The region the process found in its own memory must be its own: the header
+            // names it (by its pid in its own pid namespace).
+            let said = h.pid.load(Ordering::Acquire);
+            let own = a.process.own_pid().unwrap_or(a.process.pid);
+            if said != own {
+                bail!(
+                    "the shared region mapped in process {} belongs to process {said}: not taken",
+                    a.process.pid
+                );
+            }
         }
         Ok(a)
     }
@@ -861,49 +946,111 @@ pub fn pump(
             &format!("no longer profiled: {why}"),
         );
     }
-    // One death read at a time, daemon-wide: reading a page the process never wrote makes
-    // the kernel allocate it (tmpfs has no shared zero page), up to the region's size per
-    // read; many processes ending at once must not multiply that.
-    let one_at_a_time = matches!(end, End::Gone | End::Finished).then(|| DEATH_READS.lock());
-    if let (End::Gone | End::Finished, Ok(mut s)) = (&end, session.lock()) {
-        let spid = s.pid();
-        s.read_at_death |= end == End::Gone;
-        let report =
-            crate::death_read::read_into(attached.shared(), &mut s, rss, &mut |level, text| {
-                log(spid, level, text)
-            });
-        if end == End::Gone && (report.samples > 0 || report.buckets > 0) {
-            log(
-                spid,
-                Level::Info,
-                &format!(
-                    "read from the memory of the ended process: {} samples, {} heap buckets",
-                    report.samples, report.buckets
-                ),
-            );
-        }
-        if report.corrupt > 0 {
-            log(
-                spid,
-                Level::Warn,
-                &format!(
-                    "{} items in the process's shared memory held impossible values and were \
-                     skipped (the program wrote over the profiler's memory)",
-                    report.corrupt
-                ),
-            );
-        }
+    // A process that says it finished is read only once it has exited: one that still runs
+    // (a hostile process setting the flag and reconnecting with the same memfd to have its
+    // region read again and again, or a raw-forked child that ran our destructor) ends
+    // its session without a death read.
+    let read_remains = match end {
+        End::Gone => true,
+        End::Finished => attached.process.wait(FINISHED_EXIT_WAIT_MS),
+        End::Replaced | End::Broken => false,
+    };
+    // One death read at a time, daemon-wide (each costs up to a region's worth of copying).
+    let one_at_a_time = read_remains.then(|| DEATH_READS.lock());
+    if read_remains {
+        death_read(&attached, session, end == End::Gone, rss, log);
     }
     link.registry.unregister(pid, &link.channel);
     if let Ok(mut r) = link.channel.region.lock() {
         *r = None; // unmapped once the last command in flight lets go
     }
-    drop(attached); // the pages faulted in by the death read go with the mapping
+    drop(attached); // unmapped, and its memfd closed
     drop(one_at_a_time);
 }
 
 /// Serialises death reads (see [`pump`]).
 static DEATH_READS: Mutex<()> = Mutex::new(());
+
+/// How long a process that finished its last flush has to exit before its session ends
+/// without a death read.
+const FINISHED_EXIT_WAIT_MS: i32 = 1000;
+
+/// Reads what the process left in its region into the session. The messages are built and
+/// decoded without the session's lock, which is taken for each one only to apply it (the
+/// HTTP listing waits on that lock). Pages of the memfd that hold no data are not read (see
+/// [`crate::death_read`]).
+fn death_read(
+    attached: &Attached,
+    session: &SharedSession,
+    gone: bool,
+    rss: u64,
+    log: &mut dyn FnMut(Option<u32>, Level, &str),
+) {
+    let (spid, last) = match session.lock() {
+        Ok(mut s) => {
+            s.read_at_death |= gone;
+            (s.pid(), s.mem_stats.clone())
+        }
+        Err(_) => return,
+    };
+    let pages = match attached.mapping.pages() {
+        Ok(p) => p,
+        Err(e) => {
+            log(
+                spid,
+                Level::Warn,
+                &format!(
+                    "what the ended process left in its shared memory was not read: its \
+                     memory descriptor cannot be searched for data ({e})"
+                ),
+            );
+            return;
+        }
+    };
+    let report = crate::death_read::read(attached.shared(), &pages, last.as_ref(), rss, &mut |m| {
+        let msg = wire::decode(m);
+        let Ok(mut s) = session.lock() else {
+            return false;
+        };
+        match msg {
+            Ok(msg) => {
+                s.apply(msg, &mut |level, text| log(spid, level, text));
+                match s.over_limits() {
+                    Some(why) => {
+                        s.error = Some(why);
+                        false
+                    }
+                    None => true,
+                }
+            }
+            Err(e) => {
+                s.error = Some(format!("death read: {e}"));
+                false
+            }
+        }
+    });
+    if gone && (report.samples > 0 || report.buckets > 0) {
+        log(
+            spid,
+            Level::Info,
+            &format!(
+                "read from the memory of the ended process: {} samples, {} heap buckets",
+                report.samples, report.buckets
+            ),
+        );
+    }
+    if report.corrupt > 0 {
+        log(
+            spid,
+            Level::Warn,
+            &format!(
+                "{} items in the process's shared memory held impossible values and were \
+                 skipped (the program wrote over the profiler's memory)",
+                report.corrupt
+            ),
+        );
+    }
+}
 
 fn run(
     attached: &Attached,
@@ -1368,6 +1515,55 @@ mod tests {
         assert!(!p.exited());
     }
 
+    /// A region found in the process's memory (a re-attach without a descriptor) is taken
+    /// only if it is the file its maps line names, belongs to the process's user, and its
+    /// header names the process.
+    #[test]
+    fn a_region_found_in_memory_must_be_the_processs_own() {
+        use nix::sys::socket::{socketpair, AddressFamily, SockFlag, SockType};
+        let (a, _b) = socketpair(
+            AddressFamily::Unix,
+            SockType::SeqPacket,
+            None,
+            SockFlag::SOCK_CLOEXEC,
+        )
+        .unwrap();
+        let (_memfd, m) = crate::death_read::tests::region_and_memfd();
+        let me = std::process::id();
+        let info = RegionInfo {
+            version: SHARED_VERSION,
+            size: SHARED_SIZE as u64,
+            address: m.as_ptr() as u64,
+        };
+        let no_fd = || Datagram {
+            len: 0,
+            fd: None,
+            fds: 0,
+        };
+        let take = |uid| Attached::new(a.as_fd(), &info, no_fd(), Some((me, None)), Some(uid));
+        // The header names pid 0, not us.
+        let e = take(0).unwrap_err();
+        assert!(format!("{e:#}").contains("belongs to process 0"), "{e:#}");
+        crate::death_read::tests::shared(&m)
+            .header
+            .pid
+            .store(me, Ordering::Release);
+        let taken = take(0).unwrap();
+        assert_eq!(taken.file(), m.file);
+        // The memfd is root's (the tests run as root); a process of another user that
+        // mapped it does not get it taken for its region.
+        let e = take(65534).unwrap_err();
+        assert!(
+            format!("{e:#}").contains("belongs to user 0, not to the process's user 65534"),
+            "{e:#}"
+        );
+        assert_eq!(
+            parse_maps_file(b"7f00-7f01 rw-s 00000000 00:01 12345 /memfd:x (deleted)"),
+            Some((0, 1, 12345))
+        );
+        assert_eq!(parse_maps_file(b"7f00-7f01 rw-s 00000000"), None);
+    }
+
     /// A mapping is re-opened through map_files only if the process has it shared and
     /// writable.
     #[test]
@@ -1375,7 +1571,7 @@ mod tests {
         let fd = memfd(8192, SEALED);
         let shared = Mapping::of_memfd(fd.as_fd(), 8192).unwrap();
         let me = Process::of_pid(std::process::id()).unwrap();
-        let again = me.open_map_file(shared.as_ptr() as u64, 8192).unwrap();
+        let again = me.open_map_file(shared.as_ptr() as u64, 8192, 0).unwrap();
         let m2 = Mapping::of_memfd(again.as_fd(), 8192).unwrap();
         assert_eq!(m2.file, shared.file);
         // A private, read-only mapping of the same file is not opened.
@@ -1391,13 +1587,13 @@ mod tests {
             )
         };
         assert_ne!(ro, libc::MAP_FAILED);
-        let e = me.open_map_file(ro as u64, 8192).unwrap_err();
+        let e = me.open_map_file(ro as u64, 8192, 0).unwrap_err();
         assert!(
             format!("{e:#}").contains("not shared and writable"),
             "{e:#}"
         );
         assert!(
-            me.open_map_file(ro as u64, 4096).is_err(),
+            me.open_map_file(ro as u64, 4096, 0).is_err(),
             "only the exact range"
         );
         // SAFETY: unmapping what was mapped above.
@@ -1424,7 +1620,7 @@ mod tests {
             )
         };
         assert_ne!(rw, libc::MAP_FAILED);
-        let e = me.open_map_file(rw as u64, 8192).unwrap_err();
+        let e = me.open_map_file(rw as u64, 8192, 0).unwrap_err();
         assert!(format!("{e:#}").contains("not a memfd"), "{e:#}");
         // SAFETY: unmapping what was mapped above.
         unsafe { libc::munmap(rw, 8192) };
@@ -1675,7 +1871,7 @@ mod tests {
         let again_file = {
             let r = link2.channel.region().unwrap();
             r.process
-                .open_map_file(new_ptr as u64, SHARED_SIZE as u64)
+                .open_map_file(new_ptr as u64, SHARED_SIZE as u64, 0)
                 .unwrap()
         };
         let link3 = Link {
@@ -1699,17 +1895,49 @@ mod tests {
         let (third_session, third_pump) = start(again, &link3);
         new_pump.join().unwrap();
         // A replaced pump does no death read: the slot is still there for the live one.
-        // The process finishes: the third pump ends (with a read of what is left).
+        // The process says it finished but lives on (this test process): the third pump
+        // ends after a second, without a death read (a hostile process could otherwise have
+        // its region read again and again).
         // SAFETY: as above.
         let s3 = unsafe { &*(s3 as *const Shared) };
+        let finished_at = Instant::now();
         s3.header.finished.store(FINISHED, Ordering::Release);
         third_pump.join().unwrap();
-        assert!(third_session
+        assert!(finished_at.elapsed() >= Duration::from_millis(FINISHED_EXIT_WAIT_MS as u64));
+        assert!(
+            !third_session
+                .lock()
+                .unwrap()
+                .cpu
+                .keys()
+                .any(|k| k.frames == [0x43]),
+            "a live process is not read at death"
+        );
+    }
+
+    /// A process that finished its last flush and then exits (within the second it is
+    /// given) is read at death.
+    #[test]
+    fn a_finished_process_that_exits_is_read() {
+        let mut child = sleeper();
+        let attached = Attached {
+            mapping: region(),
+            process: Process::of_pid(child.id()).unwrap(),
+        };
+        let s = attached.shared();
+        put_sample(s, 2, SAMPLE_READY, 1, &[0x44], 1);
+        s.header.finished.store(FINISHED, Ordering::Release);
+        let (session, pump) = start(attached, &Link::default());
+        std::thread::sleep(Duration::from_millis(200));
+        child.kill().unwrap();
+        let _ = child.wait();
+        pump.join().unwrap();
+        assert!(session
             .lock()
             .unwrap()
             .cpu
             .keys()
-            .any(|k| k.frames == [0x43]));
+            .any(|k| k.frames == [0x44]));
     }
 
     /// A collector on a socket of its own (two `Collector::start` in one second of one
@@ -1739,6 +1967,7 @@ mod tests {
         let me = std::process::id();
         let mapping = region();
         let s = shared(&mapping);
+        s.header.pid.store(me, Ordering::Release); // as the preload does
         let mut buf = [0u8; 64];
         let info = RegionInfo {
             version: SHARED_VERSION,
@@ -1749,7 +1978,7 @@ mod tests {
         let memfd_of = |m: &Mapping| {
             Process::of_pid(me)
                 .unwrap()
-                .open_map_file(m.as_ptr() as u64, SHARED_SIZE as u64)
+                .open_map_file(m.as_ptr() as u64, SHARED_SIZE as u64, 0)
                 .unwrap()
         };
         let hand_over = |with_fd: bool| {
