@@ -211,7 +211,8 @@ fn move_into_memfd(copy: &dyn Fn(usize) -> bool) -> Result<Fd, RegionError> {
 /// Lets this process write files of `size` bytes until dropped: a soft `RLIMIT_FSIZE`
 /// (`ulimit -f`) below it is raised to it, and put back on drop. A hard limit below it is an
 /// error, found without writing anything, so no SIGXFSZ is raised.
-struct FileSizeLimit(Option<libc::rlimit>);
+/// The file size limit as it was, and as we raised it to (if we did).
+struct FileSizeLimit(Option<(libc::rlimit, libc::rlimit)>);
 
 impl FileSizeLimit {
     fn allow(size: usize) -> Result<FileSizeLimit, RegionError> {
@@ -243,15 +244,23 @@ impl FileSizeLimit {
         if unsafe { libc::setrlimit(libc::RLIMIT_FSIZE, &raised) } != 0 {
             return Err(fail("setrlimit(RLIMIT_FSIZE)"));
         }
-        Ok(FileSizeLimit(Some(lim)))
+        Ok(FileSizeLimit(Some((lim, raised))))
     }
 }
 
 impl Drop for FileSizeLimit {
     fn drop(&mut self) {
-        if let Some(lim) = self.0 {
+        let Some((was, raised)) = self.0 else { return };
+        let mut now = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
+        // SAFETY: valid out-pointer.
+        let read = unsafe { libc::getrlimit(libc::RLIMIT_FSIZE, &mut now) } == 0;
+        // A limit the program set meanwhile (a re-attach runs beside its threads) is its own.
+        if read && now.rlim_cur == raised.rlim_cur && now.rlim_max == raised.rlim_max {
             // SAFETY: restores the limit read before; lowering a soft limit cannot fail.
-            unsafe { libc::setrlimit(libc::RLIMIT_FSIZE, &lim) };
+            unsafe { libc::setrlimit(libc::RLIMIT_FSIZE, &was) };
         }
     }
 }
