@@ -10,7 +10,7 @@ PROF   ?= prof
 help:
 	@echo "make demo   build anyprof and profile the bundled example (examples/demo.c)"
 	@echo "make test   build everything and run all tests (unit + end-to-end)"
-	@echo "make test-matrix  only the real-program matrix (python3, perl, sqlite3, gcc, git, xz, bash, sort, CPython's tests)"
+	@echo "make test-matrix  only the real-program matrix (python3, perl, sqlite3, gcc, git, xz, bash, sort, CPython's and GLib's tests)"
 	@echo "make lint   cargo fmt --check and clippy with warnings denied"
 	@echo "make fuzz   a short run of every fuzz target (FUZZ_SECONDS each, default 30)"
 	@echo "make bench  CPU and heap overhead vs gperftools, heaptrack, perf; symbolization throughput"
