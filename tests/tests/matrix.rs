@@ -371,8 +371,8 @@ const GLIB_TESTS: &str = "/usr/share/installed-tests/glib";
 /// `credentials`), loopback sockets (`socket*`), the main loop's `poll`, wakeup pipes and
 /// eventfds (`mainloop`, `contexts`, `pollable`, `cancellable`, `io-channel`), and threads,
 /// locks and condition variables under contention (`thread*`, `mutex`, `cond`, `once`,
-/// `asyncqueue`), plus `fileutils`. Bare they take about 45 s here (2 cores), profiled about
-/// 50 s. Left out: tests that need a display or a D-Bus session (`gdbus-*`, `appinfo`, ...),
+/// `asyncqueue`), plus `fileutils`. Bare they take about 40 s here (2 cores), profiled about
+/// 45 s. Left out: tests that need a display or a D-Bus session (`gdbus-*`, `appinfo`, ...),
 /// `file` (aborts as root), and `gutils-user-database` (it runs under its own `LD_PRELOAD`).
 const GLIB_PROGRAMS: &[&str] = &[
     "unix",
