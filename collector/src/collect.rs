@@ -93,19 +93,26 @@ impl Collector {
     /// processes' informational messages too (warnings are always printed).
     ///
     /// The directory is new (creating it fails if the name exists), mode 0700, in
-    /// `$XDG_RUNTIME_DIR` or the temp directory; the socket in it is mode 0600. The preload
-    /// checks the directory (ours, not writable by others) and our credentials before it
-    /// sends anything.
+    /// `$XDG_RUNTIME_DIR` or the temp directory, or in `/tmp` if the socket's path would be
+    /// too long for a socket address there (a deep `$TMPDIR` must not stop the program); the
+    /// socket in it is mode 0600. The preload checks the directory (ours, not writable by
+    /// others) and our credentials before it sends anything.
     pub fn start(options: Options) -> Result<Collector> {
-        let base = std::env::var_os("XDG_RUNTIME_DIR")
-            .map(PathBuf::from)
-            .filter(|p| p.is_dir())
-            .unwrap_or_else(std::env::temp_dir);
-        let dir = base.join(format!(
+        let name = format!(
             "anyprof-{}-{}",
             std::process::id(),
             crate::output::timestamp()
-        ));
+        );
+        // `sun_path` holds 108 bytes with the terminating NUL.
+        let fits = |base: &PathBuf| base.join(&name).join("sock").as_os_str().len() < 108;
+        let base = std::env::var_os("XDG_RUNTIME_DIR")
+            .map(PathBuf::from)
+            .filter(|p| p.is_dir())
+            .into_iter()
+            .chain([std::env::temp_dir()])
+            .find(fits)
+            .unwrap_or_else(|| PathBuf::from("/tmp"));
+        let dir = base.join(name);
         std::fs::DirBuilder::new()
             .mode(0o700)
             .create(&dir)
