@@ -1901,3 +1901,25 @@ fn a_raw_forked_child_that_exits_does_not_end_its_parents_profile() {
         view.describe()
     );
 }
+
+/// Found by GLib's installed tests in the matrix, which run with TMPDIR in a scratch
+/// directory: with a TMPDIR deep enough that `record`'s socket path did not fit in a socket
+/// address (108 bytes), `record` failed with ENAMETOOLONG and the program never ran.
+#[test]
+fn a_deep_tmpdir_does_not_stop_the_program() {
+    let scratch = scratch_dir("robust_deep_tmpdir");
+    let deep = scratch.join("d".repeat(100));
+    std::fs::create_dir_all(&deep).expect("creating the deep TMPDIR");
+    let program = Path::new("/bin/sh");
+    let args = ["-c", "echo hello; echo err >&2; exit 3"];
+    let plain = direct(program, &args);
+    let (mut cmd, dir) = record_command(&scratch, "profile", &[], program, &args);
+    cmd.env_remove("XDG_RUNTIME_DIR").env("TMPDIR", &deep);
+    let profiled = run_or_hang(&mut cmd, HANG_TIMEOUT);
+    assert_same_behaviour("sh under a deep TMPDIR", &plain, &profiled);
+    assert!(
+        dir.join("heap.pb.gz").is_file(),
+        "no profile written: {:?}",
+        anyprof_tests::files_in(&dir)
+    );
+}
