@@ -373,7 +373,7 @@ fn unprofiled_exec(
     // An image that started after `exe` was seen is a later one. Its start time comes from
     // its hello: a process hands over its region and leaves, so when the collector got to it
     // says nothing about when it ran.
-    let seen_ns = monotonic_ns().saturating_sub(seen.elapsed().as_nanos() as u64);
+    let seen_ns = anyprof::region::monotonic_ns().saturating_sub(seen.elapsed().as_nanos() as u64);
     let connected = images.iter().any(|s| {
         s.hello
             .as_ref()
@@ -393,15 +393,6 @@ fn unprofiled_exec(
          the profile is of {before}, before the exec",
         exe.to_string_lossy()
     ))
-}
-
-/// `CLOCK_MONOTONIC` in ns, the clock of the processes' hellos (and of `Instant`).
-fn monotonic_ns() -> u64 {
-    // SAFETY: a zeroed timespec is a valid out-buffer for clock_gettime.
-    let mut ts: libc::timespec = unsafe { std::mem::zeroed() };
-    // SAFETY: valid pointer; CLOCK_MONOTONIC always exists.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
-    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
 
 /// Runs a program that gets none of anyprof's environment (see [`preflight::Unprofilable`])

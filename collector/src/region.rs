@@ -649,13 +649,19 @@ impl Drop for Mapping {
 
 /// `CLOCK_MONOTONIC` in milliseconds (what `collector_seen_ms` holds).
 pub fn monotonic_ms() -> u64 {
+    monotonic_ns() / 1_000_000
+}
+
+/// `CLOCK_MONOTONIC` in nanoseconds: the clock of the processes' hellos and sample times (and
+/// of `Instant`).
+pub fn monotonic_ns() -> u64 {
     // SAFETY: an all-zero timespec is a valid out-buffer.
     let mut ts: libc::timespec = unsafe { std::mem::zeroed() };
     // SAFETY: valid clock and out-pointer.
     unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
     (ts.tv_sec.max(0) as u64)
-        .saturating_mul(1000)
-        .saturating_add(ts.tv_nsec.max(0) as u64 / 1_000_000)
+        .saturating_mul(1_000_000_000)
+        .saturating_add(ts.tv_nsec.max(0) as u64)
 }
 
 /// A process's region, mapped and checked, with the process it belongs to.
