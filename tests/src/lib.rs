@@ -883,6 +883,19 @@ impl ProfileView {
         out
     }
 
+    /// The `# Name = value` comments of the profile (the exact counters heap profiles carry).
+    pub fn comments(&self) -> BTreeMap<String, String> {
+        self.profile
+            .comment
+            .iter()
+            .filter_map(|&i| {
+                let text = self.string(i).strip_prefix("# ")?;
+                let (k, v) = text.split_once(" = ")?;
+                Some((k.to_string(), v.to_string()))
+            })
+            .collect()
+    }
+
     /// A short summary for failure messages: sample types, totals, per-thread counts, then the
     /// normalised dump.
     pub fn describe(&self) -> String {

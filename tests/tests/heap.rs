@@ -294,22 +294,9 @@ fn heap_dump(view: &ProfileView) -> String {
         .collect()
 }
 
-/// The `# Name = value` comments of a profile.
-fn comments(view: &ProfileView) -> BTreeMap<String, String> {
-    view.profile
-        .comment
-        .iter()
-        .filter_map(|&i| {
-            let text = view.string(i).strip_prefix("# ")?;
-            let (k, v) = text.split_once(" = ")?;
-            Some((k.to_string(), v.to_string()))
-        })
-        .collect()
-}
-
 /// The numeric comment `name`; panics with all comments if it is missing.
 fn counter(view: &ProfileView, name: &str) -> i64 {
-    let all = comments(view);
+    let all = view.comments();
     all.get(name)
         .and_then(|v| v.trim().parse().ok())
         .unwrap_or_else(|| panic!("no numeric comment `# {name} = N` in the profile: {all:#?}"))
@@ -317,7 +304,7 @@ fn counter(view: &ProfileView, name: &str) -> i64 {
 
 /// The `# BySize (size: mallocs frees) = [limit: m f, ...]` comment as limit → (m, f).
 fn by_size(view: &ProfileView) -> BTreeMap<i64, (i64, i64)> {
-    let all = comments(view);
+    let all = view.comments();
     let text = all
         .get("BySize (size: mallocs frees)")
         .unwrap_or_else(|| panic!("no BySize comment: {all:#?}"));
@@ -993,14 +980,14 @@ fn counters_agree_with_the_program_and_each_other() {
         ),
     );
     expect(
-        comments(&r.heap) == comments(&r.allocs),
+        r.heap.comments() == r.allocs.comments(),
         "heap.pb.gz and allocs.pb.gz have different comments".into(),
     );
     assert!(
         failures.is_empty(),
         "{}\ncomments: {:#?}\nprogram totals: {total:?}",
         failures.join("\n"),
-        comments(v)
+        v.comments()
     );
 }
 

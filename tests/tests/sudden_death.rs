@@ -197,14 +197,9 @@ fn run_and_kill(cmd: &mut Command, prefix: &str, before_kill: impl FnOnce(i32, &
 
 /// The `# Name = value` comments of a profile that are numbers.
 fn numeric_comments(view: &ProfileView) -> BTreeMap<String, i64> {
-    view.profile
-        .comment
-        .iter()
-        .filter_map(|&i| {
-            let text = view.string(i).strip_prefix("# ")?;
-            let (k, v) = text.split_once(" = ")?;
-            Some((k.to_string(), v.trim().parse().ok()?))
-        })
+    view.comments()
+        .into_iter()
+        .filter_map(|(k, v)| Some((k, v.trim().parse().ok()?)))
         .collect()
 }
 
