@@ -844,8 +844,9 @@ fn killed_daemon_does_not_kill_the_program_with_sigpipe() {
 // ---------------------------------------------------------------------------------------------
 
 /// A program that closes every descriptor it did not open and reuses the numbers (for files,
-/// then for sockets): same output, same file contents, nothing of ours in its descriptors,
-/// and the profile still has samples from after the close (the library reconnected).
+/// then for sockets): same output, same file contents, and it finds exactly the descriptors it
+/// finds without the profiler (the library holds none once it has handed its region over), and
+/// the profile still has samples from after the close.
 #[test]
 fn closing_every_descriptor_never_gets_profiler_bytes_into_the_programs_files() {
     let scratch = scratch_dir("robust_closefds");
@@ -872,17 +873,20 @@ fn closing_every_descriptor_never_gets_profiler_bytes_into_the_programs_files() 
         read_text(&plain_dir.join("out.txt")),
         "out.txt differs between the profiled run (left) and the plain one (right)"
     );
-    let reused = files_in(&profiled_dir);
-    assert!(
-        reused.iter().any(|n| n.starts_with("reuse_a_")),
-        "under the profiler the program found no descriptor of ours to close and reuse \
-         ({reused:?}); the test did not exercise what it is meant to"
+    // Whatever the test harness passed down (a CI runner passes nothing, a terminal may pass
+    // some) is found by both runs alike; one more file under the profiler is a descriptor of
+    // ours that the program could close and reuse.
+    assert_eq!(
+        files_in(&profiled_dir),
+        files_in(&plain_dir),
+        "under the profiler (left) the program found descriptors it did not open that it does \
+         not find without it (right): the library holds a descriptor at main"
     );
     let view = read_profile(&dir.join("cpu.pb.gz"));
     assert!(
         samples_of(&view, "work_after_close") > 0,
-        "no samples of work_after_close: the library did not reconnect after the program \
-         closed its socket:\n{}",
+        "no samples of work_after_close: sampling stopped after the program closed every \
+         descriptor:\n{}",
         view.describe()
     );
 }
