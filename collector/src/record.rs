@@ -665,7 +665,11 @@ fn start_prewarming(
                     build_id: &m.build_id,
                 };
                 if let Ok(mut sym) = symbolizer.lock() {
-                    sym.symbolize_many_as(access.as_ref(), &[(object, &svmas)]);
+                    anyprof::symbolize::symbolize_guarded(
+                        &mut sym,
+                        access.as_ref(),
+                        &[(object, &svmas)],
+                    );
                 }
             }
         }

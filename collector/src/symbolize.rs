@@ -5,13 +5,13 @@
 //! [`lookup_address`]: the leaf of a CPU sample is the exact interrupted instruction, every
 //! caller frame is a return address whose call instruction ends one byte earlier.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::OnceLock;
+use std::sync::{Mutex, OnceLock};
 use std::time::Duration;
 
-use anyprof_symbolizer::{ObjectRef, Symbolized, Symbolizer};
+use anyprof_symbolizer::{Access, Miss, ObjectRef, Symbolized, Symbolizer};
 use anyprof_wire::Module;
 
 use crate::ingest::{Peer, Session};
@@ -143,7 +143,7 @@ pub fn resolve_all(
             (object, &svmas[..])
         })
         .collect();
-    let answers = symbolizer.symbolize_many_as(access.as_ref(), &requests);
+    let answers = symbolize_guarded(symbolizer, access.as_ref(), &requests);
     let mut outcomes = HashMap::new();
     for ((module, addrs, _, _), results) in batches.iter().zip(answers) {
         let outcome: &mut ModuleOutcome = outcomes.entry(module.id).or_default();
@@ -169,6 +169,10 @@ pub fn resolve_all(
                         }
                     })
                     .collect::<Vec<_>>(),
+                Symbolized::Miss(Miss::SymbolizerPanicked(why)) => {
+                    warn_symbolizer_failed(&module.path, &why);
+                    Vec::new()
+                }
                 Symbolized::Miss(_) => Vec::new(),
             };
             if !lines.is_empty() {
@@ -187,6 +191,59 @@ pub fn resolve_all(
         }
     }
     (out, outcomes)
+}
+
+/// [`Symbolizer::symbolize_many_as`], and if it panics all the same (the symbolizer catches
+/// its parsers' panics itself, per object and per address; this is for a bug outside them),
+/// again one object at a time, so that a panic costs only the names of the object it
+/// happened in. The symbolizer runs with `panic = "unwind"` (the workspace's profile).
+pub fn symbolize_guarded(
+    symbolizer: &mut Symbolizer,
+    access: Option<&Access>,
+    requests: &[(ObjectRef<'_>, &[u64])],
+) -> Vec<Vec<Symbolized>> {
+    let all = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        symbolizer.symbolize_many_as(access, requests)
+    }));
+    if let Ok(answers) = all {
+        return answers;
+    }
+    requests
+        .iter()
+        .map(|request| {
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                symbolizer
+                    .symbolize_many_as(access, std::slice::from_ref(request))
+                    .pop()
+                    .unwrap_or_default()
+            }))
+            .unwrap_or_else(|_| {
+                let miss = Miss::SymbolizerPanicked("outside its parsers".into());
+                vec![Symbolized::Miss(miss); request.1.len()]
+            })
+        })
+        .collect()
+}
+
+/// Says once per file, for the whole run (a daemon's too), that the symbolizer failed on it
+/// and what that costs: its names, and nothing else.
+fn warn_symbolizer_failed(path: &[u8], why: &str) {
+    static WARNED: Mutex<Option<HashSet<Vec<u8>>>> = Mutex::new(None);
+    let Ok(mut warned) = WARNED.lock() else {
+        return;
+    };
+    if !warned
+        .get_or_insert_with(HashSet::new)
+        .insert(path.to_vec())
+    {
+        return;
+    }
+    eprintln!(
+        "anyprof: warning: the symbolizer failed on {} ({why}): its functions are left as \
+         addresses in the profiles (go tool pprof can name them from the file), everything \
+         else is named. This is a bug in anyprof: please report it with that file",
+        String::from_utf8_lossy(path)
+    );
 }
 
 #[cfg(test)]

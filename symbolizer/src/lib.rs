@@ -132,6 +132,7 @@ mod elf;
 mod loaded;
 mod miss;
 mod mmap;
+mod panics;
 mod symbolized;
 mod symbolizer;
 mod symtab;

@@ -41,6 +41,7 @@ impl LoadedObject {
             MapError::Io(err) => Miss::FileUnreadable(err.to_string()),
         })?;
         let facts = ElfFacts::read(&elf::parse(map.bytes())?);
+        crate::panics::panic_if_asked(path);
         // The caller read its build id from the loaded image: a file on disk with another id,
         // or with none, is not the file that ran.
         if !build_id.is_empty() && facts.build_id.as_deref() != Some(build_id) {

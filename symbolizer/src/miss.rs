@@ -48,6 +48,13 @@ pub enum Miss {
          converted with the wrong load bias, or the mapping belongs to another file"
     )]
     OutsideObject,
+    /// Reading the file made the symbolizer panic: a bug, in it or in a parser it uses, met
+    /// on this file (most likely a malformed one). The text is the panic's message. The
+    /// other files are not affected.
+    #[error(
+        "the symbolizer failed on this file ({0}); this is a bug in anyprof: please report          it with the file. Addresses in it are left unnamed (go tool pprof can name them          from the file)"
+    )]
+    SymbolizerPanicked(String),
     /// Neither debug info nor any symbol table covers the address.
     #[error(
         "no debug info or symbol covers this address; install the debug info for this file \

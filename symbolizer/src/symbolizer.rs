@@ -2,11 +2,12 @@
 //!
 //! This module decides what is not worth opening (pseudo paths), takes objects from the cache,
 //! opens and searches different objects on parallel threads, answers each distinct address
-//! once, and keeps a bug in a parser from taking the caller down when panics unwind.
+//! once, and keeps a bug in a parser from taking the caller down (see [`crate::panics`]): a
+//! panic while opening an object costs that object's answers, one while looking up an
+//! address that address's.
 
 use std::cmp::Reverse;
 use std::collections::HashMap;
-use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
@@ -14,6 +15,7 @@ use crate::access::{self, Access};
 use crate::cache::{self, Cache};
 use crate::loaded::LoadedObject;
 use crate::mmap::FileIdentity;
+use crate::panics;
 use crate::{Miss, Symbolized};
 
 /// An object file to symbolize addresses in.
@@ -150,10 +152,10 @@ impl Symbolizer {
                 None => None,
             };
             let loaded = job.loaded.unwrap_or_else(|| {
-                catch_unwind(AssertUnwindSafe(|| {
+                panics::catch(|| {
                     LoadedObject::open(job.object.path, job.object.build_id, debug_dirs)
-                }))
-                .unwrap_or_else(|_| Err(parser_panicked()))
+                })
+                .unwrap_or_else(Err)
             });
             let answered: Vec<(usize, Vec<Symbolized>)> = job
                 .batches
@@ -211,8 +213,7 @@ fn answer(loaded: &LoadedObject, addresses: &[u64]) -> Vec<Symbolized> {
     for i in order {
         answers[i] = match previous {
             Some(p) if addresses[p] == addresses[i] => answers[p].clone(),
-            _ => catch_unwind(AssertUnwindSafe(|| loaded.symbolize(addresses[i])))
-                .unwrap_or_else(|_| Symbolized::Miss(parser_panicked())),
+            _ => panics::catch(|| loaded.symbolize(addresses[i])).unwrap_or_else(Symbolized::Miss),
         };
         previous = Some(i);
     }
@@ -249,11 +250,6 @@ fn parallel_map<T: Send, R: Send>(items: Vec<T>, work: impl Fn(T) -> R + Sync) -
         worker();
     });
     results.into_inner().unwrap_or_default()
-}
-
-/// The miss reported when a parser panicked on a file (only seen with `panic = "unwind"`).
-fn parser_panicked() -> Miss {
-    Miss::MalformedElf("the parser failed on it".to_owned())
 }
 
 /// Whether `path` is a name the kernel or the dynamic loader gives to memory without a file

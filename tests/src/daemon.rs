@@ -399,6 +399,7 @@ pub struct DaemonBuilder<'a> {
     port: Option<u16>,
     args: Vec<OsString>,
     env_remove: Vec<OsString>,
+    env: Vec<(OsString, OsString)>,
     umask: Option<libc::mode_t>,
     user: Option<(u32, u32)>,
     probe: Option<Box<dyn Fn(u16) -> bool + 'a>>,
@@ -428,6 +429,12 @@ impl<'a> DaemonBuilder<'a> {
     pub fn args<S: AsRef<std::ffi::OsStr>>(mut self, args: &[S]) -> Self {
         self.args
             .extend(args.iter().map(|a| a.as_ref().to_os_string()));
+        self
+    }
+
+    /// Sets `key` to `value` in the daemon's environment.
+    pub fn env(mut self, key: &str, value: &str) -> Self {
+        self.env.push((key.into(), value.into()));
         self
     }
 
@@ -466,6 +473,9 @@ impl<'a> DaemonBuilder<'a> {
         let mut cmd = clean_command(&bins.anyprof);
         for key in &self.env_remove {
             cmd.env_remove(key);
+        }
+        for (key, value) in &self.env {
+            cmd.env(key, value);
         }
         cmd.arg("serve");
         if let Some(socket) = &self.socket {
@@ -574,6 +584,7 @@ impl Daemon {
             port: None,
             args: Vec::new(),
             env_remove: Vec::new(),
+            env: Vec::new(),
             umask: None,
             user: None,
             probe: None,

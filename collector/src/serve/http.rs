@@ -398,11 +398,16 @@ fn snapshot(state: &State, pid: u32) -> Result<Session, HttpError> {
     Ok(s)
 }
 
+/// The daemon's symbolizer. One left poisoned by a panic (a bug that
+/// [`crate::symbolize::symbolize_guarded`] did not catch) is replaced by a fresh one, so that
+/// the next request still gets names.
 fn symbolizer(state: &State) -> Result<std::sync::MutexGuard<'_, Symbolizer>, HttpError> {
-    state
-        .symbolizer
-        .lock()
-        .map_err(|_| err(500, "symbolizer poisoned"))
+    Ok(state.symbolizer.lock().unwrap_or_else(|poisoned| {
+        let mut fresh = poisoned.into_inner();
+        *fresh = Symbolizer::new();
+        state.symbolizer.clear_poison();
+        fresh
+    }))
 }
 
 fn index(state: &Ctx, pid: Option<u32>) -> Reply {
