@@ -17,6 +17,7 @@ pub mod ingest;
 pub mod output;
 pub mod pprof;
 pub mod preflight;
+pub mod priority;
 pub mod profile;
 pub mod region;
 pub mod serve;

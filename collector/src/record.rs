@@ -42,7 +42,7 @@ use clap::Args;
 use anyprof::collect::Collector;
 use anyprof::ingest::{Peer, Session};
 use anyprof::symbolize::{lookup_address, module_of};
-use anyprof::{preflight, profile, summary};
+use anyprof::{preflight, priority, profile, summary};
 use anyprof_symbolizer::Access;
 use anyprof_wire::Module;
 
@@ -176,7 +176,8 @@ pub fn run(args: RecordArgs) -> Result<ExitCode> {
     // Reading a large executable's symbols takes a while: beside the program, not before it.
     let allocator_check = (args.mem_rate > 0 && unprofilable.is_none()).then(|| {
         let exe = resolved.clone();
-        std::thread::spawn(move || {
+        named_thread("alloc-check", move || {
+            priority::background();
             if let Some(warning) = preflight::prefixed_allocator_warning(&exe) {
                 eprintln!("anyprof: warning: {warning}");
             }
@@ -220,8 +221,13 @@ pub fn run(args: RecordArgs) -> Result<ExitCode> {
         && (args.heap_every.is_some() || args.heap_signal.is_some()))
     .then(|| start_snapshots(&collector, pid, out_dir.clone(), args.heap_every));
     let symbolizer = Arc::new(Mutex::new(anyprof_symbolizer::Symbolizer::new()));
-    let (warm_stop, warm) = start_prewarming(&collector, symbolizer.clone());
+    let warm_tid = Arc::new(AtomicI32::new(0));
+    let (warm_stop, warm) = start_prewarming(&collector, symbolizer.clone(), warm_tid.clone());
     let (status, oom_kill) = wait_program(&mut child, oom_watch)?;
+    let exited_at = Instant::now();
+    // The program no longer needs the CPUs: what is left of the work done at idle priority
+    // while it ran is finished at normal priority, if the kernel lets us raise it.
+    priority::normal(warm_tid.load(Ordering::SeqCst));
     exe_watch.0.store(true, Ordering::SeqCst);
     // From here on SIGINT and SIGTERM mean "stop" (see `forward_signals`).
     CHILD_PID.store(0, Ordering::SeqCst);
@@ -274,9 +280,10 @@ pub fn run(args: RecordArgs) -> Result<ExitCode> {
     };
     // Symbolizing takes the longest, and the user may not want to wait for it: it runs on a
     // thread of its own while this one watches for SIGINT/SIGTERM (see `forward_signals`).
-    let finishing = {
+    let (done_tx, done) = std::sync::mpsc::channel();
+    let _finishing = {
         let (sessions, written) = (sessions.clone(), written.clone());
-        std::thread::spawn(move || {
+        named_thread("write-profiles", move || {
             if let Some(check) = allocator_check {
                 let _ = check.join(); // its warning comes before the summary
             }
@@ -291,15 +298,17 @@ pub fn run(args: RecordArgs) -> Result<ExitCode> {
                 |_| anyprof_symbolizer::Symbolizer::new(),
                 |mut s| std::mem::take(&mut *s),
             );
-            write_profiles(&sessions, &written, &mut symbolizer)
+            let _ = done_tx.send(write_profiles(&sessions, &written, &mut symbolizer));
         })
     };
-    loop {
-        if finishing.is_finished() {
-            finishing
-                .join()
-                .map_err(|_| anyhow::anyhow!("writing the profiles failed"))??;
-            break;
+    let files = loop {
+        // Woken as soon as the profiles are written, not at the next poll.
+        match done.recv_timeout(Duration::from_millis(20)) {
+            Ok(result) => break result?,
+            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
+                bail!("writing the profiles failed")
+            }
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
         }
         if STOP_REQUESTED.load(Ordering::SeqCst) {
             eprintln!(
@@ -308,14 +317,19 @@ pub fn run(args: RecordArgs) -> Result<ExitCode> {
                  a second signal ends anyprof at once)"
             );
             anyprof::symbolize::GIVE_UP.store(true, Ordering::SeqCst);
-            write_profiles(
+            break write_profiles(
                 &sessions,
                 &written,
                 &mut anyprof_symbolizer::Symbolizer::new(),
             )?;
-            break;
         }
-        std::thread::sleep(Duration::from_millis(20));
+    };
+    if !args.quiet && files > 0 {
+        // What a user waiting on `anyprof record` in a script pays after the program itself.
+        eprintln!(
+            "anyprof: profiles written {} ms after the program exited",
+            exited_at.elapsed().as_millis()
+        );
     }
     if created_dir {
         remove_if_empty(&out_dir);
@@ -339,7 +353,7 @@ fn watch_executable(
     use std::os::unix::ffi::OsStrExt;
     let stop = Arc::new(AtomicBool::new(false));
     let flag = stop.clone();
-    let handle = std::thread::spawn(move || {
+    let handle = named_thread("exe-watch", move || {
         let link = format!("/proc/{pid}/exe");
         let mut last: Option<(Vec<u8>, Instant)> = None;
         while !flag.load(Ordering::SeqCst) {
@@ -459,12 +473,13 @@ struct WriteOptions {
 }
 
 /// Writes each process's profiles: the program's as `cpu.pb.gz`, `heap.pb.gz`,
-/// `allocs.pb.gz`; every other process's with `.PID.COMMAND` before `.pb.gz`.
+/// `allocs.pb.gz`; every other process's with `.PID.COMMAND` before `.pb.gz`. Returns how
+/// many files it wrote.
 fn write_profiles(
     sessions: &[Session],
     options: &WriteOptions,
     symbolizer: &mut anyprof_symbolizer::Symbolizer,
-) -> Result<()> {
+) -> Result<usize> {
     let WriteOptions {
         dir, elapsed, main, ..
     } = options;
@@ -473,6 +488,7 @@ fn write_profiles(
     // One file that cannot be written (a full disk, a directory in its place) must not cost
     // the others: each failure is reported and counted, and the run fails at the end.
     let mut failed = 0;
+    let mut files = 0;
     for s in sessions {
         let Some(pid) = s.pid() else { continue };
         let is_main = s.image_key() == main;
@@ -490,7 +506,10 @@ fn write_profiles(
         let mut write = |kind: &str, profile: &anyprof::pprof::Profile| {
             let path = dir.join(format!("{kind}{suffix}.pb.gz"));
             match anyprof::output::write_atomic(&path, &anyprof::pprof::encode_gzipped(profile)) {
-                Ok(()) => written.push(path),
+                Ok(()) => {
+                    files += 1;
+                    written.push(path);
+                }
                 Err(e) => {
                     failed += 1;
                     eprintln!("anyprof: error: {e:#}");
@@ -541,7 +560,7 @@ fn write_profiles(
             dir.display()
         );
     }
-    Ok(())
+    Ok(files)
 }
 
 fn print_summary(
@@ -604,17 +623,22 @@ const WARM_AT_LEAST_EVERY: Duration = Duration::from_millis(100);
 /// again in a parsed unit is cheap), then opens the modules that no sample points into yet
 /// (mapping the files, inflating and indexing their DWARF), in case one does by the end.
 ///
-/// It works on one module at a time, on one thread, leaving the other CPUs to the program, and
-/// stops after the module it is in when the program exits: what is left is then done on all
-/// CPUs at once (see [`anyprof_symbolizer::Symbolizer::symbolize_many`]).
+/// It works on one module at a time, on one thread at idle priority (see [`priority`]), so it
+/// only takes CPU time the program leaves unused, and stops after the module it is in when the
+/// program exits: what is left is then done on all CPUs at once (see
+/// [`anyprof_symbolizer::Symbolizer::symbolize_many`]). It stores its thread id in `tid`, so
+/// that its priority can be raised when the program has exited.
 fn start_prewarming(
     collector: &Collector,
     symbolizer: Arc<Mutex<anyprof_symbolizer::Symbolizer>>,
+    tid: Arc<AtomicI32>,
 ) -> (Arc<AtomicBool>, std::thread::JoinHandle<()>) {
     let stop = Arc::new(AtomicBool::new(false));
     let sessions = collector.sessions();
     let flag = stop.clone();
-    let handle = std::thread::spawn(move || {
+    let handle = named_thread("warm-symbols", move || {
+        priority::background();
+        tid.store(priority::current_tid(), Ordering::SeqCst);
         let mut opened: HashSet<(Vec<u8>, Vec<u8>)> = HashSet::new();
         let mut looked_up: HashMap<(u32, u64), HashSet<u64>> = HashMap::new();
         let mut wait = WARM_SOON;
@@ -706,7 +730,10 @@ fn start_snapshots(
     let stop = std::sync::Arc::new(AtomicBool::new(false));
     let sessions = collector.sessions();
     let flag = stop.clone();
-    let handle = std::thread::spawn(move || {
+    let handle = named_thread("heap-snapshots", move || {
+        // Snapshots while the program runs are for later reading: at idle priority. The one
+        // asked for just before the program exited is written when the CPUs are free anyway.
+        priority::background();
         let mut symbolizer = anyprof_symbolizer::Symbolizer::new();
         let mut next = every.map(|s| Instant::now() + Duration::from_secs(s.max(1)));
         let mut n = 0;
@@ -748,6 +775,18 @@ fn start_snapshots(
         }
     });
     (stop, handle)
+}
+
+/// Starts a thread with a name (`top -H`, `ps -L` and /proc show it), panicking like
+/// `std::thread::spawn` if the system cannot start one.
+fn named_thread<T: Send + 'static>(
+    name: &str,
+    work: impl FnOnce() -> T + Send + 'static,
+) -> std::thread::JoinHandle<T> {
+    std::thread::Builder::new()
+        .name(name.into())
+        .spawn(work)
+        .unwrap_or_else(|e| panic!("cannot start a thread ({e}): raise the process limit"))
 }
 
 fn sanitize(name: &str) -> String {

@@ -43,6 +43,12 @@ fn names(view: &ProfileView) -> Vec<String> {
 /// The collector's stderr says once, naming libc, that its names are lost.
 fn assert_one_warning(stderr: &str) {
     let lines: Vec<&str> = stderr.lines().filter(|l| l.contains(WARNING)).collect();
+    assert!(
+        !lines.is_empty(),
+        "no warning: is the hook compiled in? target/release/anyprof has it when built with \
+         the workspace's features (`cargo build --release --workspace`); `cargo test -p \
+         anyprof` rebuilds it without. stderr:\n{stderr}"
+    );
     assert_eq!(lines.len(), 1, "one warning expected; stderr:\n{stderr}");
     assert!(
         lines[0].contains(BAD_FILE) && lines[0].contains(HOOK),
@@ -78,6 +84,7 @@ fn record_writes_the_profiles_when_the_symbolizer_panics_on_a_file() {
             "{file} is written; stderr:\n{stderr}"
         );
     }
+    assert_one_warning(&stderr);
     let names = names(&recording.cpu_profile());
     for wanted in ["count_primes", "compare_records", "main"] {
         assert!(
@@ -94,7 +101,6 @@ fn record_writes_the_profiles_when_the_symbolizer_panics_on_a_file() {
         !names.iter().any(|n| n.contains("qsort")),
         "no name comes from libc: {names:?}"
     );
-    assert_one_warning(&stderr);
 }
 
 /// `serve_worker` under the preload, connected to `socket`, burning half of each 10 ms.
@@ -144,6 +150,7 @@ fn serve_answers_after_the_symbolizer_panicked_on_a_file() {
             anyprof::pprof::decode(&reply.body)
                 .unwrap_or_else(|e| panic!("round {round}: not a pprof profile: {e:#}")),
         );
+        assert_one_warning(&daemon.stderr());
         let names = names(&view);
         assert!(
             names.iter().any(|n| n == "serve_hot_spin"),
