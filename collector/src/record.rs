@@ -18,21 +18,31 @@
 //! on stderr, or drops the variable anyway). A program that never loads the library for a
 //! reason seen only at run time (`LD_PRELOAD` cleared on the way) gets one line at the end,
 //! and so does an image the program became by exec that never loaded it (`env -u LD_PRELOAD
-//! prog`: a thread watches `/proc/PID/exe`, see [`unprofiled_exec`]). No file either: no profile file is written for a process that never connected, and an
-//! output directory that `anyprof` created and nothing was written to is removed.
+//! prog`: a thread watches `/proc/PID/exe`, see [`program::unprofiled_exec`]). No file
+//! either: no profile file is written for a process that never connected, and an output
+//! directory that `anyprof` created and nothing was written to is removed.
 //! `--require-profile` turns both into errors: such a program is refused before it runs, and
 //! a run whose program never connected exits with 2.
 //!
 //! After the program has exited, `anyprof` can always be stopped: symbolizing runs on a
 //! thread of its own, and a SIGINT or SIGTERM then has the profiles written at once with the
 //! addresses left unnamed; a second one ends `anyprof` outright.
+//!
+//! This file holds the command line and the order of events ([`run`]); each job has a module:
+//! [`program`] runs and waits for the program, [`signals`] forwards signals and hears "stop",
+//! [`warm`] symbolizes ahead while the program runs, [`snapshots`] writes heap snapshots while
+//! it runs, and [`write`] writes the profiles and the summary at the end.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+mod program;
+mod signals;
+mod snapshots;
+mod warm;
+mod write;
+
 use std::ffi::OsString;
-use std::os::unix::process::ExitStatusExt;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Command, ExitCode};
-use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
+use std::sync::atomic::{AtomicI32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -40,13 +50,14 @@ use anyhow::{bail, Context, Result};
 use clap::Args;
 
 use anyprof::collect::Collector;
-use anyprof::ingest::{Peer, Session};
-use anyprof::symbolize::{lookup_address, module_of};
-use anyprof::{preflight, priority, profile, summary};
-use anyprof_symbolizer::Access;
-use anyprof_wire::Module;
+use anyprof::{preflight, priority};
 
 use crate::oom;
+use program::{
+    exit_code, find_library, run_unprofiled, unprofiled_exec, wait_program, watch_executable,
+};
+use signals::{forward_signals, CHILD_PID, PROGRAM_ENDED, SNAPSHOT_SIGNAL, STOP_REQUESTED};
+use write::{default_output_dir, remove_if_empty, write_profiles, WriteOptions};
 
 /// Arguments of `anyprof record`.
 #[derive(Args, Debug)]
@@ -94,16 +105,6 @@ pub struct RecordArgs {
     )]
     pub command: Vec<OsString>,
 }
-
-static CHILD_PID: AtomicI32 = AtomicI32::new(0);
-/// The signal that asks for a heap snapshot (0 = none) and whether one arrived.
-static SNAPSHOT_SIGNAL: AtomicI32 = AtomicI32::new(0);
-static SNAPSHOT_WANTED: AtomicBool = AtomicBool::new(false);
-/// Set once the program has exited: SIGINT, SIGTERM, SIGHUP and SIGQUIT then ask `anyprof`
-/// to stop ([`STOP_REQUESTED`]) instead of being forwarded.
-static PROGRAM_ENDED: AtomicBool = AtomicBool::new(false);
-/// The user asked to stop after the program ended: write what we have, unsymbolized.
-static STOP_REQUESTED: AtomicBool = AtomicBool::new(false);
 
 fn parse_mem_rate(text: &str) -> Result<u64, String> {
     anyprof_wire::parse_byte_size(text)
@@ -219,10 +220,11 @@ pub fn run(args: RecordArgs) -> Result<ExitCode> {
     let exe_watch = watch_executable(pid);
     let snapshots = (args.mem_rate > 0
         && (args.heap_every.is_some() || args.heap_signal.is_some()))
-    .then(|| start_snapshots(&collector, pid, out_dir.clone(), args.heap_every));
+    .then(|| snapshots::start_snapshots(&collector, pid, out_dir.clone(), args.heap_every));
     let symbolizer = Arc::new(Mutex::new(anyprof_symbolizer::Symbolizer::new()));
     let warm_tid = Arc::new(AtomicI32::new(0));
-    let (warm_stop, warm) = start_prewarming(&collector, symbolizer.clone(), warm_tid.clone());
+    let (warm_stop, warm) =
+        warm::start_prewarming(&collector, symbolizer.clone(), warm_tid.clone());
     let (status, oom_kill) = wait_program(&mut child, oom_watch)?;
     let exited_at = Instant::now();
     // The program no longer needs the CPUs: what is left of the work done at idle priority
@@ -340,443 +342,6 @@ pub fn run(args: RecordArgs) -> Result<ExitCode> {
     Ok(ExitCode::from(code.clamp(0, 255) as u8))
 }
 
-/// Starts a thread that reads which executable the program's pid runs (`/proc/PID/exe`)
-/// every few milliseconds until its stop flag is set: the last one seen, and when it was
-/// first seen (see [`unprofiled_exec`]).
-#[allow(clippy::type_complexity)]
-fn watch_executable(
-    pid: u32,
-) -> (
-    Arc<AtomicBool>,
-    std::thread::JoinHandle<Option<(Vec<u8>, Instant)>>,
-) {
-    use std::os::unix::ffi::OsStrExt;
-    let stop = Arc::new(AtomicBool::new(false));
-    let flag = stop.clone();
-    let handle = named_thread("exe-watch", move || {
-        let link = format!("/proc/{pid}/exe");
-        let mut last: Option<(Vec<u8>, Instant)> = None;
-        while !flag.load(Ordering::SeqCst) {
-            // Fails once the program is a zombie (and for a non-dumpable one): keep the last.
-            if let Ok(exe) = std::fs::read_link(&link) {
-                let exe = exe.as_os_str().as_bytes();
-                if last.as_ref().is_none_or(|(seen, _)| seen.as_slice() != exe) {
-                    last = Some((exe.to_vec(), Instant::now()));
-                }
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        last
-    });
-    (stop, handle)
-}
-
-/// The warning for a program that replaced itself by exec with an image that never loaded
-/// the library (`env -u LD_PRELOAD prog`): `last_exe` (from [`watch_executable`]) is the
-/// last executable its pid ran, and no image of that pid with that executable connected, nor
-/// any later one. An image that lived less than the watcher's interval is not seen.
-fn unprofiled_exec(
-    sessions: &[Session],
-    pid: u32,
-    last_exe: Option<(Vec<u8>, Instant)>,
-    lib: &Path,
-) -> Option<String> {
-    let (exe, seen) = last_exe?;
-    let images: Vec<&Session> = sessions.iter().filter(|s| s.pid() == Some(pid)).collect();
-    let before = images.iter().max_by_key(|s| s.image_key())?.command_name();
-    // An image that started after `exe` was seen is a later one. Its start time comes from
-    // its hello: a process hands over its region and leaves, so when the collector got to it
-    // says nothing about when it ran.
-    let seen_ns = anyprof::region::monotonic_ns().saturating_sub(seen.elapsed().as_nanos() as u64);
-    let connected = images.iter().any(|s| {
-        s.hello
-            .as_ref()
-            .is_some_and(|h| h.exe == exe || h.start_monotonic_ns >= seen_ns)
-    });
-    if connected {
-        return None;
-    }
-    use std::os::unix::ffi::OsStrExt;
-    let exe = std::ffi::OsStr::from_bytes(&exe);
-    let why = match preflight::check_program(exe, lib).ok()?.unprofilable {
-        Some(why) => why.to_string(),
-        None => "it never loaded libanyprof.so (LD_PRELOAD was cleared)".to_string(),
-    };
-    Some(format!(
-        "no profile for {} (pid {pid}): {before} replaced itself with it by exec, and {why}; \
-         the profile is of {before}, before the exec",
-        exe.to_string_lossy()
-    ))
-}
-
-/// Runs a program that gets none of anyprof's environment (see [`preflight::Unprofilable`])
-/// as the shell would, with signals forwarded as for any program, and returns its status.
-fn run_unprofiled(program: &OsString, args: &[OsString]) -> Result<ExitCode> {
-    let mut child = Command::new(program)
-        .args(args)
-        .spawn()
-        .with_context(|| format!("cannot run {}", program.to_string_lossy()))?;
-    CHILD_PID.store(child.id() as i32, Ordering::SeqCst);
-    let oom_watch = oom::Watch::start(child.id());
-    let (status, _) = wait_program(&mut child, oom_watch)?;
-    CHILD_PID.store(0, Ordering::SeqCst);
-    Ok(ExitCode::from(exit_code(status).clamp(0, 255) as u8))
-}
-
-/// Waits for the program to exit and reaps it; in between, while its `/proc/PID` is still
-/// there, asks `oom_watch` whether the OOM killer ended it, and if so says so at once (a
-/// warning: it prints with -q too).
-fn wait_program(
-    child: &mut std::process::Child,
-    oom_watch: oom::Watch,
-) -> Result<(std::process::ExitStatus, Option<oom::OomKill>)> {
-    let oom_kill = match oom::wait_exited_unreaped(child.id()) {
-        Ok(sigkill) => oom_watch.finish(sigkill),
-        Err(_) => None,
-    };
-    let status = child.wait().context("waiting for the program")?;
-    if let Some(kill) = &oom_kill {
-        eprintln!("anyprof: {}", kill.message());
-    }
-    Ok((status, oom_kill))
-}
-
-/// The program's exit code, or 128 + the signal number that killed it, as a shell says.
-fn exit_code(status: std::process::ExitStatus) -> i32 {
-    match (status.code(), status.signal()) {
-        (Some(c), _) => c,
-        (None, Some(sig)) => 128 + sig,
-        _ => 1,
-    }
-}
-
-/// Removes `dir` if nothing is in it: no profile was written (the program never loaded the
-/// library), so there is nothing to leave behind.
-fn remove_if_empty(dir: &Path) {
-    // remove_dir fails on a directory that is not empty, which is what we want.
-    let _ = std::fs::remove_dir(dir);
-}
-
-/// Where and what [`write_profiles`] writes.
-#[derive(Clone)]
-struct WriteOptions {
-    dir: PathBuf,
-    /// How long the program ran.
-    elapsed: Duration,
-    /// The image key of the program itself (its files have no pid in their names).
-    main: Option<(u32, u64)>,
-    cpu: bool,
-    heap: bool,
-    quiet: bool,
-    /// The kernel's OOM killer ended the program (said in its summary).
-    oom_killed: bool,
-}
-
-/// Writes each process's profiles: the program's as `cpu.pb.gz`, `heap.pb.gz`,
-/// `allocs.pb.gz`; every other process's with `.PID.COMMAND` before `.pb.gz`. Returns how
-/// many files it wrote.
-fn write_profiles(
-    sessions: &[Session],
-    options: &WriteOptions,
-    symbolizer: &mut anyprof_symbolizer::Symbolizer,
-) -> Result<usize> {
-    let WriteOptions {
-        dir, elapsed, main, ..
-    } = options;
-    let (main, elapsed) = (*main, *elapsed);
-    let mut others = 0;
-    // One file that cannot be written (a full disk, a directory in its place) must not cost
-    // the others: each failure is reported and counted, and the run fails at the end.
-    let mut failed = 0;
-    let mut files = 0;
-    for s in sessions {
-        let Some(pid) = s.pid() else { continue };
-        let is_main = s.image_key() == main;
-        // A forked child that execs at once (a shell running a command) reports nothing of
-        // its own before the exec'd image takes over: no file for it.
-        if !is_main && s.cpu.is_empty() && s.heap.values().all(|b| b.counts.alloc_objects == 0) {
-            continue;
-        }
-        let suffix = if is_main {
-            String::new()
-        } else {
-            format!(".{pid}.{}", sanitize(&s.command_name()))
-        };
-        let mut written = Vec::new();
-        let mut write = |kind: &str, profile: &anyprof::pprof::Profile| {
-            let path = dir.join(format!("{kind}{suffix}.pb.gz"));
-            match anyprof::output::write_atomic(&path, &anyprof::pprof::encode_gzipped(profile)) {
-                Ok(()) => {
-                    files += 1;
-                    written.push(path);
-                }
-                Err(e) => {
-                    failed += 1;
-                    eprintln!("anyprof: error: {e:#}");
-                }
-            }
-        };
-        let mut cpu_profile = None;
-        if options.cpu {
-            let duration = match (s.connected_at, s.closed_at) {
-                (Some(a), Some(b)) => b.duration_since(a),
-                _ => elapsed,
-            };
-            let p = profile::cpu::build(s, symbolizer, duration.as_nanos() as u64);
-            write("cpu", &p);
-            cpu_profile = Some(p);
-        }
-        let mut allocs_profile = None;
-        if options.heap {
-            let now = anyprof::output::unix_nanos();
-            let heap = profile::heap::build(s, symbolizer, profile::heap::View::Heap, now);
-            write("heap", &heap);
-            let allocs = profile::heap::build(s, symbolizer, profile::heap::View::Allocs, now);
-            write("allocs", &allocs);
-            allocs_profile = Some(allocs);
-        }
-        if !is_main {
-            others += 1;
-        } else if !options.quiet {
-            print_summary(
-                s,
-                cpu_profile.as_ref(),
-                allocs_profile.as_ref(),
-                &written,
-                elapsed,
-                options.oom_killed,
-            );
-        }
-    }
-    if !options.quiet && others > 0 {
-        eprintln!(
-            "anyprof: also profiled {others} other process(es) of the program, in {}",
-            dir.display()
-        );
-    }
-    if failed > 0 {
-        anyhow::bail!(
-            "{failed} profile file(s) could not be written (see above); the others are in {}",
-            dir.display()
-        );
-    }
-    Ok(files)
-}
-
-fn print_summary(
-    s: &Session,
-    cpu: Option<&anyprof::pprof::Profile>,
-    allocs: Option<&anyprof::pprof::Profile>,
-    written: &[PathBuf],
-    elapsed: Duration,
-    oom_killed: bool,
-) {
-    let samples = s.cpu.values().fold(0u64, |a, t| a.saturating_add(t.count));
-    let cpu_ns = s.cpu.values().fold(0u64, |a, t| a.saturating_add(t.cpu_ns));
-    let threads = s
-        .cpu
-        .keys()
-        .map(|k| k.tid)
-        .collect::<std::collections::HashSet<_>>()
-        .len();
-    eprintln!(
-        "anyprof: {} (pid {}) ran {:.2}s: {samples} CPU samples, {:.2}s CPU on {threads} thread(s), {} lost",
-        s.command_name(),
-        s.pid().unwrap_or(0),
-        elapsed.as_secs_f64(),
-        cpu_ns as f64 / 1e9,
-        s.lost_samples()
-    );
-    if oom_killed {
-        eprintln!(
-            "anyprof: the kernel's OOM killer ended it: heap.pb.gz shows what was live when \
-             it died (go tool pprof -sample_index=inuse_space -top heap.pb.gz)"
-        );
-    }
-    if let Some(p) = cpu {
-        eprint!("{}", summary::format_cpu_top(p, 10));
-    }
-    if let Some(p) = allocs {
-        eprint!("{}", summary::format_heap_top(p, s.mem_stats.as_ref(), 5));
-    }
-    for path in written {
-        eprintln!(
-            "anyprof: wrote {0}  (view it with: go tool pprof -top {0})",
-            path.display()
-        );
-    }
-}
-
-/// How long the warming thread waits before its first look at the sessions, and again after
-/// each look that found something new: a process reports its modules as soon as the library
-/// starts in it, and a short program may be gone within a few tens of milliseconds.
-const WARM_SOON: Duration = Duration::from_millis(2);
-/// The longest wait between looks, reached by doubling the wait while nothing new turns up.
-const WARM_AT_LEAST_EVERY: Duration = Duration::from_millis(100);
-
-/// Does the symbolizer's slow work while the program still runs, on a thread of the collector,
-/// so that writing the profiles at exit does not have to: with full debug info installed
-/// (libc6-dbg) that work is most of the time between the program's exit and its profiles.
-///
-/// Each look first symbolizes the addresses of the samples that arrived since the last one,
-/// which parses the DWARF units they fall in (the answers are dropped; looking an address up
-/// again in a parsed unit is cheap), then opens the modules that no sample points into yet
-/// (mapping the files, inflating and indexing their DWARF), in case one does by the end.
-///
-/// It works on one module at a time, on one thread at idle priority (see [`priority`]), so it
-/// only takes CPU time the program leaves unused, and stops after the module it is in when the
-/// program exits: what is left is then done on all CPUs at once (see
-/// [`anyprof_symbolizer::Symbolizer::symbolize_many`]). It stores its thread id in `tid`, so
-/// that its priority can be raised when the program has exited.
-fn start_prewarming(
-    collector: &Collector,
-    symbolizer: Arc<Mutex<anyprof_symbolizer::Symbolizer>>,
-    tid: Arc<AtomicI32>,
-) -> (Arc<AtomicBool>, std::thread::JoinHandle<()>) {
-    let stop = Arc::new(AtomicBool::new(false));
-    let sessions = collector.sessions();
-    let flag = stop.clone();
-    let handle = named_thread("warm-symbols", move || {
-        priority::background();
-        tid.store(priority::current_tid(), Ordering::SeqCst);
-        let mut opened: HashSet<(Vec<u8>, Vec<u8>)> = HashSet::new();
-        let mut looked_up: HashMap<(u32, u64), HashSet<u64>> = HashMap::new();
-        let mut wait = WARM_SOON;
-        while !flag.load(Ordering::SeqCst) {
-            std::thread::park_timeout(wait);
-            let snapshot = anyprof::collect::snapshot(&sessions);
-            // Each module with the file addresses to look up in it, those of samples first.
-            // With the rights of the process that loaded it (see symbolize::resolve_all).
-            let mut work: Vec<(&Module, Vec<u64>, Option<Access>)> = Vec::new();
-            for s in &snapshot {
-                let Some(image) = s.image_key() else { continue };
-                let seen = looked_up.entry(image).or_default();
-                let mut by_module: BTreeMap<u32, Vec<u64>> = BTreeMap::new();
-                for a in sample_addresses(s).filter(|&a| seen.insert(a)) {
-                    if let Some(m) = module_of(&s.modules, a) {
-                        by_module
-                            .entry(m.id)
-                            .or_default()
-                            .push(a.wrapping_sub(m.load_bias));
-                    }
-                }
-                for (id, svmas) in by_module {
-                    let m = &s.modules[&id];
-                    opened.insert((m.path.clone(), m.build_id.clone()));
-                    work.push((m, svmas, s.peer.as_ref().map(Peer::access)));
-                }
-            }
-            for s in &snapshot {
-                for m in s.modules.values() {
-                    if opened.insert((m.path.clone(), m.build_id.clone())) {
-                        let svmas = vec![m.start.wrapping_sub(m.load_bias)];
-                        work.push((m, svmas, s.peer.as_ref().map(Peer::access)));
-                    }
-                }
-            }
-            wait = if work.is_empty() {
-                (wait * 2).min(WARM_AT_LEAST_EVERY)
-            } else {
-                WARM_SOON
-            };
-            for (m, svmas, access) in work {
-                if flag.load(Ordering::SeqCst) {
-                    break;
-                }
-                let path = PathBuf::from(String::from_utf8_lossy(&m.path).into_owned());
-                let object = anyprof_symbolizer::ObjectRef {
-                    path: &path,
-                    build_id: &m.build_id,
-                };
-                if let Ok(mut sym) = symbolizer.lock() {
-                    anyprof::symbolize::symbolize_guarded(
-                        &mut sym,
-                        access.as_ref(),
-                        &[(object, &svmas)],
-                    );
-                }
-            }
-        }
-    });
-    (stop, handle)
-}
-
-/// The addresses that the CPU and heap profiles of `session` will look up, each as
-/// [`lookup_address`] adjusts it.
-fn sample_addresses(session: &Session) -> impl Iterator<Item = u64> + '_ {
-    let cpu = session.cpu.keys().flat_map(|k| {
-        k.frames
-            .iter()
-            .enumerate()
-            .map(|(i, &raw)| lookup_address(i, raw, true))
-    });
-    let heap = session.heap.values().flat_map(|b| {
-        b.frames
-            .iter()
-            .enumerate()
-            .map(|(i, &raw)| lookup_address(i, raw, false))
-    });
-    cpu.chain(heap)
-}
-
-/// Starts the thread that writes heap snapshots every `every` seconds and when the snapshot
-/// signal arrives. Returns its stop flag and handle.
-fn start_snapshots(
-    collector: &Collector,
-    pid: u32,
-    dir: PathBuf,
-    every: Option<u64>,
-) -> (std::sync::Arc<AtomicBool>, std::thread::JoinHandle<()>) {
-    let stop = std::sync::Arc::new(AtomicBool::new(false));
-    let sessions = collector.sessions();
-    let flag = stop.clone();
-    let handle = named_thread("heap-snapshots", move || {
-        // Snapshots while the program runs are for later reading: at idle priority. The one
-        // asked for just before the program exited is written when the CPUs are free anyway.
-        priority::background();
-        let mut symbolizer = anyprof_symbolizer::Symbolizer::new();
-        let mut next = every.map(|s| Instant::now() + Duration::from_secs(s.max(1)));
-        let mut n = 0;
-        loop {
-            let stopping = flag.load(Ordering::SeqCst);
-            if !stopping {
-                std::thread::park_timeout(Duration::from_millis(50));
-            }
-            let due = !stopping && next.is_some_and(|t| Instant::now() >= t);
-            // A signal that came just before the program exited still gets its snapshot.
-            let wanted = SNAPSHOT_WANTED.swap(false, Ordering::SeqCst);
-            if stopping && !wanted {
-                break;
-            }
-            if !(due || wanted) {
-                continue;
-            }
-            if let (true, Some(s)) = (due, every) {
-                next = Some(Instant::now() + Duration::from_secs(s.max(1)));
-            }
-            n += 1;
-            for session in anyprof::collect::snapshot(&sessions)
-                .iter()
-                .filter(|s| s.pid() == Some(pid))
-            {
-                let heap = profile::heap::build(
-                    session,
-                    &mut symbolizer,
-                    profile::heap::View::Heap,
-                    anyprof::output::unix_nanos(),
-                );
-                let path = dir.join(format!("heap-{pid}-{n}.pb.gz"));
-                if let Err(e) =
-                    anyprof::output::write_atomic(&path, &anyprof::pprof::encode_gzipped(&heap))
-                {
-                    eprintln!("anyprof: error: {e:#}");
-                }
-            }
-        }
-    });
-    (stop, handle)
-}
-
 /// Starts a thread with a name (`top -H`, `ps -L` and /proc show it), panicking like
 /// `std::thread::spawn` if the system cannot start one.
 fn named_thread<T: Send + 'static>(
@@ -787,102 +352,4 @@ fn named_thread<T: Send + 'static>(
         .name(name.into())
         .spawn(work)
         .unwrap_or_else(|e| panic!("cannot start a thread ({e}): raise the process limit"))
-}
-
-fn sanitize(name: &str) -> String {
-    name.chars()
-        .map(|c| {
-            if c.is_ascii_alphanumeric() || "-_+".contains(c) {
-                c
-            } else {
-                '_'
-            }
-        })
-        .collect()
-}
-
-fn default_output_dir(program: &Path) -> PathBuf {
-    let name = program
-        .file_name()
-        .map(|n| sanitize(&n.to_string_lossy()))
-        .unwrap_or_else(|| "program".into());
-    PathBuf::from(format!("anyprof-{name}-{}", anyprof::output::timestamp()))
-}
-
-/// Finds libanyprof.so: `--lib`/`ANYPROF_LIB`, else next to this binary (or in ../lib).
-fn find_library(explicit: Option<&Path>) -> Result<PathBuf> {
-    if let Some(p) = explicit {
-        if p.is_file() {
-            return Ok(std::fs::canonicalize(p)?);
-        }
-        bail!("--lib {}: no such file", p.display());
-    }
-    let exe = std::env::current_exe().context("cannot locate the anyprof binary")?;
-    let dir = exe.parent().unwrap_or(Path::new("."));
-    let candidates = [dir.join("libanyprof.so"), dir.join("../lib/libanyprof.so")];
-    for c in &candidates {
-        if c.is_file() {
-            return Ok(std::fs::canonicalize(c)?);
-        }
-    }
-    bail!(
-        "cannot find libanyprof.so (looked in {} and {}): build it with `cargo build --release`, \
-         or name it with --lib PATH",
-        candidates[0].display(),
-        candidates[1].display()
-    )
-}
-
-/// Forwards SIGINT, SIGTERM, SIGHUP, SIGQUIT, SIGUSR1 and SIGUSR2 sent to us by another
-/// process to the program; the same signals from the terminal are not forwarded (the program
-/// got them already) but no longer kill us. Once the program has exited, the first SIGINT,
-/// SIGTERM, SIGHUP or SIGQUIT makes `anyprof` write its profiles at once without symbolizing
-/// the rest, and a second one ends it as that signal would.
-fn forward_signals(snapshot_signal: Option<i32>) {
-    extern "C" fn on_signal(sig: libc::c_int, info: *mut libc::siginfo_t, _ctx: *mut libc::c_void) {
-        if sig == SNAPSHOT_SIGNAL.load(Ordering::SeqCst) {
-            SNAPSHOT_WANTED.store(true, Ordering::SeqCst);
-            return;
-        }
-        let code = if info.is_null() {
-            0
-        } else {
-            // SAFETY: the kernel passes a valid siginfo to SA_SIGINFO handlers.
-            unsafe { (*info).si_code }
-        };
-        if PROGRAM_ENDED.load(Ordering::SeqCst)
-            && [libc::SIGINT, libc::SIGTERM, libc::SIGHUP, libc::SIGQUIT].contains(&sig)
-        {
-            if STOP_REQUESTED.swap(true, Ordering::SeqCst) {
-                // The second request: end now, as the signal would without us.
-                // SAFETY: signal and raise are async-signal-safe.
-                unsafe {
-                    libc::signal(sig, libc::SIG_DFL);
-                    libc::raise(sig);
-                }
-            }
-            return;
-        }
-        let child = CHILD_PID.load(Ordering::SeqCst);
-        // si_code <= 0: sent by a process (kill, sigqueue, tkill); SI_KERNEL: the terminal.
-        if child > 0 && code <= 0 {
-            // SAFETY: kill is async-signal-safe.
-            unsafe { libc::kill(child, sig) };
-        }
-    }
-    for sig in snapshot_signal.into_iter().chain([
-        libc::SIGINT,
-        libc::SIGTERM,
-        libc::SIGHUP,
-        libc::SIGQUIT,
-        libc::SIGUSR1,
-        libc::SIGUSR2,
-    ]) {
-        // SAFETY: a zeroed sigaction is valid; we set handler and flags.
-        let mut action: libc::sigaction = unsafe { std::mem::zeroed() };
-        action.sa_sigaction = on_signal as *const () as usize;
-        action.sa_flags = libc::SA_SIGINFO | libc::SA_RESTART;
-        // SAFETY: installing a handler that only calls async-signal-safe functions.
-        unsafe { libc::sigaction(sig, &action, std::ptr::null_mut()) };
-    }
 }

@@ -1,0 +1,131 @@
+//! Symbolizing ahead: while the program runs, a thread at idle priority does the slow part
+//! of symbolizing (opening files, inflating and indexing DWARF) so that writing the profiles
+//! at exit does not have to.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyprof::collect::Collector;
+use anyprof::ingest::{Peer, Session};
+use anyprof::priority;
+use anyprof::symbolize::{lookup_address, module_of};
+use anyprof_symbolizer::Access;
+use anyprof_wire::Module;
+
+use super::named_thread;
+
+/// How long the warming thread waits before its first look at the sessions, and again after
+/// each look that found something new: a process reports its modules as soon as the library
+/// starts in it, and a short program may be gone within a few tens of milliseconds.
+pub(super) const WARM_SOON: Duration = Duration::from_millis(2);
+
+/// The longest wait between looks, reached by doubling the wait while nothing new turns up.
+pub(super) const WARM_AT_LEAST_EVERY: Duration = Duration::from_millis(100);
+
+/// Does the symbolizer's slow work while the program still runs, on a thread of the collector,
+/// so that writing the profiles at exit does not have to: with full debug info installed
+/// (libc6-dbg) that work is most of the time between the program's exit and its profiles.
+///
+/// Each look first symbolizes the addresses of the samples that arrived since the last one,
+/// which parses the DWARF units they fall in (the answers are dropped; looking an address up
+/// again in a parsed unit is cheap), then opens the modules that no sample points into yet
+/// (mapping the files, inflating and indexing their DWARF), in case one does by the end.
+///
+/// It works on one module at a time, on one thread at idle priority (see [`priority`]), so it
+/// only takes CPU time the program leaves unused, and stops after the module it is in when the
+/// program exits: what is left is then done on all CPUs at once (see
+/// [`anyprof_symbolizer::Symbolizer::symbolize_many`]). It stores its thread id in `tid`, so
+/// that its priority can be raised when the program has exited.
+pub(super) fn start_prewarming(
+    collector: &Collector,
+    symbolizer: Arc<Mutex<anyprof_symbolizer::Symbolizer>>,
+    tid: Arc<AtomicI32>,
+) -> (Arc<AtomicBool>, std::thread::JoinHandle<()>) {
+    let stop = Arc::new(AtomicBool::new(false));
+    let sessions = collector.sessions();
+    let flag = stop.clone();
+    let handle = named_thread("warm-symbols", move || {
+        priority::background();
+        tid.store(priority::current_tid(), Ordering::SeqCst);
+        let mut opened: HashSet<(Vec<u8>, Vec<u8>)> = HashSet::new();
+        let mut looked_up: HashMap<(u32, u64), HashSet<u64>> = HashMap::new();
+        let mut wait = WARM_SOON;
+        while !flag.load(Ordering::SeqCst) {
+            std::thread::park_timeout(wait);
+            let snapshot = anyprof::collect::snapshot(&sessions);
+            // Each module with the file addresses to look up in it, those of samples first.
+            // With the rights of the process that loaded it (see symbolize::resolve_all).
+            let mut work: Vec<(&Module, Vec<u64>, Option<Access>)> = Vec::new();
+            for s in &snapshot {
+                let Some(image) = s.image_key() else { continue };
+                let seen = looked_up.entry(image).or_default();
+                let mut by_module: BTreeMap<u32, Vec<u64>> = BTreeMap::new();
+                for a in sample_addresses(s).filter(|&a| seen.insert(a)) {
+                    if let Some(m) = module_of(&s.modules, a) {
+                        by_module
+                            .entry(m.id)
+                            .or_default()
+                            .push(a.wrapping_sub(m.load_bias));
+                    }
+                }
+                for (id, svmas) in by_module {
+                    let m = &s.modules[&id];
+                    opened.insert((m.path.clone(), m.build_id.clone()));
+                    work.push((m, svmas, s.peer.as_ref().map(Peer::access)));
+                }
+            }
+            for s in &snapshot {
+                for m in s.modules.values() {
+                    if opened.insert((m.path.clone(), m.build_id.clone())) {
+                        let svmas = vec![m.start.wrapping_sub(m.load_bias)];
+                        work.push((m, svmas, s.peer.as_ref().map(Peer::access)));
+                    }
+                }
+            }
+            wait = if work.is_empty() {
+                (wait * 2).min(WARM_AT_LEAST_EVERY)
+            } else {
+                WARM_SOON
+            };
+            for (m, svmas, access) in work {
+                if flag.load(Ordering::SeqCst) {
+                    break;
+                }
+                let path = PathBuf::from(String::from_utf8_lossy(&m.path).into_owned());
+                let object = anyprof_symbolizer::ObjectRef {
+                    path: &path,
+                    build_id: &m.build_id,
+                };
+                if let Ok(mut sym) = symbolizer.lock() {
+                    anyprof::symbolize::symbolize_guarded(
+                        &mut sym,
+                        access.as_ref(),
+                        &[(object, &svmas)],
+                    );
+                }
+            }
+        }
+    });
+    (stop, handle)
+}
+
+/// The addresses that the CPU and heap profiles of `session` will look up, each as
+/// [`lookup_address`] adjusts it.
+pub(super) fn sample_addresses(session: &Session) -> impl Iterator<Item = u64> + '_ {
+    let cpu = session.cpu.keys().flat_map(|k| {
+        k.frames
+            .iter()
+            .enumerate()
+            .map(|(i, &raw)| lookup_address(i, raw, true))
+    });
+    let heap = session.heap.values().flat_map(|b| {
+        b.frames
+            .iter()
+            .enumerate()
+            .map(|(i, &raw)| lookup_address(i, raw, false))
+    });
+    cpu.chain(heap)
+}
