@@ -2,8 +2,11 @@
 //! symbolizer library.
 //!
 //! The one place where the "return address minus one" rule is applied is
-//! [`lookup_address`]: the leaf of a CPU sample is the exact interrupted instruction, every
-//! caller frame is a return address whose call instruction ends one byte earlier.
+//! [`StackKind::lookup_addresses`]: the leaf of a stack taken by a signal is the exact
+//! interrupted instruction, every caller frame is a return address whose call instruction
+//! ends one byte earlier. Which kind each stack of a session is, is said once, by the
+//! constants of [`StackKind`]. From there on addresses are [`RuntimeAddress`]es, and they
+//! become [`FileAddress`]es for the symbolizer in one place too ([`resolve_all`]).
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::Path;
@@ -11,20 +14,44 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Mutex, OnceLock};
 use std::time::Duration;
 
-use anyprof_symbolizer::{Access, Miss, ObjectRef, Symbolized, Symbolizer};
+pub use anyprof_symbolizer::RuntimeAddress;
+use anyprof_symbolizer::{Access, FileAddress, Miss, ObjectRef, Symbolized, Symbolizer};
 use anyprof_wire::Module;
 
 use crate::ingest::{Peer, Session};
 use crate::pprof::builder::FrameLine;
 
-/// The address to look up and record for frame `index` of a stack (0 = leaf) whose raw
-/// value is `raw`. `leaf_is_exact` is true for stacks taken by a signal (CPU samples), whose
-/// leaf is the interrupted PC rather than a return address.
-pub fn lookup_address(index: usize, raw: u64, leaf_is_exact: bool) -> u64 {
-    if index == 0 && leaf_is_exact {
-        raw
-    } else {
-        raw.saturating_sub(1)
+/// How a stack was taken, which says what the address of each of its frames means.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StackKind {
+    /// Taken by a signal that interrupted the thread: the leaf is the interrupted instruction
+    /// itself, every other frame a return address.
+    Interrupted,
+    /// Taken inside a call into the profiler: every frame, the leaf too, is a return address.
+    Called,
+}
+
+impl StackKind {
+    /// CPU samples: taken by the profiling signal.
+    pub const CPU: StackKind = StackKind::Interrupted;
+    /// Thread dumps: each thread's stack taken by a signal sent to it.
+    pub const THREAD_DUMP: StackKind = StackKind::Interrupted;
+    /// Heap samples: taken in the allocation hook, called by the allocating function.
+    pub const HEAP: StackKind = StackKind::Called;
+    /// Thread creations: taken in the `pthread_create` hook.
+    pub const THREAD_CREATE: StackKind = StackKind::Called;
+
+    /// The addresses to look up and record for the frames of a stack of this kind (raw
+    /// values, leaf first): a return address minus one, so that the call instruction and not
+    /// the statement after it is named; an interrupted instruction as it is.
+    pub fn lookup_addresses(self, frames: &[u64]) -> impl Iterator<Item = RuntimeAddress> + '_ {
+        frames.iter().enumerate().map(move |(index, &raw)| {
+            if index == 0 && self == StackKind::Interrupted {
+                RuntimeAddress(raw)
+            } else {
+                RuntimeAddress(raw.saturating_sub(1))
+            }
+        })
     }
 }
 
@@ -49,10 +76,10 @@ pub struct ModuleOutcome {
 }
 
 /// Finds the module whose executable range contains `addr`.
-pub fn module_of(modules: &BTreeMap<u32, Module>, addr: u64) -> Option<&Module> {
+pub fn module_of(modules: &BTreeMap<u32, Module>, addr: RuntimeAddress) -> Option<&Module> {
     modules
         .values()
-        .filter(|m| m.start <= addr && addr < m.end)
+        .filter(|m| m.start <= addr.0 && addr.0 < m.end)
         .max_by_key(|m| m.id)
 }
 
@@ -76,7 +103,7 @@ fn slow_down_for_tests() {
     }
 }
 
-/// Symbolizes `addresses` (already adjusted by [`lookup_address`]) in the modules of
+/// Symbolizes `addresses` (from [`StackKind::lookup_addresses`]) in the modules of
 /// `session`. The modules are looked up in one call to the symbolizer, which works on several
 /// of them at once. Their files are read with the rights of the process that sent them (see
 /// [`anyprof_symbolizer::Symbolizer::symbolize_many_as`]): a process gets no names from a file
@@ -84,11 +111,14 @@ fn slow_down_for_tests() {
 pub fn resolve_all(
     symbolizer: &mut Symbolizer,
     session: &Session,
-    addresses: impl IntoIterator<Item = u64>,
-) -> (HashMap<u64, Resolved>, HashMap<u32, ModuleOutcome>) {
+    addresses: impl IntoIterator<Item = RuntimeAddress>,
+) -> (
+    HashMap<RuntimeAddress, Resolved>,
+    HashMap<u32, ModuleOutcome>,
+) {
     let modules = &session.modules;
     let access = session.peer.as_ref().map(Peer::access);
-    let mut by_module: HashMap<Option<u32>, Vec<u64>> = HashMap::new();
+    let mut by_module: HashMap<Option<u32>, Vec<RuntimeAddress>> = HashMap::new();
     if GIVE_UP.load(Ordering::SeqCst) {
         // Addresses in their modules, without names: pprof can still name them later from
         // the files the profile's mappings name.
@@ -116,7 +146,7 @@ pub fn resolve_all(
     }
     let mut out = HashMap::new();
     // Each module's addresses (sorted, distinct), where it was loaded, and its path.
-    let mut batches: Vec<(&Module, Vec<u64>, Vec<u64>, String)> = Vec::new();
+    let mut batches: Vec<(&Module, Vec<RuntimeAddress>, Vec<FileAddress>, String)> = Vec::new();
     for (module_id, mut addrs) in by_module {
         addrs.sort_unstable();
         addrs.dedup();
@@ -126,14 +156,11 @@ pub fn resolve_all(
             }
             continue;
         };
-        let svmas: Vec<u64> = addrs
-            .iter()
-            .map(|a| a.wrapping_sub(module.load_bias))
-            .collect();
+        let svmas: Vec<FileAddress> = addrs.iter().map(|a| a.to_file(module.load_bias)).collect();
         let path_text = String::from_utf8_lossy(&module.path).into_owned();
         batches.push((module, addrs, svmas, path_text));
     }
-    let requests: Vec<(ObjectRef<'_>, &[u64])> = batches
+    let requests: Vec<(ObjectRef<'_>, &[FileAddress])> = batches
         .iter()
         .map(|(module, _, svmas, path_text)| {
             let object = ObjectRef {
@@ -200,7 +227,7 @@ pub fn resolve_all(
 pub fn symbolize_guarded(
     symbolizer: &mut Symbolizer,
     access: Option<&Access>,
-    requests: &[(ObjectRef<'_>, &[u64])],
+    requests: &[(ObjectRef<'_>, &[FileAddress])],
 ) -> Vec<Vec<Symbolized>> {
     let all = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
         symbolizer.symbolize_many_as(access, requests)
@@ -252,8 +279,13 @@ mod tests {
 
     #[test]
     fn leaf_of_signal_stack_is_exact_callers_step_back_into_the_call() {
-        assert_eq!(lookup_address(0, 0x1000, true), 0x1000);
-        assert_eq!(lookup_address(1, 0x1000, true), 0xfff);
-        assert_eq!(lookup_address(0, 0x1000, false), 0xfff);
+        let frames = [0x1000, 0x2000, 0];
+        let looked_up = |kind: StackKind| {
+            kind.lookup_addresses(&frames)
+                .map(|a| a.0)
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(looked_up(StackKind::Interrupted), [0x1000, 0x1fff, 0]);
+        assert_eq!(looked_up(StackKind::Called), [0xfff, 0x1fff, 0]);
     }
 }

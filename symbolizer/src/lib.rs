@@ -8,10 +8,10 @@
 //!
 //! # What the caller does
 //!
-//! - Convert runtime addresses to *file virtual addresses* (SVMA) by subtracting the load bias
-//!   of the object, and use *return address − 1* for every frame but the sampled one. Both
-//!   rules live with the caller, once, because only it knows which addresses are return
-//!   addresses.
+//! - Convert runtime addresses to *file addresses* (SVMA) by subtracting the load bias of the
+//!   object ([`RuntimeAddress::to_file`]; the address spaces are types, see [`FileAddress`]),
+//!   and use *return address − 1* for every frame but the sampled one. That rule lives with
+//!   the caller, once, because only it knows which addresses are return addresses.
 //! - Pass the GNU build id the process loaded when it is known. A file on disk that was rebuilt
 //!   since is then refused ([`Miss::BuildIdMismatch`]): wrong symbols are worse than none.
 //! - Keep one [`Symbolizer`] for the whole run: it caches opened objects.
@@ -124,6 +124,7 @@
 //! ```
 
 mod access;
+mod address;
 mod cache;
 mod debug_file;
 mod demangle;
@@ -138,6 +139,7 @@ mod symbolizer;
 mod symtab;
 
 pub use access::Access;
+pub use address::{FileAddress, FileOffset, RuntimeAddress};
 pub use miss::Miss;
 pub use symbolized::{Frame, Symbolized};
 pub use symbolizer::{ObjectRef, Symbolizer};

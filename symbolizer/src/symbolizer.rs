@@ -12,6 +12,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
 use crate::access::{self, Access};
+use crate::address::FileAddress;
 use crate::cache::{self, Cache};
 use crate::loaded::LoadedObject;
 use crate::mmap::FileIdentity;
@@ -70,7 +71,11 @@ impl Symbolizer {
     ///
     /// Never panics on any input: missing, truncated or malformed files give a [`Miss`] for
     /// each address.
-    pub fn symbolize(&mut self, object: &ObjectRef<'_>, addresses: &[u64]) -> Vec<Symbolized> {
+    pub fn symbolize<A: Copy + Into<FileAddress> + Sync>(
+        &mut self,
+        object: &ObjectRef<'_>,
+        addresses: &[A],
+    ) -> Vec<Symbolized> {
         self.symbolize_many(&[(*object, addresses)])
             .pop()
             .unwrap_or_default()
@@ -83,7 +88,10 @@ impl Symbolizer {
     /// the machine has CPUs), because opening an object with full debug info — inflating
     /// compressed sections, indexing the units — and parsing the units its addresses fall in
     /// takes tens of milliseconds, and a profile usually needs several such objects.
-    pub fn symbolize_many(&mut self, batches: &[(ObjectRef<'_>, &[u64])]) -> Vec<Vec<Symbolized>> {
+    pub fn symbolize_many<A: Copy + Into<FileAddress> + Sync>(
+        &mut self,
+        batches: &[(ObjectRef<'_>, &[A])],
+    ) -> Vec<Vec<Symbolized>> {
         self.symbolize_many_as(None, batches)
     }
 
@@ -93,10 +101,10 @@ impl Symbolizer {
     /// user, each file's permission bits must also let `access` read it. The objects cached
     /// for `access` are kept apart from those opened with other rights. `None`, root's or
     /// our own user's access open files with this process's own rights.
-    pub fn symbolize_many_as(
+    pub fn symbolize_many_as<A: Copy + Into<FileAddress> + Sync>(
         &mut self,
         access: Option<&Access>,
-        batches: &[(ObjectRef<'_>, &[u64])],
+        batches: &[(ObjectRef<'_>, &[A])],
     ) -> Vec<Vec<Symbolized>> {
         let access = access.filter(|a| !a.is_own());
         let mut answers: Vec<Vec<Symbolized>> = vec![Vec::new(); batches.len()];
@@ -205,7 +213,8 @@ fn is_stale(object: &ObjectRef<'_>, loaded: &LoadedObject) -> bool {
 
 /// Answers each distinct address once, in address order, which keeps the DWARF units and
 /// symbol entries being read close together.
-fn answer(loaded: &LoadedObject, addresses: &[u64]) -> Vec<Symbolized> {
+fn answer<A: Copy + Into<FileAddress>>(loaded: &LoadedObject, addresses: &[A]) -> Vec<Symbolized> {
+    let addresses: Vec<FileAddress> = addresses.iter().map(|&a| a.into()).collect();
     let mut order: Vec<usize> = (0..addresses.len()).collect();
     order.sort_unstable_by_key(|&i| addresses[i]);
     let mut answers = vec![Symbolized::Miss(Miss::NoSymbol); addresses.len()];
@@ -213,7 +222,9 @@ fn answer(loaded: &LoadedObject, addresses: &[u64]) -> Vec<Symbolized> {
     for i in order {
         answers[i] = match previous {
             Some(p) if addresses[p] == addresses[i] => answers[p].clone(),
-            _ => panics::catch(|| loaded.symbolize(addresses[i])).unwrap_or_else(Symbolized::Miss),
+            _ => {
+                panics::catch(|| loaded.symbolize(addresses[i].0)).unwrap_or_else(Symbolized::Miss)
+            }
         };
         previous = Some(i);
     }

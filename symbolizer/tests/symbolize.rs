@@ -553,7 +553,7 @@ fn pseudo_paths_have_no_file() {
         );
     }
     assert!(symbolizer
-        .symbolize(&object(Path::new("[vdso]")), &[])
+        .symbolize(&object(Path::new("[vdso]")), &[] as &[u64])
         .is_empty());
 }
 
@@ -582,7 +582,7 @@ fn batch_answers_each_address_in_order() {
     assert_eq!(answers[4], answers[2]);
     assert_eq!(name(5).as_deref(), Some("caller"));
     assert_eq!(answers[6], Symbolized::Miss(Miss::OutsideObject));
-    assert!(Symbolizer::new().symbolize(&object(&prog), &[]).is_empty());
+    assert!(Symbolizer::new().symbolize(&object(&prog), &[] as &[u64]).is_empty());
 }
 
 #[test]

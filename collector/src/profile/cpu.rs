@@ -16,7 +16,7 @@ use anyprof_wire::{Counter, FLAG_TRUNCATED};
 use crate::ingest::Session;
 use crate::pprof::builder::{FrameLine, LabelValue, ProfileBuilder};
 use crate::pprof::Profile;
-use crate::symbolize::lookup_address;
+use crate::symbolize::StackKind;
 
 use super::Locator;
 
@@ -55,16 +55,13 @@ pub fn build(session: &Session, symbolizer: &mut Symbolizer, duration_ns: u64) -
         session,
         symbolizer,
         session.cpu.keys().map(|k| k.frames.as_slice()),
-        true,
+        StackKind::CPU,
     );
 
     let mut truncated_loc = None;
     let mut totals: BTreeMap<u32, u64> = BTreeMap::new();
     for (key, t) in &session.cpu {
-        let mut locs = Vec::with_capacity(key.frames.len() + 1);
-        for (i, &raw) in key.frames.iter().enumerate() {
-            locs.push(locate.location(&mut b, lookup_address(i, raw, true)));
-        }
+        let mut locs = locate.stack(&mut b, &key.frames);
         if key.flags & FLAG_TRUNCATED != 0 {
             let loc = *truncated_loc
                 .get_or_insert_with(|| b.location(0, 0, &[synthetic(TRUNCATED_STACK)]));

@@ -16,7 +16,7 @@ use anyprof_wire::{BucketCounts, MemStat, MemStats};
 use crate::ingest::Session;
 use crate::pprof::builder::{LabelValue, ProfileBuilder};
 use crate::pprof::Profile;
-use crate::symbolize::lookup_address;
+use crate::symbolize::StackKind;
 
 /// Which of the two views to write.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -142,7 +142,7 @@ fn add_samples(
     mut values: impl FnMut((u32, &BucketCounts)) -> Option<[i64; 4]>,
 ) {
     let stacks = session.heap.values().map(|bucket| bucket.frames.as_slice());
-    let mut locate = super::Locator::new(b, session, symbolizer, stacks, false);
+    let mut locate = super::Locator::new(b, session, symbolizer, stacks, StackKind::HEAP);
     let mut buckets: Vec<_> = session.heap.iter().collect();
     buckets.sort_by_key(|(id, _)| **id);
     for (&id, bucket) in buckets {
@@ -151,12 +151,7 @@ fn add_samples(
         if v[0] == 0 && v[2] == 0 {
             continue;
         }
-        let locs = bucket
-            .frames
-            .iter()
-            .enumerate()
-            .map(|(i, &raw)| locate.location(b, lookup_address(i, raw, false)))
-            .collect();
+        let locs = locate.stack(b, &bucket.frames);
         let per_object = c.alloc_bytes.checked_div(c.alloc_objects).unwrap_or(0) as i64;
         let labels: Vec<(&str, LabelValue<'_>)> = if per_object > 0 {
             vec![("bytes", LabelValue::Num(per_object, ""))]
@@ -232,11 +227,9 @@ pub fn legacy_text(session: &Session, symbolizer: &mut Symbolizer) -> String {
     );
     for b in buckets {
         let c = &b.counts;
-        let addrs: Vec<String> = b
-            .frames
-            .iter()
-            .enumerate()
-            .map(|(i, &r)| format!("{:#x}", lookup_address(i, r, false)))
+        let addrs: Vec<String> = StackKind::HEAP
+            .lookup_addresses(&b.frames)
+            .map(|a| format!("{a:#x}"))
             .collect();
         let _ = writeln!(
             out,
@@ -247,7 +240,7 @@ pub fn legacy_text(session: &Session, symbolizer: &mut Symbolizer) -> String {
             c.alloc_bytes,
             addrs.join(" ")
         );
-        for line in super::threads::stack_lines(session, symbolizer, &b.frames, false) {
+        for line in super::threads::stack_lines(session, symbolizer, &b.frames, StackKind::HEAP) {
             let (func, place) = line.split_once("\n\t").unwrap_or((&line, ""));
             let _ = writeln!(out, "#\t{func}\t{place}");
         }

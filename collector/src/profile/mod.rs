@@ -11,32 +11,28 @@ use anyprof_symbolizer::Symbolizer;
 
 use crate::ingest::Session;
 use crate::pprof::builder::ProfileBuilder;
-use crate::symbolize::{lookup_address, resolve_all, Resolved};
+use crate::symbolize::{resolve_all, Resolved, RuntimeAddress, StackKind};
 
 /// Symbolizes every address of a profile's stacks at once and hands out pprof locations.
 pub struct Locator {
-    resolved: HashMap<u64, Resolved>,
+    /// The kind of every stack it locates (said once, so symbolizing and locating agree).
+    kind: StackKind,
+    resolved: HashMap<RuntimeAddress, Resolved>,
     mapping_ids: HashMap<u32, u64>,
 }
 
 impl Locator {
-    /// Symbolizes the addresses of `stacks` (raw frames, leaf first; `leaf_is_exact` for
-    /// stacks taken by a signal) and adds one pprof mapping per module, the main executable
+    /// Symbolizes the addresses of `stacks` (raw frames, leaf first, all of `kind`) and adds one pprof mapping per module, the main executable
     /// first (pprof takes mapping[0] as the main binary).
     pub fn new<'a>(
         b: &mut ProfileBuilder,
         session: &Session,
         symbolizer: &mut Symbolizer,
         stacks: impl Iterator<Item = &'a [u64]>,
-        leaf_is_exact: bool,
+        kind: StackKind,
     ) -> Locator {
-        let addresses: Vec<u64> = stacks
-            .flat_map(|frames| {
-                frames
-                    .iter()
-                    .enumerate()
-                    .map(move |(i, &raw)| lookup_address(i, raw, leaf_is_exact))
-            })
+        let addresses: Vec<RuntimeAddress> = stacks
+            .flat_map(|frames| kind.lookup_addresses(frames))
             .collect();
         let (resolved, outcomes) = resolve_all(symbolizer, session, addresses);
         let exe = session
@@ -67,20 +63,30 @@ impl Locator {
             mapping_ids.insert(m.id, id);
         }
         Locator {
+            kind,
             resolved,
             mapping_ids,
         }
     }
 
-    /// The location id of `address` (already adjusted by `lookup_address`).
-    pub fn location(&mut self, b: &mut ProfileBuilder, address: u64) -> u64 {
+    /// The location ids of the frames of a stack (raw, leaf first) of the kind given to
+    /// [`Locator::new`].
+    pub fn stack(&mut self, b: &mut ProfileBuilder, frames: &[u64]) -> Vec<u64> {
+        let kind = self.kind;
+        kind.lookup_addresses(frames)
+            .map(|address| self.location(b, address))
+            .collect()
+    }
+
+    /// The location id of `address` (from [`StackKind::lookup_addresses`]).
+    fn location(&mut self, b: &mut ProfileBuilder, address: RuntimeAddress) -> u64 {
         let r = self.resolved.get(&address).cloned().unwrap_or_default();
         let mapping = r
             .module
             .and_then(|id| self.mapping_ids.get(&id))
             .copied()
             .unwrap_or(0);
-        b.location(mapping, address, &r.lines)
+        b.location(mapping, address.0, &r.lines)
     }
 }
 

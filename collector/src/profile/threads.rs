@@ -9,7 +9,7 @@ use anyprof_symbolizer::Symbolizer;
 use crate::ingest::Session;
 use crate::pprof::builder::{FrameLine, LabelValue, ProfileBuilder};
 use crate::pprof::Profile;
-use crate::symbolize::{lookup_address, module_of, resolve_all};
+use crate::symbolize::{module_of, resolve_all, RuntimeAddress, StackKind};
 
 /// The pprof profile of thread dump `id`: one sample per thread, value 1, labelled with the
 /// thread's name and tid. Sample type `goroutine/count`, as Go's goroutine profile, so tools
@@ -28,14 +28,10 @@ pub fn dump_profile(
         session,
         symbolizer,
         threads.iter().map(|(_, f)| f.as_slice()),
-        true,
+        StackKind::THREAD_DUMP,
     );
     for (tid, frames) in &threads {
-        let locs = frames
-            .iter()
-            .enumerate()
-            .map(|(i, &raw)| locate.location(&mut b, lookup_address(i, raw, true)))
-            .collect();
+        let locs = locate.stack(&mut b, frames);
         let name = thread_name(session, *tid);
         b.sample(
             locs,
@@ -60,14 +56,10 @@ pub fn create_profile(session: &Session, symbolizer: &mut Symbolizer, time_nanos
         session,
         symbolizer,
         stacks.iter().map(|(_, f)| f.as_slice()),
-        false,
+        StackKind::THREAD_CREATE,
     );
     for (count, frames) in stacks {
-        let locs = frames
-            .iter()
-            .enumerate()
-            .map(|(i, &raw)| locate.location(&mut b, lookup_address(i, raw, false)))
-            .collect();
+        let locs = locate.stack(&mut b, frames);
         b.sample(locs, vec![*count as i64], &[]);
     }
     b.finish()
@@ -87,7 +79,7 @@ pub fn dump_text(session: &Session, symbolizer: &mut Symbolizer, id: u32) -> Str
     let mut out = String::new();
     for (tid, frames) in &threads {
         let _ = writeln!(out, "thread {tid} [{}]:", thread_name(session, *tid));
-        for line in stack_lines(session, symbolizer, frames, true) {
+        for line in stack_lines(session, symbolizer, frames, StackKind::THREAD_DUMP) {
             let _ = writeln!(out, "{line}");
         }
         out.push('\n');
@@ -100,13 +92,9 @@ pub fn stack_lines(
     session: &Session,
     symbolizer: &mut Symbolizer,
     frames: &[u64],
-    leaf_is_exact: bool,
+    kind: StackKind,
 ) -> Vec<String> {
-    let addrs: Vec<u64> = frames
-        .iter()
-        .enumerate()
-        .map(|(i, &raw)| lookup_address(i, raw, leaf_is_exact))
-        .collect();
+    let addrs: Vec<RuntimeAddress> = kind.lookup_addresses(frames).collect();
     let (resolved, _) = resolve_all(symbolizer, session, addrs.iter().copied());
     let mut out = Vec::new();
     for a in addrs {

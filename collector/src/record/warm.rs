@@ -11,8 +11,8 @@ use std::time::Duration;
 use anyprof::collect::Collector;
 use anyprof::ingest::{Peer, Session};
 use anyprof::priority;
-use anyprof::symbolize::{lookup_address, module_of};
-use anyprof_symbolizer::Access;
+use anyprof::symbolize::{module_of, RuntimeAddress, StackKind};
+use anyprof_symbolizer::{Access, FileAddress};
 use anyprof_wire::Module;
 
 use super::named_thread;
@@ -51,24 +51,24 @@ pub(super) fn start_prewarming(
         priority::background();
         tid.store(priority::current_tid(), Ordering::SeqCst);
         let mut opened: HashSet<(Vec<u8>, Vec<u8>)> = HashSet::new();
-        let mut looked_up: HashMap<(u32, u64), HashSet<u64>> = HashMap::new();
+        let mut looked_up: HashMap<(u32, u64), HashSet<RuntimeAddress>> = HashMap::new();
         let mut wait = WARM_SOON;
         while !flag.load(Ordering::SeqCst) {
             std::thread::park_timeout(wait);
             let snapshot = anyprof::collect::snapshot(&sessions);
             // Each module with the file addresses to look up in it, those of samples first.
             // With the rights of the process that loaded it (see symbolize::resolve_all).
-            let mut work: Vec<(&Module, Vec<u64>, Option<Access>)> = Vec::new();
+            let mut work: Vec<(&Module, Vec<FileAddress>, Option<Access>)> = Vec::new();
             for s in &snapshot {
                 let Some(image) = s.image_key() else { continue };
                 let seen = looked_up.entry(image).or_default();
-                let mut by_module: BTreeMap<u32, Vec<u64>> = BTreeMap::new();
+                let mut by_module: BTreeMap<u32, Vec<FileAddress>> = BTreeMap::new();
                 for a in sample_addresses(s).filter(|&a| seen.insert(a)) {
                     if let Some(m) = module_of(&s.modules, a) {
                         by_module
                             .entry(m.id)
                             .or_default()
-                            .push(a.wrapping_sub(m.load_bias));
+                            .push(a.to_file(m.load_bias));
                     }
                 }
                 for (id, svmas) in by_module {
@@ -80,7 +80,7 @@ pub(super) fn start_prewarming(
             for s in &snapshot {
                 for m in s.modules.values() {
                     if opened.insert((m.path.clone(), m.build_id.clone())) {
-                        let svmas = vec![m.start.wrapping_sub(m.load_bias)];
+                        let svmas = vec![RuntimeAddress(m.start).to_file(m.load_bias)];
                         work.push((m, svmas, s.peer.as_ref().map(Peer::access)));
                     }
                 }
@@ -112,20 +112,15 @@ pub(super) fn start_prewarming(
     (stop, handle)
 }
 
-/// The addresses that the CPU and heap profiles of `session` will look up, each as
-/// [`lookup_address`] adjusts it.
-pub(super) fn sample_addresses(session: &Session) -> impl Iterator<Item = u64> + '_ {
-    let cpu = session.cpu.keys().flat_map(|k| {
-        k.frames
-            .iter()
-            .enumerate()
-            .map(|(i, &raw)| lookup_address(i, raw, true))
-    });
-    let heap = session.heap.values().flat_map(|b| {
-        b.frames
-            .iter()
-            .enumerate()
-            .map(|(i, &raw)| lookup_address(i, raw, false))
-    });
+/// The addresses that the CPU and heap profiles of `session` will look up.
+pub(super) fn sample_addresses(session: &Session) -> impl Iterator<Item = RuntimeAddress> + '_ {
+    let cpu = session
+        .cpu
+        .keys()
+        .flat_map(|k| StackKind::CPU.lookup_addresses(&k.frames));
+    let heap = session
+        .heap
+        .values()
+        .flat_map(|b| StackKind::HEAP.lookup_addresses(&b.frames));
     cpu.chain(heap)
 }

@@ -484,9 +484,12 @@ fn symbol(state: &Ctx, t: &Target, post: bool, body: &[u8]) -> Reply {
     }
     let session = snapshot(state, choose_pid(state, t)?)?;
     let input = String::from_utf8_lossy(body);
-    let addrs: Vec<u64> = input
+    // pprof asks for the addresses of a profile's locations, which are already the ones to
+    // look up (see StackKind::lookup_addresses).
+    let addrs: Vec<crate::symbolize::RuntimeAddress> = input
         .split('+')
         .filter_map(|a| u64::from_str_radix(a.trim().trim_start_matches("0x"), 16).ok())
+        .map(crate::symbolize::RuntimeAddress)
         .take(10_000)
         .collect();
     let (resolved, _) =
