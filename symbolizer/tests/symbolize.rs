@@ -582,7 +582,9 @@ fn batch_answers_each_address_in_order() {
     assert_eq!(answers[4], answers[2]);
     assert_eq!(name(5).as_deref(), Some("caller"));
     assert_eq!(answers[6], Symbolized::Miss(Miss::OutsideObject));
-    assert!(Symbolizer::new().symbolize(&object(&prog), &[] as &[u64]).is_empty());
+    assert!(Symbolizer::new()
+        .symbolize(&object(&prog), &[] as &[u64])
+        .is_empty());
 }
 
 #[test]

@@ -3,6 +3,8 @@
 
 use std::collections::HashMap;
 
+use anyprof_symbolizer::{FileOffset, RuntimeAddress};
+
 use super::proto::{Function, Label, Line, Location, Mapping, Profile, Sample, ValueType};
 
 /// One source line of a location: function (interned by the builder) and line number.
@@ -88,13 +90,14 @@ impl ProfileBuilder {
         self.profile.comment.push(i);
     }
 
-    /// Adds a mapping and returns its id.
+    /// Adds a mapping of the runtime addresses `start..limit` to the file from `offset` on,
+    /// and returns its id.
     #[allow(clippy::too_many_arguments)]
     pub fn mapping(
         &mut self,
-        start: u64,
-        limit: u64,
-        offset: u64,
+        start: RuntimeAddress,
+        limit: RuntimeAddress,
+        offset: FileOffset,
         filename: &str,
         build_id: &str,
         symbolized: bool,
@@ -105,9 +108,9 @@ impl ProfileBuilder {
         let build_id = self.string(build_id);
         self.profile.mapping.push(Mapping {
             id,
-            memory_start: start,
-            memory_limit: limit,
-            file_offset: offset,
+            memory_start: start.0,
+            memory_limit: limit.0,
+            file_offset: offset.0,
             filename,
             build_id,
             has_functions: symbolized,
@@ -140,9 +143,16 @@ impl ProfileBuilder {
         id
     }
 
-    /// Adds (or finds) a location: `address` in mapping `mapping_id` (0 = none), with its
-    /// lines innermost first. Returns its id.
-    pub fn location(&mut self, mapping_id: u64, address: u64, lines: &[FrameLine]) -> u64 {
+    /// Adds (or finds) a location: `address` in mapping `mapping_id` (0 = none; then address
+    /// 0 for a frame of our own, such as `[lost samples]`), with its lines innermost first.
+    /// Returns its id.
+    pub fn location(
+        &mut self,
+        mapping_id: u64,
+        address: RuntimeAddress,
+        lines: &[FrameLine],
+    ) -> u64 {
+        let address = address.0;
         let key = (mapping_id, address, lines.to_vec());
         if let Some(&id) = self.locations.get(&key) {
             return id;

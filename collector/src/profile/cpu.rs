@@ -16,7 +16,7 @@ use anyprof_wire::{Counter, FLAG_TRUNCATED};
 use crate::ingest::Session;
 use crate::pprof::builder::{FrameLine, LabelValue, ProfileBuilder};
 use crate::pprof::Profile;
-use crate::symbolize::StackKind;
+use crate::symbolize::{RuntimeAddress, StackKind};
 
 use super::Locator;
 
@@ -63,8 +63,9 @@ pub fn build(session: &Session, symbolizer: &mut Symbolizer, duration_ns: u64) -
     for (key, t) in &session.cpu {
         let mut locs = locate.stack(&mut b, &key.frames);
         if key.flags & FLAG_TRUNCATED != 0 {
-            let loc = *truncated_loc
-                .get_or_insert_with(|| b.location(0, 0, &[synthetic(TRUNCATED_STACK)]));
+            let loc = *truncated_loc.get_or_insert_with(|| {
+                b.location(0, RuntimeAddress(0), &[synthetic(TRUNCATED_STACK)])
+            });
             locs.push(loc);
         }
         let name = session
@@ -86,7 +87,7 @@ pub fn build(session: &Session, symbolizer: &mut Symbolizer, duration_ns: u64) -
 
     let lost = session.lost_samples();
     if lost > 0 {
-        let loc = b.location(0, 0, &[synthetic(LOST_SAMPLES)]);
+        let loc = b.location(0, RuntimeAddress(0), &[synthetic(LOST_SAMPLES)]);
         b.sample(
             vec![loc],
             vec![lost as i64, (lost as i64).saturating_mul(period)],

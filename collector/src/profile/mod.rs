@@ -12,6 +12,7 @@ use anyprof_symbolizer::Symbolizer;
 use crate::ingest::Session;
 use crate::pprof::builder::ProfileBuilder;
 use crate::symbolize::{resolve_all, Resolved, RuntimeAddress, StackKind};
+use anyprof_symbolizer::FileOffset;
 
 /// Symbolizes every address of a profile's stacks at once and hands out pprof locations.
 pub struct Locator {
@@ -52,9 +53,9 @@ impl Locator {
             // succeeded; it has no second source to defer to either.)
             let symbolized = o.looked_up > 0;
             let id = b.mapping(
-                m.start,
-                m.end,
-                m.file_offset,
+                RuntimeAddress(m.start),
+                RuntimeAddress(m.end),
+                FileOffset(m.file_offset),
                 &String::from_utf8_lossy(&m.path),
                 &hex(&m.build_id),
                 symbolized,
@@ -86,7 +87,7 @@ impl Locator {
             .and_then(|id| self.mapping_ids.get(&id))
             .copied()
             .unwrap_or(0);
-        b.location(mapping, address.0, &r.lines)
+        b.location(mapping, address, &r.lines)
     }
 }
 
