@@ -42,7 +42,7 @@ mod write;
 use std::ffi::OsString;
 use std::path::PathBuf;
 use std::process::{Command, ExitCode};
-use std::sync::atomic::{AtomicI32, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -222,14 +222,16 @@ pub fn run(args: RecordArgs) -> Result<ExitCode> {
         && (args.heap_every.is_some() || args.heap_signal.is_some()))
     .then(|| snapshots::start_snapshots(&collector, pid, out_dir.clone(), args.heap_every));
     let symbolizer = Arc::new(Mutex::new(anyprof_symbolizer::Symbolizer::new()));
-    let warm_tid = Arc::new(AtomicI32::new(0));
+    let warm_lowered = Arc::new(std::sync::OnceLock::new());
     let (warm_stop, warm) =
-        warm::start_prewarming(&collector, symbolizer.clone(), warm_tid.clone());
+        warm::start_prewarming(&collector, symbolizer.clone(), warm_lowered.clone());
     let (status, oom_kill) = wait_program(&mut child, oom_watch)?;
     let exited_at = Instant::now();
     // The program no longer needs the CPUs: what is left of the work done at idle priority
     // while it ran is finished at normal priority, if the kernel lets us raise it.
-    priority::normal(warm_tid.load(Ordering::SeqCst));
+    if let Some(lowered) = warm_lowered.get() {
+        lowered.restore();
+    }
     exe_watch.0.store(true, Ordering::SeqCst);
     // From here on SIGINT and SIGTERM mean "stop" (see `forward_signals`).
     CHILD_PID.store(0, Ordering::SeqCst);

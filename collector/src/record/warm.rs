@@ -4,8 +4,8 @@
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use anyprof::collect::Collector;
@@ -37,19 +37,18 @@ pub(super) const WARM_AT_LEAST_EVERY: Duration = Duration::from_millis(100);
 /// It works on one module at a time, on one thread at idle priority (see [`priority`]), so it
 /// only takes CPU time the program leaves unused, and stops after the module it is in when the
 /// program exits: what is left is then done on all CPUs at once (see
-/// [`anyprof_symbolizer::Symbolizer::symbolize_many`]). It stores its thread id in `tid`, so
-/// that its priority can be raised when the program has exited.
+/// [`anyprof_symbolizer::Symbolizer::symbolize_many`]). It leaves its former priority in
+/// `lowered`, to be restored when the program has exited.
 pub(super) fn start_prewarming(
     collector: &Collector,
     symbolizer: Arc<Mutex<anyprof_symbolizer::Symbolizer>>,
-    tid: Arc<AtomicI32>,
+    lowered: Arc<OnceLock<priority::Lowered>>,
 ) -> (Arc<AtomicBool>, std::thread::JoinHandle<()>) {
     let stop = Arc::new(AtomicBool::new(false));
     let sessions = collector.sessions();
     let flag = stop.clone();
     let handle = named_thread("warm-symbols", move || {
-        priority::background();
-        tid.store(priority::current_tid(), Ordering::SeqCst);
+        let _ = lowered.set(priority::background());
         let mut opened: HashSet<(Vec<u8>, Vec<u8>)> = HashSet::new();
         let mut looked_up: HashMap<(u32, u64), HashSet<RuntimeAddress>> = HashMap::new();
         let mut wait = WARM_SOON;
