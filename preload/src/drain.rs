@@ -708,7 +708,7 @@ fn dump_threads(id: u32) {
             continue;
         }
         if !signalled {
-            if crate::signal::handler::install().is_err() {
+            if crate::signal::handler::install(crate::exports::real_sigaction).is_err() {
                 continue;
             }
             crate::signal::handler::DUMP_REQUEST.store(id, Ordering::Release);

@@ -36,11 +36,31 @@ type ExitFn = unsafe extern "C" fn(libc::c_int) -> !;
 /// handler, where `dlsym` may not.
 static REAL_EXIT: AtomicUsize = AtomicUsize::new(0);
 
-/// Resolves the next `_exit`.
+/// The next `sigaction` and `signal` in link order, found once: both may be called from a
+/// signal handler, where `dlsym` may not (it takes the loader's lock and may allocate).
+static REAL_SIGACTION: AtomicUsize = AtomicUsize::new(0);
+static REAL_SIGNAL: AtomicUsize = AtomicUsize::new(0);
+
+/// Resolves the next `_exit`, `sigaction` and `signal` (constructor world).
 pub fn resolve_exit() {
     // SAFETY: dlsym with RTLD_NEXT and a NUL-terminated name.
     let f = unsafe { libc::dlsym(libc::RTLD_NEXT, c"_exit".as_ptr()) } as usize;
     REAL_EXIT.store(f, Ordering::Release);
+    next_once(&REAL_SIGACTION, c"sigaction");
+    next_once(&REAL_SIGNAL, c"signal");
+}
+
+/// The next definition of `name`, from `slot` once it was looked up: only a call made before
+/// our constructor (by another library's) looks it up, once.
+fn next_once(slot: &AtomicUsize, name: &core::ffi::CStr) -> usize {
+    match slot.load(Ordering::Acquire) {
+        0 => {
+            let f = next_symbol(name);
+            slot.store(f, Ordering::Release);
+            f
+        }
+        f => f,
+    }
 }
 
 /// `_exit(2)`: the process ends without destructors, so the library's own flush at unload
@@ -290,12 +310,12 @@ type SignalFn = unsafe extern "C" fn(libc::c_int, libc::sighandler_t) -> libc::s
 ///
 /// # Safety
 /// Same contract as `sigaction(2)`.
-pub unsafe fn real_sigaction(
+pub unsafe extern "C" fn real_sigaction(
     sig: libc::c_int,
     act: *const libc::sigaction,
     old: *mut libc::sigaction,
 ) -> libc::c_int {
-    let real = next_symbol(c"sigaction");
+    let real = next_once(&REAL_SIGACTION, c"sigaction");
     if real == 0 {
         crate::signal::sys::set_errno(libc::ENOSYS);
         return -1;
@@ -353,7 +373,7 @@ pub unsafe extern "C" fn signal(
         crate::signal::handler::set_program_action(handler, libc::SA_RESTART, &empty);
         return previous;
     }
-    let real = next_symbol(c"signal");
+    let real = next_once(&REAL_SIGNAL, c"signal");
     if real == 0 {
         return libc::SIG_ERR;
     }

@@ -37,7 +37,6 @@
 
 mod alloc;
 mod config;
-mod counters;
 mod drain;
 pub mod exports;
 mod fork;
@@ -48,4 +47,5 @@ mod region;
 pub mod signal;
 mod threads;
 mod timer;
-mod tls;
+
+use anyprof_preload_core::{counters, tls};

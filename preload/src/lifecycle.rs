@@ -80,10 +80,20 @@ extern "C" fn on_load(
     sys::set_errno(errno);
 }
 
+/// Hands the core what it needs from the std part (it never imports it).
+fn publish_to_core() {
+    anyprof_preload_core::signal::unwinder::publish(unwind::unwind, unwind::unwind_here);
+    anyprof_preload_core::outside::publish(anyprof_preload_core::outside::Outside {
+        record_stack_bounds: threads::record_stack_bounds,
+        catch_up_with_loader: drain::catch_up_with_loader,
+    });
+}
+
 fn start(argc: libc::c_int, argv: *const *const libc::c_char) {
     let _section = crate::fork::section();
     exports::resolve();
     exports::resolve_exit();
+    publish_to_core();
     alloc::real::resolve();
     let config = Config::from_env();
     // In a secure-execution process both are None/true: no path from the environment is
@@ -108,7 +118,7 @@ fn start(argc: libc::c_int, argv: *const *const libc::c_char) {
         log::message(Level::Warn, problem.clone());
     }
     if config.mem_rate > 0 {
-        if let Some(owner) = alloc::real::malloc_answered_by() {
+        if let Some(owner) = alloc::malloc_answered_by() {
             log::message(
                 Level::Warn,
                 format!(

@@ -16,8 +16,7 @@ use anyprof_wire::Counter;
 use crate::signal::{handler, thread_state};
 use crate::{counters, log, timer};
 
-/// Requested sampling rate; 0 = CPU sampling off.
-pub static CPU_HZ: AtomicU32 = AtomicU32::new(0);
+pub use anyprof_preload_core::settings::{CPU_EPOCH, CPU_HZ};
 
 /// The TSD key whose destructor stops a thread's timer (0 = not created; stored +1).
 static TIMER_KEY: AtomicUsize = AtomicUsize::new(0);
@@ -130,9 +129,6 @@ pub fn stack_of(tid: u32) -> Option<(u64, u64)> {
 static TIMERS: Mutex<Vec<(u32, timer::TimerId)>> = Mutex::new(Vec::new());
 /// The background thread's tid: our own thread is never sampled.
 pub static DRAIN_TID: AtomicU32 = AtomicU32::new(0);
-/// Bumped each time sampling starts, so that a thread's first sample of a new period is
-/// weighted by the nominal period, not by all the CPU it used since its previous sample.
-pub static CPU_EPOCH: AtomicU32 = AtomicU32::new(1);
 
 /// Starts a timer for thread `tid` unless it has one.
 fn start_timer(tid: u32, hz: u32) -> bool {
@@ -175,7 +171,7 @@ fn stop_timer(tid: u32) {
 /// timer per thread (threads created later get theirs as they start).
 pub fn start_cpu_sampling(hz: u32) {
     let _section = crate::fork::section();
-    if let Err(errno) = handler::install() {
+    if let Err(errno) = handler::install(crate::exports::real_sigaction) {
         log::warn_errno(
             "cannot install the CPU sampling signal handler; CPU profiling is off",
             errno,

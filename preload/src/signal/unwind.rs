@@ -17,7 +17,7 @@
 //! inside the interrupted thread's stack, recorded at thread start. A thread with unknown
 //! bounds gets a leaf-only sample flagged `FLAG_NO_STACK_BOUNDS`.
 
-use core::sync::atomic::{AtomicPtr, AtomicUsize, Ordering};
+use core::sync::atomic::{AtomicPtr, Ordering};
 
 use framehop::x86_64::{CacheX86_64, UnwindRegsX86_64, UnwinderX86_64};
 use framehop::{FrameAddress, MustNotAllocateDuringUnwind, Unwinder as _};
@@ -35,7 +35,7 @@ static CURRENT: AtomicPtr<Unwinder> = AtomicPtr::new(core::ptr::null_mut());
 static CACHES: [AtomicPtr<Cache>; CACHE_COUNT] =
     [const { AtomicPtr::new(core::ptr::null_mut()) }; CACHE_COUNT];
 /// Handlers currently between loading [`CURRENT`] and finishing with it.
-pub static IN_FLIGHT: AtomicUsize = AtomicUsize::new(0);
+pub use anyprof_preload_core::signal::unwinder::IN_FLIGHT;
 
 /// Creates the cache pool. Call once, outside any handler, before sampling starts.
 pub fn init_caches() {

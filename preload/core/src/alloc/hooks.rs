@@ -1,5 +1,5 @@
 //! Bodies of the interposed malloc family (the symbols themselves are in
-//! [`crate::exports`]). Each forwards to the next allocator, then accounts for the result:
+//! the cdylib's `exports`). Each forwards to the next allocator, then accounts for the result:
 //! exact counters always, a heap sample when the thread's byte countdown runs out.
 
 use core::ffi::c_void;
@@ -7,7 +7,7 @@ use core::ffi::c_void;
 use anyprof_wire::{MemStat, FLAG_TRUNCATED, MAX_FRAMES};
 
 use super::{buckets, counters, live, real, sampler};
-use crate::signal::{sys, unwind};
+use crate::signal::{sys, unwinder as unwind};
 use crate::tls::{self, ThreadBlock};
 
 /// Samples not recorded, by cause (read by the background thread).
@@ -65,7 +65,7 @@ fn on_alloc(p: *mut c_void) {
 }
 
 /// Accounts for block `p` from an allocator entry point other than the malloc family (the
-/// next `operator new`, in [`super::cxx`]'s accounting mode).
+/// next `operator new`, in the cdylib's `alloc::cxx` accounting mode).
 pub fn account_alloc(p: *mut c_void) {
     on_alloc(p);
 }
@@ -86,11 +86,11 @@ fn maybe_sample(b: &ThreadBlock, p: *mut c_void, usable: u64) {
     if crate::signal::thread_state::stack_bounds().is_none() {
         // A thread we did not see start (made before us, or by libc internally): learn its
         // stack now, outside any signal handler, so its stacks can be unwound.
-        crate::threads::record_stack_bounds();
+        crate::outside::record_stack_bounds();
     }
     let mut frames = [0u64; MAX_FRAMES];
     let (mut n, flags) = unwind::unwind_here(&mut frames);
-    if flags & FLAG_TRUNCATED != 0 && n < MAX_FRAMES && crate::drain::catch_up_with_loader() {
+    if flags & FLAG_TRUNCATED != 0 && n < MAX_FRAMES && crate::outside::catch_up_with_loader() {
         // The stack ran into an object the unwinder did not know yet (just dlopen'ed).
         n = unwind::unwind_here(&mut frames).0;
     }

@@ -3,7 +3,7 @@
 //! They live in the initial-exec [`crate::tls`] block, so reading them never calls
 //! `__tls_get_addr`, allocates or registers a destructor — safe from the handler.
 //! (`pthread_getattr_np`, which finds a thread's stack, is not async-signal-safe; hence the
-//! bounds are taken once, at thread start, by [`crate::threads`].)
+//! bounds are taken once, at thread start, by the cdylib's `threads` module.)
 
 use crate::tls;
 
@@ -63,7 +63,7 @@ pub fn start_cpu_clock() {
     let b = tls::current();
     b.last_cpu_ns.set(super::sys::thread_cpu_ns());
     b.cpu_epoch
-        .set(crate::threads::CPU_EPOCH.load(core::sync::atomic::Ordering::Acquire));
+        .set(crate::settings::CPU_EPOCH.load(core::sync::atomic::Ordering::Acquire));
 }
 
 /// True while the current thread is inside anyprof's own code.

@@ -1,0 +1,26 @@
+//! Heap profiling: the malloc family, interposed.
+//!
+//! # Contract (reviewers check every change here against it)
+//! These hooks run inside every allocation of the program, from any thread, possibly before
+//! our constructor, during `dlsym`, while glibc sets up a thread, and after our destructor.
+//! Code in this module therefore must not:
+//! - allocate through `std` (no `Box`, `Vec`, `String`, `format!`): memory comes from the
+//!   next allocator ([`real`]) or from static/mmapped tables;
+//! - take locks (the program may be inside malloc's own lock, or forking);
+//! - panic (no `unwrap`, `expect`, unchecked indexing);
+//! - use lazily-initialised thread-locals (only the initial-exec [`crate::tls`] block);
+//! - write shared memory on the fast path: an unsampled `malloc` is one thread-local
+//!   subtraction and compare plus the owner-only exact counters; an unsampled `free` is one
+//!   byte load from the [`live`] filter;
+//! - lose `errno` set by the real allocator.
+//!
+//! The slow path (a sampled allocation, or a free of a sampled pointer) runs behind the
+//! per-thread re-entrancy flag (`tls::ThreadBlock::internal`): whatever allocates beneath it
+//! goes straight to the next allocator.
+
+pub mod buckets;
+pub mod counters;
+pub mod hooks;
+pub mod live;
+pub mod real;
+pub mod sampler;
