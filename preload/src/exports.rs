@@ -137,10 +137,10 @@ pub unsafe extern "C" fn pthread_create(
         // SAFETY: forwarding the caller's arguments unchanged.
         return unsafe { real(thread, attr, start, arg) };
     }
-    let was = thread_state::set_internal(true);
+    let internal = thread_state::Internal::enter();
     threads::note_creation();
     let boxed = Box::into_raw(Box::new(StartRoutine { start, arg }));
-    thread_state::set_internal(was);
+    drop(internal);
     // SAFETY: forwarding the caller's arguments, with our trampoline owning `boxed`.
     let rc = unsafe {
         real(

@@ -74,10 +74,34 @@ extern "C" fn on_load(
     }
     // The program finds errno as the loader left it at `main`, whatever our start-up set.
     let errno = sys::errno();
-    let was = thread_state::set_internal(true);
+    let internal = thread_state::Internal::enter();
     start(argc, argv);
-    thread_state::set_internal(was);
+    drop(internal);
     sys::set_errno(errno);
+}
+
+/// Runs `f`; if it panics, ends the process with `abort` (SIGABRT), printing nothing: a
+/// panic of ours must never unwind into the program's frames, nor write to its stderr. For
+/// the bodies of threads we start (the program's frames are not below them, but the
+/// workspace is built with `panic = "unwind"` for the collector's sake, and a panic ending
+/// our thread quietly would leave the process unprofiled without a word). The exported
+/// `extern "C"` functions need no wrapper: a panic cannot unwind out of them (Rust aborts).
+pub fn abort_on_panic(f: fn()) {
+    if std::panic::catch_unwind(f).is_err() {
+        // SAFETY: abort is always safe to call; it does not return.
+        unsafe { libc::abort() }
+    }
+}
+
+/// Makes every panic in this library end the process at once, silently (see
+/// [`abort_on_panic`]): the default hook would print to the program's stderr. The hook is
+/// this library's own (a cdylib carries its own copy of std): a Rust program's panics are
+/// untouched.
+fn abort_silently_on_panic() {
+    std::panic::set_hook(Box::new(|_| {
+        // SAFETY: as above.
+        unsafe { libc::abort() }
+    }));
 }
 
 /// Hands the core what it needs from the std part (it never imports it).
@@ -92,6 +116,7 @@ fn publish_to_core() {
 fn start(argc: libc::c_int, argv: *const *const libc::c_char) {
     let _section = crate::fork::section();
     exports::resolve();
+    abort_silently_on_panic();
     exports::resolve_exit();
     publish_to_core();
     alloc::real::resolve();
@@ -327,7 +352,7 @@ static FORK_CHILDREN: AtomicBool = AtomicBool::new(true);
 /// Called in a forked child, once every one of our locks is known to be free (see
 /// [`crate::fork`]): start over as a process of our own, or step aside.
 pub fn after_fork_in_child() {
-    let was = thread_state::set_internal(true);
+    let _internal = thread_state::Internal::enter();
     let sampling_hz = if handler::SAMPLING.load(Ordering::Acquire) {
         threads::CPU_HZ.load(Ordering::Acquire)
     } else {
@@ -365,7 +390,6 @@ pub fn after_fork_in_child() {
         alloc::hooks::ACCOUNTING.store(false, Ordering::Release);
         alloc::counters::detach_current_thread();
         ACTIVE.store(false, Ordering::Release);
-        thread_state::set_internal(was);
         return;
     };
     crate::region::reset_for_child();
@@ -388,7 +412,6 @@ pub fn after_fork_in_child() {
     if sampling_hz > 0 {
         threads::start_cpu_sampling(sampling_hz);
     }
-    thread_state::set_internal(was);
 }
 
 /// Rewrites the stored hello for this (forked) process: its own pid, parent and start time.
@@ -433,10 +456,9 @@ pub fn before_exit() {
     if !ACTIVE.swap(false, Ordering::AcqRel) {
         return;
     }
-    let was = thread_state::set_internal(true);
+    let _internal = thread_state::Internal::enter();
     handler::SAMPLING.store(false, Ordering::Release);
     drain::last_flush_by_background();
-    thread_state::set_internal(was);
 }
 
 extern "C" fn on_unload() {
@@ -450,7 +472,7 @@ extern "C" fn on_unload() {
     if !ACTIVE.swap(false, Ordering::AcqRel) {
         return;
     }
-    thread_state::set_internal(true);
+    thread_state::Internal::for_good();
     handler::SAMPLING.store(false, Ordering::Release);
     drain::flush(Some(Kind::Goodbye), true);
 }

@@ -44,9 +44,8 @@ unsafe extern "C" fn stop_timer_at_exit(_: *mut c_void) {
 pub fn record_stack_bounds() {
     // pthread_getattr_np allocates while holding the thread's lock: what it allocates is ours,
     // and must not lead back here through a heap sample.
-    let was = thread_state::set_internal(true);
+    let _internal = thread_state::Internal::enter();
     record_stack_bounds_inner();
-    thread_state::set_internal(was);
 }
 
 fn record_stack_bounds_inner() {
@@ -257,9 +256,9 @@ pub extern "C" fn start_routine_trampoline(boxed: *mut c_void) -> *mut c_void {
     let routine = unsafe { Box::from_raw(boxed as *mut StartRoutine) };
     let (start, arg) = (routine.start, routine.arg);
     // Our allocation, freed as ours (it was allocated inside the interposer's internal section).
-    let was = thread_state::set_internal(true);
+    let internal = thread_state::Internal::enter();
     drop(routine);
-    thread_state::set_internal(was);
+    drop(internal);
     adopt_current_thread();
     start(arg)
 }
@@ -347,7 +346,7 @@ impl Drop for AllSignalsBlocked {
 
 /// Entry point of anyprof's own threads: marked internal before anything runs in them.
 pub extern "C" fn internal_trampoline(boxed: *mut c_void) -> *mut c_void {
-    thread_state::set_internal(true);
+    thread_state::Internal::for_good();
     // SAFETY: `boxed` is the Box<StartRoutine> leaked by the interposer for this thread only.
     let routine = unsafe { Box::from_raw(boxed as *mut StartRoutine) };
     let (start, arg) = (routine.start, routine.arg);
