@@ -37,6 +37,7 @@ fn dump_threads(id: u32) {
     let pid = unsafe { libc::getpid() };
     let me = crate::threads::DRAIN_TID.load(Ordering::Acquire);
     let mut signalled = false;
+    let mut copy = Vec::new();
     for tid in crate::threads::task_ids() {
         if tid == me {
             continue;
@@ -44,7 +45,7 @@ fn dump_threads(id: u32) {
         let state =
             std::fs::read_to_string(format!("/proc/self/task/{tid}/syscall")).unwrap_or_default();
         if let Some((sp, pc)) = blocked_registers(&state) {
-            record_blocked_thread(tid, sp, pc, id);
+            record_blocked_thread(tid, sp, pc, id, &mut copy);
             continue;
         }
         if !signalled {
@@ -83,20 +84,143 @@ fn blocked_registers(line: &str) -> Option<(u64, u64)> {
     Some((hex(fields.get(fields.len() - 2)?)?, hex(fields.last()?)?))
 }
 
-fn record_blocked_thread(tid: u32, sp: u64, pc: u64, id: u32) {
+/// How much of a blocked thread's stack is copied for a dump, from its stack pointer up
+/// (a deeper stack is cut, flagged as truncated).
+const STACK_COPY: usize = 256 * 1024;
+const PAGE: u64 = 4096;
+
+/// Copies this process's memory at `addr` into `buf` without ever faulting: as much of it as
+/// is mapped and readable, page by page from `addr` up to the first page that is not
+/// (`process_vm_readv` on ourselves reports an unmapped page as an error, where a plain
+/// read would raise SIGSEGV). Returns the number of bytes copied.
+fn copy_without_faulting(addr: u64, buf: &mut [u8]) -> usize {
+    const MAX_PIECES: usize = STACK_COPY / PAGE as usize + 1;
+    let mut remote = [libc::iovec {
+        iov_base: core::ptr::null_mut(),
+        iov_len: 0,
+    }; MAX_PIECES];
+    let mut pieces = 0;
+    let mut at = addr;
+    let end = addr.saturating_add(buf.len() as u64);
+    while at < end && pieces < MAX_PIECES {
+        let piece_end = ((at / PAGE) + 1).saturating_mul(PAGE).min(end);
+        remote[pieces] = libc::iovec {
+            iov_base: at as *mut libc::c_void,
+            iov_len: (piece_end - at) as usize,
+        };
+        pieces += 1;
+        at = piece_end;
+    }
+    let copied = (at - addr) as usize;
+    let local = libc::iovec {
+        iov_base: buf.as_mut_ptr().cast(),
+        iov_len: copied.min(buf.len()),
+    };
+    // SAFETY: `local` is our own writable buffer of that length; the remote pieces are only
+    // read by the kernel, which fails cleanly on an unmapped page; getpid cannot fail.
+    let n = unsafe {
+        libc::process_vm_readv(
+            libc::getpid(),
+            &local,
+            1,
+            remote.as_ptr(),
+            pieces as libc::c_ulong,
+            0,
+        )
+    };
+    usize::try_from(n).unwrap_or(0)
+}
+
+fn record_blocked_thread(tid: u32, sp: u64, pc: u64, id: u32, copy: &mut Vec<u8>) {
     let Some(mut claim) = ring::claim() else {
         counters::bump(Counter::DroppedRingFull);
         return;
     };
     let record = claim.record();
-    crate::signal::unwind::IN_FLIGHT.fetch_add(1, Ordering::SeqCst);
-    let (len, flags) =
-        crate::signal::unwind::unwind(pc, sp, 0, crate::threads::stack_of(tid), &mut record.frames);
-    crate::signal::unwind::IN_FLIGHT.fetch_sub(1, Ordering::SeqCst);
+    // The thread may wake up, exit and have its stack unmapped while we look: its stack is
+    // copied without faulting first, and unwound from the copy.
+    let (len, flags) = match crate::threads::stack_of(tid) {
+        Some((lo, hi)) if sp >= lo && sp < hi => {
+            let at = sp & !7;
+            copy.resize(((hi - at) as usize).min(STACK_COPY), 0);
+            let n = copy_without_faulting(at, copy);
+            crate::signal::unwind::IN_FLIGHT.fetch_add(1, Ordering::SeqCst);
+            let unwound = crate::signal::unwind::unwind_copy(
+                pc,
+                sp,
+                0,
+                copy.get(..n).unwrap_or(&[]),
+                at,
+                &mut record.frames,
+            );
+            crate::signal::unwind::IN_FLIGHT.fetch_sub(1, Ordering::SeqCst);
+            unwound
+        }
+        bounds => {
+            // Unknown bounds, or a stack pointer outside them: the leaf only, read nowhere.
+            record.frames[0] = pc;
+            let flags = if bounds.is_none() {
+                wire::FLAG_NO_STACK_BOUNDS
+            } else {
+                0
+            };
+            (1, flags | wire::FLAG_TRUNCATED)
+        }
+    };
     record.len = len as u16;
     record.flags = flags | wire::FLAG_THREAD_DUMP;
     record.tid = tid;
     record.time_ns = crate::signal::sys::monotonic_ns();
     record.cpu_ns = u64::from(id);
     claim.publish();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Three pages with the middle one unmapped (as a stack is when its thread exited).
+    fn pages_with_a_hole() -> *mut u8 {
+        let size = 3 * PAGE as usize;
+        // SAFETY: an anonymous private mapping of our own.
+        let p = unsafe {
+            libc::mmap(
+                core::ptr::null_mut(),
+                size,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            )
+        };
+        assert_ne!(p, libc::MAP_FAILED);
+        let p = p.cast::<u8>();
+        // SAFETY: the mapping is ours and 3 pages long.
+        unsafe {
+            core::ptr::write_bytes(p, 0xab, size);
+            assert_eq!(libc::munmap(p.add(PAGE as usize).cast(), PAGE as usize), 0);
+        }
+        p
+    }
+
+    #[test]
+    fn copying_a_stack_stops_at_an_unmapped_page_instead_of_faulting() {
+        let p = pages_with_a_hole();
+        let mut buf = vec![0u8; 3 * PAGE as usize];
+        // From 100 bytes into the first page: the rest of that page, then the hole.
+        let n = copy_without_faulting(p as u64 + 100, &mut buf);
+        assert_eq!(n, PAGE as usize - 100);
+        assert!(buf.iter().take(n).all(|&b| b == 0xab));
+        // Starting in the hole: nothing, and no SIGSEGV.
+        let n = copy_without_faulting(p as u64 + PAGE, &mut buf);
+        assert_eq!(n, 0);
+        // The third page is still there.
+        let n = copy_without_faulting(p as u64 + 2 * PAGE, &mut buf[..PAGE as usize]);
+        assert_eq!(n, PAGE as usize);
+        // SAFETY: unmapping what is left of our own mapping.
+        unsafe {
+            libc::munmap(p.cast(), PAGE as usize);
+            libc::munmap(p.add(2 * PAGE as usize).cast(), PAGE as usize);
+        }
+    }
 }

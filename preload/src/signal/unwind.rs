@@ -255,3 +255,58 @@ pub fn unwind_here(out: &mut [u64; MAX_FRAMES]) -> (usize, u8) {
     out.copy_within(ours..n, 0);
     (n - ours, flags)
 }
+
+/// Unwinds another thread's stack from a copy of it, for a thread dump of a thread blocked
+/// in a system call (background-thread world). That thread may wake up and exit at any
+/// moment, and its stack be unmapped, so its stack is never read in place: `copy` holds what
+/// was at `[at, at + copy.len())` when it was copied (fault-safely, by the caller), and a
+/// read outside the copy ends the stack there, flagged as truncated.
+pub fn unwind_copy(
+    ip: u64,
+    sp: u64,
+    bp: u64,
+    copy: &[u8],
+    at: u64,
+    out: &mut [u64; MAX_FRAMES],
+) -> (usize, u8) {
+    out[0] = ip;
+    let unwinder = CURRENT.load(Ordering::SeqCst);
+    if unwinder.is_null() || copy.is_empty() {
+        return (1, FLAG_TRUNCATED);
+    }
+    let Some((slot, cache)) = claim_cache() else {
+        return (1, FLAG_TRUNCATED);
+    };
+    let mut read_copy = |addr: u64| -> Result<u64, ()> {
+        let offset = usize::try_from(addr.checked_sub(at).ok_or(())?).map_err(|_| ())?;
+        let bytes = copy
+            .get(offset..offset.checked_add(8).ok_or(())?)
+            .ok_or(())?;
+        Ok(u64::from_ne_bytes(bytes.try_into().map_err(|_| ())?))
+    };
+    let regs = UnwindRegsX86_64::new(ip, sp, bp);
+    // SAFETY: `unwinder` was published by `publish` and is not freed while IN_FLIGHT (which
+    // the caller incremented) is non-zero; `cache` is exclusively ours until `release_cache`.
+    let (unwinder, cache) = unsafe { (&*unwinder, &mut *cache) };
+    let mut frames = unwinder.iter_frames(ip, regs, cache, &mut read_copy);
+    let mut n = 0;
+    let flags = loop {
+        match frames.next() {
+            Ok(Some(frame)) => {
+                let addr = match frame {
+                    FrameAddress::InstructionPointer(a) => a,
+                    FrameAddress::ReturnAddress(a) => a.get(),
+                };
+                match out.get_mut(n) {
+                    Some(slot) => *slot = addr,
+                    None => break FLAG_TRUNCATED,
+                }
+                n += 1;
+            }
+            Ok(None) => break 0,
+            Err(_) => break FLAG_TRUNCATED,
+        }
+    };
+    release_cache(slot, cache);
+    (n.max(1), flags)
+}
