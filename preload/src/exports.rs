@@ -1,7 +1,31 @@
-//! Every symbol `libanyprof.so` exports to interpose on the program, in one place.
+//! The symbols `libanyprof.so` exports to interpose on the program (constructor world for
+//! their set-up; the symbols themselves run on the program's threads, in whatever world the
+//! program calls them from, and keep to the core's rules where they may run in a signal
+//! handler or inside an allocation).
 //!
 //! Hooks are `#[cfg_attr(not(test), no_mangle)]` so that unit tests of this crate do not
-//! interpose on their own test harness.
+//! interpose on their own test harness. Every `extern "C"` function here is nounwind: a panic
+//! inside one aborts the process instead of unwinding into the program's frames.
+//!
+//! # Every exported symbol
+//! Checked against `nm -D --defined-only libanyprof.so` by `tests/tests/preload_core.rs`: a
+//! symbol exported but not listed here, or listed but not exported, fails that test.
+//! - defined in this file: `malloc` `free` `calloc` `realloc` `reallocarray` `memalign`
+//!   `aligned_alloc` `posix_memalign` `valloc` `pvalloc` `malloc_usable_size` `free_sized`
+//!   `free_aligned_sized` (bodies in the core's `alloc::hooks`); `pthread_create`; `_exit`
+//!   `_Exit`; `sigaction` `signal`; `unshare` `setns`;
+//! - the C++ `operator new` and `operator delete` family, defined in [`crate::alloc::cxx`]:
+//!   `_Znwm` `_Znam` `_ZnwmRKSt9nothrow_t` `_ZnamRKSt9nothrow_t` `_ZnwmSt11align_val_t`
+//!   `_ZnamSt11align_val_t` `_ZnwmSt11align_val_tRKSt9nothrow_t`
+//!   `_ZnamSt11align_val_tRKSt9nothrow_t` `_ZdlPv` `_ZdaPv` `_ZdlPvm` `_ZdaPvm`
+//!   `_ZdlPvRKSt9nothrow_t` `_ZdaPvRKSt9nothrow_t` `_ZdlPvSt11align_val_t`
+//!   `_ZdaPvSt11align_val_t` `_ZdlPvmSt11align_val_t` `_ZdaPvmSt11align_val_t`
+//!   `_ZdlPvSt11align_val_tRKSt9nothrow_t` `_ZdaPvSt11align_val_tRKSt9nothrow_t`;
+//! - not an interface, exported only because a cdylib exports every `#[no_mangle]` Rust
+//!   function: the helpers that the C half of the C++ layer (`alloc/cxx_new.c`) calls,
+//!   `anyprof_cxx_lookup` `anyprof_cxx_decide` `anyprof_cxx_is_decided` `anyprof_cxx_next`
+//!   `anyprof_cxx_enter` `anyprof_cxx_leave` `anyprof_cxx_allocated` `anyprof_cxx_freeing`
+//!   `anyprof_cxx_malloc` `anyprof_cxx_free` `anyprof_cxx_thrower`.
 
 use core::ffi::c_void;
 use core::sync::atomic::{AtomicUsize, Ordering};

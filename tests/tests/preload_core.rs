@@ -89,3 +89,49 @@ fn the_core_depends_on_no_std_part() {
         "the core must not enable anyprof-wire's `decode` feature (it needs an allocator)"
     );
 }
+
+/// The exported-symbol list in `preload/src/exports.rs` is complete and true: every symbol
+/// `libanyprof.so` exports is listed there, and every symbol listed there is exported.
+#[test]
+fn the_exports_list_names_every_exported_symbol() {
+    let lib = anyprof_tests::binaries().preload;
+    let out = std::process::Command::new("nm")
+        .args(["-D", "--defined-only"])
+        .arg(&lib)
+        .output()
+        .expect("run nm (binutils) on libanyprof.so");
+    assert!(out.status.success(), "nm -D {} failed", lib.display());
+    let exported: std::collections::BTreeSet<String> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| l.split_whitespace().nth(2).map(str::to_string))
+        .collect();
+    let source =
+        std::fs::read_to_string(anyprof_tests::workspace_root().join("preload/src/exports.rs"))
+            .expect("read exports.rs");
+    let section: String = source
+        .lines()
+        .skip_while(|l| !l.starts_with("//! # Every exported symbol"))
+        .take_while(|l| l.starts_with("//!"))
+        .collect::<Vec<_>>()
+        .join("\n");
+    let listed: std::collections::BTreeSet<String> = section
+        .split('`')
+        .skip(1)
+        .step_by(2)
+        .filter(|w| !w.is_empty() && w.chars().all(|c| c.is_ascii_alphanumeric() || c == '_'))
+        .map(str::to_string)
+        .collect();
+    // Words in backquotes that are not symbols.
+    let prose = ["nm", "alloc", "hooks"];
+    let listed: std::collections::BTreeSet<String> = listed
+        .into_iter()
+        .filter(|w| !prose.contains(&w.as_str()))
+        .collect();
+    let missing: Vec<&String> = exported.difference(&listed).collect();
+    let stale: Vec<&String> = listed.difference(&exported).collect();
+    assert!(
+        missing.is_empty() && stale.is_empty(),
+        "the `# Every exported symbol` list of preload/src/exports.rs is out of date: \
+         exported but not listed {missing:?}; listed but not exported {stale:?}"
+    );
+}
