@@ -48,7 +48,7 @@
 //!   of their own.
 //! - Nothing is written to the program's stdout or stderr; diagnostics go to the collector
 //!   (or `ANYPROF_LOG_FILE`). A panic of ours aborts the process silently
-//!   ([`lifecycle::abort_on_panic`]), never unwinds into the program.
+//!   ([`drain::thread::abort_on_panic`]), never unwinds into the program.
 //! - When anything is full or gone, data is dropped and counted, never waited for.
 //! - Until a collector asks, no CPU timer runs; without one, nothing leaves the process.
 //!

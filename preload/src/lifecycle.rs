@@ -80,26 +80,13 @@ extern "C" fn on_load(
     sys::set_errno(errno);
 }
 
-/// Runs `f`; if it panics, ends the process with `abort` (SIGABRT), printing nothing: a
-/// panic of ours must never unwind into the program's frames, nor write to its stderr. For
-/// the bodies of threads we start (the program's frames are not below them, but the
-/// workspace is built with `panic = "unwind"` for the collector's sake, and a panic ending
-/// our thread quietly would leave the process unprofiled without a word). The exported
-/// `extern "C"` functions need no wrapper: a panic cannot unwind out of them (Rust aborts).
-pub fn abort_on_panic(f: fn()) {
-    if std::panic::catch_unwind(f).is_err() {
-        // SAFETY: abort is always safe to call; it does not return.
-        unsafe { libc::abort() }
-    }
-}
-
 /// Makes every panic in this library end the process at once, silently (see
-/// [`abort_on_panic`]): the default hook would print to the program's stderr. The hook is
-/// this library's own (a cdylib carries its own copy of std): a Rust program's panics are
-/// untouched.
+/// [`crate::drain::thread::abort_on_panic`]): the default hook would print to the program's
+/// stderr. The hook is this library's own (a cdylib carries its own copy of std): a Rust
+/// program's panics are untouched.
 fn abort_silently_on_panic() {
     std::panic::set_hook(Box::new(|_| {
-        // SAFETY: as above.
+        // SAFETY: abort is always safe to call; it does not return.
         unsafe { libc::abort() }
     }));
 }

@@ -94,7 +94,7 @@ pub fn spawn() -> std::io::Result<()> {
     let blocked = crate::threads::AllSignalsBlocked::new();
     let result = std::thread::Builder::new()
         .name("anyprof".into())
-        .spawn(|| crate::lifecycle::abort_on_panic(run));
+        .spawn(|| abort_on_panic(run));
     drop(blocked);
     drop(internal);
     let handle = result?;
@@ -125,6 +125,19 @@ pub fn pause() -> bool {
     handle.thread().unpark();
     let _ = handle.join();
     true
+}
+
+/// Runs `f`; if it panics, ends the process with `abort` (SIGABRT), printing nothing: a
+/// panic of ours must never unwind into the program's frames, nor write to its stderr. For
+/// the bodies of threads we start (the program's frames are not below them, but the
+/// workspace is built with `panic = "unwind"` for the collector's sake, and a panic ending
+/// our thread quietly would leave the process unprofiled without a word). The exported
+/// `extern "C"` functions need no wrapper: a panic cannot unwind out of them (Rust aborts).
+pub fn abort_on_panic(f: fn()) {
+    if std::panic::catch_unwind(f).is_err() {
+        // SAFETY: abort is always safe to call; it does not return.
+        unsafe { libc::abort() }
+    }
 }
 
 /// True in serve mode: a lost connection also stops CPU sampling (nobody is asking).

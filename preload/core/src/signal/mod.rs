@@ -16,6 +16,11 @@
 //!
 //! What it may use: atomics, raw pointers into memory owned for the life of the process, and
 //! plain stack variables. Data leaves this module only through the [`ring`].
+//!
+//! The crate being `no_std` without `alloc` enforces the first rule and half of the second;
+//! the others are still the reviewer's. The unwinder is reached through [`unwinder`], whose
+//! entry points the cdylib publishes at start (its framehop unwinder is built with an
+//! allocator, on the background thread, and obeys this contract when it runs).
 
 pub mod handler;
 pub mod ring;
