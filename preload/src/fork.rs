@@ -13,6 +13,10 @@
 //! its own hello, gets its own background thread and, if the parent was being CPU-sampled,
 //! its own timer. Its heap profile counts only what it allocates itself (the buckets'
 //! counts at fork are its baseline).
+//!
+//! World: the atfork handlers run on the forking thread (constructor-like: may allocate and
+//! lock, as the gate guarantees our locks are free); sections are opened by background and
+//! constructor code only, never on a hook or handler path.
 
 use std::cell::{Cell, UnsafeCell};
 use std::sync::{RwLock, RwLockReadGuard, RwLockWriteGuard};

@@ -16,6 +16,8 @@
 //! - **Exit** ([`on_unload`], from `.fini_array`): stop sampling, send what is left and the
 //!   final counters. A process that ends with `_exit` runs no `.fini_array`: [`before_exit`]
 //!   has the background thread do the same first.
+//!
+//! World: constructor, atfork child handler and exit path (may allocate, lock and do I/O).
 
 use std::ffi::CStr;
 use std::path::PathBuf;

@@ -36,6 +36,9 @@
 //! while the process has one thread; a re-attach to a non-root daemon (which cannot open
 //! `/proc/PID/map_files`) runs it with the program's threads live, and may lose the few
 //! counts and samples written during the copy.
+//!
+//! World: constructor, re-attach (background thread) and fork child. The static itself is the
+//! core crate's (`anyprof_preload_core::region`), written from the signal/hook world.
 
 use core::sync::atomic::{AtomicBool, Ordering};
 

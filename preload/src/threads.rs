@@ -6,6 +6,10 @@
 //! already exist when the library starts (only the main thread under `LD_PRELOAD`) are set up
 //! by [`adopt_current_thread`] and [`adopt_other_threads`]. A thread-specific-data destructor
 //! deletes each timer when its thread exits, including through `pthread_exit`.
+//!
+//! World: the program's threads at start and exit, through our `pthread_create` trampoline
+//! and TSD destructor (may allocate: not in a signal handler, not inside an allocation), and
+//! the background thread.
 
 use core::ffi::c_void;
 use core::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
