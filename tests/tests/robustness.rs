@@ -1966,3 +1966,147 @@ fn a_deep_tmpdir_does_not_stop_the_program() {
         anyprof_tests::files_in(&dir)
     );
 }
+
+// ---------------------------------------------------------------------------------------------
+// A stopped collector
+// ---------------------------------------------------------------------------------------------
+
+/// User + system CPU seconds of process `pid` so far, from `/proc/PID/stat`; `None` once it
+/// is gone. The second value is its state letter (`Z` once it has exited).
+fn process_cpu(pid: u32) -> Option<(f64, char)> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The fields after the command name, which is in parentheses and may hold spaces.
+    let rest = stat.rsplit_once(')')?.1;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let state = fields.first()?.chars().next()?;
+    let ticks: f64 = fields.get(11)?.parse::<f64>().ok()? + fields.get(12)?.parse::<f64>().ok()?;
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    Some((ticks / hz, state))
+}
+
+/// The collector (`anyprof record`) is stopped with SIGSTOP while the program runs on: the
+/// program must go on and finish, the samples that found no room must be counted, and the
+/// profile written once the collector goes on must show them as `[lost samples]`. (That the
+/// program keeps its speed is `stopped_collector_does_not_slow_or_block_the_program`.) The program (`tests/programs/stopped_collector.c`)
+/// samples at the deepest stacks (128 frames, ~1 KiB a sample), so the 4 MiB message ring and
+/// the 512-slot sample ring hold about 4,000 samples: at the kernel's 250 Hz tick per thread,
+/// about 16 CPU-seconds. The collector stays stopped until the program has spent 22.
+#[test]
+fn a_stopped_collector_loses_samples_counted_and_the_program_finishes() {
+    // The rings filled up after ~4,000 samples (16 CPU-seconds) in a run on the test machine:
+    // 22 leaves ~1,500 samples lost.
+    const CPU_WHILE_STOPPED: f64 = 22.0;
+    let _cpu = cpu_lock();
+    let scratch = scratch_dir("robust_stopped_collector");
+    let exe = compile(
+        "stopped_collector.c",
+        &["-O1", "-g", "-pthread", "-fno-omit-frame-pointer"],
+        &scratch,
+    );
+    let flag = scratch.join("stop");
+    let _ = std::fs::remove_file(&flag);
+    let flag_arg = flag.to_string_lossy().into_owned();
+    let (mut cmd, dir) = record_command(
+        &scratch,
+        "profile",
+        &["--cpu-hz", "1000", "--mem-rate", "0"],
+        &exe,
+        &[&flag_arg, "4"],
+    );
+    let mut record = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("starting anyprof record");
+    let record_pid = record.id();
+    let (out_reader, err_reader) = capture_output(&mut record);
+    // The program: record's child.
+    let started = Instant::now();
+    let program = loop {
+        let children =
+            std::fs::read_to_string(format!("/proc/{record_pid}/task/{record_pid}/children"))
+                .unwrap_or_default();
+        if let Some(pid) = children
+            .split_whitespace()
+            .next()
+            .and_then(|p| p.parse().ok())
+        {
+            break pid;
+        }
+        assert!(
+            started.elapsed() < HANG_TIMEOUT,
+            "anyprof record started no program"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    std::thread::sleep(Duration::from_millis(300));
+    let signal = |sig| {
+        // SAFETY: kill has no memory-safety preconditions; the pid is our own child's.
+        unsafe { libc::kill(record_pid as libc::pid_t, sig) };
+    };
+    signal(libc::SIGSTOP);
+    let (cpu_at_stop, _) = process_cpu(program).expect("the program runs");
+    let stopped = Instant::now();
+    let mut finished = false;
+    while let Some((cpu, state)) = process_cpu(program) {
+        if state == 'Z' {
+            finished = true;
+            break;
+        }
+        if cpu - cpu_at_stop >= CPU_WHILE_STOPPED && !flag.exists() {
+            std::fs::write(&flag, b"").expect("write the flag file");
+        }
+        if stopped.elapsed() > Duration::from_secs(180) {
+            signal(libc::SIGCONT);
+            panic!(
+                "with the collector stopped, the program did not finish within 180 s (CPU \
+                 {cpu:.1} s, state {state}, flag written: {})",
+                flag.exists()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let stopped_for = stopped.elapsed();
+    signal(libc::SIGCONT);
+    let status = record.wait().expect("waiting for anyprof record");
+    let output = RunOutput {
+        code: exit_code(status),
+        stdout: out_reader.join().unwrap_or_default(),
+        stderr: err_reader.join().unwrap_or_default(),
+        wall: started.elapsed(),
+    };
+    let stderr = output.stderr_text();
+    assert!(
+        finished,
+        "the program should finish (exit, a zombie until record reaps it) while the collector \
+         is stopped; stderr:\n{stderr}"
+    );
+    assert_eq!(
+        (output.code, output.stdout_text().as_str()),
+        (0, "done\n"),
+        "the program should run as without a profiler; stderr:\n{stderr}"
+    );
+    let view = anyprof::pprof::read_file(&dir.join("cpu.pb.gz"))
+        .map(ProfileView::new)
+        .unwrap_or_else(|e| panic!("no CPU profile: {e:#}\nstderr:\n{stderr}"));
+    let lost = view
+        .self_samples()
+        .get(anyprof_tests::LOST_SAMPLES)
+        .copied()
+        .unwrap_or(0);
+    assert!(
+        lost > 0,
+        "the collector was stopped for {stopped_for:?} while the program spent \
+         {CPU_WHILE_STOPPED} CPU-seconds at 128-frame stacks: samples must have found no room, \
+         and the profile must show them as `{}`; it shows {lost} ({} samples in all)\nstderr:\n\
+         {stderr}",
+        anyprof_tests::LOST_SAMPLES,
+        view.total_samples()
+    );
+    eprintln!(
+        "stopped for {stopped_for:?}: {lost} of {} samples lost",
+        view.total_samples()
+    );
+}
