@@ -21,7 +21,7 @@
 #   BENCH_SECTIONS=judge,symbolize   which sections to run (judge, cpu, symbolize, heap; the
 #                          detailed cpu and heap tables take about 20 minutes more)
 #   BENCH_ROUNDS=7         rounds of the overhead benchmarks (medians are over rounds)
-#   BENCH_JUDGE_ROUNDS=7   rounds of section 0
+#   BENCH_JUDGE_ROUNDS=11  rounds of section 0
 #   BENCH_JUDGE_PAIRS=10000000  malloc/free pairs per thread of section 0's malloc_pairs runs
 #   BENCH_HZ=100           sampling rate given to every profiler
 #   BENCH_SECONDS=2        CPU seconds of work per run (the 4-thread variant splits them)
@@ -164,7 +164,7 @@ if want judge; then
         --heaptrack "$jheaptrack" \
         --tcmalloc "$jtcmalloc" \
         --jemalloc "$jjemalloc" \
-        --rounds "${BENCH_JUDGE_ROUNDS:-7}" \
+        --rounds "${BENCH_JUDGE_ROUNDS:-11}" \
         --pairs "${BENCH_JUDGE_PAIRS:-10000000}" \
         "${judge_args[@]+"${judge_args[@]}"}"
 fi
