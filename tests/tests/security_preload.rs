@@ -545,7 +545,9 @@ fn non_root_daemon_uses_a_private_directory_and_refuses_a_squatted_one() {
         return;
     }
     let Some(private) = claim_tmp(&format!("/tmp/anyprof-{NOBODY}")) else {
-        skip_outside_ci(&format!("/tmp/anyprof-{NOBODY} exists already"));
+        // Not ours to remove (a daemon of nobody's may be using it): the one skip CI allows,
+        // as it depends on what else ran on the machine, not on what is installed.
+        eprintln!("SKIPPED {TEST}: /tmp/anyprof-{NOBODY} exists already");
         return;
     };
     let scratch = scratch_dir("security_private_dir");
