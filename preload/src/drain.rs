@@ -860,20 +860,6 @@ fn send_module_changes(buf: &mut [u8], patient: bool) {
     }
 }
 
-/// Brings the unwinder up to date at once if objects were loaded or unloaded since the
-/// last drain cycle (a library dlopen'ed less than 20 ms ago: a heap sample's unwind just
-/// stopped in it). True if the unwinder changed. Never waits: if the background thread
-/// holds the module map, or a fork is in progress, it gives up.
-pub fn catch_up_with_loader() -> bool {
-    let Some(_section) = crate::fork::try_section() else {
-        return false;
-    };
-    let Ok(mut map) = MODULES.try_lock() else {
-        return false;
-    };
-    map.update()
-}
-
 /// Sends the thread-creation stacks if they changed since last sent.
 fn send_thread_creates(buf: &mut [u8], patient: bool) {
     static SENT_GENERATION: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
