@@ -39,17 +39,50 @@ fn owner_add(c: &AtomicU64, v: u64) {
     c.store(c.load(Ordering::Relaxed).wrapping_add(v), Ordering::Relaxed);
 }
 
-/// The calling thread's own slot, if it has one: the hooks' fast path.
+/// Bit 0 of `ThreadBlock::stats`: set when the thread's slot was claimed (or later found)
+/// while block sizes could be read from glibc's chunk headers
+/// ([`super::real::glibc_header_readable`]), so that the hooks' fast path tests one bit of
+/// one thread-local word for "has a slot, and may read the header".
+pub const GLIBC_FAST: usize = 1;
+
+#[inline(always)]
+fn slot_at(addr: usize) -> &'static Slot {
+    // SAFETY: `stats` only ever holds 0 or the address of an element of the slot table in
+    // the shared region (set by `claim`; 64-byte aligned, so bit 0 is free for
+    // GLIBC_FAST), which stays mapped at that address for the whole process.
+    unsafe { &*(addr as *const Slot) }
+}
+
+/// The calling thread's own slot, if it has one.
 #[inline(always)]
 pub fn own_slot(b: &ThreadBlock) -> Option<&'static Slot> {
-    let addr = b.stats.get();
+    let addr = b.stats.get() & !GLIBC_FAST;
     if addr == 0 {
         return None;
     }
-    // SAFETY: `stats` only ever holds 0 or the address of an element of the slot table in
-    // the shared region (set by `claim`), which stays mapped at that address for the whole
-    // process.
-    Some(unsafe { &*(addr as *const Slot) })
+    Some(slot_at(addr))
+}
+
+/// The calling thread's own slot if it has one and block sizes may be read from glibc's
+/// chunk headers: the hooks' fast path (one load, one bit test).
+#[inline(always)]
+pub fn glibc_fast_slot(b: &ThreadBlock) -> Option<&'static Slot> {
+    let v = b.stats.get();
+    if v & GLIBC_FAST == 0 {
+        return None;
+    }
+    // A subtraction, not a mask: it folds into the counters' address displacement.
+    Some(slot_at(v.wrapping_sub(GLIBC_FAST)))
+}
+
+/// Marks the calling thread's slot [`GLIBC_FAST`] if it has a slot and headers are readable
+/// now (a slot claimed before the start-up check, on the main thread).
+#[cold]
+pub fn upgrade(b: &ThreadBlock) {
+    let v = b.stats.get();
+    if v != 0 && super::real::glibc_header_readable() {
+        b.stats.set(v | GLIBC_FAST);
+    }
 }
 
 /// Counts, in the caller's own slot `s`, an allocation (`alloc`) or a free of a glibc block
@@ -171,7 +204,12 @@ fn claim(b: &ThreadBlock) -> Option<&'static Slot> {
             if let Some(s0) = table().first() {
                 s0.owned.fetch_max(idx as u32, Ordering::Release);
             }
-            b.stats.set(s as *const Slot as usize);
+            let fast = if super::real::glibc_header_readable() {
+                GLIBC_FAST
+            } else {
+                0
+            };
+            b.stats.set(s as *const Slot as usize | fast);
             let was = b.internal.replace(1);
             // SAFETY: the key was created by `init`; the value is a non-null marker that the
             // destructor does not dereference.

@@ -60,17 +60,26 @@ fn on_alloc(p: *mut c_void) -> *mut c_void {
     if b.internal.get() != 0 {
         return p;
     }
-    let Some(slot) = counters::own_slot(b) else {
-        return on_alloc_without_slot(b, p);
+    let Some(slot) = counters::glibc_fast_slot(b) else {
+        return on_alloc_not_fast(b, p);
     };
-    if !real::glibc_header_readable() {
-        return on_alloc_any_allocator(b, slot, p);
-    }
     let Some(chunk) = real::glibc_small_chunk(real::glibc_size_field(p), SMALL_LIMIT) else {
         return on_alloc_any_allocator(b, slot, p);
     };
     counters::count_glibc_small(slot, chunk, true);
     count_down(b, p, chunk.wrapping_sub(8) as u64)
+}
+
+/// [`on_alloc`] for a thread without a slot, or whose slot is not marked for glibc headers.
+#[inline(never)]
+fn on_alloc_not_fast(b: &ThreadBlock, p: *mut c_void) -> *mut c_void {
+    match counters::own_slot(b) {
+        Some(slot) => {
+            counters::upgrade(b);
+            on_alloc_any_allocator(b, slot, p)
+        }
+        None => on_alloc_without_slot(b, p),
+    }
 }
 
 /// [`on_alloc`] for other sizes or when the block size must be asked from the allocator.
@@ -217,12 +226,9 @@ pub fn free(p: *mut c_void) {
     if b.internal.get() != 0 {
         return real::free(p);
     }
-    let Some(slot) = counters::own_slot(b) else {
-        return free_slow(b, p, false);
+    let Some(slot) = counters::glibc_fast_slot(b) else {
+        return free_not_fast(b, p);
     };
-    if !real::glibc_header_readable() {
-        return free_any_allocator(b, slot, p);
-    }
     let Some(chunk) = real::glibc_small_chunk(real::glibc_size_field(p), SMALL_LIMIT) else {
         return free_any_allocator(b, slot, p);
     };
@@ -233,7 +239,19 @@ pub fn free(p: *mut c_void) {
     real::free_glibc(p);
 }
 
-/// [`free`] when the block size must be asked from the allocator.
+/// [`free`] for a thread without a slot, or whose slot is not marked for glibc headers.
+#[inline(never)]
+fn free_not_fast(b: &ThreadBlock, p: *mut c_void) {
+    match counters::own_slot(b) {
+        Some(slot) => {
+            counters::upgrade(b);
+            free_any_allocator(b, slot, p)
+        }
+        None => free_slow(b, p, false),
+    }
+}
+
+/// [`free`] for other sizes or when the block size must be asked from the allocator.
 #[inline(never)]
 fn free_any_allocator(
     b: &ThreadBlock,
