@@ -10,7 +10,7 @@
 //! that is never freed; `free` ignores its blocks, `realloc` copies out of them.
 
 use core::ffi::c_void;
-use core::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use core::sync::atomic::{AtomicBool, AtomicPtr, AtomicUsize, Ordering};
 
 type MallocFn = unsafe extern "C" fn(usize) -> *mut c_void;
 type FreeFn = unsafe extern "C" fn(*mut c_void);
@@ -47,6 +47,13 @@ static NEXT: Table = Table {
     usable_size: AtomicUsize::new(0),
 };
 
+/// What [`malloc`] calls: the next allocator's `malloc` once resolved, [`malloc_unresolved`]
+/// until then, so that the hot path calls through it without testing it.
+static MALLOC_CALL: AtomicPtr<()> = AtomicPtr::new(malloc_unresolved as *mut ());
+/// What [`free_glibc`] calls: the next allocator's `free` once resolved, [`free_unusual`]
+/// until then.
+static FREE_CALL: AtomicPtr<()> = AtomicPtr::new(free_unusual as *mut ());
+
 static RESOLVED: AtomicBool = AtomicBool::new(false);
 static RESOLVING: AtomicBool = AtomicBool::new(false);
 
@@ -81,6 +88,16 @@ pub fn resolve() -> bool {
         && NEXT.free.load(Ordering::Acquire) != 0
         && NEXT.calloc.load(Ordering::Acquire) != 0
         && NEXT.realloc.load(Ordering::Acquire) != 0;
+    if ok {
+        MALLOC_CALL.store(
+            NEXT.malloc.load(Ordering::Acquire) as *mut (),
+            Ordering::Release,
+        );
+        FREE_CALL.store(
+            NEXT.free.load(Ordering::Acquire) as *mut (),
+            Ordering::Release,
+        );
+    }
     RESOLVED.store(ok, Ordering::Release);
     RESOLVING.store(false, Ordering::Release);
     ok
@@ -100,16 +117,15 @@ fn get(slot: &AtomicUsize) -> usize {
 /// hooks' fast paths need no saved register.
 #[inline(always)]
 pub fn malloc(size: usize) -> *mut c_void {
-    match NEXT.malloc.load(Ordering::Relaxed) {
-        0 => malloc_unresolved(size),
-        // SAFETY: the address dlsym returned for "malloc".
-        f => unsafe { core::mem::transmute::<usize, MallocFn>(f)(size) },
-    }
+    let f = MALLOC_CALL.load(Ordering::Relaxed);
+    // SAFETY: MALLOC_CALL holds either `malloc_unresolved` or the address dlsym returned for
+    // "malloc", both of this type.
+    unsafe { core::mem::transmute::<*mut (), MallocFn>(f)(size) }
 }
 
 #[cold]
 #[inline(never)]
-fn malloc_unresolved(size: usize) -> *mut c_void {
+extern "C" fn malloc_unresolved(size: usize) -> *mut c_void {
     match get(&NEXT.malloc) {
         0 => arena::alloc(size, 16),
         // SAFETY: the address dlsym returned for "malloc".
@@ -130,7 +146,7 @@ pub fn free(p: *mut c_void) {
 
 #[cold]
 #[inline(never)]
-fn free_unusual(p: *mut c_void) {
+extern "C" fn free_unusual(p: *mut c_void) {
     if arena::contains(p) {
         return;
     }
@@ -318,11 +334,10 @@ pub fn glibc_small_chunk(field: usize, limit: usize) -> Option<usize> {
 /// resolution).
 #[inline(always)]
 pub fn free_glibc(p: *mut c_void) {
-    match NEXT.free.load(Ordering::Relaxed) {
-        0 => free_unusual(p),
-        // SAFETY: the address dlsym returned for "free"; `p` came from the same allocator.
-        f => unsafe { core::mem::transmute::<usize, FreeFn>(f)(p) },
-    }
+    let f = FREE_CALL.load(Ordering::Relaxed);
+    // SAFETY: FREE_CALL holds either `free_unusual` or the address dlsym returned for
+    // "free", both of this type; `p` came from that allocator.
+    unsafe { core::mem::transmute::<*mut (), FreeFn>(f)(p) }
 }
 
 /// The usable size of a live, non-null block, by the cheapest correct means: glibc's chunk
