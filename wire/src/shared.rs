@@ -724,6 +724,54 @@ mod tests {
 
     use super::*;
 
+    /// Per-size counts sum to the same bytes and size-class histogram as counting each
+    /// block by its size; other sizes add as they are.
+    #[test]
+    fn alloc_totals_expand_the_per_size_counts() {
+        let layout = std::alloc::Layout::new::<AllocSlot>();
+        // SAFETY: all-zero is a valid AllocSlot (module doc); non-zero-sized layout, pointer
+        // from `alloc_zeroed` with that layout, as Box requires.
+        let slot: Box<AllocSlot> =
+            unsafe { Box::from_raw(std::alloc::alloc_zeroed(layout).cast::<AllocSlot>()) };
+        let load = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        let count = |u: u64, n: u64, alloc: bool| {
+            let (small, bytes, classes) = if alloc {
+                (&slot.small_mallocs, &slot.alloc_bytes, &slot.class_mallocs)
+            } else {
+                (&slot.small_frees, &slot.free_bytes, &slot.class_frees)
+            };
+            if u & SMALL_MASK == 0 {
+                small[(u / 8 + 1) as usize].fetch_add(n, Ordering::Relaxed);
+            } else {
+                bytes.fetch_add(u * n, Ordering::Relaxed);
+                classes[crate::size_class(u)].fetch_add(n, Ordering::Relaxed);
+            }
+        };
+        let blocks = [
+            (24u64, 5u64),
+            (40, 2),
+            (4088, 1),
+            (4096, 3),
+            (100_000, 1),
+            (13, 2),
+            (0, 1),
+        ];
+        let mut expect = AllocTotals::ZERO;
+        for &(u, n) in &blocks {
+            count(u, n, true);
+            count(u, 1, false);
+            expect.alloc_bytes += u * n;
+            expect.free_bytes += u;
+            expect.class_mallocs[crate::size_class(u)] += n;
+            expect.class_frees[crate::size_class(u)] += 1;
+        }
+        let mut t = AllocTotals::ZERO;
+        t.add_slot(&slot, load);
+        assert_eq!(t, expect);
+        assert_eq!(t.mallocs(), 15);
+        assert_eq!(t.frees(), 7);
+    }
+
     /// A zeroed ring on the heap (4 MiB is too large for a test thread's stack).
     fn ring() -> Box<MessageRing> {
         let layout = std::alloc::Layout::new::<MessageRing>();
