@@ -563,6 +563,20 @@ pub fn last_flush_by_background() -> bool {
     true
 }
 
+/// The background thread's handle for [`wake`] (null before the first spawn).
+static WAKER: std::sync::atomic::AtomicPtr<std::thread::Thread> =
+    std::sync::atomic::AtomicPtr::new(core::ptr::null_mut());
+
+/// Wakes the background thread for an early cycle. Called from malloc hooks: `unpark` is an
+/// atomic swap and at most one futex wake, no lock, no allocation.
+fn wake() {
+    let t = WAKER.load(Ordering::Acquire);
+    if !t.is_null() {
+        // SAFETY: WAKER only holds null or a leaked, never freed `Thread` (see `spawn`).
+        unsafe { (*t).unpark() };
+    }
+}
+
 /// Starts the background thread, with every signal blocked from its first instruction (see
 /// [`crate::threads::AllSignalsBlocked`]): signals are the program's.
 pub fn spawn() -> std::io::Result<()> {
@@ -575,6 +589,11 @@ pub fn spawn() -> std::io::Result<()> {
     drop(blocked);
     thread_state::set_internal(was);
     let handle = result?;
+    // What a hook calls to wake this thread (signal::unwinder::request_catch_up): a handle
+    // that stays valid for good (leaked; one per spawn), read without a lock.
+    let thread = Box::into_raw(Box::new(handle.thread().clone()));
+    WAKER.store(thread, Ordering::Release);
+    anyprof_preload_core::signal::unwinder::publish_waker(wake);
     if let Ok(mut t) = THREAD.lock() {
         *t = Some(handle);
     }
@@ -841,6 +860,12 @@ fn send_module_changes(buf: &mut [u8], patient: bool) {
         return;
     };
     let changes = map.refresh();
+    if !changes.added.is_empty() || !changes.removed.is_empty() {
+        // The unwinder knows the new set of objects: a hook's next truncated stack may wake
+        // us again. (Kept set otherwise, so that a stack that is always truncated, through
+        // JIT code, does not wake us on every sample.)
+        let _ = anyprof_preload_core::signal::unwinder::take_catch_up_request();
+    }
     for id in changes.removed {
         if let Some(n) = wire::encode_module_unloaded(buf, id) {
             if !send(buf.get(..n).unwrap_or(&[]), patient) {

@@ -5,7 +5,7 @@
 use core::ffi::c_void;
 
 use anyprof_wire::shared::SMALL_LIMIT as SMALL_LIMIT_U64;
-use anyprof_wire::{MemStat, MAX_FRAMES};
+use anyprof_wire::{MemStat, FLAG_NO_STACK_BOUNDS, FLAG_TRUNCATED, MAX_FRAMES};
 
 const SMALL_LIMIT: usize = SMALL_LIMIT_U64 as usize;
 
@@ -138,10 +138,13 @@ fn maybe_sample(b: &ThreadBlock, p: *mut c_void, usable: u64) -> *mut c_void {
     b.internal.set(1);
     // No loader, file system, lock or allocation from here on: a thread whose stack bounds
     // are unknown is unwound with checked reads, and a stack that runs into an object the
-    // unwinder does not know yet (dlopen'ed less than a drain cycle ago) is kept truncated;
-    // the background thread brings the unwinder up to date on its next cycle.
+    // unwinder does not know yet (dlopen'ed since the background thread's last cycle) is kept
+    // truncated; the background thread is woken to bring the unwinder up to date.
     let mut frames = [0u64; MAX_FRAMES];
-    let (n, _flags) = unwind::unwind_here(&mut frames);
+    let (n, flags) = unwind::unwind_here(&mut frames);
+    if flags & FLAG_TRUNCATED != 0 && flags & FLAG_NO_STACK_BOUNDS == 0 && n < MAX_FRAMES {
+        unwind::request_catch_up();
+    }
     match buckets::intern(frames.get(..n).unwrap_or(&[]), usable) {
         Some(bucket) => {
             buckets::add_alloc(bucket, usable);
