@@ -56,12 +56,6 @@ pub fn section() -> Section {
     })
 }
 
-/// Like [`section`], but gives up instead of waiting while a fork is in progress (for code
-/// that may run inside an allocation made by another library's fork handler).
-pub fn try_section() -> Option<Section> {
-    open_section(false)
-}
-
 fn open_section(wait: bool) -> Option<Section> {
     let flag: &Cell<u8> = &tls::current().in_fork_section;
     if flag.get() != 0 {

@@ -96,10 +96,6 @@ fn abort_silently_on_panic() {
 /// Hands the core what it needs from the std part (it never imports it).
 fn publish_to_core() {
     anyprof_preload_core::signal::unwinder::publish(unwind::unwind, unwind::unwind_here);
-    anyprof_preload_core::outside::publish(anyprof_preload_core::outside::Outside {
-        record_stack_bounds: threads::record_stack_bounds,
-        catch_up_with_loader: drain::catch_up_with_loader,
-    });
 }
 
 fn start(argc: libc::c_int, argv: *const *const libc::c_char) {

@@ -11,8 +11,8 @@
 //! glibc uses the caller's address to pick `$ORIGIN` and the namespace. On a change a new
 //! unwinder is built and published ([`crate::signal::unwind::publish`]).
 //!
-//! World: background thread (and the rare `catch_up_with_loader`, published to the core, which
-//! only ever `try_lock`s the map); may allocate.
+//! World: background thread only (a hook whose stack runs into an object not known yet
+//! wakes that thread, it never touches the map); may allocate.
 
 use std::ffi::CStr;
 use std::sync::Arc;

@@ -2110,3 +2110,63 @@ fn a_stopped_collector_loses_samples_counted_and_the_program_finishes() {
         view.total_samples()
     );
 }
+
+// ---------------------------------------------------------------------------------------------
+// 13. what a malloc hook may call
+// ---------------------------------------------------------------------------------------------
+
+/// A sampled allocation must not reach the dynamic loader, the file system or a locking libc
+/// call (issue 14): `hook_reach` (see its header) counts the calls to `dl_iterate_phdr`,
+/// `readlink`, `realpath` and `pthread_getattr_np` made while one of its mallocs is in
+/// progress, at `--mem-rate 1`, from a thread made behind our `pthread_create` interposer
+/// (unknown stack bounds) and from the constructor of a library being dlopen'ed (unknown to
+/// the unwinder). Before the fix the hook learnt the thread's bounds with
+/// `pthread_getattr_np` and caught up with the loader itself (4 such calls). The thread's
+/// allocations must still have whole stacks (unwound with checked reads).
+#[test]
+fn a_sampled_allocation_reaches_no_loader_file_or_lock() {
+    let scratch = scratch_dir("hook_reach");
+    let plugin = compile(
+        "hook_reach_plugin.c",
+        &["-O1", "-g", "-shared", "-fPIC"],
+        &scratch,
+    );
+    let exe = compile(
+        "hook_reach.c",
+        &["-O1", "-g", "-rdynamic", "-pthread", "-ldl"],
+        &scratch,
+    );
+    let plugin_arg = plugin.to_str().expect("utf-8 path");
+    let plain = direct(&exe, &[plugin_arg]);
+    assert_eq!(
+        (plain.code, plain.stdout_text()),
+        (0, "forbidden calls from inside malloc: 0\n".to_string()),
+        "hook_reach itself failed: {plain:?}"
+    );
+    let (profiled, dir) = recorded(
+        &scratch,
+        "profile",
+        &["--cpu-hz", "0", "--mem-rate", "1"],
+        &exe,
+        &[plugin_arg],
+    );
+    assert_same_behaviour("hook_reach under record", &plain, &profiled);
+    let view = read_profile(&dir.join("allocs.pb.gz"));
+    let whole: i64 = view
+        .profile
+        .sample
+        .iter()
+        .filter(|s| {
+            let names: Vec<&str> = view.frames(s).iter().map(|f| f.name).collect();
+            names.starts_with(&["hook_reach_marked_alloc", "bypass_worker"])
+        })
+        .map(|s| view.heap_values(s)[0])
+        .sum();
+    assert_eq!(
+        whole,
+        200,
+        "the allocations of the thread with unknown stack bounds have no stack through \
+         bypass_worker:\n{}",
+        view.describe()
+    );
+}

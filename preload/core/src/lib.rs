@@ -6,8 +6,8 @@
 //! transport, lifecycle, region setup, the exported symbols) depends on this crate, never the
 //! reverse. What the core needs from it reaches it through atomics and function pointers
 //! published at start: the unwinder ([`signal::unwinder`]), the settings ([`settings`],
-//! [`alloc::sampler::RATE`], [`alloc::hooks::ACCOUNTING`]) and the few slow-path services of
-//! [`outside`]. The shared region's storage ([`region::SHARED`]) is a static of this crate.
+//! [`alloc::sampler::RATE`], [`alloc::hooks::ACCOUNTING`]); nothing else (a sampled
+//! allocation needs no service of the std part). The shared region's storage ([`region::SHARED`]) is a static of this crate.
 //!
 //! Which world each file lives in:
 //! - signal world (runs in the sampling signal's handler, at any instruction of the program):
@@ -16,7 +16,7 @@
 //! - hook world (runs inside the program's `malloc`/`free`, on any thread, possibly before
 //!   our constructor): [`alloc::hooks`], [`alloc::sampler`], [`alloc::counters`],
 //!   [`alloc::live`], [`alloc::buckets`], [`alloc::real`];
-//! - both: [`tls`] (the per-thread block), [`region`], [`settings`], [`outside`];
+//! - both: [`tls`] (the per-thread block), [`region`], [`settings`];
 //! - a few functions here are called from the constructor or the background thread only
 //!   (setup, snapshots, resets); their docs say so. They obey the same rules all the same.
 //!
@@ -29,7 +29,6 @@
 
 pub mod alloc;
 pub mod counters;
-pub mod outside;
 pub mod region;
 pub mod settings;
 pub mod signal;

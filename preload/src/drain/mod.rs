@@ -18,7 +18,7 @@ pub mod thread;
 pub mod transport;
 
 pub use thread::{
-    catch_up_with_loader, flush, forget_thread_in_child, last_flush_by_background, pause,
-    report_everything_again, spawn, MODULES, RECONNECT, SERVE_MODE,
+    flush, forget_thread_in_child, last_flush_by_background, pause, report_everything_again, spawn,
+    MODULES, RECONNECT, SERVE_MODE,
 };
 pub use transport::{collector_uid, connect, forget_connection, handshake, Trust};

@@ -20,6 +20,12 @@ pub fn send_module_changes(buf: &mut [u8], patient: bool) {
         return;
     };
     let changes = map.refresh();
+    if !changes.added.is_empty() || !changes.removed.is_empty() {
+        // The unwinder knows the new set of objects: a hook's next truncated stack may wake
+        // us again. (Kept set otherwise, so that a stack that is always truncated, through
+        // JIT code, does not wake us on every sample.)
+        let _ = anyprof_preload_core::signal::unwinder::take_catch_up_request();
+    }
     for id in changes.removed {
         if let Some(n) = wire::encode_module_unloaded(buf, id) {
             if !send(buf.get(..n).unwrap_or(&[]), patient) {

@@ -86,6 +86,20 @@ pub fn last_flush_by_background() -> bool {
     true
 }
 
+/// The background thread's handle for [`wake`] (null before the first spawn).
+static WAKER: std::sync::atomic::AtomicPtr<std::thread::Thread> =
+    std::sync::atomic::AtomicPtr::new(core::ptr::null_mut());
+
+/// Wakes the background thread for an early cycle. Called from malloc hooks: `unpark` is an
+/// atomic swap and at most one futex wake, no lock, no allocation.
+fn wake() {
+    let t = WAKER.load(Ordering::Acquire);
+    if !t.is_null() {
+        // SAFETY: WAKER only holds null or a leaked, never freed `Thread` (see `spawn`).
+        unsafe { (*t).unpark() };
+    }
+}
+
 /// Starts the background thread, with every signal blocked from its first instruction (see
 /// [`crate::threads::AllSignalsBlocked`]): signals are the program's.
 pub fn spawn() -> std::io::Result<()> {
@@ -98,6 +112,11 @@ pub fn spawn() -> std::io::Result<()> {
     drop(blocked);
     drop(internal);
     let handle = result?;
+    // What a hook calls to wake this thread (signal::unwinder::request_catch_up): a handle
+    // that stays valid for good (leaked; one per spawn), read without a lock.
+    let thread = Box::into_raw(Box::new(handle.thread().clone()));
+    WAKER.store(thread, Ordering::Release);
+    anyprof_preload_core::signal::unwinder::publish_waker(wake);
     if let Ok(mut t) = THREAD.lock() {
         *t = Some(handle);
     }
@@ -280,18 +299,4 @@ fn acquire_drain(patient: bool) -> bool {
         }
         std::thread::sleep(Duration::from_millis(1));
     }
-}
-
-/// Brings the unwinder up to date at once if objects were loaded or unloaded since the
-/// last drain cycle (a library dlopen'ed less than 20 ms ago: a heap sample's unwind just
-/// stopped in it). True if the unwinder changed. Never waits: if the background thread
-/// holds the module map, or a fork is in progress, it gives up.
-pub fn catch_up_with_loader() -> bool {
-    let Some(_section) = crate::fork::try_section() else {
-        return false;
-    };
-    let Ok(mut map) = MODULES.try_lock() else {
-        return false;
-    };
-    map.update()
 }

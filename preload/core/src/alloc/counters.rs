@@ -1,6 +1,7 @@
 //! Exact allocator counters — the native `runtime.MemStats` — without shared writes on the
-//! fast path. Per allocation and free: bytes and the size-class histogram; the numbers of
-//! allocations and frees are the histogram's sums.
+//! fast path. Per allocation and free: the count per usable size for the common sizes (one
+//! increment), bytes and the size-class histogram for the rest; the layout and how the sums
+//! follow are in [`anyprof_wire::shared::AllocSlot`].
 //!
 //! Every thread owns one slot of a static array and is its only writer, so it updates its
 //! counters with plain loads and stores (no `lock`-prefixed instruction, no cache line
@@ -11,11 +12,12 @@
 //! after its exit began use the shared overflow slot with atomic adds.
 //!
 //! The slots live in the shared region ([`crate::region::SHARED`]): the collector sums them
-//! itself after a sudden death.
+//! itself after a sudden death. Nothing is batched, so nothing is lost there.
 
 use core::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
-use anyprof_wire::{size_class, SIZE_CLASSES};
+use anyprof_wire::shared::{AllocTotals, SMALL_MASK};
+use anyprof_wire::size_class;
 
 use crate::tls::ThreadBlock;
 
@@ -28,8 +30,6 @@ fn table() -> &'static [Slot; SLOTS] {
 }
 
 static HINT: AtomicUsize = AtomicUsize::new(1);
-/// Highest slot index ever claimed: the reader sums only up to it.
-static HIGH: AtomicUsize = AtomicUsize::new(0);
 /// The TSD key whose destructor releases a thread's slot (stored + 1; 0 = none yet).
 static KEY: AtomicUsize = AtomicUsize::new(0);
 
@@ -39,48 +39,121 @@ fn owner_add(c: &AtomicU64, v: u64) {
     c.store(c.load(Ordering::Relaxed).wrapping_add(v), Ordering::Relaxed);
 }
 
+/// Bit 0 of `ThreadBlock::stats`: set when the thread's slot was claimed (or later found)
+/// while block sizes could be read from glibc's chunk headers
+/// ([`super::real::glibc_header_readable`]), so that the hooks' fast path tests one bit of
+/// one thread-local word for "has a slot, and may read the header".
+pub const GLIBC_FAST: usize = 1;
+
 #[inline(always)]
-fn slot_of(b: &ThreadBlock) -> Option<&'static Slot> {
-    let addr = b.stats.get();
+fn slot_at(addr: usize) -> &'static Slot {
+    // SAFETY: `stats` only ever holds 0 or the address of an element of the slot table in
+    // the shared region (set by `claim`; 64-byte aligned, so bit 0 is free for
+    // GLIBC_FAST), which stays mapped at that address for the whole process.
+    unsafe { &*(addr as *const Slot) }
+}
+
+/// The calling thread's own slot, if it has one.
+#[inline(always)]
+pub fn own_slot(b: &ThreadBlock) -> Option<&'static Slot> {
+    let addr = b.stats.get() & !GLIBC_FAST;
     if addr == 0 {
         return None;
     }
-    // SAFETY: `stats` only ever holds 0 or the address of an element of the slot table in
-    // the shared region (set by `claim`), which stays mapped at that address for the whole
-    // process.
-    Some(unsafe { &*(addr as *const Slot) })
+    Some(slot_at(addr))
 }
 
-/// True if the calling thread counts in a slot of its own: the hooks' fast path.
+/// The calling thread's own slot if it has one and block sizes may be read from glibc's
+/// chunk headers: the hooks' fast path (one load, one bit test).
 #[inline(always)]
-pub fn has_slot(b: &ThreadBlock) -> bool {
-    b.stats.get() != 0
+pub fn glibc_fast_slot(b: &ThreadBlock) -> Option<&'static Slot> {
+    let v = b.stats.get();
+    if v & GLIBC_FAST == 0 {
+        return None;
+    }
+    // A subtraction, not a mask: it folds into the counters' address displacement.
+    Some(slot_at(v.wrapping_sub(GLIBC_FAST)))
 }
 
-/// Counts an allocation of `usable` bytes.
+/// Marks the calling thread's slot [`GLIBC_FAST`] if it has a slot and headers are readable
+/// now (a slot claimed before the start-up check, on the main thread).
+#[cold]
+pub fn upgrade(b: &ThreadBlock) {
+    let v = b.stats.get();
+    if v != 0 && super::real::glibc_header_readable() {
+        b.stats.set(v | GLIBC_FAST);
+    }
+}
+
+/// Counts, in the caller's own slot `s`, an allocation (`alloc`) or a free of a glibc block
+/// whose chunk is `chunk` bytes (a multiple of 8, below
+/// [`anyprof_wire::shared::SMALL_LIMIT`]): usable size `chunk - 8`.
 #[inline(always)]
-pub fn on_alloc(b: &ThreadBlock, usable: u64) {
-    match slot_of(b) {
-        Some(s) => {
-            owner_add(&s.alloc_bytes, usable);
-            if let Some(c) = s.class_mallocs.get(size_class(usable)) {
-                owner_add(c, 1);
-            }
+pub fn count_glibc_small(s: &Slot, chunk: usize, alloc: bool) {
+    let small = if alloc {
+        &s.small_mallocs
+    } else {
+        &s.small_frees
+    };
+    // `chunk / 8` is below SMALL_LIMIT / 8 < SMALL_SIZES: the bounds check folds away.
+    if let Some(c) = small.get(chunk / 8) {
+        owner_add(c, 1);
+    }
+}
+
+/// Counts, in the caller's own slot `s`, an allocation (`alloc`) or a free of a block of
+/// `usable` bytes. Common sizes: one increment.
+#[inline(always)]
+pub fn count_owned(s: &Slot, usable: u64, alloc: bool) {
+    let small = if alloc {
+        &s.small_mallocs
+    } else {
+        &s.small_frees
+    };
+    if usable & SMALL_MASK == 0 {
+        if let Some(c) = small.get((usable / 8 + 1) as usize) {
+            owner_add(c, 1);
         }
+    } else {
+        // Inline, not a call: the hooks' fast paths then save no register.
+        let (bytes, classes) = if alloc {
+            (&s.alloc_bytes, &s.class_mallocs)
+        } else {
+            (&s.free_bytes, &s.class_frees)
+        };
+        if let Some(c) = classes.get(size_class(usable)) {
+            owner_add(bytes, usable);
+            owner_add(c, 1);
+        }
+    }
+}
+
+/// Counts a block outside the small sizes in the shared overflow slot `s`.
+#[cold]
+fn count_large_shared(s: &Slot, usable: u64, alloc: bool) {
+    let (bytes, classes) = if alloc {
+        (&s.alloc_bytes, &s.class_mallocs)
+    } else {
+        (&s.free_bytes, &s.class_frees)
+    };
+    if let Some(c) = classes.get(size_class(usable)) {
+        bytes.fetch_add(usable, Ordering::Relaxed);
+        c.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// Counts an allocation of `usable` bytes by a thread that may have no slot yet.
+pub fn on_alloc(b: &ThreadBlock, usable: u64) {
+    match own_slot(b) {
+        Some(s) => count_owned(s, usable, true),
         None => slow_add(b, usable, true),
     }
 }
 
-/// Counts a free of a block of `usable` bytes.
-#[inline(always)]
+/// Counts a free of a block of `usable` bytes by a thread that may have no slot yet.
 pub fn on_free(b: &ThreadBlock, usable: u64) {
-    match slot_of(b) {
-        Some(s) => {
-            owner_add(&s.free_bytes, usable);
-            if let Some(c) = s.class_frees.get(size_class(usable)) {
-                owner_add(c, 1);
-            }
-        }
+    match own_slot(b) {
+        Some(s) => count_owned(s, usable, false),
         None => slow_add(b, usable, false),
     }
 }
@@ -92,24 +165,24 @@ fn slow_add(b: &ThreadBlock, usable: u64, alloc: bool) {
     } else {
         None
     };
-    let Some(s) = slot.or_else(|| table().first()) else {
+    if let Some(s) = slot {
+        count_owned(s, usable, alloc);
+        return;
+    }
+    let Some(s) = table().first() else {
         return;
     };
-    let (bytes, classes) = if alloc {
-        (&s.alloc_bytes, &s.class_mallocs)
-    } else {
-        (&s.free_bytes, &s.class_frees)
-    };
-    if slot.is_some() {
-        owner_add(bytes, usable);
-        if let Some(c) = classes.get(size_class(usable)) {
-            owner_add(c, 1);
-        }
-    } else {
-        bytes.fetch_add(usable, Ordering::Relaxed);
-        if let Some(c) = classes.get(size_class(usable)) {
+    if usable & SMALL_MASK == 0 {
+        let small = if alloc {
+            &s.small_mallocs
+        } else {
+            &s.small_frees
+        };
+        if let Some(c) = small.get((usable / 8 + 1) as usize) {
             c.fetch_add(1, Ordering::Relaxed);
         }
+    } else {
+        count_large_shared(s, usable, alloc);
     }
 }
 
@@ -128,8 +201,15 @@ fn claim(b: &ThreadBlock) -> Option<&'static Slot> {
             .is_ok()
         {
             HINT.store(idx + 1, Ordering::Relaxed);
-            HIGH.fetch_max(idx, Ordering::Relaxed);
-            b.stats.set(s as *const Slot as usize);
+            if let Some(s0) = table().first() {
+                s0.owned.fetch_max(idx as u32, Ordering::Release);
+            }
+            let fast = if super::real::glibc_header_readable() {
+                GLIBC_FAST
+            } else {
+                0
+            };
+            b.stats.set(s as *const Slot as usize | fast);
             let was = b.internal.replace(1);
             // SAFETY: the key was created by `init`; the value is a non-null marker that the
             // destructor does not dereference.
@@ -149,7 +229,7 @@ fn claim(b: &ThreadBlock) -> Option<&'static Slot> {
 unsafe extern "C" fn release_at_thread_exit(_: *mut libc::c_void) {
     let b = crate::tls::current();
     b.exiting.set(1);
-    if let Some(s) = slot_of(b) {
+    if let Some(s) = own_slot(b) {
         b.stats.set(0);
         s.owned.store(0, Ordering::Release);
     }
@@ -179,9 +259,9 @@ pub struct Totals {
     /// Usable bytes freed.
     pub free_bytes: u64,
     /// Allocations per size class.
-    pub class_mallocs: [u64; SIZE_CLASSES],
+    pub class_mallocs: [u64; anyprof_wire::SIZE_CLASSES],
     /// Frees per size class.
-    pub class_frees: [u64; SIZE_CLASSES],
+    pub class_frees: [u64; anyprof_wire::SIZE_CLASSES],
 }
 
 impl Totals {
@@ -193,42 +273,35 @@ impl Totals {
 
 /// Sums every slot (relaxed reads: each counter is exact, the set is not an atomic snapshot).
 pub fn totals() -> Totals {
-    let mut t = Totals {
-        mallocs: 0,
-        frees: 0,
-        alloc_bytes: 0,
-        free_bytes: 0,
-        class_mallocs: [0; SIZE_CLASSES],
-        class_frees: [0; SIZE_CLASSES],
-    };
-    for s in used_slots() {
-        t.alloc_bytes += s.alloc_bytes.load(Ordering::Relaxed);
-        t.free_bytes += s.free_bytes.load(Ordering::Relaxed);
-        for (o, c) in t.class_mallocs.iter_mut().zip(s.class_mallocs.iter()) {
-            *o += c.load(Ordering::Relaxed);
-        }
-        for (o, c) in t.class_frees.iter_mut().zip(s.class_frees.iter()) {
-            *o += c.load(Ordering::Relaxed);
-        }
+    let t = sum();
+    Totals {
+        mallocs: t.mallocs(),
+        frees: t.frees(),
+        alloc_bytes: t.alloc_bytes,
+        free_bytes: t.free_bytes,
+        class_mallocs: t.class_mallocs,
+        class_frees: t.class_frees,
     }
-    // Counts are the histograms' sums, so a snapshot's Mallocs and BySize always agree.
-    t.mallocs = t.class_mallocs.iter().sum();
-    t.frees = t.class_frees.iter().sum();
+}
+
+fn sum() -> AllocTotals {
+    let mut t = AllocTotals::ZERO;
+    for s in used_slots() {
+        t.add_slot(s, |c| c.load(Ordering::Relaxed));
+    }
     t
 }
 
-fn used_slots() -> impl Iterator<Item = &'static Slot> {
-    table().iter().take(HIGH.load(Ordering::Relaxed) + 1)
+fn used_slots() -> &'static [Slot] {
+    let high = table()
+        .first()
+        .map_or(0, |s| s.owned.load(Ordering::Acquire));
+    anyprof_wire::shared::used_alloc_slots(table(), high)
 }
 
-/// Bytes in live blocks now (cheaper than [`totals`]: no histogram).
+/// Bytes in live blocks now.
 pub fn live_bytes() -> u64 {
-    let (mut a, mut f) = (0u64, 0u64);
-    for s in used_slots() {
-        a = a.wrapping_add(s.alloc_bytes.load(Ordering::Relaxed));
-        f = f.wrapping_add(s.free_bytes.load(Ordering::Relaxed));
-    }
-    a.saturating_sub(f)
+    sum().live_bytes()
 }
 
 /// Makes the calling thread take the slow path again (in a forked child, where accounting

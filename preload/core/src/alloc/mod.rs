@@ -9,9 +9,15 @@
 //! - take locks (the program may be inside malloc's own lock, or forking);
 //! - panic (no `unwrap`, `expect`, unchecked indexing);
 //! - use lazily-initialised thread-locals (only the initial-exec [`crate::tls`] block);
-//! - write shared memory on the fast path: an unsampled `malloc` is one thread-local
-//!   subtraction and compare plus the owner-only exact counters; an unsampled `free` is one
-//!   byte load from the [`live`] filter;
+//! - write shared memory on the fast path: an unsampled `malloc` of a glibc block under
+//!   4 KiB reads the chunk header, increments one per-size counter the thread owns and counts
+//!   its sampling countdown down; an unsampled `free` reads the header, increments one
+//!   counter and loads one byte of the [`live`] filter; neither saves a register (every
+//!   slower path is a tail call);
+//! - reach the dynamic loader, the file system or a lock, even on the sampled path: a stack
+//!   through a library the unwinder does not know yet stays truncated (the background thread
+//!   catches up on its next cycle), a thread whose stack bounds are unknown is unwound with
+//!   checked reads (`process_vm_readv`);
 //! - lose `errno` set by the real allocator.
 //!
 //! The slow path (a sampled allocation, or a free of a sampled pointer) runs behind the

@@ -22,6 +22,39 @@ pub type UnwindHereFn = fn(&mut [u64; MAX_FRAMES]) -> (usize, u8);
 static UNWIND: AtomicUsize = AtomicUsize::new(0);
 static UNWIND_HERE: AtomicUsize = AtomicUsize::new(0);
 
+/// Set when a hook's stack ran into an object the unwinder does not know yet (a library
+/// dlopen'ed since the background thread's last cycle); taken by the background thread.
+static CATCH_UP: core::sync::atomic::AtomicBool = core::sync::atomic::AtomicBool::new(false);
+/// Wakes the background thread (published by the std part; 0 = nobody to wake).
+static WAKE: AtomicUsize = AtomicUsize::new(0);
+
+/// Publishes how to wake the background thread early: a function that must be
+/// async-signal-safe in practice (no lock, no allocation; the std part unparks its thread).
+pub fn publish_waker(wake: fn()) {
+    WAKE.store(wake as usize, Ordering::Release);
+}
+
+/// Asks the background thread to bring the unwinder up to date now rather than at its next
+/// tick; wakes it once per request. Called from a hook, which must not do it itself.
+pub fn request_catch_up() {
+    if CATCH_UP.swap(true, Ordering::AcqRel) {
+        return;
+    }
+    match WAKE.load(Ordering::Acquire) {
+        0 => {}
+        f => {
+            // SAFETY: only `publish_waker` stores a non-zero value, and it stores a `fn()`.
+            let f = unsafe { core::mem::transmute::<usize, fn()>(f) };
+            f();
+        }
+    }
+}
+
+/// Takes a pending [`request_catch_up`] (the background thread, at the start of a cycle).
+pub fn take_catch_up_request() -> bool {
+    CATCH_UP.swap(false, Ordering::AcqRel)
+}
+
 /// Publishes the unwinder's entry points (from the constructor).
 pub fn publish(unwind: UnwindFn, unwind_here: UnwindHereFn) {
     UNWIND.store(unwind as usize, Ordering::Release);
