@@ -13,7 +13,7 @@ help:
 	@echo "make test-matrix  only the real-program matrix (python3, perl, sqlite3, gcc, git, xz, bash, sort, CPython's and GLib's tests)"
 	@echo "make lint   cargo fmt --check and clippy with warnings denied"
 	@echo "make fuzz   a short run of every fuzz target (FUZZ_SECONDS each, default 30)"
-	@echo "make bench  CPU and heap overhead vs gperftools, heaptrack, perf; symbolization throughput"
+	@echo "make bench  the cost figures the README quotes, beside jemalloc, tcmalloc, heaptrack, gperftools (about 5 min)"
 
 build:
 	$(CARGO) build --release --workspace

@@ -1,6 +1,13 @@
 #!/usr/bin/env bash
 # anyprof benchmarks: `make bench` builds the workspace, then runs this.
 #
+#   0. judge (the default, with symbolize): every figure issue 14 judges anyprof by, side by
+#      side in one run, like with like (bench/judge.py): the malloc fast path over the
+#      forwarding-only preload on 1 and 2 threads, a mixed-size (16..4096 B) malloc-bound
+#      program next to jemalloc's and tcmalloc's sampling profilers, every-allocation recording
+#      next to heaptrack and gperftools' HEAPPROFILE, instructions per pair (callgrind), and
+#      CPython, gcc and a four-thread CPU-bound program on two cores as ratios. The README's
+#      cost section quotes these figures.
 #   1. Whole-program CPU-profiling overhead at 100 Hz, as ratios to an unprofiled run, next to
 #      gperftools and perf when they are installed (bench/overhead.py does the runs and the
 #      statistics; bench/programs/cpu_work.c is the program).
@@ -11,8 +18,11 @@
 #      running bench/programs/sqlite_heavy.sql, as wall-time ratios.
 #
 # Environment:
-#   BENCH_SECTIONS=cpu,symbolize,heap   which sections to run (e.g. BENCH_SECTIONS=heap)
+#   BENCH_SECTIONS=judge,symbolize   which sections to run (judge, cpu, symbolize, heap; the
+#                          detailed cpu and heap tables take about 20 minutes more)
 #   BENCH_ROUNDS=7         rounds of the overhead benchmarks (medians are over rounds)
+#   BENCH_JUDGE_ROUNDS=11  rounds of section 0
+#   BENCH_JUDGE_PAIRS=10000000  malloc/free pairs per thread of section 0's malloc_pairs runs
 #   BENCH_HZ=100           sampling rate given to every profiler
 #   BENCH_SECONDS=2        CPU seconds of work per run (the 4-thread variant splits them)
 #   BENCH_PERF_DWARF=1     also run `perf record --call-graph dwarf` (0 to leave it out)
@@ -39,14 +49,15 @@ ROUNDS=${BENCH_ROUNDS:-7}
 HZ=${BENCH_HZ:-100}
 SECONDS_OF_WORK=${BENCH_SECONDS:-2}
 CC=${CC:-cc}
-sections=${BENCH_SECTIONS:-cpu,symbolize,heap}
+sections=${BENCH_SECTIONS:-judge,symbolize}
 SECTIONS=",$sections,"
 for section in ${sections//,/ }; do
     case $section in
-        cpu | symbolize | heap) ;;
-        *) echo "error: BENCH_SECTIONS: unknown section '$section' (known: cpu, symbolize, heap)" >&2; exit 2 ;;
+        judge | cpu | symbolize | heap) ;;
+        *) echo "error: BENCH_SECTIONS: unknown section '$section' (known: judge, cpu, symbolize, heap)" >&2; exit 2 ;;
     esac
 done
+bench_started=$(date +%s)
 want() { [[ $SECTIONS == *",$1,"* ]]; }
 
 if [[ ! -x $ANYPROF || ! -f $LIB ]]; then
@@ -58,8 +69,8 @@ scratch=$(mktemp -d "${TMPDIR:-/tmp}/anyprof-bench.XXXXXX")
 trap 'rm -rf "$scratch"' EXIT
 
 # The work programs: -O2 -g, and no frame pointers (explicitly, whatever the compiler's default).
-if want cpu; then "$CC" -O2 -g -fomit-frame-pointer -pthread bench/programs/cpu_work.c -o "$scratch/cpu_work"; fi
-if want heap; then
+if want cpu || want judge; then "$CC" -O2 -g -fomit-frame-pointer -pthread bench/programs/cpu_work.c -o "$scratch/cpu_work"; fi
+if want heap || want judge; then
     "$CC" -O2 -g -fomit-frame-pointer -pthread bench/programs/malloc_pairs.c -o "$scratch/malloc_pairs"
     "$CC" -O2 -shared -fPIC bench/programs/forward_malloc.c -o "$scratch/forward_malloc.so"
 fi
@@ -109,6 +120,53 @@ else
     event=$(perf report -i "$scratch/probe.data" --header-only 2>/dev/null | grep -m1 -o 'name = [^,]*' | cut -d' ' -f3 || true)
     [[ -n $event ]] && notes+=("perf        samples on the ${event} event")
     if [[ ${BENCH_PERF_DWARF:-1} != 0 ]]; then perf_args+=(--perf-dwarf); fi
+fi
+
+find_lib() { # find_lib NAME OVERRIDE: the library's path, or nothing
+    local found=${2:-}
+    if [[ -z $found ]]; then
+        found=$(ldconfig -p 2>/dev/null | awk -v n="$1" '$1 == n && /x86-64/ {print $NF; exit}' || true)
+        for candidate in /usr/lib/x86_64-linux-gnu/$1 /usr/lib64/$1 /usr/lib/$1; do
+            [[ -z $found && -f $candidate ]] && found=$candidate
+        done
+    fi
+    [[ -n $found && -f $found ]] && echo "$found"
+    return 0
+}
+
+# --- 0. the issue's figures, side by side ------------------------------------------------------
+if want judge; then
+    echo
+    echo "== 0. The figures issue 14 judges by, side by side (bench/judge.py) =="
+    judge_notes=()
+    jtcmalloc=$(find_lib libtcmalloc.so.4 "${BENCH_TCMALLOC_LIB:-}")
+    [[ -z $jtcmalloc ]] && judge_notes+=("tcmalloc, tcmalloc-sample, gperf-heap  skipped: libtcmalloc.so.4 not found (Debian: apt-get install libgoogle-perftools4)")
+    jjemalloc=$(find_lib libjemalloc.so.2 "${BENCH_JEMALLOC_LIB:-}")
+    [[ -z $jjemalloc ]] && judge_notes+=("jemalloc, jemalloc-prof  skipped: libjemalloc.so.2 not found (Debian: apt-get install libjemalloc2)")
+    if [[ -n $jjemalloc ]] && ! MALLOC_CONF=stats_print:true LD_PRELOAD=$jjemalloc /bin/true 2>&1 | grep -q 'config.prof: true'; then
+        judge_notes+=("jemalloc-prof  note: this jemalloc was built without profiling (config.prof: false); its row measures nothing")
+    fi
+    jheaptrack=$(command -v heaptrack || true)
+    [[ -z $jheaptrack ]] && judge_notes+=("heaptrack  skipped: no heaptrack command (Debian: apt-get install heaptrack)")
+    python3 bench/programs/gen_large_c.py "$scratch/large.c"
+    jpython=${BENCH_PYTHON:-$(python3 -c 'import sys; print(sys.executable)')}
+    judge_args=()
+    for line in "${judge_notes[@]+"${judge_notes[@]}"}"; do judge_args+=(--note "$line"); done
+    python3 bench/judge.py \
+        --anyprof "$ANYPROF" \
+        --malloc-program "$scratch/malloc_pairs" \
+        --forwarder "$scratch/forward_malloc.so" \
+        --cpu-program "$scratch/cpu_work" \
+        --large-c "$scratch/large.c" \
+        --gcc "${CC_FOR_BENCH:-gcc}" \
+        --python "$jpython" \
+        --python-script bench/programs/alloc_heavy.py \
+        --heaptrack "$jheaptrack" \
+        --tcmalloc "$jtcmalloc" \
+        --jemalloc "$jjemalloc" \
+        --rounds "${BENCH_JUDGE_ROUNDS:-11}" \
+        --pairs "${BENCH_JUDGE_PAIRS:-10000000}" \
+        "${judge_args[@]+"${judge_args[@]}"}"
 fi
 
 # --- 1. overhead -------------------------------------------------------------------------------
@@ -183,3 +241,4 @@ fi
 
 echo
 echo "load average at end: $(cut -d' ' -f1-3 /proc/loadavg)"
+echo "make bench took $(( $(date +%s) - bench_started )) s (sections: $sections)"

@@ -1,9 +1,9 @@
 /*
  * The malloc microbenchmark of the heap-profiling overhead benchmark (bench/heap_overhead.py).
  *
- * Each thread does PAIRS iterations of: malloc(size) with size varying over 16..271 bytes
- * (a xorshift sequence, so sizes spread over several size classes and the branch predictor
- * cannot learn them), write the first and the last byte, free. Empty asm statements that
+ * Each thread does PAIRS iterations of: malloc(size) with size varying over 16..MAX bytes
+ * (MAX 271 by default, 4096 for the mixed-size case; a xorshift sequence, so sizes spread over
+ * several size classes and the branch predictor cannot learn them), write the first and the last byte, free. Empty asm statements that
  * "use" the pointer and clobber memory keep the compiler from pairing up and deleting the
  * malloc/free (which GCC and clang do for a malloc whose result does not escape).
  *
@@ -12,7 +12,8 @@
  * Each thread also reads its own CPU time (CLOCK_THREAD_CPUTIME_ID) around the loop: time
  * the thread spent descheduled because of other load on the machine is not in that one.
  *
- *   malloc_pairs PAIRS [THREADS]   PAIRS pairs on each of THREADS threads (default 1); prints
+ *   malloc_pairs PAIRS [THREADS [MAX]]   PAIRS pairs on each of THREADS threads (default 1),
+ *       sizes 16..MAX (default 271: 16 + x % 256); prints
  *       "work_seconds=S ns_per_pair=X cpu_ns_per_pair=Y threads=T pairs=N
  *        thread_ns_per_pair=a,b,... checksum=C"   (on one line)
  *       where work_seconds is from the barrier to the last thread's end, ns_per_pair is the
@@ -48,6 +49,7 @@ struct task {
 
 static pthread_barrier_t barrier;
 static int threaded;
+static uint64_t size_span = 256; /* sizes are 16 + x % size_span */
 
 __attribute__((noinline)) static uint64_t pairs_loop(uint64_t pairs, uint64_t x) {
     uint64_t sum = 0;
@@ -55,7 +57,7 @@ __attribute__((noinline)) static uint64_t pairs_loop(uint64_t pairs, uint64_t x)
         x ^= x << 13;
         x ^= x >> 7;
         x ^= x << 17;
-        size_t size = 16 + (size_t)(x & 255);
+        size_t size = 16 + (size_t)(size_span == 256 ? (x & 255) : x % size_span);
         unsigned char *p = malloc(size);
         __asm__ volatile("" : : "r"(p) : "memory");
         if (p == NULL) abort();
@@ -80,12 +82,20 @@ static void *run_task(void *arg) {
 }
 
 int main(int argc, char **argv) {
-    if (argc < 2 || argc > 3) {
-        fprintf(stderr, "usage: %s PAIRS [THREADS]\n", argv[0]);
+    if (argc < 2 || argc > 4) {
+        fprintf(stderr, "usage: %s PAIRS [THREADS [MAX]]\n", argv[0]);
         return 2;
     }
     uint64_t pairs = strtoull(argv[1], NULL, 10);
-    int threads = argc == 3 ? atoi(argv[2]) : 1;
+    int threads = argc >= 3 ? atoi(argv[2]) : 1;
+    if (argc == 4) {
+        long max = atol(argv[3]);
+        if (max < 16 || max > (1L << 30)) {
+            fprintf(stderr, "%s: MAX must be in 16..2^30\n", argv[0]);
+            return 2;
+        }
+        size_span = (uint64_t)(max - 15);
+    }
     if (pairs == 0 || threads < 1 || threads > MAX_THREADS) {
         fprintf(stderr, "%s: PAIRS must be > 0 and THREADS in 1..%d\n", argv[0], MAX_THREADS);
         return 2;

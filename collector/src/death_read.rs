@@ -38,11 +38,12 @@ use std::os::fd::{AsRawFd, BorrowedFd};
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 
 use anyprof_wire::shared::{
-    Shared, ALLOC_SLOTS, ARENA_FRAMES, BUCKETS, BUCKET_WRITING, SAMPLE_FREE, SAMPLE_READY,
+    used_alloc_slots, AllocTotals, Shared, ARENA_FRAMES, BUCKETS, BUCKET_WRITING, SAMPLE_FREE,
+    SAMPLE_READY,
 };
 use anyprof_wire::{
     self as wire, BucketCounts, HeapBatch, Kind, Level, MemStat, MemStats, SampleBatch,
-    COUNTER_COUNT, MAX_FRAMES, MAX_MESSAGE, MEM_STAT_COUNT, SIZE_CLASSES,
+    COUNTER_COUNT, MAX_FRAMES, MAX_MESSAGE, MEM_STAT_COUNT,
 };
 
 use crate::ingest::Session;
@@ -432,19 +433,15 @@ fn emit_buckets(
 }
 
 fn mem_stats(shared: &Shared, view: &View<'_>, last: Option<&MemStats>, rss: u64) -> Vec<u8> {
-    let mut class_mallocs = [0u64; SIZE_CLASSES];
-    let mut class_frees = [0u64; SIZE_CLASSES];
-    let (mut alloc_bytes, mut free_bytes) = (0u64, 0u64);
-    for s in shared.alloc.iter().take(ALLOC_SLOTS) {
-        alloc_bytes = alloc_bytes.wrapping_add(view.load64(&s.alloc_bytes));
-        free_bytes = free_bytes.wrapping_add(view.load64(&s.free_bytes));
-        for (o, c) in class_mallocs.iter_mut().zip(s.class_mallocs.iter()) {
-            *o = o.wrapping_add(view.load64(c));
-        }
-        for (o, c) in class_frees.iter_mut().zip(s.class_frees.iter()) {
-            *o = o.wrapping_add(view.load64(c));
-        }
+    let mut t = AllocTotals::ZERO;
+    let high = shared
+        .alloc
+        .first()
+        .map_or(0, |s0| view.load32(&s0.owned, Ordering::Relaxed));
+    for s in used_alloc_slots(&shared.alloc, high) {
+        t.add_slot(s, |c| view.load64(c));
     }
+    let (alloc_bytes, free_bytes) = (t.alloc_bytes, t.free_bytes);
     let mut fields = last.map(|m| m.fields.clone()).unwrap_or_default();
     fields.resize(fields.len().max(MEM_STAT_COUNT), 0);
     let mut set = |f: MemStat, v: u64| {
@@ -452,14 +449,8 @@ fn mem_stats(shared: &Shared, view: &View<'_>, last: Option<&MemStats>, rss: u64
             *x = v;
         }
     };
-    set(
-        MemStat::Mallocs,
-        class_mallocs.iter().fold(0, |a, &b| a.wrapping_add(b)),
-    );
-    set(
-        MemStat::Frees,
-        class_frees.iter().fold(0, |a, &b| a.wrapping_add(b)),
-    );
+    set(MemStat::Mallocs, t.mallocs());
+    set(MemStat::Frees, t.frees());
     set(MemStat::AllocBytes, alloc_bytes);
     set(MemStat::FreeBytes, free_bytes);
     let live = alloc_bytes.saturating_sub(free_bytes);
@@ -471,7 +462,8 @@ fn mem_stats(shared: &Shared, view: &View<'_>, last: Option<&MemStats>, rss: u64
         set(MemStat::MaxRssBytes, max);
     }
     let mut buf = vec![0u8; MAX_MESSAGE];
-    let n = wire::encode_mem_stats(&mut buf, &fields, &class_mallocs, &class_frees).unwrap_or(0);
+    let n =
+        wire::encode_mem_stats(&mut buf, &fields, &t.class_mallocs, &t.class_frees).unwrap_or(0);
     buf.truncate(n);
     buf
 }
@@ -608,6 +600,12 @@ pub(crate) mod tests {
         s.alloc[3].class_mallocs[wire::size_class(64 << 20)].store(1, Ordering::Relaxed);
         s.alloc[0].class_mallocs[3].store(2, Ordering::Relaxed);
         s.alloc[3].class_frees[3].store(1, Ordering::Relaxed);
+        // Four blocks of 24 usable bytes counted per size, one of them freed.
+        s.alloc[3].small_mallocs[24 / 8 + 1].store(4, Ordering::Relaxed);
+        s.alloc[3].small_frees[24 / 8 + 1].store(1, Ordering::Relaxed);
+        // Slot 3 is the highest ever claimed: slot 4 (garbage here) is not read.
+        s.alloc[0].owned.store(3, Ordering::Relaxed);
+        s.alloc[4].alloc_bytes.store(1 << 40, Ordering::Relaxed);
         let mut last_fields = vec![0u64; MEM_STAT_COUNT];
         last_fields[MemStat::MaxRssBytes as usize] = 999;
         last_fields[MemStat::PeakLiveBytes as usize] = 1;
@@ -643,16 +641,20 @@ pub(crate) mod tests {
         assert_eq!(session.heap[&5].counts.alloc_objects, 1001);
         assert_eq!(session.counter(Counter::SamplesTaken), 42);
         let ms = session.mem_stats.as_ref().unwrap();
-        assert_eq!(ms.get(MemStat::AllocBytes), 100 + (64 << 20));
-        assert_eq!(ms.get(MemStat::FreeBytes), 50);
-        assert_eq!(ms.get(MemStat::Mallocs), 3);
-        assert_eq!(ms.get(MemStat::Frees), 1);
+        assert_eq!(ms.get(MemStat::AllocBytes), 100 + (64 << 20) + 4 * 24);
+        assert_eq!(ms.get(MemStat::FreeBytes), 50 + 24);
+        assert_eq!(ms.get(MemStat::Mallocs), 3 + 4);
+        assert_eq!(ms.get(MemStat::Frees), 1 + 1);
+        assert_eq!(ms.class_mallocs[wire::size_class(24)], 4);
         assert_eq!(
             ms.get(MemStat::MaxRssBytes),
             999,
             "kept from the last report"
         );
-        assert_eq!(ms.get(MemStat::PeakLiveBytes), 100 + (64 << 20) - 50);
+        assert_eq!(
+            ms.get(MemStat::PeakLiveBytes),
+            100 + (64 << 20) + 3 * 24 - 50
+        );
         // Read slots are freed: a second read adds no sample.
         let (again, report) = session_after(&m, None);
         assert_eq!(report.samples, 0);

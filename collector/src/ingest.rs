@@ -257,7 +257,6 @@ impl Session {
     pub fn lost_samples(&self) -> u64 {
         self.counter(Counter::DroppedRingFull)
             .saturating_add(self.counter(Counter::DroppedSend))
-            .saturating_add(self.counter(Counter::DroppedBusy))
             .saturating_add(self.cpu_dropped_over_cap)
     }
 

@@ -16,6 +16,8 @@
 //! **Where sockets are looked for** (serve mode, no `ANYPROF_SOCKET`): `$XDG_RUNTIME_DIR/
 //! anyprof.sock`, [`SYSTEM_SOCKET`], and `/tmp/anyprof-UID/anyprof.sock` (a private directory
 //! the daemon creates with mode 0700). Never a path directly in a world-writable directory.
+//!
+//! World: constructor (may allocate; never read again after start).
 
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};

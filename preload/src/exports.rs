@@ -1,7 +1,31 @@
-//! Every symbol `libanyprof.so` exports to interpose on the program, in one place.
+//! The symbols `libanyprof.so` exports to interpose on the program (constructor world for
+//! their set-up; the symbols themselves run on the program's threads, in whatever world the
+//! program calls them from, and keep to the core's rules where they may run in a signal
+//! handler or inside an allocation).
 //!
 //! Hooks are `#[cfg_attr(not(test), no_mangle)]` so that unit tests of this crate do not
-//! interpose on their own test harness.
+//! interpose on their own test harness. Every `extern "C"` function here is nounwind: a panic
+//! inside one aborts the process instead of unwinding into the program's frames.
+//!
+//! # Every exported symbol
+//! Checked against `nm -D --defined-only libanyprof.so` by `tests/tests/preload_core.rs`: a
+//! symbol exported but not listed here, or listed but not exported, fails that test.
+//! - defined in this file: `malloc` `free` `calloc` `realloc` `reallocarray` `memalign`
+//!   `aligned_alloc` `posix_memalign` `valloc` `pvalloc` `malloc_usable_size` `free_sized`
+//!   `free_aligned_sized` (bodies in the core's `alloc::hooks`); `pthread_create`; `_exit`
+//!   `_Exit`; `sigaction` `signal`; `unshare` `setns`;
+//! - the C++ `operator new` and `operator delete` family, defined in [`crate::alloc::cxx`]:
+//!   `_Znwm` `_Znam` `_ZnwmRKSt9nothrow_t` `_ZnamRKSt9nothrow_t` `_ZnwmSt11align_val_t`
+//!   `_ZnamSt11align_val_t` `_ZnwmSt11align_val_tRKSt9nothrow_t`
+//!   `_ZnamSt11align_val_tRKSt9nothrow_t` `_ZdlPv` `_ZdaPv` `_ZdlPvm` `_ZdaPvm`
+//!   `_ZdlPvRKSt9nothrow_t` `_ZdaPvRKSt9nothrow_t` `_ZdlPvSt11align_val_t`
+//!   `_ZdaPvSt11align_val_t` `_ZdlPvmSt11align_val_t` `_ZdaPvmSt11align_val_t`
+//!   `_ZdlPvSt11align_val_tRKSt9nothrow_t` `_ZdaPvSt11align_val_tRKSt9nothrow_t`;
+//! - not an interface, exported only because a cdylib exports every `#[no_mangle]` Rust
+//!   function: the helpers that the C half of the C++ layer (`alloc/cxx_new.c`) calls,
+//!   `anyprof_cxx_lookup` `anyprof_cxx_decide` `anyprof_cxx_is_decided` `anyprof_cxx_next`
+//!   `anyprof_cxx_enter` `anyprof_cxx_leave` `anyprof_cxx_allocated` `anyprof_cxx_freeing`
+//!   `anyprof_cxx_malloc` `anyprof_cxx_free` `anyprof_cxx_thrower`.
 
 use core::ffi::c_void;
 use core::sync::atomic::{AtomicUsize, Ordering};
@@ -36,11 +60,31 @@ type ExitFn = unsafe extern "C" fn(libc::c_int) -> !;
 /// handler, where `dlsym` may not.
 static REAL_EXIT: AtomicUsize = AtomicUsize::new(0);
 
-/// Resolves the next `_exit`.
+/// The next `sigaction` and `signal` in link order, found once: both may be called from a
+/// signal handler, where `dlsym` may not (it takes the loader's lock and may allocate).
+static REAL_SIGACTION: AtomicUsize = AtomicUsize::new(0);
+static REAL_SIGNAL: AtomicUsize = AtomicUsize::new(0);
+
+/// Resolves the next `_exit`, `sigaction` and `signal` (constructor world).
 pub fn resolve_exit() {
     // SAFETY: dlsym with RTLD_NEXT and a NUL-terminated name.
     let f = unsafe { libc::dlsym(libc::RTLD_NEXT, c"_exit".as_ptr()) } as usize;
     REAL_EXIT.store(f, Ordering::Release);
+    next_once(&REAL_SIGACTION, c"sigaction");
+    next_once(&REAL_SIGNAL, c"signal");
+}
+
+/// The next definition of `name`, from `slot` once it was looked up: only a call made before
+/// our constructor (by another library's) looks it up, once.
+fn next_once(slot: &AtomicUsize, name: &core::ffi::CStr) -> usize {
+    match slot.load(Ordering::Acquire) {
+        0 => {
+            let f = next_symbol(name);
+            slot.store(f, Ordering::Release);
+            f
+        }
+        f => f,
+    }
 }
 
 /// `_exit(2)`: the process ends without destructors, so the library's own flush at unload
@@ -117,10 +161,10 @@ pub unsafe extern "C" fn pthread_create(
         // SAFETY: forwarding the caller's arguments unchanged.
         return unsafe { real(thread, attr, start, arg) };
     }
-    let was = thread_state::set_internal(true);
+    let internal = thread_state::Internal::enter();
     threads::note_creation();
     let boxed = Box::into_raw(Box::new(StartRoutine { start, arg }));
-    thread_state::set_internal(was);
+    drop(internal);
     // SAFETY: forwarding the caller's arguments, with our trampoline owning `boxed`.
     let rc = unsafe {
         real(
@@ -290,12 +334,12 @@ type SignalFn = unsafe extern "C" fn(libc::c_int, libc::sighandler_t) -> libc::s
 ///
 /// # Safety
 /// Same contract as `sigaction(2)`.
-pub unsafe fn real_sigaction(
+pub unsafe extern "C" fn real_sigaction(
     sig: libc::c_int,
     act: *const libc::sigaction,
     old: *mut libc::sigaction,
 ) -> libc::c_int {
-    let real = next_symbol(c"sigaction");
+    let real = next_once(&REAL_SIGACTION, c"sigaction");
     if real == 0 {
         crate::signal::sys::set_errno(libc::ENOSYS);
         return -1;
@@ -353,7 +397,7 @@ pub unsafe extern "C" fn signal(
         crate::signal::handler::set_program_action(handler, libc::SA_RESTART, &empty);
         return previous;
     }
-    let real = next_symbol(c"signal");
+    let real = next_once(&REAL_SIGNAL, c"signal");
     if real == 0 {
         return libc::SIG_ERR;
     }

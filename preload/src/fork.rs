@@ -13,6 +13,10 @@
 //! its own hello, gets its own background thread and, if the parent was being CPU-sampled,
 //! its own timer. Its heap profile counts only what it allocates itself (the buckets'
 //! counts at fork are its baseline).
+//!
+//! World: the atfork handlers run on the forking thread (constructor-like: may allocate and
+//! lock, as the gate guarantees our locks are free); sections are opened by background and
+//! constructor code only, never on a hook or handler path.
 
 use std::cell::{Cell, UnsafeCell};
 use std::sync::{RwLock, RwLockReadGuard, RwLockWriteGuard};
@@ -50,12 +54,6 @@ pub fn section() -> Section {
         _guard: None,
         outermost: false,
     })
-}
-
-/// Like [`section`], but gives up instead of waiting while a fork is in progress (for code
-/// that may run inside an allocation made by another library's fork handler).
-pub fn try_section() -> Option<Section> {
-    open_section(false)
 }
 
 fn open_section(wait: bool) -> Option<Section> {

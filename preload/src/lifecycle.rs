@@ -16,6 +16,8 @@
 //! - **Exit** ([`on_unload`], from `.fini_array`): stop sampling, send what is left and the
 //!   final counters. A process that ends with `_exit` runs no `.fini_array`: [`before_exit`]
 //!   has the background thread do the same first.
+//!
+//! World: constructor, atfork child handler and exit path (may allocate, lock and do I/O).
 
 use std::ffi::CStr;
 use std::path::PathBuf;
@@ -74,16 +76,34 @@ extern "C" fn on_load(
     }
     // The program finds errno as the loader left it at `main`, whatever our start-up set.
     let errno = sys::errno();
-    let was = thread_state::set_internal(true);
+    let internal = thread_state::Internal::enter();
     start(argc, argv);
-    thread_state::set_internal(was);
+    drop(internal);
     sys::set_errno(errno);
+}
+
+/// Makes every panic in this library end the process at once, silently (see
+/// [`crate::drain::thread::abort_on_panic`]): the default hook would print to the program's
+/// stderr. The hook is this library's own (a cdylib carries its own copy of std): a Rust
+/// program's panics are untouched.
+fn abort_silently_on_panic() {
+    std::panic::set_hook(Box::new(|_| {
+        // SAFETY: abort is always safe to call; it does not return.
+        unsafe { libc::abort() }
+    }));
+}
+
+/// Hands the core what it needs from the std part (it never imports it).
+fn publish_to_core() {
+    anyprof_preload_core::signal::unwinder::publish(unwind::unwind, unwind::unwind_here);
 }
 
 fn start(argc: libc::c_int, argv: *const *const libc::c_char) {
     let _section = crate::fork::section();
     exports::resolve();
+    abort_silently_on_panic();
     exports::resolve_exit();
+    publish_to_core();
     alloc::real::resolve();
     let config = Config::from_env();
     // In a secure-execution process both are None/true: no path from the environment is
@@ -108,7 +128,7 @@ fn start(argc: libc::c_int, argv: *const *const libc::c_char) {
         log::message(Level::Warn, problem.clone());
     }
     if config.mem_rate > 0 {
-        if let Some(owner) = alloc::real::malloc_answered_by() {
+        if let Some(owner) = alloc::malloc_answered_by() {
             log::message(
                 Level::Warn,
                 format!(
@@ -317,7 +337,7 @@ static FORK_CHILDREN: AtomicBool = AtomicBool::new(true);
 /// Called in a forked child, once every one of our locks is known to be free (see
 /// [`crate::fork`]): start over as a process of our own, or step aside.
 pub fn after_fork_in_child() {
-    let was = thread_state::set_internal(true);
+    let _internal = thread_state::Internal::enter();
     let sampling_hz = if handler::SAMPLING.load(Ordering::Acquire) {
         threads::CPU_HZ.load(Ordering::Acquire)
     } else {
@@ -355,7 +375,6 @@ pub fn after_fork_in_child() {
         alloc::hooks::ACCOUNTING.store(false, Ordering::Release);
         alloc::counters::detach_current_thread();
         ACTIVE.store(false, Ordering::Release);
-        thread_state::set_internal(was);
         return;
     };
     crate::region::reset_for_child();
@@ -378,7 +397,6 @@ pub fn after_fork_in_child() {
     if sampling_hz > 0 {
         threads::start_cpu_sampling(sampling_hz);
     }
-    thread_state::set_internal(was);
 }
 
 /// Rewrites the stored hello for this (forked) process: its own pid, parent and start time.
@@ -423,10 +441,9 @@ pub fn before_exit() {
     if !ACTIVE.swap(false, Ordering::AcqRel) {
         return;
     }
-    let was = thread_state::set_internal(true);
+    let _internal = thread_state::Internal::enter();
     handler::SAMPLING.store(false, Ordering::Release);
     drain::last_flush_by_background();
-    thread_state::set_internal(was);
 }
 
 extern "C" fn on_unload() {
@@ -440,7 +457,7 @@ extern "C" fn on_unload() {
     if !ACTIVE.swap(false, Ordering::AcqRel) {
         return;
     }
-    thread_state::set_internal(true);
+    thread_state::Internal::for_good();
     handler::SAMPLING.store(false, Ordering::Release);
     drain::flush(Some(Kind::Goodbye), true);
 }

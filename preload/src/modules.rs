@@ -10,6 +10,9 @@
 //! the background thread ([`ModuleMap::refresh`]); `dlopen` itself is not wrapped, because
 //! glibc uses the caller's address to pick `$ORIGIN` and the namespace. On a change a new
 //! unwinder is built and published ([`crate::signal::unwind::publish`]).
+//!
+//! World: background thread only (a hook whose stack runs into an object not known yet
+//! wakes that thread, it never touches the map); may allocate.
 
 use std::ffi::CStr;
 use std::sync::Arc;

@@ -36,13 +36,17 @@
 //! while the process has one thread; a re-attach to a non-root daemon (which cannot open
 //! `/proc/PID/map_files`) runs it with the program's threads live, and may lose the few
 //! counts and samples written during the copy.
+//!
+//! World: constructor, re-attach (background thread) and fork child. The static itself is the
+//! core crate's (`anyprof_preload_core::region`), written from the signal/hook world.
 
 use core::sync::atomic::{AtomicBool, Ordering};
 
-use anyprof_wire::shared::{Shared, MESSAGE_RING_BYTES, SHARED_MAGIC, SHARED_SIZE, SHARED_VERSION};
+use anyprof_wire::shared::{MESSAGE_RING_BYTES, SHARED_MAGIC, SHARED_SIZE, SHARED_VERSION};
 
-/// The region. Mapped over by a memfd once [`into_memfd`] succeeded.
-pub static SHARED: Shared = Shared::zeroed();
+/// The region (its storage is the core's, which the hooks and the handler write). Mapped
+/// over by a memfd once [`into_memfd`] succeeded.
+pub use anyprof_preload_core::region::{address, SHARED};
 
 /// True once the region is a memfd mapping (inherited by a forked child, where it is its
 /// parent's until the child makes its own).
@@ -54,11 +58,6 @@ pub fn in_memfd() -> bool {
 }
 
 const PAGE: usize = 4096;
-
-/// Address of the region in this process.
-pub fn address() -> u64 {
-    core::ptr::addr_of!(SHARED) as u64
-}
 
 /// Writes the identity words (magic, version, size, this process's pid).
 pub fn stamp_header() {

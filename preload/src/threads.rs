@@ -6,6 +6,10 @@
 //! already exist when the library starts (only the main thread under `LD_PRELOAD`) are set up
 //! by [`adopt_current_thread`] and [`adopt_other_threads`]. A thread-specific-data destructor
 //! deletes each timer when its thread exits, including through `pthread_exit`.
+//!
+//! World: the program's threads at start and exit, through our `pthread_create` trampoline
+//! and TSD destructor (may allocate: not in a signal handler, not inside an allocation), and
+//! the background thread.
 
 use core::ffi::c_void;
 use core::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
@@ -16,8 +20,7 @@ use anyprof_wire::Counter;
 use crate::signal::{handler, thread_state};
 use crate::{counters, log, timer};
 
-/// Requested sampling rate; 0 = CPU sampling off.
-pub static CPU_HZ: AtomicU32 = AtomicU32::new(0);
+pub use anyprof_preload_core::settings::{CPU_EPOCH, CPU_HZ};
 
 /// The TSD key whose destructor stops a thread's timer (0 = not created; stored +1).
 static TIMER_KEY: AtomicUsize = AtomicUsize::new(0);
@@ -45,9 +48,8 @@ unsafe extern "C" fn stop_timer_at_exit(_: *mut c_void) {
 pub fn record_stack_bounds() {
     // pthread_getattr_np allocates while holding the thread's lock: what it allocates is ours,
     // and must not lead back here through a heap sample.
-    let was = thread_state::set_internal(true);
+    let _internal = thread_state::Internal::enter();
     record_stack_bounds_inner();
-    thread_state::set_internal(was);
 }
 
 fn record_stack_bounds_inner() {
@@ -130,9 +132,6 @@ pub fn stack_of(tid: u32) -> Option<(u64, u64)> {
 static TIMERS: Mutex<Vec<(u32, timer::TimerId)>> = Mutex::new(Vec::new());
 /// The background thread's tid: our own thread is never sampled.
 pub static DRAIN_TID: AtomicU32 = AtomicU32::new(0);
-/// Bumped each time sampling starts, so that a thread's first sample of a new period is
-/// weighted by the nominal period, not by all the CPU it used since its previous sample.
-pub static CPU_EPOCH: AtomicU32 = AtomicU32::new(1);
 
 /// Starts a timer for thread `tid` unless it has one.
 fn start_timer(tid: u32, hz: u32) -> bool {
@@ -175,7 +174,7 @@ fn stop_timer(tid: u32) {
 /// timer per thread (threads created later get theirs as they start).
 pub fn start_cpu_sampling(hz: u32) {
     let _section = crate::fork::section();
-    if let Err(errno) = handler::install() {
+    if let Err(errno) = handler::install(crate::exports::real_sigaction) {
         log::warn_errno(
             "cannot install the CPU sampling signal handler; CPU profiling is off",
             errno,
@@ -261,9 +260,9 @@ pub extern "C" fn start_routine_trampoline(boxed: *mut c_void) -> *mut c_void {
     let routine = unsafe { Box::from_raw(boxed as *mut StartRoutine) };
     let (start, arg) = (routine.start, routine.arg);
     // Our allocation, freed as ours (it was allocated inside the interposer's internal section).
-    let was = thread_state::set_internal(true);
+    let internal = thread_state::Internal::enter();
     drop(routine);
-    thread_state::set_internal(was);
+    drop(internal);
     adopt_current_thread();
     start(arg)
 }
@@ -351,7 +350,7 @@ impl Drop for AllSignalsBlocked {
 
 /// Entry point of anyprof's own threads: marked internal before anything runs in them.
 pub extern "C" fn internal_trampoline(boxed: *mut c_void) -> *mut c_void {
-    thread_state::set_internal(true);
+    thread_state::Internal::for_good();
     // SAFETY: `boxed` is the Box<StartRoutine> leaked by the interposer for this thread only.
     let routine = unsafe { Box::from_raw(boxed as *mut StartRoutine) };
     let (start, arg) = (routine.start, routine.arg);

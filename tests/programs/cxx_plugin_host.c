@@ -9,10 +9,15 @@
  *   cxx_plugin_host PLUGIN.so oom
  *       plugin_oom's lines on stdout
  * Then `done`. Exit status 0, or 2 with a message on stderr if something is missing.
+ *
+ * In run mode the host waits 300 ms after dlopen before calling the plugin: a profiler whose
+ * malloc hook may not reach the loader (anyprof) learns about a newly loaded library on its
+ * background thread's next cycle, and the test asks for exact stacks at rate 1.
  */
 #include <dlfcn.h>
 #include <stdio.h>
 #include <string.h>
+#include <time.h>
 
 typedef int (*entry_fn)(char *, size_t);
 
@@ -36,6 +41,8 @@ int main(int argc, char **argv) {
         return 2;
     }
     if (strcmp(argv[2], "run") == 0) {
+        struct timespec settle = {0, 300 * 1000 * 1000};
+        nanosleep(&settle, NULL);
         entry_fn run = entry(h, "plugin_run"), tally = entry(h, "plugin_tally");
         if (!run || !tally)
             return 2;

@@ -320,8 +320,47 @@ pub const HEAP_VALUES: [&str; 4] = [
     "inuse_space",
 ];
 
+/// Says that the running test cannot run here, and why; the caller then returns. Only a reason that
+/// never holds in CI may skip a test (not being root, a kernel feature a developer's machine
+/// lacks): CI runs as root on a machine where `.ci/run` installed every tool the tests use.
+/// Under CI (`CI` is set, as it is for `.ci/run`) skipping is a failure, so no test can pass
+/// there without having run. A missing tool is never a reason: call [`required_library`] or
+/// panic with what to install.
+pub fn skip_outside_ci(why: &str) {
+    // libtest names each test's thread after the test.
+    let thread = std::thread::current();
+    let test = thread.name().unwrap_or("this test");
+    assert!(
+        std::env::var_os("CI").is_none(),
+        "{test} cannot run: {why}. In CI every test must run (it runs as root, with what \
+         .ci/run installs)"
+    );
+    eprintln!("SKIPPED {test}: {why}");
+}
+
 /// Where Debian/Ubuntu's libgoogle-perftools4 puts tcmalloc.
 pub const TCMALLOC: &str = "/usr/lib/x86_64-linux-gnu/libtcmalloc.so.4";
+
+/// Where Debian/Ubuntu's libjemalloc2 puts jemalloc.
+pub const JEMALLOC: &str = "/usr/lib/x86_64-linux-gnu/libjemalloc.so.2";
+
+/// The other allocators the heap tests preload after anyprof: (name for messages, library,
+/// the Debian package that installs it; `.ci/run` installs them).
+pub const OTHER_ALLOCATORS: [(&str, &str, &str); 2] = [
+    ("tcmalloc", TCMALLOC, "libgoogle-perftools4"),
+    ("jemalloc", JEMALLOC, "libjemalloc2"),
+];
+
+/// `library`, or a panic telling how to install it: a test that needs a library fails when it
+/// is missing rather than passing without having run (CI installs it, see `.ci/run`).
+pub fn required_library(library: &'static str, package: &str) -> &'static str {
+    assert!(
+        Path::new(library).is_file(),
+        "{library} is not installed; this test needs it: apt-get install {package} \
+         (.ci/run installs it)"
+    );
+    library
+}
 
 /// The heap-profiling variants the transparency tests record: the flags after `--cpu-hz 0`,
 /// and a name for messages.

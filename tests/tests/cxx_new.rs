@@ -5,8 +5,10 @@
 //! The ways anyprof handles `new` (see `preload/src/alloc/cxx.rs`), and the tests for each:
 //! - forward mode (libstdc++ on glibc: `operator new` calls `malloc`, which the hooks
 //!   account): [`forms_on_glibc_are_exact_at_rate_1`];
-//! - account mode (tcmalloc preloaded after anyprof: its `operator new` does not call
-//!   `malloc`, anyprof accounts for the block itself): [`forms_on_tcmalloc_are_exact_at_rate_1`];
+//! - account mode (tcmalloc or jemalloc preloaded after anyprof: its `operator new` does not
+//!   call `malloc`, anyprof accounts for the block itself): [`forms_on_tcmalloc_are_exact_at_rate_1`],
+//!   [`forms_on_jemalloc_are_exact_at_rate_1`] (they fail when the library is missing; `.ci/run`
+//!   installs libgoogle-perftools4 and libjemalloc2);
 //! - a next `operator new` out of `dlsym(RTLD_NEXT)`'s sight (a C program that `dlopen()`s
 //!   a C++ plugin `RTLD_LOCAL`: anyprof finds the plugin's libstdc++ among the loaded
 //!   objects, and unwinds through it although it was loaded less than a drain cycle ago):
@@ -50,7 +52,8 @@ use std::process::Command;
 
 use anyprof_tests::{
     assert_same_run, clean_command, compile, cpu_lock, heap_record_command, program_source,
-    read_profile_in, run, scratch_dir, ProfileView, RunOutput, Shared, HEAP_VARIANTS, TCMALLOC,
+    read_profile_in, required_library, run, scratch_dir, ProfileView, RunOutput, Shared,
+    HEAP_VARIANTS, JEMALLOC, OTHER_ALLOCATORS, TCMALLOC,
 };
 
 /// The sites of `cxx_new_forms.cpp`, one per form of `new`.
@@ -375,25 +378,48 @@ fn forms_checked(env: &'static [(&'static str, &'static str)], name: &str) -> Ch
 }
 
 static GLIBC_FORMS: Shared<Checked> = Shared::new();
-static TCMALLOC_FORMS: Shared<Option<Checked>> = Shared::new();
+static TCMALLOC_FORMS: Shared<Checked> = Shared::new();
+static JEMALLOC_FORMS: Shared<Checked> = Shared::new();
 
 fn glibc_forms() -> &'static Checked {
     GLIBC_FORMS.get(|| forms_checked(&[], "cxx_new_forms"))
 }
 
-fn tcmalloc_forms() -> Option<&'static Checked> {
-    TCMALLOC_FORMS
-        .get(|| {
-            if !Path::new(TCMALLOC).is_file() {
-                return None;
-            }
-            // anyprof puts its library first and keeps what LD_PRELOAD already holds.
-            Some(forms_checked(
-                &[("LD_PRELOAD", TCMALLOC)],
-                "cxx_new_forms on tcmalloc",
-            ))
-        })
-        .as_ref()
+/// `cxx_new_forms` checked with `library` (tcmalloc or jemalloc) preloaded after anyprof;
+/// panics, saying what to install, when it is missing (`.ci/run` installs both).
+fn other_allocator_forms(which: &str) -> (&'static str, &'static Checked) {
+    let (name, library, package) = OTHER_ALLOCATORS
+        .iter()
+        .copied()
+        .find(|(name, _, _)| *name == which)
+        .expect("a known allocator");
+    let library = required_library(library, package);
+    let (cell, env): (&Shared<Checked>, &'static [(&str, &str)]) = if name == "tcmalloc" {
+        (&TCMALLOC_FORMS, &[("LD_PRELOAD", TCMALLOC)])
+    } else {
+        (&JEMALLOC_FORMS, &[("LD_PRELOAD", JEMALLOC)])
+    };
+    // anyprof puts its library first and keeps what LD_PRELOAD already holds.
+    let checked = cell.get(|| forms_checked(env, &format!("cxx_new_forms on {name}")));
+    (library, checked)
+}
+
+/// Account mode on `which`: its operators do not call malloc; anyprof calls them and accounts
+/// for the blocks itself.
+fn check_forms_on(which: &str) {
+    let (library, checked) = other_allocator_forms(which);
+    // tcmalloc's and jemalloc's usable size of a 24-byte object is 32 (glibc's is 24): the
+    // program really ran on that allocator, directly and recorded.
+    for (how, run) in [("directly", &checked.direct), ("recorded", &checked.exact)] {
+        let t = run.tally.get("site_new").copied().unwrap_or_default();
+        assert!(
+            t[0] > 0 && t[1] / t[0] == 32,
+            "cxx_new_forms with LD_PRELOAD={library} run {how}: expected usable size 32 \
+             for `new Obj` ({which}'s size class), found tally {t:?}; it did not run on \
+             {which}"
+        );
+    }
+    assert_sites_exact(&format!("cxx_new_forms on {which}"), checked, &FORM_SITES);
 }
 
 // ---------------------------------------------------------------------------------------
@@ -413,22 +439,13 @@ fn forms_on_glibc_are_exact_at_rate_1() {
 /// the blocks itself.
 #[test]
 fn forms_on_tcmalloc_are_exact_at_rate_1() {
-    let Some(checked) = tcmalloc_forms() else {
-        eprintln!("skipped: {TCMALLOC} is not installed (apt-get install libgoogle-perftools4)");
-        return;
-    };
-    // tcmalloc's usable size of a 24-byte object is 32 (glibc's is 24): the program really
-    // ran on tcmalloc, directly and recorded.
-    for (how, run) in [("directly", &checked.direct), ("recorded", &checked.exact)] {
-        let t = run.tally.get("site_new").copied().unwrap_or_default();
-        assert!(
-            t[0] > 0 && t[1] / t[0] == 32,
-            "cxx_new_forms with LD_PRELOAD={TCMALLOC} run {how}: expected usable size 32 \
-             for `new Obj` (tcmalloc's size class), found tally {t:?}; it did not run on \
-             tcmalloc"
-        );
-    }
-    assert_sites_exact("cxx_new_forms on tcmalloc", checked, &FORM_SITES);
+    check_forms_on("tcmalloc");
+}
+
+/// Account mode on jemalloc (which exports its own `operator new` and `delete` too).
+#[test]
+fn forms_on_jemalloc_are_exact_at_rate_1() {
+    check_forms_on("jemalloc");
 }
 
 /// A C host (no libstdc++) dlopen()s a C++ plugin RTLD_LOCAL, so the next `operator new` is

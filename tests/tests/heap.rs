@@ -1323,9 +1323,25 @@ fn parse_human_bytes(num: &str, unit: &str) -> Option<f64> {
     Some(n * scale)
 }
 
+/// The `T` of a `--memstats` line `anyprof[PID]: mem @Ts: ...`.
+fn memstats_time(line: &str) -> f64 {
+    line.split_once("mem @")
+        .and_then(|(_, rest)| rest.split_once("s:"))
+        .and_then(|(t, _)| t.parse().ok())
+        .unwrap_or_else(|| panic!("no `mem @Ts:` time in {line:?}"))
+}
+
+/// A run of `HOLD_SECONDS` prints one line a second while it runs (N±1 of them, about a
+/// second apart, the first about a second in) and a last one at exit; every line reports at
+/// least the live set the program keeps all along.
 #[test]
 fn memstats_prints_the_counters_every_second() {
-    let run = record_sites("heap_memstats", &["--memstats"], &["hold", "2.5"]);
+    const HOLD_SECONDS: f64 = 5.5;
+    let run = record_sites(
+        "heap_memstats",
+        &["--memstats"],
+        &["hold", &HOLD_SECONDS.to_string()],
+    );
     let live = hold_live_set(&run.output);
     let stderr = run.output.stderr_text();
     let lines: Vec<&str> = stderr
@@ -1334,8 +1350,29 @@ fn memstats_prints_the_counters_every_second() {
         .collect();
     assert!(
         !lines.is_empty(),
-        "--memstats printed no `anyprof[PID]: mem @T s: ...` line in a 2.5 s run; stderr:\n{stderr}"
+        "--memstats printed no `anyprof[PID]: mem @T s: ...` line in a {HOLD_SECONDS} s run; \
+         stderr:\n{stderr}"
     );
+    // The lines at exit share the last time; the others are the periodic ones.
+    let times: Vec<f64> = lines.iter().map(|l| memstats_time(l)).collect();
+    let last = times.iter().copied().fold(f64::MIN, f64::max);
+    let periodic: Vec<f64> = times.iter().copied().filter(|t| *t < last - 0.05).collect();
+    let expected = HOLD_SECONDS.floor() as usize;
+    assert!(
+        (expected - 1..=expected + 1).contains(&periodic.len()),
+        "--memstats should print a line every second: {} lines before the one at exit in a \
+         {HOLD_SECONDS} s run, expected {expected}±1 (times {times:?}); stderr:\n{stderr}",
+        periodic.len()
+    );
+    let mut previous = 0.0;
+    for t in &periodic {
+        assert!(
+            (0.7..=1.5).contains(&(t - previous)),
+            "--memstats lines should come about a second apart (from the start): times \
+             {times:?}"
+        );
+        previous = *t;
+    }
     // Every line after the live set was made reports at least that much live.
     for line in &lines {
         let words: Vec<&str> = line.split_whitespace().collect();
@@ -1354,4 +1391,49 @@ fn memstats_prints_the_counters_every_second() {
             live.live_bytes
         );
     }
+}
+
+/// `PeakHeapAlloc` is the program's real peak, not what it keeps at the end:
+/// `tests/programs/heap_peak.c` holds 64 MiB for 300 ms (the peak is checked every 20 ms), then
+/// keeps 4 MiB until it exits, and prints both in usable bytes. The peak must be the 64 MiB
+/// within 256 KiB (what libc and the runtime keep besides), and `HeapAlloc` the 4 MiB.
+#[test]
+fn peak_heap_alloc_is_the_programs_real_peak() {
+    let scratch = scratch_dir("heap_peak");
+    let exe = compile("heap_peak.c", &["-O2", "-g"], &scratch);
+    let mut cmd = record_command(&scratch, &[], &exe, &[]);
+    let output = {
+        let _cpu = cpu_lock();
+        run(&mut cmd)
+    };
+    assert_eq!(
+        output.code,
+        0,
+        "heap_peak failed:\n{}",
+        output.stderr_text()
+    );
+    let stdout = output.stdout_text();
+    let figure = |name: &str| -> i64 {
+        stdout
+            .split_whitespace()
+            .find_map(|w| w.strip_prefix(&format!("{name}=")))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("heap_peak printed no {name}=N: {stdout:?}"))
+    };
+    let (truth_peak, truth_final) = (figure("peak_bytes"), figure("final_bytes"));
+    assert!(truth_peak > 10 * truth_final, "the ground truth: {stdout}");
+    let view = anyprof::pprof::read_file(&scratch.join("profile").join("heap.pb.gz"))
+        .map(ProfileView::new)
+        .unwrap_or_else(|e| panic!("no heap profile: {e:#}\n{}", output.stderr_text()));
+    const SLACK: i64 = 256 << 10;
+    let (peak, live) = (counter(&view, "PeakHeapAlloc"), counter(&view, "HeapAlloc"));
+    assert!(
+        (truth_peak..=truth_peak + SLACK).contains(&peak),
+        "PeakHeapAlloc = {peak}, but the program's peak was {truth_peak} bytes (held for \
+         300 ms); expected it within +{SLACK}"
+    );
+    assert!(
+        (truth_final..=truth_final + SLACK).contains(&live),
+        "HeapAlloc = {live}, but the program keeps {truth_final} bytes at exit"
+    );
 }

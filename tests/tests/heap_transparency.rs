@@ -12,17 +12,19 @@
 //! running allocation-heavy scripts, and `tests/programs/heap_threads.c`, four threads
 //! allocating, reallocating and freeing blocks of all sizes with every malloc-family call.
 //!
-//! The last tests preload tcmalloc after anyprof (`LD_PRELOAD=libanyprof.so:libtcmalloc.so.4`)
-//! when it is installed: the program must run as it does on tcmalloc alone, and its
-//! allocations must be profiled.
+//! The last tests preload tcmalloc, then jemalloc, after anyprof
+//! (`LD_PRELOAD=libanyprof.so:libtcmalloc.so.4`): the program must run as it does on that
+//! allocator alone, and its allocations must be profiled exactly at rate 1. They fail when the
+//! allocator is not installed (`.ci/run` installs libgoogle-perftools4 and libjemalloc2).
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use anyprof_tests::{
-    assert_same_run, clean_command, compile, cpu_lock, heap_record_command, read_profile_in, run,
-    scratch_dir, ProfileView, RunOutput, Shared, HEAP_VARIANTS, TCMALLOC,
+    assert_same_run, clean_command, compile, cpu_lock, heap_record_command, read_profile_in,
+    required_library, run, scratch_dir, ProfileView, RunOutput, Shared, HEAP_VARIANTS,
+    OTHER_ALLOCATORS,
 };
 
 /// Sum of the value `type_name` over all samples.
@@ -197,81 +199,88 @@ fn tallies(text: &str) -> BTreeMap<String, [i64; 4]> {
         .collect()
 }
 
-/// `heap_sites 16` on tcmalloc alone, then recorded with tcmalloc after anyprof at rate 1
-/// and at the default rate; returns the direct run and the rate-1 heap profile. `None` (and
-/// a "skipped" line) when tcmalloc is not installed.
-struct TcmallocRuns {
+/// `heap_sites 16` on another allocator alone (tcmalloc or jemalloc, from
+/// [`OTHER_ALLOCATORS`]), then recorded with that allocator after anyprof at rate 1 and at the
+/// default rate; returns the direct run and the rate-1 heap profile. Panics, saying what to
+/// install, when the allocator is missing (`.ci/run` installs both).
+struct AllocatorRuns {
     direct: RunOutput,
     exact: ProfileView,
 }
 
-static TCMALLOC_RUNS: Shared<Option<TcmallocRuns>> = Shared::new();
+static TCMALLOC_RUNS: Shared<AllocatorRuns> = Shared::new();
+static JEMALLOC_RUNS: Shared<AllocatorRuns> = Shared::new();
 
-fn tcmalloc_runs() -> Option<&'static TcmallocRuns> {
-    TCMALLOC_RUNS
-        .get(|| {
-            if !Path::new(TCMALLOC).is_file() {
-                return None;
-            }
-            let exe = heap_sites();
-            let scratch = scratch_dir("heap_tcmalloc");
-            let _cpu = cpu_lock();
-            let mut direct_cmd = clean_command(exe);
-            direct_cmd.arg("16").env("LD_PRELOAD", TCMALLOC);
-            let direct = run(&mut direct_cmd);
-            assert_eq!(
-                direct.code,
-                0,
-                "heap_sites on tcmalloc alone failed\nstdout:\n{}\nstderr:\n{}",
-                direct.stdout_text(),
-                direct.stderr_text()
+fn allocator_runs(which: &str) -> (&'static str, &'static AllocatorRuns) {
+    let (name, library, package) = OTHER_ALLOCATORS
+        .iter()
+        .copied()
+        .find(|(name, _, _)| *name == which)
+        .expect("a known allocator");
+    let library = required_library(library, package);
+    let cell = if name == "tcmalloc" {
+        &TCMALLOC_RUNS
+    } else {
+        &JEMALLOC_RUNS
+    };
+    let runs = cell.get(|| {
+        let exe = heap_sites();
+        let scratch = scratch_dir(&format!("heap_{name}"));
+        let _cpu = cpu_lock();
+        let mut direct_cmd = clean_command(exe);
+        direct_cmd.arg("16").env("LD_PRELOAD", library);
+        let direct = run(&mut direct_cmd);
+        assert_eq!(
+            direct.code,
+            0,
+            "heap_sites on {name} alone failed\nstdout:\n{}\nstderr:\n{}",
+            direct.stdout_text(),
+            direct.stderr_text()
+        );
+        let mut exact = None;
+        for (i, (how, flags)) in HEAP_VARIANTS.iter().enumerate() {
+            let dir = scratch.join(format!("profile-{i}"));
+            // anyprof puts its library first and keeps what LD_PRELOAD already holds.
+            let mut cmd = heap_record_command(&dir, flags, exe, &["16"]);
+            cmd.env("LD_PRELOAD", library);
+            let recorded = run(&mut cmd);
+            assert_same_run(
+                "heap_sites",
+                &format!("with LD_PRELOAD={library} under anyprof record at {how}"),
+                &direct,
+                &recorded,
             );
-            let mut exact = None;
-            for (i, (how, flags)) in HEAP_VARIANTS.iter().enumerate() {
-                let dir = scratch.join(format!("profile-{i}"));
-                // anyprof puts its library first and keeps what LD_PRELOAD already holds.
-                let mut cmd = heap_record_command(&dir, flags, exe, &["16"]);
-                cmd.env("LD_PRELOAD", TCMALLOC);
-                let recorded = run(&mut cmd);
-                assert_same_run(
-                    "heap_sites",
-                    &format!("with LD_PRELOAD={TCMALLOC} under anyprof record at {how}"),
-                    &direct,
-                    &recorded,
-                );
-                let view = read_profile_in(&dir, "heap.pb.gz", &recorded);
-                assert!(
-                    total(&view, "alloc_space") > 0,
-                    "on tcmalloc at {how}: the heap profile has no allocations"
-                );
-                if i == 0 {
-                    exact = Some(view);
-                }
+            let view = read_profile_in(&dir, "heap.pb.gz", &recorded);
+            assert!(
+                total(&view, "alloc_space") > 0,
+                "on {name} at {how}: the heap profile has no allocations"
+            );
+            if i == 0 {
+                exact = Some(view);
             }
-            Some(TcmallocRuns {
-                direct,
-                exact: exact.expect("the first variant is --mem-rate 1"),
-            })
-        })
-        .as_ref()
+        }
+        AllocatorRuns {
+            direct,
+            exact: exact.expect("the first variant is --mem-rate 1"),
+        }
+    });
+    (library, runs)
 }
 
-#[test]
-fn tcmalloc_preloaded_after_anyprof_keeps_working_and_is_profiled() {
-    let Some(runs) = tcmalloc_runs() else {
-        eprintln!("skipped: {TCMALLOC} is not installed (apt-get install libgoogle-perftools4)");
-        return;
-    };
-    // tcmalloc's usable size of a 1 MiB block is exactly 1 MiB (glibc's is 1 MiB + 4080):
-    // the program really ran on tcmalloc.
+/// Every C allocation of `heap_sites` on `which` (preloaded after anyprof) is exact at rate 1,
+/// and the program really ran on that allocator.
+fn check_other_allocator_exact(which: &str) {
+    let (library, runs) = allocator_runs(which);
+    // tcmalloc's and jemalloc's usable size of a 1 MiB block is exactly 1 MiB (glibc's is
+    // 1 MiB + 4080): the program really ran on the preloaded allocator.
     let truth = tallies(&runs.direct.stdout_text());
     assert_eq!(
         truth.get("site_large").map(|t| t[1] / t[0]),
         Some(1 << 20),
-        "heap_sites did not run on tcmalloc:\n{}",
+        "heap_sites did not run on {library}:\n{}",
         runs.direct.stdout_text()
     );
-    // Every C allocation reaches tcmalloc through anyprof's hooks: exact at rate 1.
+    // Every C allocation reaches the allocator through anyprof's hooks: exact at rate 1.
     let got = runs.exact.heap_values_by_site();
     let mut failures = Vec::new();
     for (site, t) in truth.iter().filter(|(s, _)| *s != "site_cxx_array") {
@@ -285,20 +294,17 @@ fn tcmalloc_preloaded_after_anyprof_keeps_working_and_is_profiled() {
     }
     assert!(
         failures.is_empty(),
-        "on tcmalloc at --mem-rate 1:\n{}",
+        "on {which} at --mem-rate 1:\n{}",
         failures.join("\n")
     );
 }
 
-/// tcmalloc defines `operator new` itself, so C++ `new` does not go through malloc there;
-/// a heap profiler of native programs must still see it (anyprof interposes `operator new`
-/// and `delete`, and accounts for them itself when they do not reach the malloc family).
-#[test]
-fn tcmalloc_cxx_new_is_profiled() {
-    let Some(runs) = tcmalloc_runs() else {
-        eprintln!("skipped: {TCMALLOC} is not installed (apt-get install libgoogle-perftools4)");
-        return;
-    };
+/// Both allocators define `operator new` themselves, so C++ `new` does not go through malloc
+/// there; a heap profiler of native programs must still see it (anyprof interposes
+/// `operator new` and `delete`, and accounts for them itself when they do not reach the
+/// malloc family).
+fn check_other_allocator_cxx_new(which: &str) {
+    let (library, runs) = allocator_runs(which);
     let truth = tallies(&runs.direct.stdout_text())["site_cxx_array"];
     let got = runs
         .exact
@@ -308,11 +314,31 @@ fn tcmalloc_cxx_new_is_profiled() {
         .unwrap_or_default();
     assert_eq!(
         got, truth,
-        "site_cxx_array (new Obj[1024]) on tcmalloc at --mem-rate 1: profile [alloc_objects, \
-         alloc_space, inuse_objects, inuse_space] = {got:?}, program {truth:?}. tcmalloc \
-         exports its own operator new/delete, which do not call malloc, so an interposer \
-         that hooks only the malloc family sees none of these allocations"
+        "site_cxx_array (new Obj[1024]) on {library} at --mem-rate 1: profile \
+         [alloc_objects, alloc_space, inuse_objects, inuse_space] = {got:?}, program \
+         {truth:?}. {which} exports its own operator new/delete, which do not call malloc, \
+         so an interposer that hooks only the malloc family sees none of these allocations"
     );
+}
+
+#[test]
+fn tcmalloc_preloaded_after_anyprof_keeps_working_and_is_profiled() {
+    check_other_allocator_exact("tcmalloc");
+}
+
+#[test]
+fn tcmalloc_cxx_new_is_profiled() {
+    check_other_allocator_cxx_new("tcmalloc");
+}
+
+#[test]
+fn jemalloc_preloaded_after_anyprof_keeps_working_and_is_profiled() {
+    check_other_allocator_exact("jemalloc");
+}
+
+#[test]
+fn jemalloc_cxx_new_is_profiled() {
+    check_other_allocator_cxx_new("jemalloc");
 }
 
 /// Compiles `tests/programs/NAME.c` with `flags`, runs it directly and under `anyprof record`

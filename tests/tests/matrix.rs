@@ -162,6 +162,42 @@ fn check_same(case: &Case, direct: &RunOutput, profiled: &RunOutput) {
     );
 }
 
+/// The kernel tick of the test machines (CONFIG_HZ=250): per-thread CPU timers fire at most
+/// this often, whatever `--cpu-hz` asks for.
+const TICK_HZ: f64 = 250.0;
+
+/// The least number of CPU samples a run of `cpu_seconds` must yield at [`HARSHEST_HZ`]: a
+/// quarter of what the tick lets through (timer slack, start-up before the timer is armed),
+/// and none for a run too short to expect one.
+fn least_cpu_samples(cpu_seconds: f64) -> i64 {
+    (cpu_seconds * TICK_HZ.min(f64::from(HARSHEST_HZ)) / 4.0).floor() as i64
+}
+
+/// User + system CPU seconds of this process's waited-for children so far.
+fn children_cpu_seconds() -> f64 {
+    // SAFETY: getrusage writes into the zeroed struct it is given.
+    let usage = unsafe {
+        let mut usage: libc::rusage = std::mem::zeroed();
+        libc::getrusage(libc::RUSAGE_CHILDREN, &mut usage);
+        usage
+    };
+    let seconds = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 * 1e-6;
+    seconds(usage.ru_utime) + seconds(usage.ru_stime)
+}
+
+/// Sum of the CPU samples over every process's CPU profile in `dir`.
+fn all_cpu_samples(dir: &Path) -> i64 {
+    anyprof_tests::files_in(dir)
+        .iter()
+        .filter(|f| f.starts_with("cpu.") && f.ends_with(".pb.gz"))
+        .map(|f| {
+            anyprof::pprof::read_file(&dir.join(f))
+                .map(|p| ProfileView::new(p).total_samples())
+                .unwrap_or_else(|e| panic!("reading {}: {e:#}", dir.join(f).display()))
+        })
+        .sum()
+}
+
 /// True if some sample of `view` has a frame with a real function name.
 fn symbolized(view: &ProfileView) -> bool {
     view.profile.sample.iter().any(|s| {
@@ -179,9 +215,13 @@ fn real_programs_behave_the_same_and_yield_symbolized_profiles() {
     inputs(&dir);
     let mut failures = Vec::new();
     for case in cases(&dir) {
+        // The direct run's CPU time, its children's included (gcc's cc1, bash's
+        // subprocesses): the cpu_lock above keeps other tests' children out of the difference.
+        let cpu_before = children_cpu_seconds();
         let direct = run(clean_command(&case.program)
             .args(&case.args)
             .current_dir(&dir));
+        let direct_cpu = children_cpu_seconds() - cpu_before;
         let case_dir = dir.join(case.name);
         std::fs::create_dir_all(&case_dir).expect("case dir");
         let args: Vec<&str> = case.args.iter().map(String::as_str).collect();
@@ -193,10 +233,13 @@ fn real_programs_behave_the_same_and_yield_symbolized_profiles() {
         let heap = anyprof::pprof::read_file(&rec.dir.join("heap.pb.gz"))
             .map(ProfileView::new)
             .unwrap_or_else(|e| panic!("{}: no heap profile: {e:#}", case.name));
-        let cpu_samples = cpu.total_samples();
+        // Every process's CPU profile (cpu.pb.gz, cpu.PID.NAME.pb.gz): in gcc the work is cc1's.
+        let cpu_samples = all_cpu_samples(&rec.dir);
         let heap_samples = heap.profile.sample.len();
+        let least = least_cpu_samples(direct_cpu);
         eprintln!(
-            "{:8} exit {} | cpu samples {cpu_samples} | heap buckets {heap_samples} | direct {:.2}s, profiled {:.2}s",
+            "{:8} exit {} | cpu samples {cpu_samples} (at least {least} for {direct_cpu:.2} s of \
+             CPU) | heap buckets {heap_samples} | direct {:.2}s, profiled {:.2}s",
             case.name,
             direct.code,
             direct.wall.as_secs_f64(),
@@ -209,7 +252,16 @@ fn real_programs_behave_the_same_and_yield_symbolized_profiles() {
                 heap.describe()
             ));
         }
-        if cpu_samples > 0 && !symbolized(&cpu) {
+        if cpu_samples < least {
+            failures.push(format!(
+                "{}: {cpu_samples} CPU samples in all its processes' profiles, fewer than \
+                 {least} for {direct_cpu:.2} s of CPU time (a quarter of what the kernel's \
+                 {TICK_HZ} Hz tick lets through): CPU sampling is lost or broken\n{}",
+                case.name,
+                rec.output.stderr_text()
+            ));
+        }
+        if cpu.total_samples() > 0 && !symbolized(&cpu) {
             failures.push(format!(
                 "{}: CPU profile unsymbolized\n{}",
                 case.name,

@@ -16,7 +16,8 @@
 //!   refused at once; other kinds and other processes go on; long requests beyond
 //!   `--max-long-requests` are refused at once.
 //!
-//! Tests that need root (to act as nobody) say SKIPPED and pass when not run as root.
+//! Tests that need root (to act as nobody) say SKIPPED and pass when not run as root, except
+//! in CI, where they fail (`skip_outside_ci`).
 
 use std::collections::BTreeSet;
 use std::io::{BufRead, BufReader, Write};
@@ -30,7 +31,7 @@ use std::time::{Duration, Instant};
 use anyprof_tests::daemon::{
     free_port, parse_reply, wait_for, Daemon, DaemonBuilder, Reply, Request,
 };
-use anyprof_tests::{binaries, clean_command, compile, scratch_dir};
+use anyprof_tests::{binaries, clean_command, compile, scratch_dir, skip_outside_ci};
 
 /// How long a process may take to show up in the daemon's index.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -66,7 +67,9 @@ impl Setup {
         // SAFETY: geteuid cannot fail.
         let euid = unsafe { libc::geteuid() };
         if euid != 0 {
-            eprintln!("SKIPPED {name}: it needs root to act as nobody (running as uid {euid})");
+            skip_outside_ci(&format!(
+                "it needs root to act as nobody (running as uid {euid})"
+            ));
             return None;
         }
         let works = Command::new(AS_NOBODY[0])
@@ -75,7 +78,7 @@ impl Setup {
             .status()
             .is_ok_and(|s| s.success());
         if !works {
-            eprintln!("SKIPPED {name}: `setpriv --reuid=65534` does not work here");
+            skip_outside_ci("`setpriv --reuid=65534` does not work here");
             return None;
         }
         let scratch = scratch_dir(name);

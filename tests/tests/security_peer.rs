@@ -41,7 +41,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyprof_tests::daemon::{Daemon, Request};
-use anyprof_tests::{binaries, clean_command, compile, scratch_dir, ProfileView};
+use anyprof_tests::{binaries, clean_command, compile, scratch_dir, skip_outside_ci, ProfileView};
 use anyprof_wire as wire;
 
 const NOBODY: u32 = 65534;
@@ -441,7 +441,7 @@ fn relay_program(dir: &Path) -> PathBuf {
 #[test]
 fn root_daemon_reads_files_with_the_peers_rights() {
     if !is_root() {
-        eprintln!("skipped: needs root (a root daemon and a process of nobody)");
+        skip_outside_ci("it needs root (a root daemon and a process of nobody)");
         return;
     }
     let dir = open_scratch("security_peer_rights");
@@ -512,7 +512,7 @@ fn root_daemon_reads_files_with_the_peers_rights() {
 #[test]
 fn peer_over_its_memory_cap_is_cut_off() {
     if !is_root() {
-        eprintln!("skipped: needs root (a process of nobody)");
+        skip_outside_ci("it needs root (a process of nobody)");
         return;
     }
     let dir = open_scratch("security_peer_memory");
@@ -716,7 +716,7 @@ impl Listing for Daemon {
 #[test]
 fn one_user_cannot_take_every_daemon_thread() {
     if !is_root() {
-        eprintln!("skipped: needs root (a root daemon and a process of nobody)");
+        skip_outside_ci("it needs root (a root daemon and a process of nobody)");
         return;
     }
     const CONNECTIONS: usize = 2000;
@@ -785,7 +785,7 @@ fn one_user_cannot_take_every_daemon_thread() {
 #[test]
 fn silent_connections_are_closed_after_the_hello_timeout() {
     if !is_root() {
-        eprintln!("skipped: needs root (a root daemon and a process of nobody)");
+        skip_outside_ci("it needs root (a root daemon and a process of nobody)");
         return;
     }
     const CONNECTIONS: usize = 100;
@@ -893,7 +893,7 @@ fn build_id_of(path: &Path) -> Vec<u8> {
 #[test]
 fn library_cut_in_place_by_its_owner_does_not_kill_the_daemon() {
     if !is_root() {
-        eprintln!("skipped: needs root (a root daemon and a process of nobody)");
+        skip_outside_ci("it needs root (a root daemon and a process of nobody)");
         return;
     }
     let dir = open_scratch("security_peer_cut");
@@ -1059,7 +1059,7 @@ impl Drop for RegionPeer {
 #[test]
 fn an_unsealed_region_is_refused_and_cannot_kill_the_daemon() {
     if !is_root() {
-        eprintln!("skipped: needs root (a root daemon and a process of nobody)");
+        skip_outside_ci("it needs root (a root daemon and a process of nobody)");
         return;
     }
     let dir = open_scratch("security_peer_region");

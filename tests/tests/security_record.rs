@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 
 use anyprof_tests::{
     binaries, capture_output, clean_command, compile, exit_code, read_profile_in, run, scratch_dir,
-    RunOutput,
+    skip_outside_ci, RunOutput,
 };
 
 /// Iterations of cpu_split: about 0.3 s of CPU, enough for a few dozen samples.
@@ -219,7 +219,7 @@ fn assert_refused(output: &RunOutput, out: &Path, what: &str) {
 fn output_directory_of_another_user_is_refused() {
     const NOBODY: u32 = 65534;
     if !is_root() {
-        eprintln!("skipped: needs root (files owned by nobody)");
+        skip_outside_ci("it needs root (files owned by nobody)");
         return;
     }
     let scratch = scratch_dir("security_record_foreign_dir");

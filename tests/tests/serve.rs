@@ -31,7 +31,9 @@ use std::time::{Duration, Instant};
 use anyprof_tests::daemon::{
     self, get, post, request, wait_for, Daemon, DaemonBuilder, Reply, HTTP_TIMEOUT,
 };
-use anyprof_tests::{binaries, clean_command, compile, cpu_lock, scratch_dir, ProfileView};
+use anyprof_tests::{
+    binaries, clean_command, compile, cpu_lock, scratch_dir, skip_outside_ci, ProfileView,
+};
 
 /// The test program, and the names its header promises.
 const WORKER_SOURCE: &str = "serve_worker.c";
@@ -1463,21 +1465,17 @@ fn only_allowed_uids_may_connect() {
     // SAFETY: geteuid cannot fail.
     let euid = unsafe { libc::geteuid() };
     if euid != 0 {
-        eprintln!(
-            "SKIPPED only_allowed_uids_may_connect: it needs root to run a process as another \
-             user (running as uid {euid})"
-        );
+        skip_outside_ci(&format!(
+            "it needs root to run a process as another user (running as uid {euid})"
+        ));
         return;
     }
     let Some(wrapper) = as_nobody() else {
-        eprintln!(
-            "SKIPPED only_allowed_uids_may_connect: neither `setpriv --reuid=nobody` nor \
-             `runuser -u nobody` works here"
-        );
+        skip_outside_ci("neither `setpriv --reuid=nobody` nor `runuser -u nobody` works here");
         return;
     };
     let Some(nobody) = uid_of("nobody") else {
-        eprintln!("SKIPPED only_allowed_uids_may_connect: no user `nobody` in /etc/passwd");
+        skip_outside_ci("no user `nobody` in /etc/passwd");
         return;
     };
     let (scratch, exe) = setup("serve_security");

@@ -191,3 +191,43 @@ fn a_program_using_our_real_time_signal_keeps_it() {
     let (out, dir) = check_same("rtsignal", &["rtsignal"], true);
     check_our_samples(&dir, &out, "rtsignal");
 }
+
+/// The interposed `sigaction` and `signal` look the real ones up once, at start, not on
+/// every call: `dlsym` is not async-signal-safe (it takes the loader's lock and may
+/// allocate), and programs call both from signal handlers. The program defines its own
+/// `dlsym` and counts the library's lookups while it calls each 400 times, half of them from
+/// a signal handler. Before the fix: 401 lookups of each.
+#[test]
+fn sigaction_and_signal_resolve_the_real_ones_once() {
+    let scratch = scratch_dir("signals_lookups");
+    let exe = compile("sigaction_lookups.c", &["-O1", "-g", "-rdynamic"], &scratch);
+    let plain = run(&mut clean_command(&exe));
+    assert_eq!(
+        plain.stdout_text().trim(),
+        "sigaction lookups 0, signal lookups 0",
+        "without the profiler nothing looks them up: {}",
+        plain.stderr_text()
+    );
+    let dir = scratch.join("profile");
+    std::fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("creating {}: {e}", dir.display()));
+    let mut cmd = clean_command(&binaries().anyprof);
+    cmd.arg("record")
+        .arg("-q")
+        .arg("-o")
+        .arg(&dir)
+        .args(FLAGS)
+        .arg("--")
+        .arg(&exe);
+    let out = run(&mut cmd);
+    assert_eq!(out.code, 0, "stderr:\n{}", out.stderr_text());
+    let counts: Vec<u32> = out
+        .stdout_text()
+        .split(|c: char| !c.is_ascii_digit())
+        .filter_map(|n| n.parse().ok())
+        .collect();
+    assert!(
+        counts.len() == 2 && counts.iter().all(|&n| n <= 1),
+        "the library looked up sigaction/signal with dlsym more than once: {:?}",
+        out.stdout_text()
+    );
+}

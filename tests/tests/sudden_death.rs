@@ -45,7 +45,7 @@ use std::time::{Duration, Instant};
 
 use anyprof_tests::{
     assert_same_run, binaries, clean_command, compile, exit_code, files_in, read_profile_in, run,
-    scratch_dir, ProfileView, RunOutput,
+    scratch_dir, skip_outside_ci, ProfileView, RunOutput,
 };
 
 /// How long a step may take before the test gives up (a build of the live set, a run).
@@ -576,7 +576,9 @@ fn cgroup_or_skip(tag: &str) -> Option<TestCgroup> {
     match memory_cgroup(tag, OOM_LIMIT) {
         Ok(c) => Some(c),
         Err(why) => {
-            eprintln!("SKIPPED: this test needs a memory cgroup to run a program in: {why}");
+            skip_outside_ci(&format!(
+                "it needs a memory cgroup to run a program in: {why}"
+            ));
             None
         }
     }

@@ -129,8 +129,9 @@ pub enum Counter {
     ThreadsTimed = 4,
     /// Threads for which a CPU timer could not be created.
     TimerFailures = 5,
-    /// Signals that arrived while sampling was not possible (e.g. no unwinder cache free).
-    DroppedBusy = 6,
+    // 6 was `DroppedBusy`, never incremented (a signal that finds no unwinder cache free
+    // records a leaf-only, truncated sample instead); left unused so that old regions read
+    // the same.
     /// Module-map messages that could not be sent.
     DroppedModules = 7,
 }

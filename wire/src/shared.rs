@@ -34,7 +34,7 @@ use crate::{Command, MAX_FRAMES, MAX_MESSAGE, SIZE_CLASSES};
 /// `"APRFSHM1"` read as a little-endian u64; first field of the region.
 pub const SHARED_MAGIC: u64 = u64::from_le_bytes(*b"APRFSHM1");
 /// Version of this layout; bumped whenever any type in this file changes.
-pub const SHARED_VERSION: u32 = 1;
+pub const SHARED_VERSION: u32 = 2;
 /// Sample slots: 5 s of samples for 100 threads at 100 Hz before the reader must run.
 pub const SAMPLE_SLOTS: usize = 512;
 /// Heap buckets (one per allocation stack and size).
@@ -257,21 +257,118 @@ pub struct Bucket {
 // Allocator counters
 // ---------------------------------------------------------------------------------------
 
+/// Usable sizes below this that are a multiple of 8 (every size glibc, jemalloc and tcmalloc
+/// hand out there) are counted per exact size: one increment per call, and the bytes and the
+/// size-class histogram follow exactly from the counts when the slots are summed
+/// ([`AllocTotals::add_slot`]).
+pub const SMALL_LIMIT: u64 = 4096;
+/// Counters per direction for the small sizes: index `usable / 8 + 1` (entry 0 is never
+/// used), which is glibc's chunk size / 8, so that glibc's hook path indexes with the chunk
+/// size as it finds it, without a bounds check.
+pub const SMALL_SIZES: usize = (SMALL_LIMIT / 8) as usize + 1;
+/// A usable size `u` is counted in the small counters iff `u & SMALL_MASK == 0`.
+pub const SMALL_MASK: u64 = !(SMALL_LIMIT - 1) | 7;
+
 /// One thread's exact allocator counters. The owning thread is the only writer (plain loads
-/// and stores of atomics); slot 0 is shared and updated with atomic adds. Readers sum all
-/// slots; counts stay in a slot when its thread exits.
+/// and stores of atomics); slot 0 is shared and updated with atomic adds. Readers sum the
+/// slots `0..=alloc[0].owned` ([`AllocTotals::add_slot`]); counts stay in a slot when its
+/// thread exits.
+///
+/// A block of usable size `u` with `u & SMALL_MASK == 0` counts as one in
+/// `small_mallocs[u / 8 + 1]` (`small_frees` when freed); any other block adds `u` to
+/// `alloc_bytes` (`free_bytes`) and one to `class_mallocs[size_class(u)]` (`class_frees`).
+/// Nothing is ever lost to buffering: a reader after a sudden death sees every call that
+/// returned.
 #[repr(C, align(64))]
 pub struct AllocSlot {
-    /// 1 while a thread owns the slot.
+    /// 1 while a thread owns the slot. In slot 0 (never owned): the highest slot index ever
+    /// claimed, so that readers need not touch the pages of slots never used.
     pub owned: AtomicU32,
-    /// Usable bytes allocated.
+    /// Usable bytes allocated in blocks not counted in `small_mallocs`.
     pub alloc_bytes: AtomicU64,
-    /// Usable bytes freed.
+    /// Usable bytes freed in blocks not counted in `small_frees`.
     pub free_bytes: AtomicU64,
-    /// Allocations per size class (see [`crate::size_class`]).
+    /// Allocations not counted in `small_mallocs`, per size class (see [`crate::size_class`]).
     pub class_mallocs: [AtomicU64; SIZE_CLASSES],
-    /// Frees per size class.
+    /// Frees not counted in `small_frees`, per size class.
     pub class_frees: [AtomicU64; SIZE_CLASSES],
+    /// Allocations of usable size `8 * (i - 1)`, for sizes below [`SMALL_LIMIT`].
+    pub small_mallocs: [AtomicU64; SMALL_SIZES],
+    /// Frees of blocks of usable size `8 * (i - 1)`, for sizes below [`SMALL_LIMIT`].
+    pub small_frees: [AtomicU64; SMALL_SIZES],
+}
+
+/// The sums over allocator slots: bytes and the size-class histograms (counts are the
+/// histograms' sums, so a snapshot's `Mallocs` and `BySize` always agree).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct AllocTotals {
+    /// Usable bytes allocated.
+    pub alloc_bytes: u64,
+    /// Usable bytes freed.
+    pub free_bytes: u64,
+    /// Allocations per size class.
+    pub class_mallocs: [u64; SIZE_CLASSES],
+    /// Frees per size class.
+    pub class_frees: [u64; SIZE_CLASSES],
+}
+
+impl AllocTotals {
+    /// Nothing counted.
+    pub const ZERO: AllocTotals = AllocTotals {
+        alloc_bytes: 0,
+        free_bytes: 0,
+        class_mallocs: [0; SIZE_CLASSES],
+        class_frees: [0; SIZE_CLASSES],
+    };
+
+    /// Adds slot `s`, reading each counter with `load` (the collector passes a reader that
+    /// checks the address; all arithmetic wraps, as the region may hold anything).
+    pub fn add_slot(&mut self, s: &AllocSlot, load: impl Fn(&AtomicU64) -> u64) {
+        self.alloc_bytes = self.alloc_bytes.wrapping_add(load(&s.alloc_bytes));
+        self.free_bytes = self.free_bytes.wrapping_add(load(&s.free_bytes));
+        for (o, c) in self.class_mallocs.iter_mut().zip(s.class_mallocs.iter()) {
+            *o = o.wrapping_add(load(c));
+        }
+        for (o, c) in self.class_frees.iter_mut().zip(s.class_frees.iter()) {
+            *o = o.wrapping_add(load(c));
+        }
+        let small = s.small_mallocs.iter().zip(s.small_frees.iter());
+        for (i, (m, f)) in small.enumerate().skip(1) {
+            let size = 8 * (i as u64 - 1);
+            let class = crate::size_class(size);
+            let (m, f) = (load(m), load(f));
+            self.alloc_bytes = self.alloc_bytes.wrapping_add(m.wrapping_mul(size));
+            self.free_bytes = self.free_bytes.wrapping_add(f.wrapping_mul(size));
+            if let Some(o) = self.class_mallocs.get_mut(class) {
+                *o = o.wrapping_add(m);
+            }
+            if let Some(o) = self.class_frees.get_mut(class) {
+                *o = o.wrapping_add(f);
+            }
+        }
+    }
+
+    /// Number of allocations.
+    pub fn mallocs(&self) -> u64 {
+        self.class_mallocs.iter().fold(0, |a, &b| a.wrapping_add(b))
+    }
+
+    /// Number of frees.
+    pub fn frees(&self) -> u64 {
+        self.class_frees.iter().fold(0, |a, &b| a.wrapping_add(b))
+    }
+
+    /// Bytes in live blocks.
+    pub fn live_bytes(&self) -> u64 {
+        self.alloc_bytes.saturating_sub(self.free_bytes)
+    }
+}
+
+/// The slots a reader must sum: `0..=` the highest index ever claimed (kept in slot 0's
+/// `owned`, clamped to the table).
+pub fn used_alloc_slots(slots: &[AllocSlot; ALLOC_SLOTS], high: u32) -> &[AllocSlot] {
+    let n = (high as usize).min(ALLOC_SLOTS - 1) + 1;
+    slots.get(..n).unwrap_or(slots)
 }
 
 // ---------------------------------------------------------------------------------------
@@ -626,6 +723,54 @@ mod tests {
     use std::vec::Vec;
 
     use super::*;
+
+    /// Per-size counts sum to the same bytes and size-class histogram as counting each
+    /// block by its size; other sizes add as they are.
+    #[test]
+    fn alloc_totals_expand_the_per_size_counts() {
+        let layout = std::alloc::Layout::new::<AllocSlot>();
+        // SAFETY: all-zero is a valid AllocSlot (module doc); non-zero-sized layout, pointer
+        // from `alloc_zeroed` with that layout, as Box requires.
+        let slot: Box<AllocSlot> =
+            unsafe { Box::from_raw(std::alloc::alloc_zeroed(layout).cast::<AllocSlot>()) };
+        let load = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        let count = |u: u64, n: u64, alloc: bool| {
+            let (small, bytes, classes) = if alloc {
+                (&slot.small_mallocs, &slot.alloc_bytes, &slot.class_mallocs)
+            } else {
+                (&slot.small_frees, &slot.free_bytes, &slot.class_frees)
+            };
+            if u & SMALL_MASK == 0 {
+                small[(u / 8 + 1) as usize].fetch_add(n, Ordering::Relaxed);
+            } else {
+                bytes.fetch_add(u * n, Ordering::Relaxed);
+                classes[crate::size_class(u)].fetch_add(n, Ordering::Relaxed);
+            }
+        };
+        let blocks = [
+            (24u64, 5u64),
+            (40, 2),
+            (4088, 1),
+            (4096, 3),
+            (100_000, 1),
+            (13, 2),
+            (0, 1),
+        ];
+        let mut expect = AllocTotals::ZERO;
+        for &(u, n) in &blocks {
+            count(u, n, true);
+            count(u, 1, false);
+            expect.alloc_bytes += u * n;
+            expect.free_bytes += u;
+            expect.class_mallocs[crate::size_class(u)] += n;
+            expect.class_frees[crate::size_class(u)] += 1;
+        }
+        let mut t = AllocTotals::ZERO;
+        t.add_slot(&slot, load);
+        assert_eq!(t, expect);
+        assert_eq!(t.mallocs(), 15);
+        assert_eq!(t.frees(), 7);
+    }
 
     /// A zeroed ring on the heap (4 MiB is too large for a test thread's stack).
     fn ring() -> Box<MessageRing> {

@@ -111,11 +111,10 @@ pub fn build(session: &Session, symbolizer: &mut Symbolizer, duration_ns: u64) -
         totals.len()
     ));
     b.comment(&format!(
-        "anyprof: lost samples: {} (ring full {}, send failed {}, busy {}); truncated stacks: {}",
+        "anyprof: lost samples: {} (ring full {}, send failed {}); truncated stacks: {}",
         lost,
         session.counter(Counter::DroppedRingFull),
         session.counter(Counter::DroppedSend),
-        session.counter(Counter::DroppedBusy),
         session.counter(Counter::Truncated),
     ));
     if !session.said_goodbye && session.read_at_death {

@@ -1,27 +1,42 @@
-//! Heap profiling: the malloc family, interposed.
-//!
-//! # Contract (reviewers check every change here against it)
-//! These hooks run inside every allocation of the program, from any thread, possibly before
-//! our constructor, during `dlsym`, while glibc sets up a thread, and after our destructor.
-//! Code in this module therefore must not:
-//! - allocate through `std` (no `Box`, `Vec`, `String`, `format!`): memory comes from the
-//!   next allocator ([`real`]) or from static/mmapped tables;
-//! - take locks (the program may be inside malloc's own lock, or forking);
-//! - panic (no `unwrap`, `expect`, unchecked indexing);
-//! - use lazily-initialised thread-locals (only the initial-exec [`crate::tls`] block);
-//! - write shared memory on the fast path: an unsampled `malloc` is one thread-local
-//!   subtraction and compare plus the owner-only exact counters; an unsampled `free` is one
-//!   byte load from the [`live`] filter;
-//! - lose `errno` set by the real allocator.
-//!
-//! The slow path (a sampled allocation, or a free of a sampled pointer) runs behind the
-//! per-thread re-entrancy flag (`tls::ThreadBlock::internal`): whatever allocates beneath it
-//! goes straight to the next allocator.
+//! Heap profiling, the parts that live in the cdylib: the hook bodies and their contract are
+//! in the core crate ([`anyprof_preload_core::alloc`], re-exported here); this module adds
+//! the C++ `operator new`/`delete` layer ([`cxx`], hook world, with its C half compiled by
+//! `build.rs`) and [`malloc_answered_by`] (constructor world).
 
-pub mod buckets;
-pub mod counters;
+pub use anyprof_preload_core::alloc::{buckets, counters, hooks, live, real, sampler};
+
 pub mod cxx;
-pub mod hooks;
-pub mod live;
-pub mod real;
-pub mod sampler;
+
+/// Whose `malloc` the program's calls reach: `None` if ours (the normal case), else the path
+/// of the object whose definition comes first in the global scope — the executable itself
+/// when an allocator is linked into it, or a library preloaded ahead of us. Our hooks then see
+/// none of those allocations, which the user must be told.
+pub fn malloc_answered_by() -> Option<String> {
+    // SAFETY: dlsym with RTLD_DEFAULT and a NUL-terminated name.
+    let first = unsafe { libc::dlsym(libc::RTLD_DEFAULT, c"malloc".as_ptr()) } as usize;
+    // Compared by object, not by address: taking the address of our exported `malloc` here
+    // would itself go through the interposition and yield the winner's.
+    // A non-PIE program that takes malloc's address (CPython does) owns a canonical PLT
+    // entry for it, which `dlsym` returns; its calls still go to ours.
+    if crate::modules::is_plt_stub(first) {
+        return None;
+    }
+    let (first_base, first_name) = crate::modules::object_at(first)?;
+    let (our_base, _) = crate::modules::object_at(malloc_answered_by as *const () as usize)?;
+    if first_base == our_base {
+        return None;
+    }
+    let path = if first_name.is_null() {
+        String::new()
+    } else {
+        // SAFETY: dladdr's dli_fname is a NUL-terminated path owned by the loader.
+        unsafe { core::ffi::CStr::from_ptr(first_name) }
+            .to_string_lossy()
+            .into_owned()
+    };
+    Some(if path.is_empty() {
+        "the program itself".to_string()
+    } else {
+        path
+    })
+}

@@ -1,24 +1,10 @@
-//! The async-signal-safe world: everything the sampling signal's handler can reach (our
-//! timers send a real-time signal of their own, see [`handler::SIGNAL`]; `SIGPROF` is left to
-//! the program).
-//!
-//! # Contract (reviewers check every change here against it)
-//! Code in this module may run at any instruction of the host program, including inside
-//! `malloc`, inside the dynamic loader and inside our own background thread. It therefore
-//! must not:
-//! - allocate or free (no `Box`, `Vec`, `String`, `format!`, no framehop call that may
-//!   allocate — unwinding uses `MustNotAllocateDuringUnwind` and pre-made caches);
-//! - take a lock that interrupted code may hold (no `Mutex`, `RwLock`, `OnceLock`, stdio);
-//! - panic (no `unwrap`, `expect`, unchecked indexing, arithmetic that can overflow in debug);
-//! - touch lazily-initialised thread-locals (only `const`-initialised, non-`Drop` ones);
-//! - make system calls other than `gettid` and `clock_gettime` ([`sys`]);
-//! - clobber `errno` (the handler saves and restores it).
-//!
-//! What it may use: atomics, raw pointers into memory owned for the life of the process, and
-//! plain stack variables. Data leaves this module only through the [`ring`].
+//! CPU sampling, the cdylib's side. The signal/hook world — the handler, the ring, the
+//! per-thread state, the raw system calls and the contract they obey — is the core crate's
+//! ([`anyprof_preload_core::signal`], re-exported here). Only the unwinder is here, because
+//! framehop needs an allocator to build one: [`unwind`] builds and swaps unwinders on the
+//! background thread, and its unwind functions (which run in the handler and the hooks and
+//! obey the core's contract) are published to the core at start.
 
-pub mod handler;
-pub mod ring;
-pub mod sys;
-pub mod thread_state;
+pub use anyprof_preload_core::signal::{handler, ring, sys, thread_state};
+
 pub mod unwind;

@@ -14,10 +14,14 @@
 //!
 //! # Stack reads
 //! Every read goes through [`StackReader`], which only dereferences 8-byte-aligned addresses
-//! inside the interrupted thread's stack, recorded at thread start. A thread with unknown
-//! bounds gets a leaf-only sample flagged `FLAG_NO_STACK_BOUNDS`.
+//! inside the interrupted thread's stack, recorded at thread start. In the signal handler, a
+//! thread with unknown bounds gets a leaf-only sample flagged `FLAG_NO_STACK_BOUNDS`. In a
+//! malloc hook ([`unwind_here`]), such a thread (one made behind our `pthread_create`
+//! interposer) is unwound with checked reads instead: each read goes through the kernel
+//! (`process_vm_readv` on our own process), which fails on an unmapped address where a load
+//! would fault. No lock, no allocation, no file: nothing a hook may not do.
 
-use core::sync::atomic::{AtomicPtr, AtomicUsize, Ordering};
+use core::sync::atomic::{AtomicPtr, Ordering};
 
 use framehop::x86_64::{CacheX86_64, UnwindRegsX86_64, UnwinderX86_64};
 use framehop::{FrameAddress, MustNotAllocateDuringUnwind, Unwinder as _};
@@ -35,7 +39,7 @@ static CURRENT: AtomicPtr<Unwinder> = AtomicPtr::new(core::ptr::null_mut());
 static CACHES: [AtomicPtr<Cache>; CACHE_COUNT] =
     [const { AtomicPtr::new(core::ptr::null_mut()) }; CACHE_COUNT];
 /// Handlers currently between loading [`CURRENT`] and finishing with it.
-pub static IN_FLIGHT: AtomicUsize = AtomicUsize::new(0);
+pub use anyprof_preload_core::signal::unwinder::IN_FLIGHT;
 
 /// Creates the cache pool. Call once, outside any handler, before sampling starts.
 pub fn init_caches() {
@@ -104,7 +108,14 @@ fn enough_stack_here() -> bool {
 struct StackReader {
     lo: u64,
     hi: u64,
+    /// Read through the kernel ([`checked_read`]): the bounds are not known, `hi` is
+    /// `u64::MAX`. The number of reads left before the walk gives up.
+    checked: Option<core::cell::Cell<u32>>,
 }
+
+/// Most reads of one checked walk (each a system call): a deep stack is cut rather than
+/// costing a hook milliseconds.
+const CHECKED_READS: u32 = 256;
 
 impl StackReader {
     #[inline]
@@ -112,10 +123,48 @@ impl StackReader {
         if !addr.is_multiple_of(8) || addr < self.lo || addr >= self.hi.saturating_sub(7) {
             return Err(());
         }
+        if let Some(left) = &self.checked {
+            let n = left.get().checked_sub(1).ok_or(())?;
+            left.set(n);
+            return checked_read(addr);
+        }
         // SAFETY: `addr` is aligned and inside [lo, hi - 8], the mapped stack of the thread
         // this handler runs on (recorded at thread start), which cannot be unmapped while
         // the thread is interrupted in it.
         Ok(unsafe { core::ptr::read_volatile(addr as *const u64) })
+    }
+}
+
+/// Reads 8 bytes at `addr` of our own memory through the kernel: an error, not a fault, if
+/// the address is not readable. Async-signal-safe (one system call; it may set errno, which
+/// the hooks and the handler restore).
+fn checked_read(addr: u64) -> Result<u64, ()> {
+    let mut value = 0u64;
+    let local = libc::iovec {
+        iov_base: core::ptr::addr_of_mut!(value).cast(),
+        iov_len: 8,
+    };
+    let remote = libc::iovec {
+        iov_base: addr as *mut libc::c_void,
+        iov_len: 8,
+    };
+    // SAFETY: process_vm_readv on our own pid writes at most 8 bytes into `value` (the local
+    // iovec) and only reads the remote range through the kernel, which checks it.
+    let got = unsafe {
+        libc::syscall(
+            libc::SYS_process_vm_readv,
+            libc::getpid(),
+            &local as *const libc::iovec,
+            1usize,
+            &remote as *const libc::iovec,
+            1usize,
+            0usize,
+        )
+    };
+    if got == 8 {
+        Ok(value)
+    } else {
+        Err(())
     }
 }
 
@@ -140,6 +189,33 @@ pub fn unwind(
     if !enough_stack_here() {
         return (1, FLAG_TRUNCATED);
     }
+    let reader = StackReader {
+        lo,
+        hi,
+        checked: None,
+    };
+    unwind_with(ip, sp, bp, &reader, out)
+}
+
+/// [`unwind`] of the calling thread when its stack bounds are unknown: every read above the
+/// stack pointer goes through the kernel ([`checked_read`]).
+fn unwind_checked(ip: u64, sp: u64, bp: u64, out: &mut [u64; MAX_FRAMES]) -> (usize, u8) {
+    out[0] = ip;
+    let reader = StackReader {
+        lo: sp,
+        hi: u64::MAX,
+        checked: Some(core::cell::Cell::new(CHECKED_READS)),
+    };
+    unwind_with(ip, sp, bp, &reader, out)
+}
+
+fn unwind_with(
+    ip: u64,
+    sp: u64,
+    bp: u64,
+    reader: &StackReader,
+    out: &mut [u64; MAX_FRAMES],
+) -> (usize, u8) {
     let unwinder = CURRENT.load(Ordering::SeqCst);
     if unwinder.is_null() {
         return (1, FLAG_TRUNCATED);
@@ -148,25 +224,22 @@ pub fn unwind(
         return (1, FLAG_TRUNCATED);
     };
     // SAFETY: `unwinder` was published by `publish` and is not freed while IN_FLIGHT (which
-    // the handler incremented before calling us) is non-zero; `cache` is exclusively ours
+    // the caller incremented before calling us) is non-zero; `cache` is exclusively ours
     // until `release_cache`.
-    let (n, flags) = unsafe { walk(&*unwinder, &mut *cache, ip, sp, bp, lo, hi, out) };
+    let (n, flags) = unsafe { walk(&*unwinder, &mut *cache, ip, sp, bp, reader, out) };
     release_cache(slot, cache);
     (n, flags)
 }
 
-#[allow(clippy::too_many_arguments)]
 fn walk(
     unwinder: &Unwinder,
     cache: &mut Cache,
     ip: u64,
     sp: u64,
     bp: u64,
-    lo: u64,
-    hi: u64,
+    reader: &StackReader,
     out: &mut [u64; MAX_FRAMES],
 ) -> (usize, u8) {
-    let reader = StackReader { lo, hi };
     let mut read_stack = |addr: u64| reader.read(addr);
     let regs = UnwindRegsX86_64::new(ip, sp, bp);
     let mut frames = unwinder.iter_frames(ip, regs, cache, &mut read_stack);
@@ -236,7 +309,12 @@ pub fn unwind_here(out: &mut [u64; MAX_FRAMES]) -> (usize, u8) {
         );
     }
     IN_FLIGHT.fetch_add(1, Ordering::SeqCst);
-    let (n, flags) = unwind(ip, sp, bp, super::thread_state::stack_bounds(), out);
+    let (n, flags) = match super::thread_state::stack_bounds() {
+        Some(bounds) => unwind(ip, sp, bp, Some(bounds), out),
+        // A thread made behind our pthread_create interposer: learning its bounds would take
+        // pthread_getattr_np (a lock, an allocation, a file for the main thread).
+        None => unwind_checked(ip, sp, bp, out),
+    };
     IN_FLIGHT.fetch_sub(1, Ordering::SeqCst);
     let (lo, hi) = (
         SELF_RANGE[0].load(Ordering::Acquire),
@@ -254,4 +332,59 @@ pub fn unwind_here(out: &mut [u64; MAX_FRAMES]) -> (usize, u8) {
     }
     out.copy_within(ours..n, 0);
     (n - ours, flags)
+}
+
+/// Unwinds another thread's stack from a copy of it, for a thread dump of a thread blocked
+/// in a system call (background-thread world). That thread may wake up and exit at any
+/// moment, and its stack be unmapped, so its stack is never read in place: `copy` holds what
+/// was at `[at, at + copy.len())` when it was copied (fault-safely, by the caller), and a
+/// read outside the copy ends the stack there, flagged as truncated.
+pub fn unwind_copy(
+    ip: u64,
+    sp: u64,
+    bp: u64,
+    copy: &[u8],
+    at: u64,
+    out: &mut [u64; MAX_FRAMES],
+) -> (usize, u8) {
+    out[0] = ip;
+    let unwinder = CURRENT.load(Ordering::SeqCst);
+    if unwinder.is_null() || copy.is_empty() {
+        return (1, FLAG_TRUNCATED);
+    }
+    let Some((slot, cache)) = claim_cache() else {
+        return (1, FLAG_TRUNCATED);
+    };
+    let mut read_copy = |addr: u64| -> Result<u64, ()> {
+        let offset = usize::try_from(addr.checked_sub(at).ok_or(())?).map_err(|_| ())?;
+        let bytes = copy
+            .get(offset..offset.checked_add(8).ok_or(())?)
+            .ok_or(())?;
+        Ok(u64::from_ne_bytes(bytes.try_into().map_err(|_| ())?))
+    };
+    let regs = UnwindRegsX86_64::new(ip, sp, bp);
+    // SAFETY: `unwinder` was published by `publish` and is not freed while IN_FLIGHT (which
+    // the caller incremented) is non-zero; `cache` is exclusively ours until `release_cache`.
+    let (unwinder, cache) = unsafe { (&*unwinder, &mut *cache) };
+    let mut frames = unwinder.iter_frames(ip, regs, cache, &mut read_copy);
+    let mut n = 0;
+    let flags = loop {
+        match frames.next() {
+            Ok(Some(frame)) => {
+                let addr = match frame {
+                    FrameAddress::InstructionPointer(a) => a,
+                    FrameAddress::ReturnAddress(a) => a.get(),
+                };
+                match out.get_mut(n) {
+                    Some(slot) => *slot = addr,
+                    None => break FLAG_TRUNCATED,
+                }
+                n += 1;
+            }
+            Ok(None) => break 0,
+            Err(_) => break FLAG_TRUNCATED,
+        }
+    };
+    release_cache(slot, cache);
+    (n.max(1), flags)
 }

@@ -60,7 +60,7 @@ fn draw(b: &ThreadBlock, rate: u64) -> i64 {
     let r = next_random(b);
     // Uniform in (0, 1]: 53 random bits, never zero.
     let u = ((r >> 11) + 1) as f64 / (1u64 << 53) as f64;
-    let d = -u.ln() * rate as f64;
+    let d = -libm::log(u) * rate as f64;
     (d as i64).clamp(1, i64::MAX / 4)
 }
 

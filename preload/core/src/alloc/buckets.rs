@@ -153,7 +153,7 @@ pub fn get(n: usize) -> Option<(u32, u64, BucketCounts, &'static [u64])> {
 pub const FOOTPRINT: usize = core::mem::size_of::<BucketTable>();
 
 /// In a forked child whose region was copied only from address `copied_from` on (see
-/// [`crate::region::into_memfd_for_child`]): the table is empty but for what of it lies at
+/// the cdylib's `region::into_memfd_for_child`): the table is empty but for what of it lies at
 /// or after that address (the end of `order` and the positions); clears that, touching no
 /// other page. Single-threaded callers only.
 pub fn reset_in_child(copied_from: usize) {

@@ -27,7 +27,8 @@ pub struct ThreadBlock {
     pub bytes_until_sample: Cell<i64>,
     /// State of the thread's random number generator (0 = not seeded).
     pub rng: Cell<u64>,
-    /// Address of the thread's exact-counter slot (0 = none: take the slow path).
+    /// Address of the thread's exact-counter slot (0 = none: take the slow path), with bit 0
+    /// set when glibc's chunk headers may be read (`alloc::counters::GLIBC_FAST`).
     pub stats: Cell<usize>,
     /// Kernel thread id (0 = not yet known).
     pub tid: Cell<u32>,

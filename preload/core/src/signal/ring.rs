@@ -85,7 +85,7 @@ pub fn claim() -> Option<Claim> {
 }
 
 /// Calls `f` with every ready record and frees the slots. Must only be called by one thread
-/// at a time (the reader); see [`crate::drain`] for how that is ensured.
+/// at a time (the reader); see the cdylib's background thread for how that is ensured.
 pub fn drain(mut f: impl FnMut(&Record)) -> usize {
     let mut n = 0;
     for slot in ring().slots.iter() {

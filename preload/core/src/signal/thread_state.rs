@@ -3,7 +3,7 @@
 //! They live in the initial-exec [`crate::tls`] block, so reading them never calls
 //! `__tls_get_addr`, allocates or registers a destructor — safe from the handler.
 //! (`pthread_getattr_np`, which finds a thread's stack, is not async-signal-safe; hence the
-//! bounds are taken once, at thread start, by [`crate::threads`].)
+//! bounds are taken once, at thread start, by the cdylib's `threads` module.)
 
 use crate::tls;
 
@@ -63,7 +63,7 @@ pub fn start_cpu_clock() {
     let b = tls::current();
     b.last_cpu_ns.set(super::sys::thread_cpu_ns());
     b.cpu_epoch
-        .set(crate::threads::CPU_EPOCH.load(core::sync::atomic::Ordering::Acquire));
+        .set(crate::settings::CPU_EPOCH.load(core::sync::atomic::Ordering::Acquire));
 }
 
 /// True while the current thread is inside anyprof's own code.
@@ -73,8 +73,48 @@ pub fn is_internal() -> bool {
 }
 
 /// Marks the current thread as running anyprof code (`true`) or host code (`false`);
-/// returns the previous value.
+/// returns the previous value. Prefer [`Internal`], which cannot forget to restore it; this
+/// remains for the C++ `operator new` layer (the cdylib's `alloc::cxx`), which hands the
+/// previous value to C.
 #[inline]
 pub fn set_internal(on: bool) -> bool {
     tls::current().internal.replace(u8::from(on)) != 0
+}
+
+/// The re-entrancy flag (`ThreadBlock::internal`) held up for a scope: while an `Internal`
+/// lives, the current thread counts as running anyprof's own code, so what it allocates is
+/// not the program's (not counted, not sampled) and our hooks do not recurse into
+/// themselves. Dropping it puts the flag back as it was, on every path out of the scope.
+/// Nests: an inner guard restores "internal" when it ends.
+///
+/// Tied to the thread that made it (`!Send`): the flag is per thread.
+#[must_use = "the flag is put back when the guard is dropped: bind it to a variable"]
+pub struct Internal {
+    was: u8,
+    _this_thread: core::marker::PhantomData<*const ()>,
+}
+
+impl Internal {
+    /// Marks the current thread as running anyprof code until the guard is dropped.
+    #[inline(always)]
+    pub fn enter() -> Self {
+        Self {
+            was: tls::current().internal.replace(1),
+            _this_thread: core::marker::PhantomData,
+        }
+    }
+
+    /// Marks the current thread as running anyprof code for the rest of its life (our own
+    /// threads, and the process's last moments at exit).
+    #[inline]
+    pub fn for_good() {
+        core::mem::forget(Self::enter());
+    }
+}
+
+impl Drop for Internal {
+    #[inline(always)]
+    fn drop(&mut self) {
+        tls::current().internal.set(self.was);
+    }
 }

@@ -10,7 +10,7 @@
 //! that is never freed; `free` ignores its blocks, `realloc` copies out of them.
 
 use core::ffi::c_void;
-use core::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use core::sync::atomic::{AtomicBool, AtomicPtr, AtomicUsize, Ordering};
 
 type MallocFn = unsafe extern "C" fn(usize) -> *mut c_void;
 type FreeFn = unsafe extern "C" fn(*mut c_void);
@@ -47,6 +47,13 @@ static NEXT: Table = Table {
     usable_size: AtomicUsize::new(0),
 };
 
+/// What [`malloc`] calls: the next allocator's `malloc` once resolved, [`malloc_unresolved`]
+/// until then, so that the hot path calls through it without testing it.
+static MALLOC_CALL: AtomicPtr<()> = AtomicPtr::new(malloc_unresolved as *mut ());
+/// What [`free_glibc`] calls: the next allocator's `free` once resolved, [`free_unusual`]
+/// until then.
+static FREE_CALL: AtomicPtr<()> = AtomicPtr::new(free_unusual as *mut ());
+
 static RESOLVED: AtomicBool = AtomicBool::new(false);
 static RESOLVING: AtomicBool = AtomicBool::new(false);
 
@@ -81,6 +88,16 @@ pub fn resolve() -> bool {
         && NEXT.free.load(Ordering::Acquire) != 0
         && NEXT.calloc.load(Ordering::Acquire) != 0
         && NEXT.realloc.load(Ordering::Acquire) != 0;
+    if ok {
+        MALLOC_CALL.store(
+            NEXT.malloc.load(Ordering::Acquire) as *mut (),
+            Ordering::Release,
+        );
+        FREE_CALL.store(
+            NEXT.free.load(Ordering::Acquire) as *mut (),
+            Ordering::Release,
+        );
+    }
     RESOLVED.store(ok, Ordering::Release);
     RESOLVING.store(false, Ordering::Release);
     ok
@@ -96,9 +113,19 @@ fn get(slot: &AtomicUsize) -> usize {
     slot.load(Ordering::Acquire)
 }
 
-/// `malloc` of the next allocator.
+/// `malloc` of the next allocator. The path before resolution is out of line, so that the
+/// hooks' fast paths need no saved register.
 #[inline(always)]
 pub fn malloc(size: usize) -> *mut c_void {
+    let f = MALLOC_CALL.load(Ordering::Relaxed);
+    // SAFETY: MALLOC_CALL holds either `malloc_unresolved` or the address dlsym returned for
+    // "malloc", both of this type.
+    unsafe { core::mem::transmute::<*mut (), MallocFn>(f)(size) }
+}
+
+#[cold]
+#[inline(never)]
+extern "C" fn malloc_unresolved(size: usize) -> *mut c_void {
     match get(&NEXT.malloc) {
         0 => arena::alloc(size, 16),
         // SAFETY: the address dlsym returned for "malloc".
@@ -109,7 +136,18 @@ pub fn malloc(size: usize) -> *mut c_void {
 /// `free` of the next allocator; arena blocks are ignored.
 #[inline(always)]
 pub fn free(p: *mut c_void) {
-    if arena::in_use() && arena::contains(p) {
+    let f = NEXT.free.load(Ordering::Relaxed);
+    if f == 0 || arena::contains(p) {
+        return free_unusual(p);
+    }
+    // SAFETY: the address dlsym returned for "free"; `p` came from the same allocator.
+    unsafe { core::mem::transmute::<usize, FreeFn>(f)(p) }
+}
+
+#[cold]
+#[inline(never)]
+extern "C" fn free_unusual(p: *mut c_void) {
+    if arena::contains(p) {
         return;
     }
     match get(&NEXT.free) {
@@ -210,40 +248,6 @@ pub fn pvalloc(size: usize) -> *mut c_void {
     }
 }
 
-/// Whose `malloc` the program's calls reach: `None` if ours (the normal case), else the path
-/// of the object whose definition comes first in the global scope — the executable itself
-/// when an allocator is linked into it, or a library preloaded ahead of us. Our hooks then see
-/// none of those allocations, which the user must be told.
-pub fn malloc_answered_by() -> Option<String> {
-    // SAFETY: dlsym with RTLD_DEFAULT and a NUL-terminated name.
-    let first = unsafe { libc::dlsym(libc::RTLD_DEFAULT, c"malloc".as_ptr()) } as usize;
-    // Compared by object, not by address: taking the address of our exported `malloc` here
-    // would itself go through the interposition and yield the winner's.
-    // A non-PIE program that takes malloc's address (CPython does) owns a canonical PLT
-    // entry for it, which `dlsym` returns; its calls still go to ours.
-    if crate::modules::is_plt_stub(first) {
-        return None;
-    }
-    let (first_base, first_name) = crate::modules::object_at(first)?;
-    let (our_base, _) = crate::modules::object_at(malloc_answered_by as *const () as usize)?;
-    if first_base == our_base {
-        return None;
-    }
-    let path = if first_name.is_null() {
-        String::new()
-    } else {
-        // SAFETY: dladdr's dli_fname is a NUL-terminated path owned by the loader.
-        unsafe { core::ffi::CStr::from_ptr(first_name) }
-            .to_string_lossy()
-            .into_owned()
-    };
-    Some(if path.is_empty() {
-        "the program itself".to_string()
-    } else {
-        path
-    })
-}
-
 /// True once [`check_glibc_layout`] proved that the next allocator is glibc's malloc and
 /// that its chunk header gives the same usable size as `malloc_usable_size`.
 static GLIBC_HEADER: AtomicBool = AtomicBool::new(false);
@@ -257,12 +261,9 @@ fn glibc_usable(p: *mut c_void) -> usize {
     // SAFETY: only called when GLIBC_HEADER is set, i.e. `p` is a live glibc block, which is
     // always preceded by its chunk's size field.
     let field = unsafe { *((p as *const usize).offset(-1)) };
-    let chunk = field & !0x7;
-    if field & 0x2 != 0 {
-        chunk.saturating_sub(16)
-    } else {
-        chunk.saturating_sub(8)
-    }
+    // Branch-free: IS_MMAPPED (bit 1) adds 8 to the header, so 2 << 2 = 8. A glibc chunk
+    // is at least 32 bytes, so this cannot wrap.
+    (field & !0x7).wrapping_sub(8 + ((field & 0x2) << 2))
 }
 
 /// Checks once, at start, whether block sizes can be read from glibc's chunk headers
@@ -279,6 +280,21 @@ pub fn check_glibc_layout() {
     }
     if arena::in_use() {
         return; // arena blocks may be live: their headers are not glibc's
+    }
+    // Every entry point resolved, so that the arena never hands out a block again: the hooks'
+    // fast path then skips the arena check on free (`free_glibc`).
+    let all = [
+        &NEXT.free,
+        &NEXT.calloc,
+        &NEXT.realloc,
+        &NEXT.memalign,
+        &NEXT.aligned_alloc,
+        &NEXT.posix_memalign,
+        &NEXT.valloc,
+        &NEXT.pvalloc,
+    ];
+    if all.iter().any(|f| f.load(Ordering::Acquire) == 0) {
+        return;
     }
     let mut agree = true;
     for size in [0usize, 1, 8, 24, 25, 100, 1000, 5000, 70_000, 300_000] {
@@ -300,14 +316,50 @@ fn call_usable_size(p: *mut c_void) -> usize {
     }
 }
 
-/// The usable size of a live, non-null block, by the cheapest correct means: glibc's chunk
-/// header when [`check_glibc_layout`] allowed it (an arena block's header holds its size
-/// too, in the same place), else `malloc_usable_size`.
+/// True while [`glibc_usable_size`] may be used: every live block is a glibc block.
 #[inline(always)]
-pub fn usable_size_of_live(p: *mut c_void) -> usize {
+pub fn glibc_header_readable() -> bool {
     // The flag is cleared for good as soon as the arena hands out a block after the check,
     // so while it is set no live block can be an arena block.
-    if GLIBC_HEADER.load(Ordering::Relaxed) {
+    GLIBC_HEADER.load(Ordering::Relaxed)
+}
+
+/// glibc's size field of live block `p` (the chunk size in bits 3.., flags in bits 0..2);
+/// only while [`glibc_header_readable`].
+#[inline(always)]
+pub fn glibc_size_field(p: *mut c_void) -> usize {
+    // SAFETY: only called while GLIBC_HEADER is set, i.e. `p` is a live glibc block, which
+    // is always preceded by its chunk's size field.
+    unsafe { *((p as *const usize).offset(-1)) }
+}
+
+/// If glibc's size field `field` is that of a heap (not mmapped) chunk of fewer than
+/// `limit` bytes (a power of two), the chunk size; the block's usable size is 8 less (the
+/// chunk's size field; a heap chunk is at least 32 bytes).
+#[inline(always)]
+pub fn glibc_small_chunk(field: usize, limit: usize) -> Option<usize> {
+    if field & (!(limit - 1) | 0x2) != 0 {
+        return None;
+    }
+    Some(field & (limit - 1) & !0x7)
+}
+
+/// `free` of a glibc block while [`glibc_header_readable`]: no block can then be an arena
+/// block (the arena handed none out before the check, and none is handed out after
+/// resolution).
+#[inline(always)]
+pub fn free_glibc(p: *mut c_void) {
+    let f = FREE_CALL.load(Ordering::Relaxed);
+    // SAFETY: FREE_CALL holds either `free_unusual` or the address dlsym returned for
+    // "free", both of this type; `p` came from that allocator.
+    unsafe { core::mem::transmute::<*mut (), FreeFn>(f)(p) }
+}
+
+/// The usable size of a live, non-null block, by the cheapest correct means: glibc's chunk
+/// header when [`check_glibc_layout`] allowed it, else `malloc_usable_size`.
+#[inline(always)]
+pub fn usable_size_of_live(p: *mut c_void) -> usize {
+    if glibc_header_readable() {
         return glibc_usable(p);
     }
     usable_size(p)
@@ -365,11 +417,10 @@ pub mod arena {
         USED.load(Ordering::Relaxed) != 0
     }
 
-    /// True if `p` points into the arena.
+    /// True if `p` points into the arena (one subtraction and one compare).
     #[inline(always)]
     pub fn contains(p: *mut c_void) -> bool {
-        let p = p as usize;
-        p >= base() && p < base() + SIZE
+        (p as usize).wrapping_sub(base()) < SIZE
     }
 
     /// Allocates `size` zeroed bytes aligned to `align` (a power of two), or null when the

@@ -1,13 +1,16 @@
 //! Bodies of the interposed malloc family (the symbols themselves are in
-//! [`crate::exports`]). Each forwards to the next allocator, then accounts for the result:
+//! the cdylib's `exports`). Each forwards to the next allocator, then accounts for the result:
 //! exact counters always, a heap sample when the thread's byte countdown runs out.
 
 use core::ffi::c_void;
 
-use anyprof_wire::{MemStat, FLAG_TRUNCATED, MAX_FRAMES};
+use anyprof_wire::shared::SMALL_LIMIT as SMALL_LIMIT_U64;
+use anyprof_wire::{MemStat, FLAG_NO_STACK_BOUNDS, FLAG_TRUNCATED, MAX_FRAMES};
+
+const SMALL_LIMIT: usize = SMALL_LIMIT_U64 as usize;
 
 use super::{buckets, counters, live, real, sampler};
-use crate::signal::{sys, unwind};
+use crate::signal::{sys, unwinder as unwind};
 use crate::tls::{self, ThreadBlock};
 
 /// Samples not recorded, by cause (read by the background thread).
@@ -45,27 +48,77 @@ fn accounting() -> bool {
     ACCOUNTING.load(core::sync::atomic::Ordering::Relaxed)
 }
 
-/// Accounts for a new block `p` (non-null). Fast path: a thread with a counter slot (which
-/// implies accounting is on) reads the block size, bumps its own counters and its countdown.
+/// Accounts for a new block `p` (non-null) and returns it. Fast path: a thread with a
+/// counter slot of its own (which implies accounting is on) reads the block size from what
+/// the allocator left next to the block, bumps one counter of its own and its countdown.
+/// Every slower path is a tail call that returns `p`, so the fast path saves no register.
 #[inline(always)]
-fn on_alloc(p: *mut c_void) {
+fn on_alloc(p: *mut c_void) -> *mut c_void {
     let b = tls::current();
     // Our own allocations (the background thread, our bookkeeping) are not the program's:
     // not counted, not sampled. They are freed by our own code too, so the counts balance.
-    if b.internal.get() != 0 || (!counters::has_slot(b) && !accounting()) {
-        return;
+    if b.internal.get() != 0 {
+        return p;
     }
-    let usable = real::usable_size_of_live(p) as u64;
-    counters::on_alloc(b, usable);
-    let left = b.bytes_until_sample.get().wrapping_sub(usable as i64);
-    b.bytes_until_sample.set(left);
-    if left <= 0 {
-        maybe_sample(b, p, usable);
+    let Some(slot) = counters::glibc_fast_slot(b) else {
+        return on_alloc_not_fast(b, p);
+    };
+    let Some(chunk) = real::glibc_small_chunk(real::glibc_size_field(p), SMALL_LIMIT) else {
+        return on_alloc_any_allocator(b, slot, p);
+    };
+    counters::count_glibc_small(slot, chunk, true);
+    count_down(b, p, chunk.wrapping_sub(8) as u64)
+}
+
+/// [`on_alloc`] for a thread without a slot, or whose slot is not marked for glibc headers.
+#[inline(never)]
+fn on_alloc_not_fast(b: &ThreadBlock, p: *mut c_void) -> *mut c_void {
+    match counters::own_slot(b) {
+        Some(slot) => {
+            counters::upgrade(b);
+            on_alloc_any_allocator(b, slot, p)
+        }
+        None => on_alloc_without_slot(b, p),
     }
 }
 
+/// [`on_alloc`] for other sizes or when the block size must be asked from the allocator.
+#[inline(never)]
+fn on_alloc_any_allocator(
+    b: &ThreadBlock,
+    slot: &'static anyprof_wire::shared::AllocSlot,
+    p: *mut c_void,
+) -> *mut c_void {
+    let usable = real::usable_size_of_live(p) as u64;
+    counters::count_owned(slot, usable, true);
+    count_down(b, p, usable)
+}
+
+/// The sampling countdown: one subtraction and a branch; the slow path when it runs out.
+#[inline(always)]
+fn count_down(b: &ThreadBlock, p: *mut c_void, usable: u64) -> *mut c_void {
+    let left = b.bytes_until_sample.get().wrapping_sub(usable as i64);
+    b.bytes_until_sample.set(left);
+    if left <= 0 {
+        return maybe_sample(b, p, usable);
+    }
+    p
+}
+
+/// A thread without a slot of its own yet (its first allocation, or accounting off).
+#[cold]
+#[inline(never)]
+fn on_alloc_without_slot(b: &ThreadBlock, p: *mut c_void) -> *mut c_void {
+    if !accounting() {
+        return p;
+    }
+    let usable = real::usable_size_of_live(p) as u64;
+    counters::on_alloc(b, usable);
+    count_down(b, p, usable)
+}
+
 /// Accounts for block `p` from an allocator entry point other than the malloc family (the
-/// next `operator new`, in [`super::cxx`]'s accounting mode).
+/// next `operator new`, in the cdylib's `alloc::cxx` accounting mode).
 pub fn account_alloc(p: *mut c_void) {
     on_alloc(p);
 }
@@ -77,22 +130,20 @@ pub fn account_free(p: *mut c_void) {
 
 #[cold]
 #[inline(never)]
-fn maybe_sample(b: &ThreadBlock, p: *mut c_void, usable: u64) {
+fn maybe_sample(b: &ThreadBlock, p: *mut c_void, usable: u64) -> *mut c_void {
     if !sampler::on_countdown_expired(b) {
-        return;
+        return p;
     }
     let errno = sys::errno();
     b.internal.set(1);
-    if crate::signal::thread_state::stack_bounds().is_none() {
-        // A thread we did not see start (made before us, or by libc internally): learn its
-        // stack now, outside any signal handler, so its stacks can be unwound.
-        crate::threads::record_stack_bounds();
-    }
+    // No loader, file system, lock or allocation from here on: a thread whose stack bounds
+    // are unknown is unwound with checked reads, and a stack that runs into an object the
+    // unwinder does not know yet (dlopen'ed since the background thread's last cycle) is kept
+    // truncated; the background thread is woken to bring the unwinder up to date.
     let mut frames = [0u64; MAX_FRAMES];
-    let (mut n, flags) = unwind::unwind_here(&mut frames);
-    if flags & FLAG_TRUNCATED != 0 && n < MAX_FRAMES && crate::drain::catch_up_with_loader() {
-        // The stack ran into an object the unwinder did not know yet (just dlopen'ed).
-        n = unwind::unwind_here(&mut frames).0;
+    let (n, flags) = unwind::unwind_here(&mut frames);
+    if flags & FLAG_TRUNCATED != 0 && flags & FLAG_NO_STACK_BOUNDS == 0 && n < MAX_FRAMES {
+        unwind::request_catch_up();
     }
     match buckets::intern(frames.get(..n).unwrap_or(&[]), usable) {
         Some(bucket) => {
@@ -105,19 +156,38 @@ fn maybe_sample(b: &ThreadBlock, p: *mut c_void, usable: u64) {
     }
     b.internal.set(0);
     sys::set_errno(errno);
+    p
 }
 
 /// Accounts for block `p` (non-null) about to be freed; must run before the real free.
 #[inline(always)]
 fn on_free(p: *mut c_void) {
     let b = tls::current();
-    if b.internal.get() != 0 || (!counters::has_slot(b) && !accounting()) {
+    if b.internal.get() != 0 {
         return;
     }
-    counters::on_free(b, real::usable_size_of_live(p) as u64);
+    match counters::own_slot(b) {
+        Some(slot) => counters::count_owned(slot, real::usable_size_of_live(p) as u64, false),
+        None => {
+            if !on_free_without_slot(b, p) {
+                return;
+            }
+        }
+    }
     if live::may_contain(p) {
         forget_sampled(p);
     }
+}
+
+/// Counts a free by a thread without a slot of its own; false if accounting is off.
+#[cold]
+#[inline(never)]
+fn on_free_without_slot(b: &ThreadBlock, p: *mut c_void) -> bool {
+    if !accounting() {
+        return false;
+    }
+    counters::on_free(b, real::usable_size_of_live(p) as u64);
+    true
 }
 
 #[cold]
@@ -128,23 +198,73 @@ fn forget_sampled(p: *mut c_void) {
     }
 }
 
+/// `free` of a block counted by a thread without a slot, or possibly sampled: the rest of
+/// [`free`] out of line.
+#[cold]
+#[inline(never)]
+fn free_slow(b: &ThreadBlock, p: *mut c_void, slot_counted: bool) {
+    if (slot_counted || on_free_without_slot(b, p)) && live::may_contain(p) {
+        forget_sampled(p);
+    }
+    real::free(p);
+}
+
 /// `malloc`.
 #[inline(always)]
 pub fn malloc(size: usize) -> *mut c_void {
     let p = real::malloc(size);
-    if !p.is_null() {
-        on_alloc(p);
+    if p.is_null() {
+        return p;
     }
-    p
+    on_alloc(p)
 }
 
-/// `free`.
+/// `free`: the fast path has no call but the tail call to the next allocator's.
 #[inline(always)]
 pub fn free(p: *mut c_void) {
     if p.is_null() {
         return;
     }
-    on_free(p);
+    let b = tls::current();
+    if b.internal.get() != 0 {
+        return real::free(p);
+    }
+    let Some(slot) = counters::glibc_fast_slot(b) else {
+        return free_not_fast(b, p);
+    };
+    let Some(chunk) = real::glibc_small_chunk(real::glibc_size_field(p), SMALL_LIMIT) else {
+        return free_any_allocator(b, slot, p);
+    };
+    counters::count_glibc_small(slot, chunk, false);
+    if live::may_contain(p) {
+        return free_slow(b, p, true);
+    }
+    real::free_glibc(p);
+}
+
+/// [`free`] for a thread without a slot, or whose slot is not marked for glibc headers.
+#[inline(never)]
+fn free_not_fast(b: &ThreadBlock, p: *mut c_void) {
+    match counters::own_slot(b) {
+        Some(slot) => {
+            counters::upgrade(b);
+            free_any_allocator(b, slot, p)
+        }
+        None => free_slow(b, p, false),
+    }
+}
+
+/// [`free`] for other sizes or when the block size must be asked from the allocator.
+#[inline(never)]
+fn free_any_allocator(
+    b: &ThreadBlock,
+    slot: &'static anyprof_wire::shared::AllocSlot,
+    p: *mut c_void,
+) {
+    counters::count_owned(slot, real::usable_size_of_live(p) as u64, false);
+    if live::may_contain(p) {
+        return free_slow(b, p, true);
+    }
     real::free(p);
 }
 
@@ -152,10 +272,10 @@ pub fn free(p: *mut c_void) {
 #[inline(always)]
 pub fn calloc(n: usize, size: usize) -> *mut c_void {
     let p = real::calloc(n, size);
-    if !p.is_null() {
-        on_alloc(p);
+    if p.is_null() {
+        return p;
     }
-    p
+    on_alloc(p)
 }
 
 /// `realloc`: the old block counts as freed and the new one as allocated, as in Go's

@@ -19,7 +19,7 @@ use core::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
 use anyprof_wire::Counter;
 
-use super::{ring, sys, thread_state, unwind};
+use super::{ring, sys, thread_state, unwinder as unwind};
 use crate::counters;
 
 /// True while samples should be taken. Cleared at exit and in forked children.
@@ -94,8 +94,14 @@ static INSTALLED: AtomicBool = AtomicBool::new(false);
 /// Request id of the thread dump in progress (0 = none).
 pub static DUMP_REQUEST: core::sync::atomic::AtomicU32 = core::sync::atomic::AtomicU32::new(0);
 
-/// Installs the handler (once; later calls do nothing). Returns the OS error on failure.
-pub fn install() -> Result<(), i32> {
+/// libc's `sigaction` (the real one, not the cdylib's interposer, which would only record
+/// the action).
+pub type SigactionFn =
+    unsafe extern "C" fn(libc::c_int, *const libc::sigaction, *mut libc::sigaction) -> libc::c_int;
+
+/// Installs the handler with `real_sigaction` (once; later calls do nothing). Returns the OS
+/// error on failure. Constructor world.
+pub fn install(real_sigaction: SigactionFn) -> Result<(), i32> {
     if INSTALLED.swap(true, Ordering::AcqRel) {
         return Ok(());
     }
@@ -113,7 +119,7 @@ pub fn install() -> Result<(), i32> {
     let mut old: libc::sigaction = unsafe { core::mem::zeroed() };
     // SAFETY: both pointers are valid sigaction structs; the real sigaction, not our
     // interposer, which would only record the action.
-    if unsafe { crate::exports::real_sigaction(SIGNAL, &action, &mut old) } != 0 {
+    if unsafe { real_sigaction(SIGNAL, &action, &mut old) } != 0 {
         INSTALLED.store(false, Ordering::Release);
         return Err(sys::errno());
     }
@@ -202,8 +208,8 @@ fn take_sample(context: *mut libc::c_void, extra_flags: u8, dump_id: Option<u64>
     let cpu_ns = match dump_id {
         Some(id) => id,
         None => {
-            let hz = u64::from(crate::threads::CPU_HZ.load(Ordering::Relaxed).max(1));
-            let epoch = crate::threads::CPU_EPOCH.load(Ordering::Relaxed);
+            let hz = u64::from(crate::settings::CPU_HZ.load(Ordering::Relaxed).max(1));
+            let epoch = crate::settings::CPU_EPOCH.load(Ordering::Relaxed);
             thread_state::take_cpu_delta(sys::thread_cpu_ns(), epoch, 1_000_000_000 / hz)
         }
     };

@@ -61,7 +61,7 @@ static LIVE: Live = Live {
 };
 
 /// In a forked child (one thread): forgets every pointer its parent sampled. The child's
-/// heap profile starts empty ([`crate::region::into_memfd_for_child`]), so the frees of
+/// heap profile starts empty (the cdylib's `region::into_memfd_for_child`), so the frees of
 /// the parent's blocks are not its business. The pages are replaced by fresh zero pages
 /// (no copy, and the parent's copies are no longer shared with it); if that fails, the
 /// entries are cleared one by one.
