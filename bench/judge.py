@@ -173,8 +173,9 @@ def build_jobs(args, scratch):
     if args.tcmalloc:
         peers += [preload("tcmalloc", args.tcmalloc),
                   preload("tcmalloc-sample", args.tcmalloc, {"TCMALLOC_SAMPLE_PARAMETER": "524288"})]
+    fwd_thread = [preload("forwarding+thread", args.forwarder_thread)] if args.forwarder_thread else []
     group("B", f"B. malloc_pairs 16..4096 B, 1 thread, {pairs:,} pairs: sampling at 512 KiB", lambda c: mixed, [
-        bare(), fwd(),
+        bare(), fwd()] + fwd_thread + [
         anyprof(args, "anyprof-512KiB", ["--cpu-hz", "0"], check_heap=True, min_mallocs=pairs),
     ] + peers)
     every = [bare(), anyprof(args, "anyprof-rate1", ["--cpu-hz", "0", "--mem-rate", "1"], check_heap=True,
@@ -274,7 +275,8 @@ def report(jobs, groups, results, summary):
                 print(line)
                 continue
             med = statistics.median(res[n])
-            ref = {"jemalloc-prof": "jemalloc", "tcmalloc-sample": "tcmalloc", "gperf-heap": "tcmalloc"}.get(n)
+            ref = {"jemalloc-prof": "jemalloc", "tcmalloc-sample": "tcmalloc", "gperf-heap": "tcmalloc",
+                   "forwarding+thread": "forwarding"}.get(n)
             if ref is None:
                 ref = "forwarding" if n.startswith("anyprof") and key != "C" else "bare"
             line = f"  {n:<18} {med:8.2f}"
@@ -334,6 +336,7 @@ def main():
     p.add_argument("--anyprof", required=True)
     p.add_argument("--malloc-program", required=True)
     p.add_argument("--forwarder", required=True)
+    p.add_argument("--forwarder-thread", default="", help="the forwarder built with -DIDLE_THREAD")
     p.add_argument("--cpu-program", required=True)
     p.add_argument("--large-c", required=True)
     p.add_argument("--python", required=True)
@@ -404,6 +407,10 @@ def main():
         lines.append(f"mixed 16..4096 B at 512 KiB: {r:.3f}x bare (≤ {MIXED_RATIO:g}x){verdict(r, MIXED_RATIO)}; "
                      f"{d:+.2f} ns over forwarding (≤ {MIXED_NS:g} ns){verdict(d, MIXED_NS)}; "
                      f"{ir_over('4096', 'anyprof-512KiB')} per pair")
+    d, ft = get(("B", "anyprof-512KiB")), get(("B", "forwarding+thread"))
+    if d is not None and ft is not None:
+        lines.append(f"  of which a second thread alone (glibc then locks its arenas): {ft:+.2f} ns; anyprof over "
+                     f"forwarding with an idle thread: {d - ft:+.2f} ns")
     for peer, ref in (("jemalloc-prof", "jemalloc"), ("tcmalloc-sample", "tcmalloc")):
         d = get(("B", peer))
         if d is not None:

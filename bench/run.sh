@@ -73,6 +73,8 @@ if want cpu || want judge; then "$CC" -O2 -g -fomit-frame-pointer -pthread bench
 if want heap || want judge; then
     "$CC" -O2 -g -fomit-frame-pointer -pthread bench/programs/malloc_pairs.c -o "$scratch/malloc_pairs"
     "$CC" -O2 -shared -fPIC bench/programs/forward_malloc.c -o "$scratch/forward_malloc.so"
+    "$CC" -O2 -shared -fPIC -pthread -DIDLE_THREAD bench/programs/forward_malloc.c \
+        -o "$scratch/forward_malloc_thread.so"
 fi
 
 # --- the machine -------------------------------------------------------------------------------
@@ -156,6 +158,7 @@ if want judge; then
         --anyprof "$ANYPROF" \
         --malloc-program "$scratch/malloc_pairs" \
         --forwarder "$scratch/forward_malloc.so" \
+        --forwarder-thread "$scratch/forward_malloc_thread.so" \
         --cpu-program "$scratch/cpu_work" \
         --large-c "$scratch/large.c" \
         --gcc "${CC_FOR_BENCH:-gcc}" \
