@@ -2170,3 +2170,56 @@ fn a_sampled_allocation_reaches_no_loader_file_or_lock() {
         view.describe()
     );
 }
+
+/// The checked reads that unwind a thread with unknown stack bounds from a malloc hook must
+/// not use a system call a sandboxed program's seccomp filter does not expect: with
+/// `process_vm_readv`, a program whose filter kills the process on it (systemd's
+/// `SystemCallFilter=`, browser sandboxes) died of SIGSYS on its first sampled allocation on
+/// such a thread (exit 159), at any `--mem-rate`. Its stacks must still be whole.
+#[test]
+fn a_sampled_allocation_keeps_to_the_programs_seccomp_filter() {
+    let scratch = scratch_dir("seccomp_unwind");
+    let exe = compile(
+        "seccomp_unwind.c",
+        &["-O1", "-g", "-pthread", "-ldl"],
+        &scratch,
+    );
+    for (mode, rate) in [("kill", "1"), ("kill", "512KiB"), ("errno", "1")] {
+        let plain = direct(&exe, &[mode]);
+        assert_eq!(
+            (plain.code, plain.stdout_text()),
+            (0, "allocations: 2000\n".to_string()),
+            "seccomp_unwind {mode} itself failed: {plain:?}"
+        );
+        let (profiled, dir) = recorded(
+            &scratch,
+            &format!("profile-{mode}-{rate}"),
+            &["--cpu-hz", "0", "--mem-rate", rate],
+            &exe,
+            &[mode],
+        );
+        assert_same_behaviour(
+            &format!("seccomp_unwind {mode} under record --mem-rate {rate}"),
+            &plain,
+            &profiled,
+        );
+        if rate != "1" {
+            continue;
+        }
+        let view = read_profile(&dir.join("allocs.pb.gz"));
+        let whole: i64 = view
+            .profile
+            .sample
+            .iter()
+            .filter(|s| view.frames(s).first().map(|f| f.name) == Some("seccomp_worker"))
+            .map(|s| view.heap_values(s)[0])
+            .sum();
+        assert_eq!(
+            whole,
+            2000,
+            "seccomp_unwind {mode}: the allocations of the thread with unknown stack bounds \
+             have no stack through seccomp_worker:\n{}",
+            view.describe()
+        );
+    }
+}
