@@ -148,6 +148,16 @@ impl StackReader {
 /// The load after the answer reads our own thread's stack (or what its frames point to);
 /// only a concurrent `munmap` by another thread of the program could remove it in between.
 fn checked_read(addr: u64) -> Result<u64, ()> {
+    if !readable(addr) {
+        return Err(()); // EFAULT: not readable (or a kernel that behaves otherwise)
+    }
+    // SAFETY: the kernel just read these 8 bytes (aligned, checked by the caller) without a
+    // fault.
+    Ok(unsafe { core::ptr::read_volatile(addr as *const u64) })
+}
+
+/// True if the kernel can read the 8 bytes at `addr` (see [`checked_read`]).
+fn readable(addr: u64) -> bool {
     const INVALID_HOW: libc::c_long = 0x7fff;
     // SAFETY: with an invalid `how`, rt_sigprocmask only copies 8 bytes from `addr` (the
     // kernel checks the address) and returns; no old set is written (null), nothing changes.
@@ -160,12 +170,18 @@ fn checked_read(addr: u64) -> Result<u64, ()> {
             8usize,
         )
     };
-    if got != -1 || crate::signal::sys::errno() != libc::EINVAL {
-        return Err(()); // EFAULT: not readable (or a kernel that behaves otherwise)
-    }
-    // SAFETY: the kernel just read these 8 bytes (aligned, checked by the caller) without a
-    // fault.
-    Ok(unsafe { core::ptr::read_volatile(addr as *const u64) })
+    got == -1 && crate::signal::sys::errno() == libc::EINVAL
+}
+
+/// [`enough_stack_here`] for a thread whose stack bounds are unknown: true if every page of
+/// the [`UNWIND_STACK_NEED`] bytes below this point is readable. A stack made by glibc has
+/// an unreadable guard page below it, so a thread near the end of a small stack gets a
+/// leaf-only sample instead of a stack overflow (one system call per page).
+fn enough_unknown_stack_here() -> bool {
+    const PAGE: u64 = 4096;
+    let marker = 0u8;
+    let here = core::ptr::addr_of!(marker) as u64 & !(PAGE - 1);
+    (1..=UNWIND_STACK_NEED / PAGE).all(|i| here.checked_sub(i * PAGE).is_some_and(readable))
 }
 
 /// Unwinds from the interrupted registers into `out`, leaf first; returns the number of
@@ -201,6 +217,9 @@ pub fn unwind(
 /// stack pointer goes through the kernel ([`checked_read`]).
 fn unwind_checked(ip: u64, sp: u64, bp: u64, out: &mut [u64; MAX_FRAMES]) -> (usize, u8) {
     out[0] = ip;
+    if !enough_unknown_stack_here() {
+        return (1, FLAG_TRUNCATED | FLAG_NO_STACK_BOUNDS);
+    }
     let reader = StackReader {
         lo: sp,
         hi: u64::MAX,
