@@ -78,6 +78,10 @@ extern "C" fn on_load(
     let errno = sys::errno();
     let internal = thread_state::Internal::enter();
     start(argc, argv);
+    if !ACTIVE.load(Ordering::Acquire) {
+        // Not profiled: the hooks counted since the first call (see `ACCOUNTING`); stop.
+        alloc::hooks::ACCOUNTING.store(false, Ordering::Release);
+    }
     drop(internal);
     sys::set_errno(errno);
 }

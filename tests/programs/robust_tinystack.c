@@ -2,12 +2,16 @@
  * Usage: robust_tinystack threads|altstack
  *   threads:  8 threads (2 rounds of 4) on PTHREAD_STACK_MIN stacks, each burning about
  *             0.1 s of CPU in tiny_work (with a 1 KiB local buffer) and doing 2000 mallocs.
+ *   bypass:   the same, the threads made by libc's own pthread_create (found with dlsym in
+ *             libc itself), behind any pthread_create interposer: a profiler does not know
+ *             their stack bounds, so it cannot tell how much of their stack is left.
  *   altstack: a SIGUSR1 handler installed with SA_ONSTACK on a SIGSTKSZ sigaltstack burns
  *             about 0.2 s of CPU in altstack_work and mallocs; raised 3 times. The handler
  *             checks that it runs on the alternate stack.
  * Prints deterministic results.
  */
 #define _GNU_SOURCE
+#include <dlfcn.h>
 #include <limits.h>
 #include <pthread.h>
 #include <signal.h>
@@ -46,7 +50,9 @@ static void *thread_main(void *arg) {
   return (void *)tiny_work(0.1, (unsigned long)arg);
 }
 
-static int threads(void) {
+typedef int (*create_fn)(pthread_t *, const pthread_attr_t *, void *(*)(void *), void *);
+
+static int threads(create_fn create) {
   pthread_attr_t attr;
   pthread_attr_init(&attr);
   if (pthread_attr_setstacksize(&attr, PTHREAD_STACK_MIN) != 0) return 2;
@@ -54,7 +60,7 @@ static int threads(void) {
   for (int round = 0; round < 2; round++) {
     pthread_t t[4];
     for (int i = 0; i < 4; i++)
-      if (pthread_create(&t[i], &attr, thread_main, (void *)(unsigned long)(i + 1)) != 0) {
+      if (create(&t[i], &attr, thread_main, (void *)(unsigned long)(i + 1)) != 0) {
         printf("pthread_create failed\n");
         return 2;
       }
@@ -108,7 +114,13 @@ static int altstack(void) {
 
 int main(int argc, char **argv) {
   const char *mode = argc > 1 ? argv[1] : "threads";
-  if (strcmp(mode, "threads") == 0) return threads();
+  if (strcmp(mode, "threads") == 0) return threads(pthread_create);
+  if (strcmp(mode, "bypass") == 0) {
+    void *libc = dlopen("libc.so.6", RTLD_NOW | RTLD_NOLOAD);
+    create_fn create = libc ? (create_fn)dlsym(libc, "pthread_create") : NULL;
+    if (!create) return 2;
+    return threads(create);
+  }
   if (strcmp(mode, "altstack") == 0) return altstack();
   return 2;
 }

@@ -1437,3 +1437,65 @@ fn peak_heap_alloc_is_the_programs_real_peak() {
         "HeapAlloc = {live}, but the program keeps {truth_final} bytes at exit"
     );
 }
+
+/// Blocks allocated by a library's constructor, which runs before ours, and freed by the
+/// program later: counting their frees but not their allocations made `Frees` exceed
+/// `Mallocs` (1001 frees of 1 malloc) and left the live heap short by their size, clamped at
+/// 0 (`HeapAlloc = 0` with 1 MiB live). The hooks count from their first call.
+#[test]
+fn blocks_allocated_before_our_constructor_count_as_allocated() {
+    let scratch = scratch_dir("heap_early_blocks");
+    let lib = compile(
+        "early_blocks_lib.c",
+        &["-O1", "-g", "-shared", "-fPIC"],
+        &scratch,
+    );
+    let rpath = format!("-Wl,-rpath,{}", scratch.display());
+    let exe = compile(
+        "early_blocks.c",
+        &[
+            "-O1",
+            "-g",
+            // compile() puts the flags before the source: keep the library all the same.
+            "-Wl,--no-as-needed",
+            lib.to_str().expect("utf-8 path"),
+            rpath.as_str(),
+        ],
+        &scratch,
+    );
+    let dir = scratch.join("profile");
+    let output = run(&mut heap_record_command(&dir, &[], &exe, &[]));
+    assert_eq!(
+        (output.code, output.stdout_text()),
+        (0, "kept 1048576\n".to_string()),
+        "early_blocks under record failed; stderr:\n{}",
+        output.stderr_text()
+    );
+    let view = anyprof_tests::read_profile_in(&dir, "heap.pb.gz", &output);
+    let (mallocs, frees, objects) = (
+        counter(&view, "Mallocs"),
+        counter(&view, "Frees"),
+        counter(&view, "HeapObjects"),
+    );
+    let live = counter(&view, "HeapAlloc");
+    // One free more than mallocs is tolerated per class: starting our background thread in
+    // the constructor makes std register a thread-local destructor on the main thread
+    // (`SPAWN_HOOKS`); glibc's 40-byte node for it is allocated as ours (not counted) and
+    // freed by `exit` on the program's side (counted). Known, not fixed yet.
+    let unbalanced: Vec<String> = by_size(&view)
+        .into_iter()
+        .filter(|&(_, (m, f))| f > m + 1)
+        .map(|(class, (m, f))| format!("{class}: {m} mallocs {f} frees"))
+        .collect();
+    assert!(
+        frees >= 1000
+            && frees <= mallocs
+            && mallocs - frees == objects
+            && (1 << 20..2 << 20).contains(&live)
+            && unbalanced.is_empty(),
+        "the program allocated 1000 blocks (in a constructor run before ours), freed them and \
+         keeps 1 MiB live: Mallocs {mallocs}, Frees {frees}, HeapObjects {objects}, \
+         HeapAlloc {live}; size classes with more frees than mallocs: {unbalanced:?}\n{:#?}",
+        view.comments()
+    );
+}

@@ -163,6 +163,22 @@ fn multithreaded_c_is_unchanged_by_heap_profiling() {
 // tcmalloc preloaded after anyprof
 // ---------------------------------------------------------------------------------------
 
+/// tcmalloc preloaded after anyprof, taking its memory from mmap only
+/// (`TCMALLOC_SKIP_SBRK=1`): tcmalloc exports `__libc_malloc` as an alias of its malloc, so
+/// the start-up check took it for glibc's and read the word before a block, which for a
+/// page-aligned span at the start of a fresh mapping is unmapped: SIGSEGV in our
+/// constructor, before `main`.
+#[test]
+fn tcmalloc_on_mmap_only_is_not_taken_for_glibc() {
+    let library = required_library(anyprof_tests::TCMALLOC, "libgoogle-perftools4");
+    let scratch = scratch_dir("heap_transparency_tcmalloc_mmap_build");
+    let exe = compile("heap_threads.c", &["-O2", "-g", "-pthread"], &scratch);
+    check_transparent("heap_threads_tcmalloc_mmap", &exe, &[], 5, &|cmd| {
+        cmd.env("LD_PRELOAD", library)
+            .env("TCMALLOC_SKIP_SBRK", "1");
+    });
+}
+
 /// `heap_sites` built once per test binary.
 static HEAP_SITES: Shared<PathBuf> = Shared::new();
 

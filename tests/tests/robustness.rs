@@ -1623,7 +1623,11 @@ fn short_lived_threads_cpu_time_is_sampled() {
 /// recorded: no crash, same output, samples.
 fn check_tinystack(mode: &str) {
     let scratch = scratch_dir(&format!("robust_tinystack_{mode}"));
-    let exe = compile("robust_tinystack.c", &["-O1", "-g", "-pthread"], &scratch);
+    let exe = compile(
+        "robust_tinystack.c",
+        &["-O1", "-g", "-pthread", "-ldl"],
+        &scratch,
+    );
     let plain = direct(&exe, &[mode]);
     assert_eq!(
         plain.code, 0,
@@ -1641,8 +1645,14 @@ fn check_tinystack(mode: &str) {
         &plain,
         &profiled,
     );
-    let view = read_profile(&dir.join("cpu.pb.gz"));
-    assert!(view.total_samples() > 0, "no samples:\n{}", view.describe());
+    // Threads made behind our back have no CPU timer of ours: their allocations are sampled.
+    let file = if mode == "bypass" {
+        "allocs.pb.gz"
+    } else {
+        "cpu.pb.gz"
+    };
+    let view = read_profile(&dir.join(file));
+    assert!(!view.profile.sample.is_empty(), "no samples in {file}");
 }
 
 /// Threads on PTHREAD_STACK_MIN (16 KiB) stacks doing CPU work and mallocs: the sampling
@@ -1650,6 +1660,15 @@ fn check_tinystack(mode: &str) {
 #[test]
 fn tiny_thread_stacks_survive_sampling() {
     check_tinystack("threads");
+}
+
+/// The same on threads made behind our `pthread_create` interposer (libc's own, found with
+/// dlsym): their stack bounds are unknown, and a malloc hook unwound them with checked
+/// reads without knowing how much stack was left: framehop's ~12 KiB on a 16 KiB stack
+/// overflowed it (SIGSEGV).
+#[test]
+fn tiny_stacks_of_threads_made_behind_our_back_survive_sampling() {
+    check_tinystack("bypass");
 }
 
 /// CPU work and mallocs inside a SIGUSR1 handler running on a SIGSTKSZ sigaltstack: our
@@ -2169,4 +2188,57 @@ fn a_sampled_allocation_reaches_no_loader_file_or_lock() {
          bypass_worker:\n{}",
         view.describe()
     );
+}
+
+/// The checked reads that unwind a thread with unknown stack bounds from a malloc hook must
+/// not use a system call a sandboxed program's seccomp filter does not expect: with
+/// `process_vm_readv`, a program whose filter kills the process on it (systemd's
+/// `SystemCallFilter=`, browser sandboxes) died of SIGSYS on its first sampled allocation on
+/// such a thread (exit 159), at any `--mem-rate`. Its stacks must still be whole.
+#[test]
+fn a_sampled_allocation_keeps_to_the_programs_seccomp_filter() {
+    let scratch = scratch_dir("seccomp_unwind");
+    let exe = compile(
+        "seccomp_unwind.c",
+        &["-O1", "-g", "-pthread", "-ldl"],
+        &scratch,
+    );
+    for (mode, rate) in [("kill", "1"), ("kill", "512KiB"), ("errno", "1")] {
+        let plain = direct(&exe, &[mode]);
+        assert_eq!(
+            (plain.code, plain.stdout_text()),
+            (0, "allocations: 2000\n".to_string()),
+            "seccomp_unwind {mode} itself failed: {plain:?}"
+        );
+        let (profiled, dir) = recorded(
+            &scratch,
+            &format!("profile-{mode}-{rate}"),
+            &["--cpu-hz", "0", "--mem-rate", rate],
+            &exe,
+            &[mode],
+        );
+        assert_same_behaviour(
+            &format!("seccomp_unwind {mode} under record --mem-rate {rate}"),
+            &plain,
+            &profiled,
+        );
+        if rate != "1" {
+            continue;
+        }
+        let view = read_profile(&dir.join("allocs.pb.gz"));
+        let whole: i64 = view
+            .profile
+            .sample
+            .iter()
+            .filter(|s| view.frames(s).first().map(|f| f.name) == Some("seccomp_worker"))
+            .map(|s| view.heap_values(s)[0])
+            .sum();
+        assert_eq!(
+            whole,
+            2000,
+            "seccomp_unwind {mode}: the allocations of the thread with unknown stack bounds \
+             have no stack through seccomp_worker:\n{}",
+            view.describe()
+        );
+    }
 }

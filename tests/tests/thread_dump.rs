@@ -146,3 +146,38 @@ fn a_hole_in_a_blocked_threads_stack_ends_its_dump_instead_of_faulting() {
         dumps.join("\n----\n")
     );
 }
+
+/// A program whose sandbox puts every thread, ours too (`SECCOMP_FILTER_FLAG_TSYNC`), under
+/// a seccomp filter that kills the process on `process_vm_readv`: a thread dump must not
+/// copy a blocked thread's stack with it. Before, the first dump killed the program with
+/// SIGSYS; now such a thread gets its leaf only.
+#[test]
+fn a_thread_dump_keeps_to_the_programs_seccomp_filter() {
+    let scratch = scratch_dir("thread_dump_seccomp");
+    let exe = compile("dump_seccomp.c", &["-O1", "-g", "-pthread"], &scratch);
+    let socket = scratch.join("sock");
+    let daemon = Daemon::serve(&scratch.join("daemon.stderr"))
+        .socket(&socket)
+        .start();
+    let port = daemon.port;
+    let seconds = 4;
+    let (mut child, mut out, pid) = start_program(&exe, &socket, seconds);
+    let start = Instant::now();
+    let mut dumps = 0;
+    while start.elapsed() < Duration::from_secs(seconds - 1) && dumps < 3 {
+        let reply = get(port, &format!("/debug/pprof/threads?debug=2&pid={pid}"));
+        if reply.status == 200 {
+            dumps += 1;
+        } else {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+    let status = child.wait().expect("wait for dump_seccomp");
+    let (rest, stderr) = rest_of_output(&mut child, &mut out);
+    assert!(
+        status.success() && rest.contains("survived"),
+        "dump_seccomp died when its threads were dumped ({status:?}) after {dumps} dumps; \
+         stdout {rest:?}, stderr:\n{stderr}"
+    );
+    assert!(dumps > 0, "no thread dump was answered");
+}

@@ -17,8 +17,8 @@
 //! inside the interrupted thread's stack, recorded at thread start. In the signal handler, a
 //! thread with unknown bounds gets a leaf-only sample flagged `FLAG_NO_STACK_BOUNDS`. In a
 //! malloc hook ([`unwind_here`]), such a thread (one made behind our `pthread_create`
-//! interposer) is unwound with checked reads instead: each read goes through the kernel
-//! (`process_vm_readv` on our own process), which fails on an unmapped address where a load
+//! interposer) is unwound with checked reads instead: the kernel is asked first whether each
+//! address is readable ([`checked_read`]), which fails on an unmapped address where a load
 //! would fault. No lock, no allocation, no file: nothing a hook may not do.
 
 use core::sync::atomic::{AtomicPtr, Ordering};
@@ -135,37 +135,53 @@ impl StackReader {
     }
 }
 
-/// Reads 8 bytes at `addr` of our own memory through the kernel: an error, not a fault, if
-/// the address is not readable. Async-signal-safe (one system call; it may set errno, which
-/// the hooks and the handler restore).
+/// Reads 8 bytes at `addr` of our own memory, first asking the kernel whether they are
+/// readable: an error, not a fault, if they are not. Async-signal-safe (one system call; it
+/// may set errno, which the hooks and the handler restore).
+///
+/// The kernel is asked with `rt_sigprocmask` and an invalid `how`: it copies the 8-byte set
+/// from `addr` before it looks at `how`, so it answers EFAULT for an unreadable address and
+/// EINVAL for a readable one, and changes nothing. Not `process_vm_readv`: sandboxes refuse
+/// it (systemd's `SystemCallFilter=`, browser sandboxes, older container profiles), some by
+/// killing the process, and a malloc hook must not make a system call the program's own
+/// seccomp filter does not expect; every program with threads may call `rt_sigprocmask`.
+/// The load after the answer reads our own thread's stack (or what its frames point to);
+/// only a concurrent `munmap` by another thread of the program could remove it in between.
 fn checked_read(addr: u64) -> Result<u64, ()> {
-    let mut value = 0u64;
-    let local = libc::iovec {
-        iov_base: core::ptr::addr_of_mut!(value).cast(),
-        iov_len: 8,
-    };
-    let remote = libc::iovec {
-        iov_base: addr as *mut libc::c_void,
-        iov_len: 8,
-    };
-    // SAFETY: process_vm_readv on our own pid writes at most 8 bytes into `value` (the local
-    // iovec) and only reads the remote range through the kernel, which checks it.
+    if !readable(addr) {
+        return Err(()); // EFAULT: not readable (or a kernel that behaves otherwise)
+    }
+    // SAFETY: the kernel just read these 8 bytes (aligned, checked by the caller) without a
+    // fault.
+    Ok(unsafe { core::ptr::read_volatile(addr as *const u64) })
+}
+
+/// True if the kernel can read the 8 bytes at `addr` (see [`checked_read`]).
+fn readable(addr: u64) -> bool {
+    const INVALID_HOW: libc::c_long = 0x7fff;
+    // SAFETY: with an invalid `how`, rt_sigprocmask only copies 8 bytes from `addr` (the
+    // kernel checks the address) and returns; no old set is written (null), nothing changes.
     let got = unsafe {
         libc::syscall(
-            libc::SYS_process_vm_readv,
-            libc::getpid(),
-            &local as *const libc::iovec,
-            1usize,
-            &remote as *const libc::iovec,
-            1usize,
-            0usize,
+            libc::SYS_rt_sigprocmask,
+            INVALID_HOW,
+            addr as *const libc::c_void,
+            core::ptr::null_mut::<libc::c_void>(),
+            8usize,
         )
     };
-    if got == 8 {
-        Ok(value)
-    } else {
-        Err(())
-    }
+    got == -1 && crate::signal::sys::errno() == libc::EINVAL
+}
+
+/// [`enough_stack_here`] for a thread whose stack bounds are unknown: true if every page of
+/// the [`UNWIND_STACK_NEED`] bytes below this point is readable. A stack made by glibc has
+/// an unreadable guard page below it, so a thread near the end of a small stack gets a
+/// leaf-only sample instead of a stack overflow (one system call per page).
+fn enough_unknown_stack_here() -> bool {
+    const PAGE: u64 = 4096;
+    let marker = 0u8;
+    let here = core::ptr::addr_of!(marker) as u64 & !(PAGE - 1);
+    (1..=UNWIND_STACK_NEED / PAGE).all(|i| here.checked_sub(i * PAGE).is_some_and(readable))
 }
 
 /// Unwinds from the interrupted registers into `out`, leaf first; returns the number of
@@ -201,6 +217,9 @@ pub fn unwind(
 /// stack pointer goes through the kernel ([`checked_read`]).
 fn unwind_checked(ip: u64, sp: u64, bp: u64, out: &mut [u64; MAX_FRAMES]) -> (usize, u8) {
     out[0] = ip;
+    if !enough_unknown_stack_here() {
+        return (1, FLAG_TRUNCATED | FLAG_NO_STACK_BOUNDS);
+    }
     let reader = StackReader {
         lo: sp,
         hi: u64::MAX,

@@ -39,9 +39,13 @@ fn count_lost(i: usize) {
     }
 }
 
-/// True while heap accounting is on (a collector is connected); when off, the hooks only
-/// forward. A read-mostly global: reading it costs no cache-line transfer.
-pub static ACCOUNTING: core::sync::atomic::AtomicBool = core::sync::atomic::AtomicBool::new(false);
+/// True while heap accounting is on; when off, the hooks only forward. On from the first
+/// call, before our constructor ran (such calls count in the shared overflow slot): a block
+/// allocated by another library's constructor and freed later must count as allocated, or
+/// its free alone is counted (`Frees` above `Mallocs`, the live heap short by its size). The
+/// constructor turns it off when the process is not profiled, a forked child that steps
+/// aside too. A read-mostly global: reading it costs no cache-line transfer.
+pub static ACCOUNTING: core::sync::atomic::AtomicBool = core::sync::atomic::AtomicBool::new(true);
 
 #[inline(always)]
 fn accounting() -> bool {
@@ -112,8 +116,13 @@ fn on_alloc_without_slot(b: &ThreadBlock, p: *mut c_void) -> *mut c_void {
     if !accounting() {
         return p;
     }
-    let usable = real::usable_size_of_live(p) as u64;
+    let usable = usable_size_guarded(b, p);
     counters::on_alloc(b, usable);
+    if sampler::RATE.load(core::sync::atomic::Ordering::Relaxed) == 0 {
+        // Before our constructor (or with heap sampling off): counted, but the countdown is
+        // left alone, so that it is not parked for good on a thread that started earlier.
+        return p;
+    }
     count_down(b, p, usable)
 }
 
@@ -186,8 +195,22 @@ fn on_free_without_slot(b: &ThreadBlock, p: *mut c_void) -> bool {
     if !accounting() {
         return false;
     }
-    counters::on_free(b, real::usable_size_of_live(p) as u64);
+    counters::on_free(b, usable_size_guarded(b, p));
     true
+}
+
+/// The usable size of live block `p`, asked with the re-entrancy flag set: before our
+/// constructor the next allocator may not be set up yet, and its `malloc_usable_size` may
+/// allocate (tcmalloc's builds its `MallocExtension` with `operator new`, which reaches
+/// these hooks, which ask the size again: endless recursion). Such an allocation of its own
+/// is then not counted.
+#[cold]
+#[inline(never)]
+fn usable_size_guarded(b: &ThreadBlock, p: *mut c_void) -> u64 {
+    let was = b.internal.replace(1);
+    let usable = real::usable_size_of_live(p) as u64;
+    b.internal.set(was);
+    usable
 }
 
 #[cold]
@@ -288,7 +311,7 @@ pub fn realloc(old: *mut c_void, size: usize) -> *mut c_void {
     if b.internal.get() != 0 || !accounting() {
         return real::realloc(old, size);
     }
-    let old_usable = real::usable_size(old) as u64;
+    let old_usable = usable_size_guarded(b, old);
     let sampled = if live::may_contain(old) {
         live::remove(old)
     } else {

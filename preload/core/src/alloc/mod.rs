@@ -17,7 +17,8 @@
 //! - reach the dynamic loader, the file system or a lock, even on the sampled path: a stack
 //!   through a library the unwinder does not know yet stays truncated (the background thread
 //!   catches up on its next cycle), a thread whose stack bounds are unknown is unwound with
-//!   checked reads (`process_vm_readv`);
+//!   checked reads (the kernel is asked first whether each word is readable) when 32 KiB of
+//!   its stack below are readable, else with its leaf only;
 //! - lose `errno` set by the real allocator.
 //!
 //! The slow path (a sampled allocation, or a free of a sampled pointer) runs behind the

@@ -272,9 +272,21 @@ fn glibc_usable(p: *mut c_void) -> usize {
 /// range of block sizes, including an mmapped one.
 pub fn check_glibc_layout() {
     let next_malloc = get(&NEXT.malloc);
-    // SAFETY: dlsym with a NUL-terminated name.
-    let glibc_malloc =
-        unsafe { libc::dlsym(libc::RTLD_DEFAULT, c"__libc_malloc".as_ptr()) } as usize;
+    // libc's own malloc, looked up in libc itself. Not `__libc_malloc` in the global scope:
+    // tcmalloc exports that name too, as an alias of its malloc, and reading a header before
+    // one of its blocks (a page-aligned span at the start of a mapping) faults.
+    // SAFETY: dlopen of an already loaded object (RTLD_NOLOAD loads nothing) and dlsym, with
+    // NUL-terminated names; the reference dlopen took is given back.
+    let glibc_malloc = unsafe {
+        let libc_handle = libc::dlopen(c"libc.so.6".as_ptr(), libc::RTLD_NOW | libc::RTLD_NOLOAD);
+        if libc_handle.is_null() {
+            0
+        } else {
+            let f = libc::dlsym(libc_handle, c"malloc".as_ptr()) as usize;
+            libc::dlclose(libc_handle);
+            f
+        }
+    };
     if next_malloc == 0 || next_malloc != glibc_malloc || get(&NEXT.usable_size) == 0 {
         return;
     }
