@@ -243,6 +243,8 @@ pub struct Session {
     pub connected_at: Option<Instant>,
     /// When the connection ended.
     pub closed_at: Option<Instant>,
+    /// When the last `--memstats` line was printed (seconds since `connected_at`).
+    pub mem_trace_at: Option<f64>,
     /// Why the stream was cut, if it was.
     pub error: Option<String>,
 }

@@ -1197,8 +1197,16 @@ fn apply_one(
     let pid = s.pid();
     if let (true, Message::MemStats(new)) = (trace_mem, &msg) {
         let since = s.connected_at.map_or(0.0, |t| t.elapsed().as_secs_f64());
-        let line = crate::summary::mem_trace_line(s.mem_stats.as_ref(), new, since);
-        eprintln!("anyprof[{}]: {line}", pid.unwrap_or(0));
+        // The final flush may repeat the report just sent: an identical report within half a
+        // second of the last line says nothing new (an idle program still gets its line every
+        // second).
+        let repeat =
+            s.mem_stats.as_ref() == Some(new) && s.mem_trace_at.is_some_and(|at| since - at < 0.5);
+        if !repeat {
+            let line = crate::summary::mem_trace_line(s.mem_stats.as_ref(), new, since);
+            eprintln!("anyprof[{}]: {line}", pid.unwrap_or(0));
+            s.mem_trace_at = Some(since);
+        }
     }
     s.apply(msg, &mut |level, text| log(pid, level, text));
     if let Some(why) = s.over_limits() {

@@ -1353,10 +1353,16 @@ fn memstats_prints_the_counters_every_second() {
         "--memstats printed no `anyprof[PID]: mem @T s: ...` line in a {HOLD_SECONDS} s run; \
          stderr:\n{stderr}"
     );
-    // The lines at exit share the last time; the others are the periodic ones.
+    // The line at exit has the last time; the others are the periodic ones.
     let times: Vec<f64> = lines.iter().map(|l| memstats_time(l)).collect();
     let last = times.iter().copied().fold(f64::MIN, f64::max);
     let periodic: Vec<f64> = times.iter().copied().filter(|t| *t < last - 0.05).collect();
+    let at_exit = times.len() - times.iter().filter(|t| **t < last - 0.05).count();
+    assert_eq!(
+        at_exit, 1,
+        "--memstats should print one line at exit, not {at_exit} (times {times:?}); \
+         stderr:\n{stderr}"
+    );
     let expected = HOLD_SECONDS.floor() as usize;
     assert!(
         (expected - 1..=expected + 1).contains(&periodic.len()),

@@ -180,13 +180,12 @@ pub extern "C" fn anyprof_cxx_lookup(form: u32) -> usize {
     let Some(name) = NAMES.get(form as usize) else {
         return 0;
     };
-    let was = crate::signal::thread_state::set_internal(true);
+    let _internal = crate::signal::thread_state::Internal::enter();
     // SAFETY: dlsym with RTLD_NEXT and a NUL-terminated name.
-    let mut f = unsafe { libc::dlsym(libc::RTLD_NEXT, name.as_ptr()) as usize };
+    let f = unsafe { libc::dlsym(libc::RTLD_NEXT, name.as_ptr()) as usize };
     if f == 0 {
-        f = in_any_object(name);
+        return in_any_object(name);
     }
-    crate::signal::thread_state::set_internal(was);
     f
 }
 

@@ -210,7 +210,7 @@ fn claim(b: &ThreadBlock) -> Option<&'static Slot> {
                 0
             };
             b.stats.set(s as *const Slot as usize | fast);
-            let was = b.internal.replace(1);
+            let internal = crate::signal::thread_state::Internal::enter();
             // SAFETY: the key was created by `init`; the value is a non-null marker that the
             // destructor does not dereference.
             unsafe {
@@ -219,7 +219,7 @@ fn claim(b: &ThreadBlock) -> Option<&'static Slot> {
                     core::ptr::dangling::<libc::c_void>(),
                 )
             };
-            b.internal.set(was);
+            drop(internal);
             return Some(s);
         }
     }

@@ -10,6 +10,7 @@ use anyprof_wire::{MemStat, FLAG_NO_STACK_BOUNDS, FLAG_TRUNCATED, MAX_FRAMES};
 const SMALL_LIMIT: usize = SMALL_LIMIT_U64 as usize;
 
 use super::{buckets, counters, live, real, sampler};
+use crate::signal::thread_state::Internal;
 use crate::signal::{sys, unwinder as unwind};
 use crate::tls::{self, ThreadBlock};
 
@@ -116,7 +117,7 @@ fn on_alloc_without_slot(b: &ThreadBlock, p: *mut c_void) -> *mut c_void {
     if !accounting() {
         return p;
     }
-    let usable = usable_size_guarded(b, p);
+    let usable = usable_size_guarded(p);
     counters::on_alloc(b, usable);
     if sampler::RATE.load(core::sync::atomic::Ordering::Relaxed) == 0 {
         // Before our constructor (or with heap sampling off): counted, but the countdown is
@@ -144,7 +145,7 @@ fn maybe_sample(b: &ThreadBlock, p: *mut c_void, usable: u64) -> *mut c_void {
         return p;
     }
     let errno = sys::errno();
-    b.internal.set(1);
+    let internal = Internal::enter();
     // No loader, file system, lock or allocation from here on: a thread whose stack bounds
     // are unknown is unwound with checked reads, and a stack that runs into an object the
     // unwinder does not know yet (dlopen'ed since the background thread's last cycle) is kept
@@ -163,7 +164,7 @@ fn maybe_sample(b: &ThreadBlock, p: *mut c_void, usable: u64) -> *mut c_void {
         }
         None => count_lost(LOST_BUCKETS),
     }
-    b.internal.set(0);
+    drop(internal);
     sys::set_errno(errno);
     p
 }
@@ -195,7 +196,7 @@ fn on_free_without_slot(b: &ThreadBlock, p: *mut c_void) -> bool {
     if !accounting() {
         return false;
     }
-    counters::on_free(b, usable_size_guarded(b, p));
+    counters::on_free(b, usable_size_guarded(p));
     true
 }
 
@@ -206,11 +207,9 @@ fn on_free_without_slot(b: &ThreadBlock, p: *mut c_void) -> bool {
 /// is then not counted.
 #[cold]
 #[inline(never)]
-fn usable_size_guarded(b: &ThreadBlock, p: *mut c_void) -> u64 {
-    let was = b.internal.replace(1);
-    let usable = real::usable_size_of_live(p) as u64;
-    b.internal.set(was);
-    usable
+fn usable_size_guarded(p: *mut c_void) -> u64 {
+    let _internal = Internal::enter();
+    real::usable_size_of_live(p) as u64
 }
 
 #[cold]
@@ -311,7 +310,7 @@ pub fn realloc(old: *mut c_void, size: usize) -> *mut c_void {
     if b.internal.get() != 0 || !accounting() {
         return real::realloc(old, size);
     }
-    let old_usable = usable_size_guarded(b, old);
+    let old_usable = usable_size_guarded(old);
     let sampled = if live::may_contain(old) {
         live::remove(old)
     } else {

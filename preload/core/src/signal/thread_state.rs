@@ -72,15 +72,6 @@ pub fn is_internal() -> bool {
     tls::current().internal.get() != 0
 }
 
-/// Marks the current thread as running anyprof code (`true`) or host code (`false`);
-/// returns the previous value. Prefer [`Internal`], which cannot forget to restore it; this
-/// remains for the C++ `operator new` layer (the cdylib's `alloc::cxx`), which hands the
-/// previous value to C.
-#[inline]
-pub fn set_internal(on: bool) -> bool {
-    tls::current().internal.replace(u8::from(on)) != 0
-}
-
 /// The re-entrancy flag (`ThreadBlock::internal`) held up for a scope: while an `Internal`
 /// lives, the current thread counts as running anyprof's own code, so what it allocates is
 /// not the program's (not counted, not sampled) and our hooks do not recurse into
