@@ -23,3 +23,4 @@ pub mod region;
 pub mod serve;
 pub mod summary;
 pub mod symbolize;
+pub mod unnamed;

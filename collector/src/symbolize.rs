@@ -172,9 +172,9 @@ pub fn resolve_all(
         .collect();
     let answers = symbolize_guarded(symbolizer, access.as_ref(), &requests);
     let mut outcomes = HashMap::new();
-    for ((module, addrs, _, _), results) in batches.iter().zip(answers) {
+    for ((module, addrs, svmas, _), results) in batches.iter().zip(answers) {
         let outcome: &mut ModuleOutcome = outcomes.entry(module.id).or_default();
-        for (a, r) in addrs.iter().zip(results) {
+        for ((a, svma), r) in addrs.iter().zip(svmas).zip(results) {
             outcome.looked_up += 1;
             let lines = match r {
                 Symbolized::Frames(frames) => frames
@@ -196,13 +196,14 @@ pub fn resolve_all(
                         }
                     })
                     .collect::<Vec<_>>(),
-                Symbolized::Miss(Miss::SymbolizerPanicked(why)) => {
-                    warn_symbolizer_failed(&module.path, &why);
-                    Vec::new()
+                Symbolized::Miss(miss) => {
+                    if let Miss::SymbolizerPanicked(why) = &miss {
+                        warn_symbolizer_failed(&module.path, why);
+                    }
+                    vec![crate::unnamed::frame(&module.path, *svma)]
                 }
-                Symbolized::Miss(_) => Vec::new(),
             };
-            if !lines.is_empty() {
+            if !crate::unnamed::is_fallback(&lines) {
                 outcome.resolved += 1;
             }
             if lines.len() > 1 {

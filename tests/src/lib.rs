@@ -550,11 +550,20 @@ impl<T> Default for Shared<T> {
     }
 }
 
+/// Whether `name` is the collector's name for an address it could not name:
+/// `MODULE+0xADDR` (`liblzma.so.5+0x15b76`).
+pub fn is_address_name(name: &str) -> bool {
+    name.rsplit_once("+0x").is_some_and(|(module, hex)| {
+        !module.is_empty() && !hex.is_empty() && hex.bytes().all(|b| b.is_ascii_hexdigit())
+    })
+}
+
 /// One frame of a stack as the profile names it: one `Line` of a `Location`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Frame<'a> {
-    /// `Function.name` (demangled), or `[unsymbolized <mapping file name>]` for a Location
-    /// without Lines.
+    /// `Function.name` (demangled; `MODULE+0xADDR` where the collector found no name, see
+    /// [`is_address_name`]), or `[unsymbolized <mapping file name>]` for a Location without
+    /// Lines (not looked up).
     pub name: &'a str,
     /// `Function.system_name` (mangled); empty for an unsymbolized Location.
     pub system_name: &'a str,

@@ -12,7 +12,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use anyprof_tests::{
-    clean_command, cpu_lock, record_with, run, scratch_dir, ProfileView, RunOutput,
+    clean_command, cpu_lock, is_address_name, record_with, run, scratch_dir, ProfileView, RunOutput,
 };
 
 /// CPU rate asked for: the maximum `--cpu-hz` accepts (the kernel tick caps what arrives).
@@ -201,9 +201,9 @@ fn all_cpu_samples(dir: &Path) -> i64 {
 /// True if some sample of `view` has a frame with a real function name.
 fn symbolized(view: &ProfileView) -> bool {
     view.profile.sample.iter().any(|s| {
-        view.frames(s)
-            .iter()
-            .any(|f| !f.system_name.is_empty() && !f.name.starts_with('['))
+        view.frames(s).iter().any(|f| {
+            !f.system_name.is_empty() && !f.name.starts_with('[') && !is_address_name(f.name)
+        })
     })
 }
 

@@ -21,8 +21,8 @@ use anyprof_tests::{binaries, clean_command, compile, record_with, scratch_dir, 
 
 const HOOK: &str = "ANYPROF_TEST_SYMBOLIZER_PANIC";
 const BAD_FILE: &str = "libc.so.6";
-/// How the profile names a location of libc that got no name.
-const UNNAMED_LIBC: &str = "[unsymbolized libc.so.6]";
+/// How the profile names a location of libc that got no name: `libc.so.6+0xADDR`.
+const UNNAMED_LIBC: &str = "libc.so.6+0x";
 /// The start of the collector's one message about it.
 const WARNING: &str = "anyprof: warning: the symbolizer failed on ";
 
@@ -94,7 +94,7 @@ fn record_writes_the_profiles_when_the_symbolizer_panics_on_a_file() {
     }
     // qsort runs in libc: its frames are addresses now, and nothing of libc has a name.
     assert!(
-        names.iter().any(|n| n == UNNAMED_LIBC),
+        names.iter().any(|n| n.starts_with(UNNAMED_LIBC)),
         "libc's frames are left unnamed: {names:?}"
     );
     assert!(

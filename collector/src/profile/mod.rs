@@ -1,5 +1,10 @@
 //! Profile builders: from a [`crate::ingest::Session`] to pprof, one module per profile kind,
 //! plus the [`Locator`] they share to turn raw addresses into mappings and locations.
+//!
+//! The Locator also hides anyprof's own code: a run of frames in `libanyprof.so` (a CPU sample
+//! that interrupted a malloc hook: the exported `malloc`, the hook, its atomics) becomes one
+//! [`ANYPROF_FRAME`] frame under the program's caller, so the profile shows what the hooks cost
+//! without internals a user cannot act on.
 
 pub mod cpu;
 pub mod heap;
@@ -10,9 +15,19 @@ use std::collections::HashMap;
 use anyprof_symbolizer::Symbolizer;
 
 use crate::ingest::Session;
-use crate::pprof::builder::ProfileBuilder;
+use crate::pprof::builder::{FrameLine, ProfileBuilder};
 use crate::symbolize::{resolve_all, Resolved, RuntimeAddress, StackKind};
 use anyprof_symbolizer::FileOffset;
+
+/// Name of the one frame that stands for a run of frames in anyprof's own library.
+pub const ANYPROF_FRAME: &str = "[anyprof]";
+
+/// Whether the module at `path` is anyprof's preloaded library: its file name starts with
+/// `libanyprof` (`libanyprof.so`, as built and as `--lib` names it by default).
+pub fn is_anyprof_library(path: &[u8]) -> bool {
+    let name = path.rsplit(|&b| b == b'/').next().unwrap_or(path);
+    name.starts_with(b"libanyprof")
+}
 
 /// Symbolizes every address of a profile's stacks at once and hands out pprof locations.
 pub struct Locator {
@@ -20,6 +35,10 @@ pub struct Locator {
     kind: StackKind,
     resolved: HashMap<RuntimeAddress, Resolved>,
     mapping_ids: HashMap<u32, u64>,
+    /// Module ids of anyprof's own library, with the start of their executable range.
+    own: HashMap<u32, u64>,
+    /// The location of [`ANYPROF_FRAME`] in each of them, once made.
+    own_locations: HashMap<u32, u64>,
 }
 
 impl Locator {
@@ -63,20 +82,62 @@ impl Locator {
             );
             mapping_ids.insert(m.id, id);
         }
+        let own = session
+            .modules
+            .values()
+            .filter(|m| is_anyprof_library(&m.path))
+            .map(|m| (m.id, m.start))
+            .collect();
         Locator {
             kind,
             resolved,
             mapping_ids,
+            own,
+            own_locations: HashMap::new(),
         }
     }
 
     /// The location ids of the frames of a stack (raw, leaf first) of the kind given to
-    /// [`Locator::new`].
+    /// [`Locator::new`]. Each run of frames in anyprof's own library is one [`ANYPROF_FRAME`].
     pub fn stack(&mut self, b: &mut ProfileBuilder, frames: &[u64]) -> Vec<u64> {
         let kind = self.kind;
-        kind.lookup_addresses(frames)
-            .map(|address| self.location(b, address))
-            .collect()
+        let mut out: Vec<u64> = Vec::with_capacity(frames.len());
+        let mut in_own_run = false;
+        for address in kind.lookup_addresses(frames) {
+            match self.own_location(b, address) {
+                Some(own) => {
+                    if !in_own_run {
+                        out.push(own);
+                    }
+                    in_own_run = true;
+                }
+                None => {
+                    out.push(self.location(b, address));
+                    in_own_run = false;
+                }
+            }
+        }
+        out
+    }
+
+    /// The [`ANYPROF_FRAME`] location if `address` lies in anyprof's own library.
+    fn own_location(&mut self, b: &mut ProfileBuilder, address: RuntimeAddress) -> Option<u64> {
+        if self.own.is_empty() {
+            return None;
+        }
+        let module = self.resolved.get(&address)?.module?;
+        let start = *self.own.get(&module)?;
+        let mapping = self.mapping_ids.get(&module).copied().unwrap_or(0);
+        let id = *self.own_locations.entry(module).or_insert_with(|| {
+            let frame = FrameLine {
+                name: ANYPROF_FRAME.into(),
+                system_name: ANYPROF_FRAME.into(),
+                file: String::new(),
+                line: 0,
+            };
+            b.location(mapping, RuntimeAddress(start), &[frame])
+        });
+        Some(id)
     }
 
     /// The location id of `address` (from [`StackKind::lookup_addresses`]).

@@ -155,6 +155,7 @@ pub(super) fn print_summary(
     }
     if let Some(p) = cpu {
         eprint!("{}", summary::format_cpu_top(p, 10));
+        eprint!("{}", anyprof::unnamed::format_missing_names(p));
     }
     if let Some(p) = allocs {
         eprint!("{}", summary::format_heap_top(p, s.mem_stats.as_ref(), 5));

@@ -1,0 +1,374 @@
+//! What the profiles and the exit summary say about code that got no function name.
+//!
+//! A frame the symbolizer could not name (a stripped executable's own functions, a library's
+//! internal functions when only `.dynsym` is left, the vdso, code whose file is gone) is named
+//! `MODULE+0xADDR` ([`frame`]), where `MODULE` is the file name of the object and `ADDR` the
+//! address as stated in the ELF file: the address `addr2line -e FILE`, `objdump
+//! --start-address` and gdb take for that file, and the one `perf report` prints for an
+//! unnamed address of an ordinary object (whose executable segment starts at the same
+//! offset in the file and in memory). Samples in the same instruction still group together,
+//! and the name can be fed back to those tools once debug information is found.
+//!
+//! [`format_missing_names`] is the part of the exit summary that says which modules lacked
+//! names for a material share of the CPU time, and how to get the names: the Debian package of
+//! debug symbols (found with `dpkg-query -S`), `DEBUGINFOD_URLS`, or building with `-g`.
+
+use std::collections::BTreeMap;
+use std::fmt::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+use anyprof_symbolizer::FileAddress;
+
+use crate::pprof::builder::FrameLine;
+use crate::pprof::Profile;
+
+/// A module is mentioned in the summary when code of it without names was the leaf of more
+/// than this share of the CPU time.
+pub const MATERIAL_SHARE: f64 = 0.05;
+
+/// The frame of an address of the module at `path` that has no name: `MODULE+0xADDR`.
+pub fn frame(path: &[u8], address: FileAddress) -> FrameLine {
+    let name = format!(
+        "{}+{:#x}",
+        base_name(&String::from_utf8_lossy(path)),
+        address.0
+    );
+    FrameLine {
+        system_name: name.clone(),
+        name,
+        file: String::new(),
+        line: 0,
+    }
+}
+
+/// Whether `lines` is the single frame [`frame`] makes.
+pub fn is_fallback(lines: &[FrameLine]) -> bool {
+    match lines {
+        [only] => only.file.is_empty() && split_name(&only.name).is_some(),
+        _ => false,
+    }
+}
+
+/// The module and address of a `MODULE+0xADDR` name.
+pub fn split_name(name: &str) -> Option<(&str, u64)> {
+    let (module, hex) = name.rsplit_once("+0x")?;
+    if module.is_empty() || hex.is_empty() {
+        return None;
+    }
+    Some((module, u64::from_str_radix(hex, 16).ok()?))
+}
+
+fn base_name(path: &str) -> &str {
+    path.rsplit('/').next().unwrap_or(path)
+}
+
+/// Share of the CPU time (sample value `cpu`, or the first value) whose leaf frame has no
+/// name, by module file (the mapping's path), largest first.
+pub fn unnamed_leaf_shares(profile: &Profile) -> Vec<(String, f64)> {
+    let string = |i: i64| {
+        profile
+            .string_table
+            .get(usize::try_from(i).unwrap_or(usize::MAX))
+            .map(String::as_str)
+            .unwrap_or("")
+    };
+    let index = profile
+        .sample_type
+        .iter()
+        .position(|t| string(t.r#type) == "cpu")
+        .unwrap_or(0);
+    let functions: BTreeMap<u64, &str> = profile
+        .function
+        .iter()
+        .map(|f| (f.id, string(f.name)))
+        .collect();
+    let locations: BTreeMap<u64, _> = profile.location.iter().map(|l| (l.id, l)).collect();
+    let mappings: BTreeMap<u64, &str> = profile
+        .mapping
+        .iter()
+        .map(|m| (m.id, string(m.filename)))
+        .collect();
+    let mut total = 0i64;
+    let mut unnamed: BTreeMap<&str, i64> = BTreeMap::new();
+    for sample in &profile.sample {
+        let value = sample.value.get(index).copied().unwrap_or(0);
+        total = total.saturating_add(value);
+        let Some(leaf) = sample.location_id.first().and_then(|id| locations.get(id)) else {
+            continue;
+        };
+        let Some(path) = mappings.get(&leaf.mapping_id).filter(|p| !p.is_empty()) else {
+            continue;
+        };
+        let leaf_name = leaf
+            .line
+            .first()
+            .and_then(|l| functions.get(&l.function_id))
+            .copied();
+        // No line at all: not looked up (given up at exit); a fallback name: looked up, none.
+        let named = leaf_name.is_some_and(|n| split_name(n).is_none());
+        if !named {
+            let v = unnamed.entry(path).or_default();
+            *v = v.saturating_add(value);
+        }
+    }
+    if total <= 0 {
+        return Vec::new();
+    }
+    let mut shares: Vec<(String, f64)> = unnamed
+        .into_iter()
+        .map(|(path, v)| (path.to_string(), v as f64 / total as f64))
+        .collect();
+    shares.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+    shares
+}
+
+/// The exit summary's lines about modules whose code without names took more than
+/// [`MATERIAL_SHARE`] of the CPU time: one line per module with the way to get its names.
+/// Empty when there are none.
+pub fn format_missing_names(profile: &Profile) -> String {
+    let material: Vec<(String, f64)> = unnamed_leaf_shares(profile)
+        .into_iter()
+        .filter(|(_, share)| *share > MATERIAL_SHARE)
+        .collect();
+    if material.is_empty() {
+        return String::new();
+    }
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "anyprof: no function names for code that took {:.0}% of the CPU time (shown as \
+         FILE+0xADDR, the address in the file that addr2line -e FILE takes):",
+        100.0 * material.iter().map(|(_, s)| s).sum::<f64>()
+    );
+    let debuginfod = std::env::var_os("DEBUGINFOD_URLS").filter(|v| !v.is_empty());
+    for (path, share) in &material {
+        let _ = writeln!(
+            out,
+            "  {:>5.1}%  {}: {}",
+            100.0 * share,
+            base_name(path),
+            how_to_get_names(Path::new(path), debuginfod.is_some())
+        );
+    }
+    out
+}
+
+/// What to do to get the names of the module at `path`.
+fn how_to_get_names(path: &Path, debuginfod_set: bool) -> String {
+    let debuginfod = if debuginfod_set {
+        "the servers in DEBUGINFOD_URLS have no debug file for it".to_string()
+    } else {
+        "or set DEBUGINFOD_URLS (Debian: https://debuginfod.debian.net) to fetch its debug file"
+            .to_string()
+    };
+    match debian_package(path) {
+        Some(package) => {
+            let debug_package = debug_package(&package);
+            if debuginfod_set {
+                format!("install {debug_package} (from Debian's debug archive); {debuginfod}")
+            } else {
+                format!("install {debug_package} (from Debian's debug archive), {debuginfod}")
+            }
+        }
+        None if path.is_absolute() && path.is_file() => format!(
+            "not from a package: build it with -g (and do not strip it), or install its debug \
+             file under /usr/lib/debug/.build-id; {}",
+            if debuginfod_set {
+                debuginfod
+            } else {
+                "or serve it with debuginfod and set DEBUGINFOD_URLS".to_string()
+            }
+        ),
+        None => {
+            "its file could not be read (gone, or not a file), so no names can be found".to_string()
+        }
+    }
+}
+
+/// The Debian package of debug symbols for the binary package `package`: `libc6-dbg` for
+/// glibc, `<package>-dbgsym` (the automatic debug packages) for everything else.
+pub fn debug_package(package: &str) -> String {
+    match package {
+        "libc6" | "libc6-dev" | "libc-bin" => "libc6-dbg".to_string(),
+        _ => format!("{package}-dbgsym"),
+    }
+}
+
+/// The Debian package that owns the file at `path` (as the loader named it, or as it resolves
+/// through symlinks and the merged /usr), without its architecture, if `dpkg-query` knows it.
+fn debian_package(path: &Path) -> Option<String> {
+    let mut candidates: Vec<PathBuf> = vec![path.to_path_buf()];
+    if let Ok(real) = std::fs::canonicalize(path) {
+        candidates.push(real);
+    }
+    for candidate in candidates.clone() {
+        let text = candidate.to_string_lossy().into_owned();
+        match text.strip_prefix("/usr") {
+            Some(rest) if rest.starts_with('/') => candidates.push(PathBuf::from(rest)),
+            _ => candidates.push(PathBuf::from(format!("/usr{text}"))),
+        }
+    }
+    candidates.dedup();
+    candidates.iter().find_map(|candidate| {
+        let output = Command::new("dpkg-query")
+            .arg("-S")
+            .arg(candidate)
+            .stdin(Stdio::null())
+            .stderr(Stdio::null())
+            .output()
+            .ok()?;
+        if !output.status.success() {
+            return None;
+        }
+        parse_dpkg_search(&String::from_utf8_lossy(&output.stdout))
+    })
+}
+
+/// The first package of `dpkg-query -S` output (`liblzma5:amd64: /lib/.../liblzma.so.5`).
+fn parse_dpkg_search(text: &str) -> Option<String> {
+    let line = text
+        .lines()
+        .find(|l| !l.starts_with("diversion ") && l.contains(": "))?;
+    let (packages, _) = line.split_once(": ")?;
+    let first = packages.split(',').next()?.trim();
+    let name = first.split(':').next()?.trim();
+    (!name.is_empty()).then(|| name.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::pprof::proto::{Function, Line, Location, Mapping, Sample, ValueType};
+
+    #[test]
+    fn fallback_names_carry_module_and_file_address() {
+        let f = frame(
+            b"/usr/lib/x86_64-linux-gnu/liblzma.so.5",
+            FileAddress(0x1a2b3),
+        );
+        assert_eq!(f.name, "liblzma.so.5+0x1a2b3");
+        assert_eq!(f.system_name, f.name);
+        assert!(is_fallback(std::slice::from_ref(&f)));
+        assert_eq!(split_name(&f.name), Some(("liblzma.so.5", 0x1a2b3)));
+        assert_eq!(split_name("operator+"), None);
+        assert_eq!(split_name("+0x10"), None);
+        assert_eq!(split_name("a+0xzz"), None);
+    }
+
+    #[test]
+    fn dpkg_output_gives_the_package_without_architecture() {
+        assert_eq!(
+            parse_dpkg_search("liblzma5:amd64: /lib/x86_64-linux-gnu/liblzma.so.5\n").as_deref(),
+            Some("liblzma5")
+        );
+        assert_eq!(
+            parse_dpkg_search("coreutils: /usr/bin/sort\n").as_deref(),
+            Some("coreutils")
+        );
+        assert_eq!(
+            parse_dpkg_search("diversion by x from: /a\nfoo, bar: /a\n").as_deref(),
+            Some("foo")
+        );
+        assert_eq!(parse_dpkg_search(""), None);
+        assert_eq!(debug_package("libc6"), "libc6-dbg");
+        assert_eq!(debug_package("liblzma5"), "liblzma5-dbgsym");
+    }
+
+    /// A CPU profile with one named and one unnamed leaf: only the material module is listed.
+    #[test]
+    fn summary_lists_modules_whose_unnamed_code_is_material() {
+        let strings: Vec<String> = [
+            "",
+            "samples",
+            "count",
+            "cpu",
+            "nanoseconds",
+            "/nonexistent/libnone.so.1",
+            "libnone.so.1+0x10",
+            "named",
+            "/nonexistent/prog",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        let profile = Profile {
+            sample_type: vec![
+                ValueType { r#type: 1, unit: 2 },
+                ValueType { r#type: 3, unit: 4 },
+            ],
+            mapping: vec![
+                Mapping {
+                    id: 1,
+                    filename: 5,
+                    ..Default::default()
+                },
+                Mapping {
+                    id: 2,
+                    filename: 8,
+                    ..Default::default()
+                },
+            ],
+            function: vec![
+                Function {
+                    id: 1,
+                    name: 6,
+                    system_name: 6,
+                    ..Default::default()
+                },
+                Function {
+                    id: 2,
+                    name: 7,
+                    system_name: 7,
+                    ..Default::default()
+                },
+            ],
+            location: vec![
+                Location {
+                    id: 1,
+                    mapping_id: 1,
+                    address: 0x1010,
+                    line: vec![Line {
+                        function_id: 1,
+                        ..Default::default()
+                    }],
+                    ..Default::default()
+                },
+                Location {
+                    id: 2,
+                    mapping_id: 2,
+                    address: 0x2000,
+                    line: vec![Line {
+                        function_id: 2,
+                        ..Default::default()
+                    }],
+                    ..Default::default()
+                },
+            ],
+            sample: vec![
+                Sample {
+                    location_id: vec![1, 2],
+                    value: vec![1, 30],
+                    ..Default::default()
+                },
+                Sample {
+                    location_id: vec![2],
+                    value: vec![1, 70],
+                    ..Default::default()
+                },
+            ],
+            string_table: strings,
+            ..Default::default()
+        };
+        let shares = unnamed_leaf_shares(&profile);
+        assert_eq!(shares.len(), 1);
+        assert_eq!(shares[0].0, "/nonexistent/libnone.so.1");
+        assert!((shares[0].1 - 0.3).abs() < 1e-9);
+        let text = format_missing_names(&profile);
+        assert!(text.contains("30%"), "{text}");
+        assert!(
+            text.contains("libnone.so.1: its file could not be read"),
+            "{text}"
+        );
+    }
+}
