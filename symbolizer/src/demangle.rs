@@ -10,14 +10,25 @@
 
 use std::borrow::Cow;
 
-/// The readable form of `raw`; `raw` itself when it is not a mangled name we know.
+/// The readable form of `raw`; `raw` itself when it is not a mangled name we know. A PLT
+/// stub's name (`_Znwm@plt`) keeps its suffix after the demangled function (`operator
+/// new(unsigned long)@plt`).
 pub(crate) fn demangle(raw: &str) -> String {
+    if let Some(function) = raw.strip_suffix("@plt") {
+        return format!("{}@plt", demangle(function));
+    }
     addr2line::demangle_auto(Cow::Borrowed(raw), None).into_owned()
 }
 
 #[cfg(test)]
 mod tests {
     use super::demangle;
+
+    #[test]
+    fn plt_stubs_keep_their_suffix() {
+        assert_eq!(demangle("memcmp@plt"), "memcmp@plt");
+        assert_eq!(demangle("_Znwm@plt"), "operator new(unsigned long)@plt");
+    }
 
     #[test]
     fn cpp_names_read_like_cxxfilt() {

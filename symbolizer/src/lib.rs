@@ -25,6 +25,8 @@
 //! 2. Symbol tables, when DWARF does not cover the address (stripped or release-built
 //!    libraries): the debug file's `.symtab`, then the object's `.symtab`, then its `.dynsym`.
 //!    A function name alone is better than an address.
+//! 3. The stubs of the object's PLT, named `function@plt` from the relocations of the slots
+//!    they jump through, as objdump and `perf report` name them.
 //!
 //! # Whose rights open the files
 //!
@@ -134,6 +136,7 @@ mod loaded;
 mod miss;
 mod mmap;
 mod panics;
+mod plt;
 mod symbolized;
 mod symbolizer;
 mod symtab;

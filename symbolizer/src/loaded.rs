@@ -7,7 +7,7 @@
 //!
 //! A lookup asks, in order: DWARF (for the inline chain, files and lines), then the symbol
 //! tables of the debug file, of the object (`.symtab`) and of its dynamic symbols (`.dynsym`),
-//! for the name of the physical function.
+//! for the name of the physical function, and last the object's PLT stubs (`memcmp@plt`).
 
 use std::cell::OnceCell;
 use std::path::{Path, PathBuf};
@@ -17,6 +17,7 @@ use crate::demangle::demangle;
 use crate::dwarf::Dwarf;
 use crate::elf::{self, ElfFacts};
 use crate::mmap::{FileIdentity, MapError, MappedFile};
+use crate::plt::PltTable;
 use crate::symtab::{SymbolTable, Table};
 use crate::{Frame, Miss, Symbolized};
 
@@ -130,6 +131,7 @@ impl LoadedObject {
             .chain(std::iter::once(&self.main))
             .find_map(|image| image.symbol(address))
             .map(|name| String::from_utf8_lossy(name).into_owned())
+            .or_else(|| self.main.plt_stub(address).map(str::to_string))
     }
 }
 
@@ -145,6 +147,8 @@ struct Image {
     map: MappedFile,
     /// `.symtab` then `.dynsym`.
     tables: OnceCell<[SymbolTable; 2]>,
+    /// Names of the PLT stubs (of the object itself: a debug file has no code).
+    plt: OnceCell<PltTable>,
 }
 
 impl Image {
@@ -152,7 +156,18 @@ impl Image {
         Image {
             map,
             tables: OnceCell::new(),
+            plt: OnceCell::new(),
         }
+    }
+
+    /// `name@plt` for an address in a PLT stub.
+    fn plt_stub(&self, address: u64) -> Option<&str> {
+        self.plt
+            .get_or_init(|| match elf::parse(self.map.bytes()) {
+                Ok(file) => PltTable::read(&file),
+                Err(_) => PltTable::default(),
+            })
+            .lookup(address)
     }
 
     fn symbol(&self, address: u64) -> Option<&[u8]> {
