@@ -258,6 +258,55 @@ fn strip_all_leaves_dynsym_or_nothing() {
     );
 }
 
+/// The addresses objdump gives the PLT stubs of `path` (`0000000000001030 <printf@plt>:`).
+fn objdump_plt_stubs(path: &Path) -> Vec<(u64, String)> {
+    let output = std::process::Command::new("objdump")
+        .arg("-d")
+        .arg(path)
+        .output()
+        .expect("run objdump (binutils)");
+    String::from_utf8_lossy(&output.stdout)
+        .lines()
+        .filter_map(|line| {
+            let (address, rest) = line.split_once(" <")?;
+            let name = rest.strip_suffix(">:")?;
+            if !name.ends_with("@plt") {
+                return None;
+            }
+            Some((
+                u64::from_str_radix(address.trim(), 16).ok()?,
+                name.to_owned(),
+            ))
+        })
+        .collect()
+}
+
+/// A stripped program's PLT stubs, where its calls into libc spend their first instructions,
+/// are named as objdump and perf name them: no symbol table has them, the relocations do.
+/// Lazy binding and `-z now` (Debian's hardening) lay the PLT out differently.
+#[test]
+fn plt_stubs_are_named_after_the_function_they_call() {
+    let dir = TempDir::new("plt");
+    for (output, extra) in [("lazy", &[][..]), ("now", &["-Wl,-z,now"][..])] {
+        let prog = build_c(&dir, output, extra);
+        let stubs = objdump_plt_stubs(&prog);
+        assert!(
+            stubs.iter().any(|(_, name)| name == "printf@plt"),
+            "objdump shows printf@plt in {output}: {stubs:?}"
+        );
+        run("strip", &[&"--strip-all", &prog]);
+        let mut symbolizer = Symbolizer::new();
+        for (address, name) in &stubs {
+            let answer = symbolizer.symbolize(&object(&prog), &[*address + 2]);
+            assert_eq!(
+                answer,
+                vec![Symbolized::Frames(vec![name_only(name, name)])],
+                "{output}: the stub at {address:#x}"
+            );
+        }
+    }
+}
+
 /// Splits the DWARF of `prog` into `debug` and strips `prog` completely.
 fn split_debug(prog: &Path, debug: &Path) {
     std::fs::create_dir_all(debug.parent().unwrap()).unwrap();
