@@ -157,7 +157,7 @@ pub fn format_missing_names(profile: &Profile) -> String {
 /// What to do to get the names of the module at `path`.
 fn how_to_get_names(path: &Path, debuginfod_set: bool) -> String {
     let debuginfod = if debuginfod_set {
-        "the servers in DEBUGINFOD_URLS have no debug file for it".to_string()
+        "no debug file for it came from the servers in DEBUGINFOD_URLS".to_string()
     } else {
         "or set DEBUGINFOD_URLS (Debian: https://debuginfod.debian.net) to fetch its debug file"
             .to_string()
@@ -180,6 +180,10 @@ fn how_to_get_names(path: &Path, debuginfod_set: bool) -> String {
                 "or serve it with debuginfod and set DEBUGINFOD_URLS".to_string()
             }
         ),
+        None if path.as_os_str().as_encoded_bytes().starts_with(b"[") => {
+            "code without a file (the vdso, or code made at run time), which has no names to read"
+                .to_string()
+        }
         None => {
             "its file could not be read (gone, or not a file), so no names can be found".to_string()
         }
