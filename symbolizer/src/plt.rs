@@ -2,7 +2,8 @@
 //! name them.
 //!
 //! A call from a program to a function of another object goes through a stub in `.plt` (or
-//! `.plt.sec` with CET, `.plt.got` for functions whose address is also taken). No symbol table
+//! `.plt.sec` with CET, `.plt.got` for functions whose address is also taken or that are
+//! bound at start). No symbol table
 //! names the stubs, not even `.symtab`: tools make the names up from the relocations. Each
 //! stub jumps through a GOT slot (`jmp *disp32(%rip)`), and the dynamic relocation of that
 //! slot (`R_X86_64_JUMP_SLOT` or `GLOB_DAT`) names the function. So a stub is named by decoding
@@ -33,12 +34,14 @@ impl PltTable {
         let mut entries = Vec::new();
         for section in file.sections() {
             let Ok(name) = section.name() else { continue };
+            let Ok(bytes) = section.data() else { continue };
             let entry_size: u64 = match name {
                 ".plt" | ".plt.sec" => 16,
+                // 8 bytes (jmp, nop), or 16 with CET (endbr64, jmp, nop).
+                ".plt.got" if bytes.starts_with(&ENDBR64) => 16,
                 ".plt.got" => 8,
                 _ => continue,
             };
-            let Ok(bytes) = section.data() else { continue };
             let base = section.address();
             for (index, entry) in bytes.chunks_exact(entry_size as usize).enumerate() {
                 let start = base + index as u64 * entry_size;
@@ -62,10 +65,12 @@ impl PltTable {
     }
 }
 
+/// The `endbr64` instruction that starts every entry of a PLT built for CET (IBT).
+const ENDBR64: [u8; 4] = [0xf3, 0x0f, 0x1e, 0xfa];
+
 /// The GOT slot an x86-64 PLT entry at `address` jumps through: `jmp *disp32(%rip)`
 /// (`ff 25`), possibly after `endbr64` and with a `bnd` prefix (`f2`).
 fn jump_slot(entry: &[u8], address: u64) -> Option<u64> {
-    const ENDBR64: [u8; 4] = [0xf3, 0x0f, 0x1e, 0xfa];
     let mut at = 0usize;
     if entry.starts_with(&ENDBR64) {
         at = 4;

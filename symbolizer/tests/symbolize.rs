@@ -283,11 +283,21 @@ fn objdump_plt_stubs(path: &Path) -> Vec<(u64, String)> {
 
 /// A stripped program's PLT stubs, where its calls into libc spend their first instructions,
 /// are named as objdump and perf name them: no symbol table has them, the relocations do.
-/// Lazy binding and `-z now` (Debian's hardening) lay the PLT out differently.
+/// Lazy binding, `-z now` (Debian's hardening) and CET's IBT PLT (Ubuntu's default, with
+/// `.plt.sec`) lay the PLT out differently.
 #[test]
 fn plt_stubs_are_named_after_the_function_they_call() {
     let dir = TempDir::new("plt");
-    for (output, extra) in [("lazy", &[][..]), ("now", &["-Wl,-z,now"][..])] {
+    let variants: [(&str, &[&str]); 4] = [
+        ("lazy", &[]),
+        ("now", &["-Wl,-z,now"]),
+        ("ibt", &["-fcf-protection=full", "-Wl,-z,ibtplt"]),
+        (
+            "ibt-now",
+            &["-fcf-protection=full", "-Wl,-z,ibtplt", "-Wl,-z,now"],
+        ),
+    ];
+    for (output, extra) in variants {
         let prog = build_c(&dir, output, extra);
         let stubs = objdump_plt_stubs(&prog);
         assert!(
