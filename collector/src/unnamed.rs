@@ -156,36 +156,70 @@ pub fn format_missing_names(profile: &Profile) -> String {
 
 /// What to do to get the names of the module at `path`.
 fn how_to_get_names(path: &Path, debuginfod_set: bool) -> String {
-    let debuginfod = if debuginfod_set {
-        "no debug file for it came from the servers in DEBUGINFOD_URLS".to_string()
-    } else {
-        "or set DEBUGINFOD_URLS (Debian: https://debuginfod.debian.net) to fetch its debug file"
-            .to_string()
+    let system = System::detect();
+    let debuginfod = match (debuginfod_set, system.debuginfod_server) {
+        (true, _) => "; DEBUGINFOD_URLS gave no debug file for it".to_string(),
+        (false, Some(server)) => format!(", or set DEBUGINFOD_URLS={server}"),
+        (false, None) => ", or set DEBUGINFOD_URLS to a debuginfod server".to_string(),
     };
-    match debian_package(path) {
-        Some(package) => {
-            let debug_package = debug_package(&package);
-            if debuginfod_set {
-                format!("install {debug_package} (from Debian's debug archive); {debuginfod}")
-            } else {
-                format!("install {debug_package} (from Debian's debug archive), {debuginfod}")
-            }
-        }
-        None if path.is_absolute() && path.is_file() => format!(
-            "not from a package: build it with -g (and do not strip it), or install its debug \
-             file under /usr/lib/debug/.build-id; {}",
-            if debuginfod_set {
-                debuginfod
-            } else {
-                "or serve it with debuginfod and set DEBUGINFOD_URLS".to_string()
-            }
+    if path.as_os_str().as_encoded_bytes().starts_with(b"[") {
+        return "code without a file (the vdso, or code made at run time), which has no names \
+                to read"
+            .to_string();
+    }
+    if !path.is_absolute() || !path.is_file() {
+        return "its file could not be read (gone, or not a file), so no names can be found"
+            .to_string();
+    }
+    match owner(path) {
+        Owner::Deb(package) => format!(
+            "install {} (from {}){debuginfod}",
+            debug_package(&package),
+            system.debug_archive
         ),
-        None if path.as_os_str().as_encoded_bytes().starts_with(b"[") => {
-            "code without a file (the vdso, or code made at run time), which has no names to read"
-                .to_string()
+        Owner::Rpm(package) => {
+            format!("run dnf debuginfo-install {package}{debuginfod}")
         }
-        None => {
-            "its file could not be read (gone, or not a file), so no names can be found".to_string()
+        Owner::None => format!(
+            "not from a package: build it with -g and do not strip it, or put its debug file \
+             in /usr/lib/debug/.build-id{debuginfod}"
+        ),
+        Owner::Unknown => format!("install its package's debug symbols{debuginfod}"),
+    }
+}
+
+/// What the distribution calls its debug packages and debuginfod server, from
+/// `/etc/os-release`.
+struct System {
+    debug_archive: &'static str,
+    debuginfod_server: Option<&'static str>,
+}
+
+impl System {
+    fn detect() -> System {
+        let release = std::fs::read_to_string("/etc/os-release").unwrap_or_default();
+        let id = release
+            .lines()
+            .find_map(|l| l.strip_prefix("ID="))
+            .map(|v| v.trim_matches('"'))
+            .unwrap_or("");
+        match id {
+            "ubuntu" => System {
+                debug_archive: "ddebs.ubuntu.com",
+                debuginfod_server: Some("https://debuginfod.ubuntu.com"),
+            },
+            "debian" => System {
+                debug_archive: "the debian-debug archive",
+                debuginfod_server: Some("https://debuginfod.debian.net"),
+            },
+            "fedora" => System {
+                debug_archive: "the debuginfo repositories",
+                debuginfod_server: Some("https://debuginfod.fedoraproject.org"),
+            },
+            _ => System {
+                debug_archive: "the distribution's debug archive",
+                debuginfod_server: None,
+            },
         }
     }
 }
@@ -199,9 +233,21 @@ pub fn debug_package(package: &str) -> String {
     }
 }
 
-/// The Debian package that owns the file at `path` (as the loader named it, or as it resolves
-/// through symlinks and the merged /usr), without its architecture, if `dpkg-query` knows it.
-fn debian_package(path: &Path) -> Option<String> {
+/// Who installed a file.
+enum Owner {
+    /// A Debian package (without its architecture).
+    Deb(String),
+    /// An RPM package.
+    Rpm(String),
+    /// The package manager knows no package with that file.
+    None,
+    /// No package manager we know of answered.
+    Unknown,
+}
+
+/// The package that owns the file at `path` (as the loader named it, or as it resolves
+/// through symlinks and the merged /usr): `dpkg-query -S`, else `rpm -qf`.
+fn owner(path: &Path) -> Owner {
     let mut candidates: Vec<PathBuf> = vec![path.to_path_buf()];
     if let Ok(real) = std::fs::canonicalize(path) {
         candidates.push(real);
@@ -214,19 +260,41 @@ fn debian_package(path: &Path) -> Option<String> {
         }
     }
     candidates.dedup();
-    candidates.iter().find_map(|candidate| {
-        let output = Command::new("dpkg-query")
-            .arg("-S")
+    let query = |program: &str, flags: &[&str], candidate: &Path| {
+        Command::new(program)
+            .args(flags)
             .arg(candidate)
             .stdin(Stdio::null())
             .stderr(Stdio::null())
             .output()
-            .ok()?;
-        if !output.status.success() {
-            return None;
+    };
+    let mut answered = false;
+    for candidate in &candidates {
+        let Ok(output) = query("dpkg-query", &["-S"], candidate) else {
+            break;
+        };
+        answered = true;
+        if output.status.success() {
+            if let Some(package) = parse_dpkg_search(&String::from_utf8_lossy(&output.stdout)) {
+                return Owner::Deb(package);
+            }
         }
-        parse_dpkg_search(&String::from_utf8_lossy(&output.stdout))
-    })
+    }
+    if answered {
+        return Owner::None;
+    }
+    for candidate in &candidates {
+        let Ok(output) = query("rpm", &["-qf", "--queryformat", "%{NAME}\n"], candidate) else {
+            return Owner::Unknown;
+        };
+        if output.status.success() {
+            let text = String::from_utf8_lossy(&output.stdout);
+            if let Some(package) = text.lines().next().filter(|l| !l.is_empty()) {
+                return Owner::Rpm(package.to_string());
+            }
+        }
+    }
+    Owner::None
 }
 
 /// The first package of `dpkg-query -S` output (`liblzma5:amd64: /lib/.../liblzma.so.5`).
