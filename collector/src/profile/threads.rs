@@ -110,7 +110,15 @@ pub fn stack_lines(
             name, file, line, ..
         } in r.lines
         {
-            out.push(format!("{name}\n\t{file}:{line} {a:#x}"));
+            if file.is_empty() {
+                // Named from a symbol table, or MODULE+0xADDR: no source line to show.
+                let object = module_of(&session.modules, a)
+                    .map(|m| String::from_utf8_lossy(&m.path).into_owned())
+                    .unwrap_or_default();
+                out.push(format!("{name}\n\t{object} {a:#x}"));
+            } else {
+                out.push(format!("{name}\n\t{file}:{line} {a:#x}"));
+            }
         }
     }
     out
