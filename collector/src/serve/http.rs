@@ -496,7 +496,12 @@ fn symbol(state: &Ctx, t: &Target, post: bool, body: &[u8]) -> Reply {
         crate::symbolize::resolve_all(&mut *symbolizer(state)?, &session, addrs.iter().copied());
     let mut out = String::new();
     for a in addrs {
-        if let Some(line) = resolved.get(&a).and_then(|r| r.lines.last()) {
+        // An address without a name is left out, as pprof's symbolz expects (not given its
+        // MODULE+0xADDR stand-in, which pprof would take for a function name).
+        let named = resolved
+            .get(&a)
+            .filter(|r| !crate::unnamed::is_fallback(&r.lines));
+        if let Some(line) = named.and_then(|r| r.lines.last()) {
             out.push_str(&format!("{a:#x} {}\n", line.name));
         }
     }
