@@ -63,8 +63,8 @@ fn base_name(path: &str) -> &str {
     path.rsplit('/').next().unwrap_or(path)
 }
 
-/// Share of the CPU time (sample value `cpu`, or the first value) whose leaf frame has no
-/// name, by module file (the mapping's path), largest first.
+/// Share of the CPU time (sample value `cpu`, or the first value) whose leaf frame was looked
+/// up and has no name (a [`frame`] name), by module file (the mapping's path), largest first.
 pub fn unnamed_leaf_shares(profile: &Profile) -> Vec<(String, f64)> {
     let string = |i: i64| {
         profile
@@ -105,9 +105,10 @@ pub fn unnamed_leaf_shares(profile: &Profile) -> Vec<(String, f64)> {
             .first()
             .and_then(|l| functions.get(&l.function_id))
             .copied();
-        // No line at all: not looked up (given up at exit); a fallback name: looked up, none.
-        let named = leaf_name.is_some_and(|n| split_name(n).is_none());
-        if !named {
+        // Only a fallback name says "looked up, nothing found". A location without lines
+        // was not looked up (`--no-symbolize`, or symbolizing given up at exit): debug
+        // packages would not change that, so it is not counted.
+        if leaf_name.is_some_and(|n| split_name(n).is_some()) {
             let v = unnamed.entry(path).or_default();
             *v = v.saturating_add(value);
         }
