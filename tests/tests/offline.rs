@@ -445,3 +445,81 @@ fn symbolize_checks_its_input_and_output() {
     );
     assert_eq!(frames_by_location(&read(&again)), named);
 }
+
+/// The daemon's equivalent: `anyprof serve --no-symbolize` serves profiles without names, with
+/// the build ids that let `anyprof symbolize` name them afterwards.
+#[test]
+fn serve_no_symbolize_serves_profiles_that_symbolize_names() {
+    use std::io::{BufRead, BufReader};
+    use std::process::Stdio;
+
+    use anyprof_tests::daemon::{get, wait_for, Daemon};
+
+    let scratch = scratch_dir("offline_serve");
+    let exe = compile("serve_worker.c", &["-O2", "-g", "-pthread"], &scratch);
+    let socket = scratch.join("sock");
+    let daemon = Daemon::serve(&scratch.join("daemon.stderr"))
+        .socket(&socket)
+        .args(&["--no-symbolize"])
+        .start();
+    // serve_worker.c: 20 s, 50 % busy in serve_hot_spin, allocating in serve_alloc_site.
+    let mut worker = clean_command(&exe)
+        .args(["20", "50"])
+        .env("LD_PRELOAD", binaries().preload)
+        .env("ANYPROF_SOCKET", &socket)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut ready = String::new();
+    let _ = BufReader::new(worker.stdout.take().unwrap()).read_line(&mut ready);
+    let pid: u32 = ready
+        .trim()
+        .strip_prefix("ready pid=")
+        .and_then(|p| p.parse().ok())
+        .unwrap_or_else(|| panic!("serve_worker said {ready:?}"));
+    let path = format!("/debug/pprof/heap?pid={pid}");
+    let reply = wait_for(
+        "a heap profile with samples",
+        std::time::Duration::from_secs(15),
+        || {
+            let reply = get(daemon.port, &path);
+            let view = (reply.status == 200)
+                .then(|| anyprof::pprof::decode(&reply.body).ok())
+                .flatten();
+            match view {
+                Some(p) if !p.sample.is_empty() => Ok(reply),
+                _ => Err(format!("status {}", reply.status)),
+            }
+        },
+    );
+    let _ = worker.kill();
+    let _ = worker.wait();
+    let served = scratch.join("heap.pb.gz");
+    std::fs::write(&served, &reply.body).unwrap();
+    let view = read(&served);
+    assert!(
+        view.profile.function.is_empty(),
+        "serve --no-symbolize served names:\n{}",
+        view.describe()
+    );
+    assert_eq!(
+        view.string(mapping_of(&view, &exe).build_id),
+        build_id_of(&exe)
+    );
+
+    let output = scratch.join("heap.named.pb.gz");
+    let out = symbolize(&[&served, Path::new("-o"), &output], &[]);
+    assert_eq!(out.code, 0, "{}", out.stderr_text());
+    let named = read(&output);
+    assert!(
+        named
+            .profile
+            .sample
+            .iter()
+            .any(|s| named.frames(s).iter().any(|f| f.name == "serve_alloc_site")),
+        "{}",
+        named.describe()
+    );
+}
