@@ -325,8 +325,9 @@ pub fn run(args: RecordArgs) -> Result<ExitCode> {
         if STOP_REQUESTED.load(Ordering::SeqCst) {
             eprintln!(
                 "anyprof: stopping: writing the profiles without symbolizing what is left \
-                 (go tool pprof names the addresses from the binaries the profiles name; \
-                 a second signal ends anyprof at once)"
+                 (`anyprof symbolize {} -o cpu.named.pb.gz` names them later; a second \
+                 signal ends anyprof at once)",
+                out_dir.join("cpu.pb.gz").display()
             );
             anyprof::symbolize::GIVE_UP.store(true, Ordering::SeqCst);
             break write_profiles(

@@ -140,8 +140,8 @@ pub fn resolve_all(
     let access = session.peer.as_ref().map(Peer::access);
     let mut by_module: HashMap<Option<u32>, Vec<RuntimeAddress>> = HashMap::new();
     if GIVE_UP.load(Ordering::SeqCst) || !names_wanted() {
-        // Addresses in their modules, without names: pprof can still name them later from
-        // the files the profile's mappings name.
+        // Addresses in their modules, without names: `anyprof symbolize` names them later
+        // from the files the profile's mappings name (by build id).
         let out = addresses
             .into_iter()
             .map(|a| {
@@ -294,8 +294,7 @@ pub fn warn_symbolizer_failed(path: &[u8], why: &str) {
     }
     eprintln!(
         "anyprof: warning: the symbolizer failed on {} ({why}): its functions are left as \
-         addresses in the profiles (go tool pprof can name them from the file), everything \
-         else is named. This is a bug in anyprof: please report it with that file",
+         addresses in the profiles, everything else is named. This is a bug in anyprof: please report it with that file",
         String::from_utf8_lossy(path)
     );
 }
