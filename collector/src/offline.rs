@@ -9,10 +9,11 @@
 //! call and the same conversion to pprof lines as in `anyprof record`
 //! ([`crate::symbolize::symbolize_guarded`], [`crate::symbolize::frame_lines`]), so the names
 //! are the ones `record` would have given. Locations that already have lines keep them: names
-//! are only ever added. A file whose build id differs from the mapping's is never used:
+//! are only ever added (a stand-in such as `libfoo.so+0x1a2b`, which says only where the
+//! address is, counts as no name and is replaced when a name is found). A file whose build id differs from the mapping's is never used:
 //! wrong names are worse than none.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 
@@ -20,7 +21,7 @@ use anyprof_symbolizer::{FileAddress, Miss, ObjectRef, RuntimeAddress, Symbolize
 use object::{Object, ObjectSegment, SegmentFlags};
 
 use crate::pprof::builder::ProfileBuilder;
-use crate::pprof::proto::{Mapping, Profile};
+use crate::pprof::proto::{Function, Location, Mapping, Profile};
 use crate::profile::hex;
 use crate::symbolize::{frame_lines, symbolize_guarded, warn_symbolizer_failed};
 
@@ -86,10 +87,39 @@ pub fn symbolize_profile(
             .cloned()
             .unwrap_or_default()
     };
+    let functions: HashMap<u64, &Function> = profile.function.iter().map(|f| (f.id, f)).collect();
+    let mapping_files: HashMap<u64, String> = profile
+        .mapping
+        .iter()
+        .map(|m| (m.id, text(m.filename)))
+        .collect();
+    // A location whose only line is a stand-in for a name (`libfoo.so+0x1a2b`, `[libfoo.so]`,
+    // as a profile shows an address it could not name) has no name yet.
+    let placeholder = |location: &Location| -> bool {
+        let [line] = &location.line[..] else {
+            return false;
+        };
+        let Some(f) = functions.get(&line.function_id) else {
+            return false;
+        };
+        let file = mapping_files
+            .get(&location.mapping_id)
+            .map(|f| f.rsplit('/').next().unwrap_or(f))
+            .unwrap_or_default();
+        let name = text(f.name);
+        line.line == 0
+            && text(f.filename).is_empty()
+            && !file.is_empty()
+            && (name == format!("[{file}]")
+                || name
+                    .strip_prefix(file)
+                    .and_then(|rest| rest.strip_prefix("+0x"))
+                    .is_some_and(|hex| u64::from_str_radix(hex, 16).is_ok()))
+    };
     // The locations to name, by mapping id: (location id, address).
     let mut pending: BTreeMap<u64, Vec<(u64, RuntimeAddress)>> = BTreeMap::new();
     for location in &profile.location {
-        if !location.line.is_empty() {
+        if !location.line.is_empty() && !placeholder(location) {
             report.already_named += 1;
         } else if location.mapping_id != 0 && location.address != 0 {
             report.unnamed += 1;
@@ -329,22 +359,34 @@ impl ElfHeaders {
 /// The load bias (runtime address − address stated in the file) of an object that `mapping`
 /// maps, from the object's loadable segments.
 ///
-/// In the binary, the segment whose file range holds the mapping's file offset says which
-/// stated address that offset has; the mapping's start is where it was loaded. A separate
+/// In the binary, the segment whose file range holds the mapping's file offset (the
+/// executable one, when the page is shared) says which stated address that offset has; the
+/// mapping's start is where it was loaded. A separate
 /// debug file has the binary's segment addresses but not its file offsets (objcopy gives
 /// the code's segments zero sizes and offsets); there, the mapping is taken to start at the first executable
 /// segment, on the page boundary below it, which is how the preload reports a module's
 /// executable range (`preload/src/modules.rs`).
 pub fn load_bias(segments: &[Segment], mapping: &Mapping) -> Option<u64> {
     let offset = mapping.file_offset;
-    let in_file = segments.iter().find(|s| {
+    // The page that holds the mapping's first byte may also hold the end of the segment
+    // before (lld packs segments): the executable one is the one mapped.
+    let holds = |s: &&Segment| {
         s.file_size > 0 && s.offset & !(PAGE - 1) <= offset && offset < s.offset + s.file_size
-    });
+    };
+    let first_exec = segments.iter().find(|s| s.executable);
+    let in_file = match first_exec {
+        Some(exec) if exec.file_size == 0 => None,
+        _ => segments
+            .iter()
+            .filter(|s| s.executable)
+            .find(holds)
+            .or_else(|| segments.iter().find(holds)),
+    };
     if let Some(s) = in_file {
         let stated = s.address.wrapping_add(offset).wrapping_sub(s.offset);
         return Some(mapping.memory_start.wrapping_sub(stated));
     }
-    let first_exec = segments.iter().find(|s| s.executable)?;
+    let first_exec = first_exec?;
     if first_exec.file_size > 0 {
         // A binary (its code is in the file) with no segment at that offset is not the
         // file that was mapped.
@@ -429,6 +471,26 @@ mod tests {
             load_bias(&lld, &mapping(0x7f00_0000_2000, 0x1000)),
             Some(0x7f00_0000_0000)
         );
+        // lld again, as it links Rust test binaries: the read-only segment ends in the page
+        // where the code begins.
+        let packed = [
+            Segment {
+                offset: 0,
+                file_size: 0x93bec,
+                address: 0,
+                executable: false,
+            },
+            Segment {
+                offset: 0x93bf0,
+                file_size: 0x1bde40,
+                address: 0x94bf0,
+                executable: true,
+            },
+        ];
+        assert_eq!(
+            load_bias(&packed, &mapping(0x5555_0009_4000, 0x93000)),
+            Some(0x5555_0000_0000)
+        );
         // No segment at that offset: not this file.
         assert_eq!(load_bias(&lld, &mapping(0x7f00_0000_2000, 0x9000)), None);
     }
@@ -455,6 +517,113 @@ mod tests {
             load_bias(&segments, &mapping(0x5555_0000_1000, 0x1000)),
             Some(0x5555_0000_0000)
         );
+    }
+
+    #[inline(never)]
+    fn probe() -> u64 {
+        std::hint::black_box(42) * std::hint::black_box(3)
+    }
+
+    /// This test binary's mapping of `probe`, as the preload would report it: start, end,
+    /// file offset, path.
+    fn own_mapping(runtime: u64) -> (u64, u64, u64, String) {
+        let maps = std::fs::read_to_string("/proc/self/maps").unwrap();
+        maps.lines()
+            .find_map(|line| {
+                let fields: Vec<&str> = line.split_whitespace().collect();
+                let (low, high) = fields.first()?.split_once('-')?;
+                let low = u64::from_str_radix(low, 16).ok()?;
+                let high = u64::from_str_radix(high, 16).ok()?;
+                let offset = u64::from_str_radix(fields.get(2)?, 16).ok()?;
+                let path = fields.get(5)?.to_string();
+                (low..high)
+                    .contains(&runtime)
+                    .then_some((low, high, offset, path))
+            })
+            .expect("probe() lies in a file mapping")
+    }
+
+    /// An unnamed location and one with a stand-in name get names; a named one keeps its own;
+    /// function ids of another writer's numbering do not collide with the new ones.
+    #[test]
+    fn names_what_has_no_name_and_keeps_the_rest() {
+        use crate::pprof::builder::FrameLine;
+        use anyprof_symbolizer::FileOffset;
+
+        let runtime = probe as *const () as usize as u64;
+        let (start, end, offset, path) = own_mapping(runtime);
+        let build_id = ElfHeaders::read(Path::new(&path))
+            .and_then(|h| h.build_id)
+            .unwrap_or_default();
+        let base = path.rsplit('/').next().unwrap().to_string();
+        let mut b = ProfileBuilder::new(&[("samples", "count")], ("cpu", "nanoseconds"), 1);
+        let m = b.mapping(
+            RuntimeAddress(start),
+            RuntimeAddress(end),
+            FileOffset(offset),
+            &path,
+            &hex(&build_id),
+            false,
+            false,
+        );
+        let line = |name: String, file: &str, line| FrameLine {
+            name: name.clone(),
+            system_name: name,
+            file: file.into(),
+            line,
+        };
+        let unnamed = b.location(m, RuntimeAddress(runtime), &[]);
+        let stand_in = line(
+            format!("{base}+0x{:x}", runtime + 1 - start + offset),
+            "",
+            0,
+        );
+        let placeholder = b.location(m, RuntimeAddress(runtime + 1), &[stand_in]);
+        let kept = b.location(
+            m,
+            RuntimeAddress(runtime + 2),
+            &[line("kept".into(), "k.c", 7)],
+        );
+        b.sample(vec![unnamed, placeholder, kept], vec![1], &[]);
+        let mut profile = b.finish();
+        for f in &mut profile.function {
+            f.id += 100;
+        }
+        for l in profile.location.iter_mut().flat_map(|l| l.line.iter_mut()) {
+            l.function_id += 100;
+        }
+
+        let mut symbolizer = crate::symbolize::new_symbolizer(&[]);
+        let (named, report) = symbolize_profile(profile, &mut symbolizer, &[]);
+        assert_eq!(
+            (report.already_named, report.unnamed, report.named),
+            (1, 2, 2)
+        );
+        let name_of = |location_id: u64| -> Vec<String> {
+            let location = named.location.iter().find(|l| l.id == location_id).unwrap();
+            location
+                .line
+                .iter()
+                .map(|l| {
+                    let f = named
+                        .function
+                        .iter()
+                        .find(|f| f.id == l.function_id)
+                        .unwrap();
+                    named.string_table[f.name as usize].clone()
+                })
+                .collect()
+        };
+        assert!(
+            name_of(unnamed).last().unwrap().ends_with("probe"),
+            "{:?}",
+            name_of(unnamed)
+        );
+        assert!(name_of(placeholder).last().unwrap().ends_with("probe"));
+        assert_eq!(name_of(kept), ["kept"]);
+        let ids: std::collections::HashSet<u64> = named.function.iter().map(|f| f.id).collect();
+        assert_eq!(ids.len(), named.function.len(), "function ids collide");
+        assert!(named.mapping[0].has_functions);
     }
 
     #[test]
