@@ -8,12 +8,14 @@
 //! [`ingest::Session`], [`symbolize`]
 //! turns addresses into frames through `anyprof-symbolizer`, [`profile`] builds pprof
 //! profiles from sessions, [`pprof`] encodes them, [`output`] writes files and [`summary`]
-//! prints the top list. The binary (`anyprof`, `src/main.rs`) is a thin CLI over this
+//! prints the top list; [`offline`] adds names later to a profile written without them
+//! (`anyprof symbolize`). The binary (`anyprof`, `src/main.rs`) is a thin CLI over this
 //! library; the library is public so that the end-to-end tests decode what the binary wrote
 //! with the same types.
 pub mod collect;
 pub mod death_read;
 pub mod ingest;
+pub mod offline;
 pub mod output;
 pub mod pprof;
 pub mod preflight;

@@ -9,6 +9,7 @@ use clap::Parser;
 
 mod oom;
 mod record;
+mod symbolize_cmd;
 
 /// Profile any native program: CPU (and soon heap) profiles in pprof format.
 #[derive(Parser)]
@@ -19,6 +20,9 @@ enum Cli {
     /// Run the host daemon: preloaded processes connect to it, and it serves
     /// net/http/pprof endpoints for each of them.
     Serve(anyprof::serve::ServeArgs),
+    /// Add function names, files, lines and inline frames to a profile written with
+    /// --no-symbolize, where the binaries or their debug files are.
+    Symbolize(symbolize_cmd::SymbolizeArgs),
 }
 
 fn main() -> ExitCode {
@@ -26,6 +30,7 @@ fn main() -> ExitCode {
     let result = match cli {
         Cli::Record(args) => record::run(args),
         Cli::Serve(args) => anyprof::serve::run(args),
+        Cli::Symbolize(args) => symbolize_cmd::run(args),
     };
     match result {
         Ok(code) => code,

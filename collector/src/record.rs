@@ -93,6 +93,11 @@ pub struct RecordArgs {
     /// running it unprofiled with a one-line warning
     #[arg(long = "require-profile")]
     pub require_profile: bool,
+    /// Write the profiles with addresses, mappings and build ids only, no names: for a host
+    /// without debug information. `anyprof symbolize` names them later where the binaries or
+    /// debug files are
+    #[arg(long = "no-symbolize")]
+    pub no_symbolize: bool,
     /// Path of libanyprof.so [default: next to the anyprof binary]
     #[arg(long = "lib", value_name = "PATH", env = "ANYPROF_LIB")]
     pub lib: Option<PathBuf>,
@@ -221,7 +226,10 @@ pub fn run(args: RecordArgs) -> Result<ExitCode> {
     let snapshots = (args.mem_rate > 0
         && (args.heap_every.is_some() || args.heap_signal.is_some()))
     .then(|| snapshots::start_snapshots(&collector, pid, out_dir.clone(), args.heap_every));
-    let symbolizer = Arc::new(Mutex::new(anyprof_symbolizer::Symbolizer::new()));
+    if args.no_symbolize {
+        anyprof::symbolize::NO_SYMBOLIZE.store(true, Ordering::SeqCst);
+    }
+    let symbolizer = Arc::new(Mutex::new(anyprof::symbolize::new_symbolizer(&[])));
     let warm_lowered = Arc::new(std::sync::OnceLock::new());
     let (warm_stop, warm) =
         warm::start_prewarming(&collector, symbolizer.clone(), warm_lowered.clone());
@@ -299,7 +307,7 @@ pub fn run(args: RecordArgs) -> Result<ExitCode> {
                 eprintln!("anyprof: {message}");
             }
             let mut symbolizer = symbolizer.lock().map_or_else(
-                |_| anyprof_symbolizer::Symbolizer::new(),
+                |_| anyprof::symbolize::new_symbolizer(&[]),
                 |mut s| std::mem::take(&mut *s),
             );
             let _ = done_tx.send(write_profiles(&sessions, &written, &mut symbolizer));
@@ -317,17 +325,26 @@ pub fn run(args: RecordArgs) -> Result<ExitCode> {
         if STOP_REQUESTED.load(Ordering::SeqCst) {
             eprintln!(
                 "anyprof: stopping: writing the profiles without symbolizing what is left \
-                 (go tool pprof names the addresses from the binaries the profiles name; \
-                 a second signal ends anyprof at once)"
+                 (`anyprof symbolize {} -o cpu.named.pb.gz` names them later; a second \
+                 signal ends anyprof at once)",
+                out_dir.join("cpu.pb.gz").display()
             );
             anyprof::symbolize::GIVE_UP.store(true, Ordering::SeqCst);
             break write_profiles(
                 &sessions,
                 &written,
-                &mut anyprof_symbolizer::Symbolizer::new(),
+                &mut anyprof::symbolize::new_symbolizer(&[]),
             )?;
         }
     };
+    if args.no_symbolize && !args.quiet && files > 0 {
+        eprintln!(
+            "anyprof: the profiles hold addresses and build ids only (--no-symbolize): name \
+             them where the binaries or their debug files are with `anyprof symbolize {0} -o \
+             cpu.named.pb.gz [--debug-dir DIR]`",
+            out_dir.join("cpu.pb.gz").display()
+        );
+    }
     if !args.quiet && files > 0 {
         // What a user waiting on `anyprof record` in a script pays after the program itself.
         eprintln!(

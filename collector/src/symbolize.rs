@@ -9,13 +9,13 @@
 //! become [`FileAddress`]es for the symbolizer in one place too ([`resolve_all`]).
 
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Mutex, OnceLock};
 use std::time::Duration;
 
 pub use anyprof_symbolizer::RuntimeAddress;
-use anyprof_symbolizer::{Access, FileAddress, Miss, ObjectRef, Symbolized, Symbolizer};
+use anyprof_symbolizer::{Access, FileAddress, Frame, Miss, ObjectRef, Symbolized, Symbolizer};
 use anyprof_wire::Module;
 
 use crate::ingest::{Peer, Session};
@@ -83,6 +83,26 @@ pub fn module_of(modules: &BTreeMap<u32, Module>, addr: RuntimeAddress) -> Optio
         .max_by_key(|m| m.id)
 }
 
+/// The one way the collector makes a symbolizer (`record`, `serve`, `symbolize`), so that
+/// every command looks for debug files in the same places: each of `extra_debug_dirs` first
+/// (`anyprof symbolize --debug-dir`), then the system's `/usr/lib/debug`.
+pub fn new_symbolizer(extra_debug_dirs: &[PathBuf]) -> Symbolizer {
+    let mut dirs = extra_debug_dirs.to_vec();
+    dirs.push(PathBuf::from("/usr/lib/debug"));
+    Symbolizer::with_debug_dirs(dirs)
+}
+
+/// Set for the whole run by `record --no-symbolize` and `serve --no-symbolize`: profiles keep
+/// addresses, mappings and build ids only, and [`resolve_all`] looks nothing up (the
+/// mappings then say `has_functions: false`, so `anyprof symbolize` or pprof names them later,
+/// where the debug files are).
+pub static NO_SYMBOLIZE: AtomicBool = AtomicBool::new(false);
+
+/// Whether names are looked up at all in this run (see [`NO_SYMBOLIZE`]).
+pub fn names_wanted() -> bool {
+    !NO_SYMBOLIZE.load(Ordering::SeqCst)
+}
+
 /// Set when the user asked to stop (`anyprof record` after the program ended): from then on
 /// [`resolve_all`] answers at once, every address unnamed.
 pub static GIVE_UP: AtomicBool = AtomicBool::new(false);
@@ -119,9 +139,9 @@ pub fn resolve_all(
     let modules = &session.modules;
     let access = session.peer.as_ref().map(Peer::access);
     let mut by_module: HashMap<Option<u32>, Vec<RuntimeAddress>> = HashMap::new();
-    if GIVE_UP.load(Ordering::SeqCst) {
-        // Addresses in their modules, without names: pprof can still name them later from
-        // the files the profile's mappings name.
+    if GIVE_UP.load(Ordering::SeqCst) || !names_wanted() {
+        // Addresses in their modules, without names: `anyprof symbolize` names them later
+        // from the files the profile's mappings name (by build id).
         let out = addresses
             .into_iter()
             .map(|a| {
@@ -177,25 +197,7 @@ pub fn resolve_all(
         for ((a, svma), r) in addrs.iter().zip(svmas).zip(results) {
             outcome.looked_up += 1;
             let lines = match r {
-                Symbolized::Frames(frames) => frames
-                    .into_iter()
-                    .map(|f| {
-                        let system = f
-                            .raw_function
-                            .clone()
-                            .or_else(|| f.function.clone())
-                            .unwrap_or_default();
-                        FrameLine {
-                            name: f
-                                .function
-                                .or(f.raw_function)
-                                .unwrap_or_else(|| format!("{a:#x}")),
-                            system_name: system,
-                            file: f.file.unwrap_or_default(),
-                            line: f.line.map(i64::from).unwrap_or(0),
-                        }
-                    })
-                    .collect::<Vec<_>>(),
+                Symbolized::Frames(frames) => frame_lines(*a, frames),
                 Symbolized::Miss(miss) => {
                     if let Miss::SymbolizerPanicked(why) = &miss {
                         warn_symbolizer_failed(&module.path, why);
@@ -219,6 +221,31 @@ pub fn resolve_all(
         }
     }
     (out, outcomes)
+}
+
+/// The pprof lines of one address's frames (innermost first, as the symbolizer gives them):
+/// the demangled name, the raw one as the system name, file and line; a frame without any
+/// name is called by its address.
+pub fn frame_lines(address: impl std::fmt::LowerHex, frames: Vec<Frame>) -> Vec<FrameLine> {
+    frames
+        .into_iter()
+        .map(|f| {
+            let system = f
+                .raw_function
+                .clone()
+                .or_else(|| f.function.clone())
+                .unwrap_or_default();
+            FrameLine {
+                name: f
+                    .function
+                    .or(f.raw_function)
+                    .unwrap_or_else(|| format!("{address:#x}")),
+                system_name: system,
+                file: f.file.unwrap_or_default(),
+                line: f.line.map(i64::from).unwrap_or(0),
+            }
+        })
+        .collect()
 }
 
 /// [`Symbolizer::symbolize_many_as`], and if it panics all the same (the symbolizer catches
@@ -255,7 +282,7 @@ pub fn symbolize_guarded(
 
 /// Says once per file, for the whole run (a daemon's too), that the symbolizer failed on it
 /// and what that costs: its names, and nothing else.
-fn warn_symbolizer_failed(path: &[u8], why: &str) {
+pub fn warn_symbolizer_failed(path: &[u8], why: &str) {
     static WARNED: Mutex<Option<HashSet<Vec<u8>>>> = Mutex::new(None);
     let Ok(mut warned) = WARNED.lock() else {
         return;
@@ -268,8 +295,7 @@ fn warn_symbolizer_failed(path: &[u8], why: &str) {
     }
     eprintln!(
         "anyprof: warning: the symbolizer failed on {} ({why}): its functions are left as \
-         addresses in the profiles (go tool pprof can name them from the file), everything \
-         else is named. This is a bug in anyprof: please report it with that file",
+         addresses in the profiles, everything else is named. This is a bug in anyprof: please report it with that file",
         String::from_utf8_lossy(path)
     );
 }

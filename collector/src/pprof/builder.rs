@@ -55,6 +55,94 @@ impl ProfileBuilder {
         b
     }
 
+    /// Continues an existing profile (one read from a file, to add names to it): new strings
+    /// and functions are added to its tables, and those it has are found and reused.
+    pub fn from_profile(mut profile: Profile) -> ProfileBuilder {
+        // New functions get the next id after the last (`function`): number them 1..n first
+        // if the writer did otherwise (ids are only references within the file).
+        if profile
+            .function
+            .iter()
+            .enumerate()
+            .any(|(i, f)| f.id != i as u64 + 1)
+        {
+            let renumbered: HashMap<u64, u64> = profile
+                .function
+                .iter_mut()
+                .enumerate()
+                .map(|(i, f)| {
+                    let old = f.id;
+                    f.id = i as u64 + 1;
+                    (old, f.id)
+                })
+                .collect();
+            for line in profile.location.iter_mut().flat_map(|l| l.line.iter_mut()) {
+                line.function_id = renumbered.get(&line.function_id).copied().unwrap_or(0);
+            }
+        }
+        let mut b = ProfileBuilder::default();
+        for (i, s) in profile.string_table.iter().enumerate() {
+            b.strings.entry(s.clone()).or_insert(i as i64);
+        }
+        let text = |i: i64| {
+            usize::try_from(i)
+                .ok()
+                .and_then(|i| profile.string_table.get(i))
+                .cloned()
+                .unwrap_or_default()
+        };
+        for f in &profile.function {
+            let key = (text(f.name), text(f.system_name), text(f.filename));
+            b.functions.entry(key).or_insert(f.id);
+        }
+        b.profile = profile;
+        if b.profile.string_table.is_empty() {
+            b.string("");
+        }
+        b
+    }
+
+    /// Gives the location with id `location_id` the lines `lines` (innermost first), adding
+    /// their functions. Returns false if there is no such location.
+    pub fn set_location_lines(&mut self, location_id: u64, lines: &[FrameLine]) -> bool {
+        let line: Vec<Line> = lines
+            .iter()
+            .map(|l| Line {
+                function_id: self.function(l),
+                line: l.line,
+                column: 0,
+            })
+            .collect();
+        // Locations are numbered 1..n by this builder and by Go; others are searched.
+        let index = usize::try_from(location_id.wrapping_sub(1))
+            .ok()
+            .filter(|&i| {
+                self.profile
+                    .location
+                    .get(i)
+                    .is_some_and(|l| l.id == location_id)
+            })
+            .or_else(|| {
+                self.profile
+                    .location
+                    .iter()
+                    .position(|l| l.id == location_id)
+            });
+        match index.and_then(|i| self.profile.location.get_mut(i)) {
+            Some(location) => {
+                location.line = line;
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// The mappings added so far (or read, see [`ProfileBuilder::from_profile`]), to change
+    /// their `has_*` flags.
+    pub fn mappings_mut(&mut self) -> &mut [Mapping] {
+        &mut self.profile.mapping
+    }
+
     fn value_type(&mut self, ty: &str, unit: &str) -> ValueType {
         ValueType {
             r#type: self.string(ty),
@@ -71,6 +159,14 @@ impl ProfileBuilder {
         self.profile.string_table.push(s.to_string());
         self.strings.insert(s.to_string(), i);
         i
+    }
+
+    /// The string at `index` of the string table ("" if there is none).
+    pub fn string_at(&self, index: i64) -> &str {
+        usize::try_from(index)
+            .ok()
+            .and_then(|i| self.profile.string_table.get(i))
+            .map_or("", String::as_str)
     }
 
     /// Sets collection time and duration.

@@ -49,6 +49,9 @@ pub(super) fn start_prewarming(
     let flag = stop.clone();
     let handle = named_thread("warm-symbols", move || {
         let _ = lowered.set(priority::background());
+        if !anyprof::symbolize::names_wanted() {
+            return; // --no-symbolize: nothing to prepare
+        }
         let mut opened: HashSet<(Vec<u8>, Vec<u8>)> = HashSet::new();
         let mut looked_up: HashMap<(u32, u64), HashSet<RuntimeAddress>> = HashMap::new();
         let mut wait = WARM_SOON;

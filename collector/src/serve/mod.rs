@@ -16,6 +16,7 @@ pub mod server;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use anyhow::{Context, Result};
@@ -87,6 +88,11 @@ pub struct ServeArgs {
     /// Print the processes' informational messages and every refused connection
     #[arg(short, long)]
     pub verbose: bool,
+    /// Serve profiles with addresses, mappings and build ids only, no names (and answer
+    /// /debug/pprof/symbol with none): for a host without debug information. `anyprof
+    /// symbolize` names a saved profile later where the binaries or debug files are
+    #[arg(long = "no-symbolize")]
+    pub no_symbolize: bool,
 }
 
 /// The daemon's default socket path (the preload tries the same places, with the same
@@ -157,6 +163,9 @@ pub fn run(args: ServeArgs) -> Result<std::process::ExitCode> {
     // Before any thread starts, so that every thread inherits the mask and the signals
     // reach only `wait_for_termination`.
     let signals = block_termination_signals();
+    if args.no_symbolize {
+        crate::symbolize::NO_SYMBOLIZE.store(true, Ordering::SeqCst);
+    }
     let exposed = args.expose_profiles_to_network;
     if !exposed && !access::is_loopback(args.http.ip()) {
         anyhow::bail!(
