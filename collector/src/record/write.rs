@@ -156,8 +156,21 @@ pub(super) fn write_profiles(
     }
     let mut per_process = 0;
     if processes.len() > 1 {
+        let mut used = std::collections::HashSet::new();
         for p in &processes {
-            let suffix = format!("{}.{}", p.pid, sanitize(&p.name));
+            // Two images of one pid with one name (a program that execs itself) get a file
+            // each: the later ones numbered.
+            let base = format!("{}.{}", p.pid, sanitize(&p.name));
+            let suffix = (1..)
+                .map(|n| {
+                    if n == 1 {
+                        base.clone()
+                    } else {
+                        format!("{base}-{n}")
+                    }
+                })
+                .find(|s| used.insert(s.clone()))
+                .unwrap_or(base);
             for (kind, profile) in [("cpu", &p.cpu), ("heap", &p.heap), ("allocs", &p.allocs)] {
                 if let Some(profile) = profile {
                     let mut ignored = Vec::new();
