@@ -340,8 +340,8 @@ fn gcc_compiling_a_large_file_is_profiled_as_one_run() {
         })
         .collect();
     assert!(
-        top_list.len() >= 5 && top_list[0].contains(first),
-        "the summary's top list should show cc1's functions, {first} first:\n{stderr}"
+        top_list.len() >= 5 && top_list.iter().take(3).any(|l| l.contains(first)),
+        "the summary's top list should show cc1's functions, {first} among the first:\n{stderr}"
     );
 }
 

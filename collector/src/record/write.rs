@@ -159,7 +159,7 @@ pub(super) fn write_profiles(
         let mut used = std::collections::HashSet::new();
         for p in &processes {
             // Two images of one pid with one name (a program that execs itself) get a file
-            // each: the later ones numbered.
+            // each: the program keeps the plain name, the other is numbered (`PID.NAME-2`).
             let base = format!("{}.{}", p.pid, sanitize(&p.name));
             let suffix = (1..)
                 .map(|n| {
