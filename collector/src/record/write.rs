@@ -221,12 +221,20 @@ fn run_comments(processes: &[Process<'_>]) -> Vec<String> {
     if processes.len() > LISTED {
         list.push(format!("{} more", processes.len() - LISTED));
     }
+    let count = match processes.len() {
+        1 => "1 process".to_string(),
+        n => format!("{n} processes"),
+    };
     let mut out = vec![format!(
-        "anyprof: the whole run, {} process(es): {}",
-        processes.len(),
+        "anyprof: the whole run, {count}: {}",
         list.join(", ")
     )];
-    if let Some(p) = processes.iter().find(|p| !p.is_main).or(processes.first()) {
+    // A run of one process needs no filter.
+    if let Some(p) = processes
+        .iter()
+        .find(|p| !p.is_main)
+        .filter(|_| processes.len() > 1)
+    {
         out.push(format!(
             "anyprof: samples are labelled with pid and process; one process: go tool pprof \
              -tagfocus=process={} (or -tagfocus=pid={})",
