@@ -1,8 +1,11 @@
 //! `anyprof record -- PROGRAM ARGS...`: run a program with `libanyprof.so` preloaded, collect
 //! what every process of it sends, and write profiles when it exits.
 //!
-//! The whole process tree is profiled (`LD_PRELOAD` is inherited across exec): the program
-//! itself is written as `DIR/cpu.pb.gz`, every other process as `DIR/cpu.PID.COMMAND.pb.gz`.
+//! The whole process tree is profiled (`LD_PRELOAD` is inherited across exec and fork), and
+//! `DIR/cpu.pb.gz` (`heap.pb.gz`, `allocs.pb.gz`) holds all of it, as perf and samply show a
+//! run: every sample is labelled with its `pid` and `process` (see [`anyprof::pprof::merge`]).
+//! When the run had more than one process, each (the program too) also gets its own
+//! `DIR/cpu.PID.COMMAND.pb.gz`.
 //! Signals that another process sends to `anyprof` are forwarded to the program; signals from
 //! the terminal (Ctrl-C) already reach the program through its process group, so `anyprof`
 //! just outlives them and writes the profile up to that point. `anyprof` exits with the

@@ -1,5 +1,6 @@
 //! The short text summary `anyprof record` prints at exit: a `pprof -top`-like list of the
-//! functions where the CPU time went.
+//! functions where the CPU time went (over every process of the run), and for a run of
+//! several processes the ones that used the most CPU and memory.
 
 use std::collections::HashMap;
 use std::fmt::Write;
@@ -231,4 +232,141 @@ pub fn mem_trace_line(
         human_bytes(now.get(MemStat::PeakLiveBytes)),
         human_bytes(now.get(MemStat::RssBytes)),
     )
+}
+
+/// What one process of a run used, for the exit summary's process list.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ProcessUsage {
+    /// Command name.
+    pub name: String,
+    /// Process id.
+    pub pid: u32,
+    /// Measured CPU time, nanoseconds.
+    pub cpu_ns: u64,
+    /// Bytes allocated over its life (exact), if it reported them.
+    pub alloc_bytes: Option<u64>,
+    /// Peak resident set size, if it reported it.
+    pub max_rss: Option<u64>,
+}
+
+/// The processes of a run that used the most CPU (then memory), one line each: the `n`
+/// with the most CPU time, plus the one that allocated most if it is not among them.
+/// Empty for a run of one process.
+pub fn format_processes(usage: &[ProcessUsage], n: usize) -> String {
+    let mut out = String::new();
+    if usage.len() < 2 {
+        return out;
+    }
+    let mut by_cpu: Vec<&ProcessUsage> = usage.iter().collect();
+    by_cpu.sort_by(|a, b| {
+        b.cpu_ns
+            .cmp(&a.cpu_ns)
+            .then(b.alloc_bytes.cmp(&a.alloc_bytes))
+            .then(a.pid.cmp(&b.pid))
+    });
+    let mut shown: Vec<&ProcessUsage> = by_cpu.iter().take(n).copied().collect();
+    if let Some(most) = usage
+        .iter()
+        .filter(|u| u.alloc_bytes.unwrap_or(0) > 0)
+        .max_by_key(|u| u.alloc_bytes)
+    {
+        if !shown.iter().any(|u| std::ptr::eq(*u, most)) {
+            shown.push(most);
+        }
+    }
+    let cpu_total = usage.iter().fold(0u64, |a, u| a.saturating_add(u.cpu_ns));
+    let _ = writeln!(
+        out,
+        "anyprof: {} processes, {:.2} s CPU in all; the busiest:",
+        usage.len(),
+        cpu_total as f64 / 1e9
+    );
+    let width = shown
+        .iter()
+        .map(|u| u.name.len() + u.pid.to_string().len())
+        .max()
+        .unwrap_or(0);
+    for u in &shown {
+        let who = format!("{} (pid {})", u.name, u.pid);
+        let mut line = format!(
+            "  {who:<w$} {:>8.2} s CPU",
+            u.cpu_ns as f64 / 1e9,
+            w = width + 7
+        );
+        if let Some(bytes) = u.alloc_bytes {
+            let _ = write!(line, ", {} allocated", human_bytes(bytes));
+        }
+        if let Some(rss) = u.max_rss.filter(|&r| r > 0) {
+            let _ = write!(line, ", max RSS {}", human_bytes(rss));
+        }
+        let _ = writeln!(out, "{line}");
+    }
+    let rest = usage.len().saturating_sub(shown.len());
+    if rest > 0 {
+        let _ = writeln!(out, "  and {rest} more");
+    }
+    out
+}
+
+/// The heap counters of a run of several processes, added up: allocations, frees and what
+/// each process had live at its own exit.
+pub fn format_run_heap(stats: &[&anyprof_wire::MemStats]) -> String {
+    use anyprof_wire::MemStat;
+    let sum = |f: MemStat| stats.iter().fold(0u64, |a, m| a.saturating_add(m.get(f)));
+    let live = stats.iter().fold(0u64, |a, m| {
+        a.saturating_add(
+            m.get(MemStat::AllocBytes)
+                .saturating_sub(m.get(MemStat::FreeBytes)),
+        )
+    });
+    format!(
+        "anyprof: heap of all {} processes: {} allocations ({}), {} frees; live at their exits {}\n",
+        stats.len(),
+        sum(MemStat::Mallocs),
+        human_bytes(sum(MemStat::AllocBytes)),
+        sum(MemStat::Frees),
+        human_bytes(live),
+    )
+}
+
+#[cfg(test)]
+mod process_tests {
+    use super::*;
+
+    fn usage(name: &str, pid: u32, cpu_ms: u64, alloc: u64) -> ProcessUsage {
+        ProcessUsage {
+            name: name.into(),
+            pid,
+            cpu_ns: cpu_ms * 1_000_000,
+            alloc_bytes: Some(alloc),
+            max_rss: None,
+        }
+    }
+
+    #[test]
+    fn the_busiest_processes_come_first_and_the_largest_allocator_is_named() {
+        let text = format_processes(
+            &[
+                usage("gcc", 1, 2, 1 << 10),
+                usage("cc1", 2, 2310, 85 << 20),
+                usage("as", 3, 50, 1 << 20),
+                usage("collect2", 4, 1, 200 << 20),
+            ],
+            2,
+        );
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(
+            lines[0],
+            "anyprof: 4 processes, 2.36 s CPU in all; the busiest:"
+        );
+        assert!(
+            lines[1].starts_with("  cc1 (pid 2)")
+                && lines[1].contains("2.31 s CPU, 85.0 MiB allocated"),
+            "{text}"
+        );
+        assert!(lines[2].starts_with("  as (pid 3)"), "{text}");
+        assert!(lines[3].starts_with("  collect2 (pid 4)"), "{text}");
+        assert_eq!(lines[4], "  and 1 more");
+        assert_eq!(format_processes(&[usage("a", 1, 1, 1)], 5), "");
+    }
 }

@@ -288,12 +288,18 @@ pub struct Recording {
 }
 
 impl Recording {
-    /// Path of the main process's CPU profile.
+    /// Path of the program's own CPU profile (see [`program_profile_path`]).
     pub fn cpu_profile_path(&self) -> PathBuf {
-        self.dir.join("cpu.pb.gz")
+        program_profile_path(&self.dir, "cpu")
     }
 
-    /// Decodes the main process's CPU profile, or panics with what the run printed.
+    /// Decodes the whole run's CPU profile (`cpu.pb.gz`: every process), or panics.
+    pub fn run_cpu_profile(&self) -> ProfileView {
+        read_profile_in(&self.dir, "cpu.pb.gz", &self.output)
+    }
+
+    /// Decodes the program's own CPU profile (see [`program_profile_path`]), or panics with
+    /// what the run printed.
     pub fn cpu_profile(&self) -> ProfileView {
         let path = self.cpu_profile_path();
         let profile = anyprof::pprof::read_file(&path).unwrap_or_else(|e| {
@@ -385,6 +391,69 @@ pub fn heap_record_command(dir: &Path, flags: &[&str], program: &Path, args: &[&
         .arg(program)
         .args(args);
     cmd
+}
+
+/// The pid and command name of the program itself in the run whose profiles are in `dir`:
+/// the run's profiles (`cpu.pb.gz`, else `heap.pb.gz`) name it in a comment,
+/// `pid N COMMAND (the program)`.
+pub fn program_process(dir: &Path) -> Option<(u32, String)> {
+    ["cpu.pb.gz", "heap.pb.gz"].iter().find_map(|file| {
+        let profile = anyprof::pprof::read_file(&dir.join(file)).ok()?;
+        profile.comment.iter().find_map(|&i| {
+            let text = profile.string_table.get(i as usize)?;
+            let list = text.strip_prefix("anyprof: the whole run, ")?;
+            let (_, list) = list.split_once(": ")?;
+            let program = list
+                .split(", ")
+                .find_map(|p| p.strip_suffix(" (the program)"))?;
+            let (pid, name) = program.strip_prefix("pid ")?.split_once(' ')?;
+            Some((pid.parse().ok()?, name.to_string()))
+        })
+    })
+}
+
+/// The pid of the program itself (see [`program_process`]).
+pub fn program_pid(dir: &Path) -> Option<u32> {
+    program_process(dir).map(|(pid, _)| pid)
+}
+
+/// The own file of process `pid` (`KIND.PID.COMMAND.pb.gz`, written when the run had more
+/// than one process), if there is one.
+pub fn process_profile_path(dir: &Path, kind: &str, pid: u32) -> Option<PathBuf> {
+    let prefix = format!("{kind}.{pid}.");
+    files_in(dir)
+        .into_iter()
+        .find(|n| n.starts_with(&prefix) && n.ends_with(".pb.gz"))
+        .map(|n| dir.join(n))
+}
+
+/// The program's own profile of `kind` (`cpu`, `heap`, `allocs`): its own file when the run
+/// had several processes, else `KIND.pb.gz` (which then holds the program alone).
+pub fn program_profile_path(dir: &Path, kind: &str) -> PathBuf {
+    let Some((pid, name)) = program_process(dir) else {
+        return dir.join(format!("{kind}.pb.gz"));
+    };
+    // An earlier image of the same pid (before an exec) has a file with the same pid.
+    let exact = dir.join(format!("{kind}.{pid}.{name}.pb.gz"));
+    if exact.is_file() {
+        return exact;
+    }
+    process_profile_path(dir, kind, pid).unwrap_or_else(|| dir.join(format!("{kind}.pb.gz")))
+}
+
+/// The own files (`KIND.PID.COMMAND.pb.gz`) of the processes of the run in `dir` other than
+/// the program (an image its pid had before an exec is one of them).
+pub fn other_process_files(dir: &Path, kind: &str) -> Vec<PathBuf> {
+    let prefix = format!("{kind}.");
+    let program = program_profile_path(dir, kind);
+    files_in(dir)
+        .into_iter()
+        .filter(|n| {
+            n.starts_with(&prefix) && n.ends_with(".pb.gz") && *n != format!("{kind}.pb.gz")
+        })
+        .map(|n| dir.join(n))
+        .filter(|path| *path != program)
+        .collect()
 }
 
 /// Decodes `dir/file`, or panics with what the run (`output`) printed.

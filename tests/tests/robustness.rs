@@ -20,8 +20,9 @@ use std::time::{Duration, Instant};
 
 use anyprof_tests::daemon::{free_port, poll, request};
 use anyprof_tests::{
-    binaries, capture_output, clean_command, compile, cpu_lock, exit_code, files_in, record_with,
-    scratch_dir, skip_outside_ci, ProfileView, RunOutput, Shared,
+    binaries, capture_output, clean_command, compile, cpu_lock, exit_code, files_in,
+    other_process_files, program_profile_path, record_with, scratch_dir, skip_outside_ci,
+    ProfileView, RunOutput, Shared,
 };
 
 /// How long a run that could deadlock may take before the test calls it a hang (normal runs
@@ -246,19 +247,6 @@ fn read_profile(path: &Path) -> ProfileView {
     ProfileView::new(profile)
 }
 
-/// The per-process files `KIND.PID.COMMAND.pb.gz` in `dir` (not the program's own
-/// `KIND.pb.gz`).
-fn other_process_files(dir: &Path, kind: &str) -> Vec<PathBuf> {
-    let prefix = format!("{kind}.");
-    files_in(dir)
-        .into_iter()
-        .filter(|n| {
-            n.starts_with(&prefix) && n.ends_with(".pb.gz") && *n != format!("{kind}.pb.gz")
-        })
-        .map(|n| dir.join(n))
-        .collect()
-}
-
 /// The value `type_name` per function, counted once per sample wherever the function is on
 /// the stack (for heap profiles, which have no `samples` value).
 fn cumulative_value(view: &ProfileView, type_name: &str) -> BTreeMap<String, i64> {
@@ -343,10 +331,30 @@ fn forked_child_is_profiled_as_its_own_process_and_fork_off_leaves_it_alone() {
         child_sites.get("child_alloc").copied().unwrap_or(0) > 0,
         "the child's allocs profile has no child_alloc: {child_sites:?}"
     );
-    let main_sites = cumulative_value(&read_profile(&rec.dir.join("allocs.pb.gz")), "alloc_space");
+    let main_sites = cumulative_value(
+        &read_profile(&program_profile_path(&rec.dir, "allocs")),
+        "alloc_space",
+    );
     assert!(
         !main_sites.contains_key("child_alloc"),
-        "the program's allocs.pb.gz shows the child's child_alloc: {main_sites:?}"
+        "the program's own allocs file shows the child's child_alloc: {main_sites:?}"
+    );
+    // The run's cpu.pb.gz holds both, each sample labelled with its process.
+    let run = rec.run_cpu_profile();
+    let pid_of = |function: &str| -> BTreeSet<i64> {
+        run.profile
+            .sample
+            .iter()
+            .filter(|s| run.frames(s).iter().any(|f| f.name == function))
+            .filter_map(|s| run.num_label(s, "pid"))
+            .collect()
+    };
+    let (parent_pids, child_pids) = (pid_of("parent_work"), pid_of("child_work"));
+    assert!(
+        parent_pids.len() == 1 && child_pids.len() == 1 && parent_pids != child_pids,
+        "cpu.pb.gz must hold parent_work and child_work, each under one pid label of its \
+         own (parent {parent_pids:?}, child {child_pids:?}):\n{}",
+        run.describe()
     );
 
     // ANYPROF_FORK=off: `anyprof record` passes its environment on to the program.
@@ -416,7 +424,7 @@ fn allocations_just_before_exit_underscore_are_in_the_profile() {
             );
             children[0].clone()
         } else {
-            dir.join("heap.pb.gz")
+            program_profile_path(&dir, "heap")
         };
         let sites = read_profile(&path).heap_values_by_site();
         assert_eq!(
@@ -1898,8 +1906,8 @@ fn nix_socket(path: &Path) -> std::os::fd::OwnedFd {
     unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) }
 }
 
-/// exec: by default the exec'd image is profiled too (as the last image of the pid it is
-/// the program's `cpu.pb.gz`, the image before it gets a file of its own); with
+/// exec: by default the exec'd image is profiled too (both images are in the run's
+/// `cpu.pb.gz`, and each gets a file of its own); with
 /// `ANYPROF_EXEC=off` the library leaves `LD_PRELOAD` at start and the exec'd shell runs
 /// without it. Output is the same either way.
 #[test]

@@ -305,12 +305,17 @@ fn a_forked_childs_heap_profile_holds_only_what_it_allocated() {
     ));
     assert_eq!(out.code, 0, "{}", out.stderr_text());
     let files = files_in(&out_dir);
-    let child_file = files
-        .iter()
-        .find(|f| f.starts_with("heap.") && f.as_str() != "heap.pb.gz")
+    // heap.pb.gz holds both; each has its own file too.
+    let child_file = anyprof_tests::other_process_files(&out_dir, "heap")
+        .into_iter()
+        .next()
         .unwrap_or_else(|| panic!("no heap profile of the forked child: {files:?}"));
-    let parent = read_profile_in(&out_dir, "heap.pb.gz", &out).heap_values_by_site();
-    let child = read_profile_in(&out_dir, child_file, &out).heap_values_by_site();
+    let parent_file = anyprof_tests::program_profile_path(&out_dir, "heap");
+    let file_name = |p: &std::path::Path| p.file_name().map(|n| n.to_string_lossy().into_owned());
+    let parent = read_profile_in(&out_dir, &file_name(&parent_file).unwrap_or_default(), &out)
+        .heap_values_by_site();
+    let child = read_profile_in(&out_dir, &file_name(&child_file).unwrap_or_default(), &out)
+        .heap_values_by_site();
     // [alloc_objects, alloc_space, inuse_objects, inuse_space]; usable sizes are a little
     // over the 64 KiB asked for.
     let is_blocks = |v: Option<&[i64; 4]>, n: i64| {

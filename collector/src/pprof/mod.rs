@@ -44,3 +44,4 @@ pub fn read_file(path: &Path) -> anyhow::Result<Profile> {
 }
 
 pub mod builder;
+pub mod merge;

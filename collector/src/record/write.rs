@@ -1,6 +1,7 @@
-//! Writing the profiles at the end: one set of files per process of the run (the program's
-//! without a pid in their names), each through a temporary file renamed into place, and the
-//! summary printed for the program.
+//! Writing the profiles at the end: the profiles of the whole run (`cpu.pb.gz`, `heap.pb.gz`,
+//! `allocs.pb.gz`: every process, each sample labelled with its `pid` and `process`), and for
+//! a run of several processes one set per process (`cpu.PID.COMMAND.pb.gz`, the program's
+//! own included), each file through a temporary file renamed into place; then the summary.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -8,6 +9,8 @@ use std::time::Duration;
 use anyhow::Result;
 
 use anyprof::ingest::Session;
+use anyprof::pprof::merge::{merge_processes, Part};
+use anyprof::pprof::Profile;
 use anyprof::{profile, summary};
 
 /// Removes `dir` if nothing is in it: no profile was written (the program never loaded the
@@ -23,7 +26,7 @@ pub(super) struct WriteOptions {
     pub(super) dir: PathBuf,
     /// How long the program ran.
     pub(super) elapsed: Duration,
-    /// The image key of the program itself (its files have no pid in their names).
+    /// The image key of the program itself (first in the run's profiles, named in the summary).
     pub(super) main: Option<(u32, u64)>,
     pub(super) cpu: bool,
     pub(super) heap: bool,
@@ -32,9 +35,31 @@ pub(super) struct WriteOptions {
     pub(super) oom_killed: bool,
 }
 
-/// Writes each process's profiles: the program's as `cpu.pb.gz`, `heap.pb.gz`,
-/// `allocs.pb.gz`; every other process's with `.PID.COMMAND` before `.pb.gz`. Returns how
-/// many files it wrote.
+/// One process of the run and its profiles.
+struct Process<'a> {
+    session: &'a Session,
+    pid: u32,
+    name: String,
+    is_main: bool,
+    cpu: Option<Profile>,
+    heap: Option<Profile>,
+    allocs: Option<Profile>,
+}
+
+impl Process<'_> {
+    /// Its profile of `kind` (`cpu`, `heap` or `allocs`), if it was built.
+    fn profile(&self, kind: &str) -> Option<&Profile> {
+        match kind {
+            "cpu" => self.cpu.as_ref(),
+            "heap" => self.heap.as_ref(),
+            _ => self.allocs.as_ref(),
+        }
+    }
+}
+
+/// Writes the run's profiles: `cpu.pb.gz`, `heap.pb.gz`, `allocs.pb.gz` hold every process
+/// (the program first); when the run had more than one process, each also gets its own
+/// files with `.PID.COMMAND` before `.pb.gz`. Returns how many files it wrote.
 pub(super) fn write_profiles(
     sessions: &[Session],
     options: &WriteOptions,
@@ -44,75 +69,133 @@ pub(super) fn write_profiles(
         dir, elapsed, main, ..
     } = options;
     let (main, elapsed) = (*main, *elapsed);
-    let mut others = 0;
-    // One file that cannot be written (a full disk, a directory in its place) must not cost
-    // the others: each failure is reported and counted, and the run fails at the end.
-    let mut failed = 0;
-    let mut files = 0;
+    let mut processes = Vec::new();
     for s in sessions {
         let Some(pid) = s.pid() else { continue };
         let is_main = s.image_key() == main;
         // A forked child that execs at once (a shell running a command) reports nothing of
-        // its own before the exec'd image takes over: no file for it.
+        // its own before the exec'd image takes over: nothing of it to write.
         if !is_main && s.cpu.is_empty() && s.heap.values().all(|b| b.counts.alloc_objects == 0) {
             continue;
         }
-        let suffix = if is_main {
-            String::new()
-        } else {
-            format!(".{pid}.{}", sanitize(&s.command_name()))
-        };
-        let mut written = Vec::new();
-        let mut write = |kind: &str, profile: &anyprof::pprof::Profile| {
-            let path = dir.join(format!("{kind}{suffix}.pb.gz"));
-            match anyprof::output::write_atomic(&path, &anyprof::pprof::encode_gzipped(profile)) {
-                Ok(()) => {
-                    files += 1;
-                    written.push(path);
-                }
-                Err(e) => {
-                    failed += 1;
-                    eprintln!("anyprof: error: {e:#}");
-                }
-            }
-        };
-        let mut cpu_profile = None;
-        if options.cpu {
+        let cpu = options.cpu.then(|| {
             let duration = match (s.connected_at, s.closed_at) {
                 (Some(a), Some(b)) => b.duration_since(a),
                 _ => elapsed,
             };
-            let p = profile::cpu::build(s, symbolizer, duration.as_nanos() as u64);
-            write("cpu", &p);
-            cpu_profile = Some(p);
-        }
-        let mut allocs_profile = None;
-        if options.heap {
+            profile::cpu::build(s, symbolizer, duration.as_nanos() as u64)
+        });
+        let (heap, allocs) = if options.heap {
             let now = anyprof::output::unix_nanos();
             let heap = profile::heap::build(s, symbolizer, profile::heap::View::Heap, now);
-            write("heap", &heap);
             let allocs = profile::heap::build(s, symbolizer, profile::heap::View::Allocs, now);
-            write("allocs", &allocs);
-            allocs_profile = Some(allocs);
+            (Some(heap), Some(allocs))
+        } else {
+            (None, None)
+        };
+        processes.push(Process {
+            session: s,
+            pid,
+            name: s.command_name(),
+            is_main,
+            cpu,
+            heap,
+            allocs,
+        });
+    }
+    // The program first (pprof takes the first mapping as the main binary), then the others
+    // in the order they connected.
+    processes.sort_by_key(|p| !p.is_main);
+
+    // One file that cannot be written (a full disk, a directory in its place) must not cost
+    // the others: each failure is reported and counted, and the run fails at the end.
+    let mut failed = 0;
+    let mut files = 0;
+    let mut written = Vec::new();
+    let mut write = |name: String, profile: &Profile, written: &mut Vec<PathBuf>| {
+        let path = dir.join(name);
+        match anyprof::output::write_atomic(&path, &anyprof::pprof::encode_gzipped(profile)) {
+            Ok(()) => {
+                files += 1;
+                written.push(path);
+            }
+            Err(e) => {
+                failed += 1;
+                eprintln!("anyprof: error: {e:#}");
+            }
         }
-        if !is_main {
-            others += 1;
-        } else if !options.quiet {
-            print_summary(
-                s,
-                cpu_profile.as_ref(),
-                allocs_profile.as_ref(),
-                &written,
-                elapsed,
-                options.oom_killed,
-            );
+    };
+    let header = run_comments(&processes);
+    let mut whole = Vec::new();
+    for kind in ["cpu", "heap", "allocs"] {
+        let parts: Vec<Part<'_>> = processes
+            .iter()
+            .filter_map(|p| {
+                Some(Part {
+                    pid: p.pid,
+                    process: &p.name,
+                    profile: p.profile(kind)?,
+                })
+            })
+            .collect();
+        if parts.is_empty() {
+            whole.push(None);
+            continue;
+        }
+        let mut comments = header.clone();
+        if processes.len() > 1 {
+            if kind == "cpu" {
+                comments.push(run_cpu_stats(&processes));
+            } else {
+                comments.extend(run_mem_stats(&processes));
+            }
+        }
+        let merged = merge_processes(&parts, &comments);
+        write(format!("{kind}.pb.gz"), &merged, &mut written);
+        whole.push(Some(merged));
+    }
+    let mut per_process = 0;
+    if processes.len() > 1 {
+        let mut used = std::collections::HashSet::new();
+        for p in &processes {
+            // Two images of one pid with one name (a program that execs itself) get a file
+            // each: the program keeps the plain name, the other is numbered (`PID.NAME-2`).
+            let base = format!("{}.{}", p.pid, sanitize(&p.name));
+            let suffix = (1..)
+                .map(|n| {
+                    if n == 1 {
+                        base.clone()
+                    } else {
+                        format!("{base}-{n}")
+                    }
+                })
+                .find(|s| used.insert(s.clone()))
+                .unwrap_or(base);
+            for (kind, profile) in [("cpu", &p.cpu), ("heap", &p.heap), ("allocs", &p.allocs)] {
+                if let Some(profile) = profile {
+                    let mut ignored = Vec::new();
+                    write(format!("{kind}.{suffix}.pb.gz"), profile, &mut ignored);
+                    per_process += ignored.len();
+                }
+            }
         }
     }
-    if !options.quiet && others > 0 {
-        eprintln!(
-            "anyprof: also profiled {others} other process(es) of the program, in {}",
-            dir.display()
+    if !options.quiet && !processes.is_empty() {
+        print_summary(
+            &processes,
+            whole[0].as_ref(),
+            whole[2].as_ref(),
+            &written,
+            elapsed,
+            options.oom_killed,
         );
+        if per_process > 0 {
+            eprintln!(
+                "anyprof: each of the {} processes also has its own files, KIND.PID.COMMAND.pb.gz, in {}",
+                processes.len(),
+                dir.display()
+            );
+        }
     }
     if failed > 0 {
         anyhow::bail!(
@@ -123,29 +206,128 @@ pub(super) fn write_profiles(
     Ok(files)
 }
 
-pub(super) fn print_summary(
-    s: &Session,
-    cpu: Option<&anyprof::pprof::Profile>,
-    allocs: Option<&anyprof::pprof::Profile>,
+/// The comments that open each profile of the run: which processes it holds, the program's
+/// first (`pid N COMMAND (the program)`), and how to see one of them.
+fn run_comments(processes: &[Process<'_>]) -> Vec<String> {
+    const LISTED: usize = 12;
+    let mut list: Vec<String> = processes
+        .iter()
+        .take(LISTED)
+        .map(|p| {
+            let main = if p.is_main { " (the program)" } else { "" };
+            format!("pid {} {}{main}", p.pid, p.name)
+        })
+        .collect();
+    if processes.len() > LISTED {
+        list.push(format!("{} more", processes.len() - LISTED));
+    }
+    let count = match processes.len() {
+        1 => "1 process".to_string(),
+        n => format!("{n} processes"),
+    };
+    let mut out = vec![format!(
+        "anyprof: the whole run, {count}: {}",
+        list.join(", ")
+    )];
+    // A run of one process needs no filter.
+    if let Some(p) = processes
+        .iter()
+        .find(|p| !p.is_main)
+        .filter(|_| processes.len() > 1)
+    {
+        out.push(format!(
+            "anyprof: samples are labelled with pid and process; one process: go tool pprof \
+             -tagfocus=process={} (or -tagfocus=pid={})",
+            p.name, p.pid
+        ));
+    }
+    out
+}
+
+/// The CPU counters of a run of several processes, added up (each process's own are in the
+/// comments of its own file).
+fn run_cpu_stats(processes: &[Process<'_>]) -> String {
+    use anyprof_wire::Counter;
+    let sum = |f: &dyn Fn(&Session) -> u64| {
+        processes
+            .iter()
+            .fold(0u64, |a, p| a.saturating_add(f(p.session)))
+    };
+    let samples = sum(&|s| s.cpu.values().fold(0u64, |a, t| a.saturating_add(t.count)));
+    let hz: std::collections::BTreeSet<u32> = processes
+        .iter()
+        .filter_map(|p| p.session.hello.as_ref().map(|h| h.cpu_hz))
+        .collect();
+    let hz: Vec<String> = hz.iter().map(u32::to_string).collect();
+    format!(
+        "anyprof: {samples} samples at {} Hz requested (weights are measured thread CPU time); \
+         lost samples: {}; truncated stacks: {}; each process's details are in its own file",
+        hz.join("/"),
+        sum(&|s| s.lost_samples()),
+        sum(&|s| s.counter(Counter::Truncated)),
+    )
+}
+
+/// The exact heap counters of a run of several processes, added up, as the `# Name = value`
+/// lines a process's own heap profile has (the per-process ones are prefixed by their pid).
+fn run_mem_stats(processes: &[Process<'_>]) -> Vec<String> {
+    use anyprof_wire::MemStat;
+    let stats: Vec<_> = processes
+        .iter()
+        .filter_map(|p| p.session.mem_stats.as_ref())
+        .collect();
+    let sum = |f: MemStat| stats.iter().fold(0u64, |a, m| a.saturating_add(m.get(f)));
+    let (mallocs, frees) = (sum(MemStat::Mallocs), sum(MemStat::Frees));
+    let (alloc, free) = (sum(MemStat::AllocBytes), sum(MemStat::FreeBytes));
+    vec![
+        format!("# TotalAlloc = {alloc}"),
+        format!("# HeapAlloc = {}", alloc.saturating_sub(free)),
+        format!("# HeapObjects = {}", mallocs.saturating_sub(frees)),
+        format!("# Mallocs = {mallocs}"),
+        format!("# Frees = {frees}"),
+    ]
+}
+
+/// The exit summary: the run in one line, its busiest processes (when there are several),
+/// the top functions over the whole run, and the files written.
+fn print_summary(
+    processes: &[Process<'_>],
+    cpu: Option<&Profile>,
+    allocs: Option<&Profile>,
     written: &[PathBuf],
     elapsed: Duration,
     oom_killed: bool,
 ) {
-    let samples = s.cpu.values().fold(0u64, |a, t| a.saturating_add(t.count));
-    let cpu_ns = s.cpu.values().fold(0u64, |a, t| a.saturating_add(t.cpu_ns));
-    let threads = s
-        .cpu
-        .keys()
-        .map(|k| k.tid)
-        .collect::<std::collections::HashSet<_>>()
-        .len();
+    let sessions = || processes.iter().map(|p| p.session);
+    let samples = sessions()
+        .flat_map(|s| s.cpu.values())
+        .fold(0u64, |a, t| a.saturating_add(t.count));
+    let cpu_ns = |s: &Session| s.cpu.values().fold(0u64, |a, t| a.saturating_add(t.cpu_ns));
+    let threads: usize = sessions()
+        .map(|s| {
+            s.cpu
+                .keys()
+                .map(|k| k.tid)
+                .collect::<std::collections::HashSet<_>>()
+                .len()
+        })
+        .sum();
+    let lost = sessions().fold(0u64, |a, s| a.saturating_add(s.lost_samples()));
+    let total_cpu = sessions().fold(0u64, |a, s| a.saturating_add(cpu_ns(s)));
+    let program = processes.iter().find(|p| p.is_main);
+    let who = program.map_or_else(
+        || "the program's processes".to_string(),
+        |p| format!("{} (pid {})", p.name, p.pid),
+    );
+    let across = if processes.len() > 1 {
+        format!(" in {} processes", processes.len())
+    } else {
+        String::new()
+    };
     eprintln!(
-        "anyprof: {} (pid {}) ran {:.2}s: {samples} CPU samples, {:.2}s CPU on {threads} thread(s), {} lost",
-        s.command_name(),
-        s.pid().unwrap_or(0),
+        "anyprof: {who} ran {:.2}s: {samples} CPU samples, {:.2}s CPU on {threads} thread(s){across}, {lost} lost",
         elapsed.as_secs_f64(),
-        cpu_ns as f64 / 1e9,
-        s.lost_samples()
+        total_cpu as f64 / 1e9,
     );
     if oom_killed {
         eprintln!(
@@ -153,12 +335,34 @@ pub(super) fn print_summary(
              it died (go tool pprof -sample_index=inuse_space -top heap.pb.gz)"
         );
     }
+    let usage: Vec<summary::ProcessUsage> = processes
+        .iter()
+        .map(|p| {
+            let stats = p.session.mem_stats.as_ref();
+            summary::ProcessUsage {
+                name: p.name.clone(),
+                pid: p.pid,
+                cpu_ns: cpu_ns(p.session),
+                alloc_bytes: stats.map(|m| m.get(anyprof_wire::MemStat::AllocBytes)),
+                max_rss: stats.map(|m| m.get(anyprof_wire::MemStat::MaxRssBytes)),
+            }
+        })
+        .collect();
+    eprint!("{}", summary::format_processes(&usage, 5));
     if let Some(p) = cpu {
         eprint!("{}", summary::format_cpu_top(p, 10));
         eprint!("{}", anyprof::unnamed::format_missing_names(p));
     }
     if let Some(p) = allocs {
-        eprint!("{}", summary::format_heap_top(p, s.mem_stats.as_ref(), 5));
+        let stats: Vec<_> = sessions().filter_map(|s| s.mem_stats.as_ref()).collect();
+        if processes.len() > 1 {
+            if !stats.is_empty() {
+                eprint!("{}", summary::format_run_heap(&stats));
+            }
+            eprint!("{}", summary::format_heap_top(p, None, 5));
+        } else {
+            eprint!("{}", summary::format_heap_top(p, stats.first().copied(), 5));
+        }
     }
     for path in written {
         eprintln!(
