@@ -221,7 +221,7 @@ pub fn run(args: RecordArgs) -> Result<ExitCode> {
     let snapshots = (args.mem_rate > 0
         && (args.heap_every.is_some() || args.heap_signal.is_some()))
     .then(|| snapshots::start_snapshots(&collector, pid, out_dir.clone(), args.heap_every));
-    let symbolizer = Arc::new(Mutex::new(anyprof_symbolizer::Symbolizer::new()));
+    let symbolizer = Arc::new(Mutex::new(anyprof::symbolize::symbolizer_from_env()));
     let warm_lowered = Arc::new(std::sync::OnceLock::new());
     let (warm_stop, warm) =
         warm::start_prewarming(&collector, symbolizer.clone(), warm_lowered.clone());
@@ -299,10 +299,14 @@ pub fn run(args: RecordArgs) -> Result<ExitCode> {
                 eprintln!("anyprof: {message}");
             }
             let mut symbolizer = symbolizer.lock().map_or_else(
-                |_| anyprof_symbolizer::Symbolizer::new(),
+                |_| anyprof::symbolize::symbolizer_from_env(),
                 |mut s| std::mem::take(&mut *s),
             );
-            let _ = done_tx.send(write_profiles(&sessions, &written, &mut symbolizer));
+            let result = write_profiles(&sessions, &written, &mut symbolizer);
+            if let Some(line) = symbolizer.debuginfod_summary().filter(|_| !written.quiet) {
+                eprintln!("anyprof: {line}");
+            }
+            let _ = done_tx.send(result);
         })
     };
     let files = loop {

@@ -15,7 +15,9 @@ use std::sync::{Mutex, OnceLock};
 use std::time::Duration;
 
 pub use anyprof_symbolizer::RuntimeAddress;
-use anyprof_symbolizer::{Access, FileAddress, Miss, ObjectRef, Symbolized, Symbolizer};
+use anyprof_symbolizer::{
+    Access, DebugSources, FileAddress, Miss, ObjectRef, Symbolized, Symbolizer,
+};
 use anyprof_wire::Module;
 
 use crate::ingest::{Peer, Session};
@@ -81,6 +83,29 @@ pub fn module_of(modules: &BTreeMap<u32, Module>, addr: RuntimeAddress) -> Optio
         .values()
         .filter(|m| m.start <= addr.0 && addr.0 < m.end)
         .max_by_key(|m| m.id)
+}
+
+/// Where debug information is looked for, from anyprof's own environment (never a profiled
+/// process's): `/usr/lib/debug`, and the debuginfod servers of `DEBUGINFOD_URLS` with the
+/// client cache gdb and perf share (`DEBUGINFOD_CACHE_PATH`, `DEBUGINFOD_TIMEOUT`,
+/// `DEBUGINFOD_MAXTIME` and `DEBUGINFOD_MAXSIZE` as elfutils reads them). A wrong setting is
+/// said once, and debuginfod is then not used. Add directories to `debug_dirs` for more
+/// local places.
+pub fn debug_sources_from_env() -> DebugSources {
+    static WARNED: AtomicBool = AtomicBool::new(false);
+    DebugSources::from_env().unwrap_or_else(|why| {
+        if !WARNED.swap(true, Ordering::SeqCst) {
+            eprintln!("anyprof: warning: {why}; debuginfod is not used");
+        }
+        DebugSources::local()
+    })
+}
+
+/// The symbolizer of `record` and `serve`: [`debug_sources_from_env`]. Objects whose DWARF is
+/// not found locally are fetched from debuginfod inside its calls, so call it only where the
+/// collector may wait (never on the thread that reads the processes' rings).
+pub fn symbolizer_from_env() -> Symbolizer {
+    Symbolizer::with_sources(debug_sources_from_env())
 }
 
 /// Set when the user asked to stop (`anyprof record` after the program ended): from then on

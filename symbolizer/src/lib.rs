@@ -127,10 +127,12 @@ mod access;
 mod address;
 mod cache;
 mod debug_file;
+mod debuginfod;
 mod demangle;
 mod dwarf;
 mod elf;
 mod loaded;
+mod minidebug;
 mod miss;
 mod mmap;
 mod panics;
@@ -140,9 +142,10 @@ mod symtab;
 
 pub use access::Access;
 pub use address::{FileAddress, FileOffset, RuntimeAddress};
+pub use debuginfod::DebuginfodConfig;
 pub use miss::Miss;
 pub use symbolized::{Frame, Symbolized};
-pub use symbolizer::{ObjectRef, Symbolizer};
+pub use symbolizer::{DebugSources, ObjectRef, Symbolizer};
 
 #[cfg(test)]
 mod tests {

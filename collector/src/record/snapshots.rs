@@ -26,7 +26,7 @@ pub(super) fn start_snapshots(
         // Snapshots while the program runs are for later reading: at idle priority. The one
         // asked for just before the program exited is written when the CPUs are free anyway.
         priority::background();
-        let mut symbolizer = anyprof_symbolizer::Symbolizer::new();
+        let mut symbolizer = anyprof::symbolize::symbolizer_from_env();
         let mut next = every.map(|s| Instant::now() + Duration::from_secs(s.max(1)));
         let mut n = 0;
         loop {
