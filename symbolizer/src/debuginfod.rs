@@ -318,7 +318,8 @@ impl Debuginfod {
             _ => {}
         }
         let writable = self.prepare_dir(&dir);
-        let mut any_answered = false;
+        // Whether some server said 404, and whether any said anything else.
+        let (mut any_answered, mut any_failed) = (false, false);
         for url in &self.config.urls {
             if self.lock().dead.contains(url) {
                 continue;
@@ -332,6 +333,7 @@ impl Debuginfod {
                 }
                 Download::NotFound => any_answered = true,
                 Download::Unreachable(why) => {
+                    any_failed = true;
                     self.lock().dead.insert(url.clone());
                     self.warn(format!(
                         "debuginfod server {url} cannot be reached ({why}); it is not asked \
@@ -339,21 +341,25 @@ impl Debuginfod {
                     ));
                 }
                 Download::Failed(why) => {
-                    any_answered = true;
+                    any_failed = true;
                     self.warn(why);
                 }
             }
         }
-        let mut state = self.lock();
-        if any_answered {
-            state.not_found += 1;
-        } else {
-            state.failed += 1;
+        let not_found = any_answered && !any_failed;
+        {
+            let mut state = self.lock();
+            if not_found {
+                state.not_found += 1;
+            } else {
+                state.failed += 1;
+            }
         }
-        drop(state);
-        // elfutils' negative mark: only when some server answered and none had it, and
-        // never over a file that is there now (another client may just have fetched it).
-        if any_answered && writable {
+        // elfutils' negative mark: only when every server that answered said it has no such
+        // file (not for a server that failed, sent garbage or too much: the user may fix
+        // that and try again at once), and never over a file that is there now (another
+        // client may just have fetched it).
+        if not_found && writable {
             let _ = std::fs::remove_file(&target).or_else(|e| match e.kind() {
                 io::ErrorKind::NotFound => Ok(()),
                 _ => Err(e),
