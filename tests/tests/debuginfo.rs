@@ -392,7 +392,15 @@ fn debuginfod_garbage_is_a_warning() {
     let id = build_id(&prog);
     tool("strip", &["--strip-all", "prog"], &scratch);
     let cache = scratch.join("cache");
-    let cases: [(&str, u16, &'static [u8], Option<u64>, Option<&str>); 3] = [
+    // What, status, body, Content-Length claimed, what the warning says (None: no warning).
+    type Case = (
+        &'static str,
+        u16,
+        &'static [u8],
+        Option<u64>,
+        Option<&'static str>,
+    );
+    let cases: [Case; 3] = [
         (
             "garbage",
             200,
