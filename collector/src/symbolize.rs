@@ -254,8 +254,23 @@ pub fn symbolize_guarded(
     access: Option<&Access>,
     requests: &[(ObjectRef<'_>, &[FileAddress])],
 ) -> Vec<Vec<Symbolized>> {
+    symbolize_guarded_with(symbolizer, access, requests, Symbolizer::symbolize_many_as)
+}
+
+/// [`symbolize_guarded`] through `symbolize` (one of the symbolizer's batch methods: with or
+/// without debuginfod).
+pub fn symbolize_guarded_with(
+    symbolizer: &mut Symbolizer,
+    access: Option<&Access>,
+    requests: &[(ObjectRef<'_>, &[FileAddress])],
+    symbolize: impl Fn(
+        &mut Symbolizer,
+        Option<&Access>,
+        &[(ObjectRef<'_>, &[FileAddress])],
+    ) -> Vec<Vec<Symbolized>>,
+) -> Vec<Vec<Symbolized>> {
     let all = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-        symbolizer.symbolize_many_as(access, requests)
+        symbolize(symbolizer, access, requests)
     }));
     if let Ok(answers) = all {
         return answers;
@@ -264,8 +279,7 @@ pub fn symbolize_guarded(
         .iter()
         .map(|request| {
             std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                symbolizer
-                    .symbolize_many_as(access, std::slice::from_ref(request))
+                symbolize(symbolizer, access, std::slice::from_ref(request))
                     .pop()
                     .unwrap_or_default()
             }))

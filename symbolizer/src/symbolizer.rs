@@ -158,6 +158,27 @@ impl Symbolizer {
         access: Option<&Access>,
         batches: &[(ObjectRef<'_>, &[A])],
     ) -> Vec<Vec<Symbolized>> {
+        self.run(access, batches, true)
+    }
+
+    /// [`Symbolizer::symbolize_many_as`] without asking debuginfod: what the local files
+    /// answer. For work done ahead (opening the objects a process loaded, in case a sample
+    /// points into them later), so that nothing is downloaded for an object no address of
+    /// a profile falls in. A later call that symbolizes in it still asks debuginfod.
+    pub fn symbolize_many_locally_as<A: Copy + Into<FileAddress> + Sync>(
+        &mut self,
+        access: Option<&Access>,
+        batches: &[(ObjectRef<'_>, &[A])],
+    ) -> Vec<Vec<Symbolized>> {
+        self.run(access, batches, false)
+    }
+
+    fn run<A: Copy + Into<FileAddress> + Sync>(
+        &mut self,
+        access: Option<&Access>,
+        batches: &[(ObjectRef<'_>, &[A])],
+        fetch: bool,
+    ) -> Vec<Vec<Symbolized>> {
         let access = access.filter(|a| !a.is_own());
         let mut answers: Vec<Vec<Symbolized>> = vec![Vec::new(); batches.len()];
         let mut jobs: Vec<Job<'_>> = Vec::new();
@@ -215,7 +236,7 @@ impl Symbolizer {
         });
         // 2. debuginfod, for the objects still without DWARF, with our own rights.
         let mut jobs = jobs;
-        if let Some(debuginfod) = &self.debuginfod {
+        if let Some(debuginfod) = self.debuginfod.as_ref().filter(|_| fetch) {
             fetch_debug_files(debuginfod, &mut jobs);
         }
         // 3. Take what was fetched, and answer, with the access's rights again.
