@@ -13,8 +13,11 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyprof_symbolizer::{ObjectRef, Symbolized, Symbolizer};
-use anyprof_tests::daemon::{free_port, Request};
-use anyprof_tests::{compile, cpu_lock, record_with, scratch_dir, ProfileView, Recording};
+use anyprof_tests::daemon::{free_port, Daemon, Request};
+use anyprof_tests::{
+    binaries, clean_command, compile, cpu_lock, record_with, scratch_dir, skip_outside_ci,
+    ProfileView, Recording,
+};
 
 /// The hot functions of `cpu_split.c`.
 const HOT: [&str; 3] = ["hot_a", "hot_b", "hot_c"];
@@ -448,4 +451,123 @@ fn debuginfod_garbage_is_a_warning() {
         }
         std::fs::remove_dir_all(&cache).unwrap();
     }
+}
+
+/// A server that counts the requests it gets and answers 404 to each.
+fn counting_server() -> (u16, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let count = std::sync::Arc::new(AtomicUsize::new(0));
+    let counted = count.clone();
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(mut stream) = stream else { continue };
+            counted.fetch_add(1, Ordering::SeqCst);
+            let mut request = [0u8; 4096];
+            let _ = stream.read(&mut request);
+            let _ = stream.write_all(b"HTTP/1.1 404 X\r\nContent-Length: 0\r\n\r\n");
+        }
+    });
+    (port, count)
+}
+
+/// A root `anyprof serve` with `DEBUGINFOD_URLS` names a stripped program of `nobody` from
+/// its debuginfod: the download goes into the daemon's own cache (created 0700, files 0600,
+/// owned by root), which the daemon reads with its own rights although it opens the
+/// program's files with nobody's. The `DEBUGINFOD_URLS` in the *program's* environment is
+/// never used: a peer cannot point the daemon at a server.
+#[test]
+fn root_daemon_fetches_for_a_process_of_nobody_from_its_own_servers_only() {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    use std::os::unix::process::CommandExt;
+    // SAFETY: geteuid cannot fail.
+    if unsafe { libc::geteuid() } != 0 {
+        skip_outside_ci("it needs root (a root daemon and a process of nobody)");
+        return;
+    }
+    let scratch = scratch_dir("debuginfo-serve");
+    std::fs::set_permissions(&scratch, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let prog = build(&scratch, &[]);
+    let address = address_of(&prog, "hot_a");
+    let id = build_id(&prog);
+    let served = scratch.join("served");
+    std::fs::create_dir_all(&served).unwrap();
+    tool(
+        "objcopy",
+        &["--only-keep-debug", "prog", "served/prog.debug"],
+        &scratch,
+    );
+    tool("strip", &["--strip-all", "prog"], &scratch);
+    let server = Server::start(&scratch, &served, &id);
+    let (peer_port, peer_requests) = counting_server();
+    let cache = scratch.join("daemon-cache");
+    let socket = scratch.join("anyprof.sock");
+    let daemon = Daemon::serve(&scratch.join("daemon.stderr"))
+        .socket(&socket)
+        .args(&["--allow-uid", "65534"])
+        .env("DEBUGINFOD_URLS", &server.url())
+        .env("DEBUGINFOD_CACHE_PATH", cache.to_str().unwrap())
+        .umask(0)
+        .start();
+    let mut program = clean_command(&prog)
+        .arg("100000000000")
+        .env("LD_PRELOAD", binaries().preload)
+        .env("ANYPROF_SOCKET", &socket)
+        .env("DEBUGINFOD_URLS", format!("http://127.0.0.1:{peer_port}"))
+        .uid(65534)
+        .gid(65534)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("starting the program as nobody");
+    struct Kill<'a>(&'a mut Child);
+    impl Drop for Kill<'_> {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let pid = program.id();
+    let _kill = Kill(&mut program);
+    // The program's base: its first mapping (a PIE's first segment is at file offset 0).
+    let start = Instant::now();
+    let names = loop {
+        let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).unwrap_or_default();
+        let base = maps
+            .lines()
+            .find(|l| l.ends_with(prog.to_str().unwrap()))
+            .and_then(|l| u64::from_str_radix(l.split('-').next()?, 16).ok());
+        let reply = base.and_then(|base| {
+            Request::new(
+                "POST",
+                daemon.port,
+                &format!("/debug/pprof/symbol?pid={pid}"),
+            )
+            .body(format!("{:#x}", base + address).as_bytes())
+            .timeout(Duration::from_secs(60))
+            .send()
+            .ok()
+        });
+        let text = reply.map(|r| r.text()).unwrap_or_default();
+        if text.contains("hot_a") || start.elapsed() > Duration::from_secs(30) {
+            break text;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    assert!(
+        names.contains("hot_a"),
+        "the daemon did not name hot_a from its debuginfod: {names:?}\ndaemon stderr:\n{}",
+        daemon.stderr()
+    );
+    let cached = cache.join(&id).join("debuginfo");
+    let meta = std::fs::metadata(&cached).expect("the debug file is in the daemon's cache");
+    assert_eq!((meta.uid(), meta.mode() & 0o777), (0, 0o600));
+    let dir_mode = std::fs::metadata(&cache).unwrap().mode() & 0o777;
+    assert_eq!(dir_mode, 0o700, "nobody cannot read the daemon's cache");
+    assert_eq!(
+        peer_requests.load(std::sync::atomic::Ordering::SeqCst),
+        0,
+        "the server named in the program's environment was asked"
+    );
 }
