@@ -38,7 +38,7 @@ use std::io::{self, IsTerminal, Read, Write};
 use std::os::unix::fs::{DirBuilderExt, MetadataExt};
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use crate::elf::{self, ElfFacts};
 use crate::mmap::MappedFile;
@@ -57,6 +57,14 @@ pub const MAX_PARALLEL: usize = 8;
 /// How long an empty (negative) cache entry stands when `<cache>/cache_miss_s` does not say;
 /// elfutils' default.
 const DEFAULT_CACHE_MISS: Duration = Duration::from_secs(600);
+
+/// How long a build id that was not fetched (no server had it, or none answered) is not
+/// asked again by the same client: a daemon runs for months, servers come back and gain
+/// files.
+pub(crate) const RETRY_AFTER: Duration = DEFAULT_CACHE_MISS;
+
+/// How long a server that could not be reached is left alone.
+const DEAD_FOR: Duration = Duration::from_secs(60);
 
 /// Downloads this large, or of unknown size, are announced on a terminal.
 const ANNOUNCE_BYTES: u64 = 1 << 20;
@@ -164,10 +172,11 @@ pub(crate) struct Debuginfod {
 
 #[derive(Default)]
 struct State {
-    /// What each build id came to, so that it is asked once a run.
-    outcomes: HashMap<Vec<u8>, Option<PathBuf>>,
-    /// Servers that could not be reached.
-    dead: HashSet<String>,
+    /// What each build id came to and when, so that it is asked once a run (a daemon asks
+    /// again for one not found after [`RETRY_AFTER`]).
+    outcomes: HashMap<Vec<u8>, (Option<PathBuf>, Instant)>,
+    /// Servers that could not be reached, and when; not asked for [`DEAD_FOR`].
+    dead: HashMap<String, Instant>,
     /// Warnings already printed.
     warned: HashSet<String>,
     downloaded: usize,
@@ -206,21 +215,25 @@ impl Debuginfod {
     /// the path of the cached file, or `None` if no server has it (or none answered).
     /// Downloads run in parallel. Must run with this process's own file-system rights.
     pub(crate) fn fetch_all(&self, wanted: &[Wanted<'_>]) -> Vec<Option<PathBuf>> {
+        let known = |state: &State, id: &[u8]| -> Option<Option<PathBuf>> {
+            match state.outcomes.get(id) {
+                Some((found @ Some(_), _)) => Some(found.clone()),
+                Some((None, when)) if when.elapsed() < RETRY_AFTER => Some(None),
+                _ => None,
+            }
+        };
         let mut answers: Vec<Option<Option<PathBuf>>> = {
             let state = self.lock();
-            wanted
-                .iter()
-                .map(|w| state.outcomes.get(w.build_id).cloned())
-                .collect()
+            wanted.iter().map(|w| known(&state, w.build_id)).collect()
         };
         let todo: Vec<usize> = (0..wanted.len())
             .filter(|&i| answers[i].is_none())
             // The same build id twice in one call (two paths of one library) is asked once.
             .filter(|&i| !wanted[..i].iter().any(|w| w.build_id == wanted[i].build_id))
             .collect();
+        let threads = MAX_PARALLEL.min(todo.len());
         let next = Mutex::new(todo.into_iter());
         let results = Mutex::new(Vec::new());
-        let threads = MAX_PARALLEL.min(wanted.len()).max(1);
         std::thread::scope(|scope| {
             for _ in 0..threads {
                 scope.spawn(|| loop {
@@ -238,14 +251,19 @@ impl Debuginfod {
         for (i, found) in results.into_inner().unwrap_or_default() {
             state
                 .outcomes
-                .insert(wanted[i].build_id.to_vec(), found.clone());
+                .insert(wanted[i].build_id.to_vec(), (found.clone(), Instant::now()));
             answers[i] = Some(found);
         }
         wanted
             .iter()
             .zip(answers)
             .map(|(w, answer)| {
-                answer.unwrap_or_else(|| state.outcomes.get(w.build_id).cloned().flatten())
+                answer.unwrap_or_else(|| {
+                    state
+                        .outcomes
+                        .get(w.build_id)
+                        .and_then(|(found, _)| found.clone())
+                })
             })
             .collect()
     }
@@ -317,13 +335,22 @@ impl Debuginfod {
             }
             _ => {}
         }
+        let alive: Vec<&String> = {
+            let state = self.lock();
+            self.config
+                .urls
+                .iter()
+                .filter(|url| state.dead.get(*url).is_none_or(|t| t.elapsed() >= DEAD_FOR))
+                .collect()
+        };
+        if alive.is_empty() {
+            self.lock().failed += 1;
+            return None;
+        }
         let writable = self.prepare_dir(&dir);
         // Whether some server said 404, and whether any said anything else.
         let (mut any_answered, mut any_failed) = (false, false);
-        for url in &self.config.urls {
-            if self.lock().dead.contains(url) {
-                continue;
-            }
+        for url in alive {
             match self.download(url, &hex, wanted, writable.then_some(&dir)) {
                 Download::Done(path, bytes) => {
                     let mut state = self.lock();
@@ -334,10 +361,10 @@ impl Debuginfod {
                 Download::NotFound => any_answered = true,
                 Download::Unreachable(why) => {
                     any_failed = true;
-                    self.lock().dead.insert(url.clone());
+                    self.lock().dead.insert(url.clone(), Instant::now());
                     self.warn(format!(
-                        "debuginfod server {url} cannot be reached ({why}); it is not asked \
-                         again this run. Check DEBUGINFOD_URLS"
+                        "debuginfod server {url} cannot be reached ({why}); it is left alone \
+                         for a minute. Check DEBUGINFOD_URLS"
                     ));
                 }
                 Download::Failed(why) => {
@@ -614,7 +641,7 @@ mod tests {
         std::thread::sleep(Duration::from_millis(1100));
         let client = Debuginfod::new(config(&cache, vec!["http://127.0.0.1:1".into()]));
         assert_eq!(client.fetch_all(&wanted[1..]), vec![None]);
-        assert!(client.lock().dead.contains("http://127.0.0.1:1"));
+        assert!(client.lock().dead.contains_key("http://127.0.0.1:1"));
         // Unreachable is not "not found": the old mark is left, no new one is made.
         std::fs::remove_dir_all(&cache).unwrap();
     }

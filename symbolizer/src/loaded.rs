@@ -31,8 +31,8 @@ pub(crate) struct LoadedObject {
     dwarf: Option<Dwarf>,
     /// The object's MiniDebugInfo, decompressed on the first address nothing else names.
     mini: OnceCell<Option<MiniDebugInfo>>,
-    /// Whether debuginfod was asked for its debug file already.
-    pub(crate) asked_debuginfod: bool,
+    /// When debuginfod was last asked for its debug file, if it was.
+    pub(crate) asked_debuginfod: Option<std::time::Instant>,
 }
 
 impl LoadedObject {
@@ -63,7 +63,7 @@ impl LoadedObject {
             debug: None,
             dwarf: None,
             mini: OnceCell::new(),
-            asked_debuginfod: false,
+            asked_debuginfod: None,
         };
         loaded.load_dwarf(path, debug, debug_dirs);
         Ok(loaded)

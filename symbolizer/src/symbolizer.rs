@@ -305,7 +305,10 @@ fn fetch_debug_files(debuginfod: &Debuginfod, jobs: &mut [Job<'_>]) {
         let Some(Ok(loaded)) = &job.loaded else {
             continue;
         };
-        if loaded.has_dwarf() || loaded.asked_debuginfod {
+        let asked_lately = loaded
+            .asked_debuginfod
+            .is_some_and(|t| t.elapsed() < crate::debuginfod::RETRY_AFTER);
+        if loaded.has_dwarf() || asked_lately {
             continue;
         }
         let Some(build_id) = loaded.build_id().filter(|id| id.len() >= 2) else {
@@ -338,7 +341,7 @@ fn fetch_debug_files(debuginfod: &Debuginfod, jobs: &mut [Job<'_>]) {
     drop(wanted);
     for (i, debug) in asking.into_iter().zip(opened) {
         if let Some(Ok(loaded)) = &mut jobs[i].loaded {
-            loaded.asked_debuginfod = true;
+            loaded.asked_debuginfod = Some(std::time::Instant::now());
         }
         jobs[i].fetched = debug;
     }
