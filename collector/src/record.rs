@@ -221,7 +221,12 @@ pub fn run(args: RecordArgs) -> Result<ExitCode> {
     let snapshots = (args.mem_rate > 0
         && (args.heap_every.is_some() || args.heap_signal.is_some()))
     .then(|| snapshots::start_snapshots(&collector, pid, out_dir.clone(), args.heap_every));
-    let symbolizer = Arc::new(Mutex::new(anyprof::symbolize::symbolizer_from_env()));
+    let new_symbolizer = if args.quiet {
+        anyprof::symbolize::quiet_symbolizer_from_env
+    } else {
+        anyprof::symbolize::symbolizer_from_env
+    };
+    let symbolizer = Arc::new(Mutex::new(new_symbolizer()));
     let warm_lowered = Arc::new(std::sync::OnceLock::new());
     let (warm_stop, warm) =
         warm::start_prewarming(&collector, symbolizer.clone(), warm_lowered.clone());
@@ -298,10 +303,9 @@ pub fn run(args: RecordArgs) -> Result<ExitCode> {
             if let Some(message) = warn_never_connected {
                 eprintln!("anyprof: {message}");
             }
-            let mut symbolizer = symbolizer.lock().map_or_else(
-                |_| anyprof::symbolize::symbolizer_from_env(),
-                |mut s| std::mem::take(&mut *s),
-            );
+            let mut symbolizer = symbolizer
+                .lock()
+                .map_or_else(|_| new_symbolizer(), |mut s| std::mem::take(&mut *s));
             let result = write_profiles(&sessions, &written, &mut symbolizer);
             if let Some(line) = symbolizer.debuginfod_summary().filter(|_| !written.quiet) {
                 eprintln!("anyprof: {line}");

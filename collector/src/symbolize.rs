@@ -108,6 +108,15 @@ pub fn symbolizer_from_env() -> Symbolizer {
     Symbolizer::with_sources(debug_sources_from_env())
 }
 
+/// [`symbolizer_from_env`] for a command run with `-q`: downloads are not announced.
+pub fn quiet_symbolizer_from_env() -> Symbolizer {
+    let mut sources = debug_sources_from_env();
+    if let Some(debuginfod) = &mut sources.debuginfod {
+        debuginfod.progress = false;
+    }
+    Symbolizer::with_sources(sources)
+}
+
 /// Set when the user asked to stop (`anyprof record` after the program ended): from then on
 /// [`resolve_all`] answers at once, every address unnamed.
 pub static GIVE_UP: AtomicBool = AtomicBool::new(false);
