@@ -427,7 +427,10 @@ impl Debuginfod {
         let cache_ours = std::fs::metadata(cache)
             .is_ok_and(|m| m.is_dir() && m.uid() == euid && m.mode() & 0o022 == 0);
         match made {
-            Ok(()) if cache_ours && ours(dir) => true,
+            Ok(()) if cache_ours && ours(dir) => {
+                remove_stale_downloads(dir);
+                true
+            }
             Ok(()) => {
                 self.warn(format!(
                     "the debuginfod cache {} is not yours alone (owned by another user, or \
@@ -495,7 +498,7 @@ impl Debuginfod {
             );
         }
         let mut temp = match tempfile::Builder::new()
-            .prefix(".debuginfo.")
+            .prefix(TEMP_PREFIX)
             .tempfile_in(dir)
         {
             Ok(temp) => temp,
@@ -544,6 +547,32 @@ impl Debuginfod {
         }
     }
 }
+
+/// Removes the temporary files of downloads in `dir` that have not been written to for an
+/// hour: those of a collector that was stopped while it downloaded (a concurrent download
+/// writes to its file all the time).
+fn remove_stale_downloads(dir: &Path) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let stale = entry
+            .metadata()
+            .ok()
+            .and_then(|m| m.modified().ok())
+            .and_then(|m| SystemTime::now().duration_since(m).ok())
+            .is_some_and(|age| age > STALE_DOWNLOAD);
+        if stale && entry.file_name().to_string_lossy().starts_with(TEMP_PREFIX) {
+            let _ = std::fs::remove_file(entry.path());
+        }
+    }
+}
+
+/// The name of a download's temporary file starts with this.
+const TEMP_PREFIX: &str = ".debuginfo.";
+
+/// A temporary download file not written to for this long was left by a stopped collector.
+const STALE_DOWNLOAD: Duration = Duration::from_secs(3600);
 
 /// What one request came to.
 enum Download {
@@ -643,6 +672,49 @@ mod tests {
         assert_eq!(client.fetch_all(&wanted[1..]), vec![None]);
         assert!(client.lock().dead.contains_key("http://127.0.0.1:1"));
         // Unreachable is not "not found": the old mark is left, no new one is made.
+        std::fs::remove_dir_all(&cache).unwrap();
+    }
+
+    /// A server that sends `body` without a length (to the end of the connection), to every
+    /// request.
+    fn endless_server(body: Vec<u8>) -> String {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        std::thread::spawn(move || {
+            for stream in listener.incoming() {
+                let Ok(mut stream) = stream else { continue };
+                let mut request = [0u8; 4096];
+                let _ = stream.read(&mut request);
+                let _ = stream.write_all(b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\n");
+                let _ = stream.write_all(&body);
+            }
+        });
+        format!("http://127.0.0.1:{port}")
+    }
+
+    /// A body without a length is cut at the size limit: nothing is kept, no temporary file
+    /// is left, and the build id is not marked as missing (raising the limit helps at once).
+    #[test]
+    fn downloads_stop_at_the_size_limit() {
+        let cache = scratch("size");
+        let url = endless_server(vec![0x7f; (1 << 20) + 4096]);
+        let client = Debuginfod::new(config(&cache, vec![url]));
+        let wanted = [Wanted {
+            build_id: &[0xee, 0xff],
+            name: "big".into(),
+        }];
+        assert_eq!(client.fetch_all(&wanted), vec![None]);
+        let left: Vec<_> = std::fs::read_dir(cache.join("eeff"))
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert!(left.is_empty(), "{left:?}");
+        assert_eq!(client.lock().failed, 1);
+        let warned = client.lock().warned.clone();
+        assert!(
+            warned.iter().any(|w| w.contains("larger than 1.0 MiB")),
+            "{warned:?}"
+        );
         std::fs::remove_dir_all(&cache).unwrap();
     }
 
