@@ -3,7 +3,8 @@
 //!
 //! The protocol is one request: `GET <server>/buildid/<hex build id>/debuginfo` answers the
 //! debug file or 404. The servers are tried in the order given; a server that cannot be
-//! reached is not asked again for the rest of the run.
+//! reached is left alone for a minute, and a build id that was not fetched is not asked for
+//! again by the same client for ten minutes (a daemon keeps its client for months).
 //!
 //! # The cache, shared with gdb and perf
 //!
