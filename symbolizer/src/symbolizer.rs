@@ -216,24 +216,30 @@ impl Symbolizer {
         jobs.sort_by_key(|job| (job.loaded.is_some(), Reverse(job.addresses)));
 
         let debug_dirs = &self.debug_dirs;
-        // 1. Open the objects not cached yet, with the access's rights.
-        let jobs = parallel_map(jobs, |mut job| {
-            if job.loaded.is_none() {
-                let opened = match rights_for(access) {
-                    Ok(_rights) => panics::catch(|| {
-                        LoadedObject::open(job.object.path, job.object.build_id, debug_dirs)
-                    })
-                    .unwrap_or_else(Err),
-                    Err(miss) => {
-                        // Not cached: another call may have the rights.
-                        job.uncached = true;
-                        Err(miss)
-                    }
-                };
-                job.loaded = Some(opened);
-            }
-            job
-        });
+        // 1. Open the objects not cached yet, with the access's rights (no threads to start
+        // when all are cached).
+        let all_cached = jobs.iter().all(|job| job.loaded.is_some());
+        let jobs = if all_cached {
+            jobs
+        } else {
+            parallel_map(jobs, |mut job| {
+                if job.loaded.is_none() {
+                    let opened = match rights_for(access) {
+                        Ok(_rights) => panics::catch(|| {
+                            LoadedObject::open(job.object.path, job.object.build_id, debug_dirs)
+                        })
+                        .unwrap_or_else(Err),
+                        Err(miss) => {
+                            // Not cached: another call may have the rights.
+                            job.uncached = true;
+                            Err(miss)
+                        }
+                    };
+                    job.loaded = Some(opened);
+                }
+                job
+            })
+        };
         // 2. debuginfod, for the objects still without DWARF, with our own rights.
         let mut jobs = jobs;
         if let Some(debuginfod) = self.debuginfod.as_ref().filter(|_| fetch) {
