@@ -83,7 +83,8 @@ pub struct DebuginfodConfig {
     pub max_time: Option<Duration>,
     /// Largest file downloaded.
     pub max_size: u64,
-    /// Announce downloads as they start (stderr is a terminal).
+    /// Announce downloads as they start (stderr is a terminal, or `DEBUGINFOD_PROGRESS` is
+    /// set).
     pub progress: bool,
 }
 
@@ -159,7 +160,8 @@ impl DebuginfodConfig {
             timeout,
             max_time,
             max_size,
-            progress: io::stderr().is_terminal(),
+            // elfutils' variable for its progress meter turns the announcements on too.
+            progress: io::stderr().is_terminal() || get("DEBUGINFOD_PROGRESS").is_some(),
         }))
     }
 }
