@@ -186,6 +186,8 @@ struct State {
     downloaded_bytes: u64,
     from_cache: usize,
     not_found: usize,
+    /// Build ids the negative cache says no server has (not asked this run).
+    known_missing: usize,
     failed: usize,
 }
 
@@ -271,10 +273,11 @@ impl Debuginfod {
             .collect()
     }
 
-    /// One line on what this run fetched, or `None` if it fetched nothing and asked nothing.
+    /// One line on what this run fetched, or `None` if it asked no server (everything came
+    /// from the cache, or nothing was wanted): a run that only reads the cache says nothing.
     pub(crate) fn summary(&self) -> Option<String> {
         let state = self.lock();
-        if state.downloaded + state.from_cache + state.not_found + state.failed == 0 {
+        if state.downloaded + state.not_found + state.failed == 0 {
             return None;
         }
         let mut parts = Vec::new();
@@ -288,8 +291,11 @@ impl Debuginfod {
         if state.from_cache > 0 {
             parts.push(format!("{} from the cache", files(state.from_cache)));
         }
-        if state.not_found > 0 {
-            parts.push(format!("{} on no server", files(state.not_found)));
+        if state.not_found + state.known_missing > 0 {
+            parts.push(format!(
+                "{} on no server",
+                files(state.not_found + state.known_missing)
+            ));
         }
         if state.failed > 0 {
             parts.push(format!(
@@ -332,7 +338,7 @@ impl Debuginfod {
                     .and_then(|m| SystemTime::now().duration_since(m).ok())
                     .unwrap_or(Duration::MAX);
                 if age <= self.cache_miss() {
-                    self.lock().not_found += 1;
+                    self.lock().known_missing += 1;
                     return None;
                 }
             }
