@@ -601,7 +601,7 @@ mod tests {
             l.function_id += 100;
         }
 
-        let mut symbolizer = crate::symbolize::new_symbolizer(&[]);
+        let mut symbolizer = crate::symbolize::symbolizer_from_env();
         let (named, report) = symbolize_profile(profile, &mut symbolizer, &[]);
         assert_eq!(
             (report.already_named, report.unnamed, report.named),

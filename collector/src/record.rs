@@ -232,7 +232,12 @@ pub fn run(args: RecordArgs) -> Result<ExitCode> {
     if args.no_symbolize {
         anyprof::symbolize::NO_SYMBOLIZE.store(true, Ordering::SeqCst);
     }
-    let symbolizer = Arc::new(Mutex::new(anyprof::symbolize::new_symbolizer(&[])));
+    let new_symbolizer = if args.quiet {
+        anyprof::symbolize::quiet_symbolizer_from_env
+    } else {
+        anyprof::symbolize::symbolizer_from_env
+    };
+    let symbolizer = Arc::new(Mutex::new(new_symbolizer()));
     let warm_lowered = Arc::new(std::sync::OnceLock::new());
     let (warm_stop, warm) =
         warm::start_prewarming(&collector, symbolizer.clone(), warm_lowered.clone());
@@ -309,11 +314,14 @@ pub fn run(args: RecordArgs) -> Result<ExitCode> {
             if let Some(message) = warn_never_connected {
                 eprintln!("anyprof: {message}");
             }
-            let mut symbolizer = symbolizer.lock().map_or_else(
-                |_| anyprof::symbolize::new_symbolizer(&[]),
-                |mut s| std::mem::take(&mut *s),
-            );
-            let _ = done_tx.send(write_profiles(&sessions, &written, &mut symbolizer));
+            let mut symbolizer = symbolizer
+                .lock()
+                .map_or_else(|_| new_symbolizer(), |mut s| std::mem::take(&mut *s));
+            let result = write_profiles(&sessions, &written, &mut symbolizer);
+            if let Some(line) = symbolizer.debuginfod_summary().filter(|_| !written.quiet) {
+                eprintln!("anyprof: {line}");
+            }
+            let _ = done_tx.send(result);
         })
     };
     let files = loop {
@@ -336,7 +344,7 @@ pub fn run(args: RecordArgs) -> Result<ExitCode> {
             break write_profiles(
                 &sessions,
                 &written,
-                &mut anyprof::symbolize::new_symbolizer(&[]),
+                &mut anyprof::symbolize::symbolizer_from_env(),
             )?;
         }
     };

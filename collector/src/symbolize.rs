@@ -15,7 +15,9 @@ use std::sync::{Mutex, OnceLock};
 use std::time::Duration;
 
 pub use anyprof_symbolizer::RuntimeAddress;
-use anyprof_symbolizer::{Access, FileAddress, Frame, Miss, ObjectRef, Symbolized, Symbolizer};
+use anyprof_symbolizer::{
+    Access, DebugSources, FileAddress, Frame, Miss, ObjectRef, Symbolized, Symbolizer,
+};
 use anyprof_wire::Module;
 
 use crate::ingest::{Peer, Session};
@@ -83,13 +85,48 @@ pub fn module_of(modules: &BTreeMap<u32, Module>, addr: RuntimeAddress) -> Optio
         .max_by_key(|m| m.id)
 }
 
-/// The one way the collector makes a symbolizer (`record`, `serve`, `symbolize`), so that
-/// every command looks for debug files in the same places: each of `extra_debug_dirs` first
-/// (`anyprof symbolize --debug-dir`), then the system's `/usr/lib/debug`.
-pub fn new_symbolizer(extra_debug_dirs: &[PathBuf]) -> Symbolizer {
-    let mut dirs = extra_debug_dirs.to_vec();
-    dirs.push(PathBuf::from("/usr/lib/debug"));
-    Symbolizer::with_debug_dirs(dirs)
+/// Where debug information is looked for, from anyprof's own environment (never a profiled
+/// process's): `/usr/lib/debug`, and the debuginfod servers of `DEBUGINFOD_URLS` with the
+/// client cache gdb and perf share (`DEBUGINFOD_CACHE_PATH`, `DEBUGINFOD_TIMEOUT`,
+/// `DEBUGINFOD_MAXTIME` and `DEBUGINFOD_MAXSIZE` as elfutils reads them). A wrong setting is
+/// said once, and debuginfod is then not used.
+pub fn debug_sources_from_env() -> DebugSources {
+    static WARNED: AtomicBool = AtomicBool::new(false);
+    DebugSources::from_env().unwrap_or_else(|why| {
+        if !WARNED.swap(true, Ordering::SeqCst) {
+            eprintln!("anyprof: warning: {why}; debuginfod is not used");
+        }
+        DebugSources::local()
+    })
+}
+
+/// The one way the collector makes a symbolizer (`record`, `serve`, heap snapshots,
+/// `symbolize`), so that every command looks for debug files in the same places: each of
+/// `extra_debug_dirs` first (`anyprof symbolize --debug-dir`), then
+/// [`debug_sources_from_env`]. With `quiet`, debuginfod downloads are not announced. Objects
+/// whose DWARF is not found locally are fetched from debuginfod inside its calls, so call it
+/// only where the collector may wait (never on the thread that reads the processes' rings).
+pub fn new_symbolizer(extra_debug_dirs: &[PathBuf], quiet: bool) -> Symbolizer {
+    let mut sources = debug_sources_from_env();
+    sources
+        .debug_dirs
+        .splice(0..0, extra_debug_dirs.iter().cloned());
+    if quiet {
+        if let Some(debuginfod) = &mut sources.debuginfod {
+            debuginfod.progress = false;
+        }
+    }
+    Symbolizer::with_sources(sources)
+}
+
+/// [`new_symbolizer`] for `record` and `serve`.
+pub fn symbolizer_from_env() -> Symbolizer {
+    new_symbolizer(&[], false)
+}
+
+/// [`symbolizer_from_env`] for a command run with `-q`: downloads are not announced.
+pub fn quiet_symbolizer_from_env() -> Symbolizer {
+    new_symbolizer(&[], true)
 }
 
 /// Set for the whole run by `record --no-symbolize` and `serve --no-symbolize`: profiles keep
@@ -257,8 +294,23 @@ pub fn symbolize_guarded(
     access: Option<&Access>,
     requests: &[(ObjectRef<'_>, &[FileAddress])],
 ) -> Vec<Vec<Symbolized>> {
+    symbolize_guarded_with(symbolizer, access, requests, Symbolizer::symbolize_many_as)
+}
+
+/// [`symbolize_guarded`] through `symbolize` (one of the symbolizer's batch methods: with or
+/// without debuginfod).
+pub fn symbolize_guarded_with(
+    symbolizer: &mut Symbolizer,
+    access: Option<&Access>,
+    requests: &[(ObjectRef<'_>, &[FileAddress])],
+    symbolize: impl Fn(
+        &mut Symbolizer,
+        Option<&Access>,
+        &[(ObjectRef<'_>, &[FileAddress])],
+    ) -> Vec<Vec<Symbolized>>,
+) -> Vec<Vec<Symbolized>> {
     let all = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-        symbolizer.symbolize_many_as(access, requests)
+        symbolize(symbolizer, access, requests)
     }));
     if let Ok(answers) = all {
         return answers;
@@ -267,8 +319,7 @@ pub fn symbolize_guarded(
         .iter()
         .map(|request| {
             std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                symbolizer
-                    .symbolize_many_as(access, std::slice::from_ref(request))
+                symbolize(symbolizer, access, std::slice::from_ref(request))
                     .pop()
                     .unwrap_or_default()
             }))

@@ -62,7 +62,7 @@ pub fn run(args: SymbolizeArgs) -> Result<ExitCode> {
             args.input.display()
         );
     }
-    let mut symbolizer = anyprof::symbolize::new_symbolizer(&args.debug_dirs);
+    let mut symbolizer = anyprof::symbolize::new_symbolizer(&args.debug_dirs, args.quiet);
     let (profile, report) =
         anyprof::offline::symbolize_profile(profile, &mut symbolizer, &args.debug_dirs);
     warn_unnamed(&report);

@@ -1,15 +1,22 @@
 //! Finding separate debug files, where distributions and `objcopy --only-keep-debug` put them.
 //!
-//! The places are gdb's, in gdb's order:
+//! The places are gdb's, in gdb's order, then perf's:
 //!
-//! 1. by build id: `<debug dir>/.build-id/<first byte in hex>/<other bytes in hex>.debug`;
+//! 1. by build id: `<debug dir>/.build-id/<first byte in hex>/<other bytes in hex>.debug`
+//!    (Debian's `-dbgsym` packages and `libc6-dbg`, Fedora's `-debuginfo`);
 //! 2. by `.gnu_debuglink` name: next to the object, in `.debug/` beside it, and under
 //!    `<debug dir>/<the object's directory>/` (the directory both as given and with symlinks
-//!    resolved, since `/lib` is often a link to `/usr/lib`).
+//!    resolved, since `/lib` is often a link to `/usr/lib`);
+//! 3. by the object's own path under the debug directory, as perf also looks:
+//!    `<debug dir>/<object path>.debug` (older Fedora) and `<debug dir>/<object path>` (older
+//!    Ubuntu `-dbg` packages), for objects stripped without a debuglink.
 //!
 //! A candidate is used when it is an ELF file other than the object itself and, when both have
-//! a build id, the ids are equal. The debuglink CRC is not checked: it would mean reading the
-//! whole debug file, and the build id is the stronger check where there is one.
+//! a build id, the ids are equal. When they cannot tell (either side has none), a candidate
+//! found by debuglink name must have the CRC-32 the debuglink records, as gdb requires; one
+//! found by the object's path must then at least not carry code of its own
+//! (`objcopy --only-keep-debug` leaves the code sections empty): a file there that is
+//! another program is not taken for its debug file.
 //!
 //! DWARF compressed with `dwz` refers into a supplementary file named by `.gnu_debugaltlink`;
 //! it is found next to the debug file or by its build id, and must carry that build id.
@@ -37,7 +44,30 @@ pub(crate) fn find(
 ) -> Option<DebugFile> {
     candidates(object_path, facts, debug_dirs)
         .into_iter()
-        .find_map(|path| accept(path, object, facts.build_id.as_deref()))
+        .find_map(|(path, how)| accept(path, how, object, facts))
+}
+
+/// Opens a debug file fetched for the object whose build id is `build_id` (by debuginfod,
+/// into its cache), if it is an ELF file with that build id.
+pub(crate) fn open_fetched(path: &Path, build_id: &[u8]) -> Option<DebugFile> {
+    let map = MappedFile::open(path).ok()?;
+    let facts = ElfFacts::read(&elf::parse(map.bytes()).ok()?);
+    (facts.build_id.as_deref() == Some(build_id)).then(|| DebugFile {
+        path: path.to_path_buf(),
+        map,
+        facts,
+    })
+}
+
+/// How a candidate was found, which says what must hold when build ids cannot tell.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Found {
+    /// By build id: its path already says which build it is for.
+    BuildId,
+    /// By `.gnu_debuglink` name: the CRC-32 the link records must match.
+    DebugLink,
+    /// By the object's path under a debug directory: it must be a debug-only file.
+    ObjectPath,
 }
 
 /// Looks for the supplementary (`dwz`) file named by `altlink` in the debug data read from
@@ -84,15 +114,25 @@ pub(crate) fn build_id_path(dir: &Path, build_id: &[u8]) -> Option<PathBuf> {
 }
 
 /// Every place the debug file may be, most specific first, without repeats.
-fn candidates(object_path: &Path, facts: &ElfFacts, debug_dirs: &[PathBuf]) -> Vec<PathBuf> {
-    let mut out: Vec<PathBuf> = Vec::new();
+fn candidates(
+    object_path: &Path,
+    facts: &ElfFacts,
+    debug_dirs: &[PathBuf],
+) -> Vec<(PathBuf, Found)> {
+    let mut out: Vec<(PathBuf, Found)> = Vec::new();
     if let Some(build_id) = &facts.build_id {
         out.extend(
             debug_dirs
                 .iter()
-                .filter_map(|dir| build_id_path(dir, build_id)),
+                .filter_map(|dir| build_id_path(dir, build_id))
+                .map(|path| (path, Found::BuildId)),
         );
     }
+    // The object's path as given and with symlinks resolved.
+    let resolved_object = std::fs::canonicalize(object_path).ok();
+    let object_paths: Vec<&Path> = std::iter::once(object_path)
+        .chain(resolved_object.as_deref())
+        .collect();
     // The link is a plain file name; anything with a directory in it is not followed.
     let link = facts
         .debuglink
@@ -115,41 +155,81 @@ fn candidates(object_path: &Path, facts: &ElfFacts, debug_dirs: &[PathBuf]) -> V
             .and_then(|p| p.parent().map(Path::to_path_buf));
         let dirs: Vec<PathBuf> = std::iter::once(given).chain(resolved).collect();
         for dir in &dirs {
-            out.push(dir.join(name));
-            out.push(dir.join(".debug").join(name));
+            out.push((dir.join(name), Found::DebugLink));
+            out.push((dir.join(".debug").join(name), Found::DebugLink));
         }
         for debug_dir in debug_dirs {
             for dir in &dirs {
                 // `<debug dir>/usr/lib/x.debug`: the object's directory without its root.
-                let relative: PathBuf = dir
-                    .components()
-                    .filter(|c| matches!(c, Component::Normal(_)))
-                    .collect();
-                out.push(debug_dir.join(relative).join(name));
+                out.push((
+                    debug_dir.join(without_root(dir)).join(name),
+                    Found::DebugLink,
+                ));
             }
         }
     }
-    let mut unique = Vec::with_capacity(out.len());
-    for path in out {
-        if !unique.contains(&path) {
-            unique.push(path);
+    // perf's places, for objects that were stripped without leaving a debuglink: only
+    // absolute paths, so that a relative one does not point into the working directory.
+    for debug_dir in debug_dirs {
+        for object in object_paths.iter().filter(|p| p.is_absolute()) {
+            let inside = debug_dir.join(without_root(object));
+            let mut with_suffix = inside.clone().into_os_string();
+            with_suffix.push(".debug");
+            out.push((PathBuf::from(with_suffix), Found::ObjectPath));
+            out.push((inside, Found::ObjectPath));
+        }
+    }
+    let mut unique: Vec<(PathBuf, Found)> = Vec::with_capacity(out.len());
+    for candidate in out {
+        if !unique.iter().any(|(path, _)| *path == candidate.0) {
+            unique.push(candidate);
         }
     }
     unique
 }
 
+/// `path` without its root and without `.` or `..`: `/usr/lib/x` → `usr/lib/x`, to be put
+/// under a debug directory.
+fn without_root(path: &Path) -> PathBuf {
+    path.components()
+        .filter(|c| matches!(c, Component::Normal(_)))
+        .collect()
+}
+
 /// Opens a candidate and keeps it if it can be the debug file of the object.
-fn accept(path: PathBuf, object: FileIdentity, build_id: Option<&[u8]>) -> Option<DebugFile> {
+fn accept(
+    path: PathBuf,
+    how: Found,
+    object: FileIdentity,
+    object_facts: &ElfFacts,
+) -> Option<DebugFile> {
     let map = MappedFile::open(&path).ok()?;
     if map.identity().same_inode(&object) {
         return None;
     }
-    let facts = ElfFacts::read(&elf::parse(map.bytes()).ok()?);
-    if let (Some(want), Some(have)) = (build_id, facts.build_id.as_deref()) {
-        if want != have {
-            return None;
-        }
+    let file = elf::parse(map.bytes()).ok()?;
+    let facts = ElfFacts::read(&file);
+    match (object_facts.build_id.as_deref(), facts.build_id.as_deref()) {
+        (Some(want), Some(have)) if want != have => return None,
+        (Some(_), Some(_)) => {}
+        // Build ids cannot tell: as gdb, the debuglink's CRC must; as perf, a file at the
+        // object's path must be debug data only.
+        _ => match how {
+            Found::BuildId => {}
+            Found::DebugLink => {
+                let want = object_facts.debuglink_crc?;
+                if crc32fast::hash(map.bytes()) != want {
+                    return None;
+                }
+            }
+            Found::ObjectPath => {
+                if !elf::is_debug_only(&file) {
+                    return None;
+                }
+            }
+        },
     }
+    drop(file);
     Some(DebugFile { path, map, facts })
 }
 
@@ -172,6 +252,7 @@ mod tests {
         let facts = ElfFacts {
             build_id: Some(vec![0x12, 0x34]),
             debuglink: Some(b"prog.debug".to_vec()),
+            debuglink_crc: Some(0),
             altlink: None,
             has_dwarf: false,
             load_ranges: Vec::new(),
@@ -181,15 +262,30 @@ mod tests {
             &facts,
             &[PathBuf::from("/usr/lib/debug")],
         );
-        let expected: Vec<PathBuf> = [
-            "/usr/lib/debug/.build-id/12/34.debug",
-            "/nonexistent-dir/bin/prog.debug",
-            "/nonexistent-dir/bin/.debug/prog.debug",
-            "/usr/lib/debug/nonexistent-dir/bin/prog.debug",
+        let expected: Vec<(PathBuf, Found)> = [
+            ("/usr/lib/debug/.build-id/12/34.debug", Found::BuildId),
+            ("/nonexistent-dir/bin/prog.debug", Found::DebugLink),
+            ("/nonexistent-dir/bin/.debug/prog.debug", Found::DebugLink),
+            (
+                "/usr/lib/debug/nonexistent-dir/bin/prog.debug",
+                Found::DebugLink,
+            ),
+            (
+                "/usr/lib/debug/nonexistent-dir/bin/prog.debug",
+                Found::ObjectPath,
+            ),
+            ("/usr/lib/debug/nonexistent-dir/bin/prog", Found::ObjectPath),
         ]
         .iter()
-        .map(PathBuf::from)
+        .map(|(p, f)| (PathBuf::from(p), *f))
         .collect();
+        // The object-path candidate that repeats the debuglink one is not tried twice.
+        let expected: Vec<_> = expected
+            .into_iter()
+            .enumerate()
+            .filter(|(i, _)| *i != 4)
+            .map(|(_, c)| c)
+            .collect();
         assert_eq!(found, expected);
     }
 }

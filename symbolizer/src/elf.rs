@@ -38,6 +38,8 @@ pub(crate) struct ElfFacts {
     pub(crate) build_id: Option<Vec<u8>>,
     /// The file name recorded in `.gnu_debuglink`.
     pub(crate) debuglink: Option<Vec<u8>>,
+    /// The CRC-32 of the debug file recorded in `.gnu_debuglink`.
+    pub(crate) debuglink_crc: Option<u32>,
     /// The supplementary debug file recorded in `.gnu_debugaltlink`.
     pub(crate) altlink: Option<AltLink>,
     /// Whether the file carries DWARF (`.debug_info` with contents, possibly compressed).
@@ -51,11 +53,9 @@ impl ElfFacts {
     /// Reads the facts from a parsed file. Unreadable notes and sections count as absent.
     pub(crate) fn read(file: &object::File<'_>) -> ElfFacts {
         let build_id = file.build_id().ok().flatten().map(<[u8]>::to_vec);
-        let debuglink = file
-            .gnu_debuglink()
-            .ok()
-            .flatten()
-            .map(|(name, _crc)| name.to_vec());
+        let link = file.gnu_debuglink().ok().flatten();
+        let debuglink = link.map(|(name, _crc)| name.to_vec());
+        let debuglink_crc = link.map(|(_name, crc)| crc);
         let altlink = file
             .gnu_debugaltlink()
             .ok()
@@ -85,6 +85,7 @@ impl ElfFacts {
         ElfFacts {
             build_id,
             debuglink,
+            debuglink_crc,
             altlink,
             has_dwarf,
             load_ranges,
@@ -96,6 +97,17 @@ impl ElfFacts {
     pub(crate) fn is_loaded(&self, address: u64) -> bool {
         self.load_ranges.is_empty() || self.load_ranges.iter().any(|r| r.contains(&address))
     }
+}
+
+/// Whether `file` holds debug data only: no section of code with contents in the file, as
+/// `objcopy --only-keep-debug` and `eu-strip -f` leave them (the code sections become
+/// `NOBITS`). A program or library is not.
+pub(crate) fn is_debug_only(file: &object::File<'_>) -> bool {
+    !file.sections().any(|section| {
+        section.kind() == object::SectionKind::Text
+            && section.size() > 0
+            && section.file_range().is_some()
+    })
 }
 
 /// Largest DWARF section we are willing to decompress.

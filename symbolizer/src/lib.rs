@@ -19,13 +19,21 @@
 //! # Where the answers come from
 //!
 //! 1. DWARF, read by `addr2line`, for functions, inline chains, files, lines and columns; from
-//!    the object itself or from its separate debug file (found by build id under the debug
-//!    directories or by `.gnu_debuglink`, as gdb does; `dwz` supplementary files and split
-//!    DWARF are followed too).
-//! 2. Symbol tables, when DWARF does not cover the address (stripped or release-built
-//!    libraries): the debug file's `.symtab`, then the object's `.symtab`, then its `.dynsym`.
-//!    A function name alone is better than an address.
-//! 3. The stubs of the object's PLT, named `function@plt` from the relocations of the slots
+//!    the object itself or from its separate debug file, found where gdb and perf look: by
+//!    build id under the debug directories (`/usr/lib/debug/.build-id/xx/rest.debug`, where
+//!    Debian's `-dbgsym` packages and `libc6-dbg` put them), by `.gnu_debuglink` (its CRC
+//!    checked when build ids cannot tell), and at the object's own path under the debug
+//!    directories; `dwz` supplementary files and split DWARF are followed too.
+//! 2. debuginfod, for an object with a build id whose DWARF was not found locally, when the
+//!    symbolizer is given servers ([`DebugSources`], usually from `DEBUGINFOD_URLS`): its
+//!    debug file is downloaded by build id into the client cache that gdb and perf share,
+//!    several objects in parallel, with the symbolizer's own rights (see
+//!    [`DebuginfodConfig`]).
+//! 3. Symbol tables, when DWARF does not cover the address (stripped or release-built
+//!    libraries): the debug file's `.symtab`, then the object's `.symtab`, then its
+//!    MiniDebugInfo (`.gnu_debugdata`, the xz-compressed symbol table Fedora and RHEL ship),
+//!    then its `.dynsym`. A function name alone is better than an address.
+//! 4. The stubs of the object's PLT, named `function@plt` from the relocations of the slots
 //!    they jump through, as objdump and `perf report` name them.
 //!
 //! # Whose rights open the files
@@ -42,9 +50,10 @@
 //!
 //! # What it is not for
 //!
-//! It does not read process memory, so the vdso and JIT code are a [`Miss::NoFile`]; it does
-//! not fetch debug info over the network (no debuginfod); it reads ELF only. It allocates and
-//! does file I/O freely: it runs in the collector, never in the profiled process.
+//! It does not read process memory, so the vdso and JIT code are a [`Miss::NoFile`]; it reads
+//! ELF only. It allocates, does file I/O and, when given debuginfod servers, network I/O
+//! freely: it runs in the collector, never in the profiled process, and a call that has to
+//! download waits for it (each request within a timeout).
 //!
 //! # Why it is fast enough
 //!
@@ -66,9 +75,12 @@
 //!   at once (past either, a [`Miss::FileUnreadable`] that says so); cutting one while it is
 //!   read gives a miss, not a signal. Replacing a file by rename, as linkers and package
 //!   managers do, is always safe.
-//! - The `.gnu_debuglink` CRC is not checked; a debug file is accepted when its build id
-//!   matches, or when either side has none.
-//! - MiniDebugInfo (`.gnu_debugdata`, an xz-compressed symbol table) is not read.
+//! - The `.gnu_debuglink` CRC is checked only when build ids cannot tell (either side has
+//!   none): reading a whole debug file for it is not worth it when they can.
+//! - debuginfod is asked for debug files only (not for executables or sources), one server
+//!   after the other in `DEBUGINFOD_URLS` order; the `dwz` supplementary file of a downloaded
+//!   debug file is looked for locally only. HTTPS is verified against the webpki roots
+//!   compiled in, not the system's certificate store.
 //!
 //! # Example
 //!
@@ -129,10 +141,12 @@ mod access;
 mod address;
 mod cache;
 mod debug_file;
+mod debuginfod;
 mod demangle;
 mod dwarf;
 mod elf;
 mod loaded;
+mod minidebug;
 mod miss;
 mod mmap;
 mod panics;
@@ -143,9 +157,10 @@ mod symtab;
 
 pub use access::Access;
 pub use address::{FileAddress, FileOffset, RuntimeAddress};
+pub use debuginfod::DebuginfodConfig;
 pub use miss::Miss;
 pub use symbolized::{Frame, Symbolized};
-pub use symbolizer::{ObjectRef, Symbolizer};
+pub use symbolizer::{DebugSources, ObjectRef, Symbolizer};
 
 #[cfg(test)]
 mod tests {

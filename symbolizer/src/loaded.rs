@@ -6,16 +6,18 @@
 //! name.
 //!
 //! A lookup asks, in order: DWARF (for the inline chain, files and lines), then the symbol
-//! tables of the debug file, of the object (`.symtab`) and of its dynamic symbols (`.dynsym`),
-//! for the name of the physical function, and last the object's PLT stubs (`memcmp@plt`).
+//! tables of the debug file and of the object (`.symtab`), the object's MiniDebugInfo
+//! (`.gnu_debugdata`, see [`crate::minidebug`]), the dynamic symbols (`.dynsym`), for the
+//! name of the physical function, and last the object's PLT stubs (`memcmp@plt`).
 
 use std::cell::OnceCell;
 use std::path::{Path, PathBuf};
 
-use crate::debug_file;
+use crate::debug_file::{self, DebugFile};
 use crate::demangle::demangle;
 use crate::dwarf::Dwarf;
 use crate::elf::{self, ElfFacts};
+use crate::minidebug::MiniDebugInfo;
 use crate::mmap::{FileIdentity, MapError, MappedFile};
 use crate::plt::PltTable;
 use crate::symtab::{SymbolTable, Table};
@@ -28,6 +30,10 @@ pub(crate) struct LoadedObject {
     main: Image,
     debug: Option<Image>,
     dwarf: Option<Dwarf>,
+    /// The object's MiniDebugInfo, decompressed on the first address nothing else names.
+    mini: OnceCell<Option<MiniDebugInfo>>,
+    /// When debuginfod was last asked for its debug file, if it was.
+    pub(crate) asked_debuginfod: Option<std::time::Instant>,
 }
 
 impl LoadedObject {
@@ -52,11 +58,36 @@ impl LoadedObject {
         // Looked for even when the object has DWARF of its own: that may be partial (only the
         // CRT or a static library built with -g), and a separate debug file is complete.
         let debug = debug_file::find(path, map.identity(), &facts, debug_dirs);
+        let mut loaded = LoadedObject {
+            facts,
+            main: Image::new(map),
+            debug: None,
+            dwarf: None,
+            mini: OnceCell::new(),
+            asked_debuginfod: None,
+        };
+        loaded.load_dwarf(path, debug, debug_dirs);
+        Ok(loaded)
+    }
+
+    /// Takes `debug` (a debug file fetched from elsewhere: debuginfod) as the object's debug
+    /// file, in place of the one found locally, if any.
+    pub(crate) fn attach_debug_file(
+        &mut self,
+        path: &Path,
+        debug: DebugFile,
+        debug_dirs: &[PathBuf],
+    ) {
+        self.load_dwarf(path, Some(debug), debug_dirs);
+    }
+
+    /// Loads the DWARF of `debug` if it has some, else the object's own.
+    fn load_dwarf(&mut self, path: &Path, debug: Option<DebugFile>, debug_dirs: &[PathBuf]) {
         let dwarf_source = match &debug {
             Some(debug) if debug.facts.has_dwarf => {
                 Some((debug.path.as_path(), &debug.map, &debug.facts))
             }
-            _ if facts.has_dwarf => Some((path, &map, &facts)),
+            _ if self.facts.has_dwarf => Some((path, &self.main.map, &self.facts)),
             _ => None,
         };
         let dwarf = dwarf_source.and_then(|(dwarf_path, dwarf_map, dwarf_facts)| {
@@ -72,13 +103,13 @@ impl LoadedObject {
             }
             Dwarf::load(dwarf_map, supplementary.as_ref(), packages)
         });
+        self.dwarf = dwarf;
+        self.debug = debug.map(|debug| Image::new(debug.map));
+    }
 
-        Ok(LoadedObject {
-            facts,
-            main: Image::new(map),
-            debug: debug.map(|debug| Image::new(debug.map)),
-            dwarf,
-        })
+    /// The object's own GNU build id, if it has one.
+    pub(crate) fn build_id(&self) -> Option<&[u8]> {
+        self.facts.build_id.as_deref()
     }
 
     /// The identity of the object file as it was when it was opened.
@@ -126,12 +157,24 @@ impl LoadedObject {
     /// The raw name of the function symbol covering `address`, from the first table that has
     /// one.
     fn symbol_name(&self, address: u64) -> Option<String> {
-        self.debug
-            .iter()
-            .chain(std::iter::once(&self.main))
-            .find_map(|image| image.symbol(address))
+        let images = || self.debug.iter().chain(std::iter::once(&self.main));
+        images()
+            .find_map(|image| image.symbol(address, Table::Static))
+            .or_else(|| {
+                self.mini
+                    .get_or_init(|| MiniDebugInfo::read(self.main.map.bytes()))
+                    .as_ref()
+                    .and_then(|mini| mini.symbol(address))
+            })
+            .or_else(|| images().find_map(|image| image.symbol(address, Table::Dynamic)))
             .map(|name| String::from_utf8_lossy(name).into_owned())
             .or_else(|| self.main.plt_stub(address).map(str::to_string))
+    }
+
+    /// Whether the object has DWARF to answer from, its own or its debug file's: without it,
+    /// names come from symbol tables at best, without files and lines.
+    pub(crate) fn has_dwarf(&self) -> bool {
+        self.dwarf.is_some()
     }
 }
 
@@ -170,7 +213,7 @@ impl Image {
             .lookup(address)
     }
 
-    fn symbol(&self, address: u64) -> Option<&[u8]> {
+    fn symbol(&self, address: u64, table: Table) -> Option<&[u8]> {
         let data = self.map.bytes();
         let tables = self.tables.get_or_init(|| match elf::parse(data) {
             Ok(file) => [
@@ -179,6 +222,10 @@ impl Image {
             ],
             Err(_) => Default::default(),
         });
-        tables.iter().find_map(|table| table.lookup(data, address))
+        let index = match table {
+            Table::Static => 0,
+            Table::Dynamic => 1,
+        };
+        tables[index].lookup(data, address)
     }
 }

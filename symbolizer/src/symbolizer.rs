@@ -14,6 +14,8 @@ use std::sync::Mutex;
 use crate::access::{self, Access};
 use crate::address::FileAddress;
 use crate::cache::{self, Cache};
+use crate::debug_file::{self, DebugFile};
+use crate::debuginfod::{Debuginfod, DebuginfodConfig, Wanted};
 use crate::loaded::LoadedObject;
 use crate::mmap::FileIdentity;
 use crate::panics;
@@ -37,6 +39,7 @@ pub struct ObjectRef<'a> {
 /// lookups fill caches, hence `&mut self`.
 pub struct Symbolizer {
     debug_dirs: Vec<PathBuf>,
+    debuginfod: Option<Debuginfod>,
     cache: Cache<LoadedObject>,
 }
 
@@ -46,20 +49,69 @@ impl Default for Symbolizer {
     }
 }
 
+/// Where a [`Symbolizer`] looks for debug information beyond the object itself.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DebugSources {
+    /// Local debug directories, searched in order (see [`Symbolizer::with_debug_dirs`]).
+    pub debug_dirs: Vec<PathBuf>,
+    /// debuginfod servers and cache, asked for objects whose DWARF is not found locally.
+    pub debuginfod: Option<DebuginfodConfig>,
+}
+
+impl DebugSources {
+    /// `/usr/lib/debug` only, nothing over the network.
+    pub fn local() -> DebugSources {
+        DebugSources {
+            debug_dirs: vec![PathBuf::from("/usr/lib/debug")],
+            debuginfod: None,
+        }
+    }
+
+    /// What gdb and perf would use in this process's environment: `/usr/lib/debug`, and the
+    /// debuginfod servers of `DEBUGINFOD_URLS` with the standard client cache
+    /// ([`DebuginfodConfig::from_env`]). `Err` says which variable is wrong; the local
+    /// sources are then still usable through [`DebugSources::local`].
+    pub fn from_env() -> Result<DebugSources, String> {
+        Ok(DebugSources {
+            debuginfod: DebuginfodConfig::from_env()?,
+            ..DebugSources::local()
+        })
+    }
+}
+
 impl Symbolizer {
     /// A symbolizer that looks for separate debug files under `/usr/lib/debug`.
     pub fn new() -> Symbolizer {
-        Symbolizer::with_debug_dirs(vec![PathBuf::from("/usr/lib/debug")])
+        Symbolizer::with_sources(DebugSources::local())
     }
 
     /// A symbolizer that looks for separate debug files under each of `dirs`, in order: in
     /// `<dir>/.build-id/` by build id and in `<dir>/<object's directory>/` by
     /// `.gnu_debuglink` name. Files next to the object are searched as well.
     pub fn with_debug_dirs(dirs: Vec<PathBuf>) -> Symbolizer {
-        Symbolizer {
+        Symbolizer::with_sources(DebugSources {
             debug_dirs: dirs,
+            debuginfod: None,
+        })
+    }
+
+    /// A symbolizer that looks for debug information in `sources`: the local directories
+    /// first; then, for each object whose DWARF is still missing and that has a build id, the
+    /// debuginfod servers (see [`DebuginfodConfig`]). Downloads happen inside the
+    /// `symbolize` calls, on the calling thread and threads it starts, with this process's
+    /// own rights (never a profiled process's), so call them where waiting is acceptable.
+    pub fn with_sources(sources: DebugSources) -> Symbolizer {
+        Symbolizer {
+            debug_dirs: sources.debug_dirs,
+            debuginfod: sources.debuginfod.map(Debuginfod::new),
             cache: Cache::new(cache::DEFAULT_CAPACITY),
         }
+    }
+
+    /// One line on what debuginfod gave this symbolizer so far (files downloaded, found in
+    /// the cache, on no server), or `None` if it is not used or was not asked.
+    pub fn debuginfod_summary(&self) -> Option<String> {
+        self.debuginfod.as_ref().and_then(Debuginfod::summary)
     }
 
     /// Symbolizes addresses given as *file virtual addresses* (SVMA: the address as stated in
@@ -106,6 +158,27 @@ impl Symbolizer {
         access: Option<&Access>,
         batches: &[(ObjectRef<'_>, &[A])],
     ) -> Vec<Vec<Symbolized>> {
+        self.run(access, batches, true)
+    }
+
+    /// [`Symbolizer::symbolize_many_as`] without asking debuginfod: what the local files
+    /// answer. For work done ahead (opening the objects a process loaded, in case a sample
+    /// points into them later), so that nothing is downloaded for an object no address of
+    /// a profile falls in. A later call that symbolizes in it still asks debuginfod.
+    pub fn symbolize_many_locally_as<A: Copy + Into<FileAddress> + Sync>(
+        &mut self,
+        access: Option<&Access>,
+        batches: &[(ObjectRef<'_>, &[A])],
+    ) -> Vec<Vec<Symbolized>> {
+        self.run(access, batches, false)
+    }
+
+    fn run<A: Copy + Into<FileAddress> + Sync>(
+        &mut self,
+        access: Option<&Access>,
+        batches: &[(ObjectRef<'_>, &[A])],
+        fetch: bool,
+    ) -> Vec<Vec<Symbolized>> {
         let access = access.filter(|a| !a.is_own());
         let mut answers: Vec<Vec<Symbolized>> = vec![Vec::new(); batches.len()];
         let mut jobs: Vec<Job<'_>> = Vec::new();
@@ -128,6 +201,8 @@ impl Symbolizer {
                             .take(object.path, object.build_id, access, |loaded| {
                                 is_stale(object, loaded)
                             }),
+                        fetched: None,
+                        uncached: false,
                         batches: Vec::new(),
                         addresses: 0,
                     });
@@ -141,43 +216,65 @@ impl Symbolizer {
         jobs.sort_by_key(|job| (job.loaded.is_some(), Reverse(job.addresses)));
 
         let debug_dirs = &self.debug_dirs;
-        let done = parallel_map(jobs, |job| {
-            // Opening (and lazy loading during lookups) happens with the access's rights, on
-            // this thread only, until `_rights` is dropped at the end of the job.
-            let _rights = match access.map(access::act_as) {
-                Some(Err(err)) => {
-                    let miss = Miss::FileUnreadable(format!(
-                        "cannot take the profiled process's user rights to read it: {err}"
-                    ));
-                    let answered = job
-                        .batches
-                        .iter()
-                        .map(|&i| (i, vec![Symbolized::Miss(miss.clone()); batches[i].1.len()]))
-                        .collect::<Vec<_>>();
-                    return (job.object, job.loaded, answered);
+        // 1. Open the objects not cached yet, with the access's rights (no threads to start
+        // when all are cached).
+        let all_cached = jobs.iter().all(|job| job.loaded.is_some());
+        let jobs = if all_cached {
+            jobs
+        } else {
+            parallel_map(jobs, |mut job| {
+                if job.loaded.is_none() {
+                    let opened = match rights_for(access) {
+                        Ok(_rights) => panics::catch(|| {
+                            LoadedObject::open(job.object.path, job.object.build_id, debug_dirs)
+                        })
+                        .unwrap_or_else(Err),
+                        Err(miss) => {
+                            // Not cached: another call may have the rights.
+                            job.uncached = true;
+                            Err(miss)
+                        }
+                    };
+                    job.loaded = Some(opened);
                 }
-                Some(Ok(rights)) => Some(rights),
-                None => None,
-            };
-            let loaded = job.loaded.unwrap_or_else(|| {
-                panics::catch(|| {
-                    LoadedObject::open(job.object.path, job.object.build_id, debug_dirs)
-                })
-                .unwrap_or_else(Err)
-            });
+                job
+            })
+        };
+        // 2. debuginfod, for the objects still without DWARF, with our own rights.
+        let mut jobs = jobs;
+        if let Some(debuginfod) = self.debuginfod.as_ref().filter(|_| fetch) {
+            fetch_debug_files(debuginfod, &mut jobs);
+        }
+        // 3. Take what was fetched, and answer, with the access's rights again.
+        let done = parallel_map(jobs, |mut job| {
+            let rights = rights_for(access);
+            if let (Ok(_), Some(Ok(loaded)), Some(debug)) =
+                (&rights, job.loaded.as_mut(), job.fetched.take())
+            {
+                let path = job.object.path;
+                let attached = panics::catch(|| loaded.attach_debug_file(path, debug, debug_dirs));
+                if let Err(miss) = attached {
+                    job.loaded = Some(Err(miss));
+                }
+            }
             let answered: Vec<(usize, Vec<Symbolized>)> = job
                 .batches
                 .iter()
                 .map(|&i| {
                     let addresses = batches[i].1;
-                    let answer = match &loaded {
-                        Ok(loaded) => answer(loaded, addresses),
-                        Err(miss) => vec![Symbolized::Miss(miss.clone()); addresses.len()],
+                    let answer = match (&rights, &job.loaded) {
+                        (Err(miss), _) | (_, Some(Err(miss))) => {
+                            vec![Symbolized::Miss(miss.clone()); addresses.len()]
+                        }
+                        (Ok(_), Some(Ok(loaded))) => answer(loaded, addresses),
+                        (Ok(_), None) => vec![Symbolized::Miss(Miss::NoSymbol); addresses.len()],
                     };
                     (i, answer)
                 })
                 .collect();
-            (job.object, Some(loaded), answered)
+            drop(rights);
+            let keep = if job.uncached { None } else { job.loaded };
+            (job.object, keep, answered)
         });
         for (object, loaded, answered) in done {
             for (i, answer) in answered {
@@ -192,11 +289,79 @@ impl Symbolizer {
     }
 }
 
+/// Takes the rights of `access` on this thread until the guard is dropped (nothing to take
+/// for `None`), or the miss to answer when that is refused.
+fn rights_for(access: Option<&Access>) -> Result<Option<access::Rights>, Miss> {
+    match access.map(access::act_as) {
+        Some(Err(err)) => Err(Miss::FileUnreadable(format!(
+            "cannot take the profiled process's user rights to read it: {err}"
+        ))),
+        Some(Ok(rights)) => Ok(Some(rights)),
+        None => Ok(None),
+    }
+}
+
+/// Asks debuginfod for the debug file of every opened object that has no DWARF yet and a
+/// build id, all at once, and opens what it gives (from its cache, with our own rights),
+/// to be attached to the objects in `jobs`.
+fn fetch_debug_files(debuginfod: &Debuginfod, jobs: &mut [Job<'_>]) {
+    let mut asking: Vec<usize> = Vec::new();
+    let mut wanted: Vec<Wanted<'_>> = Vec::new();
+    for (i, job) in jobs.iter().enumerate() {
+        let Some(Ok(loaded)) = &job.loaded else {
+            continue;
+        };
+        let asked_lately = loaded
+            .asked_debuginfod
+            .is_some_and(|t| t.elapsed() < crate::debuginfod::RETRY_AFTER);
+        if loaded.has_dwarf() || asked_lately {
+            continue;
+        }
+        let Some(build_id) = loaded.build_id().filter(|id| id.len() >= 2) else {
+            continue;
+        };
+        asking.push(i);
+        wanted.push(Wanted {
+            build_id,
+            name: job
+                .object
+                .path
+                .file_name()
+                .unwrap_or(job.object.path.as_os_str())
+                .to_string_lossy()
+                .into_owned(),
+        });
+    }
+    if wanted.is_empty() {
+        return;
+    }
+    let found = debuginfod.fetch_all(&wanted);
+    let opened: Vec<Option<DebugFile>> = found
+        .iter()
+        .zip(&wanted)
+        .map(|(path, w)| {
+            path.as_deref()
+                .and_then(|p| debug_file::open_fetched(p, w.build_id))
+        })
+        .collect();
+    drop(wanted);
+    for (i, debug) in asking.into_iter().zip(opened) {
+        if let Some(Ok(loaded)) = &mut jobs[i].loaded {
+            loaded.asked_debuginfod = Some(std::time::Instant::now());
+        }
+        jobs[i].fetched = debug;
+    }
+}
+
 /// One object of a [`Symbolizer::symbolize_many`] call and the batches that fall in it.
 struct Job<'a> {
     object: ObjectRef<'a>,
     /// The object as cached, or `None` if it is still to be opened.
     loaded: Option<Result<LoadedObject, Miss>>,
+    /// A debug file fetched from debuginfod, to be attached to the object.
+    fetched: Option<DebugFile>,
+    /// The object could not be opened for a reason of this call only: not to be cached.
+    uncached: bool,
     /// Indices of the batches.
     batches: Vec<usize>,
     /// Addresses in all of them.

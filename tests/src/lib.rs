@@ -175,11 +175,12 @@ pub fn compile(source: &str, flags: &[&str], dir: &Path) -> PathBuf {
 }
 
 /// A command for `program` with an environment free of anything that would load or configure
-/// the profiler (`LD_PRELOAD`, `ANYPROF_*`), so runs with and without it differ only in what
-/// the test adds.
+/// the profiler (`LD_PRELOAD`, `ANYPROF_*`, and `DEBUGINFOD_URLS`, which would send the
+/// symbolizer to the network), so runs with and without it differ only in what the test adds.
 pub fn clean_command(program: impl AsRef<OsStr>) -> Command {
     let mut cmd = Command::new(program);
     cmd.env_remove("LD_PRELOAD");
+    cmd.env_remove("DEBUGINFOD_URLS");
     for (key, _) in std::env::vars_os() {
         if key.to_string_lossy().starts_with("ANYPROF_") {
             cmd.env_remove(&key);

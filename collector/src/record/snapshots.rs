@@ -26,7 +26,8 @@ pub(super) fn start_snapshots(
         // Snapshots while the program runs are for later reading: at idle priority. The one
         // asked for just before the program exited is written when the CPUs are free anyway.
         priority::background();
-        let mut symbolizer = anyprof::symbolize::new_symbolizer(&[]);
+        // Quiet: the main symbolizer announces the downloads; this one mostly finds them cached.
+        let mut symbolizer = anyprof::symbolize::quiet_symbolizer_from_env();
         let mut next = every.map(|s| Instant::now() + Duration::from_secs(s.max(1)));
         let mut n = 0;
         loop {

@@ -60,7 +60,9 @@ pub(super) fn start_prewarming(
             let snapshot = anyprof::collect::snapshot(&sessions);
             // Each module with the file addresses to look up in it, those of samples first.
             // With the rights of the process that loaded it (see symbolize::resolve_all).
-            let mut work: Vec<(&Module, Vec<FileAddress>, Option<Access>)> = Vec::new();
+            // The last field: whether a sample points into it. Debug files are downloaded
+            // (debuginfod) only for those; the others are opened from local files only.
+            let mut work: Vec<(&Module, Vec<FileAddress>, Option<Access>, bool)> = Vec::new();
             for s in &snapshot {
                 let Some(image) = s.image_key() else { continue };
                 let seen = looked_up.entry(image).or_default();
@@ -76,14 +78,14 @@ pub(super) fn start_prewarming(
                 for (id, svmas) in by_module {
                     let m = &s.modules[&id];
                     opened.insert((m.path.clone(), m.build_id.clone()));
-                    work.push((m, svmas, s.peer.as_ref().map(Peer::access)));
+                    work.push((m, svmas, s.peer.as_ref().map(Peer::access), true));
                 }
             }
             for s in &snapshot {
                 for m in s.modules.values() {
                     if opened.insert((m.path.clone(), m.build_id.clone())) {
                         let svmas = vec![RuntimeAddress(m.start).to_file(m.load_bias)];
-                        work.push((m, svmas, s.peer.as_ref().map(Peer::access)));
+                        work.push((m, svmas, s.peer.as_ref().map(Peer::access), false));
                     }
                 }
             }
@@ -92,7 +94,7 @@ pub(super) fn start_prewarming(
             } else {
                 WARM_SOON
             };
-            for (m, svmas, access) in work {
+            for (m, svmas, access, sampled) in work {
                 if flag.load(Ordering::SeqCst) {
                     break;
                 }
@@ -102,10 +104,15 @@ pub(super) fn start_prewarming(
                     build_id: &m.build_id,
                 };
                 if let Ok(mut sym) = symbolizer.lock() {
-                    anyprof::symbolize::symbolize_guarded(
+                    anyprof::symbolize::symbolize_guarded_with(
                         &mut sym,
                         access.as_ref(),
                         &[(object, &svmas)],
+                        if sampled {
+                            anyprof_symbolizer::Symbolizer::symbolize_many_as
+                        } else {
+                            anyprof_symbolizer::Symbolizer::symbolize_many_locally_as
+                        },
                     );
                 }
             }

@@ -1,0 +1,770 @@
+//! debuginfod: debug files fetched by build id from the servers `DEBUGINFOD_URLS` names, as
+//! gdb, perf and the elfutils tools fetch them, and kept in the same cache.
+//!
+//! The protocol is one request: `GET <server>/buildid/<hex build id>/debuginfo` answers the
+//! debug file or 404. The servers are tried in the order given; a server that cannot be
+//! reached is left alone for a minute, and a build id that was not fetched is not asked for
+//! again by the same client for ten minutes (a daemon keeps its client for months).
+//!
+//! # The cache, shared with gdb and perf
+//!
+//! `$DEBUGINFOD_CACHE_PATH`, else `$XDG_CACHE_HOME/debuginfod_client`, else
+//! `~/.cache/debuginfod_client`, laid out as elfutils lays it out: `<cache>/<build id>/debuginfo`.
+//! A file found there is used without asking any server. A download goes to a temporary file
+//! in the same directory (created exclusively, mode 0600), is checked to be an ELF file with
+//! the build id asked for, and only then renamed into place, so a partial or wrong file never
+//! replaces a good one. A build id that no server has leaves an empty `debuginfo` (elfutils'
+//! negative-cache mark): it is not asked again until it is older than `<cache>/cache_miss_s`
+//! seconds (600 when that file is missing), as elfutils does. Files are written with the
+//! rights of the process that symbolizes (never those of a profiled process), in directories
+//! that must be its own and writable by it alone: a cache directory another user could change
+//! is used for reading only, with a warning.
+//!
+//! # Limits
+//!
+//! Each request gives up when the server has not connected, answered or sent data for
+//! `$DEBUGINFOD_TIMEOUT` seconds (default [`DEFAULT_TIMEOUT`]; elfutils waits 90), and after
+//! `$DEBUGINFOD_MAXTIME` seconds in all if that is set. A file larger than
+//! `$DEBUGINFOD_MAXSIZE` bytes (default [`DEFAULT_MAX_SIZE`]) is not downloaded, so a hostile
+//! or broken server cannot fill the disk. Anything a server sends that is not the debug file
+//! asked for is thrown away with a warning that names the URL.
+//!
+//! Downloads run in parallel, [`MAX_PARALLEL`] at a time. On a terminal, each one that is
+//! large or slow is announced as it starts; [`Debuginfod::summary`] says in one line what was
+//! fetched.
+
+use std::collections::{HashMap, HashSet};
+use std::fs::File;
+use std::io::{self, IsTerminal, Read, Write};
+use std::os::unix::fs::{DirBuilderExt, MetadataExt};
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::time::{Duration, Instant, SystemTime};
+
+use crate::elf::{self, ElfFacts};
+use crate::mmap::MappedFile;
+
+/// How long a request may wait for a connection, for the answer, or for more data, when
+/// `DEBUGINFOD_TIMEOUT` does not say: shorter than elfutils' 90 s, since someone is waiting
+/// for their profiles (and Ctrl-C writes them without the names at any time).
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// The largest debug file downloaded when `DEBUGINFOD_MAXSIZE` does not say: 2 GiB.
+pub const DEFAULT_MAX_SIZE: u64 = 2 << 30;
+
+/// Downloads at once.
+pub const MAX_PARALLEL: usize = 8;
+
+/// How long an empty (negative) cache entry stands when `<cache>/cache_miss_s` does not say;
+/// elfutils' default.
+const DEFAULT_CACHE_MISS: Duration = Duration::from_secs(600);
+
+/// How long a build id that was not fetched (no server had it, or none answered) is not
+/// asked again by the same client: a daemon runs for months, servers come back and gain
+/// files.
+pub(crate) const RETRY_AFTER: Duration = DEFAULT_CACHE_MISS;
+
+/// How long a server that could not be reached is left alone.
+const DEAD_FOR: Duration = Duration::from_secs(60);
+
+/// Downloads this large, or of unknown size, are announced on a terminal.
+const ANNOUNCE_BYTES: u64 = 1 << 20;
+
+/// Where and how to fetch debug files.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DebuginfodConfig {
+    /// Server base URLs, tried in order (`DEBUGINFOD_URLS`, separated by spaces).
+    pub urls: Vec<String>,
+    /// The client cache directory shared with gdb and perf.
+    pub cache_dir: PathBuf,
+    /// Longest wait for a connection, the answer, or more data, per request.
+    pub timeout: Duration,
+    /// Longest time for one download in all, if limited.
+    pub max_time: Option<Duration>,
+    /// Largest file downloaded.
+    pub max_size: u64,
+    /// Announce downloads as they start (stderr is a terminal, or `DEBUGINFOD_PROGRESS` is
+    /// set).
+    pub progress: bool,
+}
+
+impl DebuginfodConfig {
+    /// The configuration elfutils would take from this process's environment, or `None` when
+    /// `DEBUGINFOD_URLS` is unset or empty. `Err` says which setting is wrong and how to fix
+    /// it (a cache directory cannot be found, a number does not parse).
+    pub fn from_env() -> Result<Option<DebuginfodConfig>, String> {
+        DebuginfodConfig::from_vars(|name| std::env::var_os(name))
+    }
+
+    /// [`DebuginfodConfig::from_env`] with the variables from `var`.
+    fn from_vars(
+        var: impl Fn(&str) -> Option<std::ffi::OsString>,
+    ) -> Result<Option<DebuginfodConfig>, String> {
+        let get = |name: &str| var(name).filter(|v| !v.is_empty());
+        let urls: Vec<String> = get("DEBUGINFOD_URLS")
+            .map(|v| {
+                v.to_string_lossy()
+                    .split_whitespace()
+                    .map(|u| u.trim_end_matches('/').to_string())
+                    .filter(|u| !u.is_empty())
+                    .collect()
+            })
+            .unwrap_or_default();
+        if urls.is_empty() {
+            return Ok(None);
+        }
+        let cache_dir = match (
+            get("DEBUGINFOD_CACHE_PATH"),
+            get("XDG_CACHE_HOME"),
+            get("HOME"),
+        ) {
+            (Some(path), _, _) => PathBuf::from(path),
+            (None, Some(xdg), _) => PathBuf::from(xdg).join("debuginfod_client"),
+            (None, None, Some(home)) => PathBuf::from(home).join(".cache/debuginfod_client"),
+            (None, None, None) => {
+                return Err(
+                    "DEBUGINFOD_URLS is set, but there is no cache directory for the \
+                            downloads: set DEBUGINFOD_CACHE_PATH (or HOME)"
+                        .into(),
+                )
+            }
+        };
+        let seconds = |name: &str| -> Result<Option<Duration>, String> {
+            get(name)
+                .map(|v| {
+                    v.to_string_lossy()
+                        .trim()
+                        .parse::<u64>()
+                        .map(Duration::from_secs)
+                        .map_err(|_| format!("{name} must be a number of seconds"))
+                })
+                .transpose()
+        };
+        let timeout = seconds("DEBUGINFOD_TIMEOUT")?
+            .filter(|t| !t.is_zero())
+            .unwrap_or(DEFAULT_TIMEOUT);
+        let max_time = seconds("DEBUGINFOD_MAXTIME")?.filter(|t| !t.is_zero());
+        let max_size = get("DEBUGINFOD_MAXSIZE")
+            .map(|v| {
+                v.to_string_lossy()
+                    .trim()
+                    .parse::<u64>()
+                    .map_err(|_| "DEBUGINFOD_MAXSIZE must be a number of bytes".to_string())
+            })
+            .transpose()?
+            .filter(|&n| n > 0)
+            .unwrap_or(DEFAULT_MAX_SIZE);
+        Ok(Some(DebuginfodConfig {
+            urls,
+            cache_dir,
+            timeout,
+            max_time,
+            max_size,
+            // elfutils' variable for its progress meter turns the announcements on too.
+            progress: io::stderr().is_terminal() || get("DEBUGINFOD_PROGRESS").is_some(),
+        }))
+    }
+}
+
+/// A debuginfod client with its cache and what it learnt this run.
+pub(crate) struct Debuginfod {
+    config: DebuginfodConfig,
+    agent: ureq::Agent,
+    state: Mutex<State>,
+}
+
+#[derive(Default)]
+struct State {
+    /// What each build id came to and when, so that it is asked once a run (a daemon asks
+    /// again for one not found after [`RETRY_AFTER`]).
+    outcomes: HashMap<Vec<u8>, (Option<PathBuf>, Instant)>,
+    /// Servers that could not be reached, and when; not asked for [`DEAD_FOR`].
+    dead: HashMap<String, Instant>,
+    /// Warnings already printed.
+    warned: HashSet<String>,
+    downloaded: usize,
+    downloaded_bytes: u64,
+    from_cache: usize,
+    not_found: usize,
+    /// Build ids the negative cache says no server has (not asked this run).
+    known_missing: usize,
+    failed: usize,
+}
+
+/// One object whose debug file is wanted.
+pub(crate) struct Wanted<'a> {
+    pub(crate) build_id: &'a [u8],
+    /// For messages: the object's file name.
+    pub(crate) name: String,
+}
+
+impl Debuginfod {
+    pub(crate) fn new(config: DebuginfodConfig) -> Debuginfod {
+        let agent: ureq::Agent = ureq::Agent::config_builder()
+            .timeout_connect(Some(config.timeout))
+            .timeout_recv_response(Some(config.timeout))
+            .timeout_per_read(Some(config.timeout))
+            .timeout_global(config.max_time)
+            .http_status_as_error(false)
+            .user_agent(concat!("anyprof/", env!("CARGO_PKG_VERSION")))
+            .build()
+            .into();
+        Debuginfod {
+            config,
+            agent,
+            state: Mutex::new(State::default()),
+        }
+    }
+
+    /// The debug file of each wanted object, from the cache or downloaded, in the same order:
+    /// the path of the cached file, or `None` if no server has it (or none answered).
+    /// Downloads run in parallel. Must run with this process's own file-system rights.
+    pub(crate) fn fetch_all(&self, wanted: &[Wanted<'_>]) -> Vec<Option<PathBuf>> {
+        let known = |state: &State, id: &[u8]| -> Option<Option<PathBuf>> {
+            match state.outcomes.get(id) {
+                Some((found @ Some(_), _)) => Some(found.clone()),
+                Some((None, when)) if when.elapsed() < RETRY_AFTER => Some(None),
+                _ => None,
+            }
+        };
+        let mut answers: Vec<Option<Option<PathBuf>>> = {
+            let state = self.lock();
+            wanted.iter().map(|w| known(&state, w.build_id)).collect()
+        };
+        let todo: Vec<usize> = (0..wanted.len())
+            .filter(|&i| answers[i].is_none())
+            // The same build id twice in one call (two paths of one library) is asked once.
+            .filter(|&i| !wanted[..i].iter().any(|w| w.build_id == wanted[i].build_id))
+            .collect();
+        let threads = MAX_PARALLEL.min(todo.len());
+        let next = Mutex::new(todo.into_iter());
+        let results = Mutex::new(Vec::new());
+        std::thread::scope(|scope| {
+            for _ in 0..threads {
+                scope.spawn(|| loop {
+                    let Some(i) = next.lock().ok().and_then(|mut n| n.next()) else {
+                        return;
+                    };
+                    let found = self.fetch(&wanted[i]);
+                    if let Ok(mut results) = results.lock() {
+                        results.push((i, found));
+                    }
+                });
+            }
+        });
+        let mut state = self.lock();
+        for (i, found) in results.into_inner().unwrap_or_default() {
+            state
+                .outcomes
+                .insert(wanted[i].build_id.to_vec(), (found.clone(), Instant::now()));
+            answers[i] = Some(found);
+        }
+        wanted
+            .iter()
+            .zip(answers)
+            .map(|(w, answer)| {
+                answer.unwrap_or_else(|| {
+                    state
+                        .outcomes
+                        .get(w.build_id)
+                        .and_then(|(found, _)| found.clone())
+                })
+            })
+            .collect()
+    }
+
+    /// One line on what this run fetched, or `None` if it asked no server (everything came
+    /// from the cache, or nothing was wanted): a run that only reads the cache says nothing.
+    pub(crate) fn summary(&self) -> Option<String> {
+        let state = self.lock();
+        if state.downloaded + state.not_found + state.failed == 0 {
+            return None;
+        }
+        let mut parts = Vec::new();
+        if state.downloaded > 0 {
+            parts.push(format!(
+                "{} downloaded ({})",
+                files(state.downloaded),
+                mib(state.downloaded_bytes)
+            ));
+        }
+        if state.from_cache > 0 {
+            parts.push(format!("{} from the cache", files(state.from_cache)));
+        }
+        if state.not_found + state.known_missing > 0 {
+            parts.push(format!(
+                "{} on no server",
+                files(state.not_found + state.known_missing)
+            ));
+        }
+        if state.failed > 0 {
+            parts.push(format!(
+                "{} not fetched (see the warnings)",
+                files(state.failed)
+            ));
+        }
+        Some(format!(
+            "debuginfod ({}): {}; cache {}",
+            self.config.urls.join(" "),
+            parts.join(", "),
+            self.config.cache_dir.display()
+        ))
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn warn(&self, message: String) {
+        if self.lock().warned.insert(message.clone()) {
+            eprintln!("anyprof: warning: {message}");
+        }
+    }
+
+    /// The debug file for one object: cached, or downloaded into the cache.
+    fn fetch(&self, wanted: &Wanted<'_>) -> Option<PathBuf> {
+        let hex: String = wanted.build_id.iter().map(|b| format!("{b:02x}")).collect();
+        let dir = self.config.cache_dir.join(&hex);
+        let target = dir.join("debuginfo");
+        match std::fs::metadata(&target) {
+            Ok(meta) if meta.is_file() && meta.len() > 0 => {
+                self.lock().from_cache += 1;
+                return Some(target);
+            }
+            Ok(meta) if meta.is_file() => {
+                let age = meta
+                    .modified()
+                    .ok()
+                    .and_then(|m| SystemTime::now().duration_since(m).ok())
+                    .unwrap_or(Duration::MAX);
+                if age <= self.cache_miss() {
+                    self.lock().known_missing += 1;
+                    return None;
+                }
+            }
+            _ => {}
+        }
+        let alive: Vec<&String> = {
+            let state = self.lock();
+            self.config
+                .urls
+                .iter()
+                .filter(|url| state.dead.get(*url).is_none_or(|t| t.elapsed() >= DEAD_FOR))
+                .collect()
+        };
+        if alive.is_empty() {
+            self.lock().failed += 1;
+            return None;
+        }
+        let writable = self.prepare_dir(&dir);
+        // Whether some server said 404, and whether any said anything else.
+        let (mut any_answered, mut any_failed) = (false, false);
+        for url in alive {
+            match self.download(url, &hex, wanted, writable.then_some(&dir)) {
+                Download::Done(path, bytes) => {
+                    let mut state = self.lock();
+                    state.downloaded += 1;
+                    state.downloaded_bytes += bytes;
+                    return Some(path);
+                }
+                Download::NotFound => any_answered = true,
+                Download::Unreachable(why) => {
+                    any_failed = true;
+                    self.lock().dead.insert(url.clone(), Instant::now());
+                    self.warn(format!(
+                        "debuginfod server {url} cannot be reached ({why}); it is left alone \
+                         for a minute. Check DEBUGINFOD_URLS"
+                    ));
+                }
+                Download::Failed(why) => {
+                    any_failed = true;
+                    self.warn(why);
+                }
+            }
+        }
+        let not_found = any_answered && !any_failed;
+        {
+            let mut state = self.lock();
+            if not_found {
+                state.not_found += 1;
+            } else {
+                state.failed += 1;
+            }
+        }
+        // elfutils' negative mark: only when every server that answered said it has no such
+        // file (not for a server that failed, sent garbage or too much: the user may fix
+        // that and try again at once), and never over a file that is there now (another
+        // client may just have fetched it).
+        if not_found && writable {
+            let _ = std::fs::remove_file(&target).or_else(|e| match e.kind() {
+                io::ErrorKind::NotFound => Ok(()),
+                _ => Err(e),
+            });
+            let _ = std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .open(&target);
+        }
+        None
+    }
+
+    /// How long a negative cache entry stands: `<cache>/cache_miss_s`, as elfutils reads it.
+    fn cache_miss(&self) -> Duration {
+        std::fs::read_to_string(self.config.cache_dir.join("cache_miss_s"))
+            .ok()
+            .and_then(|s| s.trim().parse().ok())
+            .map(Duration::from_secs)
+            .unwrap_or(DEFAULT_CACHE_MISS)
+    }
+
+    /// Makes `<cache>/<build id>/` and says whether files may be written in it: the cache
+    /// and the directory must be this user's and writable by it alone, so that no other user
+    /// can swap them for a link into somewhere else.
+    fn prepare_dir(&self, dir: &Path) -> bool {
+        let cache = &self.config.cache_dir;
+        let made = std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir);
+        // SAFETY: geteuid has no preconditions and cannot fail.
+        let euid = unsafe { libc::geteuid() };
+        let ours = |path: &Path| {
+            std::fs::symlink_metadata(path)
+                .is_ok_and(|m| m.is_dir() && m.uid() == euid && m.mode() & 0o022 == 0)
+        };
+        // The cache root may be a link (a home on another disk); its target must be ours.
+        let cache_ours = std::fs::metadata(cache)
+            .is_ok_and(|m| m.is_dir() && m.uid() == euid && m.mode() & 0o022 == 0);
+        match made {
+            Ok(()) if cache_ours && ours(dir) => {
+                remove_stale_downloads(dir);
+                true
+            }
+            Ok(()) => {
+                self.warn(format!(
+                    "the debuginfod cache {} is not yours alone (owned by another user, or \
+                     writable by others): nothing is downloaded into it. Set \
+                     DEBUGINFOD_CACHE_PATH to a directory of your own",
+                    dir.display()
+                ));
+                false
+            }
+            Err(err) => {
+                self.warn(format!(
+                    "cannot create the debuginfod cache directory {} ({err}): nothing is \
+                     downloaded. Set DEBUGINFOD_CACHE_PATH to a directory you can write",
+                    dir.display()
+                ));
+                false
+            }
+        }
+    }
+
+    /// Asks one server for one build id's debug file, and keeps it in `dir` if there is one.
+    fn download(
+        &self,
+        server: &str,
+        hex: &str,
+        wanted: &Wanted<'_>,
+        dir: Option<&PathBuf>,
+    ) -> Download {
+        let url = format!("{server}/buildid/{hex}/debuginfo");
+        let response = match self.agent.get(&url).call() {
+            Ok(response) => response,
+            Err(err) => return Download::Unreachable(err.to_string()),
+        };
+        let status = response.status().as_u16();
+        if status == 404 {
+            return Download::NotFound;
+        }
+        if status != 200 {
+            return Download::Failed(format!(
+                "debuginfod server answered {status} for {url}; the debug file of {} is not \
+                 fetched",
+                wanted.name
+            ));
+        }
+        let Some(dir) = dir else {
+            return Download::Failed(format!(
+                "the debug file of {} at {url} is not downloaded: the cache cannot be written",
+                wanted.name
+            ));
+        };
+        let max = self.config.max_size;
+        let length = response
+            .headers()
+            .get("content-length")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.trim().parse::<u64>().ok());
+        if length.is_some_and(|n| n > max) {
+            return Download::Failed(too_big(&url, max));
+        }
+        if self.config.progress && length.is_none_or(|n| n >= ANNOUNCE_BYTES) {
+            let size = length.map(|n| format!(" ({})", mib(n))).unwrap_or_default();
+            eprintln!(
+                "anyprof: downloading debug info for {}{size} from {server}...",
+                wanted.name
+            );
+        }
+        let mut temp = match tempfile::Builder::new()
+            .prefix(TEMP_PREFIX)
+            .tempfile_in(dir)
+        {
+            Ok(temp) => temp,
+            Err(err) => {
+                return Download::Failed(format!(
+                    "cannot write into the debuginfod cache {} ({err}); the debug file of {} \
+                     is not downloaded",
+                    dir.display(),
+                    wanted.name
+                ))
+            }
+        };
+        let mut body = response.into_body().into_reader().take(max + 1);
+        let copied = io::copy(&mut body, temp.as_file_mut()).and_then(|n| {
+            temp.as_file_mut().flush()?;
+            Ok(n)
+        });
+        let bytes = match copied {
+            Ok(n) if n > max => return Download::Failed(too_big(&url, max)),
+            Ok(n) => n,
+            Err(err) => {
+                return Download::Failed(format!(
+                    "downloading {url} failed ({err}); the debug file of {} is not fetched",
+                    wanted.name
+                ))
+            }
+        };
+        // Parsed as any local file is: opened without blocking, checked, mapped or read.
+        if let Err(why) = check_debug_file(temp.path(), wanted.build_id) {
+            return Download::Failed(format!(
+                "debuginfod server sent something else than the debug file asked for at \
+                 {url} ({why}); it is ignored. Check that DEBUGINFOD_URLS names debuginfod \
+                 servers"
+            ));
+        }
+        let target = dir.join("debuginfo");
+        match temp.persist(&target) {
+            Ok(file) => {
+                drop::<File>(file);
+                Download::Done(target, bytes)
+            }
+            Err(err) => Download::Failed(format!(
+                "cannot keep the download of {url} in the debuginfod cache ({})",
+                err.error
+            )),
+        }
+    }
+}
+
+/// Removes the temporary files of downloads in `dir` that have not been written to for an
+/// hour: those of a collector that was stopped while it downloaded (a concurrent download
+/// writes to its file all the time).
+fn remove_stale_downloads(dir: &Path) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let stale = entry
+            .metadata()
+            .ok()
+            .and_then(|m| m.modified().ok())
+            .and_then(|m| SystemTime::now().duration_since(m).ok())
+            .is_some_and(|age| age > STALE_DOWNLOAD);
+        if stale && entry.file_name().to_string_lossy().starts_with(TEMP_PREFIX) {
+            let _ = std::fs::remove_file(entry.path());
+        }
+    }
+}
+
+/// The name of a download's temporary file starts with this.
+const TEMP_PREFIX: &str = ".debuginfo.";
+
+/// A temporary download file not written to for this long was left by a stopped collector.
+const STALE_DOWNLOAD: Duration = Duration::from_secs(3600);
+
+/// What one request came to.
+enum Download {
+    Done(PathBuf, u64),
+    NotFound,
+    /// No answer at all: connection refused, name not found, timed out before an answer.
+    Unreachable(String),
+    /// An answer that is no use; the text is the warning.
+    Failed(String),
+}
+
+/// Whether the file at `path` is an ELF file with `build_id`.
+fn check_debug_file(path: &Path, build_id: &[u8]) -> Result<(), String> {
+    let map = MappedFile::open(path).map_err(|_| "it cannot be read back".to_string())?;
+    let file = elf::parse(map.bytes()).map_err(|miss| miss.to_string())?;
+    match ElfFacts::read(&file).build_id {
+        Some(id) if id == build_id => Ok(()),
+        Some(_) => Err("an ELF file with another build id".into()),
+        None => Err("an ELF file without a build id".into()),
+    }
+}
+
+fn too_big(url: &str, max: u64) -> String {
+    format!(
+        "the debug file at {url} is larger than {} and is not downloaded; raise \
+         DEBUGINFOD_MAXSIZE (bytes) to fetch it",
+        mib(max)
+    )
+}
+
+fn mib(bytes: u64) -> String {
+    format!("{:.1} MiB", bytes as f64 / (1u64 << 20) as f64)
+}
+
+fn files(n: usize) -> String {
+    if n == 1 {
+        "1 debug file".into()
+    } else {
+        format!("{n} debug files")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(cache: &Path, urls: Vec<String>) -> DebuginfodConfig {
+        DebuginfodConfig {
+            urls,
+            cache_dir: cache.to_path_buf(),
+            timeout: Duration::from_secs(2),
+            max_time: None,
+            max_size: 1 << 20,
+            progress: false,
+        }
+    }
+
+    fn scratch(name: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("anyprof-dbgd-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        dir
+    }
+
+    /// A cached file is used without asking the (unreachable) server; a fresh negative mark
+    /// stops the asking too; a stale one does not.
+    #[test]
+    fn the_cache_answers_first() {
+        let cache = scratch("cache");
+        let exe = std::env::current_exe().unwrap();
+        let id = [0xab, 0xcd];
+        std::fs::create_dir_all(cache.join("abcd")).unwrap();
+        std::fs::copy(&exe, cache.join("abcd/debuginfo")).unwrap();
+        std::fs::create_dir_all(cache.join("0102")).unwrap();
+        std::fs::write(cache.join("0102/debuginfo"), b"").unwrap();
+        // Port 1 on loopback: refused at once.
+        let client = Debuginfod::new(config(&cache, vec!["http://127.0.0.1:1".into()]));
+        let wanted = [
+            Wanted {
+                build_id: &id,
+                name: "a".into(),
+            },
+            Wanted {
+                build_id: &[1, 2],
+                name: "b".into(),
+            },
+        ];
+        let found = client.fetch_all(&wanted);
+        assert_eq!(found[0].as_deref(), Some(&*cache.join("abcd/debuginfo")));
+        assert_eq!(found[1], None);
+        assert!(client.lock().dead.is_empty(), "no server was asked");
+
+        // A mark older than cache_miss_s is asked again (and the server is then found dead).
+        std::fs::write(cache.join("cache_miss_s"), b"0\n").unwrap();
+        std::thread::sleep(Duration::from_millis(1100));
+        let client = Debuginfod::new(config(&cache, vec!["http://127.0.0.1:1".into()]));
+        assert_eq!(client.fetch_all(&wanted[1..]), vec![None]);
+        assert!(client.lock().dead.contains_key("http://127.0.0.1:1"));
+        // Unreachable is not "not found": the old mark is left, no new one is made.
+        std::fs::remove_dir_all(&cache).unwrap();
+    }
+
+    /// A server that sends `body` without a length (to the end of the connection), to every
+    /// request.
+    fn endless_server(body: Vec<u8>) -> String {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        std::thread::spawn(move || {
+            for stream in listener.incoming() {
+                let Ok(mut stream) = stream else { continue };
+                let mut request = [0u8; 4096];
+                let _ = stream.read(&mut request);
+                let _ = stream.write_all(b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\n");
+                let _ = stream.write_all(&body);
+            }
+        });
+        format!("http://127.0.0.1:{port}")
+    }
+
+    /// A body without a length is cut at the size limit: nothing is kept, no temporary file
+    /// is left, and the build id is not marked as missing (raising the limit helps at once).
+    #[test]
+    fn downloads_stop_at_the_size_limit() {
+        let cache = scratch("size");
+        let url = endless_server(vec![0x7f; (1 << 20) + 4096]);
+        let client = Debuginfod::new(config(&cache, vec![url]));
+        let wanted = [Wanted {
+            build_id: &[0xee, 0xff],
+            name: "big".into(),
+        }];
+        assert_eq!(client.fetch_all(&wanted), vec![None]);
+        let left: Vec<_> = std::fs::read_dir(cache.join("eeff"))
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert!(left.is_empty(), "{left:?}");
+        assert_eq!(client.lock().failed, 1);
+        let warned = client.lock().warned.clone();
+        assert!(
+            warned.iter().any(|w| w.contains("larger than 1.0 MiB")),
+            "{warned:?}"
+        );
+        std::fs::remove_dir_all(&cache).unwrap();
+    }
+
+    #[test]
+    fn environment_is_read_as_elfutils_reads_it() {
+        let read = |vars: &[(&str, &str)]| {
+            let vars: HashMap<String, std::ffi::OsString> = vars
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.into()))
+                .collect();
+            DebuginfodConfig::from_vars(|name| vars.get(name).cloned())
+        };
+        assert_eq!(read(&[("HOME", "/h")]), Ok(None));
+        assert_eq!(read(&[("DEBUGINFOD_URLS", " "), ("HOME", "/h")]), Ok(None));
+        let urls = ("DEBUGINFOD_URLS", " http://a:1/  https://b/x ");
+        let c = read(&[urls, ("HOME", "/h")]).unwrap().unwrap();
+        assert_eq!(c.urls, ["http://a:1", "https://b/x"]);
+        assert_eq!(c.cache_dir, Path::new("/h/.cache/debuginfod_client"));
+        assert_eq!(c.timeout, DEFAULT_TIMEOUT);
+        assert_eq!(c.max_size, DEFAULT_MAX_SIZE);
+        assert_eq!(c.max_time, None);
+        let c = read(&[urls, ("HOME", "/h"), ("XDG_CACHE_HOME", "/xdg")])
+            .unwrap()
+            .unwrap();
+        assert_eq!(c.cache_dir, Path::new("/xdg/debuginfod_client"));
+        let c = read(&[
+            urls,
+            ("XDG_CACHE_HOME", "/xdg"),
+            ("DEBUGINFOD_CACHE_PATH", "/c"),
+            ("DEBUGINFOD_TIMEOUT", "5"),
+            ("DEBUGINFOD_MAXTIME", "60"),
+            ("DEBUGINFOD_MAXSIZE", "1000"),
+        ])
+        .unwrap()
+        .unwrap();
+        assert_eq!(c.cache_dir, Path::new("/c"));
+        assert_eq!(c.timeout, Duration::from_secs(5));
+        assert_eq!(c.max_time, Some(Duration::from_secs(60)));
+        assert_eq!(c.max_size, 1000);
+        assert!(read(&[urls, ("HOME", "/h"), ("DEBUGINFOD_TIMEOUT", "soon")]).is_err());
+        let err = read(&[urls]).unwrap_err();
+        assert!(err.contains("DEBUGINFOD_CACHE_PATH"), "{err}");
+    }
+}
