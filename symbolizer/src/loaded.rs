@@ -168,7 +168,7 @@ impl LoadedObject {
             })
             .or_else(|| images().find_map(|image| image.symbol(address, Table::Dynamic)))
             .map(|name| String::from_utf8_lossy(name).into_owned())
-            .or_else(|| self.main.plt_stub(address).map(str::to_string))
+            .or_else(|| self.main.plt_stub(address))
     }
 
     /// Whether the object has DWARF to answer from, its own or its debug file's: without it,
@@ -204,7 +204,7 @@ impl Image {
     }
 
     /// `name@plt` for an address in a PLT stub.
-    fn plt_stub(&self, address: u64) -> Option<&str> {
+    fn plt_stub(&self, address: u64) -> Option<String> {
         self.plt
             .get_or_init(|| match elf::parse(self.map.bytes()) {
                 Ok(file) => PltTable::read(&file),

@@ -9,16 +9,30 @@
 //! slot (`R_X86_64_JUMP_SLOT` or `GLOB_DAT`) names the function. So a stub is named by decoding
 //! its jump, not by its index, which would depend on the PLT layout the linker chose.
 //! The lazy-binding entry (`PLT0`) jumps through a slot without a relocation and stays unnamed.
+//!
+//! The object may be hostile: many stubs can jump through one slot whose symbol has a huge
+//! name. Each name is therefore kept once (shared by all stubs through it), at most
+//! [`MAX_NAME`] bytes long, `@plt` is added only when a stub is looked up, and the table
+//! holds at most as many stubs as the object has dynamic relocations, and never more than
+//! [`MAX_ENTRIES`].
 
 use std::collections::HashMap;
+use std::sync::Arc;
 
 use object::{Object, ObjectSection, ObjectSymbol, ObjectSymbolTable, RelocationTarget};
+
+/// The longest function name kept for a stub; longer names are cut (at a character
+/// boundary) so that one symbol cannot make every stub through it large.
+pub(crate) const MAX_NAME: usize = 4 << 10;
+
+/// The most stubs one object's table holds.
+pub(crate) const MAX_ENTRIES: usize = 1 << 20;
 
 /// The stubs of one object, sorted by address.
 #[derive(Debug, Default)]
 pub(crate) struct PltTable {
-    /// `(start, end, name with "@plt")`.
-    entries: Vec<(u64, u64, String)>,
+    /// `(start, end, function name without "@plt")`; stubs through one slot share the name.
+    entries: Vec<(u64, u64, Arc<str>)>,
 }
 
 impl PltTable {
@@ -27,12 +41,13 @@ impl PltTable {
         if file.architecture() != object::Architecture::X86_64 {
             return PltTable::default();
         }
-        let slots = slot_names(file);
+        let (slots, relocations) = slot_names(file);
         if slots.is_empty() {
             return PltTable::default();
         }
+        let max_entries = relocations.min(MAX_ENTRIES);
         let mut entries = Vec::new();
-        for section in file.sections() {
+        'sections: for section in file.sections() {
             let Ok(name) = section.name() else { continue };
             let Ok(bytes) = section.data() else { continue };
             let entry_size: u64 = match name {
@@ -49,7 +64,10 @@ impl PltTable {
                     continue;
                 };
                 if let Some(function) = slots.get(&slot) {
-                    entries.push((start, start + entry_size, format!("{function}@plt")));
+                    if entries.len() >= max_entries {
+                        break 'sections;
+                    }
+                    entries.push((start, start + entry_size, Arc::clone(function)));
                 }
             }
         }
@@ -57,11 +75,11 @@ impl PltTable {
         PltTable { entries }
     }
 
-    /// The name of the stub covering `address`.
-    pub(crate) fn lookup(&self, address: u64) -> Option<&str> {
+    /// The name of the stub covering `address`: `function@plt`.
+    pub(crate) fn lookup(&self, address: u64) -> Option<String> {
         let after = self.entries.partition_point(|e| e.0 <= address);
         let (_, end, name) = self.entries.get(after.checked_sub(1)?)?;
-        (address < *end).then_some(name.as_str())
+        (address < *end).then(|| format!("{name}@plt"))
     }
 }
 
@@ -86,29 +104,51 @@ fn jump_slot(entry: &[u8], address: u64) -> Option<u64> {
     Some(next.wrapping_add_signed(i64::from(disp)))
 }
 
-/// GOT slot address → name of the function a dynamic relocation puts there.
-fn slot_names(file: &object::File<'_>) -> HashMap<u64, String> {
+/// GOT slot address → name of the function a dynamic relocation puts there (one shared
+/// copy per symbol, cut to [`MAX_NAME`] bytes), and the number of dynamic relocations.
+fn slot_names(file: &object::File<'_>) -> (HashMap<u64, Arc<str>>, usize) {
     let mut out = HashMap::new();
+    let mut count = 0usize;
     let (Some(relocations), Some(symbols)) =
         (file.dynamic_relocations(), file.dynamic_symbol_table())
     else {
-        return out;
+        return (out, count);
     };
+    let mut names: HashMap<object::SymbolIndex, Arc<str>> = HashMap::new();
     for (offset, relocation) in relocations {
+        count += 1;
         let RelocationTarget::Symbol(index) = relocation.target() else {
             continue;
         };
+        if let Some(name) = names.get(&index) {
+            out.insert(offset, Arc::clone(name));
+            continue;
+        }
         let Ok(symbol) = symbols.symbol_by_index(index) else {
             continue;
         };
         match symbol.name() {
             Ok(name) if !name.is_empty() => {
-                out.insert(offset, name.to_string());
+                let name: Arc<str> = Arc::from(cut(name, MAX_NAME));
+                names.insert(index, Arc::clone(&name));
+                out.insert(offset, name);
             }
             _ => {}
         }
     }
-    out
+    (out, count)
+}
+
+/// `name` cut to at most `max` bytes, at a character boundary.
+fn cut(name: &str, max: usize) -> &str {
+    if name.len() <= max {
+        return name;
+    }
+    let mut end = max;
+    while !name.is_char_boundary(end) {
+        end -= 1;
+    }
+    &name[..end]
 }
 
 #[cfg(test)]
@@ -141,13 +181,13 @@ mod tests {
     #[test]
     fn lookup_covers_each_stub_only() {
         let table = PltTable {
-            entries: vec![(0x10, 0x20, "a@plt".into()), (0x30, 0x40, "b@plt".into())],
+            entries: vec![(0x10, 0x20, "a".into()), (0x30, 0x40, "b".into())],
         };
         assert_eq!(table.lookup(0xf), None);
-        assert_eq!(table.lookup(0x10), Some("a@plt"));
-        assert_eq!(table.lookup(0x1f), Some("a@plt"));
+        assert_eq!(table.lookup(0x10).as_deref(), Some("a@plt"));
+        assert_eq!(table.lookup(0x1f).as_deref(), Some("a@plt"));
         assert_eq!(table.lookup(0x20), None);
-        assert_eq!(table.lookup(0x3f), Some("b@plt"));
+        assert_eq!(table.lookup(0x3f).as_deref(), Some("b@plt"));
         assert_eq!(table.lookup(0x40), None);
     }
 
@@ -158,11 +198,22 @@ mod tests {
         let data = std::fs::read("/proc/self/exe").unwrap();
         let file = object::File::parse(&*data).unwrap();
         let table = PltTable::read(&file);
-        let names: Vec<&str> = table.entries.iter().map(|e| e.2.as_str()).collect();
+        let names: Vec<String> = table
+            .entries
+            .iter()
+            .filter_map(|e| table.lookup(e.0))
+            .collect();
         assert!(!names.is_empty(), "no PLT stub named");
         assert!(
             names.iter().all(|n| n.len() > 4 && n.ends_with("@plt")),
             "{names:?}"
         );
+    }
+
+    #[test]
+    fn long_names_are_cut_at_a_character_boundary() {
+        assert_eq!(cut("abc", 4), "abc");
+        assert_eq!(cut("abcdef", 4), "abcd");
+        assert_eq!(cut("aé", 2), "a");
     }
 }
