@@ -131,6 +131,8 @@ fn symbolize_peak(dir: &Path, profile: &Profile) -> (u64, String) {
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(std::fs::File::create(&stderr_path).unwrap());
+    // Reaped below with wait4, which also reports the child's peak memory.
+    #[allow(clippy::zombie_processes)]
     let child = cmd.spawn().expect("starting anyprof symbolize");
     let pid = child.id() as libc::pid_t;
     let start = Instant::now();
