@@ -16,9 +16,21 @@
 //! replaces a good one. A build id that no server has leaves an empty `debuginfo` (elfutils'
 //! negative-cache mark): it is not asked again until it is older than `<cache>/cache_miss_s`
 //! seconds (600 when that file is missing), as elfutils does. Files are written with the
-//! rights of the process that symbolizes (never those of a profiled process), in directories
-//! that must be its own and writable by it alone: a cache directory another user could change
-//! is used for reading only, with a warning.
+//! rights of the process that symbolizes (never those of a profiled process).
+//!
+//! The cache is trusted only if another user cannot have put files in it: its directory is
+//! checked once, when the client is made, without following a link (owned by this user or
+//! root, writable by neither group nor others, not a symbolic link). A cache that fails the
+//! check is not used at all, neither read nor written, and debuginfod is not asked (there is
+//! nowhere to keep what it sends); one warning says so and what to change. Everything in it is
+//! then reached through that opened directory: `<build id>` is made with `mkdirat`, files are
+//! opened with `O_NOFOLLOW | O_NONBLOCK` and must be regular files, `cache_miss_s` is read to
+//! at most 32 bytes.
+//!
+//! The caller may say, per client, that only objects owned by root and writable by no one
+//! else are looked up ([`DebuginfodConfig::only_root_owned_objects`]): a daemon symbolizing
+//! for other users turns it on, so that a user cannot make it download, for a build id of the
+//! user's choosing, into root's cache.
 //!
 //! # Limits
 //!
@@ -33,10 +45,12 @@
 //! large or slow is announced as it starts; [`Debuginfod::summary`] says in one line what was
 //! fetched.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::ffi::CString;
 use std::fs::File;
 use std::io::{self, IsTerminal, Read, Write};
-use std::os::unix::fs::{DirBuilderExt, MetadataExt};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::time::{Duration, Instant, SystemTime};
@@ -70,6 +84,21 @@ const DEAD_FOR: Duration = Duration::from_secs(60);
 /// Downloads this large, or of unknown size, are announced on a terminal.
 const ANNOUNCE_BYTES: u64 = 1 << 20;
 
+/// Build ids shorter or longer than this (in bytes) are not asked for: real ones are 16
+/// (MD5, UUID) to 20 (SHA-1) bytes, a few toolchains use 8 or 32.
+pub(crate) const BUILD_ID_LEN: std::ops::RangeInclusive<usize> = 8..=64;
+
+/// The most build ids whose outcome a client remembers; past it the oldest is forgotten (and
+/// asked again if wanted again). A daemon meets new builds for months.
+const MAX_OUTCOMES: usize = 4096;
+
+/// The most distinct warnings remembered (each printed once); past it the oldest is forgotten.
+const MAX_WARNED: usize = 256;
+
+/// A limit for each download in all that a daemon may set as its default
+/// ([`DebuginfodConfig::default_max_time`]): five minutes.
+pub const DAEMON_MAX_TIME: Duration = Duration::from_secs(300);
+
 /// Where and how to fetch debug files.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct DebuginfodConfig {
@@ -86,6 +115,15 @@ pub struct DebuginfodConfig {
     /// Announce downloads as they start (stderr is a terminal, or `DEBUGINFOD_PROGRESS` is
     /// set).
     pub progress: bool,
+    /// Longest time for one download in all when `max_time` (`DEBUGINFOD_MAXTIME`) is not
+    /// set; `None` from the environment. A daemon sets it (e.g. [`DAEMON_MAX_TIME`]) so that
+    /// a server trickling bytes cannot hold a download for ever.
+    pub default_max_time: Option<Duration>,
+    /// Ask only for objects whose file, as opened (with the rights of the process they were
+    /// opened for), is owned by root and writable by neither group nor others: objects a
+    /// local user cannot have made. `false` from the environment; a root daemon that
+    /// symbolizes for other users sets it.
+    pub only_root_owned_objects: bool,
 }
 
 impl DebuginfodConfig {
@@ -162,6 +200,8 @@ impl DebuginfodConfig {
             max_size,
             // elfutils' variable for its progress meter turns the announcements on too.
             progress: io::stderr().is_terminal() || get("DEBUGINFOD_PROGRESS").is_some(),
+            default_max_time: None,
+            only_root_owned_objects: false,
         }))
     }
 }
@@ -169,6 +209,9 @@ impl DebuginfodConfig {
 /// A debuginfod client with its cache and what it learnt this run.
 pub(crate) struct Debuginfod {
     config: DebuginfodConfig,
+    /// The cache directory, opened and checked once; `None` when it failed the check (then
+    /// nothing is read from it, written to it, or asked of a server).
+    cache: Option<OwnedFd>,
     agent: ureq::Agent,
     state: Mutex<State>,
 }
@@ -176,12 +219,13 @@ pub(crate) struct Debuginfod {
 #[derive(Default)]
 struct State {
     /// What each build id came to and when, so that it is asked once a run (a daemon asks
-    /// again for one not found after [`RETRY_AFTER`]).
+    /// again for one not found after [`RETRY_AFTER`]). At most [`MAX_OUTCOMES`].
     outcomes: HashMap<Vec<u8>, (Option<PathBuf>, Instant)>,
     /// Servers that could not be reached, and when; not asked for [`DEAD_FOR`].
     dead: HashMap<String, Instant>,
-    /// Warnings already printed.
+    /// Warnings already printed, and the order they came in (at most [`MAX_WARNED`]).
     warned: HashSet<String>,
+    warned_order: VecDeque<String>,
     downloaded: usize,
     downloaded_bytes: u64,
     from_cache: usize,
@@ -194,8 +238,53 @@ struct State {
 /// One object whose debug file is wanted.
 pub(crate) struct Wanted<'a> {
     pub(crate) build_id: &'a [u8],
-    /// For messages: the object's file name.
+    /// For messages: the object's file name, as [`printable`] shows it.
     pub(crate) name: String,
+}
+
+/// `text` with control characters (newlines, escape sequences) escaped, for names that come
+/// from files or servers and go into messages: they cannot forge or hide a line of the log.
+pub(crate) fn printable(text: &str) -> String {
+    text.chars()
+        .map(|c| {
+            if c.is_control() || c == '\\' {
+                c.escape_default().to_string()
+            } else {
+                c.to_string()
+            }
+        })
+        .collect()
+}
+
+impl State {
+    fn remember(&mut self, id: &[u8], found: Option<PathBuf>) {
+        if self.outcomes.len() >= MAX_OUTCOMES && !self.outcomes.contains_key(id) {
+            let oldest = self
+                .outcomes
+                .iter()
+                .min_by_key(|(_, (_, when))| *when)
+                .map(|(id, _)| id.clone());
+            if let Some(oldest) = oldest {
+                self.outcomes.remove(&oldest);
+            }
+        }
+        self.outcomes.insert(id.to_vec(), (found, Instant::now()));
+    }
+
+    /// Whether `message` is new (then it is remembered).
+    fn first_time(&mut self, message: &str) -> bool {
+        if self.warned.contains(message) {
+            return false;
+        }
+        if self.warned_order.len() >= MAX_WARNED {
+            if let Some(oldest) = self.warned_order.pop_front() {
+                self.warned.remove(&oldest);
+            }
+        }
+        self.warned.insert(message.to_string());
+        self.warned_order.push_back(message.to_string());
+        true
+    }
 }
 
 impl Debuginfod {
@@ -204,16 +293,36 @@ impl Debuginfod {
             .timeout_connect(Some(config.timeout))
             .timeout_recv_response(Some(config.timeout))
             .timeout_per_read(Some(config.timeout))
-            .timeout_global(config.max_time)
+            .timeout_global(config.max_time.or(config.default_max_time))
             .http_status_as_error(false)
             .user_agent(concat!("anyprof/", env!("CARGO_PKG_VERSION")))
             .build()
             .into();
-        Debuginfod {
+        let (cache, refused) = match open_cache(&config.cache_dir) {
+            Ok(fd) => (Some(fd), None),
+            Err(why) => (None, Some(why)),
+        };
+        let client = Debuginfod {
             config,
+            cache,
             agent,
             state: Mutex::new(State::default()),
+        };
+        if let Some(why) = refused {
+            client.warn(format!(
+                "the debuginfod cache {} is not used and debuginfod is not asked: {why}. Make \
+                 it a directory of your own that only you can write (chown, chmod go-w; not a \
+                 symbolic link), or set DEBUGINFOD_CACHE_PATH to one",
+                client.config.cache_dir.display()
+            ));
         }
+        client
+    }
+
+    /// Whether debug files may be asked for an object whose file, as opened, is owned by
+    /// root and writable by root alone (`root_owned`).
+    pub(crate) fn may_ask_for(&self, root_owned: bool) -> bool {
+        root_owned || !self.config.only_root_owned_objects
     }
 
     /// The debug file of each wanted object, from the cache or downloaded, in the same order:
@@ -245,7 +354,8 @@ impl Debuginfod {
                     let Some(i) = next.lock().ok().and_then(|mut n| n.next()) else {
                         return;
                     };
-                    let found = self.fetch(&wanted[i]);
+                    // A bug in parsing what a server sent costs this object only.
+                    let found = crate::panics::catch(|| self.fetch(&wanted[i])).unwrap_or(None);
                     if let Ok(mut results) = results.lock() {
                         results.push((i, found));
                     }
@@ -254,9 +364,7 @@ impl Debuginfod {
         });
         let mut state = self.lock();
         for (i, found) in results.into_inner().unwrap_or_default() {
-            state
-                .outcomes
-                .insert(wanted[i].build_id.to_vec(), (found.clone(), Instant::now()));
+            state.remember(wanted[i].build_id, found.clone());
             answers[i] = Some(found);
         }
         wanted
@@ -316,33 +424,51 @@ impl Debuginfod {
     }
 
     fn warn(&self, message: String) {
-        if self.lock().warned.insert(message.clone()) {
+        // Parts of it came from servers and files: no line of it can start a line of its own.
+        let message = printable(&message);
+        if self.lock().first_time(&message) {
             eprintln!("anyprof: warning: {message}");
         }
     }
 
     /// The debug file for one object: cached, or downloaded into the cache.
     fn fetch(&self, wanted: &Wanted<'_>) -> Option<PathBuf> {
+        if !BUILD_ID_LEN.contains(&wanted.build_id.len()) {
+            return None;
+        }
+        let Some(root) = &self.cache else {
+            // Said once when the client was made.
+            self.lock().failed += 1;
+            return None;
+        };
         let hex: String = wanted.build_id.iter().map(|b| format!("{b:02x}")).collect();
         let dir = self.config.cache_dir.join(&hex);
         let target = dir.join("debuginfo");
-        match std::fs::metadata(&target) {
-            Ok(meta) if meta.is_file() && meta.len() > 0 => {
-                self.lock().from_cache += 1;
-                return Some(target);
-            }
-            Ok(meta) if meta.is_file() => {
-                let age = meta
-                    .modified()
-                    .ok()
-                    .and_then(|m| SystemTime::now().duration_since(m).ok())
-                    .unwrap_or(Duration::MAX);
-                if age <= self.cache_miss() {
-                    self.lock().known_missing += 1;
-                    return None;
+        let entry = open_at(root, &hex, libc::O_DIRECTORY).ok();
+        // An entry directory must be as private as the cache (only we or root can have made it
+        // there, but it may have been made with another umask).
+        let entry = entry.filter(|fd| fstat(fd).is_ok_and(|m| trusted_dir(&m)));
+        if let Some(entry) = &entry {
+            if let Ok(file) = open_at(entry, "debuginfo", 0) {
+                match fstat(&file) {
+                    Ok(meta) if is_regular(&meta) && meta.st_size > 0 => {
+                        self.lock().from_cache += 1;
+                        return Some(target);
+                    }
+                    Ok(meta) if is_regular(&meta) => {
+                        let modified = SystemTime::UNIX_EPOCH
+                            + Duration::from_secs(u64::try_from(meta.st_mtime).unwrap_or(0));
+                        let age = SystemTime::now()
+                            .duration_since(modified)
+                            .unwrap_or(Duration::ZERO);
+                        if age <= self.cache_miss(root) {
+                            self.lock().known_missing += 1;
+                            return None;
+                        }
+                    }
+                    _ => {}
                 }
             }
-            _ => {}
         }
         let alive: Vec<&String> = {
             let state = self.lock();
@@ -356,7 +482,8 @@ impl Debuginfod {
             self.lock().failed += 1;
             return None;
         }
-        let writable = self.prepare_dir(&dir);
+        let entry = self.prepare_dir(root, &hex, &dir);
+        let writable = entry.is_some();
         // Whether some server said 404, and whether any said anything else.
         let (mut any_answered, mut any_failed) = (false, false);
         for url in alive {
@@ -394,68 +521,71 @@ impl Debuginfod {
         // elfutils' negative mark: only when every server that answered said it has no such
         // file (not for a server that failed, sent garbage or too much: the user may fix
         // that and try again at once), and never over a file that is there now (another
-        // client may just have fetched it).
-        if not_found && writable {
-            let _ = std::fs::remove_file(&target).or_else(|e| match e.kind() {
-                io::ErrorKind::NotFound => Ok(()),
-                _ => Err(e),
-            });
-            let _ = std::fs::OpenOptions::new()
-                .write(true)
-                .create_new(true)
-                .open(&target);
+        // client may just have fetched it): an old empty mark gets a new time, nothing else
+        // is touched.
+        if let (true, Some(entry)) = (not_found, &entry) {
+            mark_missing(entry);
         }
         None
     }
 
-    /// How long a negative cache entry stands: `<cache>/cache_miss_s`, as elfutils reads it.
-    fn cache_miss(&self) -> Duration {
-        std::fs::read_to_string(self.config.cache_dir.join("cache_miss_s"))
-            .ok()
-            .and_then(|s| s.trim().parse().ok())
-            .map(Duration::from_secs)
-            .unwrap_or(DEFAULT_CACHE_MISS)
+    /// How long a negative cache entry stands: `<cache>/cache_miss_s`, as elfutils reads it
+    /// (a regular file, at most 32 bytes read).
+    fn cache_miss(&self, root: &OwnedFd) -> Duration {
+        let read = || -> Option<Duration> {
+            let file = File::from(open_at(root, "cache_miss_s", 0).ok()?);
+            if !file.metadata().ok()?.is_file() {
+                return None;
+            }
+            let mut text = Vec::new();
+            file.take(32).read_to_end(&mut text).ok()?;
+            let seconds = std::str::from_utf8(&text).ok()?.trim().parse().ok()?;
+            Some(Duration::from_secs(seconds))
+        };
+        read().unwrap_or(DEFAULT_CACHE_MISS)
     }
 
-    /// Makes `<cache>/<build id>/` and says whether files may be written in it: the cache
-    /// and the directory must be this user's and writable by it alone, so that no other user
-    /// can swap them for a link into somewhere else.
-    fn prepare_dir(&self, dir: &Path) -> bool {
-        let cache = &self.config.cache_dir;
-        let made = std::fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o700)
-            .create(dir);
+    /// Makes `<cache>/<build id>/` (`dir`, named `hex` in the opened cache `root`) and returns
+    /// it opened if files may be written in it: it must be this user's and writable by it
+    /// alone.
+    fn prepare_dir(&self, root: &OwnedFd, hex: &str, dir: &Path) -> Option<OwnedFd> {
+        let name = CString::new(hex).ok()?;
+        // SAFETY: `root` is an open descriptor and `name` a NUL-terminated string that lives
+        // across the call.
+        let made = unsafe { libc::mkdirat(root.as_raw_fd(), name.as_ptr(), 0o700) };
+        let made = if made == 0 {
+            Ok(())
+        } else {
+            let err = io::Error::last_os_error();
+            match err.kind() {
+                io::ErrorKind::AlreadyExists => Ok(()),
+                _ => Err(err),
+            }
+        };
+        if let Err(err) = made {
+            self.warn(format!(
+                "cannot create the debuginfod cache directory {} ({err}): nothing is \
+                 downloaded. Set DEBUGINFOD_CACHE_PATH to a directory you can write",
+                dir.display()
+            ));
+            return None;
+        }
         // SAFETY: geteuid has no preconditions and cannot fail.
         let euid = unsafe { libc::geteuid() };
-        let ours = |path: &Path| {
-            std::fs::symlink_metadata(path)
-                .is_ok_and(|m| m.is_dir() && m.uid() == euid && m.mode() & 0o022 == 0)
-        };
-        // The cache root may be a link (a home on another disk); its target must be ours.
-        let cache_ours = std::fs::metadata(cache)
-            .is_ok_and(|m| m.is_dir() && m.uid() == euid && m.mode() & 0o022 == 0);
-        match made {
-            Ok(()) if cache_ours && ours(dir) => {
+        let entry = open_at(root, hex, libc::O_DIRECTORY).ok();
+        match entry {
+            Some(fd) if fstat(&fd).is_ok_and(|m| m.st_uid == euid && m.st_mode & 0o022 == 0) => {
                 remove_stale_downloads(dir);
-                true
+                Some(fd)
             }
-            Ok(()) => {
+            _ => {
                 self.warn(format!(
-                    "the debuginfod cache {} is not yours alone (owned by another user, or \
-                     writable by others): nothing is downloaded into it. Set \
-                     DEBUGINFOD_CACHE_PATH to a directory of your own",
+                    "the debuginfod cache directory {} is not yours alone (owned by another \
+                     user, writable by others, or not a directory): nothing is downloaded into \
+                     it. Remove it, or set DEBUGINFOD_CACHE_PATH to a directory of your own",
                     dir.display()
                 ));
-                false
-            }
-            Err(err) => {
-                self.warn(format!(
-                    "cannot create the debuginfod cache directory {} ({err}): nothing is \
-                     downloaded. Set DEBUGINFOD_CACHE_PATH to a directory you can write",
-                    dir.display()
-                ));
-                false
+                None
             }
         }
     }
@@ -557,6 +687,134 @@ impl Debuginfod {
     }
 }
 
+/// Opens the cache directory `dir` (made, with its parents, if it is missing) and checks it
+/// can be trusted: not a symbolic link, a directory owned by this user or root, writable by
+/// neither group nor others. `Err` says what is wrong.
+fn open_cache(dir: &Path) -> Result<OwnedFd, String> {
+    if let Err(err) = std::fs::symlink_metadata(dir) {
+        if err.kind() != io::ErrorKind::NotFound {
+            return Err(format!("it cannot be looked at ({err})"));
+        }
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)
+            .map_err(|err| format!("it cannot be created ({err})"))?;
+    }
+    let meta = std::fs::symlink_metadata(dir).map_err(|err| format!("{err}"))?;
+    if meta.file_type().is_symlink() {
+        return Err("it is a symbolic link".into());
+    }
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_DIRECTORY | libc::O_NOFOLLOW | libc::O_CLOEXEC)
+        .open(dir)
+        .map_err(|err| format!("it cannot be opened as a directory ({err})"))?;
+    let fd = OwnedFd::from(file);
+    let opened = fstat(&fd).map_err(|err| format!("{err}"))?;
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    let euid = unsafe { libc::geteuid() };
+    if opened.st_uid != euid && opened.st_uid != 0 {
+        return Err(format!(
+            "it is owned by uid {}, not by you (uid {euid}) or root",
+            opened.st_uid
+        ));
+    }
+    if opened.st_mode & 0o022 != 0 {
+        return Err(format!(
+            "it is writable by group or others (mode {:o})",
+            opened.st_mode & 0o7777
+        ));
+    }
+    Ok(fd)
+}
+
+/// Whether the directory whose `fstat` is `meta` is as private as the cache must be.
+fn trusted_dir(meta: &libc::stat) -> bool {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    let euid = unsafe { libc::geteuid() };
+    (meta.st_uid == euid || meta.st_uid == 0) && meta.st_mode & 0o022 == 0
+}
+
+fn is_regular(meta: &libc::stat) -> bool {
+    meta.st_mode & libc::S_IFMT == libc::S_IFREG
+}
+
+/// Opens `name` in the directory `dir` for reading, without following a link or blocking
+/// (`O_NOFOLLOW | O_NONBLOCK | O_CLOEXEC`, plus `flags`).
+fn open_at(dir: &OwnedFd, name: &str, flags: libc::c_int) -> io::Result<OwnedFd> {
+    let name = CString::new(name).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+    // SAFETY: `dir` is an open descriptor and `name` a NUL-terminated string that lives across
+    // the call.
+    let fd = unsafe {
+        libc::openat(
+            dir.as_raw_fd(),
+            name.as_ptr(),
+            libc::O_RDONLY | libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_CLOEXEC | flags,
+        )
+    };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: openat just returned this descriptor, which nothing else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+fn fstat(fd: &OwnedFd) -> io::Result<libc::stat> {
+    // SAFETY: an all-zero `stat` is a valid value of this plain C struct.
+    let mut meta: libc::stat = unsafe { std::mem::zeroed() };
+    // SAFETY: `fd` is open; `meta` is a valid, writable `stat` that fstat fills in.
+    if unsafe { libc::fstat(fd.as_raw_fd(), &mut meta) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(meta)
+}
+
+/// Leaves elfutils' negative mark, an empty `debuginfo`, in the opened entry directory: made
+/// if there is nothing, its time renewed if it is an empty regular file, and anything else
+/// (a file another client just fetched) left alone.
+fn mark_missing(entry: &OwnedFd) {
+    let name = c"debuginfo";
+    // SAFETY: an all-zero `stat` is a valid value of this plain C struct.
+    let mut meta: libc::stat = unsafe { std::mem::zeroed() };
+    // SAFETY: `entry` is open, `name` is NUL-terminated, `meta` is valid for writes.
+    let looked = unsafe {
+        libc::fstatat(
+            entry.as_raw_fd(),
+            name.as_ptr(),
+            &mut meta,
+            libc::AT_SYMLINK_NOFOLLOW,
+        )
+    };
+    if looked == 0 {
+        if is_regular(&meta) && meta.st_size == 0 {
+            // SAFETY: as above; a null `times` means now; the link itself is not followed.
+            unsafe {
+                libc::utimensat(
+                    entry.as_raw_fd(),
+                    name.as_ptr(),
+                    std::ptr::null(),
+                    libc::AT_SYMLINK_NOFOLLOW,
+                )
+            };
+        }
+        return;
+    }
+    // SAFETY: as above; O_EXCL makes it only if nothing is there (not even a link).
+    let fd = unsafe {
+        libc::openat(
+            entry.as_raw_fd(),
+            name.as_ptr(),
+            libc::O_WRONLY | libc::O_CREAT | libc::O_EXCL | libc::O_NOFOLLOW | libc::O_CLOEXEC,
+            0o644 as libc::c_uint,
+        )
+    };
+    if fd >= 0 {
+        // SAFETY: openat just returned this descriptor, which nothing else owns.
+        drop(unsafe { OwnedFd::from_raw_fd(fd) });
+    }
+}
+
 /// Removes the temporary files of downloads in `dir` that have not been written to for an
 /// hour: those of a collector that was stopped while it downloaded (a concurrent download
 /// writes to its file all the time).
@@ -636,6 +894,8 @@ mod tests {
             max_time: None,
             max_size: 1 << 20,
             progress: false,
+            default_max_time: None,
+            only_root_owned_objects: false,
         }
     }
 
@@ -652,11 +912,11 @@ mod tests {
     fn the_cache_answers_first() {
         let cache = scratch("cache");
         let exe = std::env::current_exe().unwrap();
-        let id = [0xab, 0xcd];
-        std::fs::create_dir_all(cache.join("abcd")).unwrap();
-        std::fs::copy(&exe, cache.join("abcd/debuginfo")).unwrap();
-        std::fs::create_dir_all(cache.join("0102")).unwrap();
-        std::fs::write(cache.join("0102/debuginfo"), b"").unwrap();
+        let id = [0xab, 0xcd, 0, 0, 0, 0, 0, 1];
+        std::fs::create_dir_all(cache.join("abcd000000000001")).unwrap();
+        std::fs::copy(&exe, cache.join("abcd000000000001/debuginfo")).unwrap();
+        std::fs::create_dir_all(cache.join("0102000000000000")).unwrap();
+        std::fs::write(cache.join("0102000000000000/debuginfo"), b"").unwrap();
         // Port 1 on loopback: refused at once.
         let client = Debuginfod::new(config(&cache, vec!["http://127.0.0.1:1".into()]));
         let wanted = [
@@ -665,12 +925,15 @@ mod tests {
                 name: "a".into(),
             },
             Wanted {
-                build_id: &[1, 2],
+                build_id: &[1, 2, 0, 0, 0, 0, 0, 0],
                 name: "b".into(),
             },
         ];
         let found = client.fetch_all(&wanted);
-        assert_eq!(found[0].as_deref(), Some(&*cache.join("abcd/debuginfo")));
+        assert_eq!(
+            found[0].as_deref(),
+            Some(&*cache.join("abcd000000000001/debuginfo"))
+        );
         assert_eq!(found[1], None);
         assert!(client.lock().dead.is_empty(), "no server was asked");
 
@@ -682,6 +945,185 @@ mod tests {
         assert!(client.lock().dead.contains_key("http://127.0.0.1:1"));
         // Unreachable is not "not found": the old mark is left, no new one is made.
         std::fs::remove_dir_all(&cache).unwrap();
+    }
+
+    /// A cache directory owned by another user (nobody) is not used at all: a debug file
+    /// planted there is not taken, its FIFO `cache_miss_s` is not opened (which would hang),
+    /// nothing is made in it, no server is asked; one warning says why.
+    #[test]
+    fn a_cache_of_another_user_is_not_used() {
+        if unsafe_geteuid() != 0 {
+            eprintln!("skipped: needs root to make a directory owned by nobody");
+            return;
+        }
+        let cache = scratch("foreign");
+        let exe = std::env::current_exe().unwrap();
+        let planted = [0xab, 0xcd, 0, 0, 0, 0, 0, 2];
+        let missing = [0x01, 0x02, 0, 0, 0, 0, 0, 2];
+        std::fs::create_dir_all(cache.join("abcd000000000002")).unwrap();
+        std::fs::copy(&exe, cache.join("abcd000000000002/debuginfo")).unwrap();
+        std::fs::create_dir_all(cache.join("0102000000000002")).unwrap();
+        std::fs::write(cache.join("0102000000000002/debuginfo"), b"").unwrap();
+        let fifo = std::ffi::CString::new(
+            cache
+                .join("cache_miss_s")
+                .into_os_string()
+                .into_encoded_bytes(),
+        )
+        .unwrap();
+        // SAFETY: `fifo` is a NUL-terminated path.
+        assert_eq!(unsafe { libc::mkfifo(fifo.as_ptr(), 0o644) }, 0);
+        let chown = |path: &Path| {
+            let c = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).unwrap();
+            // SAFETY: `c` is a NUL-terminated path.
+            assert_eq!(unsafe { libc::lchown(c.as_ptr(), 65534, 65534) }, 0);
+        };
+        for entry in [
+            "",
+            "abcd000000000002",
+            "abcd000000000002/debuginfo",
+            "0102000000000002",
+            "0102000000000002/debuginfo",
+            "cache_miss_s",
+        ] {
+            chown(&cache.join(entry));
+        }
+        let before: Vec<_> = std::fs::read_dir(&cache)
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        let (done, answer) = std::sync::mpsc::channel();
+        let config = config(&cache, vec!["http://127.0.0.1:1".into()]);
+        std::thread::spawn(move || {
+            let client = Debuginfod::new(config);
+            let wanted = [
+                Wanted {
+                    build_id: &planted,
+                    name: "a".into(),
+                },
+                Wanted {
+                    build_id: &missing,
+                    name: "b".into(),
+                },
+            ];
+            let found = client.fetch_all(&wanted);
+            let _ = client.fetch_all(&wanted);
+            let state = client.lock();
+            let _ = done.send((found, state.warned.clone(), state.dead.clone()));
+        });
+        let (found, warned, dead) = answer
+            .recv_timeout(Duration::from_secs(20))
+            .expect("the client hung on the cache of another user");
+        assert_eq!(
+            found,
+            vec![None, None],
+            "a file planted by another user was used"
+        );
+        assert_eq!(warned.len(), 1, "{warned:?}");
+        let warning = warned.iter().next().unwrap();
+        assert!(
+            warning.contains(&*cache.display().to_string())
+                && warning.contains("owned by uid 65534"),
+            "{warning}"
+        );
+        assert!(dead.is_empty(), "a server was asked");
+        let after: Vec<_> = std::fs::read_dir(&cache)
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(
+            before.len(),
+            after.len(),
+            "something was made in the cache: {after:?}"
+        );
+        std::fs::remove_dir_all(&cache).unwrap();
+    }
+
+    fn unsafe_geteuid() -> u32 {
+        // SAFETY: geteuid has no preconditions and cannot fail.
+        unsafe { libc::geteuid() }
+    }
+
+    /// The negative mark never replaces a file that is there: a debug file another client
+    /// just put in place stays, a link is not followed, an old empty mark gets a new time.
+    #[test]
+    fn the_negative_mark_replaces_nothing() {
+        let dir = scratch("mark");
+        let open = |d: &Path| -> OwnedFd {
+            OwnedFd::from(
+                std::fs::OpenOptions::new()
+                    .read(true)
+                    .custom_flags(libc::O_DIRECTORY)
+                    .open(d)
+                    .unwrap(),
+            )
+        };
+        let fetched = dir.join("fetched");
+        std::fs::create_dir(&fetched).unwrap();
+        std::fs::write(fetched.join("debuginfo"), b"\x7fELF good").unwrap();
+        mark_missing(&open(&fetched));
+        assert_eq!(
+            std::fs::read(fetched.join("debuginfo")).unwrap(),
+            b"\x7fELF good"
+        );
+
+        let linked = dir.join("linked");
+        std::fs::create_dir(&linked).unwrap();
+        std::fs::write(dir.join("elsewhere"), b"keep").unwrap();
+        std::os::unix::fs::symlink(dir.join("elsewhere"), linked.join("debuginfo")).unwrap();
+        mark_missing(&open(&linked));
+        assert_eq!(std::fs::read(dir.join("elsewhere")).unwrap(), b"keep");
+        assert!(std::fs::symlink_metadata(linked.join("debuginfo"))
+            .unwrap()
+            .is_symlink());
+
+        let empty = dir.join("empty");
+        std::fs::create_dir(&empty).unwrap();
+        mark_missing(&open(&empty));
+        let made = std::fs::metadata(empty.join("debuginfo")).unwrap();
+        assert!(made.is_file() && made.len() == 0);
+        let old = SystemTime::now() - Duration::from_secs(3600);
+        std::fs::File::options()
+            .write(true)
+            .open(empty.join("debuginfo"))
+            .unwrap()
+            .set_modified(old)
+            .unwrap();
+        mark_missing(&open(&empty));
+        let renewed = std::fs::metadata(empty.join("debuginfo"))
+            .unwrap()
+            .modified()
+            .unwrap();
+        assert!(renewed > old + Duration::from_secs(1800));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn names_from_elsewhere_are_printed_on_one_line() {
+        assert_eq!(printable("libx.so"), "libx.so");
+        assert_eq!(
+            printable("a\nanyprof: warning: forged\u{1b}[2K"),
+            "a\\nanyprof: warning: forged\\u{1b}[2K"
+        );
+    }
+
+    /// The remembered outcomes and warnings stay bounded, forgetting the oldest.
+    #[test]
+    fn memory_of_outcomes_and_warnings_is_bounded() {
+        let mut state = State::default();
+        for i in 0..MAX_OUTCOMES as u64 + 10 {
+            state.remember(&i.to_le_bytes(), None);
+        }
+        assert_eq!(state.outcomes.len(), MAX_OUTCOMES);
+        assert!(state
+            .outcomes
+            .contains_key(&(MAX_OUTCOMES as u64 + 9).to_le_bytes()[..]));
+        for i in 0..MAX_WARNED + 10 {
+            assert!(state.first_time(&format!("w{i}")));
+        }
+        assert_eq!(state.warned.len(), MAX_WARNED);
+        assert!(!state.first_time(&format!("w{}", MAX_WARNED + 9)));
+        assert!(state.first_time("w0"), "the oldest was forgotten");
     }
 
     /// A server that sends `body` without a length (to the end of the connection), to every
@@ -709,11 +1151,11 @@ mod tests {
         let url = endless_server(vec![0x7f; (1 << 20) + 4096]);
         let client = Debuginfod::new(config(&cache, vec![url]));
         let wanted = [Wanted {
-            build_id: &[0xee, 0xff],
+            build_id: &[0xee, 0xff, 0, 0, 0, 0, 0, 0],
             name: "big".into(),
         }];
         assert_eq!(client.fetch_all(&wanted), vec![None]);
-        let left: Vec<_> = std::fs::read_dir(cache.join("eeff"))
+        let left: Vec<_> = std::fs::read_dir(cache.join("eeff000000000000"))
             .unwrap()
             .map(|e| e.unwrap().file_name())
             .collect();

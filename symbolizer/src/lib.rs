@@ -157,7 +157,7 @@ mod symtab;
 
 pub use access::Access;
 pub use address::{FileAddress, FileOffset, RuntimeAddress};
-pub use debuginfod::DebuginfodConfig;
+pub use debuginfod::{DebuginfodConfig, DAEMON_MAX_TIME};
 pub use miss::Miss;
 pub use symbolized::{Frame, Symbolized};
 pub use symbolizer::{DebugSources, ObjectRef, Symbolizer};

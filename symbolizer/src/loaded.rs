@@ -176,6 +176,12 @@ impl LoadedObject {
     pub(crate) fn has_dwarf(&self) -> bool {
         self.dwarf.is_some()
     }
+
+    /// Whether the object's file, as opened, is owned by root and writable by root alone
+    /// (and not on FUSE): a file no other user can have made or changed.
+    pub(crate) fn root_owned(&self) -> bool {
+        self.main.map.root_owned()
+    }
 }
 
 /// `path` with `.dwp` appended to its file name (`libx.so.1` → `libx.so.1.dwp`).

@@ -110,6 +110,9 @@ impl From<io::Error> for MapError {
 pub(crate) struct MappedFile {
     contents: Arc<Contents>,
     identity: FileIdentity,
+    /// Owned by root, writable by neither group nor others, not on FUSE (from the `fstat` of
+    /// the descriptor it was read from).
+    root_owned: bool,
 }
 
 enum Contents {
@@ -161,6 +164,7 @@ impl MappedFile {
                 io::ErrorKind::PermissionDenied,
             )));
         }
+        let root_owned = meta.uid() == 0 && meta.mode() & 0o022 == 0 && !on_fuse(&file)?;
         let contents = if meta.len() == 0 {
             Contents::Read(Vec::new(), Reservation(0))
         } else if only_trusted_can_change(&file, &meta)? {
@@ -178,7 +182,14 @@ impl MappedFile {
         Ok(MappedFile {
             contents: Arc::new(contents),
             identity: FileIdentity::of(&meta),
+            root_owned,
         })
+    }
+
+    /// Whether the file is owned by root, writable by neither group nor others, and not on
+    /// FUSE, as `fstat` of the descriptor it was read from said.
+    pub(crate) fn root_owned(&self) -> bool {
+        self.root_owned
     }
 
     /// The file's contents.
@@ -209,6 +220,13 @@ fn only_trusted_can_change(file: &File, meta: &Metadata) -> io::Result<bool> {
     if !may_map(meta.uid(), meta.mode(), euid) {
         return Ok(false);
     }
+    // A FUSE server, which any user may run, reports whatever owner and mode it likes and can
+    // shrink the file under a mapping.
+    Ok(!on_fuse(file)?)
+}
+
+/// Whether the opened `file` is on a FUSE file system.
+fn on_fuse(file: &File) -> io::Result<bool> {
     // SAFETY: an all-zero `statfs` is a valid value of this plain C struct.
     let mut fs: libc::statfs = unsafe { std::mem::zeroed() };
     // SAFETY: the descriptor is open for as long as `file` lives; `fs` is a valid, writable
@@ -216,11 +234,8 @@ fn only_trusted_can_change(file: &File, meta: &Metadata) -> io::Result<bool> {
     if unsafe { libc::fstatfs(file.as_raw_fd(), &mut fs) } != 0 {
         return Err(io::Error::last_os_error());
     }
-    // A FUSE server, which any user may run, reports whatever owner and mode it likes and can
-    // shrink the file under a mapping.
     #[allow(clippy::unnecessary_cast)] // f_type's and the constant's types vary by target
-    let on_fuse = fs.f_type as i64 == libc::FUSE_SUPER_MAGIC as i64;
-    Ok(!on_fuse)
+    Ok(fs.f_type as i64 == libc::FUSE_SUPER_MAGIC as i64)
 }
 
 /// Whether a file owned by `owner` with permission bits `mode` may be mapped by a process whose

@@ -314,22 +314,25 @@ fn fetch_debug_files(debuginfod: &Debuginfod, jobs: &mut [Job<'_>]) {
         let asked_lately = loaded
             .asked_debuginfod
             .is_some_and(|t| t.elapsed() < crate::debuginfod::RETRY_AFTER);
-        if loaded.has_dwarf() || asked_lately {
+        if loaded.has_dwarf() || asked_lately || !debuginfod.may_ask_for(loaded.root_owned()) {
             continue;
         }
-        let Some(build_id) = loaded.build_id().filter(|id| id.len() >= 2) else {
+        let Some(build_id) = loaded
+            .build_id()
+            .filter(|id| crate::debuginfod::BUILD_ID_LEN.contains(&id.len()))
+        else {
             continue;
         };
         asking.push(i);
         wanted.push(Wanted {
             build_id,
-            name: job
-                .object
-                .path
-                .file_name()
-                .unwrap_or(job.object.path.as_os_str())
-                .to_string_lossy()
-                .into_owned(),
+            name: crate::debuginfod::printable(
+                &job.object
+                    .path
+                    .file_name()
+                    .unwrap_or(job.object.path.as_os_str())
+                    .to_string_lossy(),
+            ),
         });
     }
     if wanted.is_empty() {
@@ -340,8 +343,10 @@ fn fetch_debug_files(debuginfod: &Debuginfod, jobs: &mut [Job<'_>]) {
         .iter()
         .zip(&wanted)
         .map(|(path, w)| {
-            path.as_deref()
-                .and_then(|p| debug_file::open_fetched(p, w.build_id))
+            path.as_deref().and_then(|p| {
+                // A bug in parsing the file costs this object only.
+                panics::catch(|| debug_file::open_fetched(p, w.build_id)).unwrap_or(None)
+            })
         })
         .collect();
     drop(wanted);
