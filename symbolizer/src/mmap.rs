@@ -123,12 +123,14 @@ enum Contents {
     Read(Vec<u8>, #[allow(dead_code)] Reservation), // the reservation is held for its Drop
 }
 
-/// A share of [`MAX_READ_TOTAL`], given back when dropped.
-struct Reservation(u64);
+/// A share of [`MAX_READ_TOTAL`], given back when dropped. Also held for other memory made
+/// from files (decompressed MiniDebugInfo), so that all of it together is bounded.
+#[derive(Debug)]
+pub(crate) struct Reservation(u64);
 
 impl Reservation {
     /// `bytes` more of the total, or `None` if that would go over it.
-    fn take(bytes: u64) -> Option<Reservation> {
+    pub(crate) fn take(bytes: u64) -> Option<Reservation> {
         READ_HELD
             .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |held| {
                 held.checked_add(bytes)

@@ -96,6 +96,38 @@ impl SymbolTable {
         SymbolTable { entries }
     }
 
+    /// Whether the table has no function symbol.
+    pub(crate) fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    /// This table with its names copied out of `data` (the bytes it was read from) into a
+    /// buffer of their own, returned with it: for a table read from bytes that are not kept.
+    pub(crate) fn with_own_names(&self, data: &[u8]) -> (SymbolTable, Vec<u8>) {
+        let mut names = Vec::new();
+        let mut entries = Vec::with_capacity(self.entries.len());
+        for entry in &self.entries {
+            let Some(name) = entry
+                .name_offset
+                .checked_add(entry.name_len)
+                .and_then(|end| data.get(entry.name_offset..end))
+            else {
+                continue;
+            };
+            entries.push(Entry {
+                name_offset: names.len(),
+                ..*entry
+            });
+            names.extend_from_slice(name);
+        }
+        (SymbolTable { entries }, names)
+    }
+
+    /// Bytes held by the entries.
+    pub(crate) fn heap_bytes(&self) -> usize {
+        self.entries.capacity() * std::mem::size_of::<Entry>()
+    }
+
     /// The name of the symbol covering `address`. `data` must be the bytes the table was read
     /// from; the name is `None` if they are not.
     pub(crate) fn lookup<'d>(&self, data: &'d [u8], address: u64) -> Option<&'d [u8]> {

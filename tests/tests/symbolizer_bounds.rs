@@ -158,7 +158,9 @@ fn symbolize_peak(dir: &Path, profile: &Profile) -> (u64, String) {
         libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0,
         "anyprof symbolize failed ({status:#x}):\n{stderr}"
     );
-    (usage.ru_maxrss as u64 * 1024, stderr)
+    let peak = usage.ru_maxrss as u64 * 1024;
+    eprintln!("anyprof symbolize peaked at {} MiB", peak >> 20);
+    (peak, stderr)
 }
 
 /// Many `.plt.got` stubs jump through one GOT slot whose symbol has a 100 KB name: the name
@@ -204,5 +206,66 @@ fn one_long_plt_name_does_not_multiply() {
         plt_names.iter().all(|s| s.len() <= 4096 + 4),
         "names are cut to 4 KiB"
     );
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// Ten small objects whose `.gnu_debugdata` (MiniDebugInfo) each decompresses to 15 MiB
+/// (an ELF file with one function symbol, padded): only the symbols and their names are
+/// kept, not the decompressed files (they made 790 MB with the old 64 MiB cap).
+#[test]
+fn minidebuginfo_is_not_kept_whole() {
+    let dir = scratch_dir("bounds-minidebug");
+    let mut objects = Vec::new();
+    for i in 0..10 {
+        let asm = format!(
+            ".globl hidden_{i}\n.hidden hidden_{i}\n.type hidden_{i},@function\n.text\n\
+             hidden_{i}: .zero 0x2000\n.size hidden_{i}, 0x2000\n.data\n.quad {i}\n"
+        );
+        let lib = shared_object(&dir, &format!("lib{i}.so"), &asm);
+        // The MiniDebugInfo: the object itself (its .symtab names the function), padded.
+        let inner = dir.join(format!("inner{i}"));
+        let mut bytes = std::fs::read(&lib).unwrap();
+        bytes.resize(bytes.len() + (15 << 20), 0);
+        std::fs::write(&inner, bytes).unwrap();
+        let out = Command::new("xz")
+            .args(["-k", "-f", "-0"])
+            .arg(&inner)
+            .output()
+            .expect("running xz (xz-utils)");
+        assert!(out.status.success(), "xz: {out:?}");
+        let stripped = dir.join(format!("libmini{i}.so"));
+        let out = Command::new("objcopy")
+            .arg("--strip-all")
+            .arg(format!(
+                "--add-section=.gnu_debugdata={}",
+                inner.with_extension("xz").display()
+            ))
+            .arg(&lib)
+            .arg(&stripped)
+            .output()
+            .expect("running objcopy (binutils)");
+        assert!(out.status.success(), "objcopy: {out:?}");
+        let symbols = readelf("-s", &lib);
+        let address = symbols
+            .lines()
+            .find(|l| l.trim_end().ends_with(&format!(" hidden_{i}")))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .map(|a| u64::from_str_radix(a, 16).unwrap())
+            .expect("the function's address");
+        objects.push((stripped, vec![address + 0x10]));
+    }
+    let (peak, stderr) = symbolize_peak(&dir, &profile(&objects));
+    assert!(
+        peak < MAX_RSS,
+        "anyprof symbolize peaked at {} MiB:\n{stderr}",
+        peak >> 20
+    );
+    let named = anyprof::pprof::read_file(&dir.join("out.pb.gz")).unwrap();
+    let hidden = named
+        .string_table
+        .iter()
+        .filter(|s| s.starts_with("hidden_"))
+        .count();
+    assert_eq!(hidden, 10, "each object named from its MiniDebugInfo");
     std::fs::remove_dir_all(&dir).unwrap();
 }
