@@ -1039,6 +1039,28 @@ mod tests {
         std::fs::remove_dir_all(&cache).unwrap();
     }
 
+    /// Build ids shorter than 8 or longer than 64 bytes are not asked for.
+    #[test]
+    fn odd_build_ids_are_not_asked_for() {
+        let cache = scratch("odd-ids");
+        let client = Debuginfod::new(config(&cache, vec!["http://127.0.0.1:1".into()]));
+        let long = [7u8; 65];
+        let wanted = [
+            Wanted {
+                build_id: &[1, 2],
+                name: "short".into(),
+            },
+            Wanted {
+                build_id: &long,
+                name: "long".into(),
+            },
+        ];
+        assert_eq!(client.fetch_all(&wanted), vec![None, None]);
+        assert!(client.lock().dead.is_empty(), "a server was asked");
+        assert_eq!(std::fs::read_dir(&cache).unwrap().count(), 0);
+        std::fs::remove_dir_all(&cache).unwrap();
+    }
+
     fn unsafe_geteuid() -> u32 {
         // SAFETY: geteuid has no preconditions and cannot fail.
         unsafe { libc::geteuid() }

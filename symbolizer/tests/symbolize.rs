@@ -6,7 +6,9 @@ mod support;
 
 use std::path::{Path, PathBuf};
 
-use anyprof_symbolizer::{Frame, Miss, ObjectRef, Symbolized, Symbolizer};
+use anyprof_symbolizer::{
+    DebugSources, DebuginfodConfig, Frame, Miss, ObjectRef, Symbolized, Symbolizer,
+};
 use support::{build_id, compile, frames, marked_line, run, symbol, TempDir};
 
 const C_SOURCE: &str = r#"#include <stdio.h>
@@ -1020,4 +1022,80 @@ fn files_other_users_can_truncate_are_read_not_mapped() {
         "leaf"
     );
     assert!(is_mapped(&roots), "root's own file is read, not mapped");
+}
+
+/// A loopback server that answers 404 to everything and counts the requests.
+fn counting_server() -> (String, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
+    use std::io::{Read, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let count = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counted = count.clone();
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(mut stream) = stream else { continue };
+            let mut request = [0u8; 4096];
+            let _ = stream.read(&mut request);
+            counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            let _ = stream.write_all(
+                b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+            );
+        }
+    });
+    (format!("http://127.0.0.1:{port}"), count)
+}
+
+/// With `only_root_owned_objects`, debuginfod is asked only for objects whose file is owned
+/// by root and writable by root alone: a user's own build (which could claim any build id)
+/// is not looked up, a root-owned one is.
+#[test]
+fn only_root_owned_objects_are_looked_up_when_asked() {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!("skipped: needs root to give a file to nobody");
+        return;
+    }
+    let dir = TempDir::new("root-owned-only");
+    let prog = build_c(&dir, "c-prog", &[]);
+    run("strip", &[&"--strip-debug", &prog]);
+    let leaf = symbol(&prog, "leaf");
+    let id = build_id(&prog);
+    let users = copy(&prog, dir.join("users-prog"));
+    std::os::unix::fs::chown(&users, Some(65534), Some(65534)).unwrap();
+    let (url, asked) = counting_server();
+    let ask = |path: &Path, only_root: bool| {
+        let cache = dir.join(format!(
+            "cache-{}",
+            asked.load(std::sync::atomic::Ordering::SeqCst)
+        ));
+        let mut symbolizer = Symbolizer::with_sources(DebugSources {
+            debug_dirs: Vec::new(),
+            debuginfod: Some(DebuginfodConfig {
+                urls: vec![url.clone()],
+                cache_dir: cache,
+                timeout: std::time::Duration::from_secs(5),
+                max_time: None,
+                max_size: 1 << 20,
+                progress: false,
+                default_max_time: None,
+                only_root_owned_objects: only_root,
+            }),
+        });
+        let before = asked.load(std::sync::atomic::Ordering::SeqCst);
+        let _ = symbolizer.symbolize(
+            &ObjectRef {
+                path,
+                build_id: &id,
+            },
+            &[leaf.address],
+        );
+        asked.load(std::sync::atomic::Ordering::SeqCst) - before
+    };
+    assert_eq!(ask(&users, true), 0, "a user's file was looked up");
+    assert_eq!(ask(&prog, true), 1, "a root-owned file is looked up");
+    assert_eq!(
+        ask(&users, false),
+        1,
+        "without the option every file is looked up"
+    );
 }
