@@ -372,8 +372,15 @@ fn print_summary(
     }
 }
 
+/// How many characters of a command name go into a file name: with `.PID.`, the kind, the
+/// suffix and `write_atomic`'s temporary suffix, a file name must stay below NAME_MAX (255).
+const NAME_CHARS: usize = 64;
+
+/// `name` as part of a file name: only `[A-Za-z0-9-_+]` (others become `_`), at most
+/// [`NAME_CHARS`] of them.
 pub(super) fn sanitize(name: &str) -> String {
     name.chars()
+        .take(NAME_CHARS)
         .map(|c| {
             if c.is_ascii_alphanumeric() || "-_+".contains(c) {
                 c
