@@ -65,7 +65,10 @@ pub fn run(args: SymbolizeArgs) -> Result<ExitCode> {
     let (profile, report) =
         anyprof::offline::symbolize_profile(profile, &mut symbolizer, &args.debug_dirs);
     warn_unnamed(&report);
-    anyprof::output::write_atomic(&args.output, &anyprof::pprof::encode_gzipped(&profile))?;
+    anyprof::output::write_atomic_replacing(
+        &args.output,
+        &anyprof::pprof::encode_gzipped(&profile),
+    )?;
     if !args.quiet {
         print_report(&report, &args.output);
     }

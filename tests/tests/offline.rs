@@ -434,6 +434,30 @@ fn symbolize_checks_its_input_and_output() {
     assert_eq!(out.code, 0, "{}", out.stderr_text());
     assert_eq!(frames_by_location(&read(&in_place)), named);
 
+    // In place, the file keeps its permissions and owner (it became 0644 and root's when
+    // root named it in place).
+    {
+        use std::os::unix::fs::{MetadataExt, PermissionsExt};
+        let private = scratch.join("private.pb.gz");
+        std::fs::copy(&input, &private).unwrap();
+        std::fs::set_permissions(&private, std::fs::Permissions::from_mode(0o600)).unwrap();
+        std::os::unix::fs::chown(&private, Some(65534), Some(65534)).unwrap();
+        let out = symbolize(&[&private, Path::new("-o"), &private], &[]);
+        assert_eq!(out.code, 0, "{}", out.stderr_text());
+        let meta = std::fs::metadata(&private).unwrap();
+        assert_eq!(
+            meta.mode() & 0o7777,
+            0o600,
+            "named in place, its mode changed"
+        );
+        assert_eq!(
+            (meta.uid(), meta.gid()),
+            (65534, 65534),
+            "its owner changed"
+        );
+        assert_eq!(frames_by_location(&read(&private)), named);
+    }
+
     // Already named: said, and left as it was.
     let again = scratch.join("again.pb.gz");
     let out = symbolize(&[&out_path, Path::new("-o"), &again], &[]);
