@@ -535,6 +535,62 @@ mod tests {
         assert!(ElfHeaders::read(&own).is_some());
     }
 
+    /// A sparse file whose symbol table claims 4 GiB: `object`'s ReadCache would allocate
+    /// and read all of it (seconds, and 4 GiB of memory); the cap refuses the file at once.
+    #[test]
+    fn headers_that_claim_more_than_the_cap_are_not_read() {
+        let mut elf = vec![0u8; 64 + 3 * 64];
+        elf[..7].copy_from_slice(&[0x7f, b'E', b'L', b'F', 2, 1, 1]);
+        let put = |elf: &mut Vec<u8>, at: usize, bytes: &[u8]| {
+            elf[at..at + bytes.len()].copy_from_slice(bytes)
+        };
+        put(&mut elf, 16, &3u16.to_le_bytes()); // ET_DYN
+        put(&mut elf, 18, &62u16.to_le_bytes()); // EM_X86_64
+        put(&mut elf, 20, &1u32.to_le_bytes());
+        put(&mut elf, 40, &64u64.to_le_bytes()); // e_shoff
+        put(&mut elf, 52, &64u16.to_le_bytes()); // e_ehsize
+        put(&mut elf, 54, &56u16.to_le_bytes());
+        put(&mut elf, 58, &64u16.to_le_bytes()); // e_shentsize
+        put(&mut elf, 60, &3u16.to_le_bytes()); // e_shnum
+        put(&mut elf, 62, &2u16.to_le_bytes()); // e_shstrndx: the strtab
+        let symtab = 64 + 64;
+        put(&mut elf, symtab + 4, &2u32.to_le_bytes()); // SHT_SYMTAB
+        put(&mut elf, symtab + 24, &4096u64.to_le_bytes());
+        put(&mut elf, symtab + 32, &(4u64 << 30).to_le_bytes());
+        put(&mut elf, symtab + 40, &2u32.to_le_bytes()); // sh_link: the strtab
+        put(&mut elf, symtab + 56, &24u64.to_le_bytes());
+        let strtab = 64 + 2 * 64;
+        put(&mut elf, strtab + 4, &3u32.to_le_bytes()); // SHT_STRTAB
+        put(&mut elf, strtab + 24, &300u64.to_le_bytes());
+        put(&mut elf, strtab + 32, &1u64.to_le_bytes());
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("sparse.so");
+        std::fs::write(&path, &elf).unwrap();
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(&path)
+            .unwrap()
+            .set_len(4096 + (4 << 30))
+            .unwrap();
+        let start = std::time::Instant::now();
+        assert!(ElfHeaders::read(&path).is_none());
+        let took = start.elapsed();
+        assert!(
+            took < std::time::Duration::from_secs(2),
+            "{took:?}: the claimed symbol table was read"
+        );
+        // The same file with a small symbol table is read.
+        put(&mut elf, symtab + 32, &24u64.to_le_bytes());
+        std::fs::write(&path, &elf).unwrap();
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(&path)
+            .unwrap()
+            .set_len(8192)
+            .unwrap();
+        assert!(ElfHeaders::read(&path).is_some());
+    }
+
     fn mapping(start: u64, offset: u64) -> Mapping {
         Mapping {
             id: 1,
