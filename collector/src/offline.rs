@@ -335,14 +335,16 @@ struct ElfHeaders {
 
 impl ElfHeaders {
     /// Reads the build id and the loadable segments of the regular file at `path`, reading
-    /// only those parts of it; `None` if it is missing or not ELF.
+    /// only those parts of it (at most [`HEADERS_READ_MAX`] bytes in all); `None` if it is
+    /// missing, not a regular file (see [`open_regular`]) or not ELF.
     fn read(path: &Path) -> Option<ElfHeaders> {
-        if !std::fs::metadata(path).ok()?.is_file() {
-            return None;
-        }
-        let file = std::fs::File::open(path).ok()?;
+        let file = open_regular(path).ok()?;
         let cache = object::ReadCache::new(file);
-        let elf = object::File::parse(&cache).ok()?;
+        let read = CappedRead {
+            cache: &cache,
+            left: &std::cell::Cell::new(HEADERS_READ_MAX),
+        };
+        let elf = object::File::parse(read).ok()?;
         let build_id = elf.build_id().ok().flatten().map(<[u8]>::to_vec);
         let segments = elf
             .segments()
@@ -361,6 +363,81 @@ impl ElfHeaders {
             })
             .collect();
         Some(ElfHeaders { build_id, segments })
+    }
+}
+
+/// How much of one file [`ElfHeaders::read`] reads at most: headers, section headers, the
+/// symbol tables `object` parses with them and the notes. A file that claims more (a sparse
+/// file with forged sizes, named by an untrusted profile) is not read.
+const HEADERS_READ_MAX: u64 = 256 << 20;
+
+/// Opens the file a profile names for reading without trusting the name: `O_NONBLOCK` (a FIFO
+/// put there between any check and the open does not block), `O_NOCTTY`, `O_CLOEXEC`; then,
+/// on that descriptor, it must be a regular file and not on procfs or sysfs (`/proc/kmsg`
+/// looks regular, and reading it consumes the kernel log).
+#[allow(clippy::unnecessary_cast)] // the types of f_type and the magics differ between libcs
+fn open_regular(path: &Path) -> std::io::Result<std::fs::File> {
+    use std::io::{Error, ErrorKind};
+    use std::os::fd::AsRawFd;
+    use std::os::unix::fs::OpenOptionsExt;
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY | libc::O_CLOEXEC)
+        .open(path)?;
+    if !file.metadata()?.is_file() {
+        return Err(Error::new(ErrorKind::InvalidInput, "not a regular file"));
+    }
+    // SAFETY: an all-zero `statfs` is a valid value of this plain C struct.
+    let mut fs: libc::statfs = unsafe { std::mem::zeroed() };
+    // SAFETY: `file` is an open descriptor for the whole call and `fs` is a writable
+    // `statfs` that fstatfs fills in.
+    if unsafe { libc::fstatfs(file.as_raw_fd(), &mut fs) } != 0 {
+        return Err(Error::last_os_error());
+    }
+    let kind = fs.f_type as i64;
+    if kind == libc::PROC_SUPER_MAGIC as i64 || kind == libc::SYSFS_MAGIC as i64 {
+        return Err(Error::new(
+            ErrorKind::InvalidInput,
+            "a file of procfs or sysfs",
+        ));
+    }
+    Ok(file)
+}
+
+/// A [`object::ReadRef`] over a [`object::ReadCache`] that refuses reads once `left` bytes
+/// have been asked for: `ReadCache` allocates whatever size a header claims.
+#[derive(Clone, Copy)]
+struct CappedRead<'a> {
+    cache: &'a object::ReadCache<std::fs::File>,
+    left: &'a std::cell::Cell<u64>,
+}
+
+impl CappedRead<'_> {
+    fn spend(&self, size: u64) -> Result<(), ()> {
+        let left = self.left.get().checked_sub(size).ok_or(())?;
+        self.left.set(left);
+        Ok(())
+    }
+}
+
+impl<'a> object::ReadRef<'a> for CappedRead<'a> {
+    fn len(self) -> Result<u64, ()> {
+        self.cache.len()
+    }
+
+    fn read_bytes_at(self, offset: u64, size: u64) -> Result<&'a [u8], ()> {
+        self.spend(size)?;
+        self.cache.read_bytes_at(offset, size)
+    }
+
+    fn read_bytes_at_until(
+        self,
+        range: std::ops::Range<u64>,
+        delimiter: u8,
+    ) -> Result<&'a [u8], ()> {
+        // Reads up to the whole range while looking for the delimiter.
+        self.spend(range.end.saturating_sub(range.start).min(4096))?;
+        self.cache.read_bytes_at_until(range, delimiter)
     }
 }
 
@@ -438,6 +515,81 @@ fn is_pseudo(name: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// What a profile names is opened without blocking and only if it is a regular file off
+    /// procfs and sysfs; a header that claims more than the cap is not read.
+    #[test]
+    fn open_regular_refuses_fifos_procfs_and_sysfs() {
+        use std::os::unix::ffi::OsStrExt;
+        let dir = tempfile::tempdir().unwrap();
+        let fifo = dir.path().join("fifo");
+        let c_fifo = std::ffi::CString::new(fifo.as_os_str().as_bytes()).unwrap();
+        // SAFETY: a valid NUL-terminated path.
+        assert_eq!(unsafe { libc::mkfifo(c_fifo.as_ptr(), 0o600) }, 0);
+        // No writer: a blocking open would wait here forever.
+        assert!(open_regular(&fifo).is_err());
+        assert!(open_regular(Path::new("/proc/self/status")).is_err());
+        assert!(open_regular(Path::new("/sys/kernel/mm/transparent_hugepage/enabled")).is_err());
+        let own = std::env::current_exe().unwrap();
+        assert!(open_regular(&own).is_ok());
+        assert!(ElfHeaders::read(&own).is_some());
+    }
+
+    /// A sparse file whose symbol table claims 4 GiB: `object`'s ReadCache would allocate
+    /// and read all of it (seconds, and 4 GiB of memory); the cap refuses the file at once.
+    #[test]
+    fn headers_that_claim_more_than_the_cap_are_not_read() {
+        let mut elf = vec![0u8; 64 + 3 * 64];
+        elf[..7].copy_from_slice(&[0x7f, b'E', b'L', b'F', 2, 1, 1]);
+        let put = |elf: &mut Vec<u8>, at: usize, bytes: &[u8]| {
+            elf[at..at + bytes.len()].copy_from_slice(bytes)
+        };
+        put(&mut elf, 16, &3u16.to_le_bytes()); // ET_DYN
+        put(&mut elf, 18, &62u16.to_le_bytes()); // EM_X86_64
+        put(&mut elf, 20, &1u32.to_le_bytes());
+        put(&mut elf, 40, &64u64.to_le_bytes()); // e_shoff
+        put(&mut elf, 52, &64u16.to_le_bytes()); // e_ehsize
+        put(&mut elf, 54, &56u16.to_le_bytes());
+        put(&mut elf, 58, &64u16.to_le_bytes()); // e_shentsize
+        put(&mut elf, 60, &3u16.to_le_bytes()); // e_shnum
+        put(&mut elf, 62, &2u16.to_le_bytes()); // e_shstrndx: the strtab
+        let symtab = 64 + 64;
+        put(&mut elf, symtab + 4, &2u32.to_le_bytes()); // SHT_SYMTAB
+        put(&mut elf, symtab + 24, &4096u64.to_le_bytes());
+        put(&mut elf, symtab + 32, &(4u64 << 30).to_le_bytes());
+        put(&mut elf, symtab + 40, &2u32.to_le_bytes()); // sh_link: the strtab
+        put(&mut elf, symtab + 56, &24u64.to_le_bytes());
+        let strtab = 64 + 2 * 64;
+        put(&mut elf, strtab + 4, &3u32.to_le_bytes()); // SHT_STRTAB
+        put(&mut elf, strtab + 24, &300u64.to_le_bytes());
+        put(&mut elf, strtab + 32, &1u64.to_le_bytes());
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("sparse.so");
+        std::fs::write(&path, &elf).unwrap();
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(&path)
+            .unwrap()
+            .set_len(4096 + (4 << 30))
+            .unwrap();
+        let start = std::time::Instant::now();
+        assert!(ElfHeaders::read(&path).is_none());
+        let took = start.elapsed();
+        assert!(
+            took < std::time::Duration::from_secs(2),
+            "{took:?}: the claimed symbol table was read"
+        );
+        // The same file with a small symbol table is read.
+        put(&mut elf, symtab + 32, &24u64.to_le_bytes());
+        std::fs::write(&path, &elf).unwrap();
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(&path)
+            .unwrap()
+            .set_len(8192)
+            .unwrap();
+        assert!(ElfHeaders::read(&path).is_some());
+    }
 
     fn mapping(start: u64, offset: u64) -> Mapping {
         Mapping {

@@ -15,6 +15,19 @@ use anyhow::{Context, Result};
 /// overwritten), with the permissions the umask gives a new file. The rename replaces whatever
 /// entry `path` was, a planted symlink included, and never writes through it.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    write_atomic_as(path, bytes, false)
+}
+
+/// [`write_atomic`] for replacing a file the user named (`anyprof symbolize -o IN`, or
+/// `--force`): when `path` is a regular file (not a symlink), the new file gets its read and
+/// write permissions (a 0600 profile stays 0600 whatever the umask) and, when we are root, its
+/// owner and group, before the rename.
+pub fn write_atomic_replacing(path: &Path, bytes: &[u8]) -> Result<()> {
+    write_atomic_as(path, bytes, true)
+}
+
+fn write_atomic_as(path: &Path, bytes: &[u8], keep_old: bool) -> Result<()> {
+    use std::os::unix::fs::MetadataExt;
     let dir = match path.parent() {
         Some(d) if !d.as_os_str().is_empty() => d,
         _ => Path::new("."),
@@ -22,12 +35,30 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     let mut prefix = std::ffi::OsString::from(".");
     prefix.push(path.file_name().unwrap_or_default());
     prefix.push(".");
+    let old = keep_old
+        .then(|| std::fs::symlink_metadata(path).ok())
+        .flatten()
+        .filter(std::fs::Metadata::is_file);
     let write = || -> std::io::Result<()> {
         let mut tmp = tempfile::Builder::new()
             .prefix(&prefix)
             .suffix(".tmp")
-            .permissions(std::fs::Permissions::from_mode(0o666))
+            // Replacing: no one else may open it before it has the old file's permissions.
+            .permissions(std::fs::Permissions::from_mode(if old.is_some() {
+                0o600
+            } else {
+                0o666
+            }))
             .tempfile_in(dir)?;
+        if let Some(old) = &old {
+            // SAFETY: geteuid cannot fail.
+            if unsafe { libc::geteuid() } == 0 {
+                std::os::unix::fs::fchown(tmp.as_file(), Some(old.uid()), Some(old.gid()))?;
+            }
+            // After the chown, which clears set-id bits; only read and write bits are kept.
+            tmp.as_file()
+                .set_permissions(std::fs::Permissions::from_mode(old.mode() & 0o666))?;
+        }
         tmp.write_all(bytes)?;
         // On failure the temporary file is removed when `tmp` is dropped.
         tmp.persist(path).map_err(|e| e.error)?;

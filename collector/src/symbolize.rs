@@ -119,9 +119,37 @@ pub fn new_symbolizer(extra_debug_dirs: &[PathBuf], quiet: bool) -> Symbolizer {
     Symbolizer::with_sources(sources)
 }
 
-/// [`new_symbolizer`] for `record` and `serve`.
+/// [`new_symbolizer`] for `record` (`serve` has [`serve_symbolizer`]).
 pub fn symbolizer_from_env() -> Symbolizer {
     new_symbolizer(&[], false)
+}
+
+/// The symbolizer of `anyprof serve`: [`symbolizer_from_env`] under the daemon's debuginfod
+/// policy ([`daemon_debuginfod_policy`]).
+pub fn serve_symbolizer() -> Symbolizer {
+    let mut sources = debug_sources_from_env();
+    daemon_debuginfod_policy(&mut sources, true);
+    Symbolizer::with_sources(sources)
+}
+
+/// With `serve_mode` (the daemon, which runs as root and symbolizes for every local user):
+/// debuginfod is asked only about objects owned by root and writable by neither group nor
+/// others, which no local user can have made, and a download lasts at most
+/// `DAEMON_MAX_TIME` unless `DEBUGINFOD_MAXTIME` says otherwise. A build id is only what the
+/// file says: without this, any peer could give a file of its own forged build ids and make
+/// the daemon download, and keep in its cache, whatever the servers have.
+pub fn daemon_debuginfod_policy(sources: &mut DebugSources, serve_mode: bool) {
+    if !serve_mode {
+        return;
+    }
+    // TODO(lead): once the symbolizer's per-object policy (branch `fixsym`) is merged,
+    // replace this line by:
+    //     if let Some(debuginfod) = &mut sources.debuginfod {
+    //         debuginfod.only_root_owned_objects = true;
+    //         debuginfod.default_max_time = Some(anyprof_symbolizer::DAEMON_MAX_TIME);
+    //     }
+    // Until then the daemon does not use debuginfod at all (the safe side of that policy).
+    sources.debuginfod = None;
 }
 
 /// [`symbolizer_from_env`] for a command run with `-q`: downloads are not announced.

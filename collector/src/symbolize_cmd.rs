@@ -7,7 +7,6 @@
 //! names the profile in place without ever leaving half of it). The naming itself is
 //! [`anyprof::offline`]'s.
 
-use std::io::Read;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -66,7 +65,10 @@ pub fn run(args: SymbolizeArgs) -> Result<ExitCode> {
     let (profile, report) =
         anyprof::offline::symbolize_profile(profile, &mut symbolizer, &args.debug_dirs);
     warn_unnamed(&report);
-    anyprof::output::write_atomic(&args.output, &anyprof::pprof::encode_gzipped(&profile))?;
+    anyprof::output::write_atomic_replacing(
+        &args.output,
+        &anyprof::pprof::encode_gzipped(&profile),
+    )?;
     if !args.quiet {
         print_report(&report, &args.output);
     }
@@ -80,15 +82,18 @@ fn read_profile(path: &Path) -> Result<Profile> {
     let wanted = "pass a profile that anyprof record or anyprof serve wrote (cpu.pb.gz, \
                   heap.pb.gz, allocs.pb.gz, ...)";
     let raw = if bytes.starts_with(&[0x1f, 0x8b]) {
-        let mut raw = Vec::new();
-        if let Err(e) = flate2::read::GzDecoder::new(&bytes[..]).read_to_end(&mut raw) {
-            bail!(
+        match anyprof::pprof::gunzip_capped(&bytes, anyprof::pprof::MAX_DECOMPRESSED) {
+            Ok(raw) => raw,
+            Err(e) if e.kind() == std::io::ErrorKind::FileTooLarge => bail!(
+                "{} is not a profile anyprof will read: {e}; {wanted}",
+                path.display()
+            ),
+            Err(e) => bail!(
                 "{} is gzip-compressed but cannot be decompressed ({e}); it may be cut short: \
                  {wanted}",
                 path.display()
-            );
+            ),
         }
-        raw
     } else {
         bytes
     };

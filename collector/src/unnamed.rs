@@ -14,9 +14,12 @@
 //! debug symbols (found with `dpkg-query -S`), `DEBUGINFOD_URLS`, or building with `-g`.
 
 use std::collections::BTreeMap;
+use std::ffi::{OsStr, OsString};
 use std::fmt::Write;
+use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
 
 use anyprof_symbolizer::FileAddress;
 
@@ -143,20 +146,22 @@ pub fn format_missing_names(profile: &Profile) -> String {
         100.0 * material.iter().map(|(_, s)| s).sum::<f64>()
     );
     let debuginfod = std::env::var_os("DEBUGINFOD_URLS").filter(|v| !v.is_empty());
+    // Package managers can wait on a lock (rpmdb) for long: the summary never does.
+    let deadline = Instant::now() + PACKAGE_QUERY_TIME;
     for (path, share) in &material {
         let _ = writeln!(
             out,
             "  {:>5.1}%  {}: {}",
             100.0 * share,
             base_name(path),
-            how_to_get_names(Path::new(path), debuginfod.is_some())
+            how_to_get_names(Path::new(path), debuginfod.is_some(), deadline)
         );
     }
     out
 }
 
 /// What to do to get the names of the module at `path`.
-fn how_to_get_names(path: &Path, debuginfod_set: bool) -> String {
+fn how_to_get_names(path: &Path, debuginfod_set: bool, deadline: Instant) -> String {
     let system = System::detect();
     let debuginfod = match (debuginfod_set, system.debuginfod_server) {
         (true, _) => "; DEBUGINFOD_URLS gave no debug file for it".to_string(),
@@ -172,7 +177,7 @@ fn how_to_get_names(path: &Path, debuginfod_set: bool) -> String {
         return "its file could not be read (gone, or not a file), so no names can be found"
             .to_string();
     }
-    match owner(path) {
+    match owner(path, deadline) {
         Owner::Deb(package) => format!(
             "install {} (from {}){debuginfod}",
             debug_package(&package),
@@ -246,9 +251,60 @@ enum Owner {
     Unknown,
 }
 
+/// How long the exit summary waits for package managers, for all its modules together.
+const PACKAGE_QUERY_TIME: Duration = Duration::from_secs(2);
+
+/// Runs `program` with `args`, returning its exit status and standard output, unless it is
+/// still running at `deadline`: then it is killed and `None` returned (as when it cannot be
+/// started).
+fn run_until(program: &str, args: &[&OsStr], deadline: Instant) -> Option<(bool, Vec<u8>)> {
+    let mut child = Command::new(program)
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .ok()?;
+    // Read in a thread, so a child that fills the pipe still finishes.
+    let mut stdout = child.stdout.take()?;
+    let reader = std::thread::spawn(move || {
+        let mut out = Vec::new();
+        let _ =
+            std::io::Read::read_to_end(&mut std::io::Read::take(&mut stdout, 1 << 20), &mut out);
+        out
+    });
+    loop {
+        match child.try_wait() {
+            Ok(Some(status)) => return Some((status.success(), reader.join().ok()?)),
+            Ok(None) if Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            _ => {
+                let _ = child.kill();
+                let _ = child.wait();
+                return None;
+            }
+        }
+    }
+}
+
+/// `path` as a `dpkg-query -S` pattern that matches only itself: dpkg-query takes shell
+/// glob patterns (`*`, `?`, `[`), escaped with a backslash.
+fn dpkg_pattern(path: &Path) -> OsString {
+    let mut out = Vec::new();
+    for &b in path.as_os_str().as_bytes() {
+        if matches!(b, b'*' | b'?' | b'[' | b']' | b'\\') {
+            out.push(b'\\');
+        }
+        out.push(b);
+    }
+    OsString::from_vec(out)
+}
+
 /// The package that owns the file at `path` (as the loader named it, or as it resolves
-/// through symlinks and the merged /usr): `dpkg-query -S`, else `rpm -qf`.
-fn owner(path: &Path) -> Owner {
+/// through symlinks and the merged /usr): `dpkg-query -S`, else `rpm -qf`; `Unknown` once
+/// `deadline` has passed.
+fn owner(path: &Path, deadline: Instant) -> Owner {
     let mut candidates: Vec<PathBuf> = vec![path.to_path_buf()];
     if let Ok(real) = std::fs::canonicalize(path) {
         candidates.push(real);
@@ -261,22 +317,17 @@ fn owner(path: &Path) -> Owner {
         }
     }
     candidates.dedup();
-    let query = |program: &str, flags: &[&str], candidate: &Path| {
-        Command::new(program)
-            .args(flags)
-            .arg(candidate)
-            .stdin(Stdio::null())
-            .stderr(Stdio::null())
-            .output()
-    };
     let mut answered = false;
     for candidate in &candidates {
-        let Ok(output) = query("dpkg-query", &["-S"], candidate) else {
+        let pattern = dpkg_pattern(candidate);
+        let Some((success, stdout)) =
+            run_until("dpkg-query", &[OsStr::new("-S"), &pattern], deadline)
+        else {
             break;
         };
         answered = true;
-        if output.status.success() {
-            if let Some(package) = parse_dpkg_search(&String::from_utf8_lossy(&output.stdout)) {
+        if success {
+            if let Some(package) = parse_dpkg_search(&String::from_utf8_lossy(&stdout)) {
                 return Owner::Deb(package);
             }
         }
@@ -285,11 +336,17 @@ fn owner(path: &Path) -> Owner {
         return Owner::None;
     }
     for candidate in &candidates {
-        let Ok(output) = query("rpm", &["-qf", "--queryformat", "%{NAME}\n"], candidate) else {
+        let args = [
+            OsStr::new("-qf"),
+            OsStr::new("--queryformat"),
+            OsStr::new("%{NAME}\n"),
+            candidate.as_os_str(),
+        ];
+        let Some((success, stdout)) = run_until("rpm", &args, deadline) else {
             return Owner::Unknown;
         };
-        if output.status.success() {
-            let text = String::from_utf8_lossy(&output.stdout);
+        if success {
+            let text = String::from_utf8_lossy(&stdout);
             if let Some(package) = text.lines().next().filter(|l| !l.is_empty()) {
                 return Owner::Rpm(package.to_string());
             }
@@ -346,6 +403,29 @@ mod tests {
         assert_eq!(parse_dpkg_search(""), None);
         assert_eq!(debug_package("libc6"), "libc6-dbg");
         assert_eq!(debug_package("liblzma5"), "liblzma5-dbgsym");
+    }
+
+    /// A path is asked about as itself, not as a glob pattern that names other packages'
+    /// files; a package manager that hangs (an rpmdb lock) is killed at the deadline.
+    #[test]
+    fn package_queries_are_literal_and_bounded_in_time() {
+        assert_eq!(
+            dpkg_pattern(Path::new("/opt/a*b?[c]\\d")),
+            OsString::from("/opt/a\\*b\\?\\[c\\]\\\\d")
+        );
+        if Command::new("dpkg-query").arg("--version").output().is_ok() {
+            let far = Instant::now() + Duration::from_secs(30);
+            let glob = Path::new("/usr/bin/s*");
+            assert!(matches!(owner(glob, far), Owner::None));
+        }
+        let start = Instant::now();
+        let deadline = start + Duration::from_millis(200);
+        assert!(run_until("sleep", &[OsStr::new("30")], deadline).is_none());
+        assert!(start.elapsed() < Duration::from_secs(5));
+        assert!(matches!(
+            owner(Path::new("/usr/bin/sort"), start),
+            Owner::Unknown
+        ));
     }
 
     /// A CPU profile with a named, an unnamed and a not looked-up leaf: only the unnamed one

@@ -458,3 +458,51 @@ fn a_script_running_two_programs_holds_both_in_their_split() {
         files_in(&dir)
     );
 }
+
+/// A command name longer than a file name may be (review of issue 15): `cpu.PID.NAME.pb.gz`
+/// and its temporary file went over NAME_MAX, so the per-process files were not written and
+/// record failed. The name is cut; every file is written; record exits as the program did.
+#[test]
+fn a_command_with_a_very_long_name_gets_its_files() {
+    let scratch = scratch_dir("multiprocess_long_name");
+    let built = compile("cpu_split.c", &["-O2", "-g"], &scratch);
+    let long = scratch.join("x".repeat(240));
+    std::fs::rename(&built, &long).expect("renaming cpu_split");
+    let script = scratch.join("long.sh");
+    std::fs::write(
+        &script,
+        format!(
+            "#!/bin/sh\n'{0}' 20000000\n'{0}' 20000000\nexit 7\n",
+            long.display()
+        ),
+    )
+    .expect("writing the script");
+    std::fs::set_permissions(&script, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+        .expect("chmod the script");
+    let dir = scratch.join("profile");
+    let mut cmd = clean_command(binaries().anyprof);
+    cmd.arg("record")
+        .arg("-o")
+        .arg(&dir)
+        .args(["--cpu-hz", &HZ.to_string(), "--"])
+        .arg(&script)
+        .current_dir(&scratch);
+    let out = {
+        let _cpu = cpu_lock();
+        run(&mut cmd)
+    };
+    assert_eq!(
+        out.code,
+        7,
+        "record did not exit as the program did\nstderr:\n{}",
+        out.stderr_text()
+    );
+    let names = files_in(&dir);
+    let own: Vec<&String> = names
+        .iter()
+        .filter(|n| n.starts_with("cpu.") && n.contains(&"x".repeat(64)))
+        .collect();
+    assert_eq!(own.len(), 2, "not one cpu file per copy: {names:?}");
+    assert!(names.iter().all(|n| n.len() < 200), "{names:?}");
+    assert!(names.contains(&"cpu.pb.gz".to_string()), "{names:?}");
+}

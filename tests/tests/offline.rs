@@ -434,6 +434,30 @@ fn symbolize_checks_its_input_and_output() {
     assert_eq!(out.code, 0, "{}", out.stderr_text());
     assert_eq!(frames_by_location(&read(&in_place)), named);
 
+    // In place, the file keeps its permissions and owner (it became 0644 and root's when
+    // root named it in place).
+    {
+        use std::os::unix::fs::{MetadataExt, PermissionsExt};
+        let private = scratch.join("private.pb.gz");
+        std::fs::copy(&input, &private).unwrap();
+        std::fs::set_permissions(&private, std::fs::Permissions::from_mode(0o600)).unwrap();
+        std::os::unix::fs::chown(&private, Some(65534), Some(65534)).unwrap();
+        let out = symbolize(&[&private, Path::new("-o"), &private], &[]);
+        assert_eq!(out.code, 0, "{}", out.stderr_text());
+        let meta = std::fs::metadata(&private).unwrap();
+        assert_eq!(
+            meta.mode() & 0o7777,
+            0o600,
+            "named in place, its mode changed"
+        );
+        assert_eq!(
+            (meta.uid(), meta.gid()),
+            (65534, 65534),
+            "its owner changed"
+        );
+        assert_eq!(frames_by_location(&read(&private)), named);
+    }
+
     // Already named: said, and left as it was.
     let again = scratch.join("again.pb.gz");
     let out = symbolize(&[&out_path, Path::new("-o"), &again], &[]);
@@ -522,4 +546,88 @@ fn serve_no_symbolize_serves_profiles_that_symbolize_names() {
         "{}",
         named.describe()
     );
+}
+
+/// A profile names the files `anyprof symbolize` opens, so it is not trusted (review of issue
+/// 15): a FIFO at a mapping's path must not block it (it did: `metadata` then a blocking
+/// `open`), and a procfs file that looks regular (`/proc/kmsg`: root would read, and consume,
+/// the kernel log) is not read. Each skipped mapping gets its one message; the run ends.
+#[test]
+fn symbolize_does_not_open_fifos_or_procfs_files_a_profile_names() {
+    use anyprof::pprof::proto::{Location, Mapping, Sample, ValueType};
+    use std::os::unix::ffi::OsStrExt;
+    let scratch = scratch_dir("offline_hostile_paths");
+    let fifo = scratch.join("fifo.so");
+    let _ = std::fs::remove_file(&fifo);
+    let c_fifo = std::ffi::CString::new(fifo.as_os_str().as_bytes()).unwrap();
+    // SAFETY: a valid NUL-terminated path.
+    assert_eq!(unsafe { libc::mkfifo(c_fifo.as_ptr(), 0o600) }, 0);
+    let paths = [fifo.to_str().unwrap(), "/proc/kmsg"];
+    let mut profile = Profile {
+        string_table: vec!["".into(), "samples".into(), "count".into()],
+        ..Profile::default()
+    };
+    profile.sample_type.push(ValueType { r#type: 1, unit: 2 });
+    for (i, path) in paths.iter().enumerate() {
+        let id = i as u64 + 1;
+        profile.string_table.push(path.to_string());
+        profile.mapping.push(Mapping {
+            id,
+            memory_start: 0x10000 * id,
+            memory_limit: 0x10000 * id + 0x1000,
+            filename: profile.string_table.len() as i64 - 1,
+            ..Mapping::default()
+        });
+        profile.location.push(Location {
+            id,
+            mapping_id: id,
+            address: 0x10000 * id + 0x10,
+            ..Location::default()
+        });
+        profile.sample.push(Sample {
+            location_id: vec![id],
+            value: vec![1],
+            ..Sample::default()
+        });
+    }
+    let input = scratch.join("hostile.pb.gz");
+    std::fs::write(&input, anyprof::pprof::encode_gzipped(&profile)).unwrap();
+    let output = scratch.join("hostile-named.pb.gz");
+    let _ = std::fs::remove_file(&output);
+
+    let mut child = clean_command(binaries().anyprof)
+        .arg("symbolize")
+        .arg(&input)
+        .arg("-o")
+        .arg(&output)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let start = std::time::Instant::now();
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if start.elapsed() > std::time::Duration::from_secs(20) {
+            child.kill().unwrap();
+            child.wait().unwrap();
+            let _ = std::fs::remove_file(&fifo);
+            panic!("anyprof symbolize hung on a profile that names a FIFO or /proc/kmsg");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    };
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut stderr).unwrap();
+    let _ = std::fs::remove_file(&fifo);
+    assert!(status.success(), "{stderr}");
+    for path in paths {
+        assert_eq!(
+            stderr.matches(&format!("no file for {path} ")).count(),
+            1,
+            "not one message for {path}:\n{stderr}"
+        );
+    }
+    assert!(output.exists());
 }

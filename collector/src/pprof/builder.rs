@@ -35,6 +35,9 @@ pub struct ProfileBuilder {
     strings: HashMap<String, i64>,
     functions: HashMap<(String, String, String), u64>,
     locations: HashMap<(u64, u64, Vec<FrameLine>), u64>,
+    /// Index in `profile.location` of each id of a profile read from a file
+    /// ([`ProfileBuilder::from_profile`]) whose locations are not numbered 1..n.
+    location_index: HashMap<u64, usize>,
 }
 
 impl ProfileBuilder {
@@ -95,6 +98,16 @@ impl ProfileBuilder {
             let key = (text(f.name), text(f.system_name), text(f.filename));
             b.functions.entry(key).or_insert(f.id);
         }
+        if profile
+            .location
+            .iter()
+            .enumerate()
+            .any(|(i, l)| l.id != i as u64 + 1)
+        {
+            for (i, l) in profile.location.iter().enumerate() {
+                b.location_index.entry(l.id).or_insert(i);
+            }
+        }
         b.profile = profile;
         if b.profile.string_table.is_empty() {
             b.string("");
@@ -113,7 +126,7 @@ impl ProfileBuilder {
                 column: 0,
             })
             .collect();
-        // Locations are numbered 1..n by this builder and by Go; others are searched.
+        // Locations are numbered 1..n by this builder and by Go; others are looked up.
         let index = usize::try_from(location_id.wrapping_sub(1))
             .ok()
             .filter(|&i| {
@@ -122,12 +135,7 @@ impl ProfileBuilder {
                     .get(i)
                     .is_some_and(|l| l.id == location_id)
             })
-            .or_else(|| {
-                self.profile
-                    .location
-                    .iter()
-                    .position(|l| l.id == location_id)
-            });
+            .or_else(|| self.location_index.get(&location_id).copied());
         match index.and_then(|i| self.profile.location.get_mut(i)) {
             Some(location) => {
                 location.line = line;
@@ -310,5 +318,56 @@ impl ProfileBuilder {
     /// The finished profile.
     pub fn finish(self) -> Profile {
         self.profile
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::pprof::proto::Location;
+
+    /// Naming a profile whose location ids are not 1..n (another writer's numbering) finds
+    /// each location by id without a scan per location: 100k reversed ids took 3.2 s when
+    /// each call searched the list.
+    #[test]
+    fn set_location_lines_finds_locations_of_any_numbering_quickly() {
+        const N: u64 = 100_000;
+        let profile = Profile {
+            string_table: vec![String::new()],
+            location: (0..N)
+                .map(|i| Location {
+                    id: N - i,
+                    address: 0x1000 + i,
+                    ..Location::default()
+                })
+                .collect(),
+            ..Profile::default()
+        };
+        let mut b = ProfileBuilder::from_profile(profile);
+        let line = |id: u64| FrameLine {
+            name: "f".into(),
+            system_name: "f".into(),
+            file: String::new(),
+            line: id as i64,
+        };
+        let start = std::time::Instant::now();
+        for id in 1..=N {
+            assert!(b.set_location_lines(id, &[line(id)]));
+        }
+        let took = start.elapsed();
+        assert!(!b.set_location_lines(N + 1, &[line(0)]));
+        let profile = b.finish();
+        for l in &profile.location {
+            assert_eq!(l.line.len(), 1);
+            assert_eq!(
+                l.line[0].line, l.id as i64,
+                "location {} got another's line",
+                l.id
+            );
+        }
+        assert!(
+            took < std::time::Duration::from_secs(1),
+            "{N} locations took {took:?}: a search per location?"
+        );
     }
 }

@@ -35,31 +35,21 @@ pub(super) struct WriteOptions {
     pub(super) oom_killed: bool,
 }
 
-/// One process of the run and its profiles.
+/// One process of the run.
 struct Process<'a> {
     session: &'a Session,
     pid: u32,
     name: String,
     is_main: bool,
-    cpu: Option<Profile>,
-    heap: Option<Profile>,
-    allocs: Option<Profile>,
-}
-
-impl Process<'_> {
-    /// Its profile of `kind` (`cpu`, `heap` or `allocs`), if it was built.
-    fn profile(&self, kind: &str) -> Option<&Profile> {
-        match kind {
-            "cpu" => self.cpu.as_ref(),
-            "heap" => self.heap.as_ref(),
-            _ => self.allocs.as_ref(),
-        }
-    }
 }
 
 /// Writes the run's profiles: `cpu.pb.gz`, `heap.pb.gz`, `allocs.pb.gz` hold every process
 /// (the program first); when the run had more than one process, each also gets its own
 /// files with `.PID.COMMAND` before `.pb.gz`. Returns how many files it wrote.
+///
+/// One kind at a time: the processes' profiles of that kind are built, merged, written and
+/// dropped before the next kind is built, so that at most one kind's profiles (and the merged
+/// CPU and allocation profiles the summary reads) are held at once.
 pub(super) fn write_profiles(
     sessions: &[Session],
     options: &WriteOptions,
@@ -78,34 +68,35 @@ pub(super) fn write_profiles(
         if !is_main && s.cpu.is_empty() && s.heap.values().all(|b| b.counts.alloc_objects == 0) {
             continue;
         }
-        let cpu = options.cpu.then(|| {
-            let duration = match (s.connected_at, s.closed_at) {
-                (Some(a), Some(b)) => b.duration_since(a),
-                _ => elapsed,
-            };
-            profile::cpu::build(s, symbolizer, duration.as_nanos() as u64)
-        });
-        let (heap, allocs) = if options.heap {
-            let now = anyprof::output::unix_nanos();
-            let heap = profile::heap::build(s, symbolizer, profile::heap::View::Heap, now);
-            let allocs = profile::heap::build(s, symbolizer, profile::heap::View::Allocs, now);
-            (Some(heap), Some(allocs))
-        } else {
-            (None, None)
-        };
         processes.push(Process {
             session: s,
             pid,
             name: s.command_name(),
             is_main,
-            cpu,
-            heap,
-            allocs,
         });
     }
     // The program first (pprof takes the first mapping as the main binary), then the others
     // in the order they connected.
     processes.sort_by_key(|p| !p.is_main);
+    // Two images of one pid with one name (a program that execs itself) get a file each: the
+    // program keeps the plain name, the other is numbered (`PID.NAME-2`).
+    let mut used = std::collections::HashSet::new();
+    let suffixes: Vec<String> = processes
+        .iter()
+        .map(|p| {
+            let base = format!("{}.{}", p.pid, sanitize(&p.name));
+            (1..)
+                .map(|n| {
+                    if n == 1 {
+                        base.clone()
+                    } else {
+                        format!("{base}-{n}")
+                    }
+                })
+                .find(|s| used.insert(s.clone()))
+                .unwrap_or(base)
+        })
+        .collect();
 
     // One file that cannot be written (a full disk, a directory in its place) must not cost
     // the others: each failure is reported and counted, and the run fails at the end.
@@ -126,22 +117,45 @@ pub(super) fn write_profiles(
         }
     };
     let header = run_comments(&processes);
-    let mut whole = Vec::new();
+    let now = anyprof::output::unix_nanos();
+    let (mut whole_cpu, mut whole_allocs) = (None, None);
+    let mut per_process = 0;
     for kind in ["cpu", "heap", "allocs"] {
-        let parts: Vec<Part<'_>> = processes
-            .iter()
-            .filter_map(|p| {
-                Some(Part {
-                    pid: p.pid,
-                    process: &p.name,
-                    profile: p.profile(kind)?,
-                })
+        if processes.is_empty()
+            || !(if kind == "cpu" {
+                options.cpu
+            } else {
+                options.heap
             })
-            .collect();
-        if parts.is_empty() {
-            whole.push(None);
+        {
             continue;
         }
+        let built: Vec<Profile> = processes
+            .iter()
+            .map(|p| {
+                let s = p.session;
+                match kind {
+                    "cpu" => {
+                        let duration = match (s.connected_at, s.closed_at) {
+                            (Some(a), Some(b)) => b.duration_since(a),
+                            _ => elapsed,
+                        };
+                        profile::cpu::build(s, symbolizer, duration.as_nanos() as u64)
+                    }
+                    "heap" => profile::heap::build(s, symbolizer, profile::heap::View::Heap, now),
+                    _ => profile::heap::build(s, symbolizer, profile::heap::View::Allocs, now),
+                }
+            })
+            .collect();
+        let parts: Vec<Part<'_>> = processes
+            .iter()
+            .zip(&built)
+            .map(|(p, profile)| Part {
+                pid: p.pid,
+                process: &p.name,
+                profile,
+            })
+            .collect();
         let mut comments = header.clone();
         if processes.len() > 1 {
             if kind == "cpu" {
@@ -152,39 +166,24 @@ pub(super) fn write_profiles(
         }
         let merged = merge_processes(&parts, &comments);
         write(format!("{kind}.pb.gz"), &merged, &mut written);
-        whole.push(Some(merged));
-    }
-    let mut per_process = 0;
-    if processes.len() > 1 {
-        let mut used = std::collections::HashSet::new();
-        for p in &processes {
-            // Two images of one pid with one name (a program that execs itself) get a file
-            // each: the program keeps the plain name, the other is numbered (`PID.NAME-2`).
-            let base = format!("{}.{}", p.pid, sanitize(&p.name));
-            let suffix = (1..)
-                .map(|n| {
-                    if n == 1 {
-                        base.clone()
-                    } else {
-                        format!("{base}-{n}")
-                    }
-                })
-                .find(|s| used.insert(s.clone()))
-                .unwrap_or(base);
-            for (kind, profile) in [("cpu", &p.cpu), ("heap", &p.heap), ("allocs", &p.allocs)] {
-                if let Some(profile) = profile {
-                    let mut ignored = Vec::new();
-                    write(format!("{kind}.{suffix}.pb.gz"), profile, &mut ignored);
-                    per_process += ignored.len();
-                }
+        if processes.len() > 1 {
+            for (suffix, profile) in suffixes.iter().zip(&built) {
+                let mut ignored = Vec::new();
+                write(format!("{kind}.{suffix}.pb.gz"), profile, &mut ignored);
+                per_process += ignored.len();
             }
+        }
+        match kind {
+            "cpu" => whole_cpu = Some(merged),
+            "allocs" => whole_allocs = Some(merged),
+            _ => {}
         }
     }
     if !options.quiet && !processes.is_empty() {
         print_summary(
             &processes,
-            whole[0].as_ref(),
-            whole[2].as_ref(),
+            whole_cpu.as_ref(),
+            whole_allocs.as_ref(),
             &written,
             elapsed,
             options.oom_killed,
@@ -372,8 +371,15 @@ fn print_summary(
     }
 }
 
+/// How many characters of a command name go into a file name: with `.PID.`, the kind, the
+/// suffix and `write_atomic`'s temporary suffix, a file name must stay below NAME_MAX (255).
+const NAME_CHARS: usize = 64;
+
+/// `name` as part of a file name: only `[A-Za-z0-9-_+]` (others become `_`), at most
+/// [`NAME_CHARS`] of them.
 pub(super) fn sanitize(name: &str) -> String {
     name.chars()
+        .take(NAME_CHARS)
         .map(|c| {
             if c.is_ascii_alphanumeric() || "-_+".contains(c) {
                 c

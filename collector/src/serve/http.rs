@@ -39,7 +39,7 @@ impl State {
     pub fn new(collector: Arc<Collector>, max_seconds: u64) -> State {
         State {
             collector,
-            symbolizer: Mutex::new(crate::symbolize::symbolizer_from_env()),
+            symbolizer: Mutex::new(crate::symbolize::serve_symbolizer()),
             busy: Mutex::new(HashSet::new()),
             next_dump: AtomicU32::new(1),
             max_seconds,
@@ -404,7 +404,7 @@ fn snapshot(state: &State, pid: u32) -> Result<Session, HttpError> {
 fn symbolizer(state: &State) -> Result<std::sync::MutexGuard<'_, Symbolizer>, HttpError> {
     Ok(state.symbolizer.lock().unwrap_or_else(|poisoned| {
         let mut fresh = poisoned.into_inner();
-        *fresh = crate::symbolize::symbolizer_from_env();
+        *fresh = crate::symbolize::serve_symbolizer();
         state.symbolizer.clear_poison();
         fresh
     }))
