@@ -142,14 +142,10 @@ pub fn daemon_debuginfod_policy(sources: &mut DebugSources, serve_mode: bool) {
     if !serve_mode {
         return;
     }
-    // TODO(lead): once the symbolizer's per-object policy (branch `fixsym`) is merged,
-    // replace this line by:
-    //     if let Some(debuginfod) = &mut sources.debuginfod {
-    //         debuginfod.only_root_owned_objects = true;
-    //         debuginfod.default_max_time = Some(anyprof_symbolizer::DAEMON_MAX_TIME);
-    //     }
-    // Until then the daemon does not use debuginfod at all (the safe side of that policy).
-    sources.debuginfod = None;
+    if let Some(debuginfod) = &mut sources.debuginfod {
+        debuginfod.only_root_owned_objects = true;
+        debuginfod.default_max_time = Some(anyprof_symbolizer::DAEMON_MAX_TIME);
+    }
 }
 
 /// [`symbolizer_from_env`] for a command run with `-q`: downloads are not announced.
