@@ -479,6 +479,17 @@ fn counting_server() -> (u16, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
 /// never used: a peer cannot point the daemon at a server.
 #[test]
 fn root_daemon_fetches_for_a_process_of_nobody_from_its_own_servers_only() {
+    root_daemon_serves_a_process_of_nobody(false);
+}
+
+/// A program file of nobody's own (which nobody could have built with any build id it likes):
+/// the root daemon does not ask its servers about it, and its cache stays empty.
+#[test]
+fn root_daemon_asks_no_server_about_a_users_own_file() {
+    root_daemon_serves_a_process_of_nobody(true);
+}
+
+fn root_daemon_serves_a_process_of_nobody(file_of_nobody: bool) {
     use std::os::unix::fs::{MetadataExt, PermissionsExt};
     use std::os::unix::process::CommandExt;
     // SAFETY: geteuid cannot fail.
@@ -486,7 +497,11 @@ fn root_daemon_fetches_for_a_process_of_nobody_from_its_own_servers_only() {
         skip_outside_ci("it needs root (a root daemon and a process of nobody)");
         return;
     }
-    let scratch = scratch_dir("debuginfo-serve");
+    let scratch = scratch_dir(if file_of_nobody {
+        "debuginfo-serve-own"
+    } else {
+        "debuginfo-serve"
+    });
     std::fs::set_permissions(&scratch, std::fs::Permissions::from_mode(0o755)).unwrap();
     let prog = build(&scratch, &[]);
     let address = address_of(&prog, "hot_a");
@@ -499,6 +514,9 @@ fn root_daemon_fetches_for_a_process_of_nobody_from_its_own_servers_only() {
         &scratch,
     );
     tool("strip", &["--strip-all", "prog"], &scratch);
+    if file_of_nobody {
+        std::os::unix::fs::chown(&prog, Some(65534), Some(65534)).unwrap();
+    }
     let server = Server::start(&scratch, &served, &id);
     let (peer_port, peer_requests) = counting_server();
     let cache = scratch.join("daemon-cache");
@@ -550,11 +568,23 @@ fn root_daemon_fetches_for_a_process_of_nobody_from_its_own_servers_only() {
             .ok()
         });
         let text = reply.map(|r| r.text()).unwrap_or_default();
-        if text.contains("hot_a") || start.elapsed() > Duration::from_secs(30) {
+        let waited = if file_of_nobody { 5 } else { 30 };
+        if text.contains("hot_a") || start.elapsed() > Duration::from_secs(waited) {
             break text;
         }
         std::thread::sleep(Duration::from_millis(200));
     };
+    if file_of_nobody {
+        assert!(
+            !names.contains("hot_a"),
+            "the daemon fetched debug info for a file nobody owns: {names:?}"
+        );
+        assert!(
+            !cache.join(&id).join("debuginfo").exists(),
+            "the daemon's cache holds the debug file of a file nobody owns"
+        );
+        return;
+    }
     assert!(
         names.contains("hot_a"),
         "the daemon did not name hot_a from its debuginfod: {names:?}\ndaemon stderr:\n{}",
