@@ -42,8 +42,9 @@
 //! asked for is thrown away with a warning that names the URL.
 //!
 //! Downloads run in parallel, [`MAX_PARALLEL`] at a time. On a terminal, each one that is
-//! large or slow is announced as it starts; [`Debuginfod::summary`] says in one line what was
-//! fetched.
+//! large or slow is announced as it starts and then says every few seconds how far it has
+//! come (a line of its own each time, naming its module, as several run at once);
+//! [`Debuginfod::summary`] says in one line what was fetched.
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::ffi::CString;
@@ -83,6 +84,8 @@ const DEAD_FOR: Duration = Duration::from_secs(60);
 
 /// Downloads this large, or of unknown size, are announced on a terminal.
 const ANNOUNCE_BYTES: u64 = 1 << 20;
+/// How often an announced download says how far it has come.
+const PROGRESS_EVERY: Duration = Duration::from_secs(3);
 
 /// Build ids shorter or longer than this (in bytes) are not asked for: real ones are 16
 /// (MD5, UUID) to 20 (SHA-1) bytes, a few toolchains use 8 or 32.
@@ -629,7 +632,8 @@ impl Debuginfod {
         if length.is_some_and(|n| n > max) {
             return Download::Failed(too_big(&url, max));
         }
-        if self.config.progress && length.is_none_or(|n| n >= ANNOUNCE_BYTES) {
+        let announced = self.config.progress && length.is_none_or(|n| n >= ANNOUNCE_BYTES);
+        if announced {
             let size = length.map(|n| format!(" ({})", mib(n))).unwrap_or_default();
             eprintln!(
                 "anyprof: downloading debug info for {}{size} from {server}...",
@@ -650,7 +654,16 @@ impl Debuginfod {
                 ))
             }
         };
-        let mut body = response.into_body().into_reader().take(max + 1);
+        let body = response.into_body().into_reader().take(max + 1);
+        let mut body = Progress {
+            inner: body,
+            name: &wanted.name,
+            total: length,
+            done: 0,
+            next: Instant::now() + PROGRESS_EVERY,
+            every: announced.then_some(PROGRESS_EVERY),
+            out: io::stderr(),
+        };
         let copied = io::copy(&mut body, temp.as_file_mut()).and_then(|n| {
             temp.as_file_mut().flush()?;
             Ok(n)
@@ -684,6 +697,46 @@ impl Debuginfod {
                 err.error
             )),
         }
+    }
+}
+
+/// A download's body, which says every [`PROGRESS_EVERY`] on `out` how far it has come, when
+/// `every` is set (downloads announced on a terminal): several run at once, so each report is
+/// a line of its own that names its module.
+struct Progress<'a, R, W> {
+    inner: R,
+    name: &'a str,
+    total: Option<u64>,
+    done: u64,
+    next: Instant,
+    every: Option<Duration>,
+    out: W,
+}
+
+impl<R: Read, W: Write> Read for Progress<'_, R, W> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.done = self.done.saturating_add(n as u64);
+        if let Some(every) = self.every.filter(|_| n > 0) {
+            let now = Instant::now();
+            if now >= self.next {
+                self.next = now + every;
+                let of = self
+                    .total
+                    .map(|t| {
+                        let percent = self.done.saturating_mul(100) / t.max(1);
+                        format!(" of {} ({percent}%)", mib(t))
+                    })
+                    .unwrap_or_default();
+                let _ = writeln!(
+                    self.out,
+                    "anyprof: debug info for {}: {}{of}",
+                    self.name,
+                    mib(self.done)
+                );
+            }
+        }
+        Ok(n)
     }
 }
 
@@ -1167,6 +1220,41 @@ mod tests {
 
     /// A body without a length is cut at the size limit: nothing is kept, no temporary file
     /// is left, and the build id is not marked as missing (raising the limit helps at once).
+    #[test]
+    fn a_long_download_says_how_far_it_has_come() {
+        let data = vec![7u8; 3 << 20];
+        let mut out = Vec::new();
+        let mut body = Progress {
+            inner: io::Cursor::new(&data).take(u64::MAX),
+            name: "libbig.so",
+            total: Some(data.len() as u64),
+            done: 0,
+            next: Instant::now(),
+            every: Some(Duration::ZERO),
+            out: &mut out,
+        };
+        let mut chunk = [0u8; 1 << 20];
+        while body.read(&mut chunk).unwrap() > 0 {}
+        let said = String::from_utf8(out).unwrap();
+        assert!(
+            said.contains("anyprof: debug info for libbig.so: 1.0 MiB of 3.0 MiB (33%)")
+                && said.contains("3.0 MiB of 3.0 MiB (100%)"),
+            "{said}"
+        );
+        let mut quiet = Vec::new();
+        let mut body = Progress {
+            inner: io::Cursor::new(&data),
+            name: "libbig.so",
+            total: None,
+            done: 0,
+            next: Instant::now(),
+            every: None,
+            out: &mut quiet,
+        };
+        while body.read(&mut chunk).unwrap() > 0 {}
+        assert!(quiet.is_empty(), "a download not announced says nothing");
+    }
+
     #[test]
     fn downloads_stop_at_the_size_limit() {
         let cache = scratch("size");
