@@ -118,14 +118,7 @@ impl ProfileBuilder {
     /// Gives the location with id `location_id` the lines `lines` (innermost first), adding
     /// their functions. Returns false if there is no such location.
     pub fn set_location_lines(&mut self, location_id: u64, lines: &[FrameLine]) -> bool {
-        let line: Vec<Line> = lines
-            .iter()
-            .map(|l| Line {
-                function_id: self.function(l),
-                line: l.line,
-                column: 0,
-            })
-            .collect();
+        let line = self.lines(lines);
         // Locations are numbered 1..n by this builder and by Go; others are looked up.
         let index = usize::try_from(location_id.wrapping_sub(1))
             .ok()
@@ -225,6 +218,18 @@ impl ProfileBuilder {
         id
     }
 
+    /// The pprof lines of `lines` (innermost first), adding their functions.
+    fn lines(&mut self, lines: &[FrameLine]) -> Vec<Line> {
+        lines
+            .iter()
+            .map(|l| Line {
+                function_id: self.function(l),
+                line: l.line,
+                column: 0,
+            })
+            .collect()
+    }
+
     fn function(&mut self, f: &FrameLine) -> u64 {
         let key = (f.name.clone(), f.system_name.clone(), f.file.clone());
         if let Some(&id) = self.functions.get(&key) {
@@ -262,14 +267,7 @@ impl ProfileBuilder {
             return id;
         }
         let id = self.profile.location.len() as u64 + 1;
-        let line = lines
-            .iter()
-            .map(|l| Line {
-                function_id: self.function(l),
-                line: l.line,
-                column: 0,
-            })
-            .collect();
+        let line = self.lines(lines);
         self.profile.location.push(Location {
             id,
             mapping_id,
