@@ -128,20 +128,17 @@ pub fn symbolizer_from_env() -> Symbolizer {
 /// policy ([`daemon_debuginfod_policy`]).
 pub fn serve_symbolizer() -> Symbolizer {
     let mut sources = debug_sources_from_env();
-    daemon_debuginfod_policy(&mut sources, true);
+    daemon_debuginfod_policy(&mut sources);
     Symbolizer::with_sources(sources)
 }
 
-/// With `serve_mode` (the daemon, which runs as root and symbolizes for every local user):
+/// The daemon's debuginfod policy (it runs as root and symbolizes for every local user):
 /// debuginfod is asked only about objects owned by root and writable by neither group nor
 /// others, which no local user can have made, and a download lasts at most
 /// `DAEMON_MAX_TIME` unless `DEBUGINFOD_MAXTIME` says otherwise. A build id is only what the
 /// file says: without this, any peer could give a file of its own forged build ids and make
 /// the daemon download, and keep in its cache, whatever the servers have.
-pub fn daemon_debuginfod_policy(sources: &mut DebugSources, serve_mode: bool) {
-    if !serve_mode {
-        return;
-    }
+pub fn daemon_debuginfod_policy(sources: &mut DebugSources) {
     if let Some(debuginfod) = &mut sources.debuginfod {
         debuginfod.only_root_owned_objects = true;
         debuginfod.default_max_time = Some(anyprof_symbolizer::DAEMON_MAX_TIME);
