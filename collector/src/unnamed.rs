@@ -148,21 +148,26 @@ pub fn format_missing_names(profile: &Profile) -> String {
     let debuginfod = std::env::var_os("DEBUGINFOD_URLS").filter(|v| !v.is_empty());
     // Package managers can wait on a lock (rpmdb) for long: the summary never does.
     let deadline = Instant::now() + PACKAGE_QUERY_TIME;
+    let system = System::detect();
     for (path, share) in &material {
         let _ = writeln!(
             out,
             "  {:>5.1}%  {}: {}",
             100.0 * share,
             base_name(path),
-            how_to_get_names(Path::new(path), debuginfod.is_some(), deadline)
+            how_to_get_names(Path::new(path), debuginfod.is_some(), &system, deadline)
         );
     }
     out
 }
 
-/// What to do to get the names of the module at `path`.
-fn how_to_get_names(path: &Path, debuginfod_set: bool, deadline: Instant) -> String {
-    let system = System::detect();
+/// What to do to get the names of the module at `path` on `system`.
+fn how_to_get_names(
+    path: &Path,
+    debuginfod_set: bool,
+    system: &System,
+    deadline: Instant,
+) -> String {
     let debuginfod = match (debuginfod_set, system.debuginfod_server) {
         (true, _) => "; DEBUGINFOD_URLS gave no debug file for it".to_string(),
         (false, Some(server)) => format!(", or set DEBUGINFOD_URLS={server}"),
