@@ -111,10 +111,7 @@ pub fn symbolize_profile(
             && text(f.filename).is_empty()
             && !file.is_empty()
             && (name == format!("[{file}]")
-                || name
-                    .strip_prefix(file)
-                    .and_then(|rest| rest.strip_prefix("+0x"))
-                    .is_some_and(|hex| u64::from_str_radix(hex, 16).is_ok()))
+                || crate::unnamed::split_name(&name).is_some_and(|(module, _)| module == file))
     };
     // The locations to name, by mapping id: (location id, address).
     let mut pending: BTreeMap<u64, Vec<(u64, RuntimeAddress)>> = BTreeMap::new();
