@@ -9,29 +9,23 @@ charges time in the kernel to the user instruction that entered it). A leaf is n
 has a function name: not perf's [unknown], not anyprof's MODULE+0xADDR or a bare [module].
 Used for issue 15's "named at least as well as perf report" (sort, xz -9, sqlite3).
 """
-import gzip, sys, subprocess, re, collections
-def varint(b, i):
-    r = s = 0
-    while True:
-        c = b[i]; i += 1; r |= (c & 0x7f) << s; s += 7
-        if c < 0x80: return r, i
+import collections, gzip, os, re, subprocess, sys
+
+sys.dont_write_bytecode = True
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from overhead import _fields, _ints  # noqa: E402
+
+
 def fields(b):
-    i = 0; out = []
-    while i < len(b):
-        k, i = varint(b, i); f, t = k >> 3, k & 7
-        if t == 0: v, i = varint(b, i)
-        elif t == 2:
-            n, i = varint(b, i); v = b[i:i+n]; i += n
-        elif t == 1: v = b[i:i+8]; i += 8
-        elif t == 5: v = b[i:i+4]; i += 4
-        out.append((f, t, v))
-    return out
+    """The protobuf fields of `b` as a list (read twice below); see overhead._fields."""
+    return list(_fields(b))
+
+
 def packed(v, t):
-    if t == 0: return [v]
-    r = []; i = 0
-    while i < len(v):
-        x, i = varint(v, i); r.append(x)
-    return r
+    """A repeated int field's values, packed or not; see overhead._ints."""
+    return _ints(t, v)
+
+
 def anyprof(path):
     p = fields(gzip.open(path).read())
     strings = [v.decode('utf8', 'replace') for f, t, v in p if f == 6]
