@@ -348,25 +348,15 @@ impl Debuginfod {
             // The same build id twice in one call (two paths of one library) is asked once.
             .filter(|&i| !wanted[..i].iter().any(|w| w.build_id == wanted[i].build_id))
             .collect();
-        let threads = MAX_PARALLEL.min(todo.len());
-        let next = Mutex::new(todo.into_iter());
-        let results = Mutex::new(Vec::new());
-        std::thread::scope(|scope| {
-            for _ in 0..threads {
-                scope.spawn(|| loop {
-                    let Some(i) = next.lock().ok().and_then(|mut n| n.next()) else {
-                        return;
-                    };
-                    // A bug in parsing what a server sent costs this object only.
-                    let found = crate::panics::catch(|| self.fetch(&wanted[i])).unwrap_or(None);
-                    if let Ok(mut results) = results.lock() {
-                        results.push((i, found));
-                    }
-                });
-            }
+        let results = crate::symbolizer::parallel_map_on(MAX_PARALLEL, todo, |i| {
+            // A bug in parsing what a server sent costs this object only.
+            (
+                i,
+                crate::panics::catch(|| self.fetch(&wanted[i])).unwrap_or(None),
+            )
         });
         let mut state = self.lock();
-        for (i, found) in results.into_inner().unwrap_or_default() {
+        for (i, found) in results {
             state.remember(wanted[i].build_id, found.clone());
             answers[i] = Some(found);
         }

@@ -405,10 +405,17 @@ fn answer<A: Copy + Into<FileAddress>>(loaded: &LoadedObject, addresses: &[A]) -
 /// thread included; the results in no particular order. Each thread takes the next item when
 /// it is done with one, so a slow item does not hold up the others.
 fn parallel_map<T: Send, R: Send>(items: Vec<T>, work: impl Fn(T) -> R + Sync) -> Vec<R> {
-    let threads = match items.len() {
-        0 | 1 => 1,
-        n => std::thread::available_parallelism().map_or(1, |cpus| cpus.get().min(n)),
-    };
+    let cpus = std::thread::available_parallelism().map_or(1, |cpus| cpus.get());
+    parallel_map_on(cpus, items, work)
+}
+
+/// [`parallel_map`] on at most `max_threads` threads (the calling thread included).
+pub(crate) fn parallel_map_on<T: Send, R: Send>(
+    max_threads: usize,
+    items: Vec<T>,
+    work: impl Fn(T) -> R + Sync,
+) -> Vec<R> {
+    let threads = max_threads.min(items.len()).max(1);
     if threads == 1 {
         return items.into_iter().map(work).collect();
     }
