@@ -42,7 +42,9 @@
 
 use core::sync::atomic::{AtomicBool, Ordering};
 
-use anyprof_wire::shared::{MESSAGE_RING_BYTES, SHARED_MAGIC, SHARED_SIZE, SHARED_VERSION};
+use anyprof_wire::shared::{
+    self as shm, MESSAGE_RING_BYTES, SHARED_MAGIC, SHARED_SIZE, SHARED_VERSION,
+};
 
 /// The region (its storage is the core's, which the hooks and the handler write). Mapped
 /// over by a memfd once [`into_memfd`] succeeded.
@@ -350,6 +352,13 @@ pub fn reset_for_child() {
     crate::alloc::buckets::reset_in_child(copied_from);
     s.header.finished.store(0, Ordering::Relaxed);
     s.header.collector_seen_ms.store(0, Ordering::Relaxed);
+    // Copied in the middle of a read by the parent's collector, perhaps: nobody reads ours.
+    s.header
+        .sample_reader
+        .store(shm::SAMPLE_READER_NONE, Ordering::Relaxed);
+    s.header
+        .drainer
+        .store(shm::DRAINER_PROCESS, Ordering::Relaxed);
     stamp_header();
 }
 
@@ -363,4 +372,8 @@ pub fn reset_for_reattach() {
     s.commands.tail.store(head, Ordering::Release);
     s.header.collector_seen_ms.store(0, Ordering::Release);
     s.header.finished.store(0, Ordering::Release);
+    // The old collector may have died in the middle of a read of the sample ring.
+    s.header
+        .sample_reader
+        .store(shm::SAMPLE_READER_NONE, Ordering::Release);
 }

@@ -34,7 +34,7 @@ use crate::{Command, MAX_FRAMES, MAX_MESSAGE, SIZE_CLASSES};
 /// `"APRFSHM1"` read as a little-endian u64; first field of the region.
 pub const SHARED_MAGIC: u64 = u64::from_le_bytes(*b"APRFSHM1");
 /// Version of this layout; bumped whenever any type in this file changes.
-pub const SHARED_VERSION: u32 = 2;
+pub const SHARED_VERSION: u32 = 3;
 /// Sample slots: 5 s of samples for 100 threads at 100 Hz before the reader must run.
 pub const SAMPLE_SLOTS: usize = 512;
 /// Heap buckets (one per allocation stack and size).
@@ -65,6 +65,44 @@ pub const BUCKET_WRITING: u64 = 1;
 
 /// Value of [`SharedHeader::finished`] once the process sent its last flush.
 pub const FINISHED: u32 = 1;
+
+/// [`SharedHeader::drainer`]: the process's background thread empties the sample ring.
+pub const DRAINER_PROCESS: u32 = 0;
+/// [`SharedHeader::drainer`]: the collector empties the sample ring and reads the counters
+/// while the process runs (the process has no thread of ours).
+pub const DRAINER_COLLECTOR: u32 = 1;
+
+/// [`SharedHeader::sample_reader`]: nobody is reading the sample ring.
+pub const SAMPLE_READER_NONE: u32 = 0;
+/// [`SharedHeader::sample_reader`]: the process is reading it.
+pub const SAMPLE_READER_PROCESS: u32 = 1;
+/// [`SharedHeader::sample_reader`]: the collector is reading it.
+pub const SAMPLE_READER_COLLECTOR: u32 = 2;
+
+/// Takes the sample ring for reader `who` if nobody reads it; never waits. The process's
+/// background thread and the collector may both want to read it around the moment the
+/// process starts its first thread (and at exit); the lock keeps the ring single-reader.
+pub fn lock_samples(header: &SharedHeader, who: u32) -> bool {
+    header
+        .sample_reader
+        .compare_exchange(
+            SAMPLE_READER_NONE,
+            who,
+            Ordering::Acquire,
+            Ordering::Relaxed,
+        )
+        .is_ok()
+}
+
+/// Gives the sample ring back (only if `who` holds it).
+pub fn unlock_samples(header: &SharedHeader, who: u32) {
+    let _ = header.sample_reader.compare_exchange(
+        who,
+        SAMPLE_READER_NONE,
+        Ordering::Release,
+        Ordering::Relaxed,
+    );
+}
 
 /// Length word of a message-ring record that means "the rest of the data area is unused,
 /// continue at offset 0".
@@ -134,6 +172,14 @@ pub struct SharedHeader {
     /// CLOCK_MONOTONIC in ms, written by the collector each time it polls the region (0 = no
     /// collector attached yet). The process takes an old value to mean "collector gone".
     pub collector_seen_ms: AtomicU64,
+    /// Who empties the sample ring and reports the counters while the process runs:
+    /// [`DRAINER_PROCESS`] (its background thread) or [`DRAINER_COLLECTOR`] (a process that
+    /// has no thread of ours: a single-threaded program, whose allocator would otherwise pay
+    /// for a second thread on every call). Written by the process only.
+    pub drainer: AtomicU32,
+    /// Whoever reads the sample ring holds this ([`SAMPLE_READER_NONE`] when nobody does):
+    /// the ring has one reader at a time. See [`lock_samples`].
+    pub sample_reader: AtomicU32,
 }
 
 /// A 64-byte cache line holding one value, so producer and consumer words do not share one.
@@ -802,6 +848,8 @@ mod tests {
         assert_eq!(offset_of!(Shared, header), 0);
         assert_eq!(offset_of!(SharedHeader, finished), 24);
         assert_eq!(offset_of!(SharedHeader, collector_seen_ms), 32);
+        assert_eq!(offset_of!(SharedHeader, drainer), 40);
+        assert_eq!(offset_of!(SharedHeader, sample_reader), 44);
         assert_eq!(offset_of!(Shared, commands), 64);
         assert_eq!(offset_of!(Shared, messages), 320);
         assert_eq!(offset_of!(MessageRing, data), 128);

@@ -19,8 +19,8 @@
 use core::sync::atomic::Ordering;
 
 use anyprof_wire::shared::{
-    SampleRing, SampleSlot, SAMPLE_FREE as FREE, SAMPLE_READY as READY, SAMPLE_SLOTS as SLOTS,
-    SAMPLE_WRITING as WRITING,
+    lock_samples, unlock_samples, SampleRing, SampleSlot, SAMPLE_FREE as FREE,
+    SAMPLE_READER_PROCESS, SAMPLE_READY as READY, SAMPLE_SLOTS as SLOTS, SAMPLE_WRITING as WRITING,
 };
 
 /// One sample as recorded by the handler (the layout is shared with the collector).
@@ -84,9 +84,22 @@ pub fn claim() -> Option<Claim> {
     None
 }
 
-/// Calls `f` with every ready record and frees the slots. Must only be called by one thread
-/// at a time (the reader); see the cdylib's background thread for how that is ensured.
-pub fn drain(mut f: impl FnMut(&Record)) -> usize {
+/// Calls `f` with every ready record and frees the slots; returns how many. Reads nothing
+/// (returns 0) while the collector is reading the ring: the ring has one reader at a time
+/// (`SharedHeader::sample_reader`), and a process without a thread of ours leaves the
+/// reading to the collector (see the cdylib's `drain` module). Within the process, one
+/// thread at a time calls this (the cdylib's background thread, or whoever flushes).
+pub fn drain(f: impl FnMut(&Record)) -> usize {
+    let header = &crate::region::SHARED.header;
+    if !lock_samples(header, SAMPLE_READER_PROCESS) {
+        return 0;
+    }
+    let n = drain_locked(f);
+    unlock_samples(header, SAMPLE_READER_PROCESS);
+    n
+}
+
+fn drain_locked(mut f: impl FnMut(&Record)) -> usize {
     let mut n = 0;
     for slot in ring().slots.iter() {
         if slot.state.load(Ordering::Acquire) == READY {
