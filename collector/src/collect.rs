@@ -532,13 +532,35 @@ pub fn merge_by_pid(sessions: Vec<Session>) -> Vec<Session> {
 /// The sessions of a running collector (see [`Collector::sessions`]).
 pub struct SessionList(Arc<Mutex<Vec<Connection>>>);
 
-/// Copies of the current sessions, merged per process image.
+/// How old the heap buckets of a process without our thread may be in a [`snapshot`]
+/// (they are read from its region, which costs a pass over its bucket table).
+const SNAPSHOT_HEAP_AGE: Duration = Duration::from_millis(500);
+
+/// Copies of the current sessions, merged per process image. The heap of a process that
+/// has no thread of ours to send it may be up to half a second old.
 pub fn snapshot(list: &SessionList) -> Vec<Session> {
-    let sessions: Vec<SharedSession> = list
+    snapshot_with_heap_age(list, SNAPSHOT_HEAP_AGE)
+}
+
+/// [`snapshot`], with every heap read as it is now (heap snapshots).
+pub fn fresh_snapshot(list: &SessionList) -> Vec<Session> {
+    snapshot_with_heap_age(list, Duration::ZERO)
+}
+
+fn snapshot_with_heap_age(list: &SessionList, heap_age: Duration) -> Vec<Session> {
+    let connections: Vec<(SharedSession, Arc<Channel>)> = list
         .0
         .lock()
-        .map(|c| c.iter().map(|c| c.session.clone()).collect())
+        .map(|c| {
+            c.iter()
+                .map(|c| (c.session.clone(), c.channel.clone()))
+                .collect()
+        })
         .unwrap_or_default();
+    for (session, channel) in &connections {
+        channel.refresh_heap(session, heap_age);
+    }
+    let sessions: Vec<SharedSession> = connections.into_iter().map(|(s, _)| s).collect();
     merge_by_pid(
         sessions
             .iter()

@@ -240,17 +240,88 @@ pub fn read(
     {
         return report;
     }
+    read_counters(shared, &view, last_mem_stats, rss, emit);
+    report
+}
+
+/// The event counters and the allocator's totals → `Counters` and `MemStats`; false if
+/// `emit` said stop.
+fn read_counters(
+    shared: &Shared,
+    view: &View<'_>,
+    last_mem_stats: Option<&MemStats>,
+    rss: u64,
+    emit: &mut dyn FnMut(&[u8]) -> bool,
+) -> bool {
     let counters: Vec<u64> = (shared.counters.iter().take(COUNTER_COUNT))
         .map(|c| view.load64(c))
         .collect();
     let mut buf = vec![0u8; MAX_MESSAGE];
     if let Some(n) = wire::encode_counters(&mut buf, Kind::Counters, &counters) {
         if !emit(buf.get(..n).unwrap_or(&[])) {
-            return report;
+            return false;
         }
     }
-    emit(&mem_stats(shared, &view, last_mem_stats, rss));
-    report
+    emit(&mem_stats(shared, view, last_mem_stats, rss))
+}
+
+/// What the collector reads from a region while its process runs, when the process has no
+/// thread of ours to send it (`SharedHeader::drainer` is `DRAINER_COLLECTOR`: a
+/// single-threaded program in record mode). The same messages as the death read, from the
+/// same checked reads; the process keeps writing meanwhile, so only complete (READY) samples
+/// are taken, under the ring's reader lock.
+pub mod live {
+    use super::*;
+    use anyprof_wire::shared::{lock_samples, unlock_samples, SAMPLE_READER_COLLECTOR};
+
+    /// Takes every complete sample out of the ring (nothing if the process is reading it
+    /// itself); returns how many.
+    pub fn samples(shared: &Shared, emit: &mut dyn FnMut(&[u8]) -> bool) -> u64 {
+        if !lock_samples(&shared.header, SAMPLE_READER_COLLECTOR) {
+            return 0;
+        }
+        // The sample slots are written by the process as it samples: reading one it never
+        // wrote faults in at most the ring's pages (about half a MiB), once.
+        let all = Pages::all();
+        let mut report = Report::default();
+        read_samples(shared, &View::new(shared, &all), emit, &mut report);
+        unlock_samples(&shared.header, SAMPLE_READER_COLLECTOR);
+        report.samples
+    }
+
+    /// Every heap bucket with its absolute counts (`HeapBuckets`), as the death read takes
+    /// them; false if `emit` said stop. Buckets being written are skipped.
+    pub fn buckets(shared: &Shared, pages: &Pages, emit: &mut dyn FnMut(&[u8]) -> bool) -> bool {
+        let mut report = Report::default();
+        read_buckets(shared, &View::new(shared, pages), emit, &mut report)
+    }
+
+    /// Bytes allocated and not freed now, from the allocator counter slots.
+    pub fn live_bytes(shared: &Shared, pages: &Pages) -> u64 {
+        let view = View::new(shared, pages);
+        let mut t = AllocTotals::ZERO;
+        let high = shared
+            .alloc
+            .first()
+            .map_or(0, |s0| view.load32(&s0.owned, Ordering::Relaxed));
+        for s in used_alloc_slots(&shared.alloc, high) {
+            t.add_slot(s, |c| view.load64(c));
+        }
+        t.live_bytes()
+    }
+
+    /// The counters and allocator totals (`Counters`, `MemStats`), as the process's thread
+    /// sends them once a second. `last` is the session's last allocator report (its fields
+    /// the region does not hold are kept), `rss` the last reading of the process's RSS.
+    pub fn counters(
+        shared: &Shared,
+        pages: &Pages,
+        last: Option<&MemStats>,
+        rss: u64,
+        emit: &mut dyn FnMut(&[u8]) -> bool,
+    ) -> bool {
+        read_counters(shared, &View::new(shared, pages), last, rss, emit)
+    }
 }
 
 /// Reads the region into `session`: every message goes through `decode` and
@@ -313,13 +384,20 @@ fn read_samples(
         }
         // SAFETY: the slot lies in the mapped region; SampleRecord is integers only.
         let r = unsafe { view.copy(&slot.record) };
-        // Freed, so that a second read (a session ended twice) does not count it again.
-        let _ = slot.state.compare_exchange(
-            SAMPLE_READY,
-            SAMPLE_FREE,
-            Ordering::AcqRel,
-            Ordering::Relaxed,
-        );
+        // Freed, so that a second read (a session ended twice) does not count it again; a
+        // record another reader freed first is theirs.
+        if slot
+            .state
+            .compare_exchange(
+                SAMPLE_READY,
+                SAMPLE_FREE,
+                Ordering::AcqRel,
+                Ordering::Relaxed,
+            )
+            .is_err()
+        {
+            continue;
+        }
         if usize::from(r.len) > MAX_FRAMES {
             report.corrupt += 1;
             continue;

@@ -15,7 +15,9 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
-use anyprof_wire::{self as wire, BucketCounts, Counter, Hello, Level, MemStats, Message, Module};
+use anyprof_wire::{
+    self as wire, BucketCounts, Counter, Hello, Level, MemStat, MemStats, Message, Module,
+};
 
 /// Aggregated samples of one stack on one thread.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -225,6 +227,10 @@ pub struct Session {
     pub heap: HashMap<u32, HeapBucketState>,
     /// The latest exact allocator counters.
     pub mem_stats: Option<MemStats>,
+    /// The most live bytes the collector saw in the process's region (a process without a
+    /// thread of ours reports its peak only when it flushes); folded into every
+    /// `PeakLiveBytes` ([`keep_peaks`]).
+    pub live_peak_seen: u64,
     /// Thread dumps by request id: each thread's stack (tid, frames leaf first, the first
     /// frame being the interrupted PC).
     pub thread_dumps: HashMap<u32, Vec<(u32, Vec<u64>)>>,
@@ -473,7 +479,10 @@ impl Session {
                     }
                 }
             }
-            Message::MemStats(m) => self.mem_stats = Some(m),
+            Message::MemStats(mut m) => {
+                keep_peaks(self.mem_stats.as_ref(), self.live_peak_seen, &mut m);
+                self.mem_stats = Some(m)
+            }
             Message::ThreadCreates(stacks) => {
                 let old = creates_bytes(&self.thread_creates);
                 self.release(old);
@@ -781,6 +790,27 @@ fn no_hello(session: &SharedSession, timeout: Option<std::time::Duration>) {
             "sent no hello within {:?} of connecting; closed",
             timeout.unwrap_or_default()
         ));
+    }
+}
+
+/// A peak never comes down: a report made at a quieter moment (the process's own at exit,
+/// when the collector saw a higher live set in its region meanwhile) keeps the highest of
+/// the last report's, the one seen (`live_peak_seen`) and its own.
+pub fn keep_peaks(last: Option<&MemStats>, live_peak_seen: u64, new: &mut MemStats) {
+    let at = MemStat::PeakLiveBytes as usize;
+    if new.fields.len() <= at {
+        new.fields.resize(at + 1, 0);
+    }
+    for (f, seen) in [
+        (MemStat::PeakLiveBytes, live_peak_seen),
+        (MemStat::MaxRssBytes, 0),
+    ] {
+        let before = last
+            .and_then(|l| l.fields.get(f as usize).copied())
+            .unwrap_or(0);
+        if let Some(now) = new.fields.get_mut(f as usize) {
+            *now = (*now).max(before).max(seen);
+        }
     }
 }
 

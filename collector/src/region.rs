@@ -47,10 +47,12 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use anyprof_wire::shared::{
     message_read_into, message_ring_empty, push_command, RegionInfo, Shared, COMMAND_SLOTS,
-    FINISHED, MESSAGE_RING_BYTES, RECORD_HEADER, SHARED_MAGIC, SHARED_SIZE, SHARED_VERSION,
+    DRAINER_COLLECTOR, FINISHED, MESSAGE_RING_BYTES, RECORD_HEADER, SHARED_MAGIC, SHARED_SIZE,
+    SHARED_VERSION,
 };
 use anyprof_wire::{self as wire, Command, Level, MemStat, Message, MAX_MESSAGE};
 
+use crate::death_read::Pages;
 use crate::ingest::SharedSession;
 
 /// `SO_PEERPIDFD` (Linux 6.5): a pidfd of the process at the other end of a Unix socket.
@@ -783,12 +785,58 @@ pub struct Channel {
     superseded: AtomicBool,
     /// Set when the same image re-attached on another connection: end without one.
     replaced: AtomicBool,
+    /// When the heap buckets of a process without our thread were last read live.
+    heap_read_at: Mutex<Option<Instant>>,
 }
 
 impl Channel {
     /// The region, if the session reads one now.
     pub fn region(&self) -> Option<Arc<Attached>> {
         self.region.lock().ok().and_then(|r| r.clone())
+    }
+
+    /// Brings `session`'s heap buckets up to date from the region of a running process that
+    /// has no thread of ours to send them (`SharedHeader::drainer`), unless they were read
+    /// less than `max_age` ago; nothing for any other process (its thread sends changes every
+    /// 20 ms). For heap snapshots and the symbols warmed while the program runs.
+    pub fn refresh_heap(&self, session: &SharedSession, max_age: Duration) {
+        let Some(attached) = self.region() else {
+            return;
+        };
+        let shared = attached.shared();
+        if shared.header.drainer.load(Ordering::Acquire) != DRAINER_COLLECTOR
+            || attached.process.exited()
+        {
+            return;
+        }
+        {
+            let Ok(mut at) = self.heap_read_at.lock() else {
+                return;
+            };
+            if at.is_some_and(|t| t.elapsed() < max_age) {
+                return;
+            }
+            *at = Some(Instant::now());
+        }
+        let Ok(pages) = attached.mapping.pages() else {
+            return;
+        };
+        crate::death_read::live::buckets(shared, &pages, &mut |m| {
+            let Ok(msg) = wire::decode(m) else {
+                return false;
+            };
+            let Ok(mut s) = session.lock() else {
+                return false;
+            };
+            s.apply(msg, &mut |_, _| {});
+            match s.over_limits() {
+                Some(why) => {
+                    s.error = Some(why);
+                    false
+                }
+                None => true,
+            }
+        });
     }
 }
 
@@ -1069,6 +1117,7 @@ fn run(
     let mut interval = MIN_INTERVAL_MS;
     let mut names = ThreadNames::default();
     let mut rss = Rss::default();
+    let mut live = LiveRead::default();
     let mut buf = vec![0u8; MAX_MESSAGE];
     loop {
         let gone = attached.process.wait(interval);
@@ -1127,6 +1176,12 @@ fn run(
                 }
             }
         }
+        if !gone && shared.header.drainer.load(Ordering::Acquire) == DRAINER_COLLECTOR {
+            match live.read(attached, session, &mut names, &mut rss, trace_mem, log) {
+                Some(n) => read += n,
+                None => return (End::Broken, rss.last),
+            }
+        }
         shared
             .header
             .collector_seen_ms
@@ -1144,6 +1199,10 @@ fn run(
         } else {
             (interval * 2).min(MAX_INTERVAL_MS)
         };
+        if shared.header.drainer.load(Ordering::Relaxed) == DRAINER_COLLECTOR {
+            // We watch its peak heap for it, as its thread would every 20 ms.
+            interval = interval.min(LIVE_PEAK_EVERY.as_millis() as i32);
+        }
     }
 }
 
@@ -1195,7 +1254,9 @@ fn apply_one(
         return false;
     };
     let pid = s.pid();
-    if let (true, Message::MemStats(new)) = (trace_mem, &msg) {
+    if let (true, Message::MemStats(new)) = (trace_mem, &mut msg) {
+        // As the session will keep it (so that a repeated report reads as one).
+        crate::ingest::keep_peaks(s.mem_stats.as_ref(), s.live_peak_seen, new);
         let since = s.connected_at.map_or(0.0, |t| t.elapsed().as_secs_f64());
         // The final flush may repeat the report just sent: an identical report within half a
         // second of the last line says nothing new (an idle program still gets its line every
@@ -1226,6 +1287,83 @@ fn apply_one(
         }
     }
     true
+}
+
+/// How often the live read takes the allocator's totals (for the peak), and sends counters.
+const LIVE_PEAK_EVERY: Duration = Duration::from_millis(20);
+const LIVE_COUNTERS_EVERY: Duration = Duration::from_secs(1);
+
+/// What the pump reads from the region of a process that has no thread of ours to send it
+/// (`SharedHeader::drainer`; see [`crate::death_read::live`]): its samples on every turn,
+/// its live bytes every 20 ms (the peak), its counters and allocator totals every second.
+struct LiveRead {
+    peak: u64,
+    peak_at: Option<Instant>,
+    /// The first report is due a second in, as the process's thread would send it.
+    counters_at: Option<Instant>,
+}
+
+impl Default for LiveRead {
+    fn default() -> LiveRead {
+        LiveRead {
+            peak: 0,
+            peak_at: None,
+            counters_at: Some(Instant::now()),
+        }
+    }
+}
+
+impl LiveRead {
+    /// One turn; the number of messages applied, or `None` if the session must end.
+    fn read(
+        &mut self,
+        attached: &Attached,
+        session: &SharedSession,
+        names: &mut ThreadNames,
+        rss: &mut Rss,
+        trace_mem: bool,
+        log: &mut dyn FnMut(Option<u32>, Level, &str),
+    ) -> Option<usize> {
+        let shared = attached.shared();
+        let mut messages: Vec<Vec<u8>> = Vec::new();
+        crate::death_read::live::samples(shared, &mut |m| {
+            messages.push(m.to_vec());
+            true
+        });
+        let due = |at: Option<Instant>, every: Duration| at.is_none_or(|t| t.elapsed() >= every);
+        let counters_due = due(self.counters_at, LIVE_COUNTERS_EVERY);
+        if counters_due || due(self.peak_at, LIVE_PEAK_EVERY) {
+            self.peak_at = Some(Instant::now());
+            // Only the slots the process claimed are read (it wrote them: no hole; a
+            // process that lies about how many costs us at most the table, once).
+            let live = crate::death_read::live::live_bytes(shared, &Pages::all());
+            if live > self.peak {
+                self.peak = live;
+                session.lock().ok()?.live_peak_seen = live;
+            }
+            if counters_due {
+                self.counters_at = Some(Instant::now());
+                let pages = attached.mapping.pages().ok()?;
+                let last = session.lock().ok()?.mem_stats.clone();
+                crate::death_read::live::counters(
+                    shared,
+                    &pages,
+                    last.as_ref(),
+                    rss.last,
+                    &mut |m| {
+                        messages.push(m.to_vec());
+                        true
+                    },
+                );
+            }
+        }
+        for m in &messages {
+            if !apply_one(m, attached, session, names, rss, trace_mem, log) {
+                return None;
+            }
+        }
+        Some(messages.len())
+    }
 }
 
 /// How often the pump reads the process's RSS while it runs and sends messages (a process

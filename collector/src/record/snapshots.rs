@@ -48,7 +48,7 @@ pub(super) fn start_snapshots(
                 next = Some(Instant::now() + Duration::from_secs(s.max(1)));
             }
             n += 1;
-            for session in anyprof::collect::snapshot(&sessions)
+            for session in anyprof::collect::fresh_snapshot(&sessions)
                 .iter()
                 .filter(|s| s.pid() == Some(pid))
             {
