@@ -13,7 +13,8 @@
 //! - defined in this file: `malloc` `free` `calloc` `realloc` `reallocarray` `memalign`
 //!   `aligned_alloc` `posix_memalign` `valloc` `pvalloc` `malloc_usable_size` `free_sized`
 //!   `free_aligned_sized` (bodies in the core's `alloc::hooks`); `pthread_create`; `_exit`
-//!   `_Exit`; `sigaction` `signal`; `unshare` `setns`;
+//!   `_Exit`; `sigaction` `signal`; `unshare` `setns`; `dlsym` (a trampoline, defined at the
+//!   end of this file);
 //! - the C++ `operator new` and `operator delete` family, defined in [`crate::alloc::cxx`]:
 //!   `_Znwm` `_Znam` `_ZnwmRKSt9nothrow_t` `_ZnamRKSt9nothrow_t` `_ZnwmSt11align_val_t`
 //!   `_ZnamSt11align_val_t` `_ZnwmSt11align_val_tRKSt9nothrow_t`
@@ -154,6 +155,10 @@ pub unsafe extern "C" fn pthread_create(
         }
         return rc;
     }
+    // The program is about to have two threads: ours may start now (see
+    // `drain::defer_thread`), before the program's, so that it never sees one of ours appear
+    // later. One atomic load once it has.
+    crate::drain::start_deferred_thread();
     // Every thread while sampling is off starts untouched.
     let profiling = threads::CPU_HZ.load(Ordering::Relaxed) != 0
         || crate::alloc::sampler::RATE.load(Ordering::Relaxed) != 0;
@@ -405,4 +410,84 @@ pub unsafe extern "C" fn signal(
     let real: SignalFn = unsafe { core::mem::transmute(real) };
     // SAFETY: forwarding the caller's arguments.
     unsafe { real(sig, handler) }
+}
+
+/// The next `dlsym` in link order (glibc's), found with `dlvsym` (a lookup through `dlsym`
+/// would find ours); 0 until the first call.
+static REAL_DLSYM: AtomicUsize = AtomicUsize::new(0);
+
+/// Finds glibc's `dlsym` (under either of its symbol versions on x86_64).
+fn real_dlsym() -> usize {
+    let cached = REAL_DLSYM.load(Ordering::Acquire);
+    if cached != 0 {
+        return cached;
+    }
+    let mut f = 0;
+    for version in [c"GLIBC_2.34", c"GLIBC_2.2.5"] {
+        // SAFETY: dlvsym with RTLD_NEXT and NUL-terminated strings. Its caller (this
+        // function, in our object) makes RTLD_NEXT mean "after libanyprof.so".
+        f = unsafe { libc::dlvsym(libc::RTLD_NEXT, c"dlsym".as_ptr(), version.as_ptr()) } as usize;
+        if f != 0 {
+            break;
+        }
+    }
+    REAL_DLSYM.store(f, Ordering::Release);
+    f
+}
+
+/// What runs before the program's `dlsym` (`caller`: its return address): in a process
+/// running without a thread of ours, the module map catches up with objects `dlopen`ed since
+/// (see [`crate::drain::catch_up_without_thread`]). Not for our own lookups, which may come
+/// from a hook (the C++ operators' first call). Returns glibc's `dlsym` for the trampoline to
+/// jump to. Keeps errno.
+extern "C" fn before_dlsym(caller: usize) -> usize {
+    let real = match real_dlsym() {
+        0 => no_dlsym as *const () as usize,
+        f => f,
+    };
+    if !thread_state::is_internal() && !crate::signal::unwind::is_own_code(caller as u64) {
+        let errno = crate::signal::sys::errno();
+        crate::drain::catch_up_without_thread();
+        crate::signal::sys::set_errno(errno);
+    }
+    real
+}
+
+/// Stands for glibc's `dlsym` if it could not be found (not glibc): finds nothing.
+extern "C" fn no_dlsym(_handle: *mut c_void, _name: *const libc::c_char) -> *mut c_void {
+    core::ptr::null_mut()
+}
+
+/// `dlsym`, as a trampoline: calls [`before_dlsym`] with the arguments saved, then jumps to
+/// glibc's `dlsym` with the stack exactly as the program's call left it. glibc takes the
+/// return address as the caller (`RTLD_NEXT` and the namespace depend on it): a wrapper
+/// that called it would make every `dlsym(RTLD_NEXT, …)` search after our object instead of
+/// the caller's. `dlopen` is not interposed at all, for the same reason (`$ORIGIN`,
+/// `RUNPATH`); its object is caught up at the `dlsym` that follows it.
+#[cfg_attr(not(test), export_name = "dlsym")]
+#[cfg_attr(test, allow(dead_code))] // not exported from unit tests
+#[unsafe(naked)]
+pub unsafe extern "C" fn dlsym_trampoline() {
+    core::arch::naked_asm!(
+        ".cfi_startproc",
+        // rsp is 8 mod 16 at entry: two pushes and 8 bytes align it for the call.
+        "push rdi",
+        ".cfi_adjust_cfa_offset 8",
+        "push rsi",
+        ".cfi_adjust_cfa_offset 8",
+        "sub rsp, 8",
+        ".cfi_adjust_cfa_offset 8",
+        // The return address, above what was pushed: the caller, for `before`.
+        "mov rdi, qword ptr [rsp + 24]",
+        "call {before}",
+        "add rsp, 8",
+        ".cfi_adjust_cfa_offset -8",
+        "pop rsi",
+        ".cfi_adjust_cfa_offset -8",
+        "pop rdi",
+        ".cfi_adjust_cfa_offset -8",
+        "jmp rax",
+        ".cfi_endproc",
+        before = sym before_dlsym,
+    )
 }

@@ -3,9 +3,11 @@
 //! - **Load** ([`on_load`], from `.init_array`): read settings; without `ANYPROF_SOCKET`
 //!   stay idle. Otherwise move the state into the shared region ([`crate::region`]), connect,
 //!   hand the region over and say hello (pid, command line, settings) — then close every
-//!   descriptor ([`drain::handshake`]) — publish the module map, install the signal handler, give the existing threads timers and start the
-//!   background thread. A secure-execution process (setuid, setgid, file capabilities) reads
-//!   no setting from its environment and only ever talks to a root daemon at
+//!   descriptor ([`drain::handshake`]) — publish the module map, install the signal handler,
+//!   give the existing threads timers and start the background thread (in record mode, only
+//!   once the program starts a second thread: [`drain::defer_thread`]). A secure-execution
+//!   process (setuid, setgid, file capabilities) reads no setting from its environment and
+//!   only ever talks to a root daemon at
 //!   `/run/anyprof.sock` (see [`crate::config`]); every connection, first or renewed, is
 //!   checked by [`drain::connect`] (socket owner, directory, peer credentials).
 //! - **fork**: the child gets no timers from the kernel, and shares its parent's region until
@@ -210,13 +212,25 @@ fn start(argc: libc::c_int, argv: *const *const libc::c_char) {
     }
     FORK_CHILDREN.store(config.fork_children, Ordering::Release);
     crate::fork::install();
+    drain::flush(None, false);
+    start_or_defer_thread(config.mode);
+}
+
+/// Starts our background thread, or, in record mode while the program has a single thread,
+/// leaves the sending to the collector until the program starts a thread of its own (see
+/// [`drain::defer_thread`]). In serve mode the thread carries out the daemon's commands
+/// (start and stop sampling, thread dumps), so it always runs.
+fn start_or_defer_thread(mode: Mode) {
+    if mode == Mode::Record && drain::program_is_single_threaded() {
+        drain::defer_thread();
+        return;
+    }
     if let Err(e) = drain::spawn() {
         log::message(
             Level::Warn,
             format!("cannot start the anyprof thread ({e}); samples are sent at exit only"),
         );
     }
-    drain::flush(None, false);
 }
 
 /// Takes this library out of `LD_PRELOAD` (other entries stay), so that programs this one
@@ -392,12 +406,12 @@ pub fn after_fork_in_child() {
         drain::handshake(Some(memfd.0), &hello);
     }
     drop(memfd);
-    if drain::spawn().is_err() {
-        log::message(
-            Level::Warn,
-            "cannot start the anyprof thread in a forked child".into(),
-        );
-    }
+    let mode = if drain::SERVE_MODE.load(Ordering::Acquire) {
+        Mode::Serve
+    } else {
+        Mode::Record
+    };
+    start_or_defer_thread(mode);
     if sampling_hz > 0 {
         threads::start_cpu_sampling(sampling_hz);
     }

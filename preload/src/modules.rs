@@ -295,7 +295,7 @@ impl ModuleMap {
 }
 
 /// The loader's (adds, subs) counters.
-fn loader_generation() -> (u64, u64) {
+pub(crate) fn loader_generation() -> (u64, u64) {
     unsafe extern "C" fn first(
         info: *mut libc::dl_phdr_info,
         _size: usize,

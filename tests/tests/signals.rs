@@ -113,7 +113,7 @@ fn a_signal_sent_to_itself_while_blocked_in_every_thread_waits_for_the_unblock()
 }
 
 /// The same in a child forked by a multithreaded program: the child's own anyprof thread,
-/// started anew after the fork, takes no signal either.
+/// started anew when the child starts its two threads, takes no signal either.
 #[test]
 fn a_forked_child_sending_itself_a_blocked_signal_gets_it_when_unblocked() {
     check_same("selfkill_fork", &["selfkill", "2", "fork"], true);

@@ -100,6 +100,83 @@ fn wake() {
     }
 }
 
+/// Set while the process runs without a thread of ours (see [`defer_thread`]).
+static DEFERRED: AtomicBool = AtomicBool::new(false);
+/// The loader's `(adds, subs)` when the module map was last brought up to date without a
+/// thread (see [`catch_up_without_thread`]).
+static CAUGHT_UP: Mutex<(u64, u64)> = Mutex::new((0, 0));
+
+/// Whether the program has had only one thread so far, as glibc sees it
+/// (`__libc_single_threaded`, which glibc clears for good at the first `pthread_create`).
+pub fn program_is_single_threaded() -> bool {
+    unsafe extern "C" {
+        static __libc_single_threaded: libc::c_char;
+    }
+    // SAFETY: a byte glibc defines (since 2.32) and only ever changes from 1 to 0; a racy
+    // read at worst says "multi-threaded".
+    unsafe { core::ptr::read_volatile(core::ptr::addr_of!(__libc_single_threaded)) != 0 }
+}
+
+/// Runs the process without a thread of ours, for as long as the program has one thread
+/// (record mode): a second thread would make glibc's allocator lock its arena on every call
+/// its per-thread cache misses, and make `__libc_single_threaded` false, which the program
+/// (and libstdc++'s `shared_ptr`) can see. The collector empties the sample ring and reads
+/// the counters from the shared region meanwhile (`SharedHeader::drainer`); module changes
+/// and log messages are sent by the program's own thread at the points where it calls us in
+/// ordinary context: `dlsym` ([`catch_up_without_thread`]), `pthread_create` (which starts
+/// our thread first: [`start_deferred_thread`]), and exit.
+pub fn defer_thread() {
+    // What the collector needs before the first sample (the modules; in a forked child, all
+    // of them again), since no thread of ours will send it.
+    flush(None, false);
+    if let Ok(mut at) = CAUGHT_UP.lock() {
+        *at = crate::modules::loader_generation();
+    }
+    SHARED
+        .header
+        .drainer
+        .store(shm::DRAINER_COLLECTOR, Ordering::Release);
+    DEFERRED.store(true, Ordering::Release);
+}
+
+/// Starts our thread if it was deferred (the program is about to start a thread of its
+/// own, so its allocator is about to pay for threads anyway); hands the sample ring back
+/// from the collector to it.
+pub fn start_deferred_thread() {
+    if !DEFERRED.load(Ordering::Acquire) || !DEFERRED.swap(false, Ordering::AcqRel) {
+        return;
+    }
+    if let Err(e) = spawn() {
+        log::message(
+            wire::Level::Warn,
+            format!("cannot start the anyprof thread ({e}); samples are sent at exit only"),
+        );
+    }
+}
+
+/// Brings the module map and the unwinder up to date, and sends what changed, when the
+/// program runs without a thread of ours and the loader's set of objects moved since the
+/// last time. Called before the program's `dlsym` (a program that `dlopen`s an object
+/// looks up a symbol in it next); costs one look at the loader's counters otherwise.
+pub fn catch_up_without_thread() {
+    if !DEFERRED.load(Ordering::Acquire) {
+        return;
+    }
+    // Ours from here: a program that interposes `dl_iterate_phdr` and looks up the real one
+    // with `dlsym` in it comes back here, and must find us busy.
+    let _internal = thread_state::Internal::enter();
+    let now = crate::modules::loader_generation();
+    let Ok(mut at) = CAUGHT_UP.try_lock() else {
+        return;
+    };
+    if *at == now {
+        return;
+    }
+    *at = now;
+    drop(at);
+    flush(None, false);
+}
+
 /// Starts the background thread, with every signal blocked from its first instruction (see
 /// [`crate::threads::AllSignalsBlocked`]): signals are the program's.
 pub fn spawn() -> std::io::Result<()> {
@@ -120,6 +197,11 @@ pub fn spawn() -> std::io::Result<()> {
     if let Ok(mut t) = THREAD.lock() {
         *t = Some(handle);
     }
+    // The sample ring and the counters are ours to send from now on.
+    SHARED
+        .header
+        .drainer
+        .store(shm::DRAINER_PROCESS, Ordering::Release);
     Ok(())
 }
 
@@ -132,6 +214,7 @@ pub fn forget_thread_in_child() {
     DRAINING.store(false, Ordering::Release);
     STOP.store(false, Ordering::Release);
     LAST_FLUSH.store(LAST_FLUSH_NONE, Ordering::Release);
+    DEFERRED.store(false, Ordering::Release);
     detach(); // the parent's collector was given the parent's region, not ours
 }
 

@@ -308,6 +308,12 @@ pub fn set_self_range(start: u64, end: u64) {
     SELF_RANGE[1].store(end, Ordering::Release);
 }
 
+/// Whether `address` lies in libanyprof.so's own code (false until the range is known).
+pub fn is_own_code(address: u64) -> bool {
+    let end = SELF_RANGE[1].load(Ordering::Acquire);
+    SELF_RANGE[0].load(Ordering::Relaxed) <= address && address < end
+}
+
 /// Unwinds the calling thread's own stack (from inside a hook, not a signal) into `out`:
 /// return addresses only, leaf first, with anyprof's own frames removed. Returns the number
 /// of frames and the `FLAG_*` bits.

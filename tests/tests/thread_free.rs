@@ -1,0 +1,136 @@
+//! A single-threaded program runs without a thread of ours (issue 14): glibc and `/proc` see
+//! one thread, its allocator keeps its single-thread fast paths, and the profile is as
+//! complete as with our thread — the collector empties the sample ring and reads the
+//! counters from the shared region, a library loaded with `dlopen` is caught up at the
+//! program's next `dlsym`, and our thread starts when the program starts its second one.
+//!
+//! Ground truth: `tests/programs/single_thread.c` (about 1 s of thread CPU time in
+//! `main_burn`, then optionally 1 s in a `dlopen`ed library's `plugin_inner`, then 0.5 s in a
+//! thread's `thread_burn`), recorded at 1000 Hz. The kernel services thread CPU timers at its
+//! tick, so a sample stands for a tick's worth of CPU time (each carries the CPU time it
+//! covers); the checks sum that time, and ask for 70 % of the known CPU time, which only a
+//! lost stream or a lost thread falls below.
+
+use anyprof_tests::{compile, cpu_lock, record, scratch_dir, ProfileView, Recording};
+
+const HZ: u32 = 1000;
+
+fn record_single_thread(name: &str, args: &[&str]) -> (Recording, String) {
+    let scratch = scratch_dir(name);
+    let exe = compile("single_thread.c", &["-O1", "-g"], &scratch);
+    let mut args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
+    if let Some(at) = args.iter().position(|a| a == "plugin") {
+        let plugin = compile(
+            "single_thread_plugin.c",
+            &["-O1", "-g", "-shared", "-fPIC"],
+            &scratch,
+        );
+        args.insert(at + 1, plugin.display().to_string());
+    }
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let recording = {
+        let _cpu = cpu_lock();
+        record(&scratch, HZ, &exe, &args)
+    };
+    assert_eq!(
+        recording.output.code,
+        0,
+        "single_thread failed:\n{}\n{}",
+        recording.output.stdout_text(),
+        recording.output.stderr_text()
+    );
+    let stdout = recording.output.stdout_text();
+    (recording, stdout)
+}
+
+/// CPU nanoseconds of the samples whose stack holds `function`, and of those whose stack
+/// also holds every one of `callers` and `main`.
+fn samples_in(view: &ProfileView, function: &str, callers: &[&str]) -> (i64, i64) {
+    let cpu = view.value_index("cpu");
+    let (mut all, mut rooted) = (0, 0);
+    for s in &view.profile.sample {
+        let frames = view.frames(s);
+        let ns = s.value.get(cpu).copied().unwrap_or(0);
+        let has = |name: &str| frames.iter().any(|f| f.name == name);
+        if has(function) {
+            all += ns;
+            if has("main") && callers.iter().all(|c| has(c)) {
+                rooted += ns;
+            }
+        }
+    }
+    (all, rooted)
+}
+
+/// 70 % of `seconds` of CPU time, in ns.
+fn most_of(seconds: f64) -> i64 {
+    (seconds * 0.7 * 1e9) as i64
+}
+
+/// What the program sees is what it sees without the profiler: glibc's
+/// `__libc_single_threaded` is still 1 and `/proc/self/task` lists one thread. Before, our
+/// thread made them 0 and 2 (and made glibc's malloc lock its arena on every call its
+/// per-thread cache missed). Its CPU samples and allocations still all arrive.
+#[test]
+fn a_single_threaded_program_sees_no_thread_of_ours() {
+    let (recording, stdout) = record_single_thread("thread_free_plain", &[]);
+    assert!(
+        stdout.contains("before: single=1 tasks=1"),
+        "the program saw a thread of ours: {stdout:?}"
+    );
+    let view = recording.cpu_profile();
+    let (burn, rooted) = samples_in(&view, "main_burn", &[]);
+    assert!(
+        burn >= most_of(1.0),
+        "{burn} ns of samples in main_burn, which ran about 1 s: the collector lost samples\n{}",
+        view.describe()
+    );
+    assert!(
+        rooted * 100 >= burn * 95,
+        "{rooted} of {burn} ns of main_burn samples reach main"
+    );
+}
+
+/// A library loaded with `dlopen` while the program has no thread of ours is known to the
+/// unwinder from the program's next `dlsym` on: its samples unwind through the library
+/// (`plugin_inner` ← `plugin_burn`) to `main`. Without the catch-up at `dlsym`, the unwinder
+/// knows nothing of the library until the program exits, and its frames are lost.
+#[test]
+fn a_library_loaded_without_our_thread_is_unwound_to_main() {
+    let (recording, stdout) = record_single_thread("thread_free_plugin", &["plugin"]);
+    assert!(stdout.contains("before: single=1 tasks=1"), "{stdout:?}");
+    let view = recording.cpu_profile();
+    let (inner, rooted) = samples_in(&view, "plugin_inner", &["plugin_burn"]);
+    assert!(
+        inner >= most_of(1.0),
+        "{inner} ns of samples in the library's plugin_inner, which ran about 1 s\n{}",
+        view.describe()
+    );
+    assert!(
+        rooted * 100 >= inner * 95,
+        "only {rooted} of {inner} ns of samples in the dlopen'ed library reach main through \
+         plugin_burn: the unwinder \
+         did not learn of it\n{}",
+        view.describe()
+    );
+}
+
+/// When the program starts a thread, ours starts first and takes the sample ring over from
+/// the collector: samples before, during and after the hand-over all arrive, from both of the
+/// program's threads.
+#[test]
+fn our_thread_starts_with_the_programs_second() {
+    let (recording, stdout) = record_single_thread("thread_free_then_threads", &["thread"]);
+    assert!(stdout.contains("before: single=1 tasks=1"), "{stdout:?}");
+    // The program's thread counts itself, the main thread and ours.
+    assert!(stdout.contains("after: single=0 tasks=3"), "{stdout:?}");
+    let view = recording.cpu_profile();
+    let (main, _) = samples_in(&view, "main_burn", &[]);
+    let (thread, _) = samples_in(&view, "thread_burn", &[]);
+    assert!(
+        main >= most_of(1.0) && thread >= most_of(0.5),
+        "{main} ns of samples in main_burn (about 1 s) and {thread} in thread_burn (about \
+         0.5 s)\n{}",
+        view.describe()
+    );
+}
