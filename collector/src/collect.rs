@@ -70,6 +70,11 @@ pub struct Options {
     /// and two or three descriptors); more are closed when accepted. `None` for no such cap (record:
     /// its socket is private). Root's processes are never capped this way.
     pub max_connections_per_user: Option<usize>,
+    /// Read the sample ring, counters and peak heap of a process that has no thread of
+    /// ours from its region while it runs (record: the preload does without its thread in
+    /// a single-threaded program only in record mode). A daemon leaves it off, so that a
+    /// process claiming to need it cannot make it poll more.
+    pub read_regions_live: bool,
     /// How long a new connection may take to send its hello before it is closed; `None` to
     /// wait for ever. Once the hello arrived a connection may stay silent (a stopped
     /// process).
@@ -466,6 +471,7 @@ fn accept_loop(
         let link = Link {
             channel: Arc::new(Channel::default()),
             registry: registry.clone(),
+            read_live: options.read_regions_live,
         };
         if let Ok(mut c) = link.channel.control.lock() {
             *c = fd.try_clone().ok();

@@ -205,6 +205,7 @@ pub fn run(args: RecordArgs) -> Result<ExitCode> {
     let collector = Collector::start(anyprof::collect::Options {
         verbose: !args.quiet,
         trace_mem: args.memstats,
+        read_regions_live: true,
         ..Default::default()
     })?;
     let mut preload = OsString::from(lib.as_os_str());

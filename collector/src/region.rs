@@ -930,6 +930,9 @@ pub struct Link {
     pub channel: Arc<Channel>,
     /// Every region session of the collector.
     pub registry: Arc<Registry>,
+    /// Whether to read a process's samples and counters from its region while it runs when
+    /// it has no thread of ours ([`crate::collect::Options::read_regions_live`]).
+    pub read_live: bool,
 }
 
 /// Shortest and longest wait between two reads of the message ring: 5 ms while messages
@@ -1176,7 +1179,9 @@ fn run(
                 }
             }
         }
-        if !gone && shared.header.drainer.load(Ordering::Acquire) == DRAINER_COLLECTOR {
+        let live_read =
+            link.read_live && shared.header.drainer.load(Ordering::Acquire) == DRAINER_COLLECTOR;
+        if !gone && live_read {
             match live.read(attached, session, &mut names, &mut rss, trace_mem, log) {
                 Some(n) => read += n,
                 None => return (End::Broken, rss.last),
@@ -1199,7 +1204,7 @@ fn run(
         } else {
             (interval * 2).min(MAX_INTERVAL_MS)
         };
-        if shared.header.drainer.load(Ordering::Relaxed) == DRAINER_COLLECTOR {
+        if live_read {
             // We watch its peak heap for it, as its thread would every 20 ms.
             interval = interval.min(LIVE_PEAK_EVERY.as_millis() as i32);
         }

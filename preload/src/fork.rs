@@ -89,6 +89,7 @@ extern "C" fn prepare() {
     let guard = GATE.write().unwrap_or_else(|p| p.into_inner());
     // SAFETY: see `Held`.
     unsafe { *HELD.0.get() = Some(guard) };
+    crate::own_heap::lock_for_fork();
 }
 
 fn open_gate() {
@@ -97,12 +98,14 @@ fn open_gate() {
 }
 
 extern "C" fn in_parent() {
+    crate::own_heap::unlock_in_parent();
     open_gate();
 }
 
 extern "C" fn in_child() {
     // fork() returns to the child with errno as it was before the call, whatever we do here.
     let errno = crate::signal::sys::errno();
+    crate::own_heap::unlock_in_child();
     open_gate();
     // Sections held by other threads of the parent do not exist in the child; this thread
     // was not in one (it is forking).

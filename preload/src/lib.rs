@@ -64,6 +64,7 @@ mod fork;
 mod lifecycle;
 mod log;
 mod modules;
+mod own_heap;
 mod region;
 pub mod signal;
 mod threads;

@@ -203,6 +203,7 @@ pub fn run(args: ServeArgs) -> Result<std::process::ExitCode> {
         Options {
             verbose: args.verbose,
             trace_mem: false,
+            read_regions_live: false,
             allowed_uids: Some(allowed),
             reap: true,
             max_process_bytes: (args.max_process_memory > 0)
