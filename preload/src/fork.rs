@@ -10,13 +10,14 @@
 //!
 //! In the child: the parent's connection is closed, the parent's timers (which the kernel
 //! does not copy anyway) are forgotten, and — unless disabled — the child connects anew with
-//! its own hello, gets its own background thread and, if the parent was being CPU-sampled,
-//! its own timer. Its heap profile counts only what it allocates itself (the buckets'
+//! its own hello, gets its own background thread (under `record`, once it starts a thread of
+//! its own) and, if the parent was being CPU-sampled, its own timer. Its heap profile counts only what it allocates itself (the buckets'
 //! counts at fork are its baseline).
 //!
 //! World: the atfork handlers run on the forking thread (constructor-like: may allocate and
 //! lock, as the gate guarantees our locks are free); sections are opened by background and
-//! constructor code only, never on a hook or handler path.
+//! constructor code, and on the program's thread by our `pthread_create` and `dlsym`
+//! interposers, never on a malloc-hook or signal-handler path.
 
 use std::cell::{Cell, UnsafeCell};
 use std::sync::{RwLock, RwLockReadGuard, RwLockWriteGuard};
@@ -90,6 +91,10 @@ extern "C" fn prepare() {
     // SAFETY: see `Held`.
     unsafe { *HELD.0.get() = Some(guard) };
     crate::own_heap::lock_for_fork();
+    // Until the parent or child handler, this thread holds the gate: the fork handlers of
+    // other libraries run in between and may call our interposers (`pthread_create`,
+    // `dlsym`), whose sections must not wait for the gate this thread holds.
+    tls::current().in_fork_section.set(1);
 }
 
 fn open_gate() {
@@ -98,6 +103,7 @@ fn open_gate() {
 }
 
 extern "C" fn in_parent() {
+    tls::current().in_fork_section.set(0);
     crate::own_heap::unlock_in_parent();
     open_gate();
 }

@@ -1,6 +1,7 @@
 //! The allocator of this library's own Rust code (constructor, background-thread and fork
-//! world; never a hook or a signal handler, which allocate nothing): memory mapped for us
-//! alone (`rlsf`'s TLSF over anonymous `mmap`), never glibc's heap.
+//! world, and the program's thread in our `pthread_create` and `dlsym` interposers; never a
+//! malloc hook's fast path or a signal handler, which allocate nothing): memory mapped for
+//! us alone (`rlsf`'s TLSF over anonymous `mmap`), never glibc's heap.
 //!
 //! Why: what we allocate at start-up (the module map, the unwinder's tables, about half a
 //! MiB) and the holes our temporaries leave used to sit in the program's main heap. glibc
@@ -16,10 +17,13 @@
 //! fork: a thread of ours could hold the allocator's lock at the moment another thread
 //! forks, and the child, which allocates in our fork handler, would wait for ever. So the
 //! fork gate's prepare handler takes [`LOCK`] too ([`lock_for_fork`]), and the parent and
-//! child handlers give it back.
+//! child handlers give it back. In between, the forking thread allocates without taking it
+//! (other libraries' fork handlers run there and may call our interposers): every other
+//! thread is kept out by the lock it holds.
 
 use std::alloc::{GlobalAlloc, Layout};
 use std::cell::UnsafeCell;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 /// Our allocator: rlsf's, behind [`LOCK`].
 pub struct OwnHeap(rlsf::GlobalTlsf);
@@ -32,29 +36,49 @@ struct Lock(UnsafeCell<libc::pthread_mutex_t>);
 unsafe impl Sync for Lock {}
 static LOCK: Lock = Lock(UnsafeCell::new(libc::PTHREAD_MUTEX_INITIALIZER));
 
+/// The forking thread (`pthread_self`) while it holds [`LOCK`] for a fork; 0 otherwise.
+static FORK_HOLDER: AtomicUsize = AtomicUsize::new(0);
+
+fn held_for_fork_by_me() -> bool {
+    // SAFETY: pthread_self has no preconditions.
+    let me = unsafe { libc::pthread_self() } as usize;
+    FORK_HOLDER.load(Ordering::Relaxed) == me
+}
+
 fn lock() {
+    if held_for_fork_by_me() {
+        return;
+    }
     // SAFETY: a statically initialised mutex at a fixed address.
     unsafe { libc::pthread_mutex_lock(LOCK.0.get()) };
 }
 
 fn unlock() {
+    if held_for_fork_by_me() {
+        return;
+    }
     // SAFETY: as for `lock`; called by the thread that locked it.
     unsafe { libc::pthread_mutex_unlock(LOCK.0.get()) };
 }
 
 /// In the fork gate's prepare handler, after the gate is closed: no allocation of ours is
-/// in progress in any thread once this returns.
+/// in progress in any other thread once this returns, and none starts until the parent or
+/// child handler.
 pub fn lock_for_fork() {
     lock();
+    // SAFETY: pthread_self has no preconditions.
+    FORK_HOLDER.store(unsafe { libc::pthread_self() } as usize, Ordering::Relaxed);
 }
 
 /// In the parent after fork.
 pub fn unlock_in_parent() {
+    FORK_HOLDER.store(0, Ordering::Relaxed);
     unlock();
 }
 
 /// In the child after fork: the only thread, which took the lock before forking.
 pub fn unlock_in_child() {
+    FORK_HOLDER.store(0, Ordering::Relaxed);
     // SAFETY: the child has one thread; re-initialising a mutex nobody else can hold gives
     // it back in a known state (the owner recorded in it is the parent's forking thread).
     unsafe { *LOCK.0.get() = libc::PTHREAD_MUTEX_INITIALIZER };
