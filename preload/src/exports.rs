@@ -413,7 +413,7 @@ pub unsafe extern "C" fn signal(
 }
 
 /// The next `dlsym` in link order (glibc's), found with `dlvsym` (a lookup through `dlsym`
-/// would find ours); 0 until the first call.
+/// would come back into our trampoline); 0 until the first call.
 static REAL_DLSYM: AtomicUsize = AtomicUsize::new(0);
 
 /// Finds glibc's `dlsym` (under either of its symbol versions on x86_64).

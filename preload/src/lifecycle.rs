@@ -17,7 +17,8 @@
 //!   profiled afresh: the library loads again in the new image.)
 //! - **Exit** ([`on_unload`], from `.fini_array`): stop sampling, send what is left and the
 //!   final counters. A process that ends with `_exit` runs no `.fini_array`: [`before_exit`]
-//!   has the background thread do the same first.
+//!   has the background thread do the same first (without our thread, the collector reads
+//!   what is left from the region once the process is gone).
 //!
 //! World: constructor, atfork child handler and exit path (may allocate, lock and do I/O).
 
@@ -212,7 +213,6 @@ fn start(argc: libc::c_int, argv: *const *const libc::c_char) {
     }
     FORK_CHILDREN.store(config.fork_children, Ordering::Release);
     crate::fork::install();
-    drain::flush(None, false);
     start_or_defer_thread(config.mode);
 }
 
@@ -231,6 +231,7 @@ fn start_or_defer_thread(mode: Mode) {
             format!("cannot start the anyprof thread ({e}); samples are sent at exit only"),
         );
     }
+    drain::flush(None, false);
 }
 
 /// Takes this library out of `LD_PRELOAD` (other entries stay), so that programs this one
@@ -437,6 +438,14 @@ fn renew_hello() {
             dst.copy_from_slice(&value.to_le_bytes()[..width]);
         }
     }
+}
+
+/// Whether this process is the one our state was set up for: false in a child made without
+/// our fork handlers (`vfork`, `_Fork`, a raw `clone`), which shares or copied its parent's
+/// region and must not write into it.
+pub fn is_own_process() -> bool {
+    // SAFETY: getpid cannot fail.
+    OWN_PID.load(Ordering::Acquire) == unsafe { libc::getpid() } as u32
 }
 
 fn note_own_pid() {

@@ -197,8 +197,9 @@ impl<T> core::ops::Deref for CacheLine<T> {
 // Sample ring
 // ---------------------------------------------------------------------------------------
 
-/// The fixed ring of sample slots between the signal handler (many writers) and one reader
-/// (the background thread; the collector after the process died). A slot moves
+/// The fixed ring of sample slots between the signal handler (many writers) and one reader at
+/// a time ([`SharedHeader::sample_reader`]: the process's background thread or exit flush; the
+/// collector for a process without that thread, and after the process died). A slot moves
 /// `FREE → WRITING` (writer, compare-exchange), `WRITING → READY` (writer, release),
 /// `READY → FREE` (reader, after copying the record).
 #[repr(C)]

@@ -15,9 +15,11 @@ use crate::alloc::{buckets, counters as alloc_counters, hooks, live};
 use crate::counters;
 use crate::signal::ring;
 
-pub fn send_module_changes(buf: &mut [u8], patient: bool) {
+/// Brings the module map (and the unwinder) up to date and sends what changed; false if the
+/// map was busy (nothing done).
+pub fn send_module_changes(buf: &mut [u8], patient: bool) -> bool {
     let Ok(mut map) = MODULES.try_lock() else {
-        return;
+        return false;
     };
     let changes = map.refresh();
     if !changes.added.is_empty() || !changes.removed.is_empty() {
@@ -43,7 +45,9 @@ pub fn send_module_changes(buf: &mut [u8], patient: bool) {
             }
         }
     }
+    true
 }
+
 /// Sends the thread-creation stacks if they changed since last sent.
 pub fn send_thread_creates(buf: &mut [u8], patient: bool) {
     static SENT_GENERATION: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);

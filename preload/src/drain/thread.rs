@@ -2,8 +2,10 @@
 //! in a signal handler or a malloc hook): every 20 ms it notices module-map changes, empties
 //! the sample ring, sends what changed ([`super::reports`]) and carries out the collector's
 //! commands ([`super::commands`]); once a second it sends the counters; in serve mode it
-//! re-attaches to a daemon that went away. Started by the constructor, stopped at exit (and
-//! around calls that need a single-threaded process).
+//! re-attaches to a daemon that went away. Started by the constructor, or under `record` in a
+//! single-threaded program only when the program starts its second thread
+//! ([`defer_thread`]); stopped at exit (and around calls that need a single-threaded
+//! process).
 
 use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::sync::Mutex;
@@ -102,6 +104,8 @@ fn wake() {
 
 /// Set while the process runs without a thread of ours (see [`defer_thread`]).
 static DEFERRED: AtomicBool = AtomicBool::new(false);
+/// CLOCK_MONOTONIC of the last catch-up without our thread (0: none yet).
+static LAST_CATCH_UP_NS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 /// The loader's `(adds, subs)` when the module map was last brought up to date without a
 /// thread (see [`catch_up_without_thread`]).
 static CAUGHT_UP: Mutex<(u64, u64)> = Mutex::new((0, 0));
@@ -143,13 +147,21 @@ pub fn defer_thread() {
 /// own, so its allocator is about to pay for threads anyway); hands the sample ring back
 /// from the collector to it.
 pub fn start_deferred_thread() {
-    if !DEFERRED.load(Ordering::Acquire) || !DEFERRED.swap(false, Ordering::AcqRel) {
+    if !DEFERRED.load(Ordering::Acquire) || !crate::lifecycle::is_own_process() {
+        return;
+    }
+    if !DEFERRED.swap(false, Ordering::AcqRel) {
         return;
     }
     if let Err(e) = spawn() {
+        // The collector goes on reading the region; modules keep being caught up at dlsym.
+        DEFERRED.store(true, Ordering::Release);
         log::message(
             wire::Level::Warn,
-            format!("cannot start the anyprof thread ({e}); samples are sent at exit only"),
+            format!(
+                "cannot start the anyprof thread ({e}); the collector keeps reading this \
+                 process's samples itself"
+            ),
         );
     }
 }
@@ -159,7 +171,7 @@ pub fn start_deferred_thread() {
 /// last time. Called before the program's `dlsym` (a program that `dlopen`s an object
 /// looks up a symbol in it next); costs one look at the loader's counters otherwise.
 pub fn catch_up_without_thread() {
-    if !DEFERRED.load(Ordering::Acquire) {
+    if !DEFERRED.load(Ordering::Acquire) || !crate::lifecycle::is_own_process() {
         return;
     }
     // Ours from here: a program that interposes `dl_iterate_phdr` and looks up the real one
@@ -172,9 +184,27 @@ pub fn catch_up_without_thread() {
     if *at == now {
         return;
     }
-    *at = now;
-    drop(at);
-    flush(None, false);
+    // At most one catch-up per tick, as our thread would: a program that loads and unloads
+    // a library in a loop would otherwise rebuild the unwinder on every `dlsym`. A change
+    // seen within the tick is caught up at a later `dlsym` (or exit).
+    let now_ns = crate::signal::sys::monotonic_ns();
+    let last = LAST_CATCH_UP_NS.load(Ordering::Relaxed);
+    if last != 0 && now_ns.saturating_sub(last) < TICK.as_nanos() as u64 {
+        return;
+    }
+    LAST_CATCH_UP_NS.store(now_ns, Ordering::Relaxed);
+    // Only the modules (and log lines): the collector reads samples and counters itself.
+    let _section = crate::fork::section();
+    if !acquire_drain(false) {
+        return;
+    }
+    let mut buf = vec![0u8; MAX_MESSAGE];
+    let sent = reports::send_module_changes(&mut buf, false);
+    send_log(&mut buf, false);
+    DRAINING.store(false, Ordering::Release);
+    if sent {
+        *at = now;
+    }
 }
 
 /// Starts the background thread, with every signal blocked from its first instruction (see
@@ -338,7 +368,7 @@ pub fn flush(counters_kind: Option<Kind>, last: bool) {
         return;
     }
     let mut buf = vec![0u8; MAX_MESSAGE];
-    reports::send_module_changes(&mut buf, last);
+    let _ = reports::send_module_changes(&mut buf, last);
     reports::send_samples(&mut buf, last);
     if last {
         // Small and what tests and CI budgets read first: send it before the bulky buckets.
@@ -346,11 +376,7 @@ pub fn flush(counters_kind: Option<Kind>, last: bool) {
     }
     reports::send_changed_buckets(&mut buf, last);
     reports::send_thread_creates(&mut buf, last);
-    for (level, text) in log::take() {
-        if let Some(n) = wire::encode_log(&mut buf, level, text.as_bytes()) {
-            send(buf.get(..n).unwrap_or(&[]), last);
-        }
-    }
+    send_log(&mut buf, last);
     reports::track_peak();
     if let Some(kind) = counters_kind {
         reports::send_mem_stats(&mut buf, last);
@@ -366,6 +392,15 @@ pub fn flush(counters_kind: Option<Kind>, last: bool) {
             .store(shm::FINISHED, Ordering::Release);
     }
     DRAINING.store(false, Ordering::Release);
+}
+
+/// Sends the log lines waiting to be sent.
+fn send_log(buf: &mut [u8], patient: bool) {
+    for (level, text) in log::take() {
+        if let Some(n) = wire::encode_log(buf, level, text.as_bytes()) {
+            send(buf.get(..n).unwrap_or(&[]), patient);
+        }
+    }
 }
 
 fn acquire_drain(patient: bool) -> bool {

@@ -69,7 +69,8 @@ pub fn publish(unwinder: Box<Unwinder>) -> *mut Unwinder {
 }
 
 /// Frees the retired unwinders in `retired` if no handler is in flight right now; returns
-/// true if it did (or there was nothing to free). Called by the background thread only.
+/// true if it did (or there was nothing to free). Called by whoever holds the module map
+/// (the background thread, or the program's thread catching up at `dlsym`).
 pub fn retire_when_quiet(retired: &mut Vec<*mut Unwinder>) -> bool {
     if retired.is_empty() {
         return true;

@@ -1,5 +1,7 @@
 //! The fixed ring of sample slots between the signal handler (many writers, one per thread
-//! being sampled) and the background thread (the only reader).
+//! being sampled) and one reader at a time: the background thread, whoever flushes at exit,
+//! or the collector (which reads a process without our thread, and what a process left at
+//! its death), kept apart by the `sample_reader` lock in the shared header.
 //!
 //! # Who writes, who reads, what happens when full
 //! - A writer claims a slot by moving its state `FREE → WRITING` with a compare-exchange,
