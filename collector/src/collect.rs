@@ -471,8 +471,10 @@ fn accept_loop(
         let link = Link {
             channel: Arc::new(Channel::default()),
             registry: registry.clone(),
-            read_live: options.read_regions_live,
         };
+        link.channel
+            .read_live
+            .store(options.read_regions_live, Ordering::Relaxed);
         if let Ok(mut c) = link.channel.control.lock() {
             *c = fd.try_clone().ok();
         }

@@ -1,5 +1,6 @@
 //! The death read: what a process left in its shared region when it ended (SIGKILL, the OOM
-//! killer, a crash, an exec), turned into ordinary wire messages.
+//! killer, a crash, an exec), turned into ordinary wire messages. The same reads serve the
+//! live read of a running process that has no thread of ours to send them ([`live`]).
 //!
 //! After the last read of the message ring, the collector copies out of the region:
 //! - every READY sample slot (samples the signal handler finished but the process never
@@ -298,16 +299,7 @@ pub mod live {
 
     /// Bytes allocated and not freed now, from the allocator counter slots.
     pub fn live_bytes(shared: &Shared, pages: &Pages) -> u64 {
-        let view = View::new(shared, pages);
-        let mut t = AllocTotals::ZERO;
-        let high = shared
-            .alloc
-            .first()
-            .map_or(0, |s0| view.load32(&s0.owned, Ordering::Relaxed));
-        for s in used_alloc_slots(&shared.alloc, high) {
-            t.add_slot(s, |c| view.load64(c));
-        }
-        t.live_bytes()
+        alloc_totals(shared, &View::new(shared, pages)).live_bytes()
     }
 
     /// The counters and allocator totals (`Counters`, `MemStats`), as the process's thread
@@ -335,28 +327,9 @@ pub fn read_into(
     log: &mut dyn FnMut(Level, &str),
 ) -> Report {
     let last = session.mem_stats.clone();
-    read(
-        shared,
-        pages,
-        last.as_ref(),
-        rss,
-        &mut |m| match wire::decode(m) {
-            Ok(msg) => {
-                session.apply(msg, log);
-                match session.over_limits() {
-                    Some(why) => {
-                        session.error = Some(why);
-                        false
-                    }
-                    None => true,
-                }
-            }
-            Err(e) => {
-                session.error = Some(format!("death read: {e}"));
-                false
-            }
-        },
-    )
+    read(shared, pages, last.as_ref(), rss, &mut |m| {
+        session.apply_encoded(m, "death read", log)
+    })
 }
 
 /// Copies a plain value out of an `UnsafeCell` in the region.
@@ -510,7 +483,8 @@ fn emit_buckets(
     true
 }
 
-fn mem_stats(shared: &Shared, view: &View<'_>, last: Option<&MemStats>, rss: u64) -> Vec<u8> {
+/// The allocator counter slots summed: every slot up to the highest one claimed.
+fn alloc_totals(shared: &Shared, view: &View<'_>) -> AllocTotals {
     let mut t = AllocTotals::ZERO;
     let high = shared
         .alloc
@@ -519,6 +493,11 @@ fn mem_stats(shared: &Shared, view: &View<'_>, last: Option<&MemStats>, rss: u64
     for s in used_alloc_slots(&shared.alloc, high) {
         t.add_slot(s, |c| view.load64(c));
     }
+    t
+}
+
+fn mem_stats(shared: &Shared, view: &View<'_>, last: Option<&MemStats>, rss: u64) -> Vec<u8> {
+    let t = alloc_totals(shared, view);
     let (alloc_bytes, free_bytes) = (t.alloc_bytes, t.free_bytes);
     let mut fields = last.map(|m| m.fields.clone()).unwrap_or_default();
     fields.resize(fields.len().max(MEM_STAT_COUNT), 0);

@@ -326,8 +326,10 @@ impl Session {
                 e.frames = b.frames;
             }
         }
-        if later.mem_stats.is_some() {
-            self.mem_stats = later.mem_stats;
+        self.live_peak_seen = self.live_peak_seen.max(later.live_peak_seen);
+        if let Some(mut m) = later.mem_stats {
+            keep_peaks(self.mem_stats.as_ref(), self.live_peak_seen, &mut m);
+            self.mem_stats = Some(m);
         }
         self.thread_dumps.extend(later.thread_dumps);
         if !later.thread_creates.is_empty() {
@@ -349,6 +351,33 @@ impl Session {
             .or(self.connected_at.or(later.connected_at));
         self.closed_at = self.closed_at.max(later.closed_at);
         self.error = self.error.take().or(later.error);
+    }
+
+    /// Decodes one encoded message (`what` names where it came from, for the error) and
+    /// applies it; false, with the session's error set, if it does not decode or puts the
+    /// session over its limits.
+    pub fn apply_encoded(
+        &mut self,
+        bytes: &[u8],
+        what: &str,
+        log: &mut dyn FnMut(Level, &str),
+    ) -> bool {
+        match wire::decode(bytes) {
+            Ok(msg) => {
+                self.apply(msg, log);
+                match self.over_limits() {
+                    Some(why) => {
+                        self.error = Some(why);
+                        false
+                    }
+                    None => true,
+                }
+            }
+            Err(e) => {
+                self.error = Some(format!("{what}: {e}"));
+                false
+            }
+        }
     }
 
     /// Why this session holds more than any real process sends (a hostile or broken stream),

@@ -787,6 +787,9 @@ pub struct Channel {
     replaced: AtomicBool,
     /// When the heap buckets of a process without our thread were last read live.
     heap_read_at: Mutex<Option<Instant>>,
+    /// Whether a process without our thread is read live from its region
+    /// ([`crate::collect::Options::read_regions_live`]).
+    pub read_live: AtomicBool,
 }
 
 impl Channel {
@@ -800,6 +803,9 @@ impl Channel {
     /// less than `max_age` ago; nothing for any other process (its thread sends changes every
     /// 20 ms). For heap snapshots and the symbols warmed while the program runs.
     pub fn refresh_heap(&self, session: &SharedSession, max_age: Duration) {
+        if !self.read_live.load(Ordering::Relaxed) {
+            return;
+        }
         let Some(attached) = self.region() else {
             return;
         };
@@ -822,20 +828,9 @@ impl Channel {
             return;
         };
         crate::death_read::live::buckets(shared, &pages, &mut |m| {
-            let Ok(msg) = wire::decode(m) else {
-                return false;
-            };
-            let Ok(mut s) = session.lock() else {
-                return false;
-            };
-            s.apply(msg, &mut |_, _| {});
-            match s.over_limits() {
-                Some(why) => {
-                    s.error = Some(why);
-                    false
-                }
-                None => true,
-            }
+            session
+                .lock()
+                .is_ok_and(|mut s| s.apply_encoded(m, "live read", &mut |_, _| {}))
         });
     }
 }
@@ -930,9 +925,6 @@ pub struct Link {
     pub channel: Arc<Channel>,
     /// Every region session of the collector.
     pub registry: Arc<Registry>,
-    /// Whether to read a process's samples and counters from its region while it runs when
-    /// it has no thread of ours ([`crate::collect::Options::read_regions_live`]).
-    pub read_live: bool,
 }
 
 /// Shortest and longest wait between two reads of the message ring: 5 ms while messages
@@ -1065,26 +1057,9 @@ fn death_read(
         }
     };
     let report = crate::death_read::read(attached.shared(), &pages, last.as_ref(), rss, &mut |m| {
-        let msg = wire::decode(m);
-        let Ok(mut s) = session.lock() else {
-            return false;
-        };
-        match msg {
-            Ok(msg) => {
-                s.apply(msg, &mut |level, text| log(spid, level, text));
-                match s.over_limits() {
-                    Some(why) => {
-                        s.error = Some(why);
-                        false
-                    }
-                    None => true,
-                }
-            }
-            Err(e) => {
-                s.error = Some(format!("death read: {e}"));
-                false
-            }
-        }
+        session.lock().is_ok_and(|mut s| {
+            s.apply_encoded(m, "death read", &mut |level, text| log(spid, level, text))
+        })
     });
     if gone && (report.samples > 0 || report.buckets > 0) {
         log(
@@ -1179,8 +1154,8 @@ fn run(
                 }
             }
         }
-        let live_read =
-            link.read_live && shared.header.drainer.load(Ordering::Acquire) == DRAINER_COLLECTOR;
+        let live_read = link.channel.read_live.load(Ordering::Relaxed)
+            && shared.header.drainer.load(Ordering::Acquire) == DRAINER_COLLECTOR;
         if !gone && live_read {
             match live.read(attached, session, &mut names, &mut rss, trace_mem, log) {
                 Some(n) => read += n,
