@@ -1,12 +1,14 @@
 /* A single-threaded program that looks at what glibc and /proc say about its threads while
  * it is profiled, then (with an argument) loads a library, runs in it, and starts a thread.
  *
- * Prints: "before: single=S tasks=N" after a second of CPU and allocation; with "plugin
+ * Prints: "heap_at_start=B", the bytes in use in glibc's heap as main starts (mallinfo2);
+ * "before: single=S tasks=N" after a second of CPU and allocation; with "plugin
  * PATH", runs PATH's plugin_burn for about a second (found with dlopen + dlsym); with
  * "thread", then runs a thread for about half a second and prints "after: single=S
  * tasks=N" while it runs. tests/tests/thread_free.rs. */
 #include <dirent.h>
 #include <dlfcn.h>
+#include <malloc.h>
 #include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -55,6 +57,8 @@ __attribute__((noinline)) static void *thread_burn(void *arg) {
 }
 
 int main(int argc, char **argv) {
+    size_t at_start = mallinfo2().uordblks;
+    printf("heap_at_start=%zu\n", at_start);
     main_burn(1.0);
     printf("before: single=%d tasks=%d\n", __libc_single_threaded, tasks());
     for (int i = 1; i < argc; i++) {
