@@ -418,10 +418,10 @@ def main():
         lines.append(f"mixed 16..4096 B at 512 KiB: {r:.3f}x bare (≤ {MIXED_RATIO:g}x){verdict(r, MIXED_RATIO)}; "
                      f"{d:+.2f} ns over forwarding (≤ {MIXED_NS:g} ns){verdict(d, MIXED_NS)}; "
                      f"{ir_over('4096', 'anyprof-512KiB')} per pair")
-    d, ft = get(("B", "anyprof-512KiB")), get(("B", "forwarding+thread"))
-    if d is not None and ft is not None:
-        lines.append(f"  of which a second thread alone (glibc then locks its arenas): {ft:+.2f} ns; anyprof over "
-                     f"forwarding with an idle thread: {d - ft:+.2f} ns")
+    ft = get(("B", "forwarding+thread"))
+    if ft is not None:
+        lines.append(f"  for scale: forwarding plus one idle thread costs {ft:+.2f} ns (glibc then locks its "
+                     f"arenas); anyprof starts no thread in a single-threaded program")
     for peer, ref in (("jemalloc-prof", "jemalloc"), ("tcmalloc-sample", "tcmalloc")):
         d = get(("B", peer))
         if d is not None:

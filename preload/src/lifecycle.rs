@@ -202,8 +202,8 @@ fn start(argc: libc::c_int, argv: *const *const libc::c_char) {
     alloc::counters::init();
     alloc::real::check_glibc_layout();
     alloc::hooks::ACCOUNTING.store(true, Ordering::Release);
+    alloc::hooks::start_sampling(config.mem_rate);
     if config.mem_rate > 0 {
-        alloc::sampler::RATE.store(config.mem_rate, Ordering::Release);
         // This thread's countdown may have been parked while sampling was off.
         alloc::sampler::reset(crate::tls::current());
     }

@@ -5,10 +5,11 @@
  * Ground truth
  * ------------
  * Four threads each run the same allocation workload, seeded by their index: a pool of
- * 256 slots in which blocks of pseudo-random sizes (1 B to 64 KiB, and one in 97 of
- * 256 KiB to 2.25 MiB, which glibc mmaps) are allocated with malloc, calloc, realloc,
+ * 256 slots in which blocks of pseudo-random sizes (1 B to 4 KiB or to 64 KiB, and one in
+ * 97 of 256 KiB to 2.25 MiB, which glibc mmaps) are allocated with malloc, calloc, realloc,
  * posix_memalign, strdup and asprintf, filled with a pattern, checked and freed. Each
- * thread folds what it reads back into a checksum that depends only on its index. The
+ * thread folds what it reads back into a checksum that depends only on its index, and
+ * checks what malloc_usable_size says of its small blocks. The
  * threads then print, strictly in turn (a mutex and condition variable pass the turn
  * from thread 1 to thread 4), one line to stdout (flushed before the turn passes) and
  * one to stderr (unbuffered). main prints a summary to both streams and exits with
@@ -23,6 +24,7 @@
  */
 #define _GNU_SOURCE
 #include <inttypes.h>
+#include <malloc.h>
 #include <pthread.h>
 #include <stdint.h>
 #include <stdio.h>
@@ -54,6 +56,9 @@ static uint64_t next(uint64_t *x) {
 static size_t pick_size(uint64_t *rng) {
     uint64_t r = next(rng);
     if (r % 97 == 0) return (256u << 10) + (size_t)(r >> 40) % (2u << 20);
+    /* Half of them small (glibc's heap chunks below 4 KiB, which a sampled block is
+     * promoted from). */
+    if (r & (1u << 10)) return 1 + (size_t)(r >> 20) % 4096;
     return 1 + (size_t)(r >> 20) % (64u << 10);
 }
 
@@ -62,6 +67,7 @@ static uint64_t check(struct slot *s, uint64_t sum) {
     if (!s->p) return sum;
     if (s->p[0] != s->fill || s->p[s->len - 1] != s->fill || s->p[s->len / 2] != s->fill)
         corrupt = 1;
+    if (malloc_usable_size(s->p) < s->len) corrupt = 1;
     return sum * 31 + s->len + s->fill;
 }
 
@@ -72,6 +78,23 @@ static void fill(struct slot *s, unsigned char value) {
     memset(s->p, value, s->len < 256 ? s->len : 256);
     s->p[s->len / 2] = value;
     s->p[s->len - 1] = value;
+}
+
+/* Set in main when malloc is glibc's (its usable sizes, not another allocator's classes). */
+static int glibc_sizes;
+
+/* malloc_usable_size of a small block just allocated (not reallocated, which may keep a
+ * larger or mmapped chunk): glibc gives the block its size rounded up to a chunk, or a
+ * chunk up to 31 bytes larger when the rest would be too small to split off. A profiler
+ * that moves a sampled block to a larger one must not let it show. */
+static uint64_t note_usable(const struct slot *s, uint64_t sum) {
+    if (!glibc_sizes || !s->p || s->len > 4096) return sum;
+    size_t usable = malloc_usable_size(s->p);
+    if (usable < s->len || usable >= s->len + 64) {
+        fprintf(stderr, "CORRUPT: malloc_usable_size %zu of a block of %zu bytes\n", usable, s->len);
+        corrupt = 1;
+    }
+    return sum;
 }
 
 static void *run(void *arg) {
@@ -90,13 +113,15 @@ static void *run(void *arg) {
             s->len = pick_size(&rng);
             s->p = malloc(s->len);
             fill(s, value);
+            sum = note_usable(s, sum);
             break;
         case 1: /* replace with calloc, which must be zeroed */
             free(s->p);
             s->len = pick_size(&rng);
             s->p = calloc(1, s->len);
-            if (s->p[0] != 0 || s->p[s->len - 1] != 0) corrupt = 1;
+            if (s->p[0] != 0 || s->p[s->len / 2] != 0 || s->p[s->len - 1] != 0) corrupt = 1;
             fill(s, value);
+            sum = note_usable(s, sum);
             break;
         case 2: { /* realloc keeps the common prefix */
             size_t len = pick_size(&rng);
@@ -117,6 +142,7 @@ static void *run(void *arg) {
             if (posix_memalign(&p, 256, s->len) != 0 || ((uintptr_t)p & 255) != 0) corrupt = 1;
             s->p = p;
             fill(s, value);
+            sum = note_usable(s, sum);
             break;
         }
         case 4: { /* strings: strdup and asprintf allocate inside libc */
@@ -129,6 +155,7 @@ static void *run(void *arg) {
             s->p = (unsigned char *)copy;
             s->len = strlen(copy) + 1;
             fill(s, value);
+            sum = note_usable(s, sum);
             break;
         }
         default: /* free */
@@ -156,6 +183,10 @@ static void *run(void *arg) {
 
 int main(int argc, char **argv) {
     if (argc > 1) rounds = atol(argv[1]);
+    /* glibc: 100 bytes take a 112-byte chunk, 104 usable (tcmalloc and jemalloc: 112). */
+    void *probe = malloc(100);
+    glibc_sizes = probe && malloc_usable_size(probe) == 104;
+    free(probe);
     pthread_t threads[NTHREADS];
     for (int i = 0; i < NTHREADS; i++) {
         if (pthread_create(&threads[i], NULL, run, (void *)(intptr_t)(i + 1)) != 0) {

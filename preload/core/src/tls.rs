@@ -23,13 +23,19 @@ pub struct ThreadBlock {
     pub stack_hi: Cell<u64>,
     /// Thread CPU time at the previous CPU sample, ns.
     pub last_cpu_ns: Cell<u64>,
-    /// Bytes still to allocate before the next heap sample; <= 0 takes the slow path.
+    /// Bytes still to allocate before the next heap sample; below 0 takes the slow path.
     pub bytes_until_sample: Cell<i64>,
     /// State of the thread's random number generator (0 = not seeded).
     pub rng: Cell<u64>,
     /// Address of the thread's exact-counter slot (0 = none: take the slow path), with bit 0
     /// set when glibc's chunk headers may be read (`alloc::counters::GLIBC_FAST`).
     pub stats: Cell<usize>,
+    /// What the hooks' fast paths test, one word for every condition: `stats` with
+    /// `alloc::counters::FAST_ALLOC` (and `FAST_FREE`) set while the thread may take them
+    /// (it has a slot, glibc's chunk headers may be read, and it is not running our own
+    /// code), else 0. Derived from `stats`, `internal` and a global by
+    /// `alloc::counters::refresh_fast` whenever one of them changes.
+    pub fast: Cell<usize>,
     /// Kernel thread id (0 = not yet known).
     pub tid: Cell<u32>,
     /// Non-zero while the thread runs anyprof's own code (re-entrancy guard).

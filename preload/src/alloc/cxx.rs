@@ -293,13 +293,13 @@ pub extern "C" fn anyprof_cxx_next(form: u32) -> usize {
 /// previous value, for [`anyprof_cxx_leave`] (also run if the call throws).
 #[no_mangle]
 pub extern "C" fn anyprof_cxx_enter() -> u8 {
-    tls::current().internal.replace(1)
+    crate::signal::thread_state::enter_internal()
 }
 
 /// Ends what [`anyprof_cxx_enter`] began.
 #[no_mangle]
 pub extern "C" fn anyprof_cxx_leave(was: u8) {
-    tls::current().internal.set(was);
+    crate::signal::thread_state::leave_internal(was);
 }
 
 /// Accounts for block `p` just returned by the next `operator new` (accounting mode).

@@ -41,15 +41,22 @@ fn owner_add(c: &AtomicU64, v: u64) {
 
 /// Bit 0 of `ThreadBlock::stats`: set when the thread's slot was claimed (or later found)
 /// while block sizes could be read from glibc's chunk headers
-/// ([`super::real::glibc_header_readable`]), so that the hooks' fast path tests one bit of
-/// one thread-local word for "has a slot, and may read the header".
+/// ([`super::real::glibc_header_readable`]).
 pub const GLIBC_FAST: usize = 1;
+
+/// Bit 0 of `ThreadBlock::fast`: the malloc fast path may run (the thread has a slot, may
+/// read glibc's chunk headers, and is not running our own code).
+pub const FAST_ALLOC: usize = 1;
+/// Bit 1 of `ThreadBlock::fast`, only with [`FAST_ALLOC`]: besides, no small glibc block is
+/// in the live table ([`super::hooks::small_blocks_untracked`]), so the free fast path
+/// needs no look-up.
+pub const FAST_FREE: usize = 2;
 
 #[inline(always)]
 fn slot_at(addr: usize) -> &'static Slot {
-    // SAFETY: `stats` only ever holds 0 or the address of an element of the slot table in
-    // the shared region (set by `claim`; 64-byte aligned, so bit 0 is free for
-    // GLIBC_FAST), which stays mapped at that address for the whole process.
+    // SAFETY: `stats` and `fast` only ever hold 0 or the address of an element of the slot
+    // table in the shared region (set by `claim`; 64-byte aligned, so bits 0 and 1 are free
+    // for flags), which stays mapped at that address for the whole process.
     unsafe { &*(addr as *const Slot) }
 }
 
@@ -63,26 +70,57 @@ pub fn own_slot(b: &ThreadBlock) -> Option<&'static Slot> {
     Some(slot_at(addr))
 }
 
-/// The calling thread's own slot if it has one and block sizes may be read from glibc's
-/// chunk headers: the hooks' fast path (one load, one bit test).
+/// The calling thread's own slot if the malloc fast path may run: one thread-local load,
+/// one bit test.
 #[inline(always)]
-pub fn glibc_fast_slot(b: &ThreadBlock) -> Option<&'static Slot> {
-    let v = b.stats.get();
-    if v & GLIBC_FAST == 0 {
+pub fn alloc_fast_slot(b: &ThreadBlock) -> Option<&'static Slot> {
+    let v = b.fast.get();
+    if v & FAST_ALLOC == 0 {
         return None;
     }
-    // A subtraction, not a mask: it folds into the counters' address displacement.
-    Some(slot_at(v.wrapping_sub(GLIBC_FAST)))
+    Some(slot_at(v & !(FAST_ALLOC | FAST_FREE)))
+}
+
+/// The calling thread's own slot if the free fast path may run: one thread-local load, one
+/// bit test.
+#[inline(always)]
+pub fn free_fast_slot(b: &ThreadBlock) -> Option<&'static Slot> {
+    let v = b.fast.get();
+    if v & FAST_FREE == 0 {
+        return None;
+    }
+    // Both bits are set: a subtraction, which folds into the counters' displacement.
+    Some(slot_at(v.wrapping_sub(FAST_ALLOC | FAST_FREE)))
+}
+
+/// Derives `ThreadBlock::fast` from the thread's slot, its re-entrancy flag and whether small
+/// blocks are tracked; run whenever one of them changes. Async-signal-safe (thread-local
+/// cells and one atomic load).
+#[inline]
+pub fn refresh_fast(b: &ThreadBlock) {
+    let s = b.stats.get();
+    let fast = if s & GLIBC_FAST != 0 && b.internal.get() == 0 {
+        if super::hooks::small_blocks_untracked() {
+            s | FAST_ALLOC | FAST_FREE
+        } else {
+            s | FAST_ALLOC
+        }
+    } else {
+        0
+    };
+    b.fast.set(fast);
 }
 
 /// Marks the calling thread's slot [`GLIBC_FAST`] if it has a slot and headers are readable
-/// now (a slot claimed before the start-up check, on the main thread).
+/// now (a slot claimed before the start-up check, on the main thread), and brings its fast
+/// paths up to date (small blocks became untracked at start).
 #[cold]
 pub fn upgrade(b: &ThreadBlock) {
     let v = b.stats.get();
     if v != 0 && super::real::glibc_header_readable() {
         b.stats.set(v | GLIBC_FAST);
     }
+    refresh_fast(b);
 }
 
 /// Counts, in the caller's own slot `s`, an allocation (`alloc`) or a free of a glibc block
@@ -210,6 +248,7 @@ fn claim(b: &ThreadBlock) -> Option<&'static Slot> {
                 0
             };
             b.stats.set(s as *const Slot as usize | fast);
+            refresh_fast(b);
             let internal = crate::signal::thread_state::Internal::enter();
             // SAFETY: the key was created by `init`; the value is a non-null marker that the
             // destructor does not dereference.
@@ -231,6 +270,7 @@ unsafe extern "C" fn release_at_thread_exit(_: *mut libc::c_void) {
     b.exiting.set(1);
     if let Some(s) = own_slot(b) {
         b.stats.set(0);
+        refresh_fast(b);
         s.owned.store(0, Ordering::Release);
     }
 }
@@ -307,5 +347,7 @@ pub fn live_bytes() -> u64 {
 /// Makes the calling thread take the slow path again (in a forked child, where accounting
 /// is off).
 pub fn detach_current_thread() {
-    crate::tls::current().stats.set(0);
+    let b = crate::tls::current();
+    b.stats.set(0);
+    refresh_fast(b);
 }

@@ -1,9 +1,11 @@
 //! Which live pointers were sampled, so that their `free` (or `realloc`) is seen.
 //!
-//! `free` is called as often as `malloc`, and almost never on a sampled pointer, so its fast
-//! path must be one memory read: a counting filter of one-byte counters indexed by bits of
-//! the pointer. A zero counter proves the pointer was not sampled. Only a non-zero counter
-//! leads to the table, a lock-free open-addressing map from pointer to (bucket, size).
+//! `free` is called as often as `malloc`, and almost never on a sampled pointer. With glibc
+//! at the usual rates, the free of a small block does not ask at all: a sampled small block
+//! is promoted to a larger one ([`super::hooks`]). Every other free asks with one memory
+//! read: a counting filter of one-byte counters indexed by bits of the pointer. A zero
+//! counter proves the pointer was not sampled. Only a non-zero counter leads to the table, a
+//! lock-free open-addressing map from pointer to (bucket, size).
 //!
 //! The filter counts rather than flags: glibc hands the same addresses out again and again,
 //! and a plain bit that is never cleared would send every later free of a once-sampled
@@ -172,6 +174,23 @@ pub fn remove(p: *mut core::ffi::c_void) -> Option<(u32, u64)> {
                 }
             });
             return Some(((value >> SIZE_BITS) as u32, value & ((1 << SIZE_BITS) - 1)));
+        }
+    }
+    None
+}
+
+/// The recorded size of sampled pointer `p`, if it is in the table.
+pub fn size_of(p: *mut core::ffi::c_void) -> Option<u64> {
+    let key = p as u64;
+    let start = (mix(key) as usize) % CAPACITY;
+    for probe in 0..MAX_PROBES {
+        let e = LIVE.table.get((start + probe) % CAPACITY)?;
+        let cur = e.key.load(Ordering::Acquire);
+        if cur == EMPTY {
+            return None;
+        }
+        if cur == key {
+            return Some(e.value.load(Ordering::Acquire) & ((1 << SIZE_BITS) - 1));
         }
     }
     None

@@ -353,7 +353,8 @@ pub fn glibc_small_chunk(field: usize, limit: usize) -> Option<usize> {
     if field & (!(limit - 1) | 0x2) != 0 {
         return None;
     }
-    Some(field & (limit - 1) & !0x7)
+    // The bits above `limit` are clear: one mask takes the flags off.
+    Some(field & !0x7)
 }
 
 /// `free` of a glibc block while [`glibc_header_readable`]: no block can then be an arena

@@ -18,7 +18,7 @@ pub static RATE: AtomicU64 = AtomicU64::new(0);
 /// notices when sampling is switched on.
 const NEVER: i64 = 1 << 32;
 
-/// Called when the countdown went to zero or below after an allocation of `size` bytes.
+/// Called when the countdown went below zero after an allocation.
 /// Re-arms the countdown and says whether this allocation is a sample.
 #[cold]
 pub fn on_countdown_expired(b: &ThreadBlock) -> bool {
@@ -44,11 +44,11 @@ pub fn on_countdown_expired(b: &ThreadBlock) -> bool {
         // `left` is -size here; the allocation is sampled if it crosses the first point.
         let distance = draw(b, rate);
         left = left.saturating_add(distance);
-        sampled = left <= 0;
+        sampled = left < 0;
     }
     // One sample per allocation, however many sample points it crosses (Go does the same;
     // the unbiasing by allocation size accounts for it).
-    while left <= 0 {
+    while left < 0 {
         left = left.saturating_add(draw(b, rate));
     }
     b.bytes_until_sample.set(left);

@@ -90,7 +90,7 @@ impl Internal {
     #[inline(always)]
     pub fn enter() -> Self {
         Self {
-            was: tls::current().internal.replace(1),
+            was: enter_internal(),
             _this_thread: core::marker::PhantomData,
         }
     }
@@ -106,6 +106,26 @@ impl Internal {
 impl Drop for Internal {
     #[inline(always)]
     fn drop(&mut self) {
-        tls::current().internal.set(self.was);
+        leave_internal(self.was);
+    }
+}
+
+/// Sets the re-entrancy flag and closes the hooks' fast paths (which do not test the flag
+/// themselves); returns the flag's previous value for [`leave_internal`]. Prefer
+/// [`Internal`]; this pair is for the C shims, which cannot hold a Rust guard.
+#[inline(always)]
+pub fn enter_internal() -> u8 {
+    let b = tls::current();
+    b.fast.set(0);
+    b.internal.replace(1)
+}
+
+/// Puts the re-entrancy flag back to `was`, reopening the fast paths when it is clear.
+#[inline(always)]
+pub fn leave_internal(was: u8) {
+    let b = tls::current();
+    b.internal.set(was);
+    if was == 0 {
+        crate::alloc::counters::refresh_fast(b);
     }
 }
