@@ -17,13 +17,23 @@ use anyprof_wire::Module;
 
 use super::named_thread;
 
-/// How long the warming thread waits before its first look at the sessions, and again after
-/// each look that found something new: a process reports its modules as soon as the library
-/// starts in it, and a short program may be gone within a few tens of milliseconds.
+/// How long the warming thread waits before its first look at the sessions, and the
+/// shortest wait after a look that found something new: a process reports its modules as
+/// soon as the library starts in it, and a short program may be gone within a few tens of
+/// milliseconds.
 pub(super) const WARM_SOON: Duration = Duration::from_millis(2);
 
 /// The longest wait between looks, reached by doubling the wait while nothing new turns up.
 pub(super) const WARM_AT_LEAST_EVERY: Duration = Duration::from_millis(100);
+
+/// After a look that found something new, the wait is this many times as long as finding it
+/// took (symbolizing what it found is work that exit would do anyway), so looking uses at
+/// most 2 % of a CPU. Idle priority keeps the thread off a CPU the program wants, but a
+/// CPU the program leaves free is not free of cost: a look copies every session and walks
+/// every stack, and looking every 2 ms at a long run's thousands of stacks took about 8 % of
+/// a CPU (CPython with 512 KiB heap samples), competing with the program for caches and
+/// memory.
+const WARM_DUTY_RATIO: u32 = 49;
 
 /// Does the symbolizer's slow work while the program still runs, on a thread of the collector,
 /// so that writing the profiles at exit does not have to: with full debug info installed
@@ -57,6 +67,7 @@ pub(super) fn start_prewarming(
         let mut wait = WARM_SOON;
         while !flag.load(Ordering::SeqCst) {
             std::thread::park_timeout(wait);
+            let look_started = std::time::Instant::now();
             let snapshot = anyprof::collect::snapshot(&sessions);
             // Each module with the file addresses to look up in it, those of samples first.
             // With the rights of the process that loaded it (see symbolize::resolve_all).
@@ -89,11 +100,8 @@ pub(super) fn start_prewarming(
                     }
                 }
             }
-            wait = if work.is_empty() {
-                (wait * 2).min(WARM_AT_LEAST_EVERY)
-            } else {
-                WARM_SOON
-            };
+            let found = !work.is_empty();
+            let scan_took = look_started.elapsed();
             for (m, svmas, access, sampled) in work {
                 if flag.load(Ordering::SeqCst) {
                     break;
@@ -116,6 +124,11 @@ pub(super) fn start_prewarming(
                     );
                 }
             }
+            wait = if found {
+                (scan_took * WARM_DUTY_RATIO).max(WARM_SOON)
+            } else {
+                (wait * 2).min(WARM_AT_LEAST_EVERY)
+            };
         }
     });
     (stop, handle)
