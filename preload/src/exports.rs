@@ -13,8 +13,8 @@
 //! - defined in this file: `malloc` `free` `calloc` `realloc` `reallocarray` `memalign`
 //!   `aligned_alloc` `posix_memalign` `valloc` `pvalloc` `malloc_usable_size` `free_sized`
 //!   `free_aligned_sized` (bodies in the core's `alloc::hooks`); `pthread_create`; `_exit`
-//!   `_Exit`; `sigaction` `signal`; `unshare` `setns`; `dlsym` (a trampoline, defined at the
-//!   end of this file);
+//!   `_Exit`; `_Fork`; `sigaction` `signal`; `unshare` `setns`; `dlsym` (a trampoline,
+//!   defined at the end of this file);
 //! - the C++ `operator new` and `operator delete` family, defined in [`crate::alloc::cxx`]:
 //!   `_Znwm` `_Znam` `_ZnwmRKSt9nothrow_t` `_ZnamRKSt9nothrow_t` `_ZnwmSt11align_val_t`
 //!   `_ZnamSt11align_val_t` `_ZnwmSt11align_val_tRKSt9nothrow_t`
@@ -66,13 +66,41 @@ static REAL_EXIT: AtomicUsize = AtomicUsize::new(0);
 static REAL_SIGACTION: AtomicUsize = AtomicUsize::new(0);
 static REAL_SIGNAL: AtomicUsize = AtomicUsize::new(0);
 
-/// Resolves the next `_exit`, `sigaction` and `signal` (constructor world).
+/// The next `_Fork` in link order (glibc's), found once: `_Fork` may be called from a
+/// signal handler.
+static REAL_FORK: AtomicUsize = AtomicUsize::new(0);
+
+/// Resolves the next `_exit`, `_Fork`, `sigaction` and `signal` (constructor world).
 pub fn resolve_exit() {
     // SAFETY: dlsym with RTLD_NEXT and a NUL-terminated name.
     let f = unsafe { libc::dlsym(libc::RTLD_NEXT, c"_exit".as_ptr()) } as usize;
     REAL_EXIT.store(f, Ordering::Release);
     next_once(&REAL_SIGACTION, c"sigaction");
     next_once(&REAL_SIGNAL, c"signal");
+    next_once(&REAL_FORK, c"_Fork");
+}
+
+/// `_Fork` (glibc 2.34): `fork` without fork handlers, so without ours: the child, which
+/// would share our region with its parent, steps aside before it returns to the program
+/// (see [`crate::lifecycle::step_aside_without_fork_handlers`]). glibc's own `fork` calls
+/// its `_Fork` directly, not this.
+#[cfg_attr(not(test), no_mangle)]
+#[allow(non_snake_case)] // the C name
+pub extern "C" fn _Fork() -> libc::pid_t {
+    let real = next_once(&REAL_FORK, c"_Fork");
+    if real == 0 {
+        crate::signal::sys::set_errno(libc::ENOSYS);
+        return -1;
+    }
+    // SAFETY: the address dlsym returned for "_Fork", which takes no argument.
+    let pid =
+        unsafe { core::mem::transmute::<usize, unsafe extern "C" fn() -> libc::pid_t>(real)() };
+    if pid == 0 {
+        let errno = crate::signal::sys::errno();
+        crate::lifecycle::step_aside_without_fork_handlers();
+        crate::signal::sys::set_errno(errno);
+    }
+    pid
 }
 
 /// The next definition of `name`, from `slot` once it was looked up: only a call made before
@@ -159,9 +187,11 @@ pub unsafe extern "C" fn pthread_create(
     // `drain::defer_thread`), before the program's, so that it never sees one of ours appear
     // later. One atomic load once it has.
     crate::drain::start_deferred_thread();
-    // Every thread while sampling is off starts untouched.
-    let profiling = threads::CPU_HZ.load(Ordering::Relaxed) != 0
-        || crate::alloc::sampler::RATE.load(Ordering::Relaxed) != 0;
+    // Every thread while sampling is off starts untouched, and every thread of a child made
+    // without fork handlers (a raw `clone`), whose samples would land in its parent's ring.
+    let profiling = (threads::CPU_HZ.load(Ordering::Relaxed) != 0
+        || crate::alloc::sampler::RATE.load(Ordering::Relaxed) != 0)
+        && crate::lifecycle::is_own_process();
     if !profiling {
         // SAFETY: forwarding the caller's arguments unchanged.
         return unsafe { real(thread, attr, start, arg) };

@@ -440,6 +440,19 @@ fn renew_hello() {
     }
 }
 
+/// In a child made with `_Fork`, which runs no fork handler (ours neither): it copied its
+/// parent's memory but shares its parent's region, so it steps aside before it runs on, as
+/// a child does when it cannot have a region of its own: no sampling, no counting, no thread
+/// of ours. Async-signal-safe, as `_Fork` is: atomic and thread-local stores only.
+pub fn step_aside_without_fork_handlers() {
+    handler::SAMPLING.store(false, Ordering::Release);
+    threads::CPU_HZ.store(0, Ordering::Release);
+    alloc::sampler::RATE.store(0, Ordering::Release);
+    alloc::hooks::ACCOUNTING.store(false, Ordering::Release);
+    alloc::counters::detach_current_thread();
+    ACTIVE.store(false, Ordering::Release);
+}
+
 /// Whether this process is the one our state was set up for: false in a child made without
 /// our fork handlers (`vfork`, `_Fork`, a raw `clone`), which shares or copied its parent's
 /// region and must not write into it.

@@ -162,3 +162,67 @@ fn the_programs_heap_holds_nothing_of_ours() {
         ours - bare
     );
 }
+
+/// Records `tests/programs/fork_thread.c` in `mode` at 1000 Hz; the run's directory.
+fn record_fork_thread(mode: &str) -> Recording {
+    let scratch = scratch_dir(&format!("thread_free_fork_{mode}"));
+    let exe = compile("fork_thread.c", &["-O1", "-g", "-pthread"], &scratch);
+    let recording = {
+        let _cpu = cpu_lock();
+        record(&scratch, HZ, &exe, &[mode])
+    };
+    assert_eq!(
+        (recording.output.code, recording.output.stdout_text().trim()),
+        (0, "child=0"),
+        "fork_thread {mode} failed:\n{}",
+        recording.output.stderr_text()
+    );
+    recording
+}
+
+/// A library's fork handler that starts a thread in the child (from inside `fork`, while the
+/// handlers run) starts ours there first: the child has a profile of its own with its
+/// thread's samples, and the parent's holds its own `main_burn` and nothing of the child's.
+#[test]
+fn a_fork_handler_that_starts_a_thread_gets_the_child_profiled() {
+    let recording = record_fork_thread("atfork");
+    let parent = recording.cpu_profile();
+    let (main, _) = samples_in(&parent, "main_burn", &[]);
+    let (stray, _) = samples_in(&parent, "child_burn", &[]);
+    assert!(
+        main >= most_of(0.8) && stray == 0,
+        "the parent's profile holds {main} ns in main_burn (about 0.8 s) and {stray} ns in the \
+         child's child_burn (none)\n{}",
+        parent.describe()
+    );
+    let children = anyprof_tests::other_process_files(&recording.dir, "cpu");
+    assert_eq!(children.len(), 1, "one child profile: {children:?}");
+    let child = anyprof_tests::read_profile_in(
+        &recording.dir,
+        children[0].file_name().unwrap().to_str().unwrap(),
+        &recording.output,
+    );
+    let (thread, _) = samples_in(&child, "child_burn", &[]);
+    assert!(
+        thread >= most_of(0.3),
+        "the child's profile holds {thread} ns in child_burn (about 0.3 s)\n{}",
+        child.describe()
+    );
+}
+
+/// A child made with `_Fork` runs none of the fork handlers, ours neither, so it still shares
+/// its parent's region with the collector: it steps aside. Its thread's samples must not land
+/// in the parent's profile (before, 0.3 s of `child_burn` did, as if the parent had run it).
+#[test]
+fn a_fork_without_handlers_leaves_the_parents_profile_alone() {
+    let recording = record_fork_thread("_Fork");
+    let parent = recording.cpu_profile();
+    let (main, _) = samples_in(&parent, "main_burn", &[]);
+    let (stray, _) = samples_in(&parent, "child_burn", &[]);
+    assert!(
+        main >= most_of(0.8) && stray == 0,
+        "the parent's profile holds {main} ns in main_burn (about 0.8 s) and {stray} ns in the \
+         _Fork child's child_burn (none)\n{}",
+        parent.describe()
+    );
+}
