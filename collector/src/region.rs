@@ -1093,8 +1093,14 @@ fn run(
 ) -> (End, u64) {
     let shared = attached.shared();
     let mut interval = MIN_INTERVAL_MS;
-    let mut names = ThreadNames::default();
-    let mut rss = Rss::default();
+    let mut applier = Applier {
+        attached,
+        session,
+        names: ThreadNames::default(),
+        rss: Rss::default(),
+        trace_mem,
+        log,
+    };
     let mut live = LiveRead::default();
     let mut buf = vec![0u8; MAX_MESSAGE];
     loop {
@@ -1107,10 +1113,10 @@ fn run(
             } else {
                 RSS_IDLE
             };
-            rss.refresh(&attached.process, every);
+            applier.rss.refresh(&attached.process, every);
         }
         if link.channel.replaced.load(Ordering::Acquire) {
-            return (End::Replaced, rss.last);
+            return (End::Replaced, applier.rss.last);
         }
         // An image that exec'd (superseded) writes no more: read it to the end as if gone.
         let gone = gone || link.channel.superseded.load(Ordering::Acquire);
@@ -1127,13 +1133,13 @@ fn run(
                     if let Ok(mut s) = session.lock() {
                         s.error = Some(e.to_string());
                     }
-                    return (End::Broken, rss.last);
+                    return (End::Broken, applier.rss.last);
                 }
             };
             read += 1;
             let msg = buf.get(..len).unwrap_or(&[]);
-            if !apply_one(msg, attached, session, &mut names, &mut rss, trace_mem, log) {
-                return (End::Broken, rss.last);
+            if !applier.apply(msg) {
+                return (End::Broken, applier.rss.last);
             }
             // After the end, read everything (the process writes no more); before it, let
             // the loop come round to tell the process we are here.
@@ -1150,16 +1156,16 @@ fn run(
                                 .into(),
                         );
                     }
-                    return (End::Broken, rss.last);
+                    return (End::Broken, applier.rss.last);
                 }
             }
         }
         let live_read = link.channel.read_live.load(Ordering::Relaxed)
             && shared.header.drainer.load(Ordering::Acquire) == DRAINER_COLLECTOR;
         if !gone && live_read {
-            match live.read(attached, session, &mut names, &mut rss, trace_mem, log) {
+            match live.read(&mut applier) {
                 Some(n) => read += n,
-                None => return (End::Broken, rss.last),
+                None => return (End::Broken, applier.rss.last),
             }
         }
         shared
@@ -1167,12 +1173,12 @@ fn run(
             .collector_seen_ms
             .store(monotonic_ms(), Ordering::Release);
         if gone {
-            return (End::Gone, rss.last);
+            return (End::Gone, applier.rss.last);
         }
         if shared.header.finished.load(Ordering::Acquire) == FINISHED
             && message_ring_empty(&shared.messages)
         {
-            return (End::Finished, rss.last);
+            return (End::Finished, applier.rss.last);
         }
         interval = if read > 0 {
             MIN_INTERVAL_MS
@@ -1186,87 +1192,101 @@ fn run(
     }
 }
 
-/// Decodes one message and folds it into the session; false if the session must end (its
-/// error says why).
-fn apply_one(
-    bytes: &[u8],
-    attached: &Attached,
-    session: &SharedSession,
-    names: &mut ThreadNames,
-    rss: &mut Rss,
+/// What folding a message into a session needs: the process, its session, and what the pump
+/// keeps for it between messages.
+struct Applier<'a> {
+    attached: &'a Attached,
+    session: &'a SharedSession,
+    names: ThreadNames,
+    rss: Rss,
     trace_mem: bool,
-    log: &mut dyn FnMut(Option<u32>, Level, &str),
-) -> bool {
-    let mut msg = match wire::decode(bytes) {
-        Ok(msg) => msg,
-        Err(e) => {
-            if let Ok(mut s) = session.lock() {
-                s.error = Some(e.to_string());
-            }
-            return false;
-        }
-    };
-    let mut tids = Vec::new();
-    match &mut msg {
-        Message::MemStats(m) => {
-            // The process no longer reads /proc/self/statm (it would open a descriptor). One
-            // that has just exited has no RSS left: its last reading stands then.
-            rss.refresh(&attached.process, Duration::ZERO);
-            if rss.last > 0 {
-                let rss = rss.last;
-                let at = MemStat::RssBytes as usize;
-                if m.fields.len() <= at {
-                    m.fields.resize(at + 1, 0);
+    log: &'a mut dyn FnMut(Option<u32>, Level, &str),
+}
+
+impl Applier<'_> {
+    /// Decodes one message and folds it into the session; false if the session must end (its
+    /// error says why).
+    fn apply(&mut self, bytes: &[u8]) -> bool {
+        let Applier {
+            attached,
+            session,
+            names,
+            rss,
+            trace_mem,
+            log,
+        } = self;
+        let (attached, session, trace_mem) = (*attached, *session, *trace_mem);
+        let mut msg = match wire::decode(bytes) {
+            Ok(msg) => msg,
+            Err(e) => {
+                if let Ok(mut s) = session.lock() {
+                    s.error = Some(e.to_string());
                 }
-                if let Some(f) = m.fields.get_mut(at) {
-                    *f = rss;
+                return false;
+            }
+        };
+        let mut tids = Vec::new();
+        match &mut msg {
+            Message::MemStats(m) => {
+                // The process no longer reads /proc/self/statm (it would open a descriptor). One
+                // that has just exited has no RSS left: its last reading stands then.
+                rss.refresh(&attached.process, Duration::ZERO);
+                if rss.last > 0 {
+                    let rss = rss.last;
+                    let at = MemStat::RssBytes as usize;
+                    if m.fields.len() <= at {
+                        m.fields.resize(at + 1, 0);
+                    }
+                    if let Some(f) = m.fields.get_mut(at) {
+                        *f = rss;
+                    }
                 }
             }
+            Message::CpuSamples(samples) => {
+                tids = samples.iter().map(|s| s.tid).collect();
+                tids.sort_unstable();
+                tids.dedup();
+            }
+            _ => {}
         }
-        Message::CpuSamples(samples) => {
-            tids = samples.iter().map(|s| s.tid).collect();
-            tids.sort_unstable();
-            tids.dedup();
-        }
-        _ => {}
-    }
-    let Ok(mut s) = session.lock() else {
-        return false;
-    };
-    let pid = s.pid();
-    if let (true, Message::MemStats(new)) = (trace_mem, &mut msg) {
-        // As the session will keep it (so that a repeated report reads as one).
-        crate::ingest::keep_peaks(s.mem_stats.as_ref(), s.live_peak_seen, new);
-        let since = s.connected_at.map_or(0.0, |t| t.elapsed().as_secs_f64());
-        // The final flush may repeat the report just sent: an identical report within half a
-        // second of the last line says nothing new (an idle program still gets its line every
-        // second).
-        let repeat =
-            s.mem_stats.as_ref() == Some(new) && s.mem_trace_at.is_some_and(|at| since - at < 0.5);
-        if !repeat {
-            let line = crate::summary::mem_trace_line(s.mem_stats.as_ref(), new, since);
-            eprintln!("anyprof[{}]: {line}", pid.unwrap_or(0));
-            s.mem_trace_at = Some(since);
-        }
-    }
-    s.apply(msg, &mut |level, text| log(pid, level, text));
-    if let Some(why) = s.over_limits() {
-        s.error = Some(why);
-        return false;
-    }
-    drop(s);
-    // Thread names are read by us from /proc (the process would need a descriptor).
-    for (tid, name) in names.due(&attached.process, &tids) {
         let Ok(mut s) = session.lock() else {
             return false;
         };
-        if s.thread_names.get(&tid).map(String::as_bytes) != Some(name.as_slice()) {
-            s.apply(Message::ThreadName(tid, name), &mut |level, text| {
-                log(pid, level, text)
-            });
+        let pid = s.pid();
+        if let (true, Message::MemStats(new)) = (trace_mem, &mut msg) {
+            // As the session will keep it (so that a repeated report reads as one).
+            crate::ingest::keep_peaks(s.mem_stats.as_ref(), s.live_peak_seen, new);
+            let since = s.connected_at.map_or(0.0, |t| t.elapsed().as_secs_f64());
+            // The final flush may repeat the report just sent: an identical report within half a
+            // second of the last line says nothing new (an idle program still gets its line every
+            // second).
+            let repeat = s.mem_stats.as_ref() == Some(new)
+                && s.mem_trace_at.is_some_and(|at| since - at < 0.5);
+            if !repeat {
+                let line = crate::summary::mem_trace_line(s.mem_stats.as_ref(), new, since);
+                eprintln!("anyprof[{}]: {line}", pid.unwrap_or(0));
+                s.mem_trace_at = Some(since);
+            }
         }
+        s.apply(msg, &mut |level, text| log(pid, level, text));
+        if let Some(why) = s.over_limits() {
+            s.error = Some(why);
+            return false;
+        }
+        drop(s);
+        // Thread names are read by us from /proc (the process would need a descriptor).
+        for (tid, name) in names.due(&attached.process, &tids) {
+            let Ok(mut s) = session.lock() else {
+                return false;
+            };
+            if s.thread_names.get(&tid).map(String::as_bytes) != Some(name.as_slice()) {
+                s.apply(Message::ThreadName(tid, name), &mut |level, text| {
+                    log(pid, level, text)
+                });
+            }
+        }
+        true
     }
-    true
 }
 
 /// How often the live read takes the allocator's totals (for the peak), and sends counters.
@@ -1295,15 +1315,8 @@ impl Default for LiveRead {
 
 impl LiveRead {
     /// One turn; the number of messages applied, or `None` if the session must end.
-    fn read(
-        &mut self,
-        attached: &Attached,
-        session: &SharedSession,
-        names: &mut ThreadNames,
-        rss: &mut Rss,
-        trace_mem: bool,
-        log: &mut dyn FnMut(Option<u32>, Level, &str),
-    ) -> Option<usize> {
+    fn read(&mut self, applier: &mut Applier<'_>) -> Option<usize> {
+        let (attached, session) = (applier.attached, applier.session);
         let shared = attached.shared();
         let mut messages: Vec<Vec<u8>> = Vec::new();
         crate::death_read::live::samples(shared, &mut |m| {
@@ -1329,7 +1342,7 @@ impl LiveRead {
                     shared,
                     &pages,
                     last.as_ref(),
-                    rss.last,
+                    applier.rss.last,
                     &mut |m| {
                         messages.push(m.to_vec());
                         true
@@ -1338,7 +1351,7 @@ impl LiveRead {
             }
         }
         for m in &messages {
-            if !apply_one(m, attached, session, names, rss, trace_mem, log) {
+            if !applier.apply(m) {
                 return None;
             }
         }
