@@ -397,7 +397,7 @@ pub fn after_fork_in_child() {
         return;
     };
     crate::region::reset_for_child();
-    alloc::live::clear_in_child();
+    alloc::live::start_child_generation();
     note_own_pid();
     renew_hello();
     drain::report_everything_again();

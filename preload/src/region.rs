@@ -149,7 +149,7 @@ pub fn into_memfd() -> Result<Fd, RegionError> {
 /// counters (each thread's slot is owned through a pointer in its thread block, so the
 /// slots must stay as they are): no samples, counters, rings or heap buckets of its parent
 /// (the child's heap profile holds what it allocates itself; see
-/// [`crate::alloc::live::clear_in_child`]). Only the resident pages of the allocator slots
+/// [`crate::alloc::live::start_child_generation`]). Only the resident pages of the allocator slots
 /// are copied, so a fork costs little however big the parent's heap profile grew.
 pub fn into_memfd_for_child() -> Result<Fd, RegionError> {
     let base = address() as usize;

@@ -7,7 +7,7 @@
 //! `extern "C"` function: it cannot unwind, so the fast path needs no landing pad and
 //! reaches it by a tail jump, with no frame of its own. A sampled small block is promoted
 //! to a 4 KiB block (jemalloc promotes its sampled small allocations likewise), so that
-//! `free` of a small block never looks it up ([`promote_if_small`]).
+//! `free` of a small block never looks it up ([`track`]).
 
 use core::ffi::c_void;
 
@@ -119,12 +119,14 @@ impl Origin {
         }
     }
 
-    /// Its alignment, and whether its contents must be kept; None if it cannot move.
-    fn how_to_move(self) -> Option<(usize, bool)> {
-        if self.0 == 0 {
-            return None;
-        }
-        Some((self.0 & !Self::KEEP_BIT, self.0 & Self::KEEP_BIT != 0))
+    /// The alignment to move it with; None if it cannot move.
+    fn alignment(self) -> Option<usize> {
+        (self.0 != 0).then_some(self.0 & !Self::KEEP_BIT)
+    }
+
+    /// Whether its contents are the program's already and must move with it.
+    fn keeps_contents(self) -> bool {
+        self.0 & Self::KEEP_BIT != 0
     }
 }
 
@@ -247,46 +249,65 @@ extern "C" fn maybe_sample(
     if flags & FLAG_TRUNCATED != 0 && flags & FLAG_NO_STACK_BOUNDS == 0 && n < MAX_FRAMES {
         unwind::request_catch_up();
     }
-    let block = match promote_if_small(p, origin) {
-        Some(block) => match buckets::intern(frames.get(..n).unwrap_or(&[]), usable) {
-            Some(bucket) => {
-                buckets::add_alloc(bucket, usable);
-                if !live::insert(block, bucket, usable) {
-                    count_lost(LOST_LIVE_TABLE);
-                }
-                block
-            }
-            None => {
-                count_lost(LOST_BUCKETS);
-                block
-            }
-        },
-        // Out of memory for the promoted block, or a block that cannot move: the sample
-        // is given up (an untracked small block must stay out of the live table).
-        None => {
-            count_lost(LOST_LIVE_TABLE);
-            p
-        }
-    };
+    let block = track(p, origin, frames.get(..n).unwrap_or(&[]), usable);
     drop(internal);
     sys::set_errno(errno);
     block
 }
 
-/// The block a sample of `p` is tracked at: `p` itself, or, while small blocks are
-/// untracked ([`small_blocks_untracked`]) and `p` is a small glibc block, a new block of
-/// [`PROMOTED_BYTES`] with `p`'s alignment (and contents, when they are the program's),
-/// `p` being freed. None if the sample must be given up. The program may use no more of
-/// the new block than it asked for; `malloc_usable_size` reports `p`'s size
-/// ([`malloc_usable_size`]), and its free is counted with `p`'s size.
-fn promote_if_small(p: *mut c_void, origin: Origin) -> Option<*mut c_void> {
-    if !small_blocks_untracked() || !real::glibc_header_readable() {
-        return Some(p);
-    }
-    let Some(chunk) = real::glibc_small_chunk(real::glibc_size_field(p), SMALL_LIMIT) else {
-        return Some(p);
+/// Records a sample of block `p` (`usable` bytes, allocated at `frames`) and returns the block
+/// it is tracked at: `p` itself, or, while small blocks are untracked
+/// ([`small_blocks_untracked`]) and `p` is a small glibc block, a new block of
+/// [`PROMOTED_BYTES`] with `p`'s alignment (and contents, when they are the program's), `p`
+/// being freed. The program may use no more of the new block than it asked for;
+/// `malloc_usable_size` reports `p`'s size ([`malloc_usable_size`]), and its free is counted
+/// with `p`'s size. When the sample cannot be recorded whole (no bucket, no room in the live
+/// table, no memory for the new block, a block that cannot move), nothing of it is, and `p`
+/// is returned untracked: a small block then stays small, as the free fast path expects.
+fn track(p: *mut c_void, origin: Origin, frames: &[u64], usable: u64) -> *mut c_void {
+    let Some(bucket) = buckets::intern(frames, usable) else {
+        count_lost(LOST_BUCKETS);
+        return p;
     };
-    let (align, keep) = origin.how_to_move()?;
+    let small = small_blocks_untracked()
+        && real::glibc_header_readable()
+        && real::glibc_small_chunk(real::glibc_size_field(p), SMALL_LIMIT).is_some();
+    let block = if small {
+        match promoted_block(origin) {
+            Some(q) => q,
+            None => {
+                count_lost(LOST_LIVE_TABLE);
+                return p;
+            }
+        }
+    } else {
+        p
+    };
+    if !live::insert(block, bucket, usable) {
+        count_lost(LOST_LIVE_TABLE);
+        if block != p {
+            real::free_glibc(block);
+        }
+        return p;
+    }
+    if block != p {
+        if origin.keeps_contents() {
+            // SAFETY: `p` and `block` are distinct live blocks; `p` has `usable` bytes (a
+            // small block's, below PROMOTED_BYTES), which `block` has room for.
+            unsafe {
+                core::ptr::copy_nonoverlapping(p as *const u8, block as *mut u8, usable as usize)
+            };
+        }
+        real::free_glibc(p);
+    }
+    buckets::add_alloc(bucket, usable);
+    block
+}
+
+/// A new block of [`PROMOTED_BYTES`] for a sampled small block allocated as `origin` says,
+/// whose glibc chunk is not small; None if there is no memory or the block cannot move.
+fn promoted_block(origin: Origin) -> Option<*mut c_void> {
+    let align = origin.alignment()?;
     let q = real::memalign(align, PROMOTED_BYTES);
     if q.is_null() {
         return None;
@@ -296,12 +317,6 @@ fn promote_if_small(p: *mut c_void, origin: Origin) -> Option<*mut c_void> {
         real::free_glibc(q);
         return None;
     }
-    if keep {
-        // SAFETY: `p` and `q` are distinct live blocks; `p` has `chunk - 8` usable bytes,
-        // fewer than `q`'s PROMOTED_BYTES.
-        unsafe { core::ptr::copy_nonoverlapping(p as *const u8, q as *mut u8, chunk - 8) };
-    }
-    real::free_glibc(p);
     Some(q)
 }
 
@@ -365,9 +380,11 @@ fn usable_size_guarded(p: *mut c_void) -> u64 {
 #[cold]
 #[inline(never)]
 fn forget_sampled(p: *mut c_void) -> Option<u64> {
-    let (bucket, size) = live::remove(p)?;
-    buckets::add_free(bucket, size);
-    Some(size)
+    let sampled = live::remove(p)?;
+    if let Some(bucket) = sampled.bucket() {
+        buckets::add_free(bucket, sampled.size());
+    }
+    Some(sampled.size())
 }
 
 /// `malloc`.
@@ -408,7 +425,11 @@ extern "C" fn free_not_fast(b: &ThreadBlock, p: *mut c_void) {
     }
     match counters::own_slot(b) {
         Some(slot) => {
-            counters::upgrade(b);
+            // Nothing to gain when only the free path is closed because small blocks are
+            // tracked (a rate below PROMOTE_MIN_RATE): that does not change.
+            if b.fast.get() & counters::FAST_ALLOC == 0 || small_blocks_untracked() {
+                counters::upgrade(b);
+            }
             free_any_allocator(slot, p)
         }
         None => free_without_slot(b, p),
@@ -463,10 +484,15 @@ pub fn realloc(old: *mut c_void, size: usize) -> *mut c_void {
     let p = real::realloc(old, size);
     if p.is_null() && size != 0 {
         // Failed: the old block is still live, and still sampled.
-        if let Some((bucket, sz)) = sampled {
+        if let Some(sampled) = sampled {
             let errno = sys::errno();
-            if !live::insert(old, bucket, sz) {
+            if !live::reinsert(old, sampled) {
+                // Cannot happen short of another thread filling the slot just freed. It
+                // leaves the table: count it as freed at its recorded size and allocated
+                // again at its real one, so that the counters stay balanced.
                 count_lost(LOST_LIVE_TABLE);
+                counters::on_free(b, sampled.size());
+                counters::on_alloc(b, real::usable_size_of_live(old) as u64);
             }
             sys::set_errno(errno);
         }
@@ -475,9 +501,11 @@ pub fn realloc(old: *mut c_void, size: usize) -> *mut c_void {
     // Counted with the size it was counted with when allocated (a promoted block's is its
     // recorded size); a realloc to 0 has freed it.
     let old_usable = match sampled {
-        Some((bucket, sz)) => {
-            buckets::add_free(bucket, sz);
-            sz
+        Some(sampled) => {
+            if let Some(bucket) = sampled.bucket() {
+                buckets::add_free(bucket, sampled.size());
+            }
+            sampled.size()
         }
         None => old_usable,
     };

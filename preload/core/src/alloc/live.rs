@@ -35,22 +35,57 @@ const MAX_PROBES: usize = 128;
 
 const EMPTY: u64 = 0;
 const TOMBSTONE: u64 = 1;
+/// An entry's value: the process generation it was sampled in (bits 56..), its bucket
+/// (bits 40..56; buckets are fewer than 2^16) and its size (bits 0..40).
 const SIZE_BITS: u32 = 40;
+const BUCKET_BITS: u32 = 16;
+const GENERATION_SHIFT: u32 = SIZE_BITS + BUCKET_BITS;
+const _: () = assert!(anyprof_wire::shared::BUCKETS <= 1 << BUCKET_BITS);
+
+/// The process generation: 0 in the process that loaded us, one more in each forked child
+/// that profiles itself. A child starts with an empty heap profile (its bucket table is new)
+/// but keeps its parent's entries: their frees no longer go to a bucket, but they are still
+/// counted with the size they were counted with when allocated (a promoted block is larger
+/// than that; see [`super::hooks`]).
+static GENERATION: AtomicU8 = AtomicU8::new(0);
+
+/// What the table holds for a sampled pointer.
+#[derive(Clone, Copy)]
+pub struct Sampled(u64);
+
+impl Sampled {
+    fn new(bucket: u32, size: u64) -> Sampled {
+        let generation = u64::from(GENERATION.load(Ordering::Relaxed));
+        Sampled(
+            (generation << GENERATION_SHIFT)
+                | (u64::from(bucket) & ((1 << BUCKET_BITS) - 1)) << SIZE_BITS
+                | size.min((1 << SIZE_BITS) - 1),
+        )
+    }
+
+    /// Its bucket, if it was sampled in this process (not inherited across a fork).
+    pub fn bucket(self) -> Option<u32> {
+        let generation = (self.0 >> GENERATION_SHIFT) as u8;
+        (generation == GENERATION.load(Ordering::Relaxed))
+            .then_some(((self.0 >> SIZE_BITS) & ((1 << BUCKET_BITS) - 1)) as u32)
+    }
+
+    /// Its size when it was sampled.
+    pub fn size(self) -> u64 {
+        self.0 & ((1 << SIZE_BITS) - 1)
+    }
+}
 
 struct Entry {
     key: AtomicU64,
     value: AtomicU64,
 }
 
-/// The table and the filter, page-aligned and a whole number of pages, so that a forked
-/// child can drop its parent's entries at once ([`clear_in_child`]).
-#[repr(C, align(4096))]
+/// The table and the filter.
 struct Live {
     table: [Entry; CAPACITY],
     counters: [AtomicU8; FILTER],
 }
-
-const _: () = assert!(core::mem::size_of::<Live>().is_multiple_of(4096));
 
 static LIVE: Live = Live {
     table: [const {
@@ -62,41 +97,13 @@ static LIVE: Live = Live {
     counters: [const { AtomicU8::new(0) }; FILTER],
 };
 
-/// In a forked child (one thread): forgets every pointer its parent sampled. The child's
-/// heap profile starts empty (the cdylib's `region::into_memfd_for_child`), so the frees of
-/// the parent's blocks are not its business. The pages are replaced by fresh zero pages
-/// (no copy, and the parent's copies are no longer shared with it); if that fails, the
-/// entries are cleared one by one.
-pub fn clear_in_child() {
-    let base = core::ptr::addr_of!(LIVE) as *mut libc::c_void;
-    let size = core::mem::size_of::<Live>();
-    // SAFETY: LIVE is page-aligned and a whole number of pages (assert above), so these
-    // pages hold nothing else; all-zero is its initial state (EMPTY keys, zero counters),
-    // and the calling process has a single thread, so no reference into it is in use.
-    let got = unsafe {
-        libc::mmap(
-            base,
-            size,
-            libc::PROT_READ | libc::PROT_WRITE,
-            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_FIXED,
-            -1,
-            0,
-        )
-    };
-    if got == base {
-        return;
-    }
-    for e in LIVE.table.iter() {
-        if e.key.load(Ordering::Relaxed) != EMPTY {
-            e.key.store(EMPTY, Ordering::Relaxed);
-            e.value.store(0, Ordering::Relaxed);
-        }
-    }
-    for c in LIVE.counters.iter() {
-        if c.load(Ordering::Relaxed) != 0 {
-            c.store(0, Ordering::Relaxed);
-        }
-    }
+/// In a forked child (one thread) that profiles itself: its parent's entries stay (see
+/// [`GENERATION`]), but no longer belong to a bucket of its own.
+pub fn start_child_generation() {
+    GENERATION.store(
+        GENERATION.load(Ordering::Relaxed).wrapping_add(1),
+        Ordering::Relaxed,
+    );
 }
 
 #[inline(always)]
@@ -120,6 +127,12 @@ pub fn may_contain(p: *mut core::ffi::c_void) -> bool {
 /// Remembers sampled pointer `p` of `size` bytes in bucket `bucket`. False if the table
 /// has no room near its slot (the caller counts the loss).
 pub fn insert(p: *mut core::ffi::c_void, bucket: u32, size: u64) -> bool {
+    reinsert(p, Sampled::new(bucket, size))
+}
+
+/// Puts back what [`remove`] took for `p` (a `realloc` that failed). False if there is no
+/// room.
+pub fn reinsert(p: *mut core::ffi::c_void, sampled: Sampled) -> bool {
     let key = p as u64;
     if key <= TOMBSTONE {
         return false;
@@ -135,10 +148,7 @@ pub fn insert(p: *mut core::ffi::c_void, bucket: u32, size: u64) -> bool {
                 .compare_exchange(cur, key, Ordering::AcqRel, Ordering::Relaxed)
                 .is_ok()
         {
-            e.value.store(
-                (u64::from(bucket) << SIZE_BITS) | size.min((1 << SIZE_BITS) - 1),
-                Ordering::Release,
-            );
+            e.value.store(sampled.0, Ordering::Release);
             let c = counter(key);
             let _ = c.fetch_update(Ordering::AcqRel, Ordering::Relaxed, |v| v.checked_add(1));
             return true;
@@ -147,8 +157,8 @@ pub fn insert(p: *mut core::ffi::c_void, bucket: u32, size: u64) -> bool {
     false
 }
 
-/// Forgets `p` if it was sampled; returns its bucket and size.
-pub fn remove(p: *mut core::ffi::c_void) -> Option<(u32, u64)> {
+/// Forgets `p` if it was sampled; returns what the table held for it.
+pub fn remove(p: *mut core::ffi::c_void) -> Option<Sampled> {
     let key = p as u64;
     let start = (mix(key) as usize) % CAPACITY;
     for probe in 0..MAX_PROBES {
@@ -173,7 +183,7 @@ pub fn remove(p: *mut core::ffi::c_void) -> Option<(u32, u64)> {
                     v.checked_sub(1)
                 }
             });
-            return Some(((value >> SIZE_BITS) as u32, value & ((1 << SIZE_BITS) - 1)));
+            return Some(Sampled(value));
         }
     }
     None
@@ -190,7 +200,7 @@ pub fn size_of(p: *mut core::ffi::c_void) -> Option<u64> {
             return None;
         }
         if cur == key {
-            return Some(e.value.load(Ordering::Acquire) & ((1 << SIZE_BITS) - 1));
+            return Some(Sampled(e.value.load(Ordering::Acquire)).size());
         }
     }
     None

@@ -22,7 +22,9 @@ const NEVER: i64 = 1 << 32;
 /// Re-arms the countdown and says whether this allocation is a sample.
 #[cold]
 pub fn on_countdown_expired(b: &ThreadBlock) -> bool {
-    let rate = RATE.load(Ordering::Relaxed);
+    // Acquire: what `hooks::start_sampling` stored before the rate (whether small blocks are
+    // promoted) is seen by the sample this rate starts.
+    let rate = RATE.load(Ordering::Acquire);
     if rate == 0 {
         b.bytes_until_sample.set(NEVER);
         return false;

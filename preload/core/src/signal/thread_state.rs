@@ -116,8 +116,12 @@ impl Drop for Internal {
 #[inline(always)]
 pub fn enter_internal() -> u8 {
     let b = tls::current();
+    // The flag first: a signal handler that runs between the two stores finds it set, so its
+    // own guard does not reopen the fast paths on its way out.
+    let was = b.internal.replace(1);
+    core::sync::atomic::compiler_fence(core::sync::atomic::Ordering::SeqCst);
     b.fast.set(0);
-    b.internal.replace(1)
+    was
 }
 
 /// Puts the re-entrancy flag back to `was`, reopening the fast paths when it is clear.
@@ -125,6 +129,8 @@ pub fn enter_internal() -> u8 {
 pub fn leave_internal(was: u8) {
     let b = tls::current();
     b.internal.set(was);
+    // The flag first, as in `enter_internal`.
+    core::sync::atomic::compiler_fence(core::sync::atomic::Ordering::SeqCst);
     if was == 0 {
         crate::alloc::counters::refresh_fast(b);
     }
