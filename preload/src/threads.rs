@@ -53,6 +53,10 @@ pub fn record_stack_bounds() {
 }
 
 fn record_stack_bounds_inner() {
+    if let Some((lo, hi)) = initial_thread_stack() {
+        note_stack_bounds(lo, hi);
+        return;
+    }
     // SAFETY: a zeroed pthread_attr_t is filled by pthread_getattr_np before use.
     let mut attr: libc::pthread_attr_t = unsafe { core::mem::zeroed() };
     // SAFETY: `attr` is valid; pthread_self() is the calling thread.
@@ -67,15 +71,63 @@ fn record_stack_bounds_inner() {
     unsafe { libc::pthread_attr_destroy(&mut attr) };
     if ok && !addr.is_null() {
         let lo = addr as u64;
-        let hi = lo.saturating_add(size as u64);
-        thread_state::set_stack_bounds(lo, hi);
-        let tid = thread_state::tid();
-        // try_lock: never wait here (this runs at thread start, possibly in a forked child).
-        if let Ok(mut all) = STACKS.try_lock() {
-            all.retain(|(t, _, _)| *t != tid);
-            all.push((tid, lo, hi));
-        }
+        note_stack_bounds(lo, lo.saturating_add(size as u64));
     }
+}
+
+fn note_stack_bounds(lo: u64, hi: u64) {
+    thread_state::set_stack_bounds(lo, hi);
+    let tid = thread_state::tid();
+    // try_lock: never wait here (this runs at thread start, possibly in a forked child).
+    if let Ok(mut all) = STACKS.try_lock() {
+        all.retain(|(t, _, _)| *t != tid);
+        all.push((tid, lo, hi));
+    }
+}
+
+/// The bounds of the process's initial stack if the calling thread runs on it, found as
+/// glibc's `pthread_getattr_np` finds them — the page above `__libc_stack_end`, and what
+/// `RLIMIT_STACK` leaves below it, no lower than the mapping before — but read with our own
+/// allocator: glibc's reads `/proc/self/maps` through a `FILE`, whose buffers it took from
+/// the program's heap before `main`. None on any other stack.
+fn initial_thread_stack() -> Option<(u64, u64)> {
+    unsafe extern "C" {
+        /// The initial stack's top as the kernel left it (exported by the dynamic loader).
+        static __libc_stack_end: *mut c_void;
+    }
+    // SAFETY: a pointer-sized variable the loader sets before any constructor runs.
+    let stack_end = unsafe { __libc_stack_end } as u64;
+    let page = 4096u64;
+    let hi = (stack_end & !(page - 1)) + page;
+    let maps = std::fs::read_to_string("/proc/self/maps").ok()?;
+    let mut previous_end = 0u64;
+    let mut lo = None;
+    for line in maps.lines() {
+        let (start, end) = line.split_whitespace().next()?.split_once('-')?;
+        let start = u64::from_str_radix(start, 16).ok()?;
+        let end = u64::from_str_radix(end, 16).ok()?;
+        if (start..end).contains(&stack_end) {
+            let mut limit = libc::rlimit {
+                rlim_cur: 0,
+                rlim_max: 0,
+            };
+            // SAFETY: a valid out-pointer.
+            if unsafe { libc::getrlimit(libc::RLIMIT_STACK, &mut limit) } != 0 {
+                return None;
+            }
+            // What the limit leaves below `hi` (the mapping holds the environment above it),
+            // in whole pages, and no lower than the mapping before.
+            let size = (limit.rlim_cur.saturating_sub(end.saturating_sub(hi)) & !(page - 1))
+                .min(hi.saturating_sub(previous_end));
+            lo = Some(hi - size);
+            break;
+        }
+        previous_end = end;
+    }
+    let lo = lo?;
+    let marker = 0u8;
+    let here = core::ptr::addr_of!(marker) as u64;
+    (lo..hi).contains(&here).then_some((lo, hi))
 }
 
 /// Every thread's stack bounds, by tid, for unwinding a thread from outside it.
