@@ -183,21 +183,27 @@ fn record_fork_thread(mode: &str) -> Recording {
     recording
 }
 
+/// The parent's profile of a `fork_thread` run holds its own `main_burn` (about 0.8 s) and
+/// nothing of its child's `child_burn`.
+fn assert_parent_alone(recording: &Recording) {
+    let parent = recording.cpu_profile();
+    let (main, _) = samples_in(&parent, "main_burn", &[]);
+    let (stray, _) = samples_in(&parent, "child_burn", &[]);
+    assert!(
+        main >= most_of(0.8) && stray == 0,
+        "the parent's profile holds {main} ns in main_burn (about 0.8 s) and {stray} ns in its \
+         child's child_burn (none)\n{}",
+        parent.describe()
+    );
+}
+
 /// A library's fork handler that starts a thread in the child (from inside `fork`, while the
 /// handlers run) starts ours there first: the child has a profile of its own with its
 /// thread's samples, and the parent's holds its own `main_burn` and nothing of the child's.
 #[test]
 fn a_fork_handler_that_starts_a_thread_gets_the_child_profiled() {
     let recording = record_fork_thread("atfork");
-    let parent = recording.cpu_profile();
-    let (main, _) = samples_in(&parent, "main_burn", &[]);
-    let (stray, _) = samples_in(&parent, "child_burn", &[]);
-    assert!(
-        main >= most_of(0.8) && stray == 0,
-        "the parent's profile holds {main} ns in main_burn (about 0.8 s) and {stray} ns in the \
-         child's child_burn (none)\n{}",
-        parent.describe()
-    );
+    assert_parent_alone(&recording);
     let children = anyprof_tests::other_process_files(&recording.dir, "cpu");
     assert_eq!(children.len(), 1, "one child profile: {children:?}");
     let child = anyprof_tests::read_profile_in(
@@ -218,14 +224,5 @@ fn a_fork_handler_that_starts_a_thread_gets_the_child_profiled() {
 /// in the parent's profile (before, 0.3 s of `child_burn` did, as if the parent had run it).
 #[test]
 fn a_fork_without_handlers_leaves_the_parents_profile_alone() {
-    let recording = record_fork_thread("_Fork");
-    let parent = recording.cpu_profile();
-    let (main, _) = samples_in(&parent, "main_burn", &[]);
-    let (stray, _) = samples_in(&parent, "child_burn", &[]);
-    assert!(
-        main >= most_of(0.8) && stray == 0,
-        "the parent's profile holds {main} ns in main_burn (about 0.8 s) and {stray} ns in the \
-         _Fork child's child_burn (none)\n{}",
-        parent.describe()
-    );
+    assert_parent_alone(&record_fork_thread("_Fork"));
 }

@@ -157,53 +157,43 @@ pub fn reinsert(p: *mut core::ffi::c_void, sampled: Sampled) -> bool {
     false
 }
 
-/// Forgets `p` if it was sampled; returns what the table held for it.
-pub fn remove(p: *mut core::ffi::c_void) -> Option<Sampled> {
-    let key = p as u64;
+/// The table entry of sampled pointer `p`, if it is there.
+fn entry_of(key: u64) -> Option<&'static Entry> {
     let start = (mix(key) as usize) % CAPACITY;
     for probe in 0..MAX_PROBES {
         let e = LIVE.table.get((start + probe) % CAPACITY)?;
-        let cur = e.key.load(Ordering::Acquire);
-        if cur == EMPTY {
-            return None;
-        }
-        if cur == key {
-            let value = e.value.load(Ordering::Acquire);
-            if e.key
-                .compare_exchange(key, TOMBSTONE, Ordering::AcqRel, Ordering::Relaxed)
-                .is_err()
-            {
-                return None;
-            }
-            let c = counter(key);
-            let _ = c.fetch_update(Ordering::AcqRel, Ordering::Relaxed, |v| {
-                if v == u8::MAX {
-                    None
-                } else {
-                    v.checked_sub(1)
-                }
-            });
-            return Some(Sampled(value));
+        match e.key.load(Ordering::Acquire) {
+            EMPTY => return None,
+            cur if cur == key => return Some(e),
+            _ => {}
         }
     }
     None
 }
 
+/// Forgets `p` if it was sampled; returns what the table held for it.
+pub fn remove(p: *mut core::ffi::c_void) -> Option<Sampled> {
+    let key = p as u64;
+    let e = entry_of(key)?;
+    let value = e.value.load(Ordering::Acquire);
+    e.key
+        .compare_exchange(key, TOMBSTONE, Ordering::AcqRel, Ordering::Relaxed)
+        .ok()?;
+    let c = counter(key);
+    let _ = c.fetch_update(Ordering::AcqRel, Ordering::Relaxed, |v| {
+        if v == u8::MAX {
+            None
+        } else {
+            v.checked_sub(1)
+        }
+    });
+    Some(Sampled(value))
+}
+
 /// The recorded size of sampled pointer `p`, if it is in the table.
 pub fn size_of(p: *mut core::ffi::c_void) -> Option<u64> {
-    let key = p as u64;
-    let start = (mix(key) as usize) % CAPACITY;
-    for probe in 0..MAX_PROBES {
-        let e = LIVE.table.get((start + probe) % CAPACITY)?;
-        let cur = e.key.load(Ordering::Acquire);
-        if cur == EMPTY {
-            return None;
-        }
-        if cur == key {
-            return Some(Sampled(e.value.load(Ordering::Acquire)).size());
-        }
-    }
-    None
+    let e = entry_of(p as u64)?;
+    Some(Sampled(e.value.load(Ordering::Acquire)).size())
 }
 
 /// Bytes the table and filter occupy at most.
