@@ -330,11 +330,14 @@ fn on_free(p: *mut c_void) {
     }
     match counters::own_slot(b) {
         Some(slot) => counters::count_owned(slot, size_at_free(p), false),
-        None => {
-            if accounting() {
-                counters::on_free(b, size_at_free_guarded(p));
-            }
-        }
+        None => count_free_without_slot(b, p),
+    }
+}
+
+/// Counts the free of block `p` by a thread without a slot of its own, if accounting is on.
+fn count_free_without_slot(b: &ThreadBlock, p: *mut c_void) {
+    if accounting() {
+        counters::on_free(b, size_at_free_guarded(p));
     }
 }
 
@@ -343,12 +346,7 @@ fn on_free(p: *mut c_void) {
 /// the program asked for); it is forgotten here, so this runs once, before the real free.
 #[inline(always)]
 fn size_at_free(p: *mut c_void) -> u64 {
-    if live::may_contain(p) {
-        if let Some(size) = forget_sampled(p) {
-            return size;
-        }
-    }
-    real::usable_size_of_live(p) as u64
+    forget_if_sampled(p).unwrap_or_else(|| real::usable_size_of_live(p) as u64)
 }
 
 /// [`size_at_free`] for a thread without a slot, whose allocator may not be set up yet
@@ -356,12 +354,7 @@ fn size_at_free(p: *mut c_void) -> u64 {
 #[cold]
 #[inline(never)]
 fn size_at_free_guarded(p: *mut c_void) -> u64 {
-    if live::may_contain(p) {
-        if let Some(size) = forget_sampled(p) {
-            return size;
-        }
-    }
-    usable_size_guarded(p)
+    forget_if_sampled(p).unwrap_or_else(|| usable_size_guarded(p))
 }
 
 /// The usable size of live block `p`, asked with the re-entrancy flag set: before our
@@ -376,15 +369,28 @@ fn usable_size_guarded(p: *mut c_void) -> u64 {
     real::usable_size_of_live(p) as u64
 }
 
-/// Forgets sampled block `p`: its free goes to its bucket. Its recorded size, if it was one.
+/// Forgets block `p` if it was sampled; its recorded size then.
+#[inline(always)]
+fn forget_if_sampled(p: *mut c_void) -> Option<u64> {
+    if !live::may_contain(p) {
+        return None;
+    }
+    forget_sampled(p)
+}
+
 #[cold]
 #[inline(never)]
 fn forget_sampled(p: *mut c_void) -> Option<u64> {
-    let sampled = live::remove(p)?;
+    live::remove(p).map(freed)
+}
+
+/// A sampled block, just taken out of the live table, is freed: its free goes to its bucket
+/// (if it was sampled in this process). Its recorded size.
+fn freed(sampled: live::Sampled) -> u64 {
     if let Some(bucket) = sampled.bucket() {
         buckets::add_free(bucket, sampled.size());
     }
-    Some(sampled.size())
+    sampled.size()
 }
 
 /// `malloc`.
@@ -448,9 +454,7 @@ extern "C" fn free_any_allocator(slot: &'static anyprof_wire::shared::AllocSlot,
 #[cold]
 #[inline(never)]
 extern "C" fn free_without_slot(b: &ThreadBlock, p: *mut c_void) {
-    if accounting() {
-        counters::on_free(b, size_at_free_guarded(p));
-    }
+    count_free_without_slot(b, p);
     real::free(p);
 }
 
@@ -500,16 +504,7 @@ pub fn realloc(old: *mut c_void, size: usize) -> *mut c_void {
     }
     // Counted with the size it was counted with when allocated (a promoted block's is its
     // recorded size); a realloc to 0 has freed it.
-    let old_usable = match sampled {
-        Some(sampled) => {
-            if let Some(bucket) = sampled.bucket() {
-                buckets::add_free(bucket, sampled.size());
-            }
-            sampled.size()
-        }
-        None => old_usable,
-    };
-    counters::on_free(b, old_usable);
+    counters::on_free(b, sampled.map_or(old_usable, freed));
     if p.is_null() {
         return p;
     }
