@@ -91,6 +91,12 @@ fn note_stack_bounds(lo: u64, hi: u64) {
 /// allocator: glibc's reads `/proc/self/maps` through a `FILE`, whose buffers it took from
 /// the program's heap before `main`. None on any other stack.
 fn initial_thread_stack() -> Option<(u64, u64)> {
+    // Only the initial thread (its tid is the pid) may run there. Any other thread starts
+    // while the program's threads run, and must not open a descriptor they could see.
+    // SAFETY: getpid cannot fail.
+    if thread_state::tid() != unsafe { libc::getpid() } as u32 {
+        return None;
+    }
     unsafe extern "C" {
         /// The initial stack's top as the kernel left it (exported by the dynamic loader).
         static __libc_stack_end: *mut c_void;
