@@ -253,7 +253,8 @@ pub fn run(args: RecordArgs) -> Result<ExitCode> {
     // From here on SIGINT and SIGTERM mean "stop" (see `forward_signals`).
     CHILD_PID.store(0, Ordering::SeqCst);
     PROGRAM_ENDED.store(true, Ordering::SeqCst);
-    // The warming thread finishes the module it is in while the last messages arrive.
+    // The warming thread finishes the module it is in while the last messages arrive, or
+    // drops it if no sample points into it.
     warm_stop.store(true, Ordering::SeqCst);
     warm.thread().unpark();
     if let Some((stop, handle)) = &snapshots {

@@ -12,6 +12,7 @@
 
 use std::cell::OnceCell;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use crate::debug_file::{self, DebugFile};
 use crate::demangle::demangle;
@@ -37,11 +38,14 @@ pub(crate) struct LoadedObject {
 }
 
 impl LoadedObject {
-    /// Opens the object at `path`. `build_id` is the id the caller expects, or empty.
+    /// Opens the object at `path`. `build_id` is the id the caller expects, or empty. Once
+    /// `abandon` is set, the rest of the DWARF is not loaded (see [`Dwarf::load`]): the object
+    /// then has none, and must not be kept as if that were the whole answer.
     pub(crate) fn open(
         path: &Path,
         build_id: &[u8],
         debug_dirs: &[PathBuf],
+        abandon: &AtomicBool,
     ) -> Result<LoadedObject, Miss> {
         let map = MappedFile::open(path).map_err(|err| match err {
             MapError::NotAFile => Miss::NoFile,
@@ -66,7 +70,9 @@ impl LoadedObject {
             mini: OnceCell::new(),
             asked_debuginfod: None,
         };
-        loaded.load_dwarf(path, debug, debug_dirs);
+        if !abandon.load(Ordering::Relaxed) {
+            loaded.load_dwarf(path, debug, debug_dirs, abandon);
+        }
         Ok(loaded)
     }
 
@@ -78,11 +84,17 @@ impl LoadedObject {
         debug: DebugFile,
         debug_dirs: &[PathBuf],
     ) {
-        self.load_dwarf(path, Some(debug), debug_dirs);
+        self.load_dwarf(path, Some(debug), debug_dirs, &AtomicBool::new(false));
     }
 
     /// Loads the DWARF of `debug` if it has some, else the object's own.
-    fn load_dwarf(&mut self, path: &Path, debug: Option<DebugFile>, debug_dirs: &[PathBuf]) {
+    fn load_dwarf(
+        &mut self,
+        path: &Path,
+        debug: Option<DebugFile>,
+        debug_dirs: &[PathBuf],
+        abandon: &AtomicBool,
+    ) {
         let dwarf_source = match &debug {
             Some(debug) if debug.facts.has_dwarf => {
                 Some((debug.path.as_path(), &debug.map, &debug.facts))
@@ -101,7 +113,7 @@ impl LoadedObject {
             if dwarf_path != path {
                 packages.push(with_dwp_suffix(path));
             }
-            Dwarf::load(dwarf_map, supplementary.as_ref(), packages)
+            Dwarf::load(dwarf_map, supplementary.as_ref(), packages, abandon)
         });
         self.dwarf = dwarf;
         self.debug = debug.map(|debug| Image::new(debug.map));

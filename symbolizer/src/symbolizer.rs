@@ -9,6 +9,7 @@
 use std::cmp::Reverse;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
 
 use crate::access::{self, Access};
@@ -158,19 +159,24 @@ impl Symbolizer {
         access: Option<&Access>,
         batches: &[(ObjectRef<'_>, &[A])],
     ) -> Vec<Vec<Symbolized>> {
-        self.run(access, batches, true)
+        self.run(access, batches, true, &AtomicBool::new(false))
     }
 
     /// [`Symbolizer::symbolize_many_as`] without asking debuginfod: what the local files
     /// answer. For work done ahead (opening the objects a process loaded, in case a sample
     /// points into them later), so that nothing is downloaded for an object no address of
     /// a profile falls in. A later call that symbolizes in it still asks debuginfod.
+    ///
+    /// Work done ahead may turn out not to be needed: once `abandon` is set the call returns
+    /// within one DWARF section (instead of after inflating and indexing every one), its
+    /// answers are worthless, and an object it did not finish opening is not cached.
     pub fn symbolize_many_locally_as<A: Copy + Into<FileAddress> + Sync>(
         &mut self,
         access: Option<&Access>,
         batches: &[(ObjectRef<'_>, &[A])],
+        abandon: &AtomicBool,
     ) -> Vec<Vec<Symbolized>> {
-        self.run(access, batches, false)
+        self.run(access, batches, false, abandon)
     }
 
     fn run<A: Copy + Into<FileAddress> + Sync>(
@@ -178,6 +184,7 @@ impl Symbolizer {
         access: Option<&Access>,
         batches: &[(ObjectRef<'_>, &[A])],
         fetch: bool,
+        abandon: &AtomicBool,
     ) -> Vec<Vec<Symbolized>> {
         let access = access.filter(|a| !a.is_own());
         let mut answers: Vec<Vec<Symbolized>> = vec![Vec::new(); batches.len()];
@@ -226,7 +233,8 @@ impl Symbolizer {
                 if job.loaded.is_none() {
                     let opened = match rights_for(access) {
                         Ok(_rights) => panics::catch(|| {
-                            LoadedObject::open(job.object.path, job.object.build_id, debug_dirs)
+                            let path = job.object.path;
+                            LoadedObject::open(path, job.object.build_id, debug_dirs, abandon)
                         })
                         .unwrap_or_else(Err),
                         Err(miss) => {
@@ -236,6 +244,8 @@ impl Symbolizer {
                         }
                     };
                     job.loaded = Some(opened);
+                    // Perhaps opened only in part: the next call opens it again.
+                    job.uncached |= abandon.load(Ordering::Relaxed);
                 }
                 job
             })

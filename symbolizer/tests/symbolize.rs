@@ -129,6 +129,27 @@ fn c_function_has_name_file_and_lines() {
 }
 
 #[test]
+fn work_ahead_that_is_abandoned_is_not_kept() {
+    use std::sync::atomic::AtomicBool;
+    let dir = TempDir::new("abandoned");
+    let prog = build_c(&dir, "prog", &[]);
+    let leaf = symbol(&prog, "leaf");
+    let addresses = [leaf.address];
+    let request = [(object(&prog), &addresses[..])];
+    let mut symbolizer = Symbolizer::new();
+    // Abandoned before it starts: the DWARF is not read, so no line comes back ...
+    let abandoned = symbolizer.symbolize_many_locally_as(None, &request, &AtomicBool::new(true));
+    let has_line = |answers: &[Vec<Symbolized>]| match &answers[0][0] {
+        Symbolized::Frames(f) => f.iter().any(|f| f.line.is_some()),
+        Symbolized::Miss(_) => false,
+    };
+    assert!(!has_line(&abandoned), "an abandoned open read the DWARF");
+    // ... and the object opened in part is not cached as if it had none.
+    let later = symbolizer.symbolize_many_as(None, &request);
+    assert!(has_line(&later), "the abandoned open was kept: {later:?}");
+}
+
+#[test]
 fn cpp_inline_chain_is_innermost_first_and_demangled() {
     let dir = TempDir::new("cpp-inline");
     let prog = build_cpp(&dir, "prog");

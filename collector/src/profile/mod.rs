@@ -39,6 +39,9 @@ pub struct Locator {
     own: HashMap<u32, u64>,
     /// The location of [`ANYPROF_FRAME`] in each of them, once made.
     own_locations: HashMap<u32, u64>,
+    /// The location of each address, once made: stacks share most of their frames, and
+    /// making one hashes and copies every name of its inline chain.
+    locations: HashMap<RuntimeAddress, u64>,
 }
 
 impl Locator {
@@ -94,6 +97,7 @@ impl Locator {
             mapping_ids,
             own,
             own_locations: HashMap::new(),
+            locations: HashMap::new(),
         }
     }
 
@@ -142,13 +146,19 @@ impl Locator {
 
     /// The location id of `address` (from [`StackKind::lookup_addresses`]).
     fn location(&mut self, b: &mut ProfileBuilder, address: RuntimeAddress) -> u64 {
-        let r = self.resolved.get(&address).cloned().unwrap_or_default();
+        if let Some(&id) = self.locations.get(&address) {
+            return id;
+        }
+        let r = self.resolved.get(&address);
         let mapping = r
-            .module
+            .and_then(|r| r.module)
             .and_then(|id| self.mapping_ids.get(&id))
             .copied()
             .unwrap_or(0);
-        b.location(mapping, address, &r.lines)
+        let lines = r.map_or(&[][..], |r| &r.lines[..]);
+        let id = b.location(mapping, address, lines);
+        self.locations.insert(address, id);
+        id
     }
 }
 
