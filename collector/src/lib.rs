@@ -9,9 +9,11 @@
 //! turns addresses into frames through `anyprof-symbolizer`, [`profile`] builds pprof
 //! profiles from sessions, [`pprof`] encodes them, [`output`] writes files and [`summary`]
 //! prints the top list; [`offline`] adds names later to a profile written without them
-//! (`anyprof symbolize`). The binary (`anyprof`, `src/main.rs`) is a thin CLI over this
+//! (`anyprof symbolize`); [`attach`] profiles a process that runs without the library, from
+//! perf events, into the same sessions (`anyprof attach`). The binary (`anyprof`, `src/main.rs`) is a thin CLI over this
 //! library; the library is public so that the end-to-end tests decode what the binary wrote
 //! with the same types.
+pub mod attach;
 pub mod collect;
 pub mod death_read;
 pub mod ingest;

@@ -7,6 +7,7 @@ use std::process::ExitCode;
 
 use clap::Parser;
 
+mod attach_cmd;
 mod oom;
 mod record;
 mod symbolize_cmd;
@@ -20,6 +21,9 @@ enum Cli {
     /// Run the host daemon: preloaded processes connect to it, and it serves
     /// net/http/pprof endpoints for each of them.
     Serve(anyprof::serve::ServeArgs),
+    /// CPU-profile running processes that were started without the profiler (perf
+    /// events; they are not stopped or restarted), into one pprof file.
+    Attach(attach_cmd::AttachArgs),
     /// Add function names, files, lines and inline frames to a profile written with
     /// --no-symbolize, where the binaries or their debug files are.
     Symbolize(symbolize_cmd::SymbolizeArgs),
@@ -31,6 +35,7 @@ fn main() -> ExitCode {
         Cli::Record(args) => record::run(args),
         Cli::Serve(args) => anyprof::serve::run(args),
         Cli::Symbolize(args) => symbolize_cmd::run(args),
+        Cli::Attach(args) => attach_cmd::run(args),
     };
     match result {
         Ok(code) => code,
