@@ -104,6 +104,25 @@ impl Peer {
         })
     }
 
+    /// The credentials of process `pid` as `/proc/PID/status` gives them (effective uid
+    /// and gid, supplementary groups), for a process that did not connect (`anyprof attach`);
+    /// `None` if it cannot be read.
+    pub fn of_process(pid: u32) -> Option<Peer> {
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+        let effective = |key: &str| -> Option<u32> {
+            let line = status.lines().find_map(|l| l.strip_prefix(key))?;
+            line.split_whitespace().nth(1)?.parse().ok()
+        };
+        let (uid, gid) = (effective("Uid:")?, effective("Gid:")?);
+        Some(Peer {
+            pid,
+            uid,
+            gid,
+            groups: supplementary_groups(pid, uid, gid),
+            start_time: start_time(pid),
+        })
+    }
+
     /// Whether the process that connected still runs under its pid. A connection can
     /// outlive its process (a child made with `clone` and no `CLONE_VM` keeps the socket);
     /// once the pid is reused, the session must not be shown as that new process's.

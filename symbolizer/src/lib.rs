@@ -160,7 +160,7 @@ pub use address::{FileAddress, FileOffset, RuntimeAddress};
 pub use debuginfod::{DebuginfodConfig, DAEMON_MAX_TIME};
 pub use miss::Miss;
 pub use symbolized::{Frame, Symbolized};
-pub use symbolizer::{DebugSources, ObjectRef, Symbolizer};
+pub use symbolizer::{with_file_as, DebugSources, ObjectRef, Symbolizer};
 
 #[cfg(test)]
 mod tests {

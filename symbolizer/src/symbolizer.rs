@@ -299,6 +299,25 @@ impl Symbolizer {
     }
 }
 
+/// Runs `read` on the bytes of the file at `path`, opened as this crate opens every file
+/// (see [`crate::mmap`]: no blocking open, regular files only, a file its user may change
+/// read rather than mapped) with the rights of `access` (see [`crate::access`]; `None` for our
+/// own). For a caller that reads a process's objects for itself: `anyprof attach` takes the
+/// unwind tables of the process's modules, which must not come from a file its user could
+/// not read.
+pub fn with_file_as<T>(
+    access: Option<&Access>,
+    path: &Path,
+    read: impl FnOnce(&[u8]) -> T,
+) -> Result<T, Miss> {
+    let _rights = rights_for(access.filter(|a| !a.is_own()))?;
+    let map = crate::mmap::MappedFile::open(path).map_err(|err| match err {
+        crate::mmap::MapError::NotAFile => Miss::NoFile,
+        crate::mmap::MapError::Io(err) => Miss::FileUnreadable(err.to_string()),
+    })?;
+    Ok(read(map.bytes()))
+}
+
 /// Takes the rights of `access` on this thread until the guard is dropped (nothing to take
 /// for `None`), or the miss to answer when that is refused.
 fn rights_for(access: Option<&Access>) -> Result<Option<access::Rights>, Miss> {

@@ -224,17 +224,30 @@ struct Worker {
 
 impl Worker {
     fn start(setup: &Setup, as_nobody: bool, label: &str) -> Worker {
+        Worker::spawn(setup, as_nobody, true, label)
+    }
+
+    /// A `serve_worker` started without the preload (nothing of ours in it).
+    fn start_bare(setup: &Setup, as_nobody: bool, label: &str) -> Worker {
+        Worker::spawn(setup, as_nobody, false, label)
+    }
+
+    fn spawn(setup: &Setup, as_nobody: bool, preloaded: bool, label: &str) -> Worker {
         let mut cmd = if as_nobody {
             let mut cmd = clean_command(AS_NOBODY[0]);
             cmd.args(&AS_NOBODY[1..]).arg("env");
-            cmd.arg(format!("LD_PRELOAD={}", setup.preload.display()))
-                .arg(format!("ANYPROF_SOCKET={}", setup.socket().display()))
-                .arg(&setup.worker);
+            if preloaded {
+                cmd.arg(format!("LD_PRELOAD={}", setup.preload.display()))
+                    .arg(format!("ANYPROF_SOCKET={}", setup.socket().display()));
+            }
+            cmd.arg(&setup.worker);
             cmd
         } else {
             let mut cmd = clean_command(&setup.worker);
-            cmd.env("LD_PRELOAD", &setup.preload)
-                .env("ANYPROF_SOCKET", setup.socket());
+            if preloaded {
+                cmd.env("LD_PRELOAD", &setup.preload)
+                    .env("ANYPROF_SOCKET", setup.socket());
+            }
             cmd
         };
         let stderr_path = setup.scratch.join(format!("{label}.stderr"));
@@ -1016,4 +1029,101 @@ fn one_long_request_of_each_kind_per_process() {
     assert_eq!(reply.status, 200, "the profile cut short\n{}", reply.show());
     drop(workers);
     drop(daemon);
+}
+
+// ---------------------------------------------------------------------------------------
+// Attaching to processes that are not preloaded
+// ---------------------------------------------------------------------------------------
+
+/// `/debug/pprof/profile?pid=P` of a process started without the preload attaches to it
+/// with perf events, by the rule of `--attach`: by default (`own`) a user profiles the
+/// processes it could ptrace and nothing else, root none; `any` lets root profile every
+/// process; `off` none. A process the requester may not profile answers like an unknown pid.
+#[test]
+fn the_daemon_attaches_only_to_processes_the_requester_could_ptrace() {
+    let Some(setup) = Setup::new("serve_attach") else {
+        return;
+    };
+    let nobodys = Worker::start_bare(&setup, true, "nobody_bare");
+    let roots = Worker::start_bare(&setup, false, "root_bare");
+    let profile_of = |pid: u32| format!("/debug/pprof/profile?seconds=1&pid={pid}");
+    let assert_profile = |reply: &Reply, what: &str| {
+        assert_eq!(reply.status, 200, "{what}\n{}", reply.show());
+        let profile = anyprof::pprof::decode(&reply.body)
+            .unwrap_or_else(|e| panic!("{what}: not a profile: {e:#}"));
+        let view = anyprof_tests::ProfileView::new(profile);
+        assert!(
+            view.cumulative_samples().contains_key("serve_hot_spin"),
+            "{what}: no samples in serve_hot_spin\n{}",
+            view.describe()
+        );
+    };
+
+    let daemon = on_loopback(&setup, "attach_own", &[]);
+    let port = daemon.port;
+    let own = get_as_nobody(&setup, port, &profile_of(nobodys.pid), None);
+    assert_profile(
+        &own,
+        "nobody's profile of its own process that is not preloaded",
+    );
+    let index = get_as_nobody(
+        &setup,
+        port,
+        &format!("/debug/pprof/?pid={}", nobodys.pid),
+        None,
+    );
+    assert_status(
+        &index,
+        200,
+        "not preloaded",
+        "nobody's index of its own process",
+    );
+    let roots_by_nobody = get_as_nobody(&setup, port, &profile_of(roots.pid), None);
+    assert_status(
+        &roots_by_nobody,
+        404,
+        "unknown pid",
+        "nobody asked for a profile of root's process",
+    );
+    let by_root = get(port, &profile_of(nobodys.pid));
+    assert_status(&by_root, 403, "--attach any", "root, without --attach any");
+    drop(daemon);
+
+    let daemon = on_loopback(&setup, "attach_any", &["--attach", "any"]);
+    assert_profile(
+        &get(daemon.port, &profile_of(nobodys.pid)),
+        "root's profile of nobody's process with --attach any",
+    );
+    let roots_by_nobody = get_as_nobody(&setup, daemon.port, &profile_of(roots.pid), None);
+    assert_status(
+        &roots_by_nobody,
+        404,
+        "unknown pid",
+        "nobody, with --attach any",
+    );
+    // go tool pprof reads it over HTTP (CI installs Go: a missing one is a failure).
+    let home = setup.scratch.join("home");
+    std::fs::create_dir_all(&home).expect("creating a HOME for go");
+    let url = format!(
+        "http://127.0.0.1:{}/debug/pprof/profile?pid={}",
+        daemon.port, nobodys.pid
+    );
+    let go = clean_command("go")
+        .args(["tool", "pprof", "-top", "-seconds", "1", &url])
+        .env("HOME", &home)
+        .env("PPROF_TMPDIR", &setup.scratch)
+        .output()
+        .expect("running go tool pprof (install golang-go)");
+    let top = String::from_utf8_lossy(&go.stdout);
+    assert!(
+        go.status.success() && top.contains("serve_hot_spin"),
+        "go tool pprof -top {url}: {}\n{top}{}",
+        go.status,
+        String::from_utf8_lossy(&go.stderr)
+    );
+    drop(daemon);
+
+    let daemon = on_loopback(&setup, "attach_off", &["--attach", "off"]);
+    let own = get_as_nobody(&setup, daemon.port, &profile_of(nobodys.pid), None);
+    assert_status(&own, 404, "unknown pid", "nobody, with --attach off");
 }

@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 use anyprof_wire::{Counter, Hello, TimerKind, FLAG_TRUNCATED};
 use perf_event::data::Record;
 
-use crate::ingest::{Session, StackKey, StackTotals};
+use crate::ingest::{Peer, Session, StackKey, StackTotals};
 use events::{OpenError, ProcessEvents};
 use modules::ModuleSet;
 use unwind::StackUnwinder;
@@ -157,6 +157,9 @@ fn attach(pid: u32, hz: u32, processes: usize, realtime: u64) -> anyhow::Result<
         .map_err(|e| anyhow::anyhow!("cannot read this machine's online CPUs: {e}"))?;
     let (exe, cmdline) = procfs::exe_and_cmdline(pid);
     let mut session = Session {
+        // Its files are read, and its names looked up, with its own rights (see
+        // symbolize::resolve_all): a profile of it names nothing its user could not read.
+        peer: Peer::of_process(pid),
         hello: Some(Hello {
             pid,
             ppid: 0,
@@ -221,7 +224,8 @@ impl Target {
     /// Reads the mappings not seen yet into the profile's modules and the unwinder.
     fn read_maps(&mut self) {
         self.maps_read_at = Instant::now();
-        for mapped in self.modules.new_mappings(self.pid) {
+        let access = self.session.peer.as_ref().map(Peer::access);
+        for mapped in self.modules.new_mappings(self.pid, access.as_ref()) {
             if let Some(unwind) = mapped.unwind {
                 self.unwinder.add_module(unwind);
             }

@@ -6,6 +6,7 @@
 use std::collections::HashMap;
 
 use anyhow::{Context, Result};
+use anyprof_symbolizer::Access;
 use anyprof_wire::Module;
 use framehop::ExplicitModuleSectionInfo;
 use object::{Object, ObjectSection, ObjectSegment};
@@ -22,13 +23,16 @@ pub struct Mapped {
     pub unwind: Option<UnwindModule>,
 }
 
-/// Reads what the profile and the unwinder need of `mapping` of process `pid`; `id` is the
-/// module's id in the profile.
-pub fn read(pid: u32, mapping: &ExecMapping, id: u32) -> Result<Mapped> {
+/// Reads what the profile and the unwinder need of `mapping` of process `pid`, opening the
+/// file with `access`'s rights (the process's own); `id` is the module's id in the profile.
+pub fn read(pid: u32, mapping: &ExecMapping, id: u32, access: Option<&Access>) -> Result<Mapped> {
     let path = procfs::file_of(pid, &mapping.path);
-    let data = read_regular_file(&path).with_context(|| format!("reading {}", path.display()))?;
-    let file = object::File::parse(&*data)
-        .with_context(|| format!("{} is not an ELF file", path.display()))?;
+    anyprof_symbolizer::with_file_as(access, &path, |data| describe(mapping, id, data))
+        .map_err(|miss| anyhow::anyhow!("{}: {miss}", path.display()))?
+}
+
+fn describe(mapping: &ExecMapping, id: u32, data: &[u8]) -> Result<Mapped> {
+    let file = object::File::parse(data).context("not an ELF file")?;
     let build_id = file.build_id().ok().flatten().unwrap_or_default().to_vec();
     // The segment the mapping's file offset falls in: its addresses in the file are
     // p_vaddr - p_offset + (file offset), wherever the loader put it.
@@ -81,27 +85,6 @@ pub fn read(pid: u32, mapping: &ExecMapping, id: u32) -> Result<Mapped> {
     Ok(Mapped { module, unwind })
 }
 
-/// The most of a file read: far above any real executable or library.
-const MAX_FILE_BYTES: u64 = 4 << 30;
-
-/// The bytes of a regular file: a device mapped executable (or anything that is not a plain
-/// file) is refused rather than read without end, and nothing blocks in the open.
-fn read_regular_file(path: &std::path::Path) -> std::io::Result<Vec<u8>> {
-    use std::io::Read;
-    use std::os::unix::fs::OpenOptionsExt;
-    let mut file = std::fs::OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY)
-        .open(path)?;
-    let meta = file.metadata()?;
-    if !meta.is_file() || meta.len() > MAX_FILE_BYTES {
-        return Err(std::io::Error::other("not a regular file of a sane size"));
-    }
-    let mut data = Vec::with_capacity(meta.len() as usize);
-    file.read_to_end(&mut data)?;
-    Ok(data)
-}
-
 /// The modules of one process seen so far: those mapped now, and those unmapped since (old
 /// samples may point into them).
 #[derive(Default)]
@@ -111,9 +94,9 @@ pub struct ModuleSet {
 }
 
 impl ModuleSet {
-    /// The mappings of `pid` not seen before, read (see [`read`]); a file that cannot be read
-    /// is warned about once and left out.
-    pub fn new_mappings(&mut self, pid: u32) -> Vec<Mapped> {
+    /// The mappings of `pid` not seen before, read (see [`read`]) with `access`'s rights; a
+    /// file that cannot be read is warned about once and left out.
+    pub fn new_mappings(&mut self, pid: u32, access: Option<&Access>) -> Vec<Mapped> {
         let Ok(mappings) = procfs::exec_mappings(pid) else {
             return Vec::new();
         };
@@ -125,7 +108,7 @@ impl ModuleSet {
             let id = self.next_id;
             self.next_id += 1;
             self.known.insert(m.clone(), id);
-            match read(pid, &m, id) {
+            match read(pid, &m, id, access) {
                 Ok(mapped) => out.push(mapped),
                 Err(err) => eprintln!(
                     "anyprof: {}: its frames are left unwound and unnamed: {err:#}",

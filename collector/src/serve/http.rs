@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 use anyprof_symbolizer::Symbolizer;
 use anyprof_wire::Command;
 
-use super::access::Viewer;
+use super::access::{self, Viewer};
 use crate::collect::{Collector, ProcessInfo};
 use crate::ingest::Session;
 use crate::profile;
@@ -32,6 +32,22 @@ pub struct State {
     max_seconds: u64,
     /// Set when the daemon ends: long requests stop waiting and answer with what they have.
     stopping: AtomicBool,
+    /// Whose requests may profile a process that is not preloaded.
+    attach: AttachPolicy,
+}
+
+/// Whose requests may CPU-profile a process that runs without the preload, by attaching to
+/// it with perf events (`--attach`). The rule: a local user may profile the processes it
+/// could ptrace, as it sees preloaded ones ([`crate::serve::access::may_trace`]); root and
+/// token holders, who see every preloaded process, attach to others only where configured.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum AttachPolicy {
+    /// Only preloaded processes are profiled.
+    Off,
+    /// A local user's requests attach to the processes that user could ptrace.
+    Own,
+    /// As `own`, and root's and token holders' requests attach to every process.
+    Any,
 }
 
 impl State {
@@ -44,7 +60,14 @@ impl State {
             next_dump: AtomicU32::new(1),
             max_seconds,
             stopping: AtomicBool::new(false),
+            attach: AttachPolicy::Own,
         }
+    }
+
+    /// The same state with attach policy `policy`.
+    pub fn attaching(mut self, policy: AttachPolicy) -> State {
+        self.attach = policy;
+        self
     }
 
     /// Ends the long requests in progress early (they answer with what they have) and stops
@@ -454,6 +477,18 @@ fn index(state: &Ctx, pid: Option<u32>) -> Reply {
         }
         out.push_str("</td></tr>\n");
     }
+    // A process that is not preloaded, which the requester may profile by attaching: its
+    // CPU profile is all there is.
+    if let Some(pid) = pid.filter(|&p| !processes.iter().any(|c| c.pid == p)) {
+        may_attach(state, pid)?;
+        let cmdline = crate::attach::procfs::exe_and_cmdline(pid).1;
+        let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+        out.push_str(&format!(
+            "<tr><td>{pid}</td><td>{} (not preloaded: CPU profile only, with perf events)</td>\
+             <td><a href=\"/debug/pprof/profile?pid={pid}&seconds=30{token}\">profile</a></td></tr>\n",
+            escape(cmdline.trim_end())
+        ));
+    }
     out.push_str(
         "</table>\n<p>profile: CPU profile (?seconds=N, default 30). heap: live memory; \
                   allocs: all past allocations (same data, other default); both with \
@@ -516,9 +551,59 @@ fn cpu_profile(state: &Ctx, t: &Target) -> Reply {
             .map_err(|_| err(400, format!("seconds={v}: not a whole number of seconds")))?,
     };
     within_max_seconds(state, seconds)?;
+    if let Some(pid) = t
+        .pid
+        .filter(|&pid| state.collector.session_of(pid).is_none())
+    {
+        may_attach(state, pid)?;
+        let _busy = Busy::claim(state, LongKind::Cpu, pid)?;
+        return attach_cpu_profile(state, pid, seconds);
+    }
     let pid = choose_pid(state, t)?;
     let _busy = Busy::claim(state, LongKind::Cpu, pid)?;
     run_cpu_profile(state, pid, seconds)
+}
+
+/// Whether the requester may profile `pid`, which is not preloaded, by attaching to it (see
+/// [`AttachPolicy`]). A process it may not see answers as one that does not exist.
+fn may_attach(state: &Ctx, pid: u32) -> Result<(), HttpError> {
+    let unknown = || {
+        err(
+            404,
+            format!("unknown pid {pid}: no such process is connected to anyprof serve"),
+        )
+    };
+    match (state.attach, state.who.viewer) {
+        (AttachPolicy::Off, _) => Err(unknown()),
+        (_, Viewer::Uid(uid)) if access::may_trace(uid, pid) => Ok(()),
+        (_, Viewer::Uid(_)) => Err(unknown()),
+        (AttachPolicy::Any, Viewer::All) if crate::attach::procfs::is_running(pid) => Ok(()),
+        (AttachPolicy::Any, Viewer::All) => Err(unknown()),
+        (AttachPolicy::Own, Viewer::All) => Err(err(
+            403,
+            format!(
+                "pid {pid} is not preloaded, and this daemon attaches to such processes only                  for the local user who could ptrace them: start anyprof serve with                  --attach any to let root and token holders profile every process"
+            ),
+        )),
+    }
+}
+
+/// `profile` of a process that runs without the preload: perf events for `seconds` (see
+/// [`crate::attach`]), in the same shape as a preloaded process's profile.
+fn attach_cpu_profile(state: &State, pid: u32, seconds: u64) -> Reply {
+    let profiling = crate::attach::start(&[pid], PROFILE_HZ)
+        .map_err(|e| err(500, format!("Could not enable CPU profiling: {e:#}")))?;
+    let attached = profiling.finish(Duration::from_secs(seconds), &state.stopping);
+    let Some(a) = attached.first() else {
+        return Err(err(500, "Could not enable CPU profiling"));
+    };
+    let s = &a.session;
+    let duration = match (s.connected_at, s.closed_at) {
+        (Some(from), Some(to)) => to.duration_since(from),
+        _ => Duration::from_secs(seconds),
+    };
+    let p = profile::cpu::build(s, &mut *symbolizer(state)?, duration.as_nanos() as u64);
+    binary("profile", crate::pprof::encode_gzipped(&p))
 }
 
 fn run_cpu_profile(state: &State, pid: u32, seconds: u64) -> Reply {

@@ -52,6 +52,13 @@ pub struct ServeArgs {
     /// and root may connect
     #[arg(long = "allow-uid", value_name = "UID")]
     pub allow_uid: Vec<u32>,
+    /// Which processes started without the preload `/debug/pprof/profile?pid=P` may attach
+    /// to with perf events (as `anyprof attach` does): `own`, a local user's request profiles
+    /// the processes that user could ptrace, and root's and token holders' requests none;
+    /// `any`, root's and token holders' requests profile every process too; `off`, only
+    /// preloaded processes are profiled
+    #[arg(long, value_enum, value_name = "WHO", default_value_t = http::AttachPolicy::Own)]
+    pub attach: http::AttachPolicy,
     /// Longest CPU profile a request may ask for, in seconds
     #[arg(long, value_name = "SECS", default_value_t = 300)]
     pub max_seconds: u64,
@@ -221,7 +228,8 @@ pub fn run(args: ServeArgs) -> Result<std::process::ExitCode> {
             t.file().display()
         )
     });
-    let state = Arc::new(http::State::new(collector.clone(), args.max_seconds));
+    let state =
+        Arc::new(http::State::new(collector.clone(), args.max_seconds).attaching(args.attach));
     let server = server::Server::start(
         server::Config {
             addr: args.http,
