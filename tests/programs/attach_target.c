@@ -12,9 +12,9 @@
  *     main -> run_rounds -> hot_c            20 %
  *
  * so any window of the run longer than a few milliseconds splits the main thread's CPU
- * time 50/30/20 over them. LATE_MS milliseconds after the start, the program starts one
- * more thread that runs `late_worker` -> `hot_late` until the end: a thread created while a
- * profiler may already be attached.
+ * time 50/30/20 over them. LATE_MS milliseconds after the start (or, with LATE_MS -1, at
+ * the first round after a SIGUSR1), the program starts one more thread that runs
+ * `late_worker` -> `hot_late` until the end: a thread created while a profiler is attached.
  *
  * Built with -O2 -g -fomit-frame-pointer: reaching `main` takes DWARF CFI.
  *
@@ -22,6 +22,7 @@
  * at the end; exits with status 7, so that a test sees the status is the program's own.
  */
 #include <pthread.h>
+#include <signal.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -29,6 +30,12 @@
 
 static volatile uint64_t sink;
 static volatile int stop;
+static volatile sig_atomic_t start_late;
+
+static void on_usr1(int sig) {
+    (void)sig;
+    start_late = 1;
+}
 
 static inline __attribute__((always_inline)) uint64_t step(uint64_t x, uint64_t k) {
     x = x * 6364136223846793005ULL + k;
@@ -89,7 +96,7 @@ __attribute__((noinline, noclone)) static void run_rounds(double seconds, double
             sink = hot_c(20000);
         }
         double t = now() - start;
-        if (!late_started && t >= late) {
+        if (!late_started && (late < 0 ? start_late : t >= late)) {
             if (pthread_create(&late_thread, NULL, late_worker, NULL) != 0) abort();
             late_started = 1;
         }
@@ -104,6 +111,7 @@ int main(int argc, char **argv) {
         fprintf(stderr, "usage: attach_target SECONDS LATE_MS\n");
         return 2;
     }
+    signal(SIGUSR1, on_usr1);
     printf("ready\n");
     fflush(stdout);
     run_rounds(atof(argv[1]), atof(argv[2]) / 1000.0);

@@ -5,7 +5,7 @@
 
 use std::io::{BufRead, BufReader, Read};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Stdio};
+use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyprof_tests::{
@@ -77,6 +77,41 @@ fn attach(pid: u32, hz: u32, out: &Path, extra: &[&str]) -> RunOutput {
     run(&mut cmd)
 }
 
+/// Runs `anyprof attach`, and calls `then` once it said it is profiling.
+fn attach_then(pid: u32, hz: u32, out: &Path, extra: &[&str], then: impl FnOnce()) -> RunOutput {
+    let started = Instant::now();
+    let mut anyprof = clean_command(binaries().anyprof)
+        .arg("attach")
+        .arg(pid.to_string())
+        .args(["--cpu-hz", &hz.to_string(), "-o"])
+        .arg(out)
+        .args(extra)
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("starting anyprof attach");
+    let mut stderr = BufReader::new(anyprof.stderr.take().expect("piped stderr"));
+    let mut first = String::new();
+    stderr
+        .read_line(&mut first)
+        .expect("reading anyprof's stderr");
+    assert!(
+        first.contains("profiling pid"),
+        "anyprof attach did not start: {first}"
+    );
+    then();
+    let mut rest = String::new();
+    stderr
+        .read_to_string(&mut rest)
+        .expect("reading anyprof's stderr");
+    let status = anyprof.wait().expect("waiting for anyprof");
+    RunOutput {
+        code: anyprof_tests::exit_code(status),
+        stdout: Vec::new(),
+        stderr: (first + &rest).into_bytes(),
+        wall: started.elapsed(),
+    }
+}
+
 fn read(path: &Path, output: &RunOutput) -> ProfileView {
     let profile = anyprof::pprof::read_file(path).unwrap_or_else(|e| {
         panic!(
@@ -100,11 +135,16 @@ fn attach_splits_a_running_programs_cpu_and_leaves_it_running() {
     let scratch = scratch_dir("attach_split");
     let exe = build(&scratch);
     let _cpu = cpu_lock();
-    let target = start_target(&exe, "6", "1300");
+    let target = start_target(&exe, "6", "-1");
     let pid = target.pid();
     let out = scratch.join("cpu.pb.gz");
     let started = Instant::now();
-    let output = attach(pid, HZ, &out, &["--seconds", "3"]);
+    // Once anyprof says it is profiling, the target starts its late thread: a thread
+    // created while attached, followed only if the events are inherited.
+    let output = attach_then(pid, HZ, &out, &["--seconds", "3"], || {
+        // SAFETY: kill with the pid of our own child.
+        unsafe { libc::kill(pid as i32, libc::SIGUSR1) };
+    });
     let took = started.elapsed();
     assert_eq!(
         output.code,
@@ -136,6 +176,13 @@ fn attach_splits_a_running_programs_cpu_and_leaves_it_running() {
         .filter(|s| view.num_label(s, "tid") == Some(i64::from(pid)))
         .collect();
     let total: i64 = main_samples.iter().map(|s| view.count(s)).sum();
+    // At most one sample per period of the thread's CPU time: a thread followed twice
+    // (inherited and opened) would show twice as many.
+    let most = (1.1 * f64::from(HZ) * 3.0) as i64;
+    assert!(
+        total <= most,
+        "{total} samples of the main thread in 3 s at {HZ} Hz: more than {most}"
+    );
     assert!(
         total >= 1500,
         "only {total} samples of the main thread in 3 s at {HZ} Hz\n{}",
@@ -172,7 +219,7 @@ fn attach_splits_a_running_programs_cpu_and_leaves_it_running() {
         "only {to_main} of {total} main-thread samples were unwound to main\n{}",
         view.describe()
     );
-    // The thread started 1.3 s after the program (about 1 s into the profile).
+    // The thread started once the profile was under way.
     let late: i64 = view
         .profile
         .sample
@@ -186,7 +233,7 @@ fn attach_splits_a_running_programs_cpu_and_leaves_it_running() {
         .sum();
     assert!(
         late >= 500,
-        "the thread started while attached has {late} samples in hot_late (about 1700 \
+        "the thread started while attached has {late} samples in hot_late (about 2500 \
          expected)\n{}",
         view.describe()
     );
@@ -290,7 +337,15 @@ fn sigterm_ends_attach_early_and_writes_the_profile() {
         .arg(&out)
         .stderr(Stdio::piped());
     let mut anyprof = cmd.spawn().expect("starting anyprof attach");
-    std::thread::sleep(Duration::from_millis(1500));
+    let mut first = String::new();
+    BufReader::new(anyprof.stderr.as_mut().expect("piped stderr"))
+        .read_line(&mut first)
+        .expect("reading anyprof's stderr");
+    assert!(
+        first.contains("profiling pid"),
+        "anyprof attach did not start: {first}"
+    );
+    std::thread::sleep(Duration::from_millis(500));
     // SAFETY: kill with a pid we started.
     unsafe { libc::kill(anyprof.id() as i32, libc::SIGTERM) };
     let stopped = Instant::now();
@@ -320,7 +375,7 @@ fn a_target_that_exits_during_the_profile_gets_what_was_collected() {
     let scratch = scratch_dir("attach_exit");
     let exe = build(&scratch);
     let _cpu = cpu_lock();
-    let target = start_target(&exe, "1", "100000");
+    let target = start_target(&exe, "2", "100000");
     let out = scratch.join("cpu.pb.gz");
     let started = Instant::now();
     let output = attach(target.pid(), HZ, &out, &["--seconds", "30"]);
@@ -328,7 +383,7 @@ fn a_target_that_exits_during_the_profile_gets_what_was_collected() {
     assert_eq!(code, 7);
     assert_eq!(output.code, 0, "{}", output.stderr_text());
     assert!(
-        started.elapsed() < Duration::from_secs(5),
+        started.elapsed() < Duration::from_secs(6),
         "attach did not end with its target"
     );
     assert!(
@@ -356,4 +411,47 @@ fn attach_to_a_missing_pid_says_so() {
         "the error does not say the process does not exist:\n{err}"
     );
     assert_eq!(err.lines().count(), 1, "more than one line:\n{err}");
+}
+
+/// An executable linked with lld (Rust's default linker on x86_64 Linux): its code shares a
+/// page with a read-only segment, so the load bias must come from the executable segment, or
+/// every address is a page off and named wrongly.
+#[test]
+fn attach_names_an_lld_linked_program() {
+    let scratch = scratch_dir("attach_lld");
+    let sysroot = run(Command::new("rustc").args(["--print", "sysroot"])).stdout_text();
+    let gcc_ld = Path::new(sysroot.trim()).join("lib/rustlib/x86_64-unknown-linux-gnu/bin/gcc-ld");
+    assert!(
+        gcc_ld.join("ld.lld").exists(),
+        "no rust-lld at {}",
+        gcc_ld.display()
+    );
+    let b = format!("-B{}", gcc_ld.display());
+    let mut flags = FLAGS.to_vec();
+    flags.extend(["-fuse-ld=lld", b.as_str()]);
+    let exe = compile("attach_target.c", &flags, &scratch);
+    let _cpu = cpu_lock();
+    let target = start_target(&exe, "3", "100000");
+    let out = scratch.join("cpu.pb.gz");
+    let output = attach(target.pid(), HZ, &out, &["--seconds", "1"]);
+    assert_eq!(output.code, 0, "{}", output.stderr_text());
+    target.finish();
+    let view = read(&out, &output);
+    let total = view.total_samples();
+    let cumulative = view.cumulative_samples();
+    // About 1000 samples: a share's spread is at most 1.6 points, so 5 is over 3 of them.
+    for &(function, expected) in SHARES {
+        let share = 100.0 * cumulative.get(function).copied().unwrap_or(0) as f64 / total as f64;
+        assert!(
+            (share - expected).abs() <= 5.0,
+            "{function}: {share:.1} % of {total} samples, expected {expected} % ± 5\n{}",
+            view.describe()
+        );
+    }
+    let to_main = cumulative.get("main").copied().unwrap_or(0);
+    assert!(
+        to_main as f64 >= 0.95 * total as f64,
+        "only {to_main} of {total} samples reach main\n{}",
+        view.describe()
+    );
 }

@@ -26,23 +26,29 @@ pub const STACK_BYTES: u32 = 32 * 1024;
 /// samples of up to 32 KiB arrive on it between two reads, 10 ms apart.
 const RING_BYTES: usize = 4 << 20;
 
-/// The smallest ring: two samples with a full stack copy.
-const MIN_RING_BYTES: usize = 64 << 10;
+/// The smallest ring: a few samples with a full stack copy (32 KiB and a little each).
+const MIN_RING_BYTES: usize = 128 << 10;
 
-/// The ring size for `rings` rings: an unprivileged user may lock only
-/// `kernel.perf_event_mlock_kb` (516 KiB by default) for all its perf rings, and a mapping
-/// beyond it is refused; samples that do not fit a smaller ring are counted as lost.
-fn ring_bytes(rings: usize) -> usize {
+/// All the rings of a privileged run together: 4 MiB for each of 256 CPUs would pin 1 GiB.
+const MAX_TOTAL_RING_BYTES: usize = 256 << 20;
+
+/// The size of each ring when `processes` are attached to at once on `cpus` CPUs. The
+/// kernel lets an unprivileged user lock `kernel.perf_event_mlock_kb` per online CPU for all
+/// its perf rings (516 KiB by default: 512 KiB of data and a page of header), and refuses a
+/// mapping beyond it; samples that do not fit a smaller ring are counted as lost.
+fn ring_bytes(cpus: usize, processes: usize) -> usize {
+    let rings = cpus.max(1) * processes.max(1);
     // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } == 0 {
-        return RING_BYTES;
-    }
-    let limit_kib: usize = std::fs::read_to_string("/proc/sys/kernel/perf_event_mlock_kb")
-        .ok()
-        .and_then(|t| t.trim().parse().ok())
-        .unwrap_or(516);
-    // Each ring also maps one page of its own.
-    let each = (limit_kib * 1024 / rings.max(1)).saturating_sub(4096);
+    let each = if unsafe { libc::geteuid() } == 0 {
+        MAX_TOTAL_RING_BYTES / rings
+    } else {
+        let limit_kib: usize = std::fs::read_to_string("/proc/sys/kernel/perf_event_mlock_kb")
+            .ok()
+            .and_then(|t| t.trim().parse().ok())
+            .unwrap_or(516);
+        // Each ring also maps one page of its own.
+        (limit_kib * 1024 / processes.max(1)).saturating_sub(4096)
+    };
     let mut size = MIN_RING_BYTES;
     while size * 2 <= each && size * 2 <= RING_BYTES {
         size *= 2;
@@ -55,14 +61,20 @@ fn ring_bytes(rings: usize) -> usize {
 pub enum OpenError {
     /// The thread has exited meanwhile.
     Gone,
-    /// perf_event_open or mmap refused, with the system's reason.
+    /// perf_event_open refused, with the system's reason.
     Refused(io::Error),
+    /// Mapping the ring buffer refused (the memory it locks is over the user's limit).
+    RingRefused(io::Error),
 }
 
 /// The events and rings of one process.
 pub struct ProcessEvents {
     period_ns: u64,
     ring_bytes: usize,
+    /// Whether time in the kernel goes uncounted: only where the kernel requires it, since
+    /// `record`'s CPU timers count a thread's system time too (a sample in a system call
+    /// still carries the user registers and stack it was entered from).
+    exclude_kernel: bool,
     cpus: Vec<usize>,
     /// One ring per CPU (owning that CPU's first event), in the order of `cpus`.
     rings: Vec<Option<Sampler>>,
@@ -81,7 +93,8 @@ impl ProcessEvents {
         let cpus = online_cpus()?;
         Ok(ProcessEvents {
             period_ns: 1_000_000_000 / u64::from(hz.max(1)),
-            ring_bytes: ring_bytes(cpus.len() * processes),
+            ring_bytes: ring_bytes(cpus.len(), processes),
+            exclude_kernel: !may_count_kernel(),
             rings: cpus.iter().map(|_| None).collect(),
             cpus,
             others: Vec::new(),
@@ -153,7 +166,7 @@ impl ProcessEvents {
             )
             .sample_regs_user(REGS)
             .sample_stack_user(STACK_BYTES)
-            .exclude_kernel(true)
+            .exclude_kernel(self.exclude_kernel)
             .exclude_hv(true)
             .inherit(true)
             // Wake a reader polling the ring once a quarter of it is full: a small ring
@@ -188,6 +201,17 @@ impl ProcessEvents {
             let _ = c.disable();
         }
     }
+}
+
+/// Whether our events may count time in the kernel: as root, or with
+/// `kernel.perf_event_paranoid` at 1 or below.
+fn may_count_kernel() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    let root = unsafe { libc::geteuid() } == 0;
+    root || std::fs::read_to_string("/proc/sys/kernel/perf_event_paranoid")
+        .ok()
+        .and_then(|t| t.trim().parse::<i32>().ok())
+        .is_some_and(|p| p <= 1)
 }
 
 /// `_IO('$', 5)`: make an event write into another event's ring buffer.

@@ -13,7 +13,6 @@ pub mod modules;
 pub mod procfs;
 pub mod unwind;
 
-use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
@@ -47,10 +46,6 @@ struct Target {
     modules: ModuleSet,
     unwinder: StackUnwinder,
     session: Session,
-    /// For each thread, the followed thread whose events first delivered its samples: a
-    /// thread born while the events were being opened may be followed twice (by an event
-    /// it inherited and by its own); the other's samples are dropped.
-    sampled_by: HashMap<u32, u32>,
     maps_read_at: Instant,
     exited: bool,
 }
@@ -67,14 +62,15 @@ pub struct Profiling {
 pub fn start(pids: &[u32], hz: u32) -> anyhow::Result<Profiling> {
     raise_descriptor_limit();
     let realtime = u64::try_from(crate::output::unix_nanos()).unwrap_or(0);
+    let mut unique = pids.to_vec();
+    unique.sort_unstable();
+    unique.dedup();
+    let started = Instant::now();
     let mut targets = Vec::new();
-    for &pid in pids {
-        targets.push(attach(pid, hz, pids.len(), realtime)?);
+    for &pid in &unique {
+        targets.push(attach(pid, hz, unique.len(), realtime)?);
     }
-    Ok(Profiling {
-        targets,
-        started: Instant::now(),
-    })
+    Ok(Profiling { targets, started })
 }
 
 impl Profiling {
@@ -180,13 +176,12 @@ fn attach(pid: u32, hz: u32, processes: usize, realtime: u64) -> anyhow::Result<
         modules: ModuleSet::default(),
         unwinder: StackUnwinder::default(),
         session,
-        sampled_by: HashMap::new(),
         maps_read_at: Instant::now(),
         exited: false,
     };
     target.read_maps();
     // Threads started between listing and opening are caught by listing again, as perf
-    // does; those their creators' events already follow are sampled once (`sampled_by`).
+    // does; those their creators' events already follow are sampled once (see read_rings).
     let mut refused = None;
     for _ in 0..3 {
         let mut tids = procfs::threads(pid).unwrap_or_default();
@@ -202,7 +197,15 @@ fn attach(pid: u32, hz: u32, processes: usize, realtime: u64) -> anyhow::Result<
                 }
                 Err(OpenError::Gone) => {}
                 Err(OpenError::Refused(err)) => {
-                    refused = Some(err);
+                    refused = Some(explain_refusal(pid, &err));
+                    break;
+                }
+                Err(OpenError::RingRefused(err)) => {
+                    refused = Some(format!(
+                        "the kernel refused to map a perf ring buffer ({err}): raise \
+                         kernel.perf_event_mlock_kb (`sudo sysctl kernel.perf_event_mlock_kb=2048`) \
+                         or `ulimit -l`, or attach to fewer processes at once"
+                    ));
                     break;
                 }
             }
@@ -211,8 +214,8 @@ fn attach(pid: u32, hz: u32, processes: usize, realtime: u64) -> anyhow::Result<
             break;
         }
     }
-    if let Some(err) = refused {
-        anyhow::bail!("{}", explain_refusal(pid, &err));
+    if let Some(why) = refused {
+        anyhow::bail!("{why}");
     }
     if !procfs::is_running(pid) {
         target.exited = true;
@@ -225,7 +228,11 @@ impl Target {
     fn read_maps(&mut self) {
         self.maps_read_at = Instant::now();
         let access = self.session.peer.as_ref().map(Peer::access);
-        for mapped in self.modules.new_mappings(self.pid, access.as_ref()) {
+        let changes = self.modules.changes(self.pid, access.as_ref());
+        for start in changes.removed {
+            self.unwinder.remove_module(start);
+        }
+        for mapped in changes.added {
             if let Some(unwind) = mapped.unwind {
                 self.unwinder.add_module(unwind);
             }
@@ -252,6 +259,10 @@ impl Target {
                         else {
                             continue;
                         };
+                        // A child it forked inherited the events: not this process.
+                        if s.pid() != Some(self.pid) {
+                            continue;
+                        }
                         // bp, sp, ip: the order of their bits in events::REGS.
                         let [bp, sp, ip] = regs.regs[..] else {
                             continue;
@@ -270,7 +281,9 @@ impl Target {
             let Some(opened_for) = self.events.opened_for(id) else {
                 continue;
             };
-            if *self.sampled_by.entry(tid).or_insert(opened_for) != opened_for {
+            // A thread born while the events were being opened may be followed twice (by
+            // events it inherited, perhaps on some CPUs only, and by its own): its own win.
+            if opened_for != tid && self.events.follows(tid) {
                 continue;
             }
             if !self.in_known_module(ip) && self.maps_read_at.elapsed() >= REREAD_MAPS_AFTER {

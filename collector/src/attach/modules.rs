@@ -26,7 +26,17 @@ pub struct Mapped {
 /// Reads what the profile and the unwinder need of `mapping` of process `pid`, opening the
 /// file with `access`'s rights (the process's own); `id` is the module's id in the profile.
 pub fn read(pid: u32, mapping: &ExecMapping, id: u32, access: Option<&Access>) -> Result<Mapped> {
-    let path = procfs::file_of(pid, &mapping.path);
+    // As root, the mapping's own file through /proc/PID/map_files (the very inode mapped,
+    // deleted or not, whatever now lies at its path); else its path in the process's root.
+    // SAFETY: geteuid has no preconditions.
+    let path = if unsafe { libc::geteuid() } == 0 {
+        std::path::PathBuf::from(format!(
+            "/proc/{pid}/map_files/{:x}-{:x}",
+            mapping.start, mapping.end
+        ))
+    } else {
+        procfs::file_of(pid, &mapping.path)
+    };
     anyprof_symbolizer::with_file_as(access, &path, |data| describe(mapping, id, data))
         .map_err(|miss| anyhow::anyhow!("{}: {miss}", path.display()))?
 }
@@ -34,22 +44,23 @@ pub fn read(pid: u32, mapping: &ExecMapping, id: u32, access: Option<&Access>) -
 fn describe(mapping: &ExecMapping, id: u32, data: &[u8]) -> Result<Mapped> {
     let file = object::File::parse(data).context("not an ELF file")?;
     let build_id = file.build_id().ok().flatten().unwrap_or_default().to_vec();
-    // The segment the mapping's file offset falls in: its addresses in the file are
-    // p_vaddr - p_offset + (file offset), wherever the loader put it.
-    let load_bias = file
+    let segments: Vec<Segment> = file
         .segments()
-        .find_map(|s| {
+        .map(|s| {
             let (offset, size) = s.file_range();
-            let aligned = offset & !0xfff;
-            (aligned <= mapping.offset && mapping.offset < offset + size.max(1)).then(|| {
-                let address_of_offset = s
-                    .address()
-                    .wrapping_sub(offset)
-                    .wrapping_add(mapping.offset);
-                mapping.start.wrapping_sub(address_of_offset)
-            })
+            let executable = match s.flags() {
+                object::SegmentFlags::Elf { p_flags, .. } => p_flags.contains(object::elf::PF_X),
+                _ => false,
+            };
+            Segment {
+                offset,
+                size,
+                address: s.address(),
+                executable,
+            }
         })
-        .unwrap_or(mapping.start.wrapping_sub(mapping.offset));
+        .collect();
+    let load_bias = load_bias(&segments, mapping.start, mapping.offset);
     let module = Module {
         id,
         start: mapping.start,
@@ -61,7 +72,13 @@ fn describe(mapping: &ExecMapping, id: u32, data: &[u8]) -> Result<Mapped> {
     };
     let section = |name: &str| {
         let s = file.section_by_name(name)?;
-        let bytes = s.uncompressed_data().ok()?.into_owned();
+        // Raw bytes: unwind tables are never compressed, and inflating what a file claims
+        // would let it make us allocate without bound.
+        let bytes = s
+            .data()
+            .ok()?
+            .get(..MAX_TABLE_BYTES.min(s.size() as usize))?
+            .to_vec();
         Some((s.address()..s.address() + bytes.len() as u64, bytes))
     };
     let unwind = section(".eh_frame").map(|(eh_svma, eh)| {
@@ -85,31 +102,81 @@ fn describe(mapping: &ExecMapping, id: u32, data: &[u8]) -> Result<Mapped> {
     Ok(Mapped { module, unwind })
 }
 
+/// The most bytes of one unwind table copied (libxul's `.eh_frame` is about 10 MiB).
+const MAX_TABLE_BYTES: usize = 64 << 20;
+
+/// A program header, as far as the load bias goes.
+#[derive(Clone, Copy, Debug)]
+struct Segment {
+    offset: u64,
+    size: u64,
+    address: u64,
+    executable: bool,
+}
+
+/// Runtime address minus file address for an executable mapping at `start` of the file from
+/// `offset` on: taken from the executable segment the offset falls in (its addresses in the
+/// file are p_vaddr - p_offset + offset, wherever the loader put it). Only an executable one:
+/// lld puts a read-only segment in the same page as the code (R at offset 0, RX at 0x6f0
+/// with p_vaddr 0x16f0), and that one's addresses are a page off.
+fn load_bias(segments: &[Segment], start: u64, offset: u64) -> u64 {
+    segments
+        .iter()
+        .filter(|s| s.executable)
+        .find(|s| s.offset & !0xfff <= offset && offset < s.offset + s.size.max(1))
+        .map(|s| start.wrapping_sub(s.address.wrapping_sub(s.offset).wrapping_add(offset)))
+        .unwrap_or(start.wrapping_sub(offset))
+}
+
 /// The modules of one process seen so far: those mapped now, and those unmapped since (old
 /// samples may point into them).
 #[derive(Default)]
 pub struct ModuleSet {
     known: HashMap<ExecMapping, u32>,
+    /// The mappings of the last read, whose unwind tables the unwinder has.
+    current: Vec<ExecMapping>,
     next_id: u32,
 }
 
+/// The most mappings read for one process: one that maps code at new addresses without end
+/// must not make us read without end.
+const MAX_MAPPINGS: u32 = 16_384;
+
+/// What changed between two reads of a process's mappings.
+#[derive(Default)]
+pub struct Changes {
+    pub added: Vec<Mapped>,
+    /// Start addresses of the mappings gone since (to leave the unwinder).
+    pub removed: Vec<u64>,
+}
+
 impl ModuleSet {
-    /// The mappings of `pid` not seen before, read (see [`read`]) with `access`'s rights; a
-    /// file that cannot be read is warned about once and left out.
-    pub fn new_mappings(&mut self, pid: u32, access: Option<&Access>) -> Vec<Mapped> {
+    /// The mappings of `pid` not seen before, read (see [`read`]) with `access`'s rights,
+    /// and those gone since the last call; a file that cannot be read is warned about once
+    /// and left out.
+    pub fn changes(&mut self, pid: u32, access: Option<&Access>) -> Changes {
         let Ok(mappings) = procfs::exec_mappings(pid) else {
-            return Vec::new();
+            return Changes::default();
         };
-        let mut out = Vec::new();
+        let mut out = Changes {
+            added: Vec::new(),
+            removed: self
+                .current
+                .iter()
+                .filter(|old| !mappings.contains(old))
+                .map(|old| old.start)
+                .collect(),
+        };
+        self.current.clone_from(&mappings);
         for m in mappings {
-            if self.known.contains_key(&m) {
+            if self.known.contains_key(&m) || self.next_id >= MAX_MAPPINGS {
                 continue;
             }
             let id = self.next_id;
             self.next_id += 1;
             self.known.insert(m.clone(), id);
             match read(pid, &m, id, access) {
-                Ok(mapped) => out.push(mapped),
+                Ok(mapped) => out.added.push(mapped),
                 Err(err) => eprintln!(
                     "anyprof: {}: its frames are left unwound and unnamed: {err:#}",
                     String::from_utf8_lossy(&m.path)
@@ -117,5 +184,58 @@ impl ModuleSet {
             }
         }
         out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_load_bias_comes_from_the_executable_segment() {
+        // lld's layout: R at offset 0, RX at 0x6f0 (p_vaddr 0x16f0), the code mapped from
+        // offset 0 at 0x5555_0000_0000.
+        let lld = [
+            Segment {
+                offset: 0,
+                size: 0x6f0,
+                address: 0,
+                executable: false,
+            },
+            Segment {
+                offset: 0x6f0,
+                size: 0x2000,
+                address: 0x16f0,
+                executable: true,
+            },
+        ];
+        assert_eq!(
+            load_bias(&lld, 0x5555_0000_0000, 0),
+            0x5555_0000_0000 - 0x1000
+        );
+        // GNU ld's: RX at offset 0x1000 and p_vaddr 0x1000, mapped from offset 0x1000.
+        let bfd = [
+            Segment {
+                offset: 0,
+                size: 0x800,
+                address: 0,
+                executable: false,
+            },
+            Segment {
+                offset: 0x1000,
+                size: 0x3000,
+                address: 0x1000,
+                executable: true,
+            },
+        ];
+        assert_eq!(load_bias(&bfd, 0x5555_0000_1000, 0x1000), 0x5555_0000_0000);
+        // A non-PIE executable: p_vaddr 0x401000 at 0x401000, no bias.
+        let fixed = [Segment {
+            offset: 0x1000,
+            size: 0x1000,
+            address: 0x401000,
+            executable: true,
+        }];
+        assert_eq!(load_bias(&fixed, 0x401000, 0x1000), 0);
     }
 }

@@ -27,18 +27,24 @@ pub fn threads(pid: u32) -> io::Result<Vec<u32>> {
     Ok(tids)
 }
 
-/// Whether `pid` still runs (a zombie has ended: its threads are gone).
+/// Whether `pid` still runs: some thread of it has not ended (its main thread may have,
+/// with `pthread_exit`, while others go on).
 pub fn is_running(pid: u32) -> bool {
-    match std::fs::read(format!("/proc/{pid}/stat")) {
+    let alive = |stat: &[u8]| {
         // The state is the first field after the command name, which is in parentheses and
         // may itself hold spaces and parentheses.
-        Ok(stat) => stat
-            .iter()
+        stat.iter()
             .rposition(|&b| b == b')')
             .and_then(|end| stat.get(end + 2))
-            .is_some_and(|&state| state != b'Z' && state != b'X'),
-        Err(_) => false,
+            .is_some_and(|&state| state != b'Z' && state != b'X')
+    };
+    if std::fs::read(format!("/proc/{pid}/stat")).is_ok_and(|s| alive(&s)) {
+        return true;
     }
+    threads(pid)
+        .unwrap_or_default()
+        .iter()
+        .any(|tid| std::fs::read(format!("/proc/{pid}/task/{tid}/stat")).is_ok_and(|s| alive(&s)))
 }
 
 /// The executable file mappings of `pid` (no `[vdso]`, no anonymous code).

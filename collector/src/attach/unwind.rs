@@ -27,9 +27,14 @@ impl Default for StackUnwinder {
 }
 
 impl StackUnwinder {
-    /// Adds a module; one mapped before at the same address is replaced.
+    /// Adds a module (one mapped before at the same address must have been removed).
     pub fn add_module(&mut self, module: UnwindModule) {
         self.unwinder.add_module(module);
+    }
+
+    /// Removes the module that starts at `start`, unmapped since.
+    pub fn remove_module(&mut self, start: u64) {
+        self.unwinder.remove_module(start);
     }
 
     /// The frames of one sample, leaf first (the interrupted instruction, then return
