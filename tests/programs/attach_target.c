@@ -4,8 +4,9 @@
  * Ground truth
  * ------------
  * The main thread runs rounds until SECONDS have passed. Each round calls three hot
- * functions that do the same per-iteration work (as in cpu_split.c) for 50, 30 and 20
- * thousand iterations (well under a millisecond in all), on distinct call chains:
+ * functions that do the same per-iteration work (as in cpu_split.c), 16 times, for 50, 30
+ * and 20 % of a random number of iterations (6000·k, 3600·k and 2400·k, k from 1 to 16:
+ * well under a millisecond each time), on distinct call chains:
  *
  *     main -> run_rounds -> hot_a            50 %
  *     main -> run_rounds -> mid_b -> hot_b   30 %
@@ -89,11 +90,17 @@ __attribute__((noinline, noclone)) static void run_rounds(double seconds, double
     double start = now();
     pthread_t late_thread;
     int late_started = 0;
+    uint64_t rng = 0x853c49e6748fea9bULL;
     for (;;) {
         for (int i = 0; i < 16; i++) {
-            sink = hot_a(50000);
-            mid_b(30000);
-            sink = hot_c(20000);
+            /* Trios of random length (the same 50/30/20 within each): a profiler that
+             * samples at a fixed period must not meet the same phase of a regular loop
+             * every time (aliasing), which would bias the split. */
+            rng = rng * 6364136223846793005ULL + 1442695040888963407ULL;
+            uint64_t k = 1 + (rng >> 60);
+            sink = hot_a(6000 * k);
+            mid_b(3600 * k);
+            sink = hot_c(2400 * k);
         }
         double t = now() - start;
         if (!late_started && (late < 0 ? start_late : t >= late)) {

@@ -455,3 +455,52 @@ fn attach_names_an_lld_linked_program() {
         view.describe()
     );
 }
+
+/// A program that runs mostly in the vDSO (clock_gettime): its samples are unwound through
+/// the vDSO's own tables (the kernel maps the same image into every process) to `main`.
+#[test]
+fn attach_unwinds_through_the_vdso() {
+    let scratch = scratch_dir("attach_vdso");
+    let exe = compile("attach_vdso.c", FLAGS, &scratch);
+    let _cpu = cpu_lock();
+    let mut child = clean_command(&exe)
+        .arg("3")
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("starting attach_vdso");
+    let mut stdout = BufReader::new(child.stdout.take().expect("piped stdout"));
+    let mut line = String::new();
+    stdout
+        .read_line(&mut line)
+        .expect("reading attach_vdso's first line");
+    assert_eq!(line, "ready\n");
+    let out = scratch.join("cpu.pb.gz");
+    let output = attach(child.id(), HZ, &out, &["--seconds", "1"]);
+    let _ = child.wait();
+    assert_eq!(output.code, 0, "{}", output.stderr_text());
+    let view = read(&out, &output);
+    let total = view.total_samples();
+    let in_vdso: i64 = view
+        .profile
+        .sample
+        .iter()
+        .filter(|s| {
+            view.frames(s)
+                .first()
+                .is_some_and(|f| f.name.contains("vdso"))
+        })
+        .map(|s| view.count(s))
+        .sum();
+    assert!(
+        in_vdso as f64 >= 0.3 * total as f64,
+        "only {in_vdso} of {total} samples are in the vDSO: the program is not what this \
+         test is about\n{}",
+        view.describe()
+    );
+    let to_main = view.cumulative_samples().get("main").copied().unwrap_or(0);
+    assert!(
+        to_main as f64 >= 0.95 * total as f64,
+        "only {to_main} of {total} samples reach main: the walk stopped in the vDSO\n{}",
+        view.describe()
+    );
+}

@@ -8,7 +8,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::io;
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, RawFd};
 
 use perf_event::events::Software;
 use perf_event::{Builder, Counter, SampleFlag, Sampler};
@@ -78,8 +78,9 @@ pub struct ProcessEvents {
     cpus: Vec<usize>,
     /// One ring per CPU (owning that CPU's first event), in the order of `cpus`.
     rings: Vec<Option<Sampler>>,
-    /// Every other event, kept open: closing one stops its thread's samples.
-    others: Vec<Counter>,
+    /// Every other event, with the index of its CPU (of its ring), kept open: closing one
+    /// stops its thread's samples.
+    others: Vec<(usize, Counter)>,
     followed: HashSet<u32>,
     /// The thread each event was opened for, by event id: a sample's id is that of the
     /// event it came from, or of its parent for a thread that inherited it.
@@ -133,7 +134,7 @@ impl ProcessEvents {
                         return Err(OpenError::Refused(io::Error::last_os_error()));
                     }
                     counter.enable().map_err(OpenError::Refused)?;
-                    opened.push(counter);
+                    opened.push((i, counter));
                 }
                 None => {
                     let mut ring = counter
@@ -181,10 +182,20 @@ impl ProcessEvents {
         self.opened_for.get(&event).copied()
     }
 
-    /// The descriptors of the rings, to poll: each becomes readable when its ring is a
-    /// quarter full.
-    pub fn ring_fds(&self) -> impl Iterator<Item = std::os::fd::RawFd> + '_ {
-        self.rings.iter().flatten().map(AsRawFd::as_raw_fd)
+    /// One descriptor per ring to poll, none of them in `hung`: any event writing into a
+    /// ring becomes readable when the ring is a quarter full, but one whose thread has ended
+    /// polls as hung up at once, ever after.
+    pub fn poll_fds(&self, hung: &HashSet<RawFd>) -> Vec<RawFd> {
+        (0..self.rings.len())
+            .filter_map(|i| {
+                let owner = self.rings[i].as_ref().map(AsRawFd::as_raw_fd);
+                let others = self.others.iter().filter(|(cpu, _)| *cpu == i);
+                owner
+                    .into_iter()
+                    .chain(others.map(|(_, c)| c.as_raw_fd()))
+                    .find(|fd| !hung.contains(fd))
+            })
+            .collect()
     }
 
     /// Every ring, to be read.
@@ -197,7 +208,7 @@ impl ProcessEvents {
         for ring in self.rings.iter_mut().flatten() {
             let _ = ring.disable();
         }
-        for c in &mut self.others {
+        for (_, c) in &mut self.others {
             let _ = c.disable();
         }
     }

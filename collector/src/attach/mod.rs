@@ -13,6 +13,8 @@ pub mod modules;
 pub mod procfs;
 pub mod unwind;
 
+use std::collections::HashSet;
+use std::os::fd::RawFd;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
@@ -55,6 +57,8 @@ struct Target {
 pub struct Profiling {
     targets: Vec<Target>,
     started: Instant,
+    /// Event descriptors that poll as hung up (their thread ended).
+    hung: HashSet<RawFd>,
 }
 
 /// Attaches to `pids`: from here on the kernel samples them. An error says, in one line,
@@ -70,7 +74,11 @@ pub fn start(pids: &[u32], hz: u32) -> anyhow::Result<Profiling> {
     for &pid in &unique {
         targets.push(attach(pid, hz, unique.len(), realtime)?);
     }
-    Ok(Profiling { targets, started })
+    Ok(Profiling {
+        targets,
+        started,
+        hung: HashSet::new(),
+    })
 }
 
 impl Profiling {
@@ -117,17 +125,21 @@ impl Profiling {
 
 impl Profiling {
     /// Waits until a ring is a quarter full, or [`READ_EVERY`] has passed.
-    fn wait_for_samples(&self) {
+    fn wait_for_samples(&mut self) {
         let mut fds: Vec<libc::pollfd> = self
             .targets
             .iter()
-            .flat_map(|t| t.events.ring_fds())
+            .flat_map(|t| t.events.poll_fds(&self.hung))
             .map(|fd| libc::pollfd {
                 fd,
                 events: libc::POLLIN,
                 revents: 0,
             })
             .collect();
+        if fds.is_empty() {
+            std::thread::sleep(READ_EVERY);
+            return;
+        }
         // SAFETY: `fds` is a valid array of pollfd of the length given.
         let ready = unsafe {
             libc::poll(
@@ -136,10 +148,15 @@ impl Profiling {
                 READ_EVERY.as_millis() as libc::c_int,
             )
         };
-        if ready < 0 || fds.iter().any(|p| p.revents & libc::POLLHUP != 0) {
-            // A ring whose thread ended polls as hung up at once: do not spin on it.
-            std::thread::sleep(READ_EVERY / 4);
+        if ready < 0 {
+            std::thread::sleep(READ_EVERY);
         }
+        // Polled no more: another event of the same ring stands in for it.
+        self.hung.extend(
+            fds.iter()
+                .filter(|p| p.revents & (libc::POLLHUP | libc::POLLERR) != 0)
+                .map(|p| p.fd),
+        );
     }
 }
 

@@ -26,6 +26,13 @@ pub struct Mapped {
 /// Reads what the profile and the unwinder need of `mapping` of process `pid`, opening the
 /// file with `access`'s rights (the process's own); `id` is the module's id in the profile.
 pub fn read(pid: u32, mapping: &ExecMapping, id: u32, access: Option<&Access>) -> Result<Mapped> {
+    if mapping.path == procfs::VDSO {
+        let ours = own_vdso().context("this process has no vDSO to read")?;
+        if ours.len() as u64 != mapping.end - mapping.start {
+            anyhow::bail!("its vDSO is not this kernel's (another size than ours)");
+        }
+        return describe(mapping, id, ours);
+    }
     // As root, the mapping's own file through /proc/PID/map_files (the very inode mapped,
     // deleted or not, whatever now lies at its path); else its path in the process's root.
     // SAFETY: geteuid has no preconditions.
@@ -100,6 +107,24 @@ fn describe(mapping: &ExecMapping, id: u32, data: &[u8]) -> Result<Mapped> {
         framehop::Module::new(name, mapping.start..mapping.end, load_bias, info)
     });
     Ok(Mapped { module, unwind })
+}
+
+/// This process's vDSO, the same image the kernel maps into every process of the host: its
+/// unwind tables are the target's (which we could otherwise read only with ptrace's right to
+/// attach, through /proc/PID/mem).
+fn own_vdso() -> Option<&'static [u8]> {
+    // SAFETY: getauxval has no preconditions.
+    let start = unsafe { libc::getauxval(libc::AT_SYSINFO_EHDR) };
+    let maps = std::fs::read("/proc/self/maps").ok()?;
+    let mapping = maps
+        .split(|&b| b == b'\n')
+        .filter_map(procfs::parse_maps_line)
+        .find(|m| m.path == procfs::VDSO && m.start == start)?;
+    // SAFETY: the kernel maps the vDSO readable for the life of the process, from `start`
+    // for the length /proc/self/maps gives, and never unmaps or changes it.
+    Some(unsafe {
+        std::slice::from_raw_parts(start as *const u8, (mapping.end - mapping.start) as usize)
+    })
 }
 
 /// The most bytes of one unwind table copied (libxul's `.eh_frame` is about 10 MiB).

@@ -47,14 +47,21 @@ pub fn is_running(pid: u32) -> bool {
         .any(|tid| std::fs::read(format!("/proc/{pid}/task/{tid}/stat")).is_ok_and(|s| alive(&s)))
 }
 
-/// The executable file mappings of `pid` (no `[vdso]`, no anonymous code).
+/// The name of the vDSO's mapping in `/proc/PID/maps`.
+pub const VDSO: &[u8] = b"[vdso]";
+
+/// The executable file mappings of `pid`, and its vDSO (no anonymous code).
 pub fn exec_mappings(pid: u32) -> io::Result<Vec<ExecMapping>> {
     let maps = std::fs::read(format!("/proc/{pid}/maps"))?;
-    Ok(maps.split(|&b| b == b'\n').filter_map(parse_line).collect())
+    Ok(maps
+        .split(|&b| b == b'\n')
+        .filter_map(parse_maps_line)
+        .collect())
 }
 
-/// `start-end perms offset dev inode path` → an executable file mapping, else `None`.
-fn parse_line(line: &[u8]) -> Option<ExecMapping> {
+/// `start-end perms offset dev inode path` → an executable file mapping (or the vDSO), else
+/// `None`.
+pub fn parse_maps_line(line: &[u8]) -> Option<ExecMapping> {
     let mut fields = line.splitn(6, |&b| b == b' ');
     let range = fields.next()?;
     let perms = fields.next()?;
@@ -62,7 +69,8 @@ fn parse_line(line: &[u8]) -> Option<ExecMapping> {
     let _dev = fields.next()?;
     let inode = fields.next()?;
     let path = fields.next()?.trim_ascii_start();
-    if perms.get(2) != Some(&b'x') || inode == b"0" || !path.starts_with(b"/") {
+    let vdso = path == VDSO;
+    if perms.get(2) != Some(&b'x') || !(vdso || inode != b"0" && path.starts_with(b"/")) {
         return None;
     }
     let hex = |b: &[u8]| u64::from_str_radix(std::str::from_utf8(b).ok()?, 16).ok();
@@ -116,7 +124,7 @@ mod tests {
     fn maps_lines_give_executable_file_mappings_only() {
         let line = b"7f0000001000-7f0000002000 r-xp 00001000 08:01 1234   /usr/lib/libc.so.6";
         assert_eq!(
-            parse_line(line),
+            parse_maps_line(line),
             Some(ExecMapping {
                 start: 0x7f0000001000,
                 end: 0x7f0000002000,
@@ -125,12 +133,21 @@ mod tests {
             })
         );
         let deleted = b"1000-2000 r-xp 00000000 08:01 99 /tmp/a b (deleted)";
-        assert_eq!(parse_line(deleted).unwrap().path, b"/tmp/a b");
+        assert_eq!(parse_maps_line(deleted).unwrap().path, b"/tmp/a b");
         assert_eq!(
-            parse_line(b"1000-2000 r--p 00000000 08:01 1 /usr/lib/x"),
+            parse_maps_line(b"1000-2000 r--p 00000000 08:01 1 /usr/lib/x"),
             None
         );
-        assert_eq!(parse_line(b"1000-2000 r-xp 00000000 00:00 0 [vdso]"), None);
-        assert_eq!(parse_line(b"1000-2000 r-xp 00000000 00:00 0 "), None);
+        assert_eq!(
+            parse_maps_line(b"1000-2000 r-xp 00000000 00:00 0 [heap]"),
+            None
+        );
+        assert_eq!(
+            parse_maps_line(b"1000-2000 r-xp 00000000 00:00 0 [vdso]")
+                .unwrap()
+                .path,
+            VDSO
+        );
+        assert_eq!(parse_maps_line(b"1000-2000 r-xp 00000000 00:00 0 "), None);
     }
 }
