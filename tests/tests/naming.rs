@@ -211,11 +211,12 @@ fn xz_from_the_distribution_is_named_from_liblzma_exports() {
          {lzma:?}\n{}",
         view.describe()
     );
-    // Every leaf is a function or an address in its module: nothing is a bare module.
+    // Every leaf is a function or an address in its module: nothing is a bare module. A
+    // sample in anyprof's own malloc hook is named `[anyprof]` (one in 361 in a CI run).
     let leaves = leaf_counts(&view);
     let named_or_addressed: i64 = leaves
         .iter()
-        .filter(|(name, _)| !name.starts_with('['))
+        .filter(|(name, _)| !name.starts_with('[') || *name == anyprof::profile::ANYPROF_FRAME)
         .map(|(_, count)| count)
         .sum();
     assert_eq!(
