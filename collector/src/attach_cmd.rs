@@ -69,10 +69,7 @@ pub fn run(args: AttachArgs) -> Result<ExitCode> {
         .iter()
         .map(|a| {
             let s = &a.session;
-            let duration = match (s.connected_at, s.closed_at) {
-                (Some(from), Some(to)) => to.duration_since(from),
-                _ => duration,
-            };
+            let duration = s.connected_for().unwrap_or(duration);
             anyprof::profile::cpu::build(s, &mut symbolizer, duration.as_nanos() as u64)
         })
         .collect();
@@ -95,6 +92,15 @@ pub fn run(args: AttachArgs) -> Result<ExitCode> {
     let merged = merge_processes(&parts, &comments);
     anyprof::output::write_atomic(&path, &anyprof::pprof::encode_gzipped(&merged))?;
     for (a, name) in attached.iter().zip(&names) {
+        if a.unfollowed > 0 {
+            eprintln!(
+                "anyprof: {name} (pid {}): {} of its threads were not followed (at most {} \
+                 events, one per thread and CPU, per process)",
+                a.session.pid().unwrap_or(0),
+                a.unfollowed,
+                anyprof::attach::events::MAX_EVENTS
+            );
+        }
         if a.exited {
             eprintln!(
                 "anyprof: {name} (pid {}) exited during the profile; the profile has what was \

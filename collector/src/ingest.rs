@@ -280,6 +280,11 @@ impl Session {
         self.counters.get(c as usize).copied().unwrap_or(0)
     }
 
+    /// How long the connection lasted (for an attached process: the profile), if it ended.
+    pub fn connected_for(&self) -> Option<std::time::Duration> {
+        Some(self.closed_at?.duration_since(self.connected_at?))
+    }
+
     /// Samples lost in the process, for whatever reason, or here at the memory cap.
     pub fn lost_samples(&self) -> u64 {
         self.counter(Counter::DroppedRingFull)

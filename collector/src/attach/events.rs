@@ -65,7 +65,14 @@ pub enum OpenError {
     Refused(io::Error),
     /// Mapping the ring buffer refused (the memory it locks is over the user's limit).
     RingRefused(io::Error),
+    /// [`MAX_EVENTS`] are open for this process already.
+    Full,
 }
+
+/// The most events (descriptors) opened for one process: one per thread and CPU adds up, and
+/// a daemon that attaches for its users must not let one process with many threads take all
+/// its descriptors. Threads started later cost none (the kernel copies inherited events).
+pub const MAX_EVENTS: usize = 16_384;
 
 /// The events and rings of one process.
 pub struct ProcessEvents {
@@ -111,6 +118,9 @@ impl ProcessEvents {
 
     /// Opens the events of thread `tid`, one per CPU, enabled.
     pub fn follow(&mut self, tid: u32) -> Result<(), OpenError> {
+        if self.others.len() + self.rings.len() + self.cpus.len() > MAX_EVENTS {
+            return Err(OpenError::Full);
+        }
         let mut opened = Vec::new();
         for (i, &cpu) in self.cpus.iter().enumerate() {
             let mut counter = self

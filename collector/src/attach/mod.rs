@@ -31,6 +31,8 @@ pub struct Attached {
     pub session: Session,
     /// The process ended before the profile did.
     pub exited: bool,
+    /// Threads that ran when we attached but were not followed: past [`events::MAX_EVENTS`].
+    pub unfollowed: usize,
 }
 
 /// How often the rings are read at least (more often when one fills).
@@ -50,6 +52,7 @@ struct Target {
     session: Session,
     maps_read_at: Instant,
     exited: bool,
+    unfollowed: usize,
 }
 
 /// Processes attached to, `hz` samples per second of each thread's CPU time: the kernel
@@ -117,6 +120,7 @@ impl Profiling {
                 Attached {
                     session: t.session,
                     exited: t.exited,
+                    unfollowed: t.unfollowed,
                 }
             })
             .collect()
@@ -195,14 +199,16 @@ fn attach(pid: u32, hz: u32, processes: usize, realtime: u64) -> anyhow::Result<
         session,
         maps_read_at: Instant::now(),
         exited: false,
+        unfollowed: 0,
     };
     target.read_maps();
     // Threads started between listing and opening are caught by listing again, as perf
     // does; those their creators' events already follow are sampled once (see read_rings).
     let mut refused = None;
+    let mut unfollowed = HashSet::new();
     for _ in 0..3 {
         let mut tids = procfs::threads(pid).unwrap_or_default();
-        tids.retain(|&t| !target.events.follows(t));
+        tids.retain(|&t| !target.events.follows(t) && !unfollowed.contains(&t));
         let mut new = 0;
         for tid in tids {
             new += 1;
@@ -213,6 +219,9 @@ fn attach(pid: u32, hz: u32, processes: usize, realtime: u64) -> anyhow::Result<
                     }
                 }
                 Err(OpenError::Gone) => {}
+                Err(OpenError::Full) => {
+                    unfollowed.insert(tid);
+                }
                 Err(OpenError::Refused(err)) => {
                     refused = Some(explain_refusal(pid, &err));
                     break;
@@ -234,6 +243,7 @@ fn attach(pid: u32, hz: u32, processes: usize, realtime: u64) -> anyhow::Result<
     if let Some(why) = refused {
         anyhow::bail!("{why}");
     }
+    target.unfollowed = unfollowed.len();
     if !procfs::is_running(pid) {
         target.exited = true;
     }

@@ -136,10 +136,7 @@ pub(super) fn write_profiles(
                 let s = p.session;
                 match kind {
                     "cpu" => {
-                        let duration = match (s.connected_at, s.closed_at) {
-                            (Some(a), Some(b)) => b.duration_since(a),
-                            _ => elapsed,
-                        };
+                        let duration = s.connected_for().unwrap_or(elapsed);
                         profile::cpu::build(s, symbolizer, duration.as_nanos() as u64)
                     }
                     "heap" => profile::heap::build(s, symbolizer, profile::heap::View::Heap, now),

@@ -598,10 +598,7 @@ fn attach_cpu_profile(state: &State, pid: u32, seconds: u64) -> Reply {
         return Err(err(500, "Could not enable CPU profiling"));
     };
     let s = &a.session;
-    let duration = match (s.connected_at, s.closed_at) {
-        (Some(from), Some(to)) => to.duration_since(from),
-        _ => Duration::from_secs(seconds),
-    };
+    let duration = s.connected_for().unwrap_or(Duration::from_secs(seconds));
     let p = profile::cpu::build(s, &mut *symbolizer(state)?, duration.as_nanos() as u64);
     binary("profile", crate::pprof::encode_gzipped(&p))
 }
