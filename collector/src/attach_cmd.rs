@@ -30,6 +30,11 @@ pub struct AttachArgs {
     /// Print nothing but warnings
     #[arg(short, long)]
     quiet: bool,
+    /// Write the profile with addresses, mappings and build ids only, no names: for a host
+    /// without debug information. `anyprof symbolize` names it later where the binaries or
+    /// debug files are
+    #[arg(long = "no-symbolize")]
+    no_symbolize: bool,
 }
 
 /// Set by SIGINT or SIGTERM: stop profiling and write what was collected.
@@ -44,6 +49,9 @@ pub fn run(args: AttachArgs) -> Result<ExitCode> {
     }
     if args.seconds == 0 {
         bail!("--seconds 0 profiles nothing: give 1 or more (30 by default, like Go's /debug/pprof/profile)");
+    }
+    if args.no_symbolize {
+        anyprof::symbolize::NO_SYMBOLIZE.store(true, Ordering::SeqCst);
     }
     stop_on_signals();
     let duration = Duration::from_secs(args.seconds);

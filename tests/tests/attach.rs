@@ -504,3 +504,46 @@ fn attach_unwinds_through_the_vdso() {
         view.describe()
     );
 }
+
+/// `attach --no-symbolize` on a host without debug information, then `anyprof symbolize`
+/// where the binary is: the first profile has addresses, mappings and build ids only, and
+/// the second names the hot functions.
+#[test]
+fn attach_no_symbolize_then_symbolize_names_the_profile() {
+    let scratch = scratch_dir("attach_no_symbolize");
+    let exe = build(&scratch);
+    let _cpu = cpu_lock();
+    let target = start_target(&exe, "3", "100000");
+    let out = scratch.join("cpu.pb.gz");
+    let output = attach(
+        target.pid(),
+        HZ,
+        &out,
+        &["--seconds", "1", "--no-symbolize"],
+    );
+    assert_eq!(output.code, 0, "{}", output.stderr_text());
+    target.finish();
+    let unnamed = read(&out, &output);
+    assert!(unnamed.total_samples() > 0, "{}", unnamed.describe());
+    assert!(
+        unnamed.profile.function.is_empty(),
+        "--no-symbolize wrote functions:\n{}",
+        unnamed.describe()
+    );
+    let named_path = scratch.join("cpu.named.pb.gz");
+    let symbolized = run(clean_command(binaries().anyprof)
+        .arg("symbolize")
+        .arg(&out)
+        .arg("-o")
+        .arg(&named_path));
+    assert_eq!(symbolized.code, 0, "{}", symbolized.stderr_text());
+    let named = read(&named_path, &symbolized);
+    let cumulative = named.cumulative_samples();
+    for &(function, _) in SHARES {
+        assert!(
+            cumulative.contains_key(function),
+            "anyprof symbolize did not name {function}:\n{}",
+            named.describe()
+        );
+    }
+}
