@@ -68,17 +68,11 @@ impl Target {
 }
 
 fn attach(pid: u32, hz: u32, out: &Path, extra: &[&str]) -> RunOutput {
-    let mut cmd = clean_command(binaries().anyprof);
-    cmd.arg("attach")
-        .arg(pid.to_string())
-        .args(["--cpu-hz", &hz.to_string(), "-o"])
-        .arg(out)
-        .args(extra);
-    run(&mut cmd)
+    attach_then(pid, hz, out, extra, |_| {})
 }
 
-/// Runs `anyprof attach`, and calls `then` once it said it is profiling.
-fn attach_then(pid: u32, hz: u32, out: &Path, extra: &[&str], then: impl FnOnce()) -> RunOutput {
+/// Runs `anyprof attach`, and calls `then` with its pid once it said it is profiling.
+fn attach_then(pid: u32, hz: u32, out: &Path, extra: &[&str], then: impl FnOnce(u32)) -> RunOutput {
     let started = Instant::now();
     let mut anyprof = clean_command(binaries().anyprof)
         .arg("attach")
@@ -98,7 +92,7 @@ fn attach_then(pid: u32, hz: u32, out: &Path, extra: &[&str], then: impl FnOnce(
         first.contains("profiling pid"),
         "anyprof attach did not start: {first}"
     );
-    then();
+    then(anyprof.id());
     let mut rest = String::new();
     stderr
         .read_to_string(&mut rest)
@@ -141,7 +135,7 @@ fn attach_splits_a_running_programs_cpu_and_leaves_it_running() {
     let started = Instant::now();
     // Once anyprof says it is profiling, the target starts its late thread: a thread
     // created while attached, followed only if the events are inherited.
-    let output = attach_then(pid, HZ, &out, &["--seconds", "3"], || {
+    let output = attach_then(pid, HZ, &out, &["--seconds", "3"], |_| {
         // SAFETY: kill with the pid of our own child.
         unsafe { libc::kill(pid as i32, libc::SIGUSR1) };
     });
@@ -330,29 +324,20 @@ fn sigterm_ends_attach_early_and_writes_the_profile() {
     let _cpu = cpu_lock();
     let target = start_target(&exe, "4", "100000");
     let out = scratch.join("cpu.pb.gz");
-    let mut cmd = clean_command(binaries().anyprof);
-    cmd.arg("attach")
-        .arg(target.pid().to_string())
-        .args(["--seconds", "60", "-o"])
-        .arg(&out)
-        .stderr(Stdio::piped());
-    let mut anyprof = cmd.spawn().expect("starting anyprof attach");
-    let mut first = String::new();
-    BufReader::new(anyprof.stderr.as_mut().expect("piped stderr"))
-        .read_line(&mut first)
-        .expect("reading anyprof's stderr");
-    assert!(
-        first.contains("profiling pid"),
-        "anyprof attach did not start: {first}"
-    );
-    std::thread::sleep(Duration::from_millis(500));
-    // SAFETY: kill with a pid we started.
-    unsafe { libc::kill(anyprof.id() as i32, libc::SIGTERM) };
-    let stopped = Instant::now();
-    let status = anyprof.wait().expect("waiting for anyprof");
-    assert!(
-        status.success(),
-        "anyprof attach ended with {status} on SIGTERM"
+    let mut stopped = None;
+    let output = attach_then(target.pid(), 100, &out, &["--seconds", "60"], |anyprof| {
+        std::thread::sleep(Duration::from_millis(500));
+        // SAFETY: kill with a pid we started.
+        unsafe { libc::kill(anyprof as i32, libc::SIGTERM) };
+        stopped = Some(Instant::now());
+    });
+    let stopped = stopped.expect("SIGTERM was sent");
+    assert_eq!(
+        output.code,
+        0,
+        "anyprof attach ended with {} on SIGTERM:\n{}",
+        output.code,
+        output.stderr_text()
     );
     assert!(
         stopped.elapsed() < Duration::from_secs(3),
