@@ -94,6 +94,68 @@ fn check_same(name: &str, args: &[&str], compare_stderr: bool) -> (RunOutput, Pa
     (profiled, dir)
 }
 
+/// A program started with signals ignored (`nohup`, a background job of a shell) inherits
+/// them ignored under `anyprof record` too: CPython's `test_signal` fails its SIGINT checks in
+/// such a job, and passed under the profiler before this, which had reset them to the
+/// default by catching them to forward them.
+#[test]
+fn signals_ignored_by_the_caller_stay_ignored_in_the_program() {
+    use std::os::unix::process::CommandExt;
+    let ignored = [
+        libc::SIGINT,
+        libc::SIGTERM,
+        libc::SIGHUP,
+        libc::SIGQUIT,
+        libc::SIGUSR1,
+        libc::SIGUSR2,
+    ];
+    let status_line = |mut cmd: std::process::Command| -> String {
+        // SAFETY: only `signal`, which is async-signal-safe, between fork and exec.
+        unsafe {
+            cmd.pre_exec(move || {
+                for sig in ignored {
+                    libc::signal(sig, libc::SIG_IGN);
+                }
+                Ok(())
+            });
+        }
+        let out = run(&mut cmd);
+        assert_eq!(out.code, 0, "{out:?}");
+        out.stdout_text()
+    };
+    let mut plain = clean_command(Path::new("grep"));
+    plain.args(["^SigIgn", "/proc/self/status"]);
+    let want = status_line(plain);
+    let dir = scratch_dir("signals_ignored").join("profile");
+    let mut profiled = clean_command(&binaries().anyprof);
+    profiled.args(["record", "-q", "-o"]).arg(&dir).args([
+        "--",
+        "grep",
+        "^SigIgn",
+        "/proc/self/status",
+    ]);
+    let got = status_line(profiled);
+    // The standard signals only: glibc's posix_spawn may leave its own two internal signals
+    // (32 and 33) ignored in a child, depending on the parent's state, with or without us.
+    let standard = |line: &str| -> u64 {
+        u64::from_str_radix(line.trim().trim_start_matches("SigIgn:").trim(), 16)
+            .unwrap_or_else(|e| panic!("reading {line:?}: {e}"))
+            & 0x7fff_ffff
+    };
+    let (mask, profiled_mask) = (standard(&want), standard(&got));
+    assert_eq!(
+        profiled_mask, mask,
+        "the program's ignored standard signals under `anyprof record` ({got:?}) differ from \
+         without it ({want:?})"
+    );
+    for sig in ignored {
+        assert!(
+            mask & (1 << (sig - 1)) != 0,
+            "signal {sig} not ignored: {want}"
+        );
+    }
+}
+
 // ---------------------------------------------------------------------------------------------
 // Signals sent to the process
 // ---------------------------------------------------------------------------------------------

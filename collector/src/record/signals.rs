@@ -26,6 +26,11 @@ pub(super) static STOP_REQUESTED: AtomicBool = AtomicBool::new(false);
 /// got them already) but no longer kill us. Once the program has exited, the first SIGINT,
 /// SIGTERM, SIGHUP or SIGQUIT makes `anyprof` write its profiles at once without symbolizing
 /// the rest, and a second one ends it as that signal would.
+///
+/// A signal that was ignored when `anyprof` started (`nohup`, a background job of a
+/// non-interactive shell, a service manager) stays ignored, by us and by the program, which
+/// inherits the disposition as it would without us: a handler would be reset to the default
+/// action by `exec`.
 pub(super) fn forward_signals(snapshot_signal: Option<i32>) {
     extern "C" fn on_signal(sig: libc::c_int, info: *mut libc::siginfo_t, _ctx: *mut libc::c_void) {
         if sig == SNAPSHOT_SIGNAL.load(Ordering::SeqCst) {
@@ -66,6 +71,13 @@ pub(super) fn forward_signals(snapshot_signal: Option<i32>) {
         libc::SIGUSR1,
         libc::SIGUSR2,
     ]) {
+        // SAFETY: a zeroed sigaction is a valid out-buffer; a null new action only reads.
+        let mut old: libc::sigaction = unsafe { std::mem::zeroed() };
+        // SAFETY: as above.
+        unsafe { libc::sigaction(sig, std::ptr::null(), &mut old) };
+        if old.sa_sigaction == libc::SIG_IGN && Some(sig) != snapshot_signal {
+            continue;
+        }
         // SAFETY: a zeroed sigaction is valid; we set handler and flags.
         let mut action: libc::sigaction = unsafe { std::mem::zeroed() };
         action.sa_sigaction = on_signal as *const () as usize;
