@@ -68,11 +68,17 @@ pub struct RecordArgs {
     /// Directory for the profiles [default: a new directory named after the program and time]
     #[arg(short = 'o', long = "output", value_name = "DIR")]
     pub output: Option<PathBuf>,
-    /// CPU samples per second of each thread's CPU time; 0 turns CPU profiling off. The kernel
-    /// services per-thread CPU timers from its tick, which caps the effective rate (often 250)
+    /// CPU samples per second of each thread's CPU time; 0 turns CPU profiling off
     #[arg(long = "cpu-hz", value_name = "N", env = "ANYPROF_CPU_HZ", default_value_t = 100,
           value_parser = clap::value_parser!(u32).range(0..=1000))]
     pub cpu_hz: u32,
+    /// What triggers CPU samples. `auto`: a perf cpu-clock event per thread where the kernel
+    /// allows it (kernel.perf_event_paranoid 2 or less): the exact rate, and threads shorter
+    /// than a tick sampled fairly; otherwise POSIX CPU timers, which the kernel services at
+    /// its tick (often 250 Hz at most). `timer`: timers only
+    #[arg(long = "cpu-source", value_name = "SOURCE", env = "ANYPROF_CPU_SOURCE",
+          default_value = "auto", value_parser = ["auto", "timer"])]
+    pub cpu_source: String,
     /// Mean bytes allocated between heap samples, like Go's MemProfileRate: 1 records every
     /// allocation, 0 turns heap profiling off. Accepts suffixes: 512KiB, 4MiB
     #[arg(long = "mem-rate", value_name = "BYTES", env = "ANYPROF_MEM_RATE", default_value = "512KiB",
@@ -220,6 +226,7 @@ pub fn run(args: RecordArgs) -> Result<ExitCode> {
         .env("ANYPROF_SOCKET", collector.socket_path())
         .env("ANYPROF_MODE", "record")
         .env("ANYPROF_CPU_HZ", args.cpu_hz.to_string())
+        .env("ANYPROF_CPU_SOURCE", &args.cpu_source)
         .env("ANYPROF_MEM_RATE", args.mem_rate.to_string())
         .spawn()
         .with_context(|| format!("cannot run {}", program.to_string_lossy()))?;

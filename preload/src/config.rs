@@ -24,6 +24,8 @@ use std::path::{Path, PathBuf};
 
 use anyprof_wire::DEFAULT_MEM_RATE;
 
+use crate::threads::CpuSource;
+
 /// Default CPU sampling rate, as Go's `runtime/pprof`.
 pub const DEFAULT_CPU_HZ: u32 = 100;
 /// Highest rate accepted. Per-thread CPU timers are serviced from the scheduler tick, so the
@@ -62,6 +64,9 @@ pub struct Config {
     pub socket: Option<PathBuf>,
     /// `ANYPROF_CPU_HZ`: samples per second of thread CPU time; 0 = no CPU sampling.
     pub cpu_hz: u32,
+    /// `ANYPROF_CPU_SOURCE`: `auto` (default: perf events where allowed) or `timer` — what
+    /// triggers CPU samples (see [`crate::threads::CpuSource`]).
+    pub cpu_source: CpuSource,
     /// `ANYPROF_MEM_RATE`: mean bytes between heap samples; 0 = off, 1 = every allocation.
     pub mem_rate: u64,
     /// `ANYPROF_FORK`: `child` (default) profiles a forked child as a process of its own,
@@ -95,6 +100,7 @@ impl Config {
                 mode: Mode::Serve,
                 socket: None,
                 cpu_hz: DEFAULT_CPU_HZ,
+                cpu_source: CpuSource::Auto,
                 mem_rate: DEFAULT_MEM_RATE,
                 fork_children: true,
                 exec_children: true, // leaves LD_PRELOAD untouched
@@ -144,6 +150,19 @@ impl Config {
                 }
             },
         };
+        let cpu_source = match get("ANYPROF_CPU_SOURCE")
+            .as_deref()
+            .and_then(|m| m.to_str())
+        {
+            None | Some("") | Some("auto") => CpuSource::Auto,
+            Some("timer") => CpuSource::Timer,
+            Some(other) => {
+                problems.push(format!(
+                    "ANYPROF_CPU_SOURCE={other} is not `auto` or `timer`; using auto"
+                ));
+                CpuSource::Auto
+            }
+        };
         let mem_rate = match get("ANYPROF_MEM_RATE") {
             None => DEFAULT_MEM_RATE,
             Some(raw) => match raw.to_str().and_then(anyprof_wire::parse_byte_size) {
@@ -182,6 +201,7 @@ impl Config {
             mode,
             socket,
             cpu_hz,
+            cpu_source,
             mem_rate,
             fork_children,
             exec_children,

@@ -193,6 +193,7 @@ fn start(argc: libc::c_int, argv: *const *const libc::c_char) {
     ACTIVE.store(true, Ordering::Release);
 
     threads::init();
+    threads::set_cpu_source(config.cpu_source);
     threads::record_stack_bounds();
     // The main thread may end through pthread_exit while others run on.
     threads::run_destructor_at_exit();

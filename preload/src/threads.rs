@@ -1,24 +1,25 @@
-//! Thread bookkeeping: every thread of the program gets a CPU timer and has its stack bounds
-//! recorded for the unwinder.
+//! Thread bookkeeping: every thread of the program gets a CPU source — a perf event
+//! ([`crate::perf_events`]) or a POSIX CPU timer ([`crate::timer`]) — and has its stack
+//! bounds recorded for the unwinder.
 //!
 //! Threads created after load are caught by the `pthread_create` interposer in
 //! [`crate::exports`], which starts them through [`start_routine_trampoline`]. Threads that
 //! already exist when the library starts (only the main thread under `LD_PRELOAD`) are set up
 //! by [`adopt_current_thread`] and [`adopt_other_threads`]. A thread-specific-data destructor
-//! deletes each timer when its thread exits, including through `pthread_exit`.
+//! ends each thread's source when it exits, including through `pthread_exit`.
 //!
 //! World: the program's threads at start and exit, through our `pthread_create` trampoline
 //! and TSD destructor (may allocate: not in a signal handler, not inside an allocation), and
 //! the background thread.
 
 use core::ffi::c_void;
-use core::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
+use core::sync::atomic::{AtomicBool, AtomicU32, AtomicU8, AtomicUsize, Ordering};
 use std::sync::Mutex;
 
 use anyprof_wire::Counter;
 
-use crate::signal::{handler, thread_state};
-use crate::{counters, log, timer};
+use crate::signal::{handler, perf_clock, thread_state};
+use crate::{counters, log, perf_events, timer};
 
 pub use anyprof_preload_core::settings::{CPU_EPOCH, CPU_HZ};
 
@@ -29,15 +30,15 @@ static TIMER_KEY: AtomicUsize = AtomicUsize::new(0);
 pub fn init() {
     let mut key: libc::pthread_key_t = 0;
     // SAFETY: `key` is valid; the destructor has the required signature.
-    if unsafe { libc::pthread_key_create(&mut key, Some(stop_timer_at_exit)) } == 0 {
+    if unsafe { libc::pthread_key_create(&mut key, Some(stop_cpu_source_at_exit)) } == 0 {
         TIMER_KEY.store(key as usize + 1, Ordering::Release);
     }
 }
 
-unsafe extern "C" fn stop_timer_at_exit(_: *mut c_void) {
+unsafe extern "C" fn stop_cpu_source_at_exit(_: *mut c_void) {
     let _section = crate::fork::section();
     let tid = thread_state::tid();
-    stop_timer(tid);
+    stop_cpu_source(tid);
     if let Ok(mut all) = STACKS.lock() {
         all.retain(|(t, _, _)| *t != tid);
     }
@@ -140,11 +141,13 @@ fn initial_thread_stack() -> Option<(u64, u64)> {
 static STACKS: Mutex<Vec<(u32, u64, u64)>> = Mutex::new(Vec::new());
 
 /// In a forked child only the forking thread lives on, under a new tid: forget the
-/// parent's timers (the kernel does not copy them) and threads, and record this one again.
+/// parent's CPU sources (the kernel copies neither timers nor event mappings) and threads,
+/// and record this one again.
 pub fn forget_other_threads_in_child() {
-    if let Ok(mut t) = TIMERS.lock() {
+    if let Ok(mut t) = SOURCES.lock() {
         t.clear();
     }
+    perf_clock::forget_all_in_child();
     if let Ok(mut s) = STACKS.lock() {
         s.clear();
     }
@@ -185,29 +188,146 @@ pub fn stack_of(tid: u32) -> Option<(u64, u64)> {
         .map(|&(_, lo, hi)| (lo, hi))
 }
 
-/// Every running timer, by thread: (tid, timer). Touched by thread start and exit, and by
-/// whoever starts or stops sampling; never from a signal handler.
-static TIMERS: Mutex<Vec<(u32, timer::TimerId)>> = Mutex::new(Vec::new());
+/// What samples a thread's CPU time.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Source {
+    /// A POSIX CPU timer.
+    Timer(timer::TimerId),
+    /// A perf `cpu-clock` event, in this slot of [`perf_clock`].
+    Perf(usize),
+}
+
+/// Every thread's CPU source: (tid, source). Touched by thread start and exit, by whoever
+/// starts or stops sampling and by the background thread's rounds; never from a signal
+/// handler (which only marks a perf slot whose one-shot event fired, see [`perf_clock`]).
+static SOURCES: Mutex<Vec<(u32, Source)>> = Mutex::new(Vec::new());
 /// The background thread's tid: our own thread is never sampled.
 pub static DRAIN_TID: AtomicU32 = AtomicU32::new(0);
 
-/// Starts a timer for thread `tid` unless it has one.
-fn start_timer(tid: u32, hz: u32) -> bool {
-    let Ok(mut timers) = TIMERS.lock() else {
+/// Which CPU source sampling uses (`ANYPROF_CPU_SOURCE`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u8)]
+pub enum CpuSource {
+    /// A perf event per thread where the kernel allows it ([`perf_events::allowed`]), else
+    /// timers.
+    Auto = 0,
+    /// POSIX CPU timers only.
+    Timer = 1,
+}
+
+static CPU_SOURCE: AtomicU8 = AtomicU8::new(CpuSource::Auto as u8);
+
+/// Sets the CPU source for sampling started from now on (from the configuration).
+pub fn set_cpu_source(source: CpuSource) {
+    CPU_SOURCE.store(source as u8, Ordering::Release);
+}
+
+/// Decides whether threads get perf events (probing the kernel the first time). Never under
+/// a seccomp filter, which may kill the process on a system call it does not expect.
+fn decide_perf_source() -> bool {
+    let on = CPU_SOURCE.load(Ordering::Acquire) == CpuSource::Auto as u8
+        && !crate::seccomp::filtered()
+        && perf_events::allowed();
+    if on {
+        perf_clock::start_using();
+    }
+    on
+}
+
+/// True while sampling gives threads perf events.
+static PERF_NOW: AtomicBool = AtomicBool::new(false);
+
+/// Starts a CPU source for thread `tid` unless it has one: a perf event when the perf source
+/// is on and the kernel grants one, else a timer. Returns whether the thread has one.
+fn start_cpu_source(tid: u32, hz: u32) -> bool {
+    let Ok(mut timers) = SOURCES.lock() else {
         return false;
     };
     if timers.iter().any(|(t, _)| *t == tid) {
         return true;
     }
+    if perf_events_now() {
+        match start_perf_event(tid, hz) {
+            Some(slot) => {
+                timers.push((tid, Source::Perf(slot)));
+                counters::bump(Counter::ThreadsPerf);
+                return true;
+            }
+            None => counters::bump(Counter::PerfRefused),
+        }
+    } else if PERF_NOW.load(Ordering::Acquire) {
+        counters::bump(Counter::PerfWithoutThread);
+    }
+    start_posix_timer(&mut timers, tid, hz)
+}
+
+/// Whether a thread starting now gets a perf event: the perf source is on and the background
+/// thread runs, which opens each thread's periodic event and watches for threads that block
+/// the signal. (A single-threaded program under `record` runs without it: its thread keeps a
+/// timer until the program starts a second one, see [`give_timed_threads_perf_events`].)
+fn perf_events_now() -> bool {
+    PERF_NOW.load(Ordering::Acquire) && crate::drain::running()
+}
+
+/// Called by the background thread as it starts: the threads that got a timer while it was
+/// not running get a perf event instead.
+pub fn give_timed_threads_perf_events() {
+    let hz = CPU_HZ.load(Ordering::Acquire);
+    if hz == 0 || !perf_events_now() {
+        return;
+    }
+    let Ok(mut timers) = SOURCES.lock() else {
+        return;
+    };
+    for (tid, source) in timers.iter_mut() {
+        if let Source::Timer(id) = *source {
+            if let Some(slot) = start_perf_event(*tid, hz) {
+                timer::stop(id);
+                *source = Source::Perf(slot);
+                counters::bump(Counter::ThreadsPerf);
+            }
+        }
+    }
+}
+
+/// Gives thread `tid` its first, one-shot perf event, whose period is drawn over one
+/// sampling period (see [`perf_clock`]). None if no slot is free, the kernel refuses, or a
+/// seccomp filter was seen (the thread would make the call itself).
+fn start_perf_event(tid: u32, hz: u32) -> Option<usize> {
+    if crate::seccomp::seen() {
+        return None;
+    }
+    let period_ns = 1_000_000_000u64 / u64::from(hz.max(1));
+    let slot = perf_clock::claim(tid)?;
+    match perf_events::open(tid, 1 + timer::random_below(tid, period_ns), true) {
+        Ok(addr) if perf_clock::fill(slot, tid, addr) => Some(slot),
+        Ok(addr) => {
+            perf_events::end(addr);
+            None
+        }
+        Err(_) => {
+            end_perf_event(slot);
+            None
+        }
+    }
+}
+
+/// Frees slot `slot` and ends the event it held.
+fn end_perf_event(slot: usize) {
+    if let Some(event) = perf_clock::take(slot) {
+        perf_events::end(event.addr);
+    }
+}
+
+fn start_posix_timer(timers: &mut Vec<(u32, Source)>, tid: u32, hz: u32) -> bool {
     match timer::start(tid, hz) {
         Ok(id) => {
-            timers.push((tid, id));
+            timers.push((tid, Source::Timer(id)));
             counters::bump(Counter::ThreadsTimed);
             true
         }
         Err(errno) => {
             counters::bump(Counter::TimerFailures);
-            drop(timers);
             log::warn_errno(
                 "could not start a CPU timer for a thread; it will not be sampled",
                 errno,
@@ -217,15 +337,109 @@ fn start_timer(tid: u32, hz: u32) -> bool {
     }
 }
 
-/// Stops thread `tid`'s timer, if it has one.
-fn stop_timer(tid: u32) {
-    let Ok(mut timers) = TIMERS.lock() else {
+fn stop_source(source: Source) {
+    match source {
+        Source::Timer(id) => timer::stop(id),
+        Source::Perf(slot) => end_perf_event(slot),
+    }
+}
+
+/// Stops thread `tid`'s CPU source, if it has one.
+fn stop_cpu_source(tid: u32) {
+    let Ok(mut timers) = SOURCES.lock() else {
         return;
     };
     if let Some(i) = timers.iter().position(|(t, _)| *t == tid) {
-        let (_, id) = timers.swap_remove(i);
-        timer::stop(id);
+        let (_, source) = timers.swap_remove(i);
+        stop_source(source);
     }
+}
+
+/// The background thread's round over perf events, every tick (and when a handler wakes it
+/// after a thread's first sample):
+/// - a thread whose one-shot event fired gets its periodic event;
+/// - a thread that runs with the sampling signal blocked would queue one real-time signal per
+///   period without end (and past the user's `RLIMIT_SIGPENDING` the kernel sends `SIGIO`,
+///   which ends the program): it gets a timer instead, which keeps one pending signal at most;
+/// - a thread that ended unseen has its event ended.
+pub fn tend_perf_events() {
+    if !PERF_NOW.load(Ordering::Relaxed) {
+        return;
+    }
+    let hz = CPU_HZ.load(Ordering::Relaxed);
+    if hz == 0 {
+        return;
+    }
+    let period_ns = 1_000_000_000u64 / u64::from(hz);
+    // 32 periods, and at least 50 ms: a few dozen queued signals at most, and no false alarm
+    // for a thread that is merely slow to be scheduled.
+    let blocked_after_ns = (32 * period_ns).max(50_000_000);
+    let Ok(mut timers) = SOURCES.lock() else {
+        return;
+    };
+    let mut events = [(
+        0usize,
+        perf_clock::Event {
+            addr: 0,
+            tid: 0,
+            state: perf_clock::State::OneShot,
+        },
+    ); perf_clock::SLOT_COUNT];
+    let n = perf_clock::events(&mut events);
+    for &(slot, event) in events.iter().take(n) {
+        let cpu_now = timer::thread_cpu_ns(event.tid);
+        let outcome = match (event.state, cpu_now) {
+            (_, None) if event.addr != 0 => Outcome::Gone,
+            (perf_clock::State::Fired, Some(_)) if event.addr != 0 => {
+                if crate::seccomp::filtered_recently() {
+                    Outcome::Timer(Counter::PerfRefused)
+                } else {
+                    match perf_events::open(event.tid, period_ns, false) {
+                        Ok(periodic) => {
+                            if perf_clock::promote(slot, event, periodic) {
+                                perf_events::end(event.addr);
+                            } else {
+                                perf_events::end(periodic);
+                            }
+                            Outcome::Keep
+                        }
+                        Err(_) => Outcome::Timer(Counter::PerfRefused),
+                    }
+                }
+            }
+            (perf_clock::State::Periodic, Some(now))
+                if now.saturating_sub(perf_clock::sampled_cpu_ns(slot)) > blocked_after_ns =>
+            {
+                Outcome::Timer(Counter::PerfBlocked)
+            }
+            _ => Outcome::Keep,
+        };
+        if outcome == Outcome::Keep {
+            continue;
+        }
+        end_perf_event(slot);
+        if let Some(i) = timers
+            .iter()
+            .position(|&(t, s)| t == event.tid && s == Source::Perf(slot))
+        {
+            timers.swap_remove(i);
+        }
+        // (A tid still listed belongs to a newer thread that reused it.)
+        if let Outcome::Timer(counter) = outcome {
+            counters::bump(counter);
+            if !timers.iter().any(|&(t, _)| t == event.tid) {
+                start_posix_timer(&mut timers, event.tid, hz);
+            }
+        }
+    }
+}
+
+/// What [`tend_perf_events`] does with a thread's event.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Outcome {
+    Keep,
+    Timer(Counter),
+    Gone,
 }
 
 /// Starts CPU sampling at `hz` on every thread of the program: installs the handler, then a
@@ -241,11 +455,12 @@ pub fn start_cpu_sampling(hz: u32) {
     }
     CPU_EPOCH.fetch_add(1, Ordering::AcqRel);
     CPU_HZ.store(hz, Ordering::Release);
+    PERF_NOW.store(decide_perf_source(), Ordering::Release);
     handler::SAMPLING.store(true, Ordering::Release);
     let drain = DRAIN_TID.load(Ordering::Acquire);
     for tid in task_ids() {
         if tid != drain {
-            start_timer(tid, hz);
+            start_cpu_source(tid, hz);
         }
     }
 }
@@ -255,11 +470,11 @@ pub fn stop_cpu_sampling() {
     let _section = crate::fork::section();
     CPU_HZ.store(0, Ordering::Release);
     handler::SAMPLING.store(false, Ordering::Release);
-    let Ok(mut timers) = TIMERS.lock() else {
+    let Ok(mut timers) = SOURCES.lock() else {
         return;
     };
-    for (_, id) in timers.drain(..) {
-        timer::stop(id);
+    for (_, source) in timers.drain(..) {
+        stop_source(source);
     }
 }
 
@@ -284,11 +499,11 @@ pub fn adopt_current_thread() {
         return;
     }
     thread_state::start_cpu_clock();
-    start_timer(thread_state::tid(), hz);
+    start_cpu_source(thread_state::tid(), hz);
 }
 
 /// Makes the calling thread's exit (`pthread_exit`, or returning from its start routine) run
-/// [`stop_timer_at_exit`], which forgets it.
+/// [`stop_cpu_source_at_exit`], which forgets it.
 pub fn run_destructor_at_exit() {
     let key = TIMER_KEY.load(Ordering::Acquire);
     if key != 0 {

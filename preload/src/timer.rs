@@ -78,8 +78,19 @@ pub fn stop(id: TimerId) {
     unsafe { libc::syscall(libc::SYS_timer_delete, id.0) };
 }
 
+/// The CPU time thread `tid` of this process has used, ns; None once it has exited.
+pub fn thread_cpu_ns(tid: u32) -> Option<u64> {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: a valid out-pointer; the clock id names a thread of this process.
+    let rc = unsafe { libc::clock_gettime(thread_cpu_clock(tid), &mut ts) };
+    (rc == 0).then(|| (ts.tv_sec as u64) * 1_000_000_000 + ts.tv_nsec as u64)
+}
+
 /// A number in `[0, n)` (0 for n = 0), good enough to spread timer phases.
-fn random_below(tid: u32, n: u64) -> u64 {
+pub fn random_below(tid: u32, n: u64) -> u64 {
     let mut x = crate::signal::sys::monotonic_ns() ^ (u64::from(tid) << 32) ^ 0x9e37_79b9_7f4a_7c15;
     x ^= x >> 33;
     x = x.wrapping_mul(0xff51_afd7_ed55_8ccd);

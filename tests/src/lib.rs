@@ -1001,6 +1001,15 @@ impl ProfileView {
         out
     }
 
+    /// Every comment of the profile, as text.
+    pub fn comment_lines(&self) -> Vec<&str> {
+        self.profile
+            .comment
+            .iter()
+            .map(|&i| self.string(i))
+            .collect()
+    }
+
     /// The `# Name = value` comments of the profile (the exact counters heap profiles carry).
     pub fn comments(&self) -> BTreeMap<String, String> {
         self.profile

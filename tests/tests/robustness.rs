@@ -1600,25 +1600,111 @@ fn short_lived_threads_under_sampling_keep_output_and_profiles_readable() {
     );
 }
 
-/// The CPU the 2000 short-lived threads use (about 0.15 ms each, most of the program's CPU
-/// time) shows in the profile: a thread that uses less than one sampling period of CPU must
-/// still be sampled with the matching probability (Go starts each thread's timer at a random
-/// point of the period for this), not never.
+/// Threads that live less than a sampling period are sampled in proportion to their CPU time
+/// (issue 16.3): 10 000 threads, each using 0.3 or 0.6 ms of CPU in `short_a` or `short_b`,
+/// get each function's CPU time within 10 % of what the threads measured with their own CPU
+/// clocks, at 1000 Hz. Per-thread POSIX timers, serviced at the scheduler tick, give them
+/// almost nothing (`--cpu-source timer`: 12 ms of short_a's 970); the perf source's hrtimer,
+/// with each thread's first sample drawn over one period, gives each about 0.3 or 0.6 samples
+/// of 1 ms.
 ///
-/// Known gap: per-thread CPU-time timers are checked only at the scheduler tick (4 ms at
-/// CONFIG_HZ=250), so a thread that lives 0.15 ms is almost never on a CPU when a tick
-/// comes, random first expiry or not. A hrtimer-based source (perf_event cpu-clock) is the
-/// fix; run with `--ignored` to see the current figure.
+/// Tolerance: `short_a` gets about 5000 × 0.3 = 1500 samples, a binomial count with a
+/// standard deviation of √(5000 × 0.3 × 0.7) ≈ 32 (2.2 %). The profile reads 3 to 5 % low:
+/// the threads' own measurement also holds what cannot be sampled — the handler's own time,
+/// and kernel time (the events count user time, and a thread this short gets no later sample
+/// to carry its kernel time). 10 % is then more than 2.2 standard deviations (short_b: more
+/// than 3) away.
 #[test]
-#[ignore = "known gap: tick-serviced CPU timers undersample threads that live less than a tick"]
 fn short_lived_threads_cpu_time_is_sampled() {
-    let (_, _, dir) = thread_churn();
+    let scratch = scratch_dir("robust_short_threads");
+    let exe = compile("short_threads.c", &["-O1", "-g", "-pthread"], &scratch);
+    let (run, dir) = recorded(
+        &scratch,
+        "profile",
+        &["--cpu-hz", "1000", "--mem-rate", "0"],
+        &exe,
+        &[],
+    );
+    assert_eq!(run.code, 0, "short_threads failed under record: {run:?}");
+    let truth: BTreeMap<String, i64> = run
+        .stdout_text()
+        .lines()
+        .filter_map(|l| l.split_once(' '))
+        .filter_map(|(name, ns)| Some((name.to_string(), ns.parse().ok()?)))
+        .collect();
     let view = read_profile(&dir.join("cpu.pb.gz"));
-    let total = view.total_samples();
-    let churn = samples_of(&view, "churn_work");
+    let cpu = cumulative_value(&view, "cpu");
+    let comments = view.comment_lines().join("\n");
     assert!(
-        total >= 10 && churn * 4 >= total,
-        "churn_work, most of the program's CPU time, has {churn} of {total} samples:\n{}",
+        comments.contains("perf cpu-clock events on 10001 threads"),
+        "every thread should have had a perf event here (root, perf_event_paranoid <= 2): \
+         {comments}"
+    );
+    for function in ["short_a", "short_b"] {
+        let want = truth[function] as f64;
+        let got = cpu.get(function).copied().unwrap_or(0) as f64;
+        assert!(
+            (got - want).abs() <= 0.10 * want,
+            "{function}: the threads measured {:.1} ms of CPU, the profile has {:.1} ms \
+             (more than 10 % apart)\n{comments}\n{}",
+            want / 1e6,
+            got / 1e6,
+            view.describe()
+        );
+    }
+}
+
+/// A thread that runs with every signal blocked (issue 16.3): the perf source queues one
+/// real-time signal per period for it, and past the user's `RLIMIT_SIGPENDING` the kernel
+/// would send `SIGIO` instead, ending the program. The background thread's watchdog moves such
+/// a thread to a POSIX timer (one pending signal at most) within about 70 ms of CPU time, so
+/// a second of blocked work at 1000 Hz leaves a few dozen signals queued, not a thousand; the
+/// thread's CPU time still adds up, at the point where it unblocks.
+#[test]
+fn a_thread_that_blocks_the_signal_queues_few_signals_and_keeps_its_cpu_time() {
+    let scratch = scratch_dir("robust_blocked_worker");
+    let exe = compile("blocked_worker.c", &["-O1", "-g", "-pthread"], &scratch);
+    let (run, dir) = recorded(
+        &scratch,
+        "profile",
+        &["--cpu-hz", "1000", "--mem-rate", "0"],
+        &exe,
+        &[],
+    );
+    assert_eq!(run.code, 0, "blocked_worker failed under record: {run:?}");
+    assert!(run.stdout_text().starts_with("done "), "{run:?}");
+    let stderr = run.stderr_text();
+    let number = |key: &str| -> i64 {
+        stderr
+            .lines()
+            .find_map(|l| l.strip_prefix(key)?.trim().parse().ok())
+            .unwrap_or_else(|| panic!("no `{key}` line from blocked_worker: {stderr}"))
+    };
+    let queued = number("queued ");
+    assert!(
+        (0..=500).contains(&queued),
+        "{queued} signals were queued for this user while the worker ran a second with signals \
+         blocked; without the watchdog it would be about 1000"
+    );
+    let view = read_profile(&dir.join("cpu.pb.gz"));
+    let comments = view.comment_lines().join("\n");
+    assert!(
+        comments.contains(
+            "1 threads were moved to a timer because they ran with the sampling \
+                           signal blocked"
+        ),
+        "the watchdog should have moved the worker to a timer: {comments}"
+    );
+    let want = number("worker_cpu ") as f64;
+    let got = cumulative_value(&view, "cpu")
+        .get("worker")
+        .copied()
+        .unwrap_or(0) as f64;
+    assert!(
+        (got - want).abs() <= 0.10 * want,
+        "the worker used {:.0} ms of CPU, the profile has {:.0} ms in it\n{comments}\n{}",
+        want / 1e6,
+        got / 1e6,
         view.describe()
     );
 }

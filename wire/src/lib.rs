@@ -134,10 +134,21 @@ pub enum Counter {
     // the same.
     /// Module-map messages that could not be sent.
     DroppedModules = 7,
+    /// Threads sampled by a perf `cpu-clock` event (the perf CPU source).
+    ThreadsPerf = 8,
+    /// Threads that were to get a perf event but got a CPU timer instead: the kernel refused
+    /// the event (locked-memory budget, permission) or every event slot was taken.
+    PerfRefused = 9,
+    /// Threads moved from a perf event to a CPU timer because they kept the sampling signal
+    /// blocked while they ran.
+    PerfBlocked = 10,
+    /// Threads given a CPU timer while the perf source was on because anyprof's background
+    /// thread was not running (a single-threaded program under `record` runs without it).
+    PerfWithoutThread = 11,
 }
 
 /// Number of counters this version knows.
-pub const COUNTER_COUNT: usize = 8;
+pub const COUNTER_COUNT: usize = 12;
 
 /// The fixed header that starts every message.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

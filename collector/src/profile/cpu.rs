@@ -110,6 +110,9 @@ pub fn build(session: &Session, symbolizer: &mut Symbolizer, duration_ns: u64) -
          (weights are measured thread CPU time)",
         totals.len()
     ));
+    if let Some(text) = cpu_source_comment(session) {
+        b.comment(&text);
+    }
     b.comment(&format!(
         "anyprof: lost samples: {} (ring full {}, send failed {}); truncated stacks: {}",
         lost,
@@ -128,4 +131,48 @@ pub fn build(session: &Session, symbolizer: &mut Symbolizer, duration_ns: u64) -
         );
     }
     b.finish()
+}
+
+/// Names the CPU sources the preloaded process used, by thread count, and why threads fell
+/// back (None for a process that reported neither, such as one profiled by `attach`).
+pub fn cpu_source_comment(session: &Session) -> Option<String> {
+    let perf = session.counter(Counter::ThreadsPerf);
+    let timed = session.counter(Counter::ThreadsTimed);
+    if perf == 0 && timed == 0 {
+        return None;
+    }
+    let refused = session.counter(Counter::PerfRefused);
+    let blocked = session.counter(Counter::PerfBlocked);
+    let mut text = format!(
+        "anyprof: CPU source: perf cpu-clock events on {perf} threads (exact rate, user time; \
+         system-call time is weighed into the next sample), POSIX CPU timers on {timed} threads \
+         (serviced at the kernel's tick)"
+    );
+    if refused > 0 {
+        text.push_str(&format!(
+            "; {refused} threads got a timer because the kernel refused a perf event (locked-memory \
+             budget or permission) or more than 256 threads had one"
+        ));
+    }
+    if blocked > 0 {
+        text.push_str(&format!(
+            "; {blocked} threads were moved to a timer because they ran with the sampling signal \
+             blocked"
+        ));
+    }
+    let without_thread = session.counter(Counter::PerfWithoutThread);
+    if without_thread > 0 {
+        text.push_str(&format!(
+            "; {without_thread} threads got a timer while the program was single-threaded (the \
+             perf source needs anyprof's own thread, which `record` starts only with the \
+             program's second thread); threads that lived on got a perf event then"
+        ));
+    }
+    if perf == 0 && timed > 0 && without_thread == 0 {
+        text.push_str(
+            "; perf events were not used: ANYPROF_CPU_SOURCE=timer, or perf_event_open is not \
+             allowed (kernel.perf_event_paranoid above 2, or a seccomp filter)",
+        );
+    }
+    Some(text)
 }

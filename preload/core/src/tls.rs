@@ -46,6 +46,9 @@ pub struct ThreadBlock {
     pub cpu_epoch: Cell<u32>,
     /// Non-zero while the thread is inside a section of the fork gate (`fork::section`).
     pub in_fork_section: Cell<u8>,
+    /// The thread's perf-event slot plus one (0 = none), once its periodic event runs
+    /// (`signal::perf_clock`).
+    pub perf_slot: Cell<u16>,
 }
 
 /// Bytes reserved for the block in `.tbss`.

@@ -131,32 +131,6 @@ fn copy_without_faulting(addr: u64, buf: &mut [u8]) -> usize {
     usize::try_from(n).unwrap_or(0)
 }
 
-/// Set once this thread (the background thread) is known to run under a seccomp filter,
-/// which is never removed.
-static FILTERED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
-
-/// True if the calling thread runs under a seccomp filter (`Seccomp: 2` in its status), as a
-/// program's sandbox with `SECCOMP_FILTER_FLAG_TSYNC` puts our thread too: such a filter may
-/// kill the process on `process_vm_readv` (systemd's `SystemCallFilter=`, browser
-/// sandboxes), so the dump then gives a blocked thread's leaf only.
-fn under_seccomp_filter() -> bool {
-    if FILTERED.load(Ordering::Relaxed) {
-        return true;
-    }
-    // Unreadable (no /proc): assume a filter, this time.
-    let Ok(status) = std::fs::read_to_string("/proc/thread-self/status") else {
-        return true;
-    };
-    let filtered = status
-        .lines()
-        .find_map(|l| l.strip_prefix("Seccomp:"))
-        .is_some_and(|mode| mode.trim() != "0");
-    if filtered {
-        FILTERED.store(true, Ordering::Relaxed);
-    }
-    filtered
-}
-
 fn record_blocked_thread(tid: u32, sp: u64, pc: u64, id: u32, copy: &mut Vec<u8>) {
     let Some(mut claim) = ring::claim() else {
         counters::bump(Counter::DroppedRingFull);
@@ -166,7 +140,7 @@ fn record_blocked_thread(tid: u32, sp: u64, pc: u64, id: u32, copy: &mut Vec<u8>
     // The thread may wake up, exit and have its stack unmapped while we look: its stack is
     // copied without faulting first, and unwound from the copy.
     let (len, flags) = match crate::threads::stack_of(tid) {
-        Some((lo, hi)) if sp >= lo && sp < hi && !under_seccomp_filter() => {
+        Some((lo, hi)) if sp >= lo && sp < hi && !crate::seccomp::filtered() => {
             let at = sp & !7;
             copy.resize(((hi - at) as usize).min(STACK_COPY), 0);
             let n = copy_without_faulting(at, copy);

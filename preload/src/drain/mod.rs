@@ -19,7 +19,7 @@ pub mod transport;
 
 pub use thread::{
     catch_up_without_thread, defer_thread, flush, forget_thread_in_child, last_flush_by_background,
-    pause, program_is_single_threaded, report_everything_again, spawn, start_deferred_thread,
-    MODULES, RECONNECT, SERVE_MODE,
+    pause, program_is_single_threaded, report_everything_again, running, spawn,
+    start_deferred_thread, MODULES, RECONNECT, SERVE_MODE,
 };
 pub use transport::{collector_uid, connect, forget_connection, handshake, Trust};

@@ -275,9 +275,27 @@ pub fn abort_on_panic(f: fn()) {
 /// True in serve mode: a lost connection also stops CPU sampling (nobody is asking).
 pub static SERVE_MODE: AtomicBool = AtomicBool::new(false);
 
+/// True while the background thread's loop runs (the perf CPU source needs it: see
+/// [`crate::threads::tend_perf_events`]).
+static RUNNING: AtomicBool = AtomicBool::new(false);
+
+/// Whether the background thread is running its loop now.
+pub fn running() -> bool {
+    RUNNING.load(Ordering::Acquire)
+}
+
 fn run() {
     thread_state::Internal::for_good();
     crate::threads::DRAIN_TID.store(thread_state::tid(), Ordering::Release);
+    RUNNING.store(true, Ordering::Release);
+    let section = crate::fork::section();
+    crate::threads::give_timed_threads_perf_events();
+    drop(section);
+    run_loop();
+    RUNNING.store(false, Ordering::Release);
+}
+
+fn run_loop() {
     let mut last_counters = Instant::now();
     let mut last_reconnect = Instant::now()
         .checked_sub(RECONNECT_EVERY)
@@ -330,6 +348,7 @@ fn run() {
         }
         let section = crate::fork::section();
         commands::poll_commands();
+        crate::threads::tend_perf_events();
         drop(section);
         let counters_due = last_counters.elapsed() >= COUNTERS_EVERY;
         if counters_due {

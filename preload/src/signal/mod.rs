@@ -5,6 +5,6 @@
 //! background thread, and its unwind functions (which run in the handler and the hooks and
 //! obey the core's contract) are published to the core at start.
 
-pub use anyprof_preload_core::signal::{handler, ring, sys, thread_state};
+pub use anyprof_preload_core::signal::{handler, perf_clock, ring, sys, thread_state};
 
 pub mod unwind;

@@ -8,18 +8,26 @@
 //! its handler too: `sigaction`/`signal` for it are interposed, ours stays installed, and
 //! every such signal that is not one of ours goes to the program's handler.
 //!
+//! Our samples come from one of two sources: a POSIX CPU timer per thread (`SI_TIMER`, its
+//! value carrying [`TIMER_COOKIE`]) or a perf `cpu-clock` event per thread
+//! ([`super::perf_clock`]: `POLL_IN`, or `POLL_HUP` for a thread's first, one-shot event).
+//! A program's own `O_ASYNC` descriptor signalling [`SIGNAL`] would be taken for ours while
+//! the perf source is in use; no known program does that.
+//!
 //! Steps, all async-signal-safe (see the contract in [`crate::signal`]): save errno; ignore
-//! the signal unless sampling is on and it came from one of our timers (any other goes to the
-//! handler the program installed for that signal, if any); measure the thread CPU time since
-//! its previous sample (the sample's honest weight: per-thread CPU timers are serviced from
-//! the scheduler tick, so the real interval differs from the requested one); claim a ring
-//! slot; unwind into it; publish; restore errno.
+//! the signal unless sampling is on and it came from one of our sources (any other goes to the
+//! handler the program installed for that signal, if any); weigh the sample — a timer's by
+//! the thread CPU time since its previous sample (per-thread CPU timers are serviced from the
+//! scheduler tick, so the real interval differs from the requested one), a perf event's the
+//! same way but for a thread's first sample, which stands for one period; claim a ring slot;
+//! unwind into it; publish; after a thread's first perf sample, mark its slot so that the
+//! background thread starts its periodic event; restore errno.
 
 use core::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
 use anyprof_wire::Counter;
 
-use super::{ring, sys, thread_state, unwinder as unwind};
+use super::{perf_clock, ring, sys, thread_state, unwinder as unwind};
 use crate::counters;
 
 /// True while samples should be taken. Cleared at exit and in forked children.
@@ -137,11 +145,39 @@ extern "C" fn on_signal(sig: libc::c_int, info: *mut libc::siginfo_t, context: *
     };
     if code == libc::SI_TIMER && is_our_timer(info) {
         if SAMPLING.load(Ordering::Relaxed) && !context.is_null() {
-            take_sample(context, 0, None);
+            let epoch = crate::settings::CPU_EPOCH.load(Ordering::Relaxed);
+            let weight = thread_state::take_cpu_delta(sys::thread_cpu_ns(), epoch, period_ns());
+            take_sample(context, 0, weight);
+        }
+    } else if (code == perf_clock::POLL_IN || code == perf_clock::POLL_HUP) && perf_clock::in_use()
+    {
+        if SAMPLING.load(Ordering::Relaxed) && !context.is_null() {
+            // A thread's first sample (the one-shot event's) stands for one period: it came
+            // at a point drawn over one period, so it is a fair estimate for a thread of any
+            // length — unless the thread used more than two periods before it: then the
+            // signal waited (blocked) and the measured time is the better weight. Each later
+            // sample weighs the thread CPU time since the previous one: one period of user
+            // time, and the system-call time in between, which the events do not sample
+            // (see `perf_clock`).
+            let now = sys::thread_cpu_ns();
+            let epoch = crate::settings::CPU_EPOCH.load(Ordering::Relaxed);
+            let period = period_ns();
+            let measured = thread_state::take_cpu_delta(now, epoch, period);
+            let weight = if code == perf_clock::POLL_HUP && measured <= 2 * period {
+                period
+            } else {
+                measured
+            };
+            take_sample(context, 0, weight);
+            if code == perf_clock::POLL_HUP {
+                perf_clock::on_first_sample(now);
+            } else {
+                perf_clock::note_sample(now);
+            }
         }
     } else if code == libc::SI_TKILL && is_dump_request(info) && !context.is_null() {
         let id = DUMP_REQUEST.load(Ordering::Acquire);
-        take_sample(context, anyprof_wire::FLAG_THREAD_DUMP, Some(u64::from(id)));
+        take_sample(context, anyprof_wire::FLAG_THREAD_DUMP, u64::from(id));
     } else {
         chain(sig, info, context);
     }
@@ -201,18 +237,15 @@ fn is_dump_request(info: *mut libc::siginfo_t) -> bool {
     sender == unsafe { libc::getpid() }
 }
 
-/// Records the interrupted stack: a CPU sample (weight = measured thread CPU time), or with
-/// `dump_id` a thread-dump entry (the id travels in the weight field).
-fn take_sample(context: *mut libc::c_void, extra_flags: u8, dump_id: Option<u64>) {
+/// The sampling period at the requested rate, ns.
+fn period_ns() -> u64 {
+    1_000_000_000 / u64::from(crate::settings::CPU_HZ.load(Ordering::Relaxed).max(1))
+}
+
+/// Records the interrupted stack: a CPU sample of `weight` ns of CPU time, or with
+/// [`anyprof_wire::FLAG_THREAD_DUMP`] a thread-dump entry (`weight` carries the dump's id).
+fn take_sample(context: *mut libc::c_void, extra_flags: u8, weight: u64) {
     unwind::IN_FLIGHT.fetch_add(1, Ordering::SeqCst);
-    let cpu_ns = match dump_id {
-        Some(id) => id,
-        None => {
-            let hz = u64::from(crate::settings::CPU_HZ.load(Ordering::Relaxed).max(1));
-            let epoch = crate::settings::CPU_EPOCH.load(Ordering::Relaxed);
-            thread_state::take_cpu_delta(sys::thread_cpu_ns(), epoch, 1_000_000_000 / hz)
-        }
-    };
     match ring::claim() {
         Some(mut claim) => {
             // SAFETY: for SA_SIGINFO handlers the third argument is the interrupted ucontext.
@@ -228,7 +261,7 @@ fn take_sample(context: *mut libc::c_void, extra_flags: u8, dump_id: Option<u64>
             record.flags = flags | extra_flags;
             record.tid = thread_state::tid();
             record.time_ns = sys::monotonic_ns();
-            record.cpu_ns = cpu_ns;
+            record.cpu_ns = weight;
             claim.publish();
             counters::bump(Counter::SamplesTaken);
             if flags & anyprof_wire::FLAG_TRUNCATED != 0 {

@@ -11,7 +11,9 @@
 //! - take a lock that interrupted code may hold (no `Mutex`, `RwLock`, `OnceLock`, stdio);
 //! - panic (no `unwrap`, `expect`, unchecked indexing, arithmetic that can overflow in debug);
 //! - touch lazily-initialised thread-locals (only `const`-initialised, non-`Drop` ones);
-//! - make system calls other than `gettid` and `clock_gettime` ([`sys`]);
+//! - make system calls other than `gettid` and `clock_gettime` ([`sys`]), and the one futex
+//!   wake that wakes the background thread ([`unwinder::wake_background_thread`], after a
+//!   thread's first perf-event sample, see [`perf_clock`]);
 //! - clobber `errno` (the handler saves and restores it).
 //!
 //! What it may use: atomics, raw pointers into memory owned for the life of the process, and
@@ -23,6 +25,7 @@
 //! allocator, on the background thread, and obeys this contract when it runs).
 
 pub mod handler;
+pub mod perf_clock;
 pub mod ring;
 pub mod sys;
 pub mod thread_state;

@@ -40,6 +40,12 @@ pub fn request_catch_up() {
     if CATCH_UP.swap(true, Ordering::AcqRel) {
         return;
     }
+    wake_background_thread();
+}
+
+/// Wakes the background thread for an early cycle (nothing before the std part published
+/// its waker). Signal and hook world.
+pub fn wake_background_thread() {
     match WAKE.load(Ordering::Acquire) {
         0 => {}
         f => {

@@ -1,0 +1,54 @@
+//! Whether a seccomp filter guards the calling thread. A filter may kill the process on a
+//! system call it does not expect (systemd's `SystemCallFilter=`, browser and daemon
+//! sandboxes), so the calls a program never makes itself — `process_vm_readv` for a thread
+//! dump, `perf_event_open` for the perf CPU source — are made only where no filter is.
+//!
+//! World: the constructor and the background thread (reads `/proc`, allocates).
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+
+/// Set once a filter was seen: a filter is never removed, and one installed with
+/// `SECCOMP_FILTER_FLAG_TSYNC` covers every thread.
+static FILTERED: AtomicBool = AtomicBool::new(false);
+
+/// True if the calling thread or the process's main thread runs under a seccomp filter
+/// (`Seccomp: 2` in its status), or if that cannot be read. (A program's sandbox on its main
+/// thread covers the threads it starts later, which make their own calls at start.)
+pub fn filtered() -> bool {
+    if FILTERED.load(Ordering::Relaxed) {
+        return true;
+    }
+    let filtered = ["/proc/thread-self/status", "/proc/self/status"]
+        .iter()
+        .any(|path| match std::fs::read_to_string(path) {
+            Ok(status) => status
+                .lines()
+                .find_map(|l| l.strip_prefix("Seccomp:"))
+                .is_some_and(|mode| mode.trim() != "0"),
+            // Unreadable (no /proc): assume a filter, this time.
+            Err(_) => true,
+        });
+    if filtered {
+        FILTERED.store(true, Ordering::Relaxed);
+    }
+    filtered
+}
+
+/// True once a filter was seen by [`filtered`] (no system call: for a thread's start).
+pub fn seen() -> bool {
+    FILTERED.load(Ordering::Relaxed)
+}
+
+/// CLOCK_MONOTONIC of the last look by [`filtered_recently`].
+static LAST_LOOK_NS: AtomicU64 = AtomicU64::new(0);
+
+/// [`filtered`], looking again at most once a second: for the background thread's rounds.
+pub fn filtered_recently() -> bool {
+    let now = crate::signal::sys::monotonic_ns();
+    let last = LAST_LOOK_NS.load(Ordering::Relaxed);
+    if last != 0 && now.saturating_sub(last) < 1_000_000_000 {
+        return seen();
+    }
+    LAST_LOOK_NS.store(now, Ordering::Relaxed);
+    filtered()
+}
