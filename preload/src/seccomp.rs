@@ -34,9 +34,26 @@ pub fn filtered() -> bool {
     filtered
 }
 
-/// True once a filter was seen by [`filtered`] (no system call: for a thread's start).
+/// True once a filter was seen (no system call).
 pub fn seen() -> bool {
     FILTERED.load(Ordering::Relaxed)
+}
+
+/// True if the calling thread runs under a seccomp filter, asked with
+/// `prctl(PR_GET_SECCOMP)` — no descriptor, a fraction of a microsecond: for a thread's
+/// start. A program that sandboxes itself once it runs (without `SECCOMP_FILTER_FLAG_TSYNC`)
+/// leaves [`filtered`]'s earlier answer stale, and its new threads inherit the filter.
+pub fn calling_thread_filtered() -> bool {
+    if seen() {
+        return true;
+    }
+    // SAFETY: PR_GET_SECCOMP takes no pointer; it returns 0 (none), 2 (filter) or -1 (no
+    // seccomp in this kernel: then no filter either).
+    let mode = unsafe { libc::prctl(libc::PR_GET_SECCOMP, 0, 0, 0, 0) };
+    if mode > 0 {
+        FILTERED.store(true, Ordering::Relaxed);
+    }
+    mode > 0
 }
 
 /// CLOCK_MONOTONIC of the last look by [`filtered_recently`].

@@ -292,9 +292,10 @@ pub fn give_timed_threads_perf_events() {
 
 /// Gives thread `tid` its first, one-shot perf event, whose period is drawn over one
 /// sampling period (see [`perf_clock`]). None if no slot is free, the kernel refuses, or a
-/// seccomp filter was seen (the thread would make the call itself).
+/// seccomp filter guards the calling thread (it would make the call itself, and a filter may
+/// kill the process on it).
 fn start_perf_event(tid: u32, hz: u32) -> Option<usize> {
-    if crate::seccomp::seen() {
+    if crate::seccomp::calling_thread_filtered() {
         return None;
     }
     let period_ns = 1_000_000_000u64 / u64::from(hz.max(1));

@@ -1709,6 +1709,32 @@ fn a_thread_that_blocks_the_signal_queues_few_signals_and_keeps_its_cpu_time() {
     );
 }
 
+/// A program that sandboxes itself once it runs (a seccomp filter on its main thread that
+/// kills the process on `perf_event_open`, then new threads, which inherit it) keeps running
+/// under the perf source: a thread under a filter is given a timer instead of opening an
+/// event. Before the check it died of SIGSYS.
+#[test]
+fn a_program_that_sandboxes_itself_is_not_killed_by_the_perf_source() {
+    let scratch = scratch_dir("robust_perf_sandbox");
+    let exe = compile("perf_sandbox.c", &["-O1", "-g", "-pthread"], &scratch);
+    let plain = direct(&exe, &[]);
+    assert_eq!(plain.code, 0, "perf_sandbox itself failed: {plain:?}");
+    let (profiled, dir) = recorded(
+        &scratch,
+        "profile",
+        &["--cpu-hz", "1000", "--mem-rate", "0"],
+        &exe,
+        &[],
+    );
+    assert_same_behaviour("perf_sandbox under record", &plain, &profiled);
+    let view = read_profile(&dir.join("cpu.pb.gz"));
+    assert!(
+        samples_of(&view, "sandboxed_work") > 0,
+        "the sandboxed threads were not sampled:\n{}",
+        view.describe()
+    );
+}
+
 // ---------------------------------------------------------------------------------------------
 // 12. small stacks
 // ---------------------------------------------------------------------------------------------

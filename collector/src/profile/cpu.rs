@@ -150,8 +150,9 @@ pub fn cpu_source_comment(session: &Session) -> Option<String> {
     );
     if refused > 0 {
         text.push_str(&format!(
-            "; {refused} threads got a timer because the kernel refused a perf event (locked-memory \
-             budget or permission) or more than 256 threads had one"
+            "; {refused} threads got a timer because no perf event could be had for them (the \
+             kernel's locked-memory budget for perf, or permission; a seccomp filter; or 256 \
+             threads had one already)"
         ));
     }
     if blocked > 0 {
