@@ -1506,6 +1506,22 @@ fn blocks_allocated_before_our_constructor_count_as_allocated() {
     );
 }
 
+/// A forked child that ended by itself gets its own files even when none of its allocations
+/// was sampled (here: a rate of 1 GiB; at the default rate `fork_promoted`'s child, whose only
+/// allocation is 1 MiB, went unsampled one run in seven): its exact counters are its own.
+/// Only a child that execs at once, which never says goodbye, is left out. Before, this
+/// child was taken for one and dropped.
+#[test]
+fn a_forked_child_with_nothing_sampled_still_gets_its_files() {
+    let scratch = scratch_dir("heap_fork_unsampled");
+    let exe = compile("fork_promoted.c", &["-O1", "-g"], &scratch);
+    let dir = scratch.join("profile");
+    let out = run(&mut heap_record_command(&dir, &["--mem-rate", "1GiB"], &exe, &[]));
+    assert_eq!(out.code, 0, "fork_promoted failed:\n{}", out.stderr_text());
+    let children = anyprof_tests::other_process_files(&dir, "heap");
+    assert_eq!(children.len(), 1, "one child's heap profile: {children:?}");
+}
+
 /// A forked child that frees the blocks its parent allocated counts each free with the size
 /// it was counted with: a sampled small block that was moved to a 4 KiB block in the parent
 /// (see the preload's `alloc::hooks`) counts as its small size, not 4 KiB. The child of

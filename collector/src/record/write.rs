@@ -64,8 +64,16 @@ pub(super) fn write_profiles(
         let Some(pid) = s.pid() else { continue };
         let is_main = s.image_key() == main;
         // A forked child that execs at once (a shell running a command) reports nothing of
-        // its own before the exec'd image takes over: nothing of it to write.
-        if !is_main && s.cpu.is_empty() && s.heap.values().all(|b| b.counts.alloc_objects == 0) {
+        // its own before the exec'd image takes over: nothing of it to write. Such an image
+        // never says goodbye (exec runs neither our destructor nor `_exit`); a child that
+        // ended by itself did, and is written even if none of its allocations happened to
+        // be sampled (a single 1 MiB block escapes the default rate one time in seven): its
+        // exact counters are its own.
+        if !is_main
+            && !s.said_goodbye
+            && s.cpu.is_empty()
+            && s.heap.values().all(|b| b.counts.alloc_objects == 0)
+        {
             continue;
         }
         processes.push(Process {
