@@ -107,9 +107,10 @@ pub fn end(addr: usize) {
     }
 }
 
-/// Opens thread `tid`'s event — one-shot (one overflow after `period_ns` of the thread's user
-/// CPU time, then it stops) or periodic — arms it to signal that thread, and lets go of the
-/// descriptor. Returns the mapping's address, or the errno of the step that failed (then
+/// Opens thread `tid`'s event — one-shot (one overflow, then it stops) or periodic, every
+/// `period_ns` of the thread's CPU time (an expiry that finds the thread in the kernel is
+/// skipped: the event counts user time only) — arms it to signal that thread, and lets go of
+/// the descriptor. Returns the mapping's address, or the errno of the step that failed (then
 /// nothing is left open).
 pub fn open(tid: u32, period_ns: u64, one_shot: bool) -> Result<usize, i32> {
     let fd = open_disabled(tid, period_ns)?;

@@ -5,7 +5,7 @@
 //!
 //! World: the constructor and the background thread (reads `/proc`, allocates).
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 
 /// Set once a filter was seen: a filter is never removed, and one installed with
 /// `SECCOMP_FILTER_FLAG_TSYNC` covers every thread.
@@ -54,18 +54,4 @@ pub fn calling_thread_filtered() -> bool {
         FILTERED.store(true, Ordering::Relaxed);
     }
     mode > 0
-}
-
-/// CLOCK_MONOTONIC of the last look by [`filtered_recently`].
-static LAST_LOOK_NS: AtomicU64 = AtomicU64::new(0);
-
-/// [`filtered`], looking again at most once a second: for the background thread's rounds.
-pub fn filtered_recently() -> bool {
-    let now = crate::signal::sys::monotonic_ns();
-    let last = LAST_LOOK_NS.load(Ordering::Relaxed);
-    if last != 0 && now.saturating_sub(last) < 1_000_000_000 {
-        return seen();
-    }
-    LAST_LOOK_NS.store(now, Ordering::Relaxed);
-    filtered()
 }

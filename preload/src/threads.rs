@@ -223,15 +223,34 @@ pub fn set_cpu_source(source: CpuSource) {
 }
 
 /// Decides whether threads get perf events (probing the kernel the first time). Never under
-/// a seccomp filter, which may kill the process on a system call it does not expect.
+/// a seccomp filter, which may kill the process on a system call it does not expect, nor
+/// with little room for queued signals (see [`room_for_queued_signals`]).
 fn decide_perf_source() -> bool {
     let on = CPU_SOURCE.load(Ordering::Acquire) == CpuSource::Auto as u8
+        && room_for_queued_signals()
         && !crate::seccomp::filtered()
         && perf_events::allowed();
     if on {
         perf_clock::start_using();
     }
     on
+}
+
+/// Whether the user's `RLIMIT_SIGPENDING` leaves room for the perf source's queued signals.
+/// Each overflow queues a real-time signal (a timer's is preallocated, so never refused);
+/// past the limit the kernel sends `SIGIO` instead, whose default action ends the program.
+/// The watchdog keeps each thread's queue to a few dozen, for at most
+/// [`perf_clock::SLOT_COUNT`] threads; below that much room, timers.
+fn room_for_queued_signals() -> bool {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: a valid out-pointer.
+    if unsafe { libc::getrlimit(libc::RLIMIT_SIGPENDING, &mut limit) } != 0 {
+        return false;
+    }
+    limit.rlim_cur == libc::RLIM_INFINITY || limit.rlim_cur >= (perf_clock::SLOT_COUNT as u64) * 128
 }
 
 /// True while sampling gives threads perf events.
@@ -392,7 +411,9 @@ pub fn tend_perf_events() {
         let outcome = match (event.state, cpu_now) {
             (_, None) if event.addr != 0 => Outcome::Gone,
             (perf_clock::State::Fired, Some(_)) if event.addr != 0 => {
-                if crate::seccomp::filtered_recently() {
+                // This thread makes the call: a filter on it (one the program put on every
+                // thread with SECCOMP_FILTER_FLAG_TSYNC) may kill the process on it.
+                if crate::seccomp::calling_thread_filtered() {
                     Outcome::Timer(Counter::PerfRefused)
                 } else {
                     match perf_events::open(event.tid, period_ns, false) {

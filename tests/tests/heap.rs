@@ -1516,7 +1516,12 @@ fn a_forked_child_with_nothing_sampled_still_gets_its_files() {
     let scratch = scratch_dir("heap_fork_unsampled");
     let exe = compile("fork_promoted.c", &["-O1", "-g"], &scratch);
     let dir = scratch.join("profile");
-    let out = run(&mut heap_record_command(&dir, &["--mem-rate", "1GiB"], &exe, &[]));
+    let out = run(&mut heap_record_command(
+        &dir,
+        &["--mem-rate", "1GiB"],
+        &exe,
+        &[],
+    ));
     assert_eq!(out.code, 0, "fork_promoted failed:\n{}", out.stderr_text());
     let children = anyprof_tests::other_process_files(&dir, "heap");
     assert_eq!(children.len(), 1, "one child's heap profile: {children:?}");

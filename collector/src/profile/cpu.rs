@@ -144,9 +144,9 @@ pub fn cpu_source_comment(session: &Session) -> Option<String> {
     let refused = session.counter(Counter::PerfRefused);
     let blocked = session.counter(Counter::PerfBlocked);
     let mut text = format!(
-        "anyprof: CPU source: perf cpu-clock events on {perf} threads (exact rate, user time; \
-         system-call time is weighed into the next sample), POSIX CPU timers on {timed} threads \
-         (serviced at the kernel's tick)"
+        "anyprof: CPU source: perf cpu-clock events given to {perf} threads (exact rate, user \
+         time; system-call time is weighed into the next sample), POSIX CPU timers to {timed} \
+         threads (serviced at the kernel's tick; a thread may have had both)"
     );
     if refused > 0 {
         text.push_str(&format!(
@@ -157,8 +157,8 @@ pub fn cpu_source_comment(session: &Session) -> Option<String> {
     }
     if blocked > 0 {
         text.push_str(&format!(
-            "; {blocked} threads were moved to a timer because they ran with the sampling signal \
-             blocked"
+            "; {blocked} threads were moved to a timer because they ran 32 periods without a \
+             sample (the sampling signal blocked, or nearly all their time in system calls)"
         ));
     }
     let without_thread = session.counter(Counter::PerfWithoutThread);
@@ -172,7 +172,8 @@ pub fn cpu_source_comment(session: &Session) -> Option<String> {
     if perf == 0 && timed > 0 && without_thread == 0 {
         text.push_str(
             "; perf events were not used: ANYPROF_CPU_SOURCE=timer, or perf_event_open is not \
-             allowed (kernel.perf_event_paranoid above 2, or a seccomp filter)",
+             allowed (kernel.perf_event_paranoid above 2, a seccomp filter, or a low \
+             RLIMIT_SIGPENDING)",
         );
     }
     Some(text)

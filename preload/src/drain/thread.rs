@@ -245,6 +245,7 @@ pub fn forget_thread_in_child() {
     STOP.store(false, Ordering::Release);
     LAST_FLUSH.store(LAST_FLUSH_NONE, Ordering::Release);
     DEFERRED.store(false, Ordering::Release);
+    RUNNING.store(false, Ordering::Release); // the parent's thread is not the child's
     detach(); // the parent's collector was given the parent's region, not ours
 }
 

@@ -168,7 +168,13 @@ extern "C" fn on_signal(sig: libc::c_int, info: *mut libc::siginfo_t, context: *
             } else {
                 measured
             };
-            take_sample(context, 0, weight);
+            // A periodic sample follows at least one period of the thread's CPU time; one
+            // that follows much less is the tail of a burst that queued while the thread
+            // blocked the signal (the first of the burst carried the time): not a sample.
+            let burst_tail = code == perf_clock::POLL_IN && measured < period / 2;
+            if !burst_tail {
+                take_sample(context, 0, weight);
+            }
             if code == perf_clock::POLL_HUP {
                 perf_clock::on_first_sample(now);
             } else {

@@ -234,28 +234,31 @@ pub fn forget_all_in_child() {
 pub fn on_first_sample(cpu_ns: u64) {
     let me = thread_state::tid();
     for (index, slot) in SLOTS.iter().enumerate() {
-        let w = slot.word.load(Ordering::Acquire);
-        let Some(event) = Event::unpack(w) else {
-            continue;
-        };
-        if event.tid != me || event.state != State::OneShot {
-            continue;
+        let mut w = slot.word.load(Ordering::Acquire);
+        // Retried while the word changes under us: `fill` may put the one-shot event's
+        // address in between (the event can fire before its opener filled the slot).
+        while let Some(event) = Event::unpack(w) {
+            if event.tid != me || event.state != State::OneShot {
+                break;
+            }
+            slot.sampled_cpu_ns.store(cpu_ns, Ordering::Relaxed);
+            let fired = Event {
+                state: State::Fired,
+                ..event
+            }
+            .pack();
+            match slot
+                .word
+                .compare_exchange(w, fired, Ordering::AcqRel, Ordering::Acquire)
+            {
+                Ok(_) => {
+                    tls::current().perf_slot.set(index as u16 + 1);
+                    super::unwinder::wake_background_thread();
+                    return;
+                }
+                Err(now) => w = now,
+            }
         }
-        slot.sampled_cpu_ns.store(cpu_ns, Ordering::Relaxed);
-        let fired = Event {
-            state: State::Fired,
-            ..event
-        }
-        .pack();
-        if slot
-            .word
-            .compare_exchange(w, fired, Ordering::AcqRel, Ordering::Relaxed)
-            .is_ok()
-        {
-            tls::current().perf_slot.set(index as u16 + 1);
-            super::unwinder::wake_background_thread();
-        }
-        return;
     }
 }
 
