@@ -143,6 +143,11 @@ def cpu_ns_per_pair(stdout, _wall, _cpu):
     return float(re.search(r"\bcpu_ns_per_pair=([0-9.]+)", stdout).group(1))
 
 
+def us_per_thread(stdout, _wall, _cpu):
+    """The program's wall-clock microseconds per thread created and joined."""
+    return float(re.search(r"\bus_per_thread=([0-9.]+)", stdout).group(1))
+
+
 def wall_and_cpu(stdout, wall, cpu):
     """Wall time of the whole run, the CPU time (user + system) of the run and all its
     descendants (the program, the collector, gcc's cc1), and the program's own time for its
@@ -222,6 +227,13 @@ def build_jobs(args, scratch):
           f"{args.cores or '(all)'}, CPU at 100 Hz", lambda c: [args.cpu_program, str(args.cpu_units), "4"],
           pinned, wall_and_cpu)
     attach_jobs(args, group, pin)
+    # What a new thread costs: its CPU source is set up as it starts (a perf event, or a timer).
+    group("G", f"G. thread_start: {args.threads:,} threads created and joined one by one, CPU at 100 Hz "
+          "(wall-clock us per thread)", lambda c: [args.thread_program, str(args.threads)], [
+              bare(),
+              anyprof(args, "anyprof-timer", ["--cpu-source", "timer", "--mem-rate", "0"]),
+              anyprof(args, "anyprof-perf", ["--mem-rate", "0"]),
+          ], us_per_thread)
     return jobs, groups
 
 
@@ -310,7 +322,7 @@ def report(jobs, groups, results, summary):
             print(f"  {'config':<18} {'wall s':>8}  {'ratio to bare [min–max]':<26} {'cpu s':>8}  "
                   "cpu ratio [min–max] (program and collector)")
         else:
-            unit = "ns/pair" if key == "C" else "cpu ns"
+            unit = {"C": "ns/pair", "G": "us/thr"}.get(key, "cpu ns")
             print(f"  {'config':<18} {unit:>8}  {'ratio to ref [min–max]':<24} {'ns over ref [min–max]':<24} ref")
         for n in names:
             if n in failed or not res[n]:
@@ -344,14 +356,14 @@ def report(jobs, groups, results, summary):
             ref = {"jemalloc-prof": "jemalloc", "tcmalloc-sample": "tcmalloc", "gperf-heap": "tcmalloc",
                    "forwarding+thread": "forwarding"}.get(n)
             if ref is None:
-                ref = "forwarding" if n.startswith("anyprof") and key != "C" else "bare"
+                ref = "forwarding" if n.startswith("anyprof") and key not in ("C", "G") else "bare"
             line = f"  {n:<18} {med:8.2f}"
             if n not in ("bare",) and ref in res and res[ref] and n != ref:
                 r, rlo, rhi, _ = paired(res[n], res[ref], lambda x, b: x / b)
                 d, dlo, dhi, _ = paired(res[n], res[ref], lambda x, b: x - b)
                 line += f"  {r:6.3f}x [{rlo:.2f}–{rhi:.2f}]      {d:+8.2f} [{dlo:+.2f}–{dhi:+.2f}]".ljust(52) + f" {ref}"
                 summary[(key, n)] = d
-            if n.startswith("anyprof") and "bare" in res and key != "C":
+            if n.startswith("anyprof") and "bare" in res and key not in ("C", "G"):
                 r, rlo, rhi, _ = paired(res[n], res["bare"], lambda x, b: x / b)
                 summary[(key, n, "bare")] = r
                 line += f"; {r:.3f}x bare [{rlo:.2f}–{rhi:.2f}]"
@@ -404,6 +416,8 @@ def main():
     p.add_argument("--forwarder", required=True)
     p.add_argument("--forwarder-thread", default="", help="the forwarder built with -DIDLE_THREAD")
     p.add_argument("--cpu-program", required=True)
+    p.add_argument("--thread-program", required=True, help="bench/programs/thread_start.c, built")
+    p.add_argument("--threads", type=int, default=20000, help="threads thread_start creates")
     p.add_argument("--large-c", required=True)
     p.add_argument("--python", required=True)
     p.add_argument("--python-script", required=True)
@@ -500,6 +514,10 @@ def main():
             own = f"; the program's own work time {r[2]:.3f}x{verdict(r[2], target)}" if r[2] is not None else ""
             lines.append(f"{what}: {r[0]:.3f}x wall (≤ {target:g}x){verdict(r[0], target)}; "
                          f"{r[1]:.3f}x CPU time{own}")
+    t, p = get(("G", "anyprof-timer")), get(("G", "anyprof-perf"))
+    if t is not None and p is not None:
+        lines.append(f"a new thread's CPU source at 100 Hz: a timer {t:+.1f} us, a perf event {p:+.1f} us over bare "
+                     "per thread created and joined (no target: issue 16 asks for the perf source)")
     r = get(("F", "anyprof-attach"))
     if r is not None:
         peers = ", ".join(f"{n} {get(('F', n)):.3f}x" for n in ("perf-dwarf", "perf-fp") if get(("F", n)))

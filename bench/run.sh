@@ -70,6 +70,7 @@ trap 'rm -rf "$scratch"' EXIT
 
 # The work programs: -O2 -g, and no frame pointers (explicitly, whatever the compiler's default).
 if want cpu || want judge; then "$CC" -O2 -g -fomit-frame-pointer -pthread bench/programs/cpu_work.c -o "$scratch/cpu_work"; fi
+if want judge; then "$CC" -O2 -g -pthread bench/programs/thread_start.c -o "$scratch/thread_start"; fi
 if want heap || want judge; then
     "$CC" -O2 -g -fomit-frame-pointer -pthread bench/programs/malloc_pairs.c -o "$scratch/malloc_pairs"
     "$CC" -O2 -shared -fPIC bench/programs/forward_malloc.c -o "$scratch/forward_malloc.so"
@@ -160,6 +161,7 @@ if want judge; then
         --forwarder "$scratch/forward_malloc.so" \
         --forwarder-thread "$scratch/forward_malloc_thread.so" \
         --cpu-program "$scratch/cpu_work" \
+        --thread-program "$scratch/thread_start" \
         --large-c "$scratch/large.c" \
         --gcc "${CC_FOR_BENCH:-gcc}" \
         --python "$jpython" \
