@@ -72,12 +72,13 @@ pub struct RecordArgs {
     #[arg(long = "cpu-hz", value_name = "N", env = "ANYPROF_CPU_HZ", default_value_t = 100,
           value_parser = clap::value_parser!(u32).range(0..=1000))]
     pub cpu_hz: u32,
-    /// What triggers CPU samples. `auto`: a perf cpu-clock event per thread where the kernel
-    /// allows it (kernel.perf_event_paranoid 2 or less): the exact rate, and threads shorter
-    /// than a tick sampled fairly; otherwise POSIX CPU timers, which the kernel services at
-    /// its tick (often 250 Hz at most). `timer`: timers only
+    /// What triggers CPU samples. `timer`: a POSIX CPU timer per thread, which the kernel
+    /// services at its tick (often 250 Hz at most; threads shorter than a tick are hardly
+    /// sampled). `perf`: a perf cpu-clock event per thread where the kernel allows it
+    /// (kernel.perf_event_paranoid 2 or less): the exact rate, and short threads sampled
+    /// fairly, but a descriptor of anyprof's exists for microseconds as each thread starts
     #[arg(long = "cpu-source", value_name = "SOURCE", env = "ANYPROF_CPU_SOURCE",
-          default_value = "auto", value_parser = ["auto", "timer"])]
+          default_value = "timer", value_parser = ["timer", "perf"])]
     pub cpu_source: String,
     /// Mean bytes allocated between heap samples, like Go's MemProfileRate: 1 records every
     /// allocation, 0 turns heap profiling off. Accepts suffixes: 512KiB, 4MiB

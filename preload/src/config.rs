@@ -64,7 +64,7 @@ pub struct Config {
     pub socket: Option<PathBuf>,
     /// `ANYPROF_CPU_HZ`: samples per second of thread CPU time; 0 = no CPU sampling.
     pub cpu_hz: u32,
-    /// `ANYPROF_CPU_SOURCE`: `auto` (default: perf events where allowed) or `timer` — what
+    /// `ANYPROF_CPU_SOURCE`: `timer` (default) or `perf` (perf events where allowed) — what
     /// triggers CPU samples (see [`crate::threads::CpuSource`]).
     pub cpu_source: CpuSource,
     /// `ANYPROF_MEM_RATE`: mean bytes between heap samples; 0 = off, 1 = every allocation.
@@ -100,7 +100,7 @@ impl Config {
                 mode: Mode::Serve,
                 socket: None,
                 cpu_hz: DEFAULT_CPU_HZ,
-                cpu_source: CpuSource::Auto,
+                cpu_source: CpuSource::Timer,
                 mem_rate: DEFAULT_MEM_RATE,
                 fork_children: true,
                 exec_children: true, // leaves LD_PRELOAD untouched
@@ -154,13 +154,13 @@ impl Config {
             .as_deref()
             .and_then(|m| m.to_str())
         {
-            None | Some("") | Some("auto") => CpuSource::Auto,
-            Some("timer") => CpuSource::Timer,
+            None | Some("") | Some("timer") => CpuSource::Timer,
+            Some("perf") => CpuSource::Perf,
             Some(other) => {
                 problems.push(format!(
-                    "ANYPROF_CPU_SOURCE={other} is not `auto` or `timer`; using auto"
+                    "ANYPROF_CPU_SOURCE={other} is not `timer` or `perf`; using timer"
                 ));
-                CpuSource::Auto
+                CpuSource::Timer
             }
         };
         let mem_rate = match get("ANYPROF_MEM_RATE") {

@@ -208,14 +208,14 @@ pub static DRAIN_TID: AtomicU32 = AtomicU32::new(0);
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 #[repr(u8)]
 pub enum CpuSource {
+    /// POSIX CPU timers (the default: no descriptor of ours ever, see `perf_events`).
+    Timer = 0,
     /// A perf event per thread where the kernel allows it ([`perf_events::allowed`]), else
     /// timers.
-    Auto = 0,
-    /// POSIX CPU timers only.
-    Timer = 1,
+    Perf = 1,
 }
 
-static CPU_SOURCE: AtomicU8 = AtomicU8::new(CpuSource::Auto as u8);
+static CPU_SOURCE: AtomicU8 = AtomicU8::new(CpuSource::Timer as u8);
 
 /// Sets the CPU source for sampling started from now on (from the configuration).
 pub fn set_cpu_source(source: CpuSource) {
@@ -226,7 +226,7 @@ pub fn set_cpu_source(source: CpuSource) {
 /// a seccomp filter, which may kill the process on a system call it does not expect, nor
 /// with little room for queued signals (see [`room_for_queued_signals`]).
 fn decide_perf_source() -> bool {
-    let on = CPU_SOURCE.load(Ordering::Acquire) == CpuSource::Auto as u8
+    let on = CPU_SOURCE.load(Ordering::Acquire) == CpuSource::Perf as u8
         && room_for_queued_signals()
         && !crate::seccomp::filtered()
         && perf_events::allowed();

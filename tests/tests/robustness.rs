@@ -1621,7 +1621,14 @@ fn short_lived_threads_cpu_time_is_sampled() {
     let (run, dir) = recorded(
         &scratch,
         "profile",
-        &["--cpu-hz", "1000", "--mem-rate", "0"],
+        &[
+            "--cpu-source",
+            "perf",
+            "--cpu-hz",
+            "1000",
+            "--mem-rate",
+            "0",
+        ],
         &exe,
         &[],
     );
@@ -1635,10 +1642,18 @@ fn short_lived_threads_cpu_time_is_sampled() {
     let view = read_profile(&dir.join("cpu.pb.gz"));
     let cpu = cumulative_value(&view, "cpu");
     let comments = view.comment_lines().join("\n");
+    // The first few threads may start before anyprof's own thread runs (the program was
+    // single-threaded until then) and get a timer; every other one a perf event.
+    let with_events: u64 = comments
+        .split("perf cpu-clock events given to ")
+        .nth(1)
+        .and_then(|rest| rest.split(' ').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0);
     assert!(
-        comments.contains("perf cpu-clock events given to 10001 threads"),
-        "every thread should have had a perf event here (root, perf_event_paranoid <= 2): \
-         {comments}"
+        with_events >= 9990,
+        "(nearly) every thread should have had a perf event here (root, \
+         perf_event_paranoid <= 2): {comments}"
     );
     for function in ["short_a", "short_b"] {
         let want = truth[function] as f64;
@@ -1667,7 +1682,14 @@ fn a_thread_that_blocks_the_signal_queues_few_signals_and_keeps_its_cpu_time() {
     let (run, dir) = recorded(
         &scratch,
         "profile",
-        &["--cpu-hz", "1000", "--mem-rate", "0"],
+        &[
+            "--cpu-source",
+            "perf",
+            "--cpu-hz",
+            "1000",
+            "--mem-rate",
+            "0",
+        ],
         &exe,
         &[],
     );
@@ -1719,7 +1741,14 @@ fn a_program_that_sandboxes_itself_is_not_killed_by_the_perf_source() {
     let (profiled, dir) = recorded(
         &scratch,
         "profile",
-        &["--cpu-hz", "1000", "--mem-rate", "0"],
+        &[
+            "--cpu-source",
+            "perf",
+            "--cpu-hz",
+            "1000",
+            "--mem-rate",
+            "0",
+        ],
         &exe,
         &[],
     );

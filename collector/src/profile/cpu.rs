@@ -171,9 +171,9 @@ pub fn cpu_source_comment(session: &Session) -> Option<String> {
     }
     if perf == 0 && timed > 0 && without_thread == 0 {
         text.push_str(
-            "; perf events were not used: ANYPROF_CPU_SOURCE=timer, or perf_event_open is not \
-             allowed (kernel.perf_event_paranoid above 2, a seccomp filter, or a low \
-             RLIMIT_SIGPENDING)",
+            "; no perf events (--cpu-source perf asks for them; they are not used where \
+             perf_event_open is not allowed: kernel.perf_event_paranoid above 2, a seccomp \
+             filter, or a low RLIMIT_SIGPENDING)",
         );
     }
     Some(text)
