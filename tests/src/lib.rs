@@ -555,6 +555,18 @@ pub struct CpuLock {
 
 /// Takes the [`CpuLock`] (blocking until it is free).
 pub fn cpu_lock() -> CpuLock {
+    cpu_lock_as(libc::LOCK_EX)
+}
+
+/// Takes the [`CpuLock`] shared: for the long suites that compare a program's outcomes with
+/// and without the profiler (CPython's and GLib's tests, mostly waiting, each comparing runs
+/// made under the same load). They run beside each other, never beside a test whose numbers
+/// depend on CPU time, which takes the lock alone.
+pub fn cpu_lock_shared() -> CpuLock {
+    cpu_lock_as(libc::LOCK_SH)
+}
+
+fn cpu_lock_as(mode: libc::c_int) -> CpuLock {
     use std::os::fd::AsRawFd;
     let dir = target_dir().join("anyprof-tests");
     std::fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("creating {}: {e}", dir.display()));
@@ -568,7 +580,7 @@ pub fn cpu_lock() -> CpuLock {
     loop {
         // SAFETY: flock takes a file descriptor and flags; the descriptor is owned by `file`,
         // which is open for the whole call and stays open as long as the lock is held.
-        let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX) };
+        let rc = unsafe { libc::flock(file.as_raw_fd(), mode) };
         if rc == 0 {
             break;
         }

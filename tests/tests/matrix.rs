@@ -12,7 +12,8 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use anyprof_tests::{
-    clean_command, cpu_lock, is_address_name, record_with, run, scratch_dir, ProfileView, RunOutput,
+    clean_command, cpu_lock, cpu_lock_shared, is_address_name, record_with, run, scratch_dir,
+    ProfileView, RunOutput,
 };
 
 /// CPU rate asked for: the maximum `--cpu-hz` accepts (the kernel tick caps what arrives).
@@ -335,7 +336,7 @@ fn cpython_regression_tests_have_the_same_outcomes_under_the_profiler() {
         "{} is missing: install libpython3.11-testsuite (CI installs it: see .ci/run)",
         testsuite.display()
     );
-    let _cpu = cpu_lock();
+    let _cpu = cpu_lock_shared();
     let dir = scratch_dir("matrix-cpython");
     let mut failures = Vec::new();
     for module in CPYTHON_MODULES {
@@ -518,7 +519,7 @@ fn tap_outcomes(tap: &str) -> BTreeMap<String, String> {
 #[test]
 fn glib_installed_tests_have_the_same_outcomes_under_the_profiler() {
     // Timing-sensitive tests (main-loop timeouts, lock contention): never beside the others.
-    let _cpu = cpu_lock();
+    let _cpu = cpu_lock_shared();
     let dir = scratch_dir("matrix-glib");
     let mut failures = Vec::new();
     let (mut with_cpu, mut processes) = (0, 0);
