@@ -259,16 +259,16 @@ static PERF_NOW: AtomicBool = AtomicBool::new(false);
 /// Starts a CPU source for thread `tid` unless it has one: a perf event when the perf source
 /// is on and the kernel grants one, else a timer. Returns whether the thread has one.
 fn start_cpu_source(tid: u32, hz: u32) -> bool {
-    let Ok(mut timers) = SOURCES.lock() else {
+    let Ok(mut sources) = SOURCES.lock() else {
         return false;
     };
-    if timers.iter().any(|(t, _)| *t == tid) {
+    if sources.iter().any(|(t, _)| *t == tid) {
         return true;
     }
     if perf_events_now() {
         match start_perf_event(tid, hz) {
             Some(slot) => {
-                timers.push((tid, Source::Perf(slot)));
+                sources.push((tid, Source::Perf(slot)));
                 counters::bump(Counter::ThreadsPerf);
                 return true;
             }
@@ -277,7 +277,7 @@ fn start_cpu_source(tid: u32, hz: u32) -> bool {
     } else if PERF_NOW.load(Ordering::Acquire) {
         counters::bump(Counter::PerfWithoutThread);
     }
-    start_posix_timer(&mut timers, tid, hz)
+    start_posix_timer(&mut sources, tid, hz)
 }
 
 /// Whether a thread starting now gets a perf event: the perf source is on and the background
@@ -295,10 +295,10 @@ pub fn give_timed_threads_perf_events() {
     if hz == 0 || !perf_events_now() {
         return;
     }
-    let Ok(mut timers) = SOURCES.lock() else {
+    let Ok(mut sources) = SOURCES.lock() else {
         return;
     };
-    for (tid, source) in timers.iter_mut() {
+    for (tid, source) in sources.iter_mut() {
         if let Source::Timer(id) = *source {
             if let Some(slot) = start_perf_event(*tid, hz) {
                 timer::stop(id);
@@ -317,7 +317,7 @@ fn start_perf_event(tid: u32, hz: u32) -> Option<usize> {
     if crate::seccomp::calling_thread_filtered() {
         return None;
     }
-    let period_ns = 1_000_000_000u64 / u64::from(hz.max(1));
+    let period_ns = anyprof_preload_core::settings::period_ns(hz);
     let slot = perf_clock::claim(tid)?;
     match perf_events::open(tid, 1 + timer::random_below(tid, period_ns), true) {
         Ok(addr) if perf_clock::fill(slot, tid, addr) => Some(slot),
@@ -339,10 +339,10 @@ fn end_perf_event(slot: usize) {
     }
 }
 
-fn start_posix_timer(timers: &mut Vec<(u32, Source)>, tid: u32, hz: u32) -> bool {
+fn start_posix_timer(sources: &mut Vec<(u32, Source)>, tid: u32, hz: u32) -> bool {
     match timer::start(tid, hz) {
         Ok(id) => {
-            timers.push((tid, Source::Timer(id)));
+            sources.push((tid, Source::Timer(id)));
             counters::bump(Counter::ThreadsTimed);
             true
         }
@@ -366,11 +366,11 @@ fn stop_source(source: Source) {
 
 /// Stops thread `tid`'s CPU source, if it has one.
 fn stop_cpu_source(tid: u32) {
-    let Ok(mut timers) = SOURCES.lock() else {
+    let Ok(mut sources) = SOURCES.lock() else {
         return;
     };
-    if let Some(i) = timers.iter().position(|(t, _)| *t == tid) {
-        let (_, source) = timers.swap_remove(i);
+    if let Some(i) = sources.iter().position(|(t, _)| *t == tid) {
+        let (_, source) = sources.swap_remove(i);
         stop_source(source);
     }
 }
@@ -390,11 +390,11 @@ pub fn tend_perf_events() {
     if hz == 0 {
         return;
     }
-    let period_ns = 1_000_000_000u64 / u64::from(hz);
+    let period_ns = anyprof_preload_core::settings::period_ns(hz);
     // 32 periods, and at least 50 ms: a few dozen queued signals at most, and no false alarm
     // for a thread that is merely slow to be scheduled.
     let blocked_after_ns = (32 * period_ns).max(50_000_000);
-    let Ok(mut timers) = SOURCES.lock() else {
+    let Ok(mut sources) = SOURCES.lock() else {
         return;
     };
     let mut events = [(
@@ -440,17 +440,17 @@ pub fn tend_perf_events() {
             continue;
         }
         end_perf_event(slot);
-        if let Some(i) = timers
+        if let Some(i) = sources
             .iter()
             .position(|&(t, s)| t == event.tid && s == Source::Perf(slot))
         {
-            timers.swap_remove(i);
+            sources.swap_remove(i);
         }
         // (A tid still listed belongs to a newer thread that reused it.)
         if let Outcome::Timer(counter) = outcome {
             counters::bump(counter);
-            if !timers.iter().any(|&(t, _)| t == event.tid) {
-                start_posix_timer(&mut timers, event.tid, hz);
+            if !sources.iter().any(|&(t, _)| t == event.tid) {
+                start_posix_timer(&mut sources, event.tid, hz);
             }
         }
     }
@@ -492,10 +492,10 @@ pub fn stop_cpu_sampling() {
     let _section = crate::fork::section();
     CPU_HZ.store(0, Ordering::Release);
     handler::SAMPLING.store(false, Ordering::Release);
-    let Ok(mut timers) = SOURCES.lock() else {
+    let Ok(mut sources) = SOURCES.lock() else {
         return;
     };
-    for (_, source) in timers.drain(..) {
+    for (_, source) in sources.drain(..) {
         stop_source(source);
     }
 }

@@ -20,7 +20,7 @@ fn thread_cpu_clock(tid: u32) -> libc::clockid_t {
 /// Starts a timer that sends [`SIGNAL`] to thread `tid` every `1/hz` s of that thread's CPU
 /// time. Returns the errno on failure.
 pub fn start(tid: u32, hz: u32) -> Result<TimerId, i32> {
-    let period_ns = 1_000_000_000u64 / u64::from(hz.max(1));
+    let period_ns = anyprof_preload_core::settings::period_ns(hz);
     // SAFETY: a zeroed sigevent is valid; we fill the fields the kernel reads.
     let mut sev: libc::sigevent = unsafe { core::mem::zeroed() };
     sev.sigev_notify = libc::SIGEV_THREAD_ID;

@@ -245,7 +245,7 @@ fn is_dump_request(info: *mut libc::siginfo_t) -> bool {
 
 /// The sampling period at the requested rate, ns.
 fn period_ns() -> u64 {
-    1_000_000_000 / u64::from(crate::settings::CPU_HZ.load(Ordering::Relaxed).max(1))
+    crate::settings::period_ns(crate::settings::CPU_HZ.load(Ordering::Relaxed))
 }
 
 /// Records the interrupted stack: a CPU sample of `weight` ns of CPU time, or with
